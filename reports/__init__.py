@@ -1,0 +1,1 @@
+"""Result model (report.json) and its renderings: JUnit, HTML, Markdown, the matrix."""

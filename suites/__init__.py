@@ -1,0 +1,1 @@
+"""Conformance cases (one module per area) and the pytest plugin that runs them."""
