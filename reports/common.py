@@ -1,0 +1,130 @@
+"""Helpers shared by the renderings: verdict order and wording, text cleaning, traces."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from vhost_conformance.reports.model import CaseResult, Measurement, Report, Verdict
+
+# Order in summaries: the bad news first, then the rest.
+VERDICT_ORDER: tuple[Verdict, ...] = (
+    Verdict.FAIL,
+    Verdict.CRASH,
+    Verdict.HANG,
+    Verdict.ERROR,
+    Verdict.NON_STRICT,
+    Verdict.XPASS,
+    Verdict.XFAIL,
+    Verdict.UNSUPPORTED,
+    Verdict.SKIP,
+    Verdict.PASS,
+)
+
+VERDICT_MEANING: dict[Verdict, str] = {
+    Verdict.PASS: "the requirement holds",
+    Verdict.FAIL: "a MUST requirement is violated",
+    Verdict.NON_STRICT: "a SHOULD requirement is violated (fails the gate only with --strict)",
+    Verdict.UNSUPPORTED: "the back-end does not offer what the case needs",
+    Verdict.SKIP: "the environment lacks something the case needs",
+    Verdict.HANG: "the back-end missed a deadline",
+    Verdict.CRASH: "the back-end died",
+    Verdict.ERROR: "the suite itself failed",
+    Verdict.XFAIL: "a known deviation failed as expected",
+    Verdict.XPASS: "a known deviation now passes: prune it from the list",
+}
+
+# Keys a wire-trace entry may carry, in display order; any other key is shown after these.
+TRACE_KEYS: tuple[str, ...] = (
+    "t_s",
+    "direction",
+    "request",
+    "flags",
+    "size",
+    "fds",
+    "payload_hex",
+    "decoded",
+    "note",
+)
+
+# C0 controls except tab/newline, DEL, C1 controls, and the non-characters XML 1.0 forbids.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+
+
+def clean_text(text: str | None) -> str:
+    """*text* with control characters shown as ``\\xNN`` (safe for XML 1.0 and terminals)."""
+    if not text:
+        return ""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def one_line(text: str | None, limit: int = 300) -> str:
+    """*text* cleaned, whitespace collapsed to single spaces, cut at *limit* characters."""
+    flat = " ".join(clean_text(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "\u2026"
+
+
+def format_value(value: object) -> str:
+    """A parameter or trace value as short text (JSON for containers)."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, Mapping | list | tuple):
+        return clean_text(json.dumps(value, sort_keys=True, default=str))
+    return clean_text(str(value))
+
+
+def format_params(params: Mapping[str, object]) -> str:
+    """``key=value, ...`` in key order, empty for no parameters."""
+    return ", ".join(f"{k}={format_value(params[k])}" for k in sorted(params))
+
+
+def trace_columns(trace: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The keys present in *trace*: the known ones in TRACE_KEYS order, then the others."""
+    present: dict[str, None] = {}
+    for entry in trace:
+        present.update(dict.fromkeys(entry))
+    known = [k for k in TRACE_KEYS if k in present]
+    return known + sorted(k for k in present if k not in TRACE_KEYS)
+
+
+def trace_text(trace: Sequence[Mapping[str, Any]] | None) -> str:
+    """The wire trace as plain text, one message per line (for junit system-out)."""
+    if not trace:
+        return ""
+    columns = trace_columns(trace)
+    lines = []
+    for entry in trace:
+        lines.append("  ".join(f"{k}={format_value(entry[k])}" for k in columns if k in entry))
+    return "\n".join(lines)
+
+
+def is_problem(case: CaseResult) -> bool:
+    """A verdict someone should look at (fail, non-strict, hang, crash, error, xpass)."""
+    return case.verdict in {
+        Verdict.FAIL,
+        Verdict.NON_STRICT,
+        Verdict.HANG,
+        Verdict.CRASH,
+        Verdict.ERROR,
+        Verdict.XPASS,
+    }
+
+
+def hex_bits(value: int | None) -> str:
+    """A feature word as 0x%016x, or an em dash for None."""
+    return "\u2014" if value is None else f"0x{value:016x}"
+
+
+def measurement_label(m: Measurement) -> str:
+    """``name (unit) [params]`` for tables."""
+    params = format_params(m.parameters)
+    return f"{m.name} [{params}]" if params else m.name
+
+
+def gate_word(report: Report) -> str:
+    """PASS or FAIL for the run's own strictness."""
+    return "FAIL" if report.gate() else "PASS"
