@@ -1,0 +1,357 @@
+"""The case model: what a conformance case is, how it is attached to a test, how it ends.
+
+A case is a pytest test function carrying :func:`case`::
+
+    @case("VU-HDR-2")
+    def test_reply_flags_are_exactly_0x5(vhost_channel: Channel) -> None:
+        ...
+
+Its metadata (title, family, level, clause, requirement, required features, ambiguity note)
+lives once, in :mod:`vhost_conformance.suites.catalogue`; keywords given to ``case`` are
+checked against it at import time, so a case module can say its level and clause at the top
+and stay honest. Vendors' own cases, not in the catalogue, give all of it themselves.
+
+A case ends with a verdict (reports.model.Verdict), always with a reason:
+
+- returning normally: ``pass``;
+- raising :class:`CaseFailed` (a MUST violated): ``fail``, with expected and seen;
+- raising :class:`CaseNonStrict` (a SHOULD violated): ``non-strict``;
+- raising :class:`Unsupported` (the back-end does not offer what the case needs): ``unsupported``;
+- the front-end's ``BackendHang``: ``hang``; ``BackendClosed`` or the back-end process dying:
+  ``crash`` (with its exit status and the tail of its log); ``BackendViolation``: ``fail`` at the
+  case's level; anything else: ``error`` (the suite itself failed).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pytest
+from vhost_conformance.frontend.protocol import BlkFeature, ProtocolFeature, VirtioFeature
+from vhost_conformance.reports.model import Level, Verdict
+from vhost_conformance.suites.target import (
+    BackendStartFailed,
+    BackendStartHang,
+    Capabilities,
+    Feature,
+    SlowIoUnsupported,
+    UsageError,
+    feature_label,
+)
+
+#: Case ids: ``VU-<AREA>-<n>``, area in capitals (``VU-GVB-3``, ``VU-BACKEND-1``).
+CASE_ID = re.compile(r"^VU-[A-Z]+-[0-9]+$")
+
+#: The pytest marker name carrying the case id.
+MARKER = "vhost_case"
+
+#: The families, in the order the suite and the reports present them.
+FAMILIES: tuple[str, ...] = (
+    "handshake",
+    "config",
+    "memory",
+    "rings",
+    "blk-io",
+    "stop-drain",
+    "inflight",
+    "migration",
+    "double-submission",
+    "suspended",
+    "reconnect",
+    "hostile-guest",
+    "malformed",
+    "fuzz",
+    "device-state",
+    "program",
+)
+
+MUST = Level.MUST
+SHOULD = Level.SHOULD
+MAY = Level.MAY
+INFO = Level.INFO
+
+
+class CatalogueMismatch(Exception):
+    """A case module says something about a case that the catalogue does not (or vice versa)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One conformance case: id, title, family, level, clause, requirement (our words, one
+    sentence), the features it needs, and an ambiguity note when the spec is ambiguous and we
+    follow QEMU 11.1.3's behaviour."""
+
+    id: str
+    title: str
+    family: str
+    level: Level
+    clause: str
+    requirement: str
+    requires: tuple[Feature, ...] = ()
+    ambiguity: str | None = None
+    needs: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not CASE_ID.match(self.id):
+            raise ValueError(f"case id {self.id!r} is not of the form VU-<AREA>-<n>")
+        if self.family not in FAMILIES:
+            raise ValueError(f"case {self.id}: unknown family {self.family!r}; known: {FAMILIES}")
+        for text, what in (
+            (self.title, "title"),
+            (self.clause, "clause"),
+            (self.requirement, "requirement"),
+        ):
+            if not text.strip():
+                raise ValueError(f"case {self.id}: empty {what}")
+        object.__setattr__(self, "level", Level(self.level))
+        unknown_needs = sorted(set(self.needs) - NEEDS)
+        if unknown_needs:
+            raise ValueError(
+                f"case {self.id}: unknown needs {unknown_needs}; known: {sorted(NEEDS)}"
+            )
+
+    @property
+    def area(self) -> str:
+        """The id's area (``GVB`` for ``VU-GVB-3``)."""
+        return self.id.split("-")[1]
+
+    @property
+    def number(self) -> int:
+        """The id's number (3 for ``VU-GVB-3``)."""
+        return int(self.id.split("-")[2])
+
+    def missing(self, capabilities: Capabilities) -> list[Feature]:
+        """The required features the back-end does not offer."""
+        return capabilities.missing(self.requires)
+
+
+#: What a case may need from the back-end under test besides feature bits.
+NEEDS = frozenset(
+    {
+        "slow-io",  # the profile can make the back-end's I/O slow (drain cases)
+        "shared-disk",  # two instances can share one disk (migration with data)
+        "command",  # we run the back-end ourselves (restart, kill, signals)
+    }
+)
+
+
+def sort_key(case_id: str) -> tuple[str, int]:
+    """Order ids by area, then number (``VU-GVB-2`` before ``VU-GVB-10``)."""
+    _, area, number = case_id.split("-")
+    return (area, int(number))
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+class CaseOutcome(Exception):
+    """Base of the outcomes case code raises; carries the verdict and the reason."""
+
+    verdict: Verdict = Verdict.ERROR
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class CaseFailed(CaseOutcome):
+    """The back-end violated the case's requirement (a MUST, or the case's level)."""
+
+    verdict = Verdict.FAIL
+
+    def __init__(self, reason: str, *, expected: object = None, seen: object = None) -> None:
+        details = reason
+        if expected is not None or seen is not None:
+            details = f"{reason}: expected {expected!s}, seen {seen!s}"
+        super().__init__(details)
+        self.expected = expected
+        self.seen = seen
+
+
+class CaseNonStrict(CaseOutcome):
+    """The back-end violated a SHOULD: reported, fails the run only with --vhost-strict."""
+
+    verdict = Verdict.NON_STRICT
+
+
+class Unsupported(CaseOutcome):
+    """The back-end does not offer what the case needs (a feature bit, slow I/O, ...)."""
+
+    verdict = Verdict.UNSUPPORTED
+
+    def __init__(
+        self, missing: str | Feature | Sequence[Feature], reason: str | None = None
+    ) -> None:
+        if isinstance(missing, str):
+            names = [missing]
+        elif isinstance(missing, ProtocolFeature | VirtioFeature | BlkFeature):
+            names = [feature_label(missing)]
+        else:
+            names = [feature_label(f) for f in missing]
+        self.missing = names
+        text = "the back-end does not offer " + ", ".join(names)
+        super().__init__(f"{text}: {reason}" if reason else text)
+
+
+def require(capabilities: Capabilities, *features: Feature) -> None:
+    """Raise Unsupported naming every one of ``features`` the back-end does not offer."""
+    missing = capabilities.missing(features)
+    if missing:
+        raise Unsupported(missing)
+
+
+@dataclass(frozen=True)
+class Classified:
+    """An exception turned into a verdict, a reason, and what the back-end left behind."""
+
+    verdict: Verdict
+    reason: str
+    exit_status: int | None = None
+    log_tail: str | None = None
+
+
+def _frontend_errors() -> dict[str, tuple[type[BaseException], ...]]:
+    """The front-end channel's error classes, by role (empty while the channel is missing)."""
+    try:
+        from vhost_conformance.frontend import channel
+    except ImportError:  # pragma: no cover - the channel lands with the front-end
+        return {}
+    roles = {"hang": "BackendHang", "closed": "BackendClosed", "violation": "BackendViolation"}
+    found: dict[str, tuple[type[BaseException], ...]] = {}
+    for role, name in roles.items():
+        cls = getattr(channel, name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found[role] = (cls,)
+    return found
+
+
+def classify(
+    exc: BaseException,
+    *,
+    alive: bool | None = None,
+    exit_status: int | None = None,
+    log_tail: str | None = None,
+) -> Classified:
+    """Map what ended a case to its verdict (see the module docstring).
+
+    ``alive``/``exit_status``/``log_tail`` describe the back-end process after the case (None
+    when unknown, e.g. an external socket): a dead process turns any failure into ``crash``.
+    """
+    died = alive is False
+    crash_details = ""
+    if died:
+        crash_details = f" (back-end process exited with status {exit_status})"
+    if isinstance(exc, CaseOutcome):
+        if died and exc.verdict in (Verdict.FAIL, Verdict.NON_STRICT):
+            return Classified(Verdict.CRASH, exc.reason + crash_details, exit_status, log_tail)
+        return Classified(exc.verdict, exc.reason)
+    if isinstance(exc, SlowIoUnsupported):
+        return Classified(Verdict.UNSUPPORTED, str(exc))
+    if isinstance(exc, BackendStartFailed):
+        return Classified(Verdict.CRASH, str(exc), exc.exit_status, exc.log_tail)
+    if isinstance(exc, BackendStartHang):
+        return Classified(Verdict.HANG, str(exc), None, exc.log_tail)
+    if isinstance(exc, UsageError):
+        return Classified(Verdict.ERROR, f"usage error: {exc}")
+    if isinstance(exc, pytest.skip.Exception):
+        return Classified(Verdict.SKIP, str(getattr(exc, "msg", exc)))
+    errors = _frontend_errors()
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, errors.get("closed", ())) or died:
+        if died:
+            return Classified(Verdict.CRASH, text + crash_details, exit_status, log_tail)
+        return Classified(
+            Verdict.CRASH, text + " (the back-end closed the connection)", None, log_tail
+        )
+    if isinstance(exc, errors.get("hang", ())):
+        return Classified(Verdict.HANG, text, None, log_tail)
+    if isinstance(exc, errors.get("violation", ())):
+        return Classified(Verdict.FAIL, text)
+    return Classified(Verdict.ERROR, f"the suite failed: {text}")
+
+
+# --------------------------------------------------------------------------- the decorator
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+#: Attribute set on decorated functions.
+CASE_ATTRIBUTE = "__vhost_case__"
+
+
+def _from_keywords(case_id: str, given: dict[str, Any]) -> Case:
+    missing = [k for k in ("title", "family", "level", "clause", "requirement") if k not in given]
+    if missing:
+        raise CatalogueMismatch(
+            f"case {case_id} is not in the catalogue, so @case must give "
+            + ", ".join(missing)
+            + " itself (a vendor's own case)"
+        )
+    requires = tuple(given.pop("requires", ()))
+    needs = tuple(given.pop("needs", ()))
+    return Case(case_id, requires=requires, needs=needs, **given)
+
+
+def resolve(case_id: str, **given: Any) -> Case:
+    """The Case for ``case_id``: the catalogue's entry, with ``given`` keywords checked
+    against it; or, for an id the catalogue does not know, built from ``given``."""
+    from vhost_conformance.suites.catalogue import CATALOGUE, NOT_APPLICABLE
+
+    if case_id in NOT_APPLICABLE:
+        raise CatalogueMismatch(
+            f"case {case_id} is listed as not applicable to a blk back-end "
+            f"({NOT_APPLICABLE[case_id]}): remove it from that list before writing it"
+        )
+    entry = CATALOGUE.get(case_id)
+    if entry is None:
+        return _from_keywords(case_id, dict(given))
+    for key, value in given.items():
+        if key not in Case.__dataclass_fields__:
+            raise CatalogueMismatch(f"@case({case_id!r}): unknown keyword {key!r}")
+        have = getattr(entry, key)
+        if key in ("requires", "needs"):
+            value = tuple(value)
+        if key == "level":
+            value = Level(value)
+        if have != value:
+            raise CatalogueMismatch(
+                f"@case({case_id!r}): {key} is {value!r} here but {have!r} in the catalogue"
+            )
+    return entry
+
+
+def case(case_id: str, **given: Any) -> Callable[[_F], _F]:
+    """Mark a test function as the conformance case ``case_id`` (see the module docstring)."""
+    meta = resolve(case_id, **given)
+
+    def attach(function: _F) -> _F:
+        setattr(function, CASE_ATTRIBUTE, meta)
+        marked: _F = getattr(pytest.mark, MARKER)(meta.id)(function)
+        return marked
+
+    return attach
+
+
+def case_of(obj: object) -> Case | None:
+    """The Case attached to a test function by :func:`case`, if any."""
+    meta = getattr(obj, CASE_ATTRIBUTE, None)
+    return meta if isinstance(meta, Case) else None
+
+
+def defined_cases(functions: Iterable[object]) -> dict[str, Case]:
+    """The cases attached to ``functions`` by id; two functions claiming one id is an error."""
+    found: dict[str, Case] = {}
+    owners: dict[str, object] = {}
+    for function in functions:
+        meta = case_of(function)
+        if meta is None:
+            continue
+        if meta.id in found:
+            raise CatalogueMismatch(
+                f"case {meta.id} is defined twice: {owners[meta.id]!r} and {function!r}"
+            )
+        found[meta.id] = meta
+        owners[meta.id] = function
+    return found

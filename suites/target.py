@@ -1,0 +1,981 @@
+"""The back-end under test: one ``typing.Protocol`` and its launch strategies.
+
+A back-end under test is reached one of three ways (DESIGN.md "The back-end under test"):
+
+- :class:`CommandTarget`: we run a command template (placeholders ``{socket}``, ``{disk}``,
+  ``{workdir}``, ...); the back-end listens on ``{socket}`` (the default) and we connect;
+- :class:`CommandTarget` with ``socket_mode = "connect"`` (``--vhost-backend-connects``): we
+  listen on ``{socket}`` and the back-end connects to us; the command is optional (someone
+  else may start the back-end and point it at our socket);
+- :class:`ExternalSocketTarget`: someone else runs the back-end; we only know its socket.
+
+Profiles (``suites/profiles/*.toml`` or a user's TOML file with the same keys) describe a
+back-end: command, socket mode, disk size, how to make its I/O slow, whether two instances can
+share one disk, and known deviations. Every target owns its work directory (socket, disk image,
+log), named by the pytest-xdist worker id, so that any split of the cases over workers works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import string
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+from vhost_conformance.frontend.protocol import (
+    BlkFeature,
+    FrontendRequest,
+    Message,
+    MessageParser,
+    ProtocolFeature,
+    VirtioFeature,
+    encode_request,
+    feature_names,
+    has,
+)
+from vhost_conformance.peers.process import PeerProcessError, Supervised
+
+SocketMode = Literal["listen", "connect"]
+
+#: Placeholders a command template may use. ``{socket}``, ``{disk}`` and ``{workdir}`` are the
+#: documented ones; the others help the built-in profiles (``{cache}`` = the peers' cache,
+#: ``{python}`` = this interpreter, ``{file_prefix}`` = a per-instance unique name for DPDK's EAL).
+COMMAND_PLACEHOLDERS = frozenset(
+    {"socket", "disk", "workdir", "disk_size", "cache", "python", "file_prefix", "worker"}
+)
+#: Extra placeholders allowed only in ``[slow_io]`` templates.
+SLOW_IO_PLACEHOLDERS = frozenset({"latency_ms", "latency_ns"})
+
+DEFAULT_START_TIMEOUT = 15.0
+DEFAULT_STOP_TIMEOUT = 5.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+
+class TargetError(Exception):
+    """The back-end under test could not be started, reached or stopped."""
+
+
+class UsageError(TargetError):
+    """A profile or command template is wrong (the user's mistake, not the back-end's)."""
+
+
+class BackendStartFailed(TargetError):
+    """The back-end process exited before it listened; carries its exit status and log tail."""
+
+    def __init__(self, message: str, exit_status: int | None, log_tail: str) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+        self.log_tail = log_tail
+
+
+class BackendStartHang(TargetError):
+    """The back-end process is alive but did not listen (or connect) within the deadline."""
+
+    def __init__(self, message: str, log_tail: str) -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+class SlowIoUnsupported(TargetError):
+    """The profile gives no way to make this back-end's I/O slow."""
+
+
+def cache_dir() -> Path:
+    """The peers' cache: ``$VHOST_CONFORMANCE_CACHE`` or ``/var/cache/vhost-conformance``."""
+    return Path(os.environ.get("VHOST_CONFORMANCE_CACHE", "/var/cache/vhost-conformance"))
+
+
+def parse_size(value: int | str, what: str = "disk_size") -> int:
+    """Parse ``64M``/``1G``/``4096`` into bytes; a clear UsageError otherwise."""
+    if isinstance(value, int):
+        if value <= 0:
+            raise UsageError(f"{what} must be positive, got {value}")
+        return value
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    scale = 1
+    if text and text[-1] in units:
+        scale = units[text[-1]]
+        text = text[:-1]
+    try:
+        size = int(text) * scale
+    except ValueError:
+        raise UsageError(f"{what}: cannot read {value!r} as a size (e.g. 64M, 1G, 4096)") from None
+    if size <= 0:
+        raise UsageError(f"{what} must be positive, got {value!r}")
+    return size
+
+
+def template_fields(template: str) -> set[str]:
+    """The placeholder names used in a ``str.format`` template (``{{`` escapes excluded)."""
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise UsageError(f"malformed template {template!r}: {exc}") from None
+
+
+def check_template(template: str, allowed: frozenset[str], what: str) -> None:
+    """Reject empty or positional placeholders and names outside ``allowed``."""
+    fields = template_fields(template)
+    bad = sorted(f for f in fields if f not in allowed)
+    if bad:
+        raise UsageError(
+            f"{what} {template!r} uses unknown placeholder(s) "
+            + ", ".join("{" + b + "}" for b in bad)
+            + "; known: "
+            + ", ".join("{" + a + "}" for a in sorted(allowed))
+        )
+
+
+def render_command(template: str, values: Mapping[str, str]) -> list[str]:
+    """Split a command template like a shell would, then fill each word's placeholders."""
+    check_template(template, frozenset(values), "command template")
+    try:
+        words = shlex.split(template)
+    except ValueError as exc:
+        raise UsageError(f"command template {template!r}: {exc}") from None
+    if not words:
+        raise UsageError("command template is empty")
+    return [word.format_map(values) for word in words]
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+@dataclass(frozen=True)
+class SlowIo:
+    """How to make a back-end's I/O slow (for drain scenarios).
+
+    ``args`` are appended to the command, ``command`` replaces it; both may use
+    ``{latency_ms}``/``{latency_ns}``. With neither, ``unsupported`` says why it is impossible.
+    """
+
+    args: str | None = None
+    command: str | None = None
+    unsupported: str = "the profile gives no way to make this back-end's I/O slow"
+
+    @property
+    def possible(self) -> bool:
+        """Whether a slow-I/O variant of the command exists."""
+        return self.args is not None or self.command is not None
+
+
+@dataclass(frozen=True)
+class ProfileDeviation:
+    """A known deviation of a back-end: the case is expected to fail, for this reason."""
+
+    case: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A back-end under test, as a named profile or a user's TOML file describes it."""
+
+    name: str
+    command: str | None
+    socket_mode: SocketMode = "listen"
+    socket: str | None = None
+    disk_size: int = 64 << 20
+    slow_io: SlowIo = field(default_factory=SlowIo)
+    shares_disk: bool = False
+    deviations: tuple[ProfileDeviation, ...] = ()
+    description: str = ""
+    needs: tuple[str, ...] = ()
+    source: str = "<built-in>"
+
+    def __post_init__(self) -> None:
+        if self.socket_mode not in ("listen", "connect"):
+            raise UsageError(
+                f"profile {self.name!r}: socket_mode must be 'listen' or 'connect', "
+                f"got {self.socket_mode!r}"
+            )
+        if self.command is not None:
+            check_template(self.command, COMMAND_PLACEHOLDERS, f"profile {self.name!r}: command")
+            if "socket" not in template_fields(self.command) and self.socket is None:
+                raise UsageError(
+                    f"profile {self.name!r}: the command template {self.command!r} has no "
+                    "{socket} placeholder and the profile gives no 'socket' path: "
+                    "the suite cannot know where the back-end listens"
+                )
+        if self.socket is not None:
+            check_template(self.socket, COMMAND_PLACEHOLDERS, f"profile {self.name!r}: socket")
+        for text, what in (
+            (self.slow_io.args, "slow_io.args"),
+            (self.slow_io.command, "slow_io.command"),
+        ):
+            if text is not None:
+                check_template(
+                    text,
+                    COMMAND_PLACEHOLDERS | SLOW_IO_PLACEHOLDERS,
+                    f"profile {self.name!r}: {what}",
+                )
+
+    def missing_needs(self, values: Mapping[str, str]) -> list[str]:
+        """Files the profile needs (e.g. a provisioned peer binary) that do not exist here."""
+        return [
+            path for path in (n.format_map(values) for n in self.needs) if not os.path.exists(path)
+        ]
+
+
+_PROFILE_KEYS = frozenset(
+    {
+        "name",
+        "description",
+        "command",
+        "socket_mode",
+        "socket",
+        "disk_size",
+        "slow_io",
+        "shares_disk",
+        "deviation",
+        "needs",
+    }
+)
+
+
+def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> Profile:
+    """Build a Profile from parsed TOML; unknown keys and wrong types are UsageErrors."""
+    unknown = sorted(set(data) - _PROFILE_KEYS)
+    if unknown:
+        raise UsageError(
+            f"profile {source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_PROFILE_KEYS))}"
+        )
+
+    def typed(key: str, kind: type, default: object) -> object:
+        value = data.get(key, default)
+        if value is not None and not isinstance(value, kind):
+            raise UsageError(
+                f"profile {source}: {key} must be {kind.__name__}, got {type(value).__name__}"
+            )
+        return value
+
+    slow_raw = typed("slow_io", dict, {})
+    assert isinstance(slow_raw, dict)
+    bad_slow = sorted(set(slow_raw) - {"args", "command", "unsupported"})
+    if bad_slow:
+        raise UsageError(f"profile {source}: unknown [slow_io] key(s) {', '.join(bad_slow)}")
+    slow = SlowIo(
+        args=slow_raw.get("args"),
+        command=slow_raw.get("command"),
+        unsupported=str(slow_raw.get("unsupported", SlowIo.unsupported)),
+    )
+    deviations = []
+    raw_devs = typed("deviation", list, [])
+    assert isinstance(raw_devs, list)
+    for i, entry in enumerate(raw_devs):
+        if not isinstance(entry, dict) or not entry.get("case") or not entry.get("reason"):
+            raise UsageError(
+                f"profile {source}: [[deviation]] #{i + 1} needs both 'case' and 'reason'"
+            )
+        deviations.append(ProfileDeviation(str(entry["case"]), str(entry["reason"])))
+    size_raw = data.get("disk_size", "64M")
+    if not isinstance(size_raw, int | str):
+        raise UsageError(f"profile {source}: disk_size must be an int or a string like '64M'")
+    needs = typed("needs", list, [])
+    assert isinstance(needs, list)
+    command = typed("command", str, None)
+    socket_path = typed("socket", str, None)
+    return Profile(
+        name=str(typed("name", str, name)),
+        command=command if isinstance(command, str) else None,
+        socket_mode=str(typed("socket_mode", str, "listen")),  # type: ignore[arg-type]
+        socket=socket_path if isinstance(socket_path, str) else None,
+        disk_size=parse_size(size_raw),
+        slow_io=slow,
+        shares_disk=bool(typed("shares_disk", bool, False)),
+        deviations=tuple(deviations),
+        description=str(typed("description", str, "")),
+        needs=tuple(str(n) for n in needs),
+        source=source,
+    )
+
+
+def builtin_profile_names() -> list[str]:
+    """Names of the profiles shipped in ``vhost_conformance.suites/profiles``."""
+    folder = resources.files("vhost_conformance.suites").joinpath("profiles")
+    return sorted(
+        p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml")
+    )
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """Load a built-in profile by name, or a user's TOML profile file by path."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.exists():
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise UsageError(f"cannot read profile file {name_or_path}: {exc}") from None
+        source, default_name = str(path), path.stem
+    else:
+        resource = resources.files("vhost_conformance.suites").joinpath(
+            "profiles", f"{name_or_path}.toml"
+        )
+        if not resource.is_file():
+            raise UsageError(
+                f"unknown back-end profile {name_or_path!r}; built-in profiles: "
+                f"{', '.join(builtin_profile_names())} (or give a path to a .toml file)"
+            )
+        text = resource.read_text()
+        source, default_name = f"profiles/{name_or_path}.toml", name_or_path
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"profile {source}: not valid TOML: {exc}") from None
+    return profile_from_mapping(data, default_name, source)
+
+
+def command_profile(command: str, socket_mode: SocketMode = "listen") -> Profile:
+    """A profile for a bare ``--vhost-backend-cmd`` template (no deviations, no slow I/O)."""
+    if "socket" not in template_fields(command):
+        raise UsageError(
+            f"--vhost-backend-cmd {command!r} has no {{socket}} placeholder: the suite "
+            "creates the socket path and must pass it to the back-end"
+        )
+    return Profile(
+        name="command", command=command, socket_mode=socket_mode, source="--vhost-backend-cmd"
+    )
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@runtime_checkable
+class BackendTarget(Protocol):
+    """A back-end under test, whatever launches it. Every wait inside has a deadline."""
+
+    name: str
+    shares_disk: bool
+
+    def start(self) -> str:
+        """Start (or find) the back-end; return the vhost-user socket path."""
+
+    def stop(self) -> None:
+        """Stop the back-end (SIGTERM, then SIGKILL after a deadline) and reap it."""
+
+    def restart(self) -> str:
+        """Stop, then start again; return the socket path."""
+
+    def alive(self) -> bool:
+        """Whether the back-end process (or socket) is still there."""
+
+    def exit_status(self) -> int | None:
+        """The process's exit status (negative: killed by that signal); None if running or unknown."""
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the back-end's stdout/stderr, for crash verdicts."""
+
+    def connect_socket(self, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> socket.socket:
+        """A connected stream socket to the back-end (we connect, or accept its connection)."""
+
+    def slow_io(self, latency_ms: int) -> contextlib.AbstractContextManager[None]:
+        """Within the context the back-end's I/O takes ``latency_ms`` (restarting it if needed)."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the back-end offers, probed once over the wire (cached per run)."""
+
+
+def _connect_unix(path: str, deadline: float) -> socket.socket:
+    """Connect to a listening Unix socket, retrying while it is not there yet."""
+    last: OSError | None = None
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            sock.connect(path)
+            sock.settimeout(None)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
+                raise TargetError(f"cannot connect to back-end socket {path}: {exc}") from exc
+        if time.monotonic() >= deadline:
+            raise TargetError(
+                f"back-end socket {path} refused connections until the deadline: {last}"
+            )
+        time.sleep(0.02)
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+class CommandTarget:
+    """A back-end we run from a command template, in its own work directory.
+
+    ``socket_mode="listen"``: the back-end listens on the socket path and we connect.
+    ``socket_mode="connect"``: we listen on the socket path and the back-end connects; the
+    command may then be None (the back-end is started by someone else and pointed at our path).
+    """
+
+    def __init__(
+        self,
+        profile: Profile,
+        workdir: Path,
+        *,
+        worker: str = "main",
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+        stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        probe: CapabilityProbe | None = None,
+    ) -> None:
+        self.profile = profile
+        self.name = profile.name
+        self.shares_disk = profile.shares_disk
+        self.workdir = workdir
+        self.worker = worker
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self._probe = probe
+        self._process: Supervised | None = None
+        self._listener: socket.socket | None = None
+        self._latency_ms: int | None = None
+        self._exit_status: int | None = None
+        self._stopped_by_us = False
+        self._starts = 0
+        self.log_path = workdir / "backend.log"
+        self.values: dict[str, str] = {
+            "workdir": str(workdir),
+            "disk": str(workdir / "disk.img"),
+            "disk_size": str(profile.disk_size),
+            "cache": str(cache_dir()),
+            "python": sys.executable,
+            "worker": worker,
+            # DPDK's EAL needs a unique --file-prefix per running instance.
+            "file_prefix": f"vc-{worker}-{os.getpid()}-{workdir.name}",
+        }
+        sock = profile.socket or "{workdir}/vhost.sock"
+        self.values["socket"] = sock.format_map(self.values)
+        if len(self.values["socket"].encode()) >= 108:
+            raise UsageError(
+                f"socket path {self.values['socket']!r} is {len(self.values['socket'])} bytes; "
+                "Unix socket paths must be shorter than 108: use a shorter work directory"
+            )
+
+    # -- helpers
+
+    @property
+    def socket_path(self) -> str:
+        """Where the vhost-user socket is (ours in connect mode, the back-end's otherwise)."""
+        return self.values["socket"]
+
+    @property
+    def pid(self) -> int | None:
+        """The back-end's process id while it runs (for /proc/PID/fd checks)."""
+        return self._process.pid if self._process is not None and self._process.alive() else None
+
+    @property
+    def stopped_by_us(self) -> bool:
+        """True when the last exit was our own stop(), not the back-end's doing."""
+        return self._stopped_by_us
+
+    def argv(self) -> list[str] | None:
+        """The command line the next start() runs (with slow I/O applied), None if no command."""
+        if self.profile.command is None:
+            return None
+        values = dict(self.values)
+        template = self.profile.command
+        if self._latency_ms is not None:
+            values["latency_ms"] = str(self._latency_ms)
+            values["latency_ns"] = str(self._latency_ms * 1_000_000)
+            slow = self.profile.slow_io
+            if slow.command is not None:
+                template = slow.command
+            elif slow.args is not None:
+                template = f"{template} {slow.args}"
+        return render_command(template, values)
+
+    def _make_disk(self) -> None:
+        disk = Path(self.values["disk"])
+        if not disk.exists():
+            with open(disk, "wb") as f:
+                f.truncate(self.profile.disk_size)
+
+    # -- BackendTarget
+
+    def start(self) -> str:
+        """Create the work dir and disk image, run the command, wait until it listens."""
+        if self.alive():
+            return self.socket_path
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._make_disk()
+        missing = self.profile.missing_needs(self.values)
+        if missing:
+            raise UsageError(
+                f"back-end profile {self.name!r} needs {', '.join(missing)}, which is not there "
+                "(run scripts/provision-peers)"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        if self.profile.socket_mode == "connect":
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(self.socket_path)
+            listener.listen(4)
+            self._listener = listener
+        argv = self.argv()
+        self._exit_status = None
+        self._stopped_by_us = False
+        if argv is not None:
+            self._starts += 1
+            try:
+                self._process = Supervised(argv, self.log_path, cwd=self.workdir, name=self.name)
+            except OSError as exc:
+                raise BackendStartFailed(
+                    f"cannot run back-end command {shlex.join(argv)}: {exc}", None, ""
+                ) from exc
+        if self.profile.socket_mode == "listen":
+            self._wait_listening()
+        return self.socket_path
+
+    def _wait_listening(self) -> None:
+        process = self._process
+        assert process is not None, "listen mode always has a command"
+        try:
+            process.wait_for_socket(self.socket_path, self.start_timeout)
+        except PeerProcessError:
+            status = process.exit_status()
+            tail = self.log_tail()
+            if status is not None:
+                self._exit_status = status
+                raise BackendStartFailed(
+                    f"back-end {self.name!r} exited with status {status} before listening on "
+                    f"{self.socket_path}",
+                    status,
+                    tail,
+                ) from None
+            self.stop()
+            raise BackendStartHang(
+                f"back-end {self.name!r} did not listen on {self.socket_path} within "
+                f"{self.start_timeout:g} s",
+                tail,
+            ) from None
+
+    def stop(self) -> None:
+        """SIGTERM the back-end's process group, SIGKILL after ``stop_timeout``; always reaped."""
+        process = self._process
+        if process is not None:
+            if process.alive():
+                self._stopped_by_us = True
+            self._exit_status = process.terminate(self.stop_timeout)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+
+    def restart(self) -> str:
+        """Stop and start again (the disk image is kept)."""
+        self.stop()
+        return self.start()
+
+    def alive(self) -> bool:
+        """Whether our back-end process is running (connect mode without command: listening)."""
+        if self._process is not None:
+            return self._process.alive()
+        return self.profile.command is None and self._listener is not None
+
+    def exit_status(self) -> int | None:
+        """Exit status of the last run (negative = killed by that signal), None while running."""
+        if self._process is not None:
+            status = self._process.exit_status()
+            if status is not None:
+                self._exit_status = status
+            else:
+                return None
+        return self._exit_status
+
+    def send_signal(self, signum: signal.Signals) -> None:
+        """Send a signal to the back-end process (e.g. SIGSTOP/SIGKILL in crash scenarios)."""
+        if self._process is None or not self._process.alive():
+            raise TargetError(f"back-end {self.name!r} is not running")
+        self._process.signal(signum)
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` seconds for the back-end to exit; its status or None."""
+        if self._process is None:
+            return self._exit_status
+        status = self._process.wait(timeout)
+        if status is not None:
+            self._exit_status = status
+        return status
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of the back-end's log (stdout and stderr)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 16384))
+                data = f.read()
+        except OSError:
+            return ""
+        return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+    def connect_socket(self, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> socket.socket:
+        """Connect to the back-end (listen mode) or accept its connection (connect mode)."""
+        deadline = time.monotonic() + timeout
+        if self.profile.socket_mode == "listen":
+            if self._process is None:
+                raise TargetError(f"back-end {self.name!r} is not started")
+            return _connect_unix(self.socket_path, deadline)
+        if self._listener is None:
+            raise TargetError(f"back-end {self.name!r} is not started (no listening socket)")
+        self._listener.settimeout(timeout)
+        try:
+            conn, _ = self._listener.accept()
+        except TimeoutError:
+            raise BackendStartHang(
+                f"back-end {self.name!r} did not connect to {self.socket_path} within {timeout:g} s",
+                self.log_tail(),
+            ) from None
+        conn.settimeout(None)
+        return conn
+
+    @contextlib.contextmanager
+    def slow_io(self, latency_ms: int) -> Iterator[None]:
+        """Run the back-end with ``latency_ms`` per I/O inside the context (restarts it)."""
+        if not self.profile.slow_io.possible:
+            raise SlowIoUnsupported(f"back-end {self.name!r}: {self.profile.slow_io.unsupported}")
+        was_running = self.alive()
+        self._latency_ms = latency_ms
+        try:
+            if was_running:
+                self.restart()
+            yield
+        finally:
+            self._latency_ms = None
+            if was_running or self.alive():
+                self.restart()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Probed once per run through the shared probe (see TargetFactory)."""
+        if self._probe is None:
+            raise TargetError(f"back-end {self.name!r} has no capability probe attached")
+        return self._probe.capabilities()
+
+
+class ExternalSocketTarget:
+    """A back-end someone else runs; we only know its socket (no restart, no slow I/O)."""
+
+    shares_disk = False
+
+    def __init__(
+        self, path: str, *, name: str = "external", probe: CapabilityProbe | None = None
+    ) -> None:
+        self.name = name
+        self.path = path
+        self._probe = probe
+
+    def start(self) -> str:
+        """Check the socket is there and return it."""
+        if not _is_socket(self.path):
+            raise TargetError(
+                f"external back-end socket {self.path} does not exist (or is not a socket)"
+            )
+        return self.path
+
+    def stop(self) -> None:
+        """Nothing to stop: someone else owns the back-end."""
+
+    def restart(self) -> str:
+        """We cannot restart someone else's back-end: wait up to 10 s for its socket."""
+        deadline = time.monotonic() + 10.0
+        while not _is_socket(self.path):
+            if time.monotonic() >= deadline:
+                raise TargetError(
+                    f"external back-end socket {self.path} did not come back within 10 s"
+                )
+            time.sleep(0.05)
+        return self.path
+
+    def alive(self) -> bool:
+        """Whether the socket file is there."""
+        return _is_socket(self.path)
+
+    def exit_status(self) -> int | None:
+        """Unknown: not our process."""
+        return None
+
+    def log_tail(self, lines: int = 30) -> str:
+        """No log: not our process."""
+        return ""
+
+    def connect_socket(self, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> socket.socket:
+        """Connect to the external socket."""
+        return _connect_unix(self.path, time.monotonic() + timeout)
+
+    @contextlib.contextmanager
+    def slow_io(self, latency_ms: int) -> Iterator[None]:
+        """Not possible for a back-end we do not run."""
+        raise SlowIoUnsupported(f"external back-end at {self.path}: cannot change how it runs")
+        yield  # pragma: no cover
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Probed once per run."""
+        if self._probe is None:
+            raise TargetError("external back-end has no capability probe attached")
+        return self._probe.capabilities()
+
+
+class CapabilityProbe(Protocol):
+    """Where a target gets its (cached) capabilities from."""
+
+    def capabilities(self) -> Capabilities:
+        """Probe once, then return the cached result."""
+
+
+# --------------------------------------------------------------------------- capabilities
+
+#: A feature bit a case can require: the enums of the wire codec (bit numbers).
+Feature = ProtocolFeature | VirtioFeature | BlkFeature
+
+
+def feature_label(feature: Feature) -> str:
+    """``protocol feature INFLIGHT_SHMFD (bit 12)`` and the like, for unsupported verdicts."""
+    if isinstance(feature, ProtocolFeature):
+        kind = "protocol feature"
+    elif isinstance(feature, BlkFeature):
+        kind = "virtio-blk feature"
+    else:
+        kind = "virtio feature"
+    return f"{kind} {feature.name} (bit {int(feature)})"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a back-end offers, as probed over the wire (never assumed from its name)."""
+
+    features: int
+    protocol_features: int = 0
+    queue_num: int | None = None
+    max_mem_slots: int | None = None
+    config: bytes | None = None
+
+    def offers(self, feature: Feature) -> bool:
+        """Whether the back-end offers ``feature`` (virtio bits in GET_FEATURES, protocol bits
+        in GET_PROTOCOL_FEATURES, which is only meaningful with bit 30)."""
+        if isinstance(feature, ProtocolFeature):
+            return has(self.features, VirtioFeature.PROTOCOL_FEATURES) and has(
+                self.protocol_features, feature
+            )
+        return has(self.features, feature)
+
+    def missing(self, features: Iterable[Feature]) -> list[Feature]:
+        """The ones among ``features`` the back-end does not offer, in the given order."""
+        return [f for f in features if not self.offers(f)]
+
+    def feature_names(self) -> list[str]:
+        """Names of the offered virtio bits (transport and blk)."""
+        return feature_names(self.features, VirtioFeature, BlkFeature)
+
+    def protocol_feature_names(self) -> list[str]:
+        """Names of the offered protocol bits."""
+        return feature_names(self.protocol_features, ProtocolFeature)
+
+
+def _exchange(
+    sock: socket.socket, parser: MessageParser, data: bytes, deadline: float, what: str
+) -> Message:
+    """Send one request and read one message back, within the deadline."""
+    sock.settimeout(max(0.01, deadline - time.monotonic()))
+    try:
+        sock.sendall(data)
+        while True:
+            message = parser.next_message()
+            if message is not None:
+                return message
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise TargetError(
+                    f"capability probe: the back-end closed the connection after {what}"
+                )
+            parser.feed(chunk)
+    except TimeoutError:
+        raise TargetError(f"capability probe: no reply to {what} before the deadline") from None
+
+
+def _config_size(features: int) -> int:
+    # SPEC-DIGEST 4.1 step 9: QEMU asks offsetof(max_discard_sectors) = 36 bytes, up to the end
+    # of discard_sector_alignment (48) with DISCARD, of write_zeroes_may_unmap (57) with WRITE_ZEROES.
+    if has(features, BlkFeature.WRITE_ZEROES):
+        return 57
+    if has(features, BlkFeature.DISCARD):
+        return 48
+    return 36
+
+
+def probe_capabilities(sock: socket.socket, timeout: float = 5.0) -> Capabilities:
+    """Ask a fresh connection what it offers, the way QEMU's init does (SPEC-DIGEST 4.1):
+    GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, GET_CONFIG."""
+    from vhost_conformance.frontend.protocol import U64, Config
+
+    deadline = time.monotonic() + timeout
+    parser = MessageParser()
+
+    def ask_u64(request: FrontendRequest) -> int:
+        reply = _exchange(sock, parser, encode_request(request), deadline, request.name)
+        if len(reply.payload) != 8:
+            raise TargetError(
+                f"capability probe: {request.name} reply has {len(reply.payload)} payload bytes, expected 8"
+            )
+        return U64.decode(reply.payload).value
+
+    features = ask_u64(FrontendRequest.GET_FEATURES)
+    caps = Capabilities(features)
+    if not has(features, VirtioFeature.PROTOCOL_FEATURES):
+        return caps
+    protocol = ask_u64(FrontendRequest.GET_PROTOCOL_FEATURES)
+    known = protocol & ((1 << (max(ProtocolFeature) + 1)) - 1)
+    sock.settimeout(max(0.01, deadline - time.monotonic()))
+    sock.sendall(encode_request(FrontendRequest.SET_PROTOCOL_FEATURES, U64(known)))
+    queue_num = max_slots = None
+    config = None
+    if has(protocol, ProtocolFeature.MQ):
+        queue_num = ask_u64(FrontendRequest.GET_QUEUE_NUM)
+    if has(protocol, ProtocolFeature.CONFIGURE_MEM_SLOTS):
+        max_slots = ask_u64(FrontendRequest.GET_MAX_MEM_SLOTS)
+    if has(protocol, ProtocolFeature.CONFIG):
+        size = _config_size(features)
+        reply = _exchange(
+            sock,
+            parser,
+            encode_request(FrontendRequest.GET_CONFIG, Config.request(0, size)),
+            deadline,
+            "GET_CONFIG",
+        )
+        with contextlib.suppress(Exception):
+            config = Config.decode(reply.payload).data
+    return Capabilities(features, protocol, queue_num, max_slots, config)
+
+
+# --------------------------------------------------------------------------- factory
+
+_LABEL = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+class TargetFactory:
+    """Makes one back-end under test per case (own work dir, socket, disk, process), named by
+    the xdist worker, and probes capabilities once per run on a dedicated instance."""
+
+    def __init__(
+        self,
+        *,
+        profile: Profile | None = None,
+        external_socket: str | None = None,
+        worker: str = "main",
+        rundir: Path | None = None,
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+        probe_timeout: float = 5.0,
+        maker: Callable[[str, Path], BackendTarget | None] | None = None,
+    ) -> None:
+        if (profile is None) == (external_socket is None):
+            raise UsageError("give exactly one of a back-end profile or an external socket")
+        self.profile = profile
+        self.external_socket = external_socket
+        self.worker = worker
+        self.start_timeout = start_timeout
+        self.probe_timeout = probe_timeout
+        self.maker = maker
+        base = os.environ.get("VHOST_CONFORMANCE_RUNDIR", tempfile.gettempdir())
+        self.rundir = rundir or Path(tempfile.mkdtemp(prefix=f"vc-{worker}-", dir=base))
+        self._count = itertools.count(1)
+        self._targets: list[BackendTarget] = []
+        self._capabilities: Capabilities | None = None
+        self._probe_error: TargetError | None = None
+
+    @property
+    def name(self) -> str:
+        """The back-end's name for reports."""
+        return self.profile.name if self.profile is not None else "external"
+
+    @property
+    def command(self) -> str | None:
+        """The command template, if we run the back-end."""
+        return self.profile.command if self.profile is not None else None
+
+    def new(self, label: str = "case") -> BackendTarget:
+        """A new, not yet started back-end in its own work directory."""
+        workdir = self.rundir / f"{next(self._count):03d}-{_LABEL.sub('_', label)[:32]}"
+        target: BackendTarget | None = None
+        if self.maker is not None:
+            target = self.maker(label, workdir)
+        if target is None:
+            if self.profile is not None:
+                target = CommandTarget(
+                    self.profile,
+                    workdir,
+                    worker=self.worker,
+                    start_timeout=self.start_timeout,
+                    probe=self,
+                )
+            else:
+                assert self.external_socket is not None
+                target = ExternalSocketTarget(self.external_socket, probe=self)
+        self._targets.append(target)
+        return target
+
+    def capabilities(self) -> Capabilities:
+        """Probe once (a dedicated instance, stopped afterwards), then the cached result."""
+        if self._capabilities is not None:
+            return self._capabilities
+        if self._probe_error is not None:
+            raise self._probe_error
+        target = self.new("probe")
+        try:
+            target.start()
+            with contextlib.closing(target.connect_socket(self.probe_timeout)) as sock:
+                self._capabilities = probe_capabilities(sock, self.probe_timeout)
+        except TargetError as exc:
+            self._probe_error = exc
+            raise
+        finally:
+            target.stop()
+            self._forget(target)
+        return self._capabilities
+
+    def _forget(self, target: BackendTarget) -> None:
+        with contextlib.suppress(ValueError):
+            self._targets.remove(target)
+        workdir = getattr(target, "workdir", None)
+        if isinstance(workdir, Path):
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def release(self, target: BackendTarget, *, keep_files: bool = False) -> None:
+        """Stop a target made here and (unless ``keep_files``) remove its work directory."""
+        target.stop()
+        if keep_files:
+            with contextlib.suppress(ValueError):
+                self._targets.remove(target)
+        else:
+            self._forget(target)
+
+    def close(self) -> None:
+        """Stop every target still running and remove the run directory."""
+        for target in list(self._targets):
+            with contextlib.suppress(Exception):
+                target.stop()
+        self._targets.clear()
+        shutil.rmtree(self.rundir, ignore_errors=True)
