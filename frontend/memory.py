@@ -15,6 +15,7 @@ import bisect
 import fcntl
 import mmap
 import os
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -67,6 +68,8 @@ class GuestRegion:
     # Bytes of the region only (starts at mmap_offset inside the mapping).
     data: memoryview = field(repr=False)
     alloc_cursor: int = 0
+    # Views handed out by GuestMemory.view(): released at close so the mmap can be unmapped.
+    views: list[weakref.ref[memoryview]] = field(default_factory=list, repr=False)
 
     @property
     def end(self) -> int:
@@ -84,6 +87,11 @@ class GuestRegion:
     def close(self) -> None:
         """Release the barrier pointer, the view, the mapping and the fd."""
         self.shm.close()
+        for ref in self.views:
+            view = ref()
+            if view is not None:
+                view.release()
+        self.views.clear()
         self.data.release()
         self.mm.close()
         if self.fd >= 0:
@@ -274,9 +282,15 @@ class GuestMemory:
     # -- access -------------------------------------------------------------------------------
 
     def view(self, gpa: int, n: int) -> memoryview:
-        """A writable view of ``n`` bytes at ``gpa`` (release it before :meth:`close`)."""
+        """A writable view of ``n`` bytes at ``gpa``; :meth:`close` releases it (using it after
+        that raises ValueError)."""
         region, off = self.locate(gpa, n)
-        return region.data[off : off + n]
+        view = region.data[off : off + n]
+        views = region.views
+        if len(views) > 64:
+            views[:] = [ref for ref in views if ref() is not None]
+        views.append(weakref.ref(view))
+        return view
 
     def read(self, gpa: int, n: int) -> bytes:
         """Copy ``n`` bytes at ``gpa``."""
