@@ -48,6 +48,7 @@ from vhost_conformance.frontend.protocol import (
     Payload,
     ProtocolError,
     ProtocolFeature,
+    ShmemConfig,
     VirtioFeature,
     VringAddr,
     encode_reply,
@@ -669,6 +670,8 @@ class Channel:
             want = len(sent)  # vhost_user_get_config: VHOST_USER_CONFIG_HDR_SIZE + config_len
         elif layout is Inflight:
             want = Inflight.SIZE  # QEMU compares with sizeof(VhostUserInflight) = 24
+        elif layout is ShmemConfig:
+            want = None  # QEMU does not check it; see ShmemConfig.decode
         else:
             want = getattr(layout, "SIZE", None) if layout is not None else 0
         if want is not None and size != want:

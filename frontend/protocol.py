@@ -865,10 +865,22 @@ class ShmemConfig:
 
     @classmethod
     def decode(cls, data: bytes) -> Self:
-        """Decode exactly 2056 bytes."""
-        _check_size(cls.LAYOUT, data, cls.SIZE)
-        values = _SHMEM_CONFIG.unpack(data)
-        return cls(values[0], tuple(values[2:]))
+        """Decode 8 + 8 * k bytes, k <= 256 (missing memory sizes are 0).
+
+        QEMU sends and reads the whole 2056-byte struct, but its reader
+        (vhost_user_get_shmem_config) does not check the size, and rust-vmm's front-end
+        reads the 8-byte head then ``nregions`` u64 values: a back-end may send fewer.
+        """
+        if len(data) < 8 or len(data) % 8 or len(data) > cls.SIZE:
+            raise MalformedPayload(
+                "size",
+                layout=cls.LAYOUT,
+                expected=f"8 + 8 * k bytes, k <= {MAX_SHMEM_REGIONS} (usually {cls.SIZE})",
+                seen=f"{len(data)} bytes",
+            )
+        nregions, _padding = _U32X2.unpack_from(data)
+        sizes = struct.unpack_from(f"<{(len(data) - 8) // 8}Q", data, 8)
+        return cls(nregions, tuple(sizes))
 
 
 @dataclass(frozen=True, slots=True)
