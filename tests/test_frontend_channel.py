@@ -589,3 +589,70 @@ def test_qemu_need_reply_matches_trace() -> None:
     assert qemu_need_reply(F.SET_VRING_ADDR, p.VringAddr(0, 1, 0, 0, 0, 0).encode(), 0x8F2B)
     assert not qemu_need_reply(F.SET_VRING_KICK, p.U64(0).encode(), 0)
     assert not qemu_need_reply(F.SET_INFLIGHT_FD, bytes(24), 0x8F2B)
+
+
+# ------------------------------------------------------------------------------------------
+# A real peer: qemu-storage-daemon's vhost-user-blk export (libvhost-user)
+
+
+@pytest.mark.peer("qsd")
+@pytest.mark.parametrize("version", ["7.2", "11.1"])
+def test_handshake_with_qemu_storage_daemon(tmp_path: Path, version: str) -> None:
+    from vhost_conformance.peers.provision import PeerUnavailable
+    from vhost_conformance.peers.qsd import NullDisk, start_qsd
+
+    try:
+        peer = start_qsd(tmp_path / "qsd.sock", NullDisk(64 << 20), version=version)
+    except PeerUnavailable as exc:
+        pytest.skip(str(exc))
+    before = open_fds()
+    with peer, Channel.connect(peer.socket, timeout=5) as channel:
+        features = channel.call(F.GET_FEATURES, timeout=5)
+        assert features is not None
+        offered = p.U64.decode(features.payload).value
+        assert p.has(offered, p.VirtioFeature.PROTOCOL_FEATURES)
+        reply = channel.call(F.GET_PROTOCOL_FEATURES, timeout=5)
+        assert reply is not None
+        protocol = p.U64.decode(reply.payload).value
+        assert p.has(protocol, p.ProtocolFeature.REPLY_ACK)
+        assert p.has(protocol, p.ProtocolFeature.CONFIG)
+        if version == "11.1":
+            # the same offers as in QEMU-TRACES.md (a)
+            assert (offered, protocol) == (0x175007E44, 0x8F2B)
+        channel.call(F.SET_PROTOCOL_FEATURES, p.U64(protocol), timeout=5)
+        channel.protocol_features = protocol
+        assert channel.call(F.GET_QUEUE_NUM, timeout=5) is not None
+        backend_channel = BackendChannel(trace=channel.trace)
+        if p.has(protocol, p.ProtocolFeature.BACKEND_REQ):
+            ack = channel.call(F.SET_BACKEND_REQ_FD, fds=[backend_channel.peer_fd()], timeout=5)
+            assert ack is not None and ack.decoded() == p.U64(0)
+        backend_channel.close_peer_fd()
+        channel.call(F.SET_OWNER, timeout=5)
+        call_fd, err_fd = os.eventfd(0), os.eventfd(0)
+        try:
+            # fds + NEED_REPLY + REPLY_ACK, as QEMU sends them
+            ack1 = channel.call(F.SET_VRING_CALL, p.U64(0), fds=[call_fd], timeout=5)
+            ack2 = channel.call(F.SET_VRING_ERR, p.U64(0), fds=[err_fd], timeout=5)
+            assert ack1 is not None and ack1.decoded() == p.U64(0)
+            assert ack2 is not None and ack2.decoded() == p.U64(0)
+        finally:
+            os.close(call_fd)
+            os.close(err_fd)
+        config = channel.call(F.GET_CONFIG, p.Config.request(0, 57), timeout=5)
+        assert config is not None
+        cfg = config.decoded()
+        assert isinstance(cfg, p.Config) and cfg.size == 57
+        assert int.from_bytes(cfg.data[:8], "little") == (64 << 20) // 512  # capacity
+        # every message went through the trace, replies flagged exactly 0x5
+        entries = channel.trace.entries()
+        assert all(e.flags == 0x5 for e in entries if e.direction == "be->fe")
+        sent = [e.name for e in entries if e.direction == "fe->be"]
+        assert [n for n in sent if n != "SET_BACKEND_REQ_FD"] == [
+            "GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES", "GET_QUEUE_NUM",
+            "SET_OWNER", "SET_VRING_CALL", "SET_VRING_ERR", "GET_CONFIG",
+        ]  # fmt: skip
+        assert ("SET_BACKEND_REQ_FD" in sent) == p.has(protocol, p.ProtocolFeature.BACKEND_REQ)
+        assert [e.flags for e in entries if e.name == "SET_VRING_CALL"] == [0x9, 0x5]
+        backend_channel.close()
+        assert backend_channel.errors() == []
+    assert open_fds() <= before
