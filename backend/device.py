@@ -1,0 +1,1210 @@
+"""One front-end connection of the reference vhost-user-blk back-end: the message state
+machine, the virtqueues, in-flight tracking, and request scheduling.
+
+No sockets here: :class:`Device` takes decoded messages (:meth:`Device.handle`), kicks
+(:meth:`Device.kick`) and the passing of time (:meth:`Device.turn`), and leaves what to
+send in :attr:`Device.outbox`. The server (``server.py``) owns the sockets and the
+event loop; the kick eventfds are watched through the :class:`FdWatcher` it passes in.
+
+A request's life: popped from the ring and marked in the in-flight region, then held
+until ``now + latency`` (cancellable until then: nothing of it touched guest memory or
+the disk), then executed (disk <-> guest buffers, status byte), then completed with the
+other requests of the same event-loop turn as one batch (used ring, region, one
+notification). References: vhost-user.rst (QEMU 11.1.3) sections named in comments;
+SPEC-DIGEST.md; QEMU-TRACES.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vhost_conformance.backend import blk
+from vhost_conformance.backend.disk import Disk
+from vhost_conformance.backend.faults import Faults
+from vhost_conformance.backend.inflight import (
+    InflightError,
+    PackedDescCopy,
+    PackedInflight,
+    SplitInflight,
+    queue_region_size,
+    queue_region_stride,
+)
+from vhost_conformance.backend.memory import DirtyLog, GuestMemory, GuestMemoryError
+from vhost_conformance.backend.vring import Chain, PackedRing, RingError, SplitRing
+from vhost_conformance.frontend.protocol import (
+    FD_EXPECTATIONS,
+    FLAG_NEED_REPLY,
+    U64,
+    VERSION,
+    VRING_F_LOG,
+    BackendRequest,
+    BlkFeature,
+    Config,
+    FrontendRequest,
+    Header,
+    Inflight,
+    LogBase,
+    MalformedMessage,
+    MemoryTable,
+    Message,
+    ProtocolFeature,
+    SingleMemoryRegion,
+    VirtioFeature,
+    VringAddr,
+    VringState,
+    encode_reply,
+    expected_fd_count,
+    expects_ack,
+    has,
+    packed_base,
+    split_packed_base,
+)
+
+log = logging.getLogger("vhost_conformance.backend")
+
+R = FrontendRequest
+#: virtio status bits (VIRTIO 1.2 2.1).
+STATUS_FEATURES_OK = 0x08
+STATUS_DEVICE_NEEDS_RESET = 0x40
+#: Largest queue size (VIRTIO 1.2: 32768).
+MAX_QUEUE_SIZE = 32768
+#: Memory slots we offer (GET_MAX_MEM_SLOTS), as QEMU's libvhost-user.
+MAX_MEM_SLOTS = 509
+
+#: Requests allowed before SET_OWNER (QEMU sends SET_BACKEND_REQ_FD first: QEMU-TRACES 8).
+_BEFORE_OWNER = {
+    R.GET_FEATURES,
+    R.GET_PROTOCOL_FEATURES,
+    R.SET_PROTOCOL_FEATURES,
+    R.GET_QUEUE_NUM,
+    R.GET_MAX_MEM_SLOTS,
+    R.SET_BACKEND_REQ_FD,
+    R.SET_OWNER,
+    R.GET_CONFIG,
+    R.GET_STATUS,
+}
+
+
+def _bit(n: int) -> int:
+    return 1 << int(n)
+
+
+class RequestError(Exception):
+    """The message could not be honoured (named in the text); answered by a REPLY_ACK
+    failure when one was requested, otherwise by closing the connection."""
+
+
+class ConnectionFatal(Exception):
+    """The connection must be closed (the reason is the text)."""
+
+
+class FdWatcher(Protocol):
+    """Where the device registers the kick eventfds it wants to be told about."""
+
+    def watch(self, fd: int, queue_index: int) -> None:
+        """Start watching ``fd`` (readable -> Device.kick(queue_index))."""
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching ``fd`` (called before it is closed)."""
+
+
+@dataclass(slots=True)
+class BackendOptions:
+    """What the back-end offers and how it behaves (the CLI fills this in)."""
+
+    queues: int = 1
+    read_only: bool = False
+    blk_size: int = 512
+    latency: float = 0.0
+    inflight_migration: bool = True
+    packed: bool = True
+    max_mem_slots: int = MAX_MEM_SLOTS
+    device_id: bytes = b"vhost-conformance"
+
+    def virtio_features(self) -> int:
+        """The virtio feature bits offered by GET_FEATURES."""
+        bits = [
+            VirtioFeature.VERSION_1,
+            VirtioFeature.RING_INDIRECT_DESC,
+            VirtioFeature.RING_EVENT_IDX,
+            VirtioFeature.LOG_ALL,
+            VirtioFeature.PROTOCOL_FEATURES,
+            BlkFeature.SEG_MAX,
+            BlkFeature.BLK_SIZE,
+            BlkFeature.FLUSH,
+            BlkFeature.TOPOLOGY,
+            BlkFeature.CONFIG_WCE,
+            BlkFeature.MQ,
+            BlkFeature.DISCARD,
+            BlkFeature.WRITE_ZEROES,
+        ]
+        if self.packed:
+            bits.append(VirtioFeature.RING_PACKED)
+        if self.read_only:
+            bits.append(BlkFeature.RO)
+        value = 0
+        for b in bits:
+            value |= _bit(b)
+        return value
+
+    def protocol_features(self) -> int:
+        """The protocol feature bits offered by GET_PROTOCOL_FEATURES."""
+        P = ProtocolFeature
+        bits = [
+            P.MQ,
+            P.LOG_SHMFD,
+            P.REPLY_ACK,
+            P.BACKEND_REQ,
+            P.CONFIG,
+            P.INFLIGHT_SHMFD,
+            P.RESET_DEVICE,
+            P.CONFIGURE_MEM_SLOTS,
+            P.STATUS,
+        ]
+        if self.inflight_migration:
+            bits.append(P.GET_VRING_BASE_INFLIGHT)
+        value = 0
+        for b in bits:
+            value |= _bit(b)
+        return value
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    """One request taken from a ring (or resubmitted from the in-flight region)."""
+
+    queue: VirtQueue
+    seq: int
+    chain: Chain
+    #: split: the head descriptor index; packed: the head entry in the in-flight region
+    #: (or -1 without a region).
+    head: int
+    deadline: float = 0.0
+    cancelled: bool = False
+    executed: bool = False
+    written: int = 0
+    status: int = 0
+
+    def __lt__(self, other: Request) -> bool:
+        return (self.deadline, self.seq) < (other.deadline, other.seq)
+
+
+@dataclass(eq=False, slots=True)
+class VirtQueue:
+    """The device side of one virtqueue and its vhost-user state."""
+
+    index: int
+    num: int = 0
+    addr_flags: int = 0
+    desc_uva: int = 0
+    avail_uva: int = 0
+    used_uva: int = 0
+    log_guest_addr: int = 0
+    addr_set: bool = False
+    #: split: free-running 16-bit next avail index; packed: ring index of the next entry.
+    last_avail_idx: int = 0
+    avail_wrap: bool = True
+    #: split: free-running 16-bit used->idx shadow; packed: ring index + wrap counter.
+    used_idx: int = 0
+    used_wrap: bool = True
+    started: bool = False
+    enabled: bool = False
+    broken: str | None = None
+    kick_fd: int = -1
+    call_fd: int = -1
+    err_fd: int = -1
+    ring: SplitRing | PackedRing | None = None
+    inflight: SplitInflight | PackedInflight | None = None
+    counter: int = 1
+    pending: dict[int, Request] = field(default_factory=dict)
+    done: list[Request] = field(default_factory=list)
+    resubmit: list[Request] = field(default_factory=list)
+    #: a GET_VRING_BASE waiting for the drain to finish
+    stop_pending: bool = False
+    kicked: bool = False
+
+    @property
+    def runnable(self) -> bool:
+        """Started, enabled, not broken, not stopping: may take new requests."""
+        return self.started and self.enabled and self.broken is None and not self.stop_pending
+
+
+class Device:
+    """The state of one connection (see the module docstring)."""
+
+    def __init__(
+        self,
+        options: BackendOptions,
+        disk: Disk,
+        faults: Faults | None = None,
+        watcher: FdWatcher | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.options = options
+        self.disk = disk
+        self.faults = faults or Faults()
+        self.watcher = watcher
+        self.clock = clock
+        self.offered_features = options.virtio_features()
+        self.offered_protocol = options.protocol_features()
+        self.features = 0
+        self.protocol_features = 0
+        self.owner = False
+        self.status = 0
+        self.memory = GuestMemory(options.max_mem_slots)
+        self.dirty_log: DirtyLog | None = None
+        self.backend_fd = -1
+        self.inflight_mm: object | None = None
+        self.inflight_info: Inflight | None = None
+        self.config = blk.BlkConfig(
+            capacity=disk.capacity_sectors,
+            blk_size=options.blk_size,
+            num_queues=options.queues,
+        )
+        self.queues = [VirtQueue(i) for i in range(options.queues)]
+        self.outbox: list[tuple[bytes, list[int]]] = []
+        self._timers: list[Request] = []
+        self._seq = 0
+        self.closed = False
+
+    # ------------------------------------------------------------------ helpers
+
+    def _has_protocol(self, bit: int) -> bool:
+        return has(self.protocol_features, bit)
+
+    def _has_feature(self, bit: int) -> bool:
+        return has(self.features, bit)
+
+    @property
+    def packed(self) -> bool:
+        """RING_PACKED negotiated."""
+        return self._has_feature(VirtioFeature.RING_PACKED)
+
+    @property
+    def logging(self) -> bool:
+        """Dirty logging is on (LOG_ALL negotiated and a log given)."""
+        return self.dirty_log is not None and self._has_feature(VirtioFeature.LOG_ALL)
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        """Log a guest write at [gpa, gpa+length) when dirty logging is on."""
+        if self.dirty_log is not None and self._has_feature(VirtioFeature.LOG_ALL):
+            self.dirty_log.mark(gpa, length)
+
+    def _reply(
+        self, request: int, payload: bytes | None = None, fds: list[int] | None = None
+    ) -> None:
+        self.outbox.append((encode_reply(request, payload), fds or []))
+
+    def _queue(self, index: int) -> VirtQueue:
+        if not 0 <= index < len(self.queues):
+            raise RequestError(f"vring index {index} out of range (device has {len(self.queues)})")
+        return self.queues[index]
+
+    @property
+    def suspended(self) -> bool:
+        """Every ring stopped (vhost-user.rst "Suspended device state")."""
+        return not any(q.started for q in self.queues)
+
+    # ------------------------------------------------------------------ messages
+
+    def handle(self, msg: Message) -> None:
+        """Handle one front-end message; replies go to :attr:`outbox`.
+
+        Raises ConnectionFatal when the connection must be closed. Every fd of ``msg``
+        is either kept or closed here.
+        """
+        fds = list(msg.fds)
+        try:
+            self._handle(msg, fds)
+        finally:
+            for fd in fds:
+                _close(fd)
+
+    def _handle(self, msg: Message, fds: list[int]) -> None:
+        try:
+            request = FrontendRequest(msg.request)
+        except ValueError:
+            raise ConnectionFatal(f"unknown request id {msg.request}") from None
+        name = request.name
+        if msg.is_reply:
+            raise ConnectionFatal(f"{name}: REPLY flag set on a request (flags {msg.flags:#x})")
+        low, high = expected_fd_count(FD_EXPECTATIONS[request], msg.payload)
+        try:
+            if not low <= len(fds) <= high:
+                raise RequestError(
+                    f"{name}: carries {len(fds)} fds, expected "
+                    + (f"{low}" if low == high else f"{low}..{high}")
+                )
+            if not self.owner and request not in _BEFORE_OWNER:
+                raise RequestError(f"{name} before SET_OWNER")
+            handler = getattr(self, f"_on_{name.lower()}", None)
+            if handler is None:
+                raise RequestError(f"{name} is not supported by this back-end")
+            try:
+                payload = msg.decoded()
+            except MalformedMessage as exc:
+                raise RequestError(str(exc)) from None
+            handler(msg, payload, fds)
+        except RequestError as exc:
+            if expects_ack(msg.request, msg.flags, self.protocol_features):
+                log.error("%s failed: %s (REPLY_ACK 1)", name, exc)
+                self._reply(msg.request, U64(1).encode())
+                return
+            raise ConnectionFatal(f"{exc}") from None
+        if expects_ack(msg.request, msg.flags, self.protocol_features):
+            self._reply(msg.request, U64(0).encode())
+
+    # -- features and ownership
+
+    def _on_get_features(self, msg: Message, payload: object, fds: list[int]) -> None:
+        self._reply(msg.request, U64(self.offered_features).encode())
+
+    def _on_set_features(self, msg: Message, payload: object, fds: list[int]) -> None:
+        assert isinstance(payload, U64)
+        value = payload.value
+        extra = value & ~self.offered_features
+        if extra:
+            raise RequestError(f"SET_FEATURES: bits {extra:#x} were not offered")
+        self.features = value
+        for q in self.queues:
+            if q.ring is not None:
+                q.ring.event_idx = self._has_feature(VirtioFeature.RING_EVENT_IDX)
+        if not has(value, VirtioFeature.PROTOCOL_FEATURES):
+            # vhost-user.rst "Ring states": without VHOST_USER_F_PROTOCOL_FEATURES the
+            # rings are enabled at once.
+            for q in self.queues:
+                q.enabled = True
+                q.kicked = True
+
+    def _on_get_protocol_features(self, msg: Message, payload: object, fds: list[int]) -> None:
+        self._reply(msg.request, U64(self.offered_protocol).encode())
+
+    def _on_set_protocol_features(self, msg: Message, payload: object, fds: list[int]) -> None:
+        assert isinstance(payload, U64)
+        value = payload.value
+        extra = value & ~self.offered_protocol
+        if extra:
+            raise RequestError(f"SET_PROTOCOL_FEATURES: bits {extra:#x} were not offered")
+        if has(value, ProtocolFeature.GET_VRING_BASE_INFLIGHT) and not has(
+            value, ProtocolFeature.INFLIGHT_SHMFD
+        ):
+            # vhost-user.rst GET_VRING_BASE: bit 20 only together with INFLIGHT_SHMFD.
+            raise RequestError(
+                "SET_PROTOCOL_FEATURES: GET_VRING_BASE_INFLIGHT without INFLIGHT_SHMFD"
+            )
+        self.protocol_features = value
+
+    def _on_set_owner(self, msg: Message, payload: object, fds: list[int]) -> None:
+        if self.owner:
+            log.warning("SET_OWNER again on the same connection (ignored)")
+        self.owner = True
+
+    def _on_reset_owner(self, msg: Message, payload: object, fds: list[int]) -> None:
+        # Deprecated; vhost-user.rst: ignore it or treat it as "disable all rings".
+        self._reset_rings()
+
+    def _on_reset_device(self, msg: Message, payload: object, fds: list[int]) -> None:
+        if not self._has_protocol(ProtocolFeature.RESET_DEVICE):
+            raise RequestError("RESET_DEVICE without RESET_DEVICE negotiated")
+        self._reset_rings()
+        self.features = 0
+        self.status = 0
+
+    def _reset_rings(self) -> None:
+        for q in self.queues:
+            self._cancel_pending(q)
+            self._close_queue_fds(q)
+        self.queues = [VirtQueue(i) for i in range(len(self.queues))]
+
+    def _on_get_queue_num(self, msg: Message, payload: object, fds: list[int]) -> None:
+        self._reply(msg.request, U64(len(self.queues)).encode())
+
+    def _on_get_max_mem_slots(self, msg: Message, payload: object, fds: list[int]) -> None:
+        self._reply(msg.request, U64(self.options.max_mem_slots).encode())
+
+    def _on_get_status(self, msg: Message, payload: object, fds: list[int]) -> None:
+        if not self._has_protocol(ProtocolFeature.STATUS):
+            raise RequestError("GET_STATUS without STATUS negotiated")
+        status = self.status
+        if any(q.broken for q in self.queues):
+            status |= STATUS_DEVICE_NEEDS_RESET
+        self._reply(msg.request, U64(status).encode())
+
+    def _on_set_status(self, msg: Message, payload: object, fds: list[int]) -> None:
+        assert isinstance(payload, U64)
+        if not self._has_protocol(ProtocolFeature.STATUS):
+            raise RequestError("SET_STATUS without STATUS negotiated")
+        if payload.value > 0xFF:
+            raise RequestError(f"SET_STATUS: {payload.value:#x} is not a status byte")
+        self.status = payload.value
+
+    def _on_set_backend_req_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
+        if not self._has_protocol(ProtocolFeature.BACKEND_REQ):
+            raise RequestError("SET_BACKEND_REQ_FD without BACKEND_REQ negotiated")
+        if self.backend_fd >= 0:
+            _close(self.backend_fd)
+        self.backend_fd = fds.pop()
+
+    # -- config space
+
+    def _on_get_config(self, msg: Message, payload: object, fds: list[int]) -> None:
+        assert isinstance(payload, Config)
+        if not self._has_protocol(ProtocolFeature.CONFIG) or (
+            payload.offset + payload.size > blk.CONFIG_SIZE or payload.size == 0
+        ):
+            # vhost-user.rst GET_CONFIG: a reply of size 0 tells the front-end it failed.
+            log.error(
+                "GET_CONFIG offset %d size %d outside the %d-byte config space "
+                "(or CONFIG not negotiated): empty reply",
+                payload.offset,
+                payload.size,
+                blk.CONFIG_SIZE,
+            )
+            self._reply(msg.request, b"")
+            return
+        data = self.config.encode()[payload.offset : payload.offset + payload.size]
+        self._reply(msg.request, Config(payload.offset, payload.size, payload.flags, data).encode())
+
+    def _on_set_config(self, msg: Message, payload: object, fds: list[int]) -> None:
+        assert isinstance(payload, Config)
+        if not self._has_protocol(ProtocolFeature.CONFIG):
+            raise RequestError("SET_CONFIG without CONFIG negotiated")
+        end = payload.offset + payload.size
+        if end > blk.CONFIG_SIZE:
+            raise RequestError(
+                f"SET_CONFIG: bytes {payload.offset}..{end} outside the config space"
+            )
+        writes_wce_only = payload.offset == blk.WCE_OFFSET and payload.size == 1
+        if payload.flags != Config.FLAG_MIGRATION and not writes_wce_only:
+            # vhost-user.rst SET_CONFIG: read-only fields only with the migration flag.
+            raise RequestError(
+                f"SET_CONFIG: bytes {payload.offset}..{end} are read-only (only wce at 32 is "
+                f"writable; flags {payload.flags})"
+            )
+        if payload.offset <= blk.WCE_OFFSET < end:
+            wce = payload.data[blk.WCE_OFFSET - payload.offset]
+            if wce > 1:
+                raise RequestError(f"SET_CONFIG: wce {wce} (must be 0 or 1)")
+            self.config.wce = wce
+
+    # -- memory
+
+    def _refresh_rings(self) -> None:
+        for q in self.queues:
+            if q.started:
+                self._build_ring(q)
+
+    def _on_set_mem_table(self, msg: Message, payload: object, fds: list[int]) -> None:
+        assert isinstance(payload, MemoryTable)
+        self.memory.clear()
+        try:
+            for region, fd in zip(payload.regions, fds, strict=True):
+                self.memory.add(
+                    fd,
+                    region.guest_phys_addr,
+                    region.memory_size,
+                    region.userspace_addr,
+                    region.mmap_offset,
+                )
+        except GuestMemoryError as exc:
+            self.memory.clear()
+            raise RequestError(f"SET_MEM_TABLE: {exc}") from None
+        self._refresh_rings()
+
+    def _on_add_mem_reg(self, msg: Message, payload: object, fds: list[int]) -> None:
+        assert isinstance(payload, SingleMemoryRegion)
+        if not self._has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
+            raise RequestError("ADD_MEM_REG without CONFIGURE_MEM_SLOTS negotiated")
+        r = payload.region
+        try:
+            self.memory.add(
+                fds[0], r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset
+            )
+        except GuestMemoryError as exc:
+            raise RequestError(f"ADD_MEM_REG: {exc}") from None
+        self._refresh_rings()
+
+    def _on_rem_mem_reg(self, msg: Message, payload: object, fds: list[int]) -> None:
+        assert isinstance(payload, SingleMemoryRegion)
+        if not self._has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
+            raise RequestError("REM_MEM_REG without CONFIGURE_MEM_SLOTS negotiated")
+        r = payload.region
+        try:
+            self.memory.remove(r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        except GuestMemoryError as exc:
+            raise RequestError(f"REM_MEM_REG: {exc}") from None
+        self._refresh_rings()
+
+    def _on_set_log_base(self, msg: Message, payload: object, fds: list[int]) -> None:
+        assert isinstance(payload, LogBase)
+        if not self._has_protocol(ProtocolFeature.LOG_SHMFD):
+            raise RequestError("SET_LOG_BASE without LOG_SHMFD negotiated")
+        try:
+            new_log = DirtyLog(fds[0], payload.mmap_size, payload.mmap_offset)
+        except GuestMemoryError as exc:
+            raise RequestError(f"SET_LOG_BASE: {exc}") from None
+        if self.dirty_log is not None:
+            self.dirty_log.close()
+        self.dirty_log = new_log
+        # With LOG_SHMFD the back-end replies (u64 0) once the log is mapped (QEMU-TRACES 3).
+        self._reply(msg.request, U64(0).encode())
+
+    def _on_set_log_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
+        # Accepted for completeness; this back-end never signals it (the fd is closed).
+        pass
+
+    # -- in-flight region
+
+    def _on_get_inflight_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
+        assert isinstance(payload, Inflight)
+        if not self._has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
+            raise ConnectionFatal("GET_INFLIGHT_FD without INFLIGHT_SHMFD negotiated")
+        if not 1 <= payload.num_queues <= 0xFFFF or not 1 <= payload.queue_size <= MAX_QUEUE_SIZE:
+            raise ConnectionFatal(
+                f"GET_INFLIGHT_FD: num_queues {payload.num_queues} / queue_size "
+                f"{payload.queue_size} out of range"
+            )
+        stride = queue_region_stride(payload.queue_size, self.packed)
+        size = stride * payload.num_queues
+        # libvhost-user's memfd: zero-filled, sealed against resizing, offset 0.
+        fd = os.memfd_create("vhost-conformance-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            import fcntl
+
+            fcntl.fcntl(
+                fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+            )
+        except OSError:
+            _close(fd)
+            raise
+        reply = Inflight(size, 0, payload.num_queues, payload.queue_size)
+        self._reply(msg.request, reply.encode(), [fd])
+
+    def _on_set_inflight_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
+        assert isinstance(payload, Inflight)
+        if not self._has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
+            raise RequestError("SET_INFLIGHT_FD without INFLIGHT_SHMFD negotiated")
+        if payload.num_queues == 0 or payload.queue_size == 0:
+            raise RequestError("SET_INFLIGHT_FD: num_queues and queue_size must be non-zero")
+        need = queue_region_size(payload.queue_size, self.packed)
+        if payload.mmap_size < need * payload.num_queues:
+            raise RequestError(
+                f"SET_INFLIGHT_FD: mmap_size {payload.mmap_size} < {payload.num_queues} queues x "
+                f"{need} bytes"
+            )
+        import mmap
+
+        try:
+            mm = mmap.mmap(
+                fds[0],
+                payload.mmap_offset + payload.mmap_size,
+                mmap.MAP_SHARED,
+                mmap.PROT_READ | mmap.PROT_WRITE,
+            )
+        except (OSError, ValueError, OverflowError) as exc:
+            raise RequestError(f"SET_INFLIGHT_FD: cannot map the region: {exc}") from None
+        self._drop_inflight()
+        self.inflight_mm = mm
+        self.inflight_info = payload
+        for q in self.queues:
+            if q.started:
+                self._bind_inflight(q)
+
+    def _drop_inflight(self) -> None:
+        for q in self.queues:
+            q.inflight = None
+        if self.inflight_mm is not None:
+            mm = self.inflight_mm
+            self.inflight_mm = None
+            self.inflight_info = None
+            with contextlib.suppress(BufferError):
+                mm.close()  # type: ignore[attr-defined]
+
+    def _bind_inflight(self, q: VirtQueue) -> None:
+        """Attach queue ``q`` to its part of the region (QEMU-TRACES 9: the per-queue
+        stride is mmap_size / num_queues)."""
+        info = self.inflight_info
+        q.inflight = None
+        if info is None or self.inflight_mm is None or q.index >= info.num_queues:
+            return
+        if q.num > info.queue_size:
+            raise RingError(
+                f"queue {q.index} has size {q.num}, the in-flight region only {info.queue_size}"
+            )
+        stride = info.mmap_size // info.num_queues
+        offset = info.mmap_offset + stride * q.index
+        cls = PackedInflight if self.packed else SplitInflight
+        q.inflight = cls(self.inflight_mm, offset, info.queue_size)
+
+    # -- vrings
+
+    def _on_set_vring_num(self, msg: Message, payload: object, fds: list[int]) -> None:
+        assert isinstance(payload, VringState)
+        q = self._queue(payload.index)
+        num = payload.num
+        if q.started:
+            raise RequestError(f"SET_VRING_NUM on started vring {q.index}")
+        if not 1 <= num <= MAX_QUEUE_SIZE or (not self.packed and num & (num - 1)):
+            raise RequestError(f"SET_VRING_NUM: size {num} invalid (split: power of 2 <= 32768)")
+        q.num = num
+
+    def _on_set_vring_addr(self, msg: Message, payload: object, fds: list[int]) -> None:
+        assert isinstance(payload, VringAddr)
+        q = self._queue(payload.index)
+        if payload.flags & ~VRING_F_LOG:
+            raise RequestError(f"SET_VRING_ADDR: unknown flags {payload.flags:#x}")
+        q.addr_flags = payload.flags
+        q.desc_uva = payload.desc_user_addr
+        q.avail_uva = payload.avail_user_addr
+        q.used_uva = payload.used_user_addr
+        q.log_guest_addr = payload.log_guest_addr
+        q.addr_set = True
+        if q.started:
+            # QEMU re-sends the address with F_LOG on a running ring to start logging.
+            self._build_ring(q)
+
+    def _on_set_vring_base(self, msg: Message, payload: object, fds: list[int]) -> None:
+        assert isinstance(payload, VringState)
+        q = self._queue(payload.index)
+        if q.started:
+            raise RequestError(f"SET_VRING_BASE on started vring {q.index}")
+        if self.packed:
+            q.last_avail_idx, q.avail_wrap, q.used_idx, q.used_wrap = split_packed_base(payload.num)
+        else:
+            if payload.num > 0xFFFF:
+                raise RequestError(f"SET_VRING_BASE: {payload.num:#x} has reserved bits 16-31 set")
+            q.last_avail_idx = payload.num
+
+    def _base_of(self, q: VirtQueue) -> int:
+        if self.packed:
+            return packed_base(q.last_avail_idx, q.avail_wrap, q.used_idx, q.used_wrap)
+        return q.last_avail_idx & 0xFFFF
+
+    def _on_get_vring_base(self, msg: Message, payload: object, fds: list[int]) -> None:
+        assert isinstance(payload, VringState)
+        q = self._queue(payload.index)
+        if payload.num != 0:
+            log.warning("GET_VRING_BASE(%d) with reserved num %d (must be 0)", q.index, payload.num)
+        if q.stop_pending:
+            raise RequestError(f"GET_VRING_BASE({q.index}) while one is already draining")
+        if not q.started:
+            self._reply(msg.request, VringState(q.index, self._base_of(q)).encode())
+            return
+        self.flush()
+        suspend = (
+            self._has_protocol(ProtocolFeature.GET_VRING_BASE_INFLIGHT) and q.inflight is not None
+        )
+        if suspend or not q.pending:
+            if q.pending:
+                # Bit 20: leave them in flight in the region; none touched guest memory yet.
+                log.info(
+                    "GET_VRING_BASE(%d): suspending %d in-flight request(s)",
+                    q.index,
+                    len(q.pending),
+                )
+            self._cancel_pending(q)
+            self._stop(q)
+        else:
+            # Drain (the default): reply once the ring's requests completed; the control
+            # socket keeps being served meanwhile.
+            q.stop_pending = True
+
+    def _stop(self, q: VirtQueue) -> None:
+        q.started = False
+        q.stop_pending = False
+        q.resubmit.clear()
+        if q.kick_fd >= 0:
+            if self.watcher is not None:
+                self.watcher.unwatch(q.kick_fd)
+            _close(q.kick_fd)
+            q.kick_fd = -1
+        self._reply(FrontendRequest.GET_VRING_BASE, VringState(q.index, self._base_of(q)).encode())
+
+    def _vring_fd(self, payload: object, fds: list[int], what: str) -> tuple[VirtQueue, int]:
+        assert isinstance(payload, U64)
+        if payload.value & ~0x1FF:
+            raise RequestError(f"{what}: u64 {payload.value:#x} has bits beyond 0-8")
+        q = self._queue(payload.vring_index)
+        return q, (-1 if payload.nofd else fds.pop())
+
+    def _on_set_vring_kick(self, msg: Message, payload: object, fds: list[int]) -> None:
+        q, fd = self._vring_fd(payload, fds, "SET_VRING_KICK")
+        if fd < 0:
+            raise RequestError("SET_VRING_KICK without an fd: polling mode is not supported")
+        if q.kick_fd >= 0:
+            if self.watcher is not None:
+                self.watcher.unwatch(q.kick_fd)
+            _close(q.kick_fd)
+        q.kick_fd = fd
+        if self.watcher is not None:
+            self.watcher.watch(fd, q.index)
+        if not q.started:
+            self._start(q)
+
+    def _on_set_vring_call(self, msg: Message, payload: object, fds: list[int]) -> None:
+        q, fd = self._vring_fd(payload, fds, "SET_VRING_CALL")
+        if q.call_fd >= 0:
+            _close(q.call_fd)
+        q.call_fd = fd
+
+    def _on_set_vring_err(self, msg: Message, payload: object, fds: list[int]) -> None:
+        q, fd = self._vring_fd(payload, fds, "SET_VRING_ERR")
+        if q.err_fd >= 0:
+            _close(q.err_fd)
+        q.err_fd = fd
+
+    def _on_set_vring_enable(self, msg: Message, payload: object, fds: list[int]) -> None:
+        assert isinstance(payload, VringState)
+        q = self._queue(payload.index)
+        if payload.num not in (0, 1):
+            raise RequestError(f"SET_VRING_ENABLE({q.index}, {payload.num}): num must be 0 or 1")
+        q.enabled = bool(payload.num)
+        if q.enabled:
+            q.kicked = True  # a kick that came while disabled must not be lost
+
+    # ------------------------------------------------------------------ ring start/stop
+
+    def _build_ring(self, q: VirtQueue) -> None:
+        """(Re)translate the ring's addresses; a failure marks the queue broken."""
+        try:
+            if not q.addr_set or q.num == 0:
+                raise RingError(f"vring {q.index} started without SET_VRING_NUM/SET_VRING_ADDR")
+            indirect = self._has_feature(VirtioFeature.RING_INDIRECT_DESC)
+            event_idx = self._has_feature(VirtioFeature.RING_EVENT_IDX)
+            if self.packed:
+                q.ring = PackedRing(
+                    self.memory,
+                    q.num,
+                    q.desc_uva,
+                    q.avail_uva,
+                    q.used_uva,
+                    indirect=indirect,
+                    event_idx=event_idx,
+                )
+            else:
+                q.ring = SplitRing(
+                    self.memory,
+                    q.num,
+                    q.desc_uva,
+                    q.avail_uva,
+                    q.used_uva,
+                    indirect=indirect,
+                    event_idx=event_idx,
+                )
+        except RingError as exc:
+            q.ring = None
+            self._break(q, str(exc))
+
+    def _start(self, q: VirtQueue) -> None:
+        """SET_VRING_KICK starts the ring (vhost-user.rst "Ring states"): read used->idx,
+        run the in-flight recovery ("When reconnecting") and queue the resubmissions."""
+        q.started = True
+        q.broken = None
+        q.pending.clear()
+        q.done.clear()
+        q.resubmit.clear()
+        q.kicked = True
+        self._build_ring(q)
+        if q.ring is None:
+            return
+        try:
+            self._bind_inflight(q)
+            if isinstance(q.ring, SplitRing):
+                q.used_idx = q.ring.used_idx()
+                if isinstance(q.inflight, SplitInflight):
+                    self._recover_split(q, q.ring, q.inflight)
+            elif isinstance(q.ring, PackedRing) and isinstance(q.inflight, PackedInflight):
+                self._recover_packed(q, q.ring, q.inflight)
+        except (InflightError, RingError, GuestMemoryError) as exc:
+            self._break(q, f"in-flight recovery: {exc}")
+
+    def _recover_split(self, q: VirtQueue, ring: SplitRing, region: SplitInflight) -> None:
+        fresh = region.version == 0
+        heads, q.counter = region.recover(q.used_idx)
+        if fresh:
+            return
+        # libvhost-user vu_check_queue_inflights: last_avail_idx = used->idx + in flight;
+        # this is what makes a reconnect (SET_VRING_BASE = used idx) not pop twice.
+        expected = (q.used_idx + len(heads)) & 0xFFFF
+        if expected != q.last_avail_idx:
+            log.info(
+                "vring %d: last_avail_idx %d from the region (used->idx %d + %d in flight), "
+                "SET_VRING_BASE said %d",
+                q.index,
+                expected,
+                q.used_idx,
+                len(heads),
+                q.last_avail_idx,
+            )
+        q.last_avail_idx = expected
+        for head in heads:
+            chain = ring.read_chain(head)
+            if chain.fatal:
+                self._break(q, f"resubmitted head {head}: {chain.fatal}")
+                return
+            q.resubmit.append(self._new_request(q, chain, head))
+        if heads:
+            log.info("vring %d: resubmitting heads %s (counter order)", q.index, heads)
+
+    def _recover_packed(self, q: VirtQueue, ring: PackedRing, region: PackedInflight) -> None:
+        if region.version == 0:
+            region.initialize(q.used_idx, q.used_wrap)
+            q.counter = 1
+            return
+        chains, q.counter, q.used_idx, q.used_wrap = region.recover(ring.flags_at)
+        total = sum(len(c.descs) for c in chains)
+        idx, wrap = q.used_idx + total, q.used_wrap
+        while idx >= q.num:
+            idx -= q.num
+            wrap = not wrap
+        q.last_avail_idx, q.avail_wrap = idx, wrap
+        for c in chains:
+            chain = Chain(c.entry, ndescs=len(c.descs))
+            ring.chain_from_descs(chain, [(d.addr, d.len, d.id, d.flags) for d in c.descs])
+            if chain.fatal:
+                self._break(q, f"resubmitted entry {c.entry}: {chain.fatal}")
+                return
+            q.resubmit.append(self._new_request(q, chain, c.entry))
+        if chains:
+            log.info("vring %d: resubmitting %d packed chain(s)", q.index, len(chains))
+
+    def _break(self, q: VirtQueue, reason: str) -> None:
+        """The driver broke the ring: stop processing it (device needs reset), log it,
+        signal the error eventfd. In-flight requests stay as they are."""
+        if q.broken is None:
+            log.error("vring %d needs reset: %s", q.index, reason)
+        q.broken = reason
+        if q.err_fd >= 0:
+            _signal(q.err_fd)
+
+    def _cancel_pending(self, q: VirtQueue) -> None:
+        for req in q.pending.values():
+            req.cancelled = True
+        q.pending.clear()
+        q.done.clear()
+
+    def _close_queue_fds(self, q: VirtQueue) -> None:
+        if q.kick_fd >= 0 and self.watcher is not None:
+            self.watcher.unwatch(q.kick_fd)
+        for fd in (q.kick_fd, q.call_fd, q.err_fd):
+            if fd >= 0:
+                _close(fd)
+        q.kick_fd = q.call_fd = q.err_fd = -1
+
+    # ------------------------------------------------------------------ I/O
+
+    def kick(self, index: int) -> None:
+        """The driver kicked queue ``index`` (the server read its eventfd)."""
+        if 0 <= index < len(self.queues):
+            self.queues[index].kicked = True
+
+    def _new_request(self, q: VirtQueue, chain: Chain, head: int) -> Request:
+        self._seq += 1
+        return Request(q, self._seq, chain, head)
+
+    def _submit(self, req: Request, now: float) -> None:
+        q = req.queue
+        q.pending[req.seq] = req
+        if self.options.latency <= 0 or req.chain.error is not None:
+            self._execute(req)
+        else:
+            req.deadline = now + self.options.latency
+            heapq.heappush(self._timers, req)
+
+    def _pop_split(self, q: VirtQueue, ring: SplitRing, now: float) -> None:
+        avail = ring.avail_idx()
+        count = (avail - q.last_avail_idx) & 0xFFFF
+        if count > q.num:
+            self._break(
+                q,
+                f"avail->idx {avail} is {count} ahead of last_avail_idx "
+                f"{q.last_avail_idx}, more than the queue size {q.num}",
+            )
+            return
+        inflight_heads = {r.head for r in q.pending.values()}
+        for _ in range(count):
+            head = ring.avail_head(q.last_avail_idx)
+            chain = ring.read_chain(head)
+            if chain.fatal:
+                self._break(q, f"head {head} at avail slot {q.last_avail_idx}: {chain.fatal}")
+                return
+            if head in inflight_heads:
+                self._break(q, f"head {head} made available again while still in flight")
+                return
+            q.last_avail_idx = (q.last_avail_idx + 1) & 0xFFFF
+            inflight_heads.add(head)
+            if isinstance(q.inflight, SplitInflight):
+                q.inflight.mark_popped(head, q.counter)
+            q.counter += 1
+            self.faults.reach("after-pop")
+            self._submit(self._new_request(q, chain, head), now)
+        if count and ring.event_idx:
+            off = ring.set_avail_event(q.last_avail_idx)
+            self._log_used(q, off, 2)
+
+    def _pop_packed(self, q: VirtQueue, ring: PackedRing, now: float) -> None:
+        outstanding = sum(r.chain.ndescs for r in q.pending.values())
+        while ring.is_available(q.last_avail_idx, q.avail_wrap):
+            chain = ring.read_chain(q.last_avail_idx, q.avail_wrap)
+            if chain.fatal:
+                self._break(q, f"entry {q.last_avail_idx}: {chain.fatal}")
+                return
+            if outstanding + chain.ndescs > q.num:
+                self._break(q, "more descriptors in flight than the queue size")
+                return
+            outstanding += chain.ndescs
+            idx = q.last_avail_idx + chain.ndescs
+            if idx >= q.num:
+                idx -= q.num
+                q.avail_wrap = not q.avail_wrap
+            q.last_avail_idx = idx
+            head = -1
+            if isinstance(q.inflight, PackedInflight):
+                copies = [PackedDescCopy(a, ln, i, f) for a, ln, i, f in chain.ring_descs]
+                try:
+                    head = q.inflight.record_chain(copies, q.counter)
+                except InflightError as exc:
+                    self._break(q, str(exc))
+                    return
+            q.counter += 1
+            self.faults.reach("after-pop")
+            self._submit(self._new_request(q, chain, head), now)
+
+    def _execute(self, req: Request) -> None:
+        """Run a request against the disk and guest memory (the status byte included)."""
+        q = req.queue
+        chain = req.chain
+        req.executed = True
+        try:
+            if chain.error is not None:
+                log.error("vring %d head %d: %s: IOERR", q.index, chain.head, chain.error)
+                status_gpa = chain.status_gpa
+                assert status_gpa is not None
+                blk.write_status(self.memory, status_gpa, blk.S_IOERR)
+                self.mark_dirty(status_gpa, 1)
+                req.status, req.written = blk.S_IOERR, 1
+            else:
+                outcome = blk.execute(
+                    self.disk,
+                    self.memory,
+                    chain.readable,
+                    chain.writable,
+                    self.mark_dirty,
+                    device_id=self.options.device_id,
+                    writethrough=self.config.wce == 0,
+                    fail=self.faults.should_fail(),
+                )
+                if outcome.status != blk.S_OK:
+                    log.info(
+                        "vring %d head %d: status %d: %s",
+                        q.index,
+                        chain.head,
+                        outcome.status,
+                        outcome.note,
+                    )
+                req.status, req.written = outcome.status, outcome.written
+        except GuestMemoryError as exc:
+            # The status byte went away (REM_MEM_REG under a queued request).
+            self._break(q, f"head {chain.head}: {exc}")
+            return
+        self.faults.reach("after-data")
+        q.done.append(req)
+
+    def _log_used(self, q: VirtQueue, offset: int, length: int) -> None:
+        """Log a write to the used ring (vhost-user.rst "Migration": with
+        VHOST_VRING_F_LOG, at log_guest_addr + offset)."""
+        if not self.logging:
+            return
+        if q.addr_flags & VRING_F_LOG:
+            self.mark_dirty(q.log_guest_addr + offset, length)
+
+    def _complete_split(self, q: VirtQueue, ring: SplitRing, batch: list[Request]) -> None:
+        heads = [r.head for r in batch]
+        region = q.inflight if isinstance(q.inflight, SplitInflight) else None
+        if region is not None:
+            region.link_batch(heads)
+        old = q.used_idx
+        for r in batch:
+            off = ring.write_used(q.used_idx, r.head, r.written)
+            self._log_used(q, off, 8)
+            q.used_idx = (q.used_idx + 1) & 0xFFFF
+            self.faults.reach("after-used-elem")
+        ring.set_used_idx(q.used_idx)
+        self._log_used(q, 2, 2)
+        self.faults.reach("after-used-idx", len(batch))
+        if region is not None:
+            region.clear_batch(heads, q.used_idx)
+        self.faults.reach("after-region-update", len(batch))
+        if ring.should_notify(old, q.used_idx):
+            _signal(q.call_fd)
+
+    def _complete_packed(self, q: VirtQueue, ring: PackedRing, batch: list[Request]) -> None:
+        region = q.inflight if isinstance(q.inflight, PackedInflight) else None
+        entries = [r.head for r in batch]
+        if region is not None:
+            region.link_batch(entries)
+        old = q.used_idx
+        first = (q.used_idx, q.used_wrap)
+        for k, r in enumerate(batch):
+            off = ring.write_used(
+                q.used_idx, r.chain.buffer_id, r.written, q.used_wrap, flags_too=k > 0
+            )
+            self._log_ring(ring, off)
+            idx = q.used_idx + r.chain.ndescs
+            if idx >= q.num:
+                idx -= q.num
+                q.used_wrap = not q.used_wrap
+            q.used_idx = idx
+            self.faults.reach("after-used-elem")
+        if region is not None:
+            region.set_used(q.used_idx, q.used_wrap)
+        # The first entry's flags last: the whole batch becomes visible at once.
+        ring.write_used_flags(*first)
+        self.faults.reach("after-used-idx", len(batch))
+        if region is not None:
+            region.clear_batch(entries)
+        self.faults.reach("after-region-update", len(batch))
+        if ring.should_notify(old, q.used_idx, q.used_wrap):
+            _signal(q.call_fd)
+
+    def _log_ring(self, ring: PackedRing, offset: int) -> None:
+        if not self.logging:
+            return
+        with contextlib.suppress(GuestMemoryError):
+            self.mark_dirty(self.memory.uva_to_gpa(ring.desc_uva + offset), 16)
+
+    def flush(self) -> None:
+        """Complete every executed request as one batch per queue; send the GET_VRING_BASE
+        replies whose drain finished."""
+        for q in self.queues:
+            if q.done and q.ring is not None and q.broken is None:
+                batch, q.done = q.done, []
+                if isinstance(q.ring, SplitRing):
+                    self._complete_split(q, q.ring, batch)
+                else:
+                    self._complete_packed(q, q.ring, batch)
+                for r in batch:
+                    q.pending.pop(r.seq, None)
+            if q.stop_pending and not q.pending:
+                self._stop(q)
+            elif q.stop_pending and q.broken is not None:
+                # A broken ring never completes what it holds: answer anyway.
+                self._cancel_pending(q)
+                self._stop(q)
+
+    def turn(self, now: float | None = None) -> None:
+        """One event-loop turn: take new requests from kicked rings, execute the due
+        ones, complete them."""
+        if now is None:
+            now = self.clock()
+        for q in self.queues:
+            if not q.runnable or not q.kicked or q.ring is None:
+                continue
+            q.kicked = False
+            while q.resubmit:
+                self._submit(q.resubmit.pop(0), now)
+            if isinstance(q.ring, SplitRing):
+                self._pop_split(q, q.ring, now)
+            else:
+                self._pop_packed(q, q.ring, now)
+        while self._timers and self._timers[0].deadline <= now:
+            req = heapq.heappop(self._timers)
+            if not req.cancelled and req.queue.broken is None:
+                self._execute(req)
+        self.flush()
+
+    def next_deadline(self) -> float | None:
+        """When the next held request is due (None: nothing held)."""
+        while self._timers and self._timers[0].cancelled:
+            heapq.heappop(self._timers)
+        return self._timers[0].deadline if self._timers else None
+
+    @property
+    def has_work(self) -> bool:
+        """A ring was kicked and may have requests to take."""
+        return any(q.kicked and q.runnable for q in self.queues)
+
+    # ------------------------------------------------------------------ back-end channel
+
+    def send_config_change(self) -> bool:
+        """Tell the front-end the config space changed (BACKEND_CONFIG_CHANGE_MSG), after
+        re-reading the disk size. Not while suspended. Returns whether it was sent."""
+        self.disk.size = os.fstat(self.disk.fd).st_size
+        self.config.capacity = self.disk.capacity_sectors
+        if self.backend_fd < 0 or not self._has_protocol(ProtocolFeature.CONFIG) or self.suspended:
+            return False
+        data = Header(BackendRequest.CONFIG_CHANGE_MSG, VERSION, 0).encode()
+        try:
+            os.write(self.backend_fd, data)
+        except OSError as exc:
+            log.error("BACKEND_CONFIG_CHANGE_MSG not sent: %s", exc)
+            return False
+        return True
+
+    # ------------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        """The connection ended: cancel everything (no guest write after this), close
+        every fd, unmap memory, log and region. The disk stays open."""
+        if self.closed:
+            return
+        self.closed = True
+        for q in self.queues:
+            self._cancel_pending(q)
+            self._close_queue_fds(q)
+            q.started = False
+            q.ring = None
+        self._timers.clear()
+        self._drop_inflight()
+        if self.dirty_log is not None:
+            self.dirty_log.close()
+            self.dirty_log = None
+        self.memory.clear()
+        if self.backend_fd >= 0:
+            _close(self.backend_fd)
+            self.backend_fd = -1
+        for _data, fds in self.outbox:
+            for fd in fds:
+                _close(fd)
+        self.outbox.clear()
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+_ONE = struct.pack("<Q", 1)
+
+
+def _signal(fd: int) -> None:
+    """Write 1 to an eventfd (call/err); a closed or full fd is logged, never fatal."""
+    if fd < 0:
+        return
+    try:
+        os.write(fd, _ONE)
+    except BlockingIOError:
+        pass  # counter saturated: the peer has a wake-up pending anyway
+    except OSError as exc:
+        log.error("eventfd %d write failed: %s", fd, exc)
+
+
+__all__ = [
+    "FLAG_NEED_REPLY",
+    "BackendOptions",
+    "ConnectionFatal",
+    "Device",
+    "FdWatcher",
+    "Request",
+    "RequestError",
+    "VirtQueue",
+]

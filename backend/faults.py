@@ -1,0 +1,73 @@
+"""Fault injection: a crash at the Nth time a named point of a request's life is reached
+(``--crash-at POINT[:N]``), and random I/O errors (``--fail-rate P --seed S``).
+
+The points, in the order a request passes them (vhost-user.rst "Inflight I/O tracking"
+fixes the order of the writes between them, so a crash at any point is recoverable):
+
+- ``after-pop``: the head was taken from the ring and marked in flight in the region;
+- ``after-data``: data and status byte are in guest memory / on the disk;
+- ``after-used-elem``: the used element is written, used->idx not yet;
+- ``after-used-idx``: used->idx (packed: the used flags) published, region not updated;
+- ``after-region-update``: the region shows the request completed, no notification yet.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+from dataclasses import dataclass, field
+
+CRASH_POINTS = (
+    "after-pop",
+    "after-data",
+    "after-used-elem",
+    "after-used-idx",
+    "after-region-update",
+)
+
+
+def parse_crash_at(text: str) -> tuple[str, int]:
+    """Parse ``POINT`` or ``POINT:N`` (N >= 1, default 1)."""
+    point, _, count = text.partition(":")
+    if point not in CRASH_POINTS:
+        raise ValueError(f"unknown crash point {point!r} (one of {', '.join(CRASH_POINTS)})")
+    if not count:
+        return point, 1
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"crash point count {count!r} must be a positive integer")
+    return point, int(count)
+
+
+@dataclass(slots=True)
+class Faults:
+    """The fault plan of one back-end process."""
+
+    crash_point: str | None = None
+    crash_after: int = 1
+    fail_rate: float = 0.0
+    seed: int = 0
+    reached: int = 0
+    _rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def reach(self, point: str, times: int = 1) -> None:
+        """Record that ``times`` requests reached ``point``; die on the planned one.
+
+        The crash is SIGKILL to ourselves: no cleanup, no flush, like a real crash.
+        """
+        if point != self.crash_point or times <= 0:
+            return
+        self.reached += times
+        if self.reached >= self.crash_after:
+            sys.stderr.write(f"vhost-conformance-backend: crash at {point} #{self.crash_after}\n")
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+            os._exit(137)  # not reached
+
+    def should_fail(self) -> bool:
+        """Draw whether the next request fails with IOERR."""
+        return self.fail_rate > 0 and self._rng.random() < self.fail_rate
