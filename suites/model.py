@@ -177,6 +177,12 @@ class CaseNonStrict(CaseOutcome):
     verdict = Verdict.NON_STRICT
 
 
+class CaseHang(CaseOutcome):
+    """The case's own deadline passed (the plugin's watchdog): the back-end stopped answering."""
+
+    verdict = Verdict.HANG
+
+
 class Unsupported(CaseOutcome):
     """The back-end does not offer what the case needs (a feature bit, slow I/O, ...)."""
 
@@ -219,7 +225,12 @@ def _frontend_errors() -> dict[str, tuple[type[BaseException], ...]]:
         from vhost_conformance.frontend import channel
     except ImportError:  # pragma: no cover - the channel lands with the front-end
         return {}
-    roles = {"hang": "BackendHang", "closed": "BackendClosed", "violation": "BackendViolation"}
+    roles = {
+        "hang": "BackendHang",
+        "closed": "BackendClosed",
+        "violation": "BackendViolation",
+        "nack": "BackendNack",
+    }
     found: dict[str, tuple[type[BaseException], ...]] = {}
     for role, name in roles.items():
         cls = getattr(channel, name, None)
@@ -268,7 +279,7 @@ def classify(
         )
     if isinstance(exc, errors.get("hang", ())):
         return Classified(Verdict.HANG, text, None, log_tail)
-    if isinstance(exc, errors.get("violation", ())):
+    if isinstance(exc, errors.get("violation", ()) + errors.get("nack", ())):
         return Classified(Verdict.FAIL, text)
     return Classified(Verdict.ERROR, f"the suite failed: {text}")
 

@@ -1,7 +1,736 @@
 """The vhost-conformance pytest plugin (registered through the ``pytest11`` entry point).
 
-Options, fixtures and result capture land with the suites; this module must stay importable
-so that every pytest run in an environment with the package installed can load it.
+It is loaded by every pytest run in an environment with the package installed, so it stays
+out of the way: it adds options and a marker, and acts only on tests that carry a case
+(``@case("VU-...")`` from :mod:`vhost_conformance.suites.model`, or the ``vhost_case`` marker).
+
+Options (group "vhost-conformance"):
+
+``--vhost-backend NAME``        a built-in profile (``reference`` (default), ``qsd``,
+                                ``qsd-11.1``, ``dpdk-vhost-blk``)
+``--vhost-profile FILE``        a TOML profile file with the same keys
+``--vhost-backend-cmd CMD``     a command template (``{socket}`` required, ``{disk}``,
+                                ``{workdir}``)
+``--vhost-backend-socket PATH`` a back-end someone else runs, listening on PATH
+``--vhost-backend-connects``    the back-end connects to us: we listen on ``{socket}``
+                                (or on ``--vhost-backend-socket``)
+``--vhost-strict``              ``non-strict`` (a SHOULD violated) fails the run
+``--vhost-report DIR``          write report.json, junit.xml, summary.md, report.html there
+``--vhost-known-deviations F``  TOML/JSON list of expected failures (``[[deviation]] id, reason``)
+``--vhost-timeout S``           deadline of each reply (default 5 s)
+``--vhost-case-timeout S``      deadline of a whole case (default 120 s) -> ``hang``
+
+Fixtures for case code and for vendors' own tests:
+
+``vhost_target``          a started back-end of its own (own socket, disk, work dir); a back-end
+                          that crashed is not reused: every case gets a fresh one
+``vhost_channel``         a ``frontend.channel.Channel`` connected to ``vhost_target``
+``vhost_capabilities``    what the back-end offers (probed once per worker)
+``vhost_case``            the current case's metadata (``model.Case``)
+``vhost_timeout``         the reply deadline in seconds
+``vhost_target_factory``  make more back-ends for one case (a migration destination)
+``vhost_measurements``    ``dict[str, float]`` of this case's figures, copied to report.json
+``vhost_backend_targets`` the per-worker TargetFactory (session scope)
+
+Extension points for the next round: a front-end session (``frontend.device``), guest memory,
+a blk driver and a migration helper become fixtures built on ``vhost_target`` and
+``vhost_channel`` here (one fixture each, registering their wire traces with
+:func:`register_trace` so failing cases carry them in the report).
+
+Verdicts -> pytest: pass -> passed; fail/hang/crash/error -> failed; unsupported/skip ->
+skipped with the reason; non-strict -> passed with a VhostNonStrictWarning (failed with
+--vhost-strict); a known deviation turns fail/non-strict/hang/crash into xfail and pass into
+xpass. Results of all xdist workers reach the controller through ``workeroutput`` and are
+written there with ``reports.write_all``.
 """
 
 from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+from vhost_conformance.reports.model import (
+    BackendInfo,
+    CaseResult,
+    KnownDeviations,
+    Measurement,
+    Report,
+    Verdict,
+)
+from vhost_conformance.suites import newhooks
+from vhost_conformance.suites.model import (
+    MARKER,
+    Case,
+    CaseHang,
+    Classified,
+    Unsupported,
+    case_of,
+    classify,
+    resolve,
+)
+from vhost_conformance.suites.target import (
+    BackendTarget,
+    Capabilities,
+    CommandTarget,
+    Profile,
+    TargetError,
+    TargetFactory,
+    UsageError,
+    command_profile,
+    load_profile,
+)
+
+import vhost_conformance
+
+#: workeroutput key carrying a worker's results to the controller.
+WORKER_KEY = "vhost_conformance"
+
+_BAD = frozenset({Verdict.FAIL, Verdict.HANG, Verdict.CRASH, Verdict.ERROR})
+_DEVIATION_FAILURES = frozenset({Verdict.FAIL, Verdict.NON_STRICT, Verdict.HANG, Verdict.CRASH})
+
+
+class VhostNonStrictWarning(UserWarning):
+    """A SHOULD was violated (verdict non-strict); --vhost-strict turns it into a failure."""
+
+
+# --------------------------------------------------------------------------- options
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """The vhost-conformance options."""
+    group = parser.getgroup("vhost-conformance", "vhost-user back-end conformance")
+    group.addoption(
+        "--vhost-backend",
+        metavar="NAME",
+        default=None,
+        help="built-in back-end profile (reference, qsd, qsd-11.1, dpdk-vhost-blk); default reference",
+    )
+    group.addoption(
+        "--vhost-profile",
+        metavar="FILE",
+        default=None,
+        help="TOML profile file of the back-end under test",
+    )
+    group.addoption(
+        "--vhost-backend-cmd",
+        metavar="CMD",
+        default=None,
+        help="command template of the back-end: {socket} (required), {disk}, {workdir}",
+    )
+    group.addoption(
+        "--vhost-backend-socket",
+        metavar="PATH",
+        default=None,
+        help="socket of a back-end someone else runs (with --vhost-backend-connects: where we listen)",
+    )
+    group.addoption(
+        "--vhost-backend-connects",
+        action="store_true",
+        default=False,
+        help="the back-end connects to our socket instead of listening",
+    )
+    group.addoption(
+        "--vhost-strict",
+        action="store_true",
+        default=False,
+        help="non-strict verdicts (SHOULD violated) fail the run",
+    )
+    group.addoption(
+        "--vhost-report",
+        metavar="DIR",
+        default=None,
+        help="write report.json, junit.xml, summary.md and report.html into DIR",
+    )
+    group.addoption(
+        "--vhost-known-deviations",
+        metavar="FILE",
+        default=None,
+        help="TOML or JSON file of known deviations (expected failures, with reasons)",
+    )
+    group.addoption(
+        "--vhost-timeout",
+        metavar="S",
+        type=float,
+        default=5.0,
+        help="deadline of each reply from the back-end, seconds (default 5)",
+    )
+    group.addoption(
+        "--vhost-case-timeout",
+        metavar="S",
+        type=float,
+        default=120.0,
+        help="deadline of a whole case, seconds (default 120); passing it is a hang",
+    )
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    """Add the hook specs of newhooks.py."""
+    pluginmanager.add_hookspecs(newhooks)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the marker and the per-run state (validating the options early)."""
+    config.addinivalue_line(
+        "markers", f"{MARKER}(id): the test is the vhost-conformance case with this id"
+    )
+    state = VhostRun(config)
+    config.stash[_RUN] = state
+    config.pluginmanager.register(state, "vhost-conformance-run")
+
+
+# --------------------------------------------------------------------------- per-run state
+
+
+@dataclass
+class _CaseState:
+    """What the plugin knows about one case item across its phases."""
+
+    case: Case
+    verdict: Classified | None = None
+    targets: list[BackendTarget] = field(default_factory=list)
+    traces: list[Any] = field(default_factory=list)
+    measurements: dict[str, float] = field(default_factory=dict)
+    duration: float = 0.0
+    recorded: bool = False
+
+
+_RUN = pytest.StashKey["VhostRun"]()
+_CASE = pytest.StashKey[_CaseState]()
+
+
+def _option(config: pytest.Config, name: str) -> Any:
+    return config.getoption(name)
+
+
+def profile_from_options(config: pytest.Config) -> tuple[Profile | None, str | None]:
+    """The back-end under test chosen by the options: (profile, external socket)."""
+    backend = _option(config, "vhost_backend")
+    profile_file = _option(config, "vhost_profile")
+    command = _option(config, "vhost_backend_cmd")
+    socket_path = _option(config, "vhost_backend_socket")
+    connects = bool(_option(config, "vhost_backend_connects"))
+    chosen = [
+        n
+        for n, v in (
+            ("--vhost-backend", backend),
+            ("--vhost-profile", profile_file),
+            ("--vhost-backend-cmd", command),
+        )
+        if v
+    ]
+    if len(chosen) > 1:
+        raise pytest.UsageError(f"give only one of {', '.join(chosen)}")
+    if socket_path and chosen:
+        raise pytest.UsageError(
+            f"--vhost-backend-socket names a back-end someone else runs: drop {chosen[0]}"
+        )
+    try:
+        if socket_path:
+            if connects:
+                return Profile(
+                    name="external",
+                    command=None,
+                    socket_mode="connect",
+                    socket=socket_path,
+                    source="--vhost-backend-socket",
+                ), None
+            return None, socket_path
+        if command:
+            profile = command_profile(command, "connect" if connects else "listen")
+        else:
+            profile = load_profile(profile_file or backend or "reference")
+        if connects:
+            profile = replace(profile, socket_mode="connect")
+        return profile, None
+    except UsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+class VhostRun:
+    """The plugin's state for one pytest process (controller or xdist worker)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.strict = bool(_option(config, "vhost_strict"))
+        self.timeout = float(_option(config, "vhost_timeout"))
+        self.case_timeout = float(_option(config, "vhost_case_timeout"))
+        report_dir = _option(config, "vhost_report")
+        self.report_dir = Path(report_dir) if report_dir else None
+        self.profile, self.external_socket = profile_from_options(config)
+        self.deviations = self._deviations(_option(config, "vhost_known_deviations"))
+        self.results: list[CaseResult] = []
+        self.worker_payloads: list[dict[str, Any]] = []
+        self.started = time.time()
+        self._factory: TargetFactory | None = None
+        self.worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+    def _deviations(self, path: str | None) -> KnownDeviations:
+        entries: dict[str, str] = {}
+        sources = []
+        if self.profile is not None and self.profile.deviations:
+            entries.update({d.case: d.reason for d in self.profile.deviations})
+            sources.append(self.profile.source)
+        if path:
+            try:
+                loaded = KnownDeviations.load(path)
+            except (OSError, ValueError) as exc:
+                raise pytest.UsageError(f"--vhost-known-deviations {path}: {exc}") from None
+            entries.update(loaded.deviations)
+            sources.append(path)
+        return KnownDeviations(entries, ", ".join(sources) or None)
+
+    @property
+    def is_worker(self) -> bool:
+        """True in a pytest-xdist worker."""
+        return hasattr(self.config, "workerinput")
+
+    @property
+    def backend_name(self) -> str:
+        """The name of the back-end under test, for the report."""
+        if self.profile is not None:
+            return self.profile.name
+        return f"external:{self.external_socket}"
+
+    def factory(self) -> TargetFactory:
+        """The per-worker TargetFactory, created on first use (plain test runs never make one)."""
+        if self._factory is None:
+            hook = self.config.hook
+
+            def maker(label: str, workdir: Path) -> BackendTarget | None:
+                made: BackendTarget | None = hook.pytest_vhost_start_backend(
+                    config=self.config, label=label, workdir=workdir
+                )
+                return made
+
+            self._factory = TargetFactory(
+                profile=self.profile,
+                external_socket=self.external_socket,
+                worker=self.worker,
+                maker=maker,
+            )
+        return self._factory
+
+    def capabilities_if_probed(self) -> Capabilities | None:
+        """The probed capabilities, without probing."""
+        if self._factory is None:
+            return None
+        return self._factory._capabilities
+
+    # -- hooks -----------------------------------------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        """For a case: check what it needs (features, slow I/O, ...) before any fixture runs."""
+        meta = _case_for_item(item)
+        if meta is None:
+            return
+        item.stash[_CASE] = _CaseState(meta)
+        self._check_needs(meta)
+        if meta.requires:
+            missing = meta.missing(self.factory().capabilities())
+            if missing:
+                raise Unsupported(missing)
+
+    def _check_needs(self, meta: Case) -> None:
+        profile = self.profile
+        for need in meta.needs:
+            if need == "command" and (profile is None or profile.command is None):
+                raise Unsupported(
+                    "a back-end command", "the suite does not run this back-end itself"
+                )
+            if need == "slow-io" and (profile is None or not profile.slow_io.possible):
+                why = profile.slow_io.unsupported if profile is not None else "an external back-end"
+                raise Unsupported("slow I/O", why)
+            if need == "shared-disk" and (profile is None or not profile.shares_disk):
+                raise Unsupported(
+                    "a disk two instances can share", "the profile says shares_disk = false"
+                )
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, object, object]:
+        """Run a case under its whole-case deadline (SIGALRM, main thread only)."""
+        if _CASE not in item.stash or self.case_timeout <= 0:
+            return (yield)
+        if threading.current_thread() is not threading.main_thread():
+            return (yield)
+
+        def expire(signum: int, frame: FrameType | None) -> None:
+            raise CaseHang(
+                f"the case did not finish within --vhost-case-timeout={self.case_timeout:g} s"
+            )
+
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, self.case_timeout)
+        try:
+            return (yield)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        """Turn a case's outcome into its verdict, and the verdict into the pytest outcome."""
+        rep = yield
+        state = item.stash.get(_CASE, None)
+        if state is None:
+            return rep
+        state.duration += call.duration
+        if call.when == "teardown":
+            if state.verdict is None and call.excinfo is not None:
+                state.verdict = Classified(
+                    Verdict.ERROR, f"teardown failed: {call.excinfo.exconly()}"
+                )
+                self._apply(item, state, rep)
+            self._record(item, state)
+            return rep
+        if state.verdict is not None:  # setup already decided it
+            return rep
+        if call.excinfo is not None:
+            state.verdict = self._classify_exception(state, call.excinfo.value)
+        elif call.when == "call":
+            state.verdict = self._died(state) or Classified(Verdict.PASS, "the requirement held")
+        else:
+            return rep
+        self._apply(item, state, rep)
+        return rep
+
+    def _died(self, state: _CaseState) -> Classified | None:
+        """A back-end of this case that died without being told to: crash."""
+        for target in state.targets:
+            if isinstance(target, CommandTarget) and target.pid is None and not target.alive():
+                status = target.exit_status()
+                if status is not None and not target.stopped_by_us:
+                    return Classified(
+                        Verdict.CRASH,
+                        f"the back-end process exited with status {status} during the case",
+                        status,
+                        target.log_tail(),
+                    )
+        return None
+
+    def _classify_exception(self, state: _CaseState, exc: BaseException) -> Classified:
+        alive: bool | None = None
+        exit_status: int | None = None
+        log_tail: str | None = None
+        for target in state.targets:
+            if (
+                isinstance(target, CommandTarget)
+                and not target.alive()
+                and target.exit_status() is not None
+            ) and not target.stopped_by_us:
+                alive, exit_status = False, target.exit_status()
+                log_tail = target.log_tail()
+                break
+            if isinstance(target, CommandTarget):
+                alive = True
+                log_tail = target.log_tail()
+        classified = classify(exc, alive=alive, exit_status=exit_status, log_tail=log_tail)
+        if classified.verdict is Verdict.HANG and classified.log_tail is None:
+            return replace(classified, log_tail=log_tail)
+        return classified
+
+    def _apply(self, item: pytest.Item, state: _CaseState, rep: pytest.TestReport) -> None:
+        """Set the pytest outcome of ``rep`` from the case's verdict."""
+        verdict = state.verdict
+        assert verdict is not None
+        deviation = self.deviations.reason_for(state.case.id)
+        header = (
+            f"{state.case.id} [{state.case.level.value}] {verdict.verdict.value}: {verdict.reason}"
+        )
+        if verdict.exit_status is not None or verdict.log_tail:
+            rep.sections.append(
+                (
+                    "vhost back-end log tail",
+                    f"exit status: {verdict.exit_status}\n{verdict.log_tail or ''}",
+                )
+            )
+        if deviation is not None and verdict.verdict in _DEVIATION_FAILURES:
+            rep.outcome = "skipped"
+            rep.wasxfail = f"known deviation: {deviation}"
+            return
+        if deviation is not None and verdict.verdict is Verdict.PASS:
+            rep.outcome = "passed"
+            rep.wasxfail = f"known deviation now passes: {deviation}"
+            return
+        if verdict.verdict is Verdict.PASS:
+            rep.outcome = "passed"
+        elif verdict.verdict in (Verdict.UNSUPPORTED, Verdict.SKIP):
+            rep.outcome = "skipped"
+            path, lineno, _ = item.reportinfo()
+            rep.longrepr = (
+                str(path),
+                (lineno or 0) + 1,
+                f"{verdict.verdict.value}: {verdict.reason}",
+            )
+        elif verdict.verdict is Verdict.NON_STRICT:
+            if self.strict:
+                rep.outcome = "failed"
+                rep.longrepr = f"{header} (--vhost-strict)"
+            else:
+                rep.outcome = "passed"
+                item.warn(VhostNonStrictWarning(header))
+        else:
+            rep.outcome = "failed"
+            if rep.longrepr is None or verdict.verdict is Verdict.CRASH:
+                rep.longrepr = header if rep.longrepr is None else f"{header}\n\n{rep.longrepr}"
+            else:
+                rep.sections.append(("vhost verdict", header))
+
+    def _record(self, item: pytest.Item, state: _CaseState) -> None:
+        if state.recorded or state.verdict is None:
+            return
+        state.recorded = True
+        verdict = state.verdict
+        deviation = self.deviations.reason_for(state.case.id)
+        final = verdict.verdict
+        if deviation is not None and final in _DEVIATION_FAILURES:
+            final = Verdict.XFAIL
+        elif deviation is not None and final is Verdict.PASS:
+            final = Verdict.XPASS
+        else:
+            deviation = None
+        trace: list[dict[str, Any]] | None = None
+        if verdict.verdict in _BAD or verdict.verdict is Verdict.NON_STRICT:
+            trace = []
+            for wire in state.traces:
+                with contextlib.suppress(Exception):
+                    trace.extend(wire.to_json())
+        callspec = getattr(item, "callspec", None)
+        parameters: dict[str, object] = {}
+        if callspec is not None:
+            parameters = {
+                k: v if isinstance(v, int | float | str | bool) else repr(v)
+                for k, v in callspec.params.items()
+            }
+        result = CaseResult(
+            id=state.case.id,
+            title=state.case.title,
+            family=state.case.family,
+            level=state.case.level,
+            clause=state.case.clause,
+            requirement=state.case.requirement,
+            verdict=final,
+            reason=verdict.reason,
+            duration_s=state.duration,
+            parameters=parameters,
+            measurements=dict(state.measurements),
+            trace=trace,
+            deviation=deviation,
+            log_tail=verdict.log_tail,
+        )
+        replaced = self.config.hook.pytest_vhost_case_result(
+            config=self.config, item=item, result=result
+        )
+        self.results.append(replaced if isinstance(replaced, CaseResult) else result)
+
+    # -- collection of results -----------------------------------------------------------
+
+    def _measurements(self) -> list[Measurement]:
+        found: list[Measurement] = []
+        for batch in self.config.hook.pytest_vhost_add_measurements(config=self.config):
+            found.extend(batch or [])
+        return found
+
+    def _backend_info(self, payloads: list[dict[str, Any]]) -> BackendInfo:
+        caps = None
+        for payload in payloads:
+            if payload.get("capabilities"):
+                caps = payload["capabilities"]
+                break
+        command = self.profile.command if self.profile is not None else None
+        if caps is None:
+            return BackendInfo(name=self.backend_name, command=command)
+        return BackendInfo(
+            name=self.backend_name,
+            command=command,
+            features=caps["features"],
+            feature_names=caps["feature_names"],
+            protocol_features=caps["protocol_features"],
+            protocol_feature_names=caps["protocol_feature_names"],
+            queue_num=caps["queue_num"],
+        )
+
+    def _payload(self) -> dict[str, Any]:
+        caps = self.capabilities_if_probed()
+        return {
+            "results": [r.to_dict() for r in self.results],
+            "measurements": [m.to_dict() for m in self._measurements()],
+            "capabilities": None
+            if caps is None
+            else {
+                "features": caps.features,
+                "feature_names": caps.feature_names(),
+                "protocol_features": caps.protocol_features,
+                "protocol_feature_names": caps.protocol_feature_names(),
+                "queue_num": caps.queue_num,
+            },
+        }
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        """xdist controller: a worker finished; keep its results."""
+        output = getattr(node, "workeroutput", None) or {}
+        payload = output.get(WORKER_KEY)
+        if isinstance(payload, dict):
+            self.worker_payloads.append(payload)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        """Stop the worker's back-ends; hand results to the controller or write the report."""
+        if self._factory is not None:
+            self._factory.close()
+        if self.is_worker:
+            output: dict[str, Any] = getattr(self.config, "workeroutput")  # noqa: B009
+            output[WORKER_KEY] = self._payload()
+            return
+        payloads = [self._payload(), *self.worker_payloads]
+        self.write_report(payloads)
+
+    def write_report(self, payloads: list[dict[str, Any]]) -> Path | None:
+        """Merge the payloads of this process and the workers and write the report files."""
+        cases = [CaseResult.from_dict(c) for p in payloads for c in p.get("results", [])]
+        if self.report_dir is None:
+            return None
+        cases.sort(key=lambda c: (c.family, c.id))
+        report = Report(
+            suite_version=vhost_conformance.__version__,
+            started=datetime.datetime.fromtimestamp(self.started, datetime.UTC).strftime(
+                "%Y-%m-%dT%H:%M:%SZ"
+            ),
+            duration_s=time.time() - self.started,
+            backend=self._backend_info(payloads),
+            cases=cases,
+            measurements=[
+                Measurement.from_dict(m) for p in payloads for m in p.get("measurements", [])
+            ],
+            strict=self.strict,
+            argv=list(sys.argv[1:]),
+        )
+        replaced = self.config.hook.pytest_vhost_report(config=self.config, report=report)
+        if isinstance(replaced, Report):
+            report = replaced
+        try:
+            from vhost_conformance.reports import write_all
+        except ImportError:  # pragma: no cover - renderers missing: the JSON is the truth
+            return report.save(self.report_dir / "report.json")
+        return write_all(report, self.report_dir)["json"]
+
+
+def _case_for_item(item: pytest.Item) -> Case | None:
+    """The case an item runs: from @case, or from a bare ``vhost_case`` marker via the catalogue."""
+    meta = case_of(getattr(item, "function", None))
+    if meta is not None:
+        return meta
+    marker = item.get_closest_marker(MARKER)
+    if marker is None or not marker.args:
+        return None
+    return resolve(str(marker.args[0]))
+
+
+def register_trace(request: pytest.FixtureRequest, trace: object) -> None:
+    """Attach a wire trace (anything with ``to_json()``) to the current case's report."""
+    state = request.node.stash.get(_CASE, None)
+    if state is not None:
+        state.traces.append(trace)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _run(config: pytest.Config) -> VhostRun:
+    return config.stash[_RUN]
+
+
+@pytest.fixture(scope="session")
+def vhost_backend_targets(pytestconfig: pytest.Config) -> TargetFactory:
+    """The per-worker TargetFactory: one back-end per case, capabilities probed once."""
+    return _run(pytestconfig).factory()
+
+
+@pytest.fixture(scope="session")
+def vhost_timeout(pytestconfig: pytest.Config) -> float:
+    """The deadline of each reply from the back-end, seconds (--vhost-timeout)."""
+    return _run(pytestconfig).timeout
+
+
+@pytest.fixture
+def vhost_capabilities(vhost_backend_targets: TargetFactory) -> Capabilities:
+    """What the back-end under test offers (probed once per worker, cached)."""
+    return vhost_backend_targets.capabilities()
+
+
+@pytest.fixture
+def vhost_case(request: pytest.FixtureRequest) -> Case | None:
+    """The current test's case metadata, or None for a test that is not a case."""
+    return _case_for_item(request.node)
+
+
+@pytest.fixture
+def vhost_target_factory(
+    request: pytest.FixtureRequest, vhost_backend_targets: TargetFactory
+) -> Iterator[Callable[[str], BackendTarget]]:
+    """``make(label)`` -> a started back-end of this case; all are stopped at teardown."""
+    made: list[BackendTarget] = []
+    state = request.node.stash.get(_CASE, None)
+
+    def make(label: str = "extra") -> BackendTarget:
+        target = vhost_backend_targets.new(label)
+        made.append(target)
+        if state is not None:
+            state.targets.append(target)
+        target.start()
+        return target
+
+    try:
+        yield make
+    finally:
+        for target in made:
+            with contextlib.suppress(TargetError, OSError):
+                vhost_backend_targets.release(target)
+
+
+@pytest.fixture
+def vhost_target(
+    request: pytest.FixtureRequest, vhost_target_factory: Callable[[str], BackendTarget]
+) -> BackendTarget:
+    """A started back-end under test, this case's own (fresh for every case)."""
+    meta = _case_for_item(request.node)
+    return vhost_target_factory(meta.id if meta is not None else request.node.name)
+
+
+@pytest.fixture
+def vhost_channel(
+    request: pytest.FixtureRequest, vhost_target: BackendTarget, vhost_timeout: float
+) -> Iterator[Any]:
+    """A front-end Channel connected to ``vhost_target``; its wire trace goes to the report."""
+    from vhost_conformance.frontend.channel import Channel
+
+    channel = Channel(vhost_target.connect_socket(vhost_timeout))
+    register_trace(request, channel.trace)
+    try:
+        yield channel
+    finally:
+        channel.close()
+
+
+@pytest.fixture
+def vhost_measurements(request: pytest.FixtureRequest) -> dict[str, float]:
+    """This case's measurements (name -> value), copied into its CaseResult."""
+    state = request.node.stash.get(_CASE, None)
+    if state is None:
+        return {}
+    measurements: dict[str, float] = state.measurements
+    return measurements

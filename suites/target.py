@@ -609,6 +609,8 @@ class CommandTarget:
         """Send a signal to the back-end process (e.g. SIGSTOP/SIGKILL in crash scenarios)."""
         if self._process is None or not self._process.alive():
             raise TargetError(f"back-end {self.name!r} is not running")
+        if signum in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGQUIT):
+            self._stopped_by_us = True  # its death is then the case's doing, not a crash
         self._process.signal(signum)
 
     def wait_exit(self, timeout: float) -> int | None:
@@ -809,12 +811,18 @@ def _exchange(
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             chunk = sock.recv(4096)
             if not chunk:
-                raise TargetError(
-                    f"capability probe: the back-end closed the connection after {what}"
+                raise BackendStartFailed(
+                    f"capability probe: the back-end closed the connection after {what}", None, ""
                 )
             parser.feed(chunk)
     except TimeoutError:
-        raise TargetError(f"capability probe: no reply to {what} before the deadline") from None
+        raise BackendStartHang(
+            f"capability probe: no reply to {what} before the deadline", ""
+        ) from None
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        raise BackendStartFailed(
+            f"capability probe: connection lost at {what}: {exc}", None, ""
+        ) from None
 
 
 def _config_size(features: int) -> int:
@@ -949,6 +957,14 @@ class TargetFactory:
             with contextlib.closing(target.connect_socket(self.probe_timeout)) as sock:
                 self._capabilities = probe_capabilities(sock, self.probe_timeout)
         except TargetError as exc:
+            if isinstance(exc, BackendStartHang | BackendStartFailed) and not exc.log_tail:
+                exc.log_tail = target.log_tail()
+            if (
+                isinstance(exc, BackendStartFailed)
+                and exc.exit_status is None
+                and not target.alive()
+            ):
+                exc.exit_status = target.exit_status()
             self._probe_error = exc
             raise
         finally:
