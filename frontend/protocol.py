@@ -517,11 +517,12 @@ class MemoryRegion:
 class MemoryTable:
     """SET_MEM_TABLE: nregions u32, padding u32, then nregions region descriptions.
 
-    vhost-user.rst "Multiple Memory regions description" defines the u32 after nregions
-    as padding (no value is required: we send 0 and ignore what we receive). The region
-    array of the C struct holds 8 entries, but QEMU (vhost_user_set_mem_table) sends only
-    the used ones: hdr.size = 8 + 32 * nregions. Decoding accepts that size and the full
-    C struct size (8 + 32 * 8 = 264, trailing entries ignored), which other front-ends send.
+    vhost-user.rst "Multiple Memory regions description": "num regions" (32-bit), then
+    "padding: 32-bit" (the text requires no value: we send 0 and ignore what we receive),
+    then region0 .. region7 ("regions field contains 8 regions"). QEMU
+    (vhost_user_set_mem_table) sends only the used ones: hdr.size = 8 + 32 * nregions.
+    Decoding accepts that size and the full 8-slot size (8 + 32 * 8 = 264, entries past
+    nregions ignored), which front-ends built on the C struct send.
     """
 
     LAYOUT: ClassVar[str] = "memory regions description"

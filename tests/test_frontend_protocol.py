@@ -59,21 +59,21 @@ def test_constants() -> None:
 
 def test_enum_values() -> None:
     assert [r.value for r in p.FrontendRequest] == list(range(1, 45))
-    assert p.FrontendRequest.SET_BACKEND_REQ_FD == 21
-    assert p.FrontendRequest.GET_INFLIGHT_FD == 31
-    assert p.FrontendRequest.SET_INFLIGHT_FD == 32
-    assert p.FrontendRequest.GET_SHMEM_CONFIG == 44
+    assert p.FrontendRequest.SET_BACKEND_REQ_FD.value == 21
+    assert p.FrontendRequest.GET_INFLIGHT_FD.value == 31
+    assert p.FrontendRequest.SET_INFLIGHT_FD.value == 32
+    assert p.FrontendRequest.GET_SHMEM_CONFIG.value == 44
     assert [r.value for r in p.BackendRequest] == list(range(1, 11))
-    assert p.BackendRequest.SHMEM_UNMAP == 10
+    assert p.BackendRequest.SHMEM_UNMAP.value == 10
     assert [f.value for f in p.ProtocolFeature] == list(range(23))
-    assert p.ProtocolFeature.INFLIGHT_SHMFD == 12
-    assert p.ProtocolFeature.GET_VRING_BASE_INFLIGHT == 20
+    assert p.ProtocolFeature.INFLIGHT_SHMFD.value == 12
+    assert p.ProtocolFeature.GET_VRING_BASE_INFLIGHT.value == 20
     assert p.ProtocolFeature(22).name == "SHMEM"
-    assert p.ProtocolFeature.SHMEM_MAP is p.ProtocolFeature.SHMEM
-    assert p.VirtioFeature.LOG_ALL == 26
-    assert p.VirtioFeature.PROTOCOL_FEATURES == 30
-    assert p.VirtioFeature.RING_RESET == 40
-    assert p.BlkFeature.ZONED == 17
+    assert p.ProtocolFeature["SHMEM_MAP"] is p.ProtocolFeature.SHMEM
+    assert p.VirtioFeature.LOG_ALL.value == 26
+    assert p.VirtioFeature.PROTOCOL_FEATURES.value == 30
+    assert p.VirtioFeature.RING_RESET.value == 40
+    assert p.BlkFeature.ZONED.value == 17
 
 
 def test_bits_and_names() -> None:
@@ -446,7 +446,7 @@ def test_parser_incomplete_and_pending() -> None:
     assert parser.pending_bytes == 20
     assert parser.pending_fds == (3,)
     assert parser.take_pending_fds() == (3,)
-    assert parser.pending_fds == ()
+    assert len(parser.pending_fds) == 0
 
 
 def test_parser_rejects_bad_headers() -> None:
