@@ -84,16 +84,23 @@ class GuestResult:
 
 
 def guest_kernel_args(
-    mode: str = "once", iters: int = 1, blocks: int | None = None, delay: float | None = None
+    mode: str = "once",
+    iters: int = 1,
+    blocks: int | None = None,
+    delay: float | None = None,
+    extra: str = "",
 ) -> str:
     """The kernel command line selecting the guest's mode (once, loop, hold)."""
     if mode not in {"once", "loop", "hold"}:
         raise ValueError(f"guest mode {mode!r}: expected once, loop or hold")
-    args = f"console=ttyS0 panic=-1 quiet vc.mode={mode} vc.iters={int(iters)}"
+    # cryptomgr.notests: the kernel's crypto self-tests cost ~0.5 s under TCG.
+    args = f"console=ttyS0 panic=-1 quiet cryptomgr.notests vc.mode={mode} vc.iters={int(iters)}"
     if blocks is not None:
         args += f" vc.blocks={int(blocks)}"
     if delay is not None:
         args += f" vc.delay={delay:g}"
+    if extra:
+        args += f" {extra}"
     return args
 
 
@@ -404,12 +411,14 @@ def start_qemu(
     memory_mb: int = 256,
     incoming: str | None = None,
     extra_args: Sequence[str] = (),
+    kernel_args: str = "",
     max_lifetime: float = DEFAULT_MAX_LIFETIME,
 ) -> QemuGuest:
     """Start QEMU 11.1.3 booting the tiny guest in ``mode`` against ``disks``.
 
     Files go to ``workdir``: NAME.serial.log, NAME.log (QEMU's stderr), NAME.qmp (QMP socket).
-    ``incoming="defer"`` starts a migration destination. ``max_lifetime`` is a hard deadline
+    ``incoming="defer"`` starts a migration destination; ``extra_args`` go to QEMU,
+    ``kernel_args`` to the guest's command line. ``max_lifetime`` is a hard deadline
     (``timeout -k 5``) that holds even if this process dies. Raises PeerUnavailable if the
     root or the guest is not provisioned.
     """
@@ -430,7 +439,7 @@ def start_qemu(
             qmp_socket=qmp_socket,
             kernel=kernel,
             initrd=initrd,
-            append=guest_kernel_args(mode, iters, blocks, delay),
+            append=guest_kernel_args(mode, iters, blocks, delay, kernel_args),
             memory_mb=memory_mb,
             incoming=incoming,
             extra=extra_args,

@@ -75,7 +75,9 @@ def test_qemu_command_line_follows_peers_md(tmp_path: pathlib.Path) -> None:
 
 
 def test_guest_kernel_args() -> None:
-    assert guest_kernel_args() == "console=ttyS0 panic=-1 quiet vc.mode=once vc.iters=1"
+    assert guest_kernel_args() == (
+        "console=ttyS0 panic=-1 quiet cryptomgr.notests vc.mode=once vc.iters=1"
+    )
     assert guest_kernel_args("loop", 40, blocks=8, delay=0.25).endswith(
         "vc.mode=loop vc.iters=40 vc.blocks=8 vc.delay=0.25"
     )
