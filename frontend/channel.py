@@ -349,7 +349,9 @@ class Channel:
 
     ``protocol_features`` holds the negotiated protocol features (the session sets it after
     SET_PROTOCOL_FEATURES); ``call`` uses it to know which replies to wait for. A
-    ``BackendHang`` leaves the stream where it was: a late reply may still arrive.
+    ``BackendHang`` leaves the stream where it was: a late reply may still arrive (QEMU
+    would drop the connection; a case that goes on must expect it). One thread at a time:
+    the channel has no lock, as QEMU has one request in flight per connection.
     """
 
     def __init__(

@@ -569,3 +569,33 @@ def test_trace_as_stream_through_parser() -> None:
     while (m := parser.next_message()) is not None:
         got.append((m.name(), len(m.payload), len(m.fds)))
     assert got == [(r["name"], r["size"], r["nfds"]) for r in fe]
+
+
+# ------------------------------------------------------------------------------------------
+# Robustness: arbitrary bytes only ever raise the codec's own errors
+
+
+@given(st.binary(max_size=300), st.integers(1, 64))
+def test_parser_arbitrary_bytes_raise_only_protocol_errors(data: bytes, step: int) -> None:
+    parser = p.MessageParser()
+    try:
+        for i in range(0, len(data), step):
+            parser.feed(data[i : i + step])
+            while parser.next_message() is not None:
+                pass
+    except p.MalformedMessage:
+        pass
+
+
+@given(
+    st.sampled_from(list(p.FrontendRequest)),
+    st.sampled_from([0x1, 0x5, 0x9]),
+    st.binary(max_size=300),
+)
+def test_decoded_arbitrary_payload_raises_only_malformed(
+    request: p.FrontendRequest, flags: int, payload: bytes
+) -> None:
+    try:
+        p.Message(request, flags, payload).decoded()
+    except p.MalformedPayload as exc:
+        assert exc.request_name is not None and exc.request_name.startswith(request.name)
