@@ -549,6 +549,7 @@ def read_stream(data: bytes | bytearray | memoryview, *, page_size: int | None =
         raise VMStateError(4, f"file version: expected {QEMU_VM_FILE_VERSION}, seen {version}")
     stream = Stream(raw, version, None, [], page_size, None, [], [], -1, None, None)
     by_id: dict[int, Section] = {}
+    ram_ctx = _RamContext()
     while True:
         start = r.pos
         kind = r.u8("section type")
@@ -602,7 +603,7 @@ def read_stream(data: bytes | bytearray | memoryview, *, page_size: int | None =
         )
         if idstr == "ram" and kind != QEMU_VM_SECTION_FULL:
             section.ram = _read_ram(
-                r, stream.page_size, ignore_shared="x-ignore-shared" in stream.capabilities
+                r, stream.page_size, ram_ctx, ignore_shared="x-ignore-shared" in stream.capabilities
             )
             section.body_end = r.pos
             section.located_by = "parsed"
@@ -674,10 +675,17 @@ def _read_configuration(
             r.skip(vmdesc_size(desc), sub)
 
 
-def _read_ram(r: _Reader, page_size: int, *, ignore_shared: bool) -> RamSummary:
+@dataclass(slots=True)
+class _RamContext:
+    # What ram_load_precopy keeps across chunks: the block list from MEM_SIZE and the last
+    # block a page named (RAM_SAVE_FLAG_CONTINUE refers to it, also across iterations).
+    blocks: dict[str, int] = field(default_factory=dict)
+    block: str | None = None
+
+
+def _read_ram(r: _Reader, page_size: int, ctx: _RamContext, *, ignore_shared: bool) -> RamSummary:
     # migration/ram.c ram_save_setup / ram_save_iterate / ram_load_precopy
     summary = RamSummary()
-    block: str | None = None
     mask = page_size - 1
     while True:
         at = r.pos
@@ -695,17 +703,23 @@ def _read_ram(r: _Reader, page_size: int, *, ignore_shared: bool) -> RamSummary:
                     )
                 total -= used_length
                 summary.blocks[name] = used_length
+                ctx.blocks[name] = used_length
                 if ignore_shared:
                     r.skip(8, f"RAM block {name!r} mr->addr (x-ignore-shared)")
             flags &= ~RAM_SAVE_FLAG_MEM_SIZE
         if flags & (RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_XBZRLE):
             if flags & RAM_SAVE_FLAG_CONTINUE:
-                if block is None:
+                if ctx.block is None:
                     raise VMStateError(at, "RAM page with CONTINUE before any block idstr")
             else:
-                block = r.counted_str("RAM page block idstr")
-            if summary.blocks and block not in summary.blocks:
-                raise VMStateError(at, f"RAM page for unknown block {block!r}")
+                ctx.block = r.counted_str("RAM page block idstr")
+                if ctx.block not in ctx.blocks:
+                    raise VMStateError(at, f"RAM page for unknown block {ctx.block!r}")
+            if addr >= ctx.blocks[ctx.block]:
+                raise VMStateError(
+                    at,
+                    f"RAM page offset 0x{addr:x} past the end of block {ctx.block!r} (0x{ctx.blocks[ctx.block]:x})",
+                )
             if flags & RAM_SAVE_FLAG_ZERO:
                 r.skip(1, "zero page fill byte")
                 summary.zero_pages += 1
