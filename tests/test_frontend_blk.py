@@ -1,0 +1,368 @@
+"""virtio-blk driver side: config space, model disk rules, and requests on split and packed rings
+served by a tiny in-test virtio-blk device (built on the ring devices of the virtqueue tests)."""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_frontend_virtqueue import Chain, Device, make
+from vhost_conformance.frontend.blk import (
+    SECTOR_SIZE,
+    BlkCompletion,
+    BlkConfig,
+    BlkDriver,
+    BlkRequestType,
+    BlkStatus,
+    ModelDisk,
+    _Arena,
+)
+from vhost_conformance.frontend.memory import GuestMemory
+from vhost_conformance.frontend.virtqueue import SplitVirtqueue
+
+MiB = 1 << 20
+DISK_SECTORS = 256
+
+
+class BlkDevice:
+    """A virtio-blk device over a ring device: serves requests from a bytearray disk."""
+
+    def __init__(self, memory: GuestMemory, ring: Device, *, discard_zeroes: bool = True) -> None:
+        self.m = memory
+        self.ring = ring
+        self.disk = bytearray(DISK_SECTORS * SECTOR_SIZE)
+        self.discard_zeroes = discard_zeroes
+        self.corrupt_next_read = False
+        self.layouts: list[tuple[list[int], list[int]]] = []  # (readable lens, writable lens)
+
+    def serve(self, chains: list[Chain] | None = None) -> int:
+        chains = self.ring.pop() if chains is None else chains
+        for chain in chains:
+            self.ring.complete(chain, self.handle(chain))
+        return len(chains)
+
+    def handle(self, chain: Chain) -> int:
+        readable = b"".join(self.m.read(a, n) for a, n, w in chain.elems if not w)
+        writable = [(a, n) for a, n, w in chain.elems if w]
+        self.layouts.append(([n for _, n, w in chain.elems if not w], [n for _, n in writable]))
+        rtype, _, sector = struct.unpack_from("<IIQ", readable)
+        data = readable[16:]
+        status_gpa = writable[-1][0] + writable[-1][1] - 1
+        out = b""
+        status = BlkStatus.OK
+        if rtype == BlkRequestType.IN:
+            n = sum(n for _, n in writable) - 1
+            out = bytes(self.disk[sector * 512 : sector * 512 + n])
+            if self.corrupt_next_read:
+                out = bytes([out[0] ^ 0xFF]) + out[1:]
+                self.corrupt_next_read = False
+        elif rtype == BlkRequestType.OUT:
+            self.disk[sector * 512 : sector * 512 + len(data)] = data
+        elif rtype == BlkRequestType.FLUSH:
+            pass
+        elif rtype == BlkRequestType.GET_ID:
+            out = b"vc-test-serial".ljust(20, b"\0")
+        elif rtype in (BlkRequestType.DISCARD, BlkRequestType.WRITE_ZEROES):
+            for off in range(0, len(data), 16):
+                s, n, _flags = struct.unpack_from("<QII", data, off)
+                if rtype == BlkRequestType.WRITE_ZEROES or self.discard_zeroes:
+                    self.disk[s * 512 : (s + n) * 512] = bytes(n * 512)
+        else:
+            status = BlkStatus.UNSUPP
+        # scatter `out` over the writable buffers, then the status byte
+        off = 0
+        for gpa, n in writable:
+            take = out[off : off + n]
+            self.m.write(gpa, take)
+            off += len(take)
+        self.m.write(status_gpa, bytes([status]))
+        return len(out) + 1
+
+
+@pytest.fixture
+def memory() -> Iterator[GuestMemory]:
+    with GuestMemory.simple(8 * MiB, regions=3) as mem:
+        yield mem
+
+
+def setup(memory: GuestMemory, kind: str, *, size: int = 16, event_idx: bool = False,
+          indirect: bool = False, discard_zeroes: bool = True
+          ) -> tuple[BlkDriver, BlkDevice, ModelDisk]:
+    vq, ring = make(kind, memory, size, event_idx=event_idx, indirect=indirect)
+    model = ModelDisk(DISK_SECTORS * SECTOR_SIZE)
+    return BlkDriver(vq, memory, model=model), BlkDevice(memory, ring,
+                                                         discard_zeroes=discard_zeroes), model
+
+
+def roundtrip(driver: BlkDriver, device: BlkDevice) -> list[BlkCompletion]:
+    driver.vq.publish()
+    device.serve()
+    return driver.complete(driver.vq.reap())
+
+
+def pattern(seed: int, nsectors: int) -> bytes:
+    return random.Random(seed).randbytes(nsectors * SECTOR_SIZE)
+
+
+# -- config space -------------------------------------------------------------------------------
+
+
+def test_config_decode_qemu_57_bytes() -> None:
+    raw = bytearray(57)
+    struct.pack_into("<QII", raw, 0, 2048, 0, 126)  # capacity, size_max, seg_max
+    struct.pack_into("<I", raw, 20, 512)  # blk_size
+    raw[32] = 1  # wce
+    struct.pack_into("<H", raw, 34, 2)  # num_queues
+    struct.pack_into("<III", raw, 36, 4096, 1, 8)  # discard
+    struct.pack_into("<II", raw, 48, 8192, 1)  # write zeroes
+    raw[56] = 1
+    config = BlkConfig.decode(bytes(raw))
+    assert config.capacity == 2048 and config.capacity_bytes == 2048 * 512
+    assert config.seg_max == 126 and config.blk_size == 512 and config.wce == 1
+    assert config.num_queues == 2
+    assert (config.max_discard_sectors, config.max_discard_seg,
+            config.discard_sector_alignment) == (4096, 1, 8)
+    assert config.max_write_zeroes_sectors == 8192 and config.write_zeroes_may_unmap == 1
+    assert config.max_secure_erase_sectors is None  # beyond 57 bytes
+    assert config.encode() == bytes(raw)
+
+
+def test_config_short_reply_decodes_what_is_there() -> None:
+    config = BlkConfig.decode(struct.pack("<QI", 99, 7)[:10])
+    assert config.capacity == 99 and config.size_max is None
+    assert BlkConfig.decode(b"").capacity is None
+    assert len(BlkConfig(capacity=1).encode(96)) == 96
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(min_size=0, max_size=96))
+def test_config_roundtrip(raw: bytes) -> None:
+    config = BlkConfig.decode(raw)
+    again = BlkConfig.decode(config.encode(len(raw)))
+    assert again == config
+    # every byte that belongs to a decoded field comes back unchanged
+    encoded = config.encode(len(raw))
+    for off in (0, 8, 20, 34, 56):
+        if off < len(raw) and getattr(config, {0: "capacity", 8: "size_max", 20: "blk_size",
+                                                34: "num_queues", 56: "write_zeroes_may_unmap"
+                                                }[off]) is not None:
+            assert encoded[off] == raw[off]
+
+
+# -- model disk ---------------------------------------------------------------------------------
+
+
+def test_model_write_read_and_mismatch() -> None:
+    model = ModelDisk(8 * SECTOR_SIZE)
+    data = pattern(1, 2)
+    model.apply_write(3, data)
+    assert model.expected(3, 2) == data
+    assert model.check(3, data) == []
+    bad = bytearray(data)
+    bad[600] ^= 1
+    mismatches = model.check(3, bytes(bad), tag=7)
+    assert [(m.sector, m.tag) for m in mismatches] == [(4, 7)]
+    assert "sector 4" in str(mismatches[0])
+    with pytest.raises(ValueError, match="outside"):
+        model.check(7, data)
+
+
+def test_model_discard_accepts_old_or_zero_and_observe_settles() -> None:
+    model = ModelDisk(8 * SECTOR_SIZE)
+    old = pattern(2, 2)
+    model.apply_write(0, old)
+    model.apply_discard(0, 2)
+    assert model.check(0, old) == []
+    assert model.check(0, bytes(1024)) == []
+    assert model.check(0, old[:512] + bytes(512)) == []  # per sector
+    assert len(model.check(0, pattern(3, 2))) == 2
+    model.observe(0, bytes(1024))  # it read as zeroes: stays zeroes
+    assert model.check(0, old) != []
+    model.apply_zeroes(4, 2)
+    assert model.acceptable(4) == [bytes(512)]
+
+
+def test_model_pending_write_either_until_resolved() -> None:
+    model = ModelDisk(8 * SECTOR_SIZE)
+    old, new, newer = pattern(4, 1), pattern(5, 1), pattern(6, 1)
+    model.apply_write(1, old)
+    model.pending_write(10, 1, new)
+    model.pending_write(11, 1, newer)
+    assert {bytes(x) for x in model.acceptable(1)} == {old, new, newer}
+    model.resolve(10, True)  # 10 completed; 11 may still land afterwards
+    assert set(model.acceptable(1)) == {new, newer}
+    model.resolve(11, False)  # 11 never executed
+    assert model.acceptable(1) == [new]
+    model.pending_write(12, 1, old)
+    model.resolve(12, None)  # failed: both stay possible
+    assert set(model.acceptable(1)) == {new, old}
+    assert model.pending_tags == []
+
+
+# -- requests -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["split", "packed"])
+@pytest.mark.parametrize("segments", [1, 3])
+@pytest.mark.parametrize("indirect", [False, True])
+def test_write_then_read_back(memory: GuestMemory, kind: str, segments: int,
+                              indirect: bool) -> None:
+    driver, device, model = setup(memory, kind, indirect=indirect)
+    data = pattern(7, 4)
+    w = driver.write(10, data, segments=segments)
+    assert w.tag in driver.outstanding and model.pending_tags == [w.tag]
+    [done] = roundtrip(driver, device)
+    assert done.request is w and done.status == BlkStatus.OK and done.len == 1 and done.ok
+    assert device.disk[10 * 512 : 14 * 512] == data
+    assert model.pending_tags == [] and model.expected(10, 4) == data
+    r = driver.read(10, 4, segments=segments)
+    [got] = roundtrip(driver, device)
+    assert got.tag == r.tag and got.data == data and got.len == 4 * 512 + 1 and got.ok
+    # the device saw header (16, readable) + data segments + status (1, writable)
+    readable, writable = device.layouts[-1]
+    assert readable == [16] and writable[-1] == 1 and len(writable) == segments + 1
+    assert sum(writable[:-1]) == 4 * 512
+    w_readable, w_writable = device.layouts[0]
+    assert w_readable[0] == 16 and len(w_readable) == 1 + segments and w_writable == [1]
+    assert driver.outstanding == {} and driver.mismatches == []
+
+
+@pytest.mark.parametrize("kind", ["split", "packed"])
+def test_read_mismatch_is_recorded_not_raised(memory: GuestMemory, kind: str) -> None:
+    driver, device, _ = setup(memory, kind)
+    device.corrupt_next_read = True
+    driver.read(0, 2)
+    [got] = roundtrip(driver, device)
+    assert got.status == BlkStatus.OK and not got.ok
+    assert [m.sector for m in got.mismatches] == [0]
+    assert driver.mismatches == list(got.mismatches)
+
+
+@pytest.mark.parametrize("discard_zeroes", [False, True])
+def test_discard_and_write_zeroes(memory: GuestMemory, discard_zeroes: bool) -> None:
+    driver, device, model = setup(memory, "split", discard_zeroes=discard_zeroes)
+    data = pattern(8, 8)
+    driver.write(0, data)
+    roundtrip(driver, device)
+    driver.discard([(0, 2), (4, 1)])
+    driver.write_zeroes([(6, 2)], unmap=True)
+    done = roundtrip(driver, device)
+    assert [c.status for c in done] == [BlkStatus.OK, BlkStatus.OK]
+    # header, then one 16-byte segment per range
+    assert device.layouts[-2][0] == [16, 32] and device.layouts[-1][0] == [16, 16]
+    driver.read(0, 8)
+    [got] = roundtrip(driver, device)
+    assert got.ok, [str(m) for m in got.mismatches]
+    assert got.data is not None and got.data[6 * 512 :] == bytes(1024)
+    assert model.acceptable(6) == [bytes(512)]
+
+
+def test_flush_get_id_and_unsupported(memory: GuestMemory) -> None:
+    driver, device, _ = setup(memory, "packed")
+    driver.flush()
+    driver.get_id()
+    driver.raw(99)
+    done = roundtrip(driver, device)
+    assert [c.status for c in done] == [BlkStatus.OK, BlkStatus.OK, BlkStatus.UNSUPP]
+    assert done[1].data is not None and done[1].data.rstrip(b"\0") == b"vc-test-serial"
+    assert done[0].data is None and done[0].len == 1
+    assert device.layouts[0] == ([16], [1])
+
+
+def test_status_byte_is_preset_so_an_untouched_status_shows(memory: GuestMemory) -> None:
+    driver, _, _ = setup(memory, "split")
+    request = driver.flush()
+    vq = driver.vq
+    assert isinstance(vq, SplitVirtqueue)
+    vq.publish()
+    # a "device" that completes without writing the status byte
+    memory.write(vq.used_gpa + 4, struct.pack("<II", request.head, 0))
+    memory.write(vq.used_gpa + 2, struct.pack("<H", 1))
+    [done] = driver.complete(vq.reap())
+    assert done.status == 0xFF and not done.ok
+
+
+def test_raw_hostile_layouts(memory: GuestMemory) -> None:
+    driver, device, _ = setup(memory, "split")
+    driver.raw(BlkRequestType.OUT, sector=1, out_data=bytes(512), in_len=8)  # writable data too
+    request = driver.raw(BlkRequestType.FLUSH, status=False, header_writable=True)
+    assert request.status_gpa is None
+    driver.vq.publish()
+    popped = device.ring.pop()
+    assert [(n, w) for _, n, w in popped[0].elems] == [(16, False), (512, False), (8, True),
+                                                       (1, True)]
+    assert [(n, w) for _, n, w in popped[1].elems] == [(16, True)]
+
+
+@pytest.mark.parametrize("kind", ["split", "packed"])
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_random_workload_many_rounds_matches_model(memory: GuestMemory, kind: str,
+                                                   event_idx: bool) -> None:
+    """More requests than the queue holds, random ops, out-of-order completion: every tag
+    completes exactly once, reads match the model, and all slots and buffers come back."""
+    size = 8 if kind == "split" else 6
+    driver, device, _ = setup(memory, kind, size=size, event_idx=event_idx, indirect=True)
+    rng = random.Random(42)
+    submitted: list[int] = []
+    completed: list[int] = []
+    held: list[Chain] = []
+    for _ in range(60):
+        for _ in range(rng.randint(1, 4)):
+            if driver.vq.free_count < 1 or len(driver.outstanding) >= size:
+                break
+            sector = rng.randrange(0, DISK_SECTORS - 8)
+            n = rng.randint(1, 8)
+            op = rng.random()
+            segments = rng.randint(1, 3)
+            if op < 0.45:
+                req = driver.write(sector, pattern(rng.randrange(1 << 30), n), segments=segments)
+            elif op < 0.9:
+                req = driver.read(sector, n, segments=segments)
+            elif op < 0.95:
+                req = driver.discard([(sector, n)])
+            else:
+                req = driver.write_zeroes([(sector, n)])
+            submitted.append(req.tag)
+        driver.vq.publish()
+        held += device.ring.pop()
+        rng.shuffle(held)
+        k = rng.randint(0, len(held))
+        device.serve(held[:k])
+        del held[:k]
+        completed += [c.tag for c in driver.complete(driver.vq.reap())]
+    device.serve(held)
+    completed += [c.tag for c in driver.complete(driver.vq.reap())]
+    assert sorted(completed) == sorted(submitted) and len(set(completed)) == len(completed)
+    assert driver.mismatches == [] and driver.vq.violations == []
+    assert driver.outstanding == {}
+    arena = driver._arena
+    assert arena.free_bytes == arena.total_bytes
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 5000)), max_size=60))
+def test_arena_reuses_and_coalesces(ops: list[tuple[bool, int]]) -> None:
+    with GuestMemory.simple(4 * MiB) as mem:
+        arena = _Arena(mem, 64 * 1024)
+        live: list[tuple[int, int]] = []
+        for do_alloc, size in ops:
+            if do_alloc or not live:
+                gpa = arena.alloc(size)
+                assert gpa % 64 == 0
+                for other, other_size in live:
+                    assert gpa + size <= other or other + other_size <= gpa
+                live.append((gpa, size))
+            else:
+                gpa, _ = live.pop(size % len(live))
+                arena.free(gpa)
+        for gpa, _ in live:
+            arena.free(gpa)
+        assert arena.free_bytes == arena.total_bytes
+        # everything coalesced: a chunk-sized block fits again without growing
+        total = arena.total_bytes
+        arena.alloc(64 * 1024 - 64)
+        assert arena.total_bytes == total or total == 0
