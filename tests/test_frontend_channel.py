@@ -227,7 +227,7 @@ def test_timeout_raises_hang_within_deadline(
     with pytest.raises(BackendHang) as info:
         channel.call(F.GET_VRING_BASE, p.VringState(0, 0), timeout=timeout)
     elapsed = time.monotonic() - start
-    assert timeout <= elapsed < timeout + 0.25
+    assert timeout <= elapsed < timeout + 0.5  # margin for a loaded 2-core machine
     assert info.value.request_name == "GET_VRING_BASE"
     assert info.value.timeout == timeout
     assert f"{timeout:.3f} s" in str(info.value)
@@ -424,7 +424,7 @@ def test_connect_deadline(tmp_path: Path) -> None:
     start = time.monotonic()
     with pytest.raises(BackendHang) as info:
         Channel.connect(tmp_path / "nobody.sock", timeout=0.3)
-    assert 0.3 <= time.monotonic() - start < 0.6
+    assert 0.3 <= time.monotonic() - start < 0.8
     assert info.value.request_name == "connect" and "nobody.sock" in str(info.value)
 
 
