@@ -192,3 +192,40 @@ def test_malformed_then_new_connection_and_no_fd_leak(tmp_path: Path) -> None:
         reply = ch.call(FrontendRequest.GET_FEATURES, timeout=5.0)
         assert reply is not None and reply.flags == 0x5
         ch.close()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize(
+    "point", ["after-pop", "after-data", "after-used-elem", "after-used-idx", "after-region-update"]
+)
+def test_crash_at_every_point_completes_exactly_once(
+    tmp_path: Path, point: str, packed: bool
+) -> None:
+    """SIGKILL at each point of a write's life; after restart + reconnect (the region from
+    SET_INFLIGHT_FD) the write completes exactly once and its data is on the disk."""
+    sock = tmp_path / "c.sock"
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(DISK))
+    with GuestMemory.simple(8 << 20) as memory:
+        with running_backend(
+            sock, "--disk", str(disk), "--crash-at", point, expect_exit=None
+        ) as proc:
+            s = _session(sock, memory, packed=packed)
+            s.connect()
+            s.start()
+            q = s.queues[0]
+            q.blk.write(1, b"\xbb" * 1024, segments=2)
+            s.submit(0)
+            assert proc.wait(timeout=5) == -9
+        seen = s.wait_used(0, 1, timeout=0.2)
+        sock.unlink()
+        with running_backend(sock, "--disk", str(disk)):
+            s.reattach(Channel.connect(sock, timeout=5.0))
+            if not seen:
+                seen = s.wait_used(0, 1, timeout=5.0)
+            extra = s.wait_used(0, 1, timeout=0.3)
+            assert extra == [], f"completed twice: {extra}"
+            done = q.blk.complete(seen)
+            assert [c.status for c in done] == [0]
+            s.close()
+    assert disk.read_bytes()[512:1536] == b"\xbb" * 1024
