@@ -131,7 +131,9 @@ def _trace_table(trace: Sequence[dict[str, Any]]) -> str:
     for entry in trace:
         direction = str(entry.get("direction", ""))
         cls = "dir-be" if direction.startswith(("back-end", "<")) else "dir-fe"
-        cells = "".join(f"<td>{h(entry[c]) if c in entry else ''}</td>" for c in columns)
+        cells = "".join(
+            f'<td class="c-{h(c)}">{h(entry[c]) if c in entry else ""}</td>' for c in columns
+        )
         rows.append(f'<tr class="{cls}">{cells}</tr>')
     return f'<table class="trace"><tr>{head}</tr>{"".join(rows)}</table>'
 

@@ -28,8 +28,11 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     start = math.floor(lo / step) * step
     ticks: list[float] = []
     t = start
-    while t <= hi + step * 0.5 and len(ticks) < 50:
+    # Up to the first tick at or above hi, so every value lies inside the frame.
+    while len(ticks) < 50:
         ticks.append(round(t, 12))
+        if t >= hi - step * 1e-9:
+            break
         t += step
     return ticks
 
