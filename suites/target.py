@@ -199,6 +199,9 @@ class Profile:
     description: str = ""
     needs: tuple[str, ...] = ()
     source: str = "<built-in>"
+    #: The command that prints the back-end's capabilities (vhost-user.rst "Backend program
+    #: conventions"); None: the command's program with ``--print-capabilities``.
+    print_capabilities: str | None = None
 
     def __post_init__(self) -> None:
         if self.socket_mode not in ("listen", "connect"):
@@ -216,6 +219,12 @@ class Profile:
                 )
         if self.socket is not None:
             check_template(self.socket, COMMAND_PLACEHOLDERS, f"profile {self.name!r}: socket")
+        if self.print_capabilities is not None:
+            check_template(
+                self.print_capabilities,
+                COMMAND_PLACEHOLDERS,
+                f"profile {self.name!r}: print_capabilities",
+            )
         for text, what in (
             (self.slow_io.args, "slow_io.args"),
             (self.slow_io.command, "slow_io.command"),
@@ -246,6 +255,7 @@ _PROFILE_KEYS = frozenset(
         "shares_disk",
         "deviation",
         "needs",
+        "print_capabilities",
     }
 )
 
@@ -292,6 +302,7 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
     assert isinstance(needs, list)
     command = typed("command", str, None)
     socket_path = typed("socket", str, None)
+    print_caps = typed("print_capabilities", str, None)
     return Profile(
         name=str(typed("name", str, name)),
         command=command if isinstance(command, str) else None,
@@ -304,6 +315,7 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
         description=str(typed("description", str, "")),
         needs=tuple(str(n) for n in needs),
         source=source,
+        print_capabilities=print_caps if isinstance(print_caps, str) else None,
     )
 
 
@@ -505,6 +517,19 @@ class CommandTarget:
             elif slow.args is not None:
                 template = f"{template} {slow.args}"
         return render_command(template, values)
+
+    def print_capabilities_argv(self) -> list[str] | None:
+        """The command line that asks the back-end program for its capabilities, or None."""
+        if self.profile.print_capabilities is not None:
+            return render_command(self.profile.print_capabilities, self.values)
+        argv = self.argv()
+        if argv is None:
+            return None
+        program = argv[:1]
+        if Path(argv[0]).name.startswith("python") and len(argv) > 1:
+            # an interpreter: the program is "python -m module" or "python script.py"
+            program = argv[:3] if argv[1] == "-m" else argv[:2]
+        return [*program, "--print-capabilities"]
 
     def _make_disk(self) -> None:
         disk = Path(self.values["disk"])

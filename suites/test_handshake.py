@@ -1,0 +1,554 @@
+"""Handshake, config space and back-end program cases: what a front-end sees before any ring
+runs. Each case needs only the wire codec and the channel.
+
+Families: handshake (VU-HDR, VU-FEAT, VU-ACK, VU-MQ), config (VU-CFG), program (VU-BACKEND).
+Clauses: vhost-user.rst as shipped with QEMU 11.1.3; VIRTIO 1.3 "Block Device".
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+
+from vhost_conformance.frontend.channel import BackendClosed, Channel
+from vhost_conformance.frontend.protocol import (
+    REPLY_FLAGS,
+    U64,
+    VERSION,
+    VERSION_MASK,
+    BlkFeature,
+    Config,
+    FrontendRequest,
+    Message,
+    ProtocolFeature,
+    VirtioFeature,
+    VringState,
+    has,
+)
+from vhost_conformance.suites.model import (
+    MUST,
+    SHOULD,
+    CaseFailed,
+    CaseNonStrict,
+    Unsupported,
+    case,
+)
+from vhost_conformance.suites.target import BackendTarget, Capabilities, CommandTarget
+
+R = FrontendRequest
+P = ProtocolFeature
+
+# --------------------------------------------------------------------------- drivers
+
+
+def ask(
+    channel: Channel,
+    request: FrontendRequest,
+    payload: object = None,
+    *,
+    timeout: float,
+    need_reply: bool = False,
+) -> Message:
+    """Send one request and read the next message, unvalidated (the case judges it)."""
+    channel.send(request, payload, need_reply=need_reply)  # type: ignore[arg-type]
+    return channel.recv(timeout, awaiting=request.name, close_surplus_fds=True)
+
+
+def ask_u64(channel: Channel, request: FrontendRequest, *, timeout: float) -> int:
+    """A request answered by a u64 (GET_FEATURES, GET_QUEUE_NUM, ...): its value."""
+    reply = ask(channel, request, timeout=timeout)
+    expect_reply_to(reply, request, size=8)
+    return U64.decode(reply.payload).value
+
+
+def expect_reply_to(reply: Message, request: FrontendRequest, *, size: int | None = None) -> None:
+    """The reply answers ``request`` (same id) with ``size`` payload bytes."""
+    if reply.request != request:
+        raise CaseFailed(
+            f"reply to {request.name} carries another request id",
+            expected=f"{int(request)} ({request.name})",
+            seen=reply.request,
+        )
+    if size is not None and len(reply.payload) != size:
+        raise CaseFailed(
+            f"{request.name} reply payload size",
+            expected=f"{size} bytes",
+            seen=f"{len(reply.payload)} bytes",
+        )
+
+
+def negotiate(channel: Channel, capabilities: Capabilities, wanted: int, *, timeout: float) -> int:
+    """GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES(offer & wanted), as QEMU's
+    init (SPEC-DIGEST 4.1 steps 1-2). Returns the negotiated protocol features."""
+    ask_u64(channel, R.GET_FEATURES, timeout=timeout)
+    offered = ask_u64(channel, R.GET_PROTOCOL_FEATURES, timeout=timeout)
+    chosen = offered & wanted
+    channel.send(R.SET_PROTOCOL_FEATURES, U64(chosen))
+    channel.protocol_features = chosen
+    return chosen
+
+
+def bits_of(*features: ProtocolFeature) -> int:
+    """The mask of the given protocol feature bits."""
+    mask = 0
+    for feature in features:
+        mask |= 1 << feature
+    return mask
+
+
+ALL_PROTOCOL = (1 << (max(ProtocolFeature) + 1)) - 1
+
+
+def config_size(capabilities: Capabilities) -> int:
+    """The GET_CONFIG size QEMU 11.1.3 asks for, from the offered blk bits (SPEC-DIGEST 4.1)."""
+    if capabilities.offers(BlkFeature.WRITE_ZEROES):
+        return 57
+    if capabilities.offers(BlkFeature.DISCARD):
+        return 48
+    return 36
+
+
+def get_config(channel: Channel, offset: int, size: int, *, timeout: float) -> Config:
+    """GET_CONFIG(offset, size) -> the Config reply, checked for id and echo of offset/size."""
+    reply = ask(channel, R.GET_CONFIG, Config.request(offset, size), timeout=timeout)
+    expect_reply_to(reply, R.GET_CONFIG, size=Config.HEAD_SIZE + size)
+    config = Config.decode(reply.payload)
+    if (config.offset, config.size) != (offset, size):
+        raise CaseFailed(
+            "GET_CONFIG reply header",
+            expected=f"offset {offset} size {size}",
+            seen=f"offset {config.offset} size {config.size}",
+        )
+    return config
+
+
+# --------------------------------------------------------------------------- header
+
+
+@case("VU-HDR-1", level=MUST)
+def test_replies_carry_version_1(vhost_channel: Channel, vhost_timeout: float) -> None:
+    """Every reply from the back-end has 0x1 in flags bits 0-1."""
+    for request in (R.GET_FEATURES, R.GET_FEATURES):
+        reply = ask(vhost_channel, request, timeout=vhost_timeout)
+        if reply.flags & VERSION_MASK != VERSION:
+            raise CaseFailed(
+                f"{request.name} reply version bits",
+                expected=VERSION,
+                seen=reply.flags & VERSION_MASK,
+            )
+
+
+@case("VU-HDR-2", level=MUST)
+def test_reply_flags_are_exactly_0x5(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """Every reply sets REPLY and version 1 and no other flag bit, NEED_REPLY included."""
+    requests = [(R.GET_FEATURES, False), (R.GET_FEATURES, True)]
+    if vhost_capabilities.offers(VirtioFeature.PROTOCOL_FEATURES):
+        requests.append((R.GET_PROTOCOL_FEATURES, False))
+    for request, need_reply in requests:
+        reply = ask(vhost_channel, request, timeout=vhost_timeout, need_reply=need_reply)
+        if reply.flags != REPLY_FLAGS:
+            raise CaseFailed(
+                f"{request.name} reply flags" + (" (request had NEED_REPLY)" if need_reply else ""),
+                expected=f"{REPLY_FLAGS:#x}",
+                seen=f"{reply.flags:#x}",
+            )
+
+
+@case("VU-HDR-3", level=MUST)
+def test_replies_answer_their_request(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """A reply carries the id of the request it answers and its layout's payload size."""
+    ask_u64(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+    if not vhost_capabilities.offers(VirtioFeature.PROTOCOL_FEATURES):
+        return
+    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    if vhost_capabilities.offers(P.MQ):
+        ask_u64(vhost_channel, R.GET_QUEUE_NUM, timeout=vhost_timeout)
+    if vhost_capabilities.offers(P.CONFIGURE_MEM_SLOTS):
+        ask_u64(vhost_channel, R.GET_MAX_MEM_SLOTS, timeout=vhost_timeout)
+
+
+@case("VU-HDR-4", level=MUST)
+def test_integers_are_host_native(vhost_channel: Channel, vhost_timeout: float) -> None:
+    """Feature words are native-endian: VERSION_1 / bit 30 show where they belong."""
+    reply = ask(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+    expect_reply_to(reply, R.GET_FEATURES, size=8)
+    (native,) = struct.unpack("=Q", reply.payload)
+    (swapped,) = struct.unpack("<Q" if struct.pack("=H", 1) == b"\x00\x01" else ">Q", reply.payload)
+    landmarks = (1 << VirtioFeature.VERSION_1) | (1 << VirtioFeature.PROTOCOL_FEATURES)
+    if native & landmarks:
+        return
+    if swapped & landmarks:
+        raise CaseFailed(
+            "GET_FEATURES byte order", expected="host-native", seen=f"byte-swapped ({swapped:#x})"
+        )
+    raise Unsupported(
+        "VERSION_1 or PROTOCOL_FEATURES", "no landmark bit to judge the byte order by"
+    )
+
+
+# --------------------------------------------------------------------------- features
+
+
+@case("VU-FEAT-1", level=MUST, requires=[VirtioFeature.PROTOCOL_FEATURES])
+def test_protocol_features_before_set_features(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """With bit 30 offered, GET/SET_PROTOCOL_FEATURES work before any SET_FEATURES."""
+    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    # the connection is still served after SET_PROTOCOL_FEATURES
+    ask_u64(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+
+
+@case("VU-FEAT-3", level=SHOULD, requires=[P.INBAND_NOTIFICATIONS])
+def test_inband_notifications_need_backend_req_and_reply_ack(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """INBAND_NOTIFICATIONS negotiated without BACKEND_REQ and REPLY_ACK: the back-end closes."""
+    wanted = ALL_PROTOCOL & ~bits_of(P.BACKEND_REQ, P.REPLY_ACK)
+    negotiate(vhost_channel, vhost_capabilities, wanted, timeout=vhost_timeout)
+    try:
+        ask(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+    except BackendClosed:
+        return
+    raise CaseNonStrict(
+        "the back-end kept serving after INBAND_NOTIFICATIONS without BACKEND_REQ and REPLY_ACK"
+    )
+
+
+@case("VU-FEAT-4", level=MUST)
+def test_bit_20_only_with_bit_12(vhost_capabilities: Capabilities) -> None:
+    """A back-end offering GET_VRING_BASE_INFLIGHT (20) also offers INFLIGHT_SHMFD (12)."""
+    if vhost_capabilities.offers(P.GET_VRING_BASE_INFLIGHT) and not vhost_capabilities.offers(
+        P.INFLIGHT_SHMFD
+    ):
+        raise CaseFailed(
+            "protocol features offered",
+            expected="bit 12 (INFLIGHT_SHMFD) with bit 20",
+            seen=f"{vhost_capabilities.protocol_features:#x} (bit 20 without bit 12)",
+        )
+
+
+@case("VU-FEAT-5", level=MUST, requires=[VirtioFeature.PROTOCOL_FEATURES])
+def test_blk_backend_offers_config(vhost_capabilities: Capabilities) -> None:
+    """A vhost-user-blk back-end offers protocol feature CONFIG (QEMU refuses it otherwise)."""
+    if not vhost_capabilities.offers(P.CONFIG):
+        raise CaseFailed(
+            "protocol features offered",
+            expected="CONFIG (bit 9)",
+            seen=f"{vhost_capabilities.protocol_features:#x}",
+        )
+
+
+@case("VU-FEAT-6", level=MUST, requires=[VirtioFeature.IOMMU_PLATFORM])
+def test_iommu_platform_comes_with_backend_req_and_reply_ack(
+    vhost_capabilities: Capabilities,
+) -> None:
+    """IOMMU_PLATFORM offered: BACKEND_REQ and REPLY_ACK offered too."""
+    missing = vhost_capabilities.missing([P.BACKEND_REQ, P.REPLY_ACK])
+    if missing:
+        raise CaseFailed(
+            "protocol features offered with IOMMU_PLATFORM",
+            expected="BACKEND_REQ and REPLY_ACK",
+            seen=f"missing {', '.join(f.name for f in missing)}",
+        )
+
+
+@case("VU-FEAT-8", level=SHOULD)
+def test_get_features_is_constant(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """GET_FEATURES gives one value before SET_OWNER, after it, and after SET_FEATURES."""
+    seen = [ask_u64(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)]
+    if vhost_capabilities.offers(VirtioFeature.PROTOCOL_FEATURES):
+        negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    vhost_channel.send(R.SET_OWNER)
+    seen.append(ask_u64(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout))
+    vhost_channel.send(R.SET_FEATURES, U64(seen[0] & ~(1 << VirtioFeature.LOG_ALL)))
+    seen.append(ask_u64(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout))
+    if len(set(seen)) != 1:
+        raise CaseNonStrict(
+            "GET_FEATURES changed on one connection: " + " -> ".join(f"{v:#x}" for v in seen)
+        )
+
+
+@case("VU-FEAT-9", level=MUST, requires=[VirtioFeature.PROTOCOL_FEATURES])
+def test_subset_of_protocol_features_accepted(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """SET_PROTOCOL_FEATURES with a subset of the offer is accepted; the session goes on."""
+    # QEMU strips bits it does not use (e.g. 20 without inflight-migration=on, 17 outside Xen).
+    subset = bits_of(P.MQ, P.REPLY_ACK, P.CONFIG)
+    negotiate(vhost_channel, vhost_capabilities, subset, timeout=vhost_timeout)
+    vhost_channel.send(R.SET_OWNER)
+    ask_u64(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+
+
+@case("VU-FEAT-10", level=SHOULD)
+def test_version_1_offered(vhost_capabilities: Capabilities) -> None:
+    """A vhost-user-blk back-end offers VIRTIO_F_VERSION_1."""
+    if not vhost_capabilities.offers(VirtioFeature.VERSION_1):
+        raise CaseNonStrict(
+            f"VERSION_1 (bit 32) not offered: features {vhost_capabilities.features:#x}"
+        )
+
+
+# --------------------------------------------------------------------------- REPLY_ACK
+
+
+@case("VU-ACK-1", level=MUST, requires=[P.REPLY_ACK])
+def test_need_reply_gets_one_ack(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """NEED_REPLY on requests without a reply of their own: exactly one u64 ack, 0."""
+    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    for request, payload in ((R.SET_OWNER, None), (R.SET_VRING_NUM, VringState(0, 128))):
+        reply = ask(vhost_channel, request, payload, timeout=vhost_timeout, need_reply=True)
+        expect_reply_to(reply, request, size=8)
+        status = U64.decode(reply.payload).value
+        if status != 0:
+            raise CaseFailed(f"{request.name} ack status", expected=0, seen=status)
+    # exactly one: the next message must answer the next request
+    reply = ask(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+    expect_reply_to(reply, R.GET_FEATURES, size=8)
+
+
+@case("VU-ACK-2", level=MUST, requires=[P.REPLY_ACK])
+def test_need_reply_does_not_change_defined_replies(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """NEED_REPLY on GET_FEATURES / GET_PROTOCOL_FEATURES: the defined reply, once."""
+    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    for request in (R.GET_FEATURES, R.GET_PROTOCOL_FEATURES):
+        reply = ask(vhost_channel, request, timeout=vhost_timeout, need_reply=True)
+        expect_reply_to(reply, request, size=8)
+    features = ask(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+    expect_reply_to(features, R.GET_FEATURES, size=8)
+    if U64.decode(features.payload).value != vhost_capabilities.features:
+        raise CaseFailed(
+            "GET_FEATURES after NEED_REPLY requests (an extra reply came first?)",
+            expected=f"{vhost_capabilities.features:#x}",
+            seen=f"{U64.decode(features.payload).value:#x}",
+        )
+
+
+@case("VU-ACK-3", level=SHOULD)
+def test_no_ack_without_reply_ack(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """REPLY_ACK not negotiated: NEED_REPLY on SET_OWNER produces no reply."""
+    if vhost_capabilities.offers(VirtioFeature.PROTOCOL_FEATURES):
+        negotiate(
+            vhost_channel,
+            vhost_capabilities,
+            ALL_PROTOCOL & ~bits_of(P.REPLY_ACK),
+            timeout=vhost_timeout,
+        )
+    vhost_channel.send(R.SET_OWNER, need_reply=True)
+    reply = ask(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+    if reply.request == R.SET_OWNER:
+        raise CaseNonStrict(
+            "SET_OWNER with NEED_REPLY was acked although REPLY_ACK was not negotiated"
+        )
+    expect_reply_to(reply, R.GET_FEATURES, size=8)
+
+
+@case("VU-ACK-4", level=SHOULD, requires=[P.REPLY_ACK])
+def test_rejected_request_is_acked_non_zero(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """SET_VRING_NUM for a queue the back-end does not have, NEED_REPLY: a non-zero ack."""
+    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    queues = vhost_capabilities.queue_num or 1
+    bogus = max(queues, 200)
+    try:
+        reply = ask(
+            vhost_channel,
+            R.SET_VRING_NUM,
+            VringState(bogus, 128),
+            timeout=vhost_timeout,
+            need_reply=True,
+        )
+    except BackendClosed:
+        return  # refusing by closing is allowed (vhost-user.rst "Communication")
+    expect_reply_to(reply, R.SET_VRING_NUM, size=8)
+    if U64.decode(reply.payload).value == 0:
+        raise CaseNonStrict(f"SET_VRING_NUM for vring {bogus} (of {queues}) was acked 0 (success)")
+
+
+@case("VU-MQ-1", level=MUST, requires=[P.MQ])
+def test_get_queue_num(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """GET_QUEUE_NUM >= 1, and the config's num_queues does not exceed it."""
+    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    queue_num = ask_u64(vhost_channel, R.GET_QUEUE_NUM, timeout=vhost_timeout)
+    if queue_num < 1:
+        raise CaseFailed("GET_QUEUE_NUM", expected=">= 1", seen=queue_num)
+    if vhost_capabilities.offers(P.CONFIG) and vhost_capabilities.offers(BlkFeature.MQ):
+        config = get_config(vhost_channel, 0, 36, timeout=vhost_timeout)
+        (num_queues,) = struct.unpack_from("<H", config.data, 34)
+        if not 1 <= num_queues <= queue_num:
+            raise CaseFailed(
+                "config num_queues vs GET_QUEUE_NUM", expected=f"1..{queue_num}", seen=num_queues
+            )
+
+
+# --------------------------------------------------------------------------- config space
+
+
+@case("VU-CFG-1", level=MUST, requires=[P.CONFIG])
+def test_get_config_reply_size(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """GET_CONFIG is answered with the request's offset and size and exactly size bytes."""
+    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    for offset, size in ((0, config_size(vhost_capabilities)), (0, 8)):
+        get_config(vhost_channel, offset, size, timeout=vhost_timeout)
+
+
+def _capacity(channel: Channel, timeout: float) -> int:
+    (capacity,) = struct.unpack("<Q", get_config(channel, 0, 8, timeout=timeout).data)
+    return int(capacity)
+
+
+@case("VU-CFG-2", level=MUST, requires=[P.CONFIG])
+def test_read_only_config_not_written(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """SET_CONFIG of capacity with flags 0 leaves capacity as it was."""
+    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    before = _capacity(vhost_channel, vhost_timeout)
+    write = Config(0, 8, 0, struct.pack("<Q", before + 8))
+    acked = has(vhost_channel.protocol_features, P.REPLY_ACK)
+    vhost_channel.send(R.SET_CONFIG, write, need_reply=acked)
+    if acked:
+        expect_reply_to(
+            vhost_channel.recv(vhost_timeout, awaiting="SET_CONFIG"), R.SET_CONFIG, size=8
+        )
+    after = _capacity(vhost_channel, vhost_timeout)
+    if after != before:
+        raise CaseFailed(
+            "capacity after SET_CONFIG of a read-only field", expected=before, seen=after
+        )
+
+
+@case("VU-CFG-3", level=SHOULD, requires=[P.CONFIG])
+def test_capacity_matches_disk(
+    vhost_channel: Channel,
+    vhost_target: BackendTarget,
+    vhost_capabilities: Capabilities,
+    vhost_timeout: float,
+) -> None:
+    """The config's capacity is the disk size in 512-byte sectors."""
+    if not isinstance(vhost_target, CommandTarget):
+        raise Unsupported("a back-end command", "the disk size is only known for back-ends we run")
+    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    capacity = _capacity(vhost_channel, vhost_timeout)
+    expected = vhost_target.profile.disk_size // 512
+    if capacity != expected:
+        raise CaseNonStrict(f"capacity {capacity} sectors, the disk has {expected}")
+
+
+@case("VU-CFG-4", level=MUST, requires=[P.CONFIG, BlkFeature.CONFIG_WCE])
+def test_writeback_cache_toggle(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """SET_CONFIG of wce (offset 32, 1 byte, flags 0) as QEMU sends it reads back."""
+    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    vhost_channel.send(R.SET_OWNER)
+    features = vhost_capabilities.features & ~(1 << VirtioFeature.LOG_ALL)
+    vhost_channel.send(R.SET_FEATURES, U64(features))
+    before = get_config(vhost_channel, 32, 1, timeout=vhost_timeout).data[0]
+    wanted = 0 if before else 1
+    acked = has(vhost_channel.protocol_features, P.REPLY_ACK)
+    vhost_channel.send(R.SET_CONFIG, Config(32, 1, 0, bytes([wanted])), need_reply=acked)
+    if acked:
+        reply = vhost_channel.recv(vhost_timeout, awaiting="SET_CONFIG")
+        expect_reply_to(reply, R.SET_CONFIG, size=8)
+        if U64.decode(reply.payload).value != 0:
+            raise CaseFailed("SET_CONFIG wce ack", expected=0, seen=U64.decode(reply.payload).value)
+    after = get_config(vhost_channel, 32, 1, timeout=vhost_timeout).data[0]
+    if after != wanted:
+        raise CaseFailed("wce after SET_CONFIG", expected=wanted, seen=after)
+
+
+@case("VU-CFG-5", level=MUST, requires=[P.CONFIG])
+def test_config_fields_of_offered_features(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """Fields gated by offered blk features hold usable values."""
+    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    data = get_config(vhost_channel, 0, config_size(vhost_capabilities), timeout=vhost_timeout).data
+    # VIRTIO 1.3 "Block Device: Device configuration layout" (offsets: SPEC-DIGEST section 8)
+    checks = [
+        (BlkFeature.SEG_MAX, "seg_max", 12, "<I"),
+        (BlkFeature.BLK_SIZE, "blk_size", 20, "<I"),
+        (BlkFeature.DISCARD, "max_discard_sectors", 36, "<I"),
+        (BlkFeature.DISCARD, "max_discard_seg", 40, "<I"),
+        (BlkFeature.WRITE_ZEROES, "max_write_zeroes_sectors", 48, "<I"),
+        (BlkFeature.WRITE_ZEROES, "max_write_zeroes_seg", 52, "<I"),
+    ]
+    for feature, name, offset, fmt in checks:
+        if vhost_capabilities.offers(feature) and offset + 4 <= len(data):
+            (value,) = struct.unpack_from(fmt, data, offset)
+            if value == 0:
+                raise CaseFailed(
+                    f"config {name} with {feature.name} offered", expected="> 0", seen=0
+                )
+            if name == "blk_size" and (value < 512 or value & (value - 1)):
+                raise CaseFailed("config blk_size", expected="a power of 2 >= 512", seen=value)
+
+
+# --------------------------------------------------------------------------- the program
+
+
+@case("VU-BACKEND-1", level=SHOULD, needs=["command"])
+def test_exits_on_sigterm(vhost_target: BackendTarget) -> None:
+    """The program stays in the foreground and exits on SIGTERM."""
+    import signal
+
+    assert isinstance(vhost_target, CommandTarget)
+    if not vhost_target.alive():
+        raise CaseNonStrict(
+            f"the process we started exited with status {vhost_target.exit_status()} while its "
+            "socket stayed: it daemonized"
+        )
+    vhost_target.send_signal(signal.SIGTERM)
+    status = vhost_target.wait_exit(5.0)
+    if status is None:
+        raise CaseNonStrict("the back-end did not exit within 5 s of SIGTERM")
+
+
+@case("VU-BACKEND-2", level=SHOULD, needs=["command"])
+def test_print_capabilities(vhost_target: BackendTarget) -> None:
+    """--print-capabilities prints JSON with type "block" and exits 0."""
+    assert isinstance(vhost_target, CommandTarget)
+    argv = vhost_target.print_capabilities_argv()
+    assert argv is not None
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, timeout=10, check=False, cwd=vhost_target.workdir
+        )
+    except subprocess.TimeoutExpired:
+        raise CaseNonStrict(f"{' '.join(argv)} did not exit within 10 s") from None
+    except OSError as exc:
+        raise CaseNonStrict(f"cannot run {' '.join(argv)}: {exc}") from None
+    if done.returncode != 0:
+        raise CaseNonStrict(
+            f"{' '.join(argv)} exited with status {done.returncode}: {done.stderr[-300:]!r}"
+        )
+    try:
+        capabilities = json.loads(done.stdout)
+    except ValueError:
+        raise CaseNonStrict(
+            f"--print-capabilities output is not JSON: {done.stdout[:200]!r}"
+        ) from None
+    if not isinstance(capabilities, dict) or capabilities.get("type") != "block":
+        raise CaseNonStrict(
+            f'--print-capabilities: expected {{"type": "block", ...}}, seen {capabilities!r:.200}'
+        )
