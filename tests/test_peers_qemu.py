@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import signal
 import time
 
 import pytest
@@ -252,3 +253,38 @@ def test_qemu_img_bench_refuses_dpdk(tmp_path: pathlib.Path) -> None:
         pytest.raises(PeerProcessError, match="exited"),
     ):
         qemu_img_bench(dpdk.socket, count=100, depth=1, timeout=30)
+
+
+@pytest.mark.peer("qemu-11.1")
+@pytest.mark.slow
+def test_guest_survives_a_back_end_restart_with_reconnect_ms(tmp_path: pathlib.Path) -> None:
+    """PEERS.md "reconnect": kill -9 the daemon, start a new one on the same socket and image;
+    QEMU (chardev reconnect-ms) replays the set-up and the guest's I/O continues."""
+    _need_qemu()
+    _need("qsd-11.1")
+    image = create_raw_image(tmp_path / "disk.img", 64 << 20)
+    sock = tmp_path / "qsd.sock"
+    first = start_qsd(sock, FileDisk(image), version="11.1")
+    try:
+        with start_qemu(
+            tmp_path,
+            [VhostUserBlkDisk(sock, reconnect_ms=200)],
+            name="guest",
+            mode="loop",
+            iters=30,
+            delay=0.1,
+        ) as guest:
+            guest.wait_for_iteration(3, timeout=90)
+            first.process.signal(signal.SIGKILL)
+            assert first.process.wait(5) == -signal.SIGKILL
+            killed_at = guest.iterations()
+            with start_qsd(sock, FileDisk(image), version="11.1") as second:
+                result = guest.wait_for_result(timeout=120)
+                assert second.alive()
+    finally:
+        first.terminate()
+    assert result.passed, f"{result.marker}\n{result.serial}"
+    assert killed_at < 30 and result.iterations == 30
+    print(
+        f"reconnect: back-end killed at ITER {killed_at}, guest PASS after {result.seconds:.2f} s"
+    )
