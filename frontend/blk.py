@@ -428,7 +428,9 @@ class _Chunk:
 
 
 class _Arena:
-    """First-fit allocator for data buffers over chunks of guest memory taken on demand."""
+    """Allocator for data buffers over chunks of guest memory taken on demand: freed blocks are
+    kept per size for O(1) reuse (requests repeat their sizes) and returned to their chunk's
+    first-fit free list, coalescing, only when a request does not fit otherwise."""
 
     def __init__(self, memory: GuestMemory, chunk: int) -> None:
         self._memory = memory
@@ -436,30 +438,50 @@ class _Arena:
         self._chunks: list[_Chunk] = []
         self._starts: list[int] = []
         self._sizes: dict[int, int] = {}
+        self._cache: dict[int, list[int]] = {}
 
     def alloc(self, size: int, align: int = 64) -> int:
-        for chunk in self._chunks:
+        cached = self._cache.get(size)
+        if cached:
+            gpa = cached.pop()
+            self._sizes[gpa] = size
+            return gpa
+        gpa = self._first_fit(size, align)
+        if gpa is None and self._cache:
+            self._flush_cache()
+            gpa = self._first_fit(size, align)
+        if gpa is None:
+            chunk_size = max(self._chunk, (size + align + 4095) // 4096 * 4096)
+            chunk = _Chunk(self._memory.alloc(chunk_size, 4096), chunk_size)
+            index = bisect.bisect(self._starts, chunk.start)
+            self._chunks.insert(index, chunk)
+            self._starts.insert(index, chunk.start)
             gpa = chunk.alloc(size, align)
-            if gpa is not None:
-                self._sizes[gpa] = size
-                return gpa
-        chunk_size = max(self._chunk, (size + align + 4095) // 4096 * 4096)
-        chunk = _Chunk(self._memory.alloc(chunk_size, 4096), chunk_size)
-        index = bisect.bisect(self._starts, chunk.start)
-        self._chunks.insert(index, chunk)
-        self._starts.insert(index, chunk.start)
-        gpa = chunk.alloc(size, align)
-        assert gpa is not None
+            assert gpa is not None
         self._sizes[gpa] = size
         return gpa
 
+    def _first_fit(self, size: int, align: int) -> int | None:
+        for chunk in self._chunks:
+            gpa = chunk.alloc(size, align)
+            if gpa is not None:
+                return gpa
+        return None
+
+    def _flush_cache(self) -> None:
+        for size, blocks in self._cache.items():
+            for gpa in blocks:
+                self._chunks[bisect.bisect(self._starts, gpa) - 1].release(gpa, size)
+        self._cache.clear()
+
     def free(self, gpa: int) -> None:
         size = self._sizes.pop(gpa)
-        self._chunks[bisect.bisect(self._starts, gpa) - 1].release(gpa, size)
+        self._cache.setdefault(size, []).append(gpa)
 
     @property
     def free_bytes(self) -> int:
-        """Free bytes over all chunks."""
+        """Free bytes over all chunks (coalesces the per-size cache first)."""
+        self._flush_cache()
         return sum(n for c in self._chunks for _, n in c.free)
 
     @property

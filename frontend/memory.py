@@ -68,13 +68,12 @@ class GuestRegion:
     # Bytes of the region only (starts at mmap_offset inside the mapping).
     data: memoryview = field(repr=False)
     alloc_cursor: int = 0
+    end: int = field(init=False)  # first GPA after the region
     # Views handed out by GuestMemory.view(): released at close so the mmap can be unmapped.
     views: list[weakref.ref[memoryview]] = field(default_factory=list, repr=False)
 
-    @property
-    def end(self) -> int:
-        """First GPA after the region."""
-        return self.guest_phys_addr + self.memory_size
+    def __post_init__(self) -> None:
+        self.end = self.guest_phys_addr + self.memory_size
 
     def contains(self, gpa: int, n: int = 1) -> bool:
         """Whether ``[gpa, gpa + n)`` lies inside this region."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
+import pathlib
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -265,3 +268,26 @@ def test_dirty_log_bit_layout() -> None:
         log.clear()
         assert log.dirty_pages() == set()
         other.close()
+
+
+def test_missing_compiler_is_named(tmp_path: pathlib.Path) -> None:
+    """With an empty cache and no compiler, loading fails with an error naming the compiler."""
+    code = (
+        "from vhost_conformance.frontend import barrier\n"
+        "try:\n"
+        "    barrier.load_library()\n"
+        "except barrier.BarrierBuildError as exc:\n"
+        "    print('ERROR', exc)\n"
+    )
+    env = dict(os.environ, CC="/nonexistent/vc-cc", VHOST_CONFORMANCE_CACHE=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert "ERROR no C compiler: '/nonexistent/vc-cc'" in out.stdout
+
+
+def test_close_releases_views_handed_out() -> None:
+    memory = GuestMemory.simple(MiB)
+    view = memory.view(0, 16)
+    memory.close()  # would fail to unmap if the view still pinned the mapping
+    with pytest.raises(ValueError):
+        view[0] = 1
