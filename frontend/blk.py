@@ -443,9 +443,9 @@ class _Arena:
     def alloc(self, size: int, align: int = 64) -> int:
         cached = self._cache.get(size)
         if cached:
-            gpa = cached.pop()
-            self._sizes[gpa] = size
-            return gpa
+            block = cached.pop()
+            self._sizes[block] = size
+            return block
         gpa = self._first_fit(size, align)
         if gpa is None and self._cache:
             self._flush_cache()
