@@ -1,0 +1,543 @@
+"""A front-end session: QEMU's connect, start and stop sequences against one back-end.
+
+The message order follows what QEMU 11.1.3 sends to a vhost-user-blk back-end (recorded in
+shared/docs/QEMU-TRACES.md, scenarios (a)-(e); SPEC-DIGEST 4.1-4.4) as the profile
+``qemu-11.1``; ``qemu-7.2`` replays the older order (no kick injection, no STATUS messages).
+
+A :class:`Session` owns the vring eventfds and the in-flight region it received (it keeps
+the region across reconnects, as QEMU does: SPEC-DIGEST 4.5); guest memory and the channel
+are given to it. It never interprets the region: :mod:`.inflight` does that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import select
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from vhost_conformance.frontend.blk import BlkDriver, ModelDisk
+from vhost_conformance.frontend.channel import BackendChannel, Channel
+from vhost_conformance.frontend.memory import GuestMemory
+from vhost_conformance.frontend.protocol import (
+    U64,
+    VRING_F_LOG,
+    BlkFeature,
+    Config,
+    FrontendRequest,
+    Inflight,
+    LogBase,
+    MemoryTable,
+    Message,
+    ProtocolFeature,
+    SingleMemoryRegion,
+    VirtioFeature,
+    VringAddr,
+    VringState,
+    has,
+)
+from vhost_conformance.frontend.virtqueue import PackedVirtqueue, SplitVirtqueue, Virtqueue
+
+F = FrontendRequest
+
+#: virtio status bits (VIRTIO 1.x 2.1).
+STATUS_ACKNOWLEDGE = 0x1
+STATUS_DRIVER = 0x2
+STATUS_DRIVER_OK = 0x4
+STATUS_FEATURES_OK = 0x8
+
+#: Protocol features QEMU 11.1.3 knows (VHOST_USER_PROTOCOL_F_MAX = 23: bits 0..22);
+#: it masks the back-end's offer with this (SPEC-DIGEST 3.1 "QEMU front-end negotiation").
+QEMU_PROTOCOL_MASK = (1 << 23) - 1
+
+#: Guest-visible virtio-blk features a Linux guest driver acks when offered
+#: (drivers/block/virtio_blk.c feature table; MQ only with more than one queue).
+GUEST_BLK_FEATURES = (
+    BlkFeature.SIZE_MAX,
+    BlkFeature.SEG_MAX,
+    BlkFeature.GEOMETRY,
+    BlkFeature.RO,
+    BlkFeature.BLK_SIZE,
+    BlkFeature.FLUSH,
+    BlkFeature.TOPOLOGY,
+    BlkFeature.CONFIG_WCE,
+    BlkFeature.DISCARD,
+    BlkFeature.WRITE_ZEROES,
+)
+
+#: config_len QEMU 11.1.3 asks with GET_CONFIG when discard and write-zeroes are on
+#: (hw/block/virtio-blk-common.c size table; seen in QEMU-TRACES (a): size 57).
+QEMU_BLK_CONFIG_LEN = 57
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """The knobs in which QEMU releases differ, as seen by a back-end."""
+
+    name: str
+    #: write 1 to the kick eventfd after SET_VRING_KICK (QEMU-TRACES correction 5).
+    inject_kick: bool
+    #: GET_STATUS/SET_STATUS when STATUS (16) is negotiated (QEMU-TRACES correction 12).
+    use_status: bool
+    #: GET_CONFIG at connect (only at realize; a reconnect does not send it).
+    config_len: int
+
+
+PROFILES: dict[str, Profile] = {
+    "qemu-11.1": Profile("qemu-11.1", inject_kick=True, use_status=True, config_len=57),
+    "qemu-7.2": Profile("qemu-7.2", inject_kick=False, use_status=False, config_len=57),
+}
+
+
+class SessionError(Exception):
+    """Misuse of the session API (a bug in the caller, not in the back-end)."""
+
+
+@dataclass
+class InflightRegion:
+    """The in-flight region the front-end holds (GET_INFLIGHT_FD reply or migrated bytes)."""
+
+    fd: int
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+    map: mmap.mmap
+
+    @classmethod
+    def from_fd(
+        cls, fd: int, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int
+    ) -> InflightRegion:
+        """Map a region received from the back-end (takes ownership of ``fd``)."""
+        m = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                      offset=mmap_offset)
+        return cls(fd, mmap_size, mmap_offset, num_queues, queue_size, m)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, num_queues: int, queue_size: int) -> InflightRegion:
+        """A fresh memfd loaded with ``data`` (a migration destination: SPEC-DIGEST 6.3)."""
+        fd = os.memfd_create("vc-inflight-dst", os.MFD_CLOEXEC)
+        os.ftruncate(fd, len(data))
+        m = mmap.mmap(fd, len(data), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        m[:] = data
+        return cls(fd, len(data), 0, num_queues, queue_size, m)
+
+    def read(self) -> bytes:
+        """The region's bytes as they are now."""
+        return bytes(self.map)
+
+    def close(self) -> None:
+        """Unmap and close the fd."""
+        if not self.map.closed:
+            self.map.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class Queue:
+    """One virtqueue of the session with its notifiers."""
+
+    index: int
+    vq: Virtqueue
+    kick_fd: int
+    call_fd: int
+    err_fd: int
+    blk: BlkDriver
+    started: bool = False
+
+
+@dataclass
+class Negotiated:
+    """What the connect sequence learned and agreed."""
+
+    features: int = 0
+    protocol_features_offered: int = 0
+    protocol_features: int = 0
+    queue_num: int | None = None
+    max_mem_slots: int | None = None
+    config: bytes = b""
+    acked_features: int = 0
+    status: int | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Session:
+    """One vhost-user connection driven the way QEMU drives vhost-user-blk."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        memory: GuestMemory,
+        *,
+        profile: str = "qemu-11.1",
+        num_queues: int = 1,
+        queue_size: int = 128,
+        packed: bool = False,
+        event_idx: bool = True,
+        indirect: bool = True,
+        inflight_migration: bool = True,
+        model: ModelDisk | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        if profile not in PROFILES:
+            raise SessionError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+        self.channel = channel
+        self.memory = memory
+        self.profile = PROFILES[profile]
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self.packed = packed
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.inflight_migration = inflight_migration
+        self.model = model
+        self.timeout = timeout
+        self.negotiated = Negotiated()
+        self.queues: list[Queue] = []
+        self.inflight: InflightRegion | None = None
+        self.backend_channel: BackendChannel | None = None
+        self.started = False
+        self._mem_sent = False
+
+    # ------------------------------------------------------------------ helpers
+    def call(
+        self,
+        request: FrontendRequest,
+        payload: object | None = None,
+        *,
+        fds: Sequence[int] = (),
+        need_reply: bool = False,
+    ) -> Message | None:
+        """Send one request and wait for what the protocol says comes back."""
+        return self.channel.call(request, payload, fds=fds, need_reply=need_reply,  # type: ignore[arg-type]
+                                 timeout=self.timeout)
+
+    def _u64(self, request: FrontendRequest) -> int:
+        reply = self.call(request)
+        assert reply is not None
+        return U64.decode(reply.payload).value
+
+    @property
+    def reply_ack(self) -> bool:
+        """REPLY_ACK negotiated: QEMU then sets NEED_REPLY on its fixed set of messages."""
+        return has(self.negotiated.protocol_features, ProtocolFeature.REPLY_ACK)
+
+    def has_protocol(self, bit: int) -> bool:
+        """True when protocol feature ``bit`` was negotiated."""
+        return has(self.negotiated.protocol_features, bit)
+
+    # ------------------------------------------------------------------ connect
+    def connect(self, *, realize: bool = True) -> Negotiated:
+        """vhost_dev_init: the init messages (SPEC-DIGEST 4.1; QEMU-TRACES (a), (d)).
+
+        ``realize=False`` is a reconnect: QEMU then does not send GET_CONFIG.
+        """
+        n = self.negotiated
+        n.features = self._u64(F.GET_FEATURES)
+        if has(n.features, VirtioFeature.PROTOCOL_FEATURES):
+            offered = self._u64(F.GET_PROTOCOL_FEATURES)
+            n.protocol_features_offered = offered
+            agreed = offered & QEMU_PROTOCOL_MASK
+            agreed &= ~(1 << ProtocolFeature.XEN_MMAP)
+            # QEMU strips bit 20 unless inflight-migration=on and bit 12 is offered
+            # (hw/virtio/vhost-user.c vhost_user_backend_init; QEMU-TRACES (b)).
+            if not (self.inflight_migration and has(offered, ProtocolFeature.INFLIGHT_SHMFD)):
+                agreed &= ~(1 << ProtocolFeature.GET_VRING_BASE_INFLIGHT)
+            self.call(F.SET_PROTOCOL_FEATURES, U64(agreed))
+            n.protocol_features = agreed
+            self.channel.protocol_features = agreed
+            if has(agreed, ProtocolFeature.MQ):
+                n.queue_num = self._u64(F.GET_QUEUE_NUM)
+                if n.queue_num < self.num_queues:
+                    raise SessionError(
+                        f"back-end offers {n.queue_num} queues, the session wants {self.num_queues}"
+                    )
+            if has(agreed, ProtocolFeature.CONFIGURE_MEM_SLOTS):
+                n.max_mem_slots = self._u64(F.GET_MAX_MEM_SLOTS)
+            if has(agreed, ProtocolFeature.BACKEND_REQ):
+                self.backend_channel = BackendChannel(trace=self.channel.trace)
+                self.call(F.SET_BACKEND_REQ_FD, fds=[self.backend_channel.peer_fd()],
+                          need_reply=self.reply_ack)
+        self.call(F.SET_OWNER)
+        n.features = self._u64(F.GET_FEATURES)
+        if not self.queues:
+            self._make_queues()
+        for q in self.queues:
+            self.call(F.SET_VRING_CALL, U64(q.index), fds=[q.call_fd], need_reply=self.reply_ack)
+            self.call(F.SET_VRING_ERR, U64(q.index), fds=[q.err_fd], need_reply=self.reply_ack)
+        if realize and self.has_protocol(ProtocolFeature.CONFIG):
+            reply = self.call(F.GET_CONFIG, Config.request(0, self.profile.config_len))
+            assert reply is not None
+            n.config = Config.decode(reply.payload).data
+        return n
+
+    def _make_queues(self) -> None:
+        for i in range(self.num_queues):
+            vq: Virtqueue
+            if self.packed:
+                vq = PackedVirtqueue(self.memory, i, self.queue_size, event_idx=self.event_idx,
+                                     indirect=self.indirect)
+            else:
+                vq = SplitVirtqueue(self.memory, i, self.queue_size, event_idx=self.event_idx,
+                                    indirect=self.indirect)
+            blk = BlkDriver(vq, self.memory, model=self.model)
+            self.queues.append(
+                Queue(i, vq, os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),
+                      os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),
+                      os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK), blk)
+            )
+
+    def driver_features(self) -> int:
+        """The features a Linux guest would ack, plus bit 30 (QEMU re-adds it)."""
+        offered = self.negotiated.features
+        want = 0
+        for bit in GUEST_BLK_FEATURES:
+            want |= 1 << bit
+        if self.num_queues > 1:
+            want |= 1 << BlkFeature.MQ
+        want |= 1 << VirtioFeature.VERSION_1
+        if self.indirect:
+            want |= 1 << VirtioFeature.RING_INDIRECT_DESC
+        if self.event_idx:
+            want |= 1 << VirtioFeature.RING_EVENT_IDX
+        if self.packed:
+            want |= 1 << VirtioFeature.RING_PACKED
+        want |= 1 << VirtioFeature.PROTOCOL_FEATURES
+        return offered & want
+
+    # ------------------------------------------------------------------ start
+    def _status(self, add: int) -> None:
+        if not (self.profile.use_status and self.has_protocol(ProtocolFeature.STATUS)):
+            return
+        current = self._u64(F.GET_STATUS)
+        self.negotiated.status = current
+        if current & add != add:
+            self.call(F.SET_STATUS, U64(current | add))
+            self.negotiated.status = current | add
+
+    def set_features(self, features: int) -> None:
+        """SET_FEATURES (NEED_REPLY only with LOG_ALL: QEMU-TRACES correction 2)."""
+        log = has(features, VirtioFeature.LOG_ALL)
+        self.call(F.SET_FEATURES, U64(features), need_reply=log and self.reply_ack)
+        self.negotiated.acked_features = features
+
+    def start(
+        self,
+        *,
+        vring_bases: Sequence[int] | None = None,
+        inflight: InflightRegion | None = None,
+        features: int | None = None,
+    ) -> None:
+        """vhost_user_blk_start (SPEC-DIGEST 4.2 as corrected by QEMU-TRACES (a)-(e)).
+
+        ``vring_bases``: SET_VRING_BASE values (default: each queue's current avail index, 0
+        on a fresh boot). ``inflight``: a region to hand over with SET_INFLIGHT_FD instead of
+        asking GET_INFLIGHT_FD (a migration destination); after a reconnect the session's own
+        region is reused the same way.
+        """
+        if self.started:
+            raise SessionError("start() on a started session")
+        feats = self.driver_features() if features is None else features
+        self.set_features(feats)
+        self._status(STATUS_FEATURES_OK)
+        if inflight is not None:
+            if self.inflight is not None and self.inflight is not inflight:
+                self.inflight.close()
+            self.inflight = inflight
+        if self.has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
+            if self.inflight is None:
+                self.get_inflight_fd()
+            if self.inflight is not None:
+                self.set_inflight_fd(self.inflight)
+        for q in self.queues:
+            self.call(F.SET_VRING_CALL, U64(q.index), fds=[q.call_fd], need_reply=self.reply_ack)
+        self.set_features(feats)
+        if self.profile.use_status and self.has_protocol(ProtocolFeature.STATUS):
+            self.negotiated.status = self._u64(F.GET_STATUS)
+        self.send_memory()
+        for q in self.queues:
+            base = vring_bases[q.index] if vring_bases is not None else q.vq.vring_base()
+            self.call(F.SET_VRING_NUM, VringState(q.index, self.queue_size))
+            self.call(F.SET_VRING_BASE, VringState(q.index, base))
+            self.call(F.SET_VRING_ADDR, q.vq.vring_addr())
+            self.call(F.SET_VRING_KICK, U64(q.index), fds=[q.kick_fd], need_reply=self.reply_ack)
+            if self.profile.inject_kick:
+                os.eventfd_write(q.kick_fd, 1)
+        # SET_VRING_ENABLE only when bit 30 was negotiated (vhost-user.rst "Ring states").
+        if has(feats, VirtioFeature.PROTOCOL_FEATURES):
+            for q in self.queues:
+                self.set_vring_enable(q.index, True)
+        for q in self.queues:
+            q.started = True
+        self._status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FEATURES_OK)
+        self.started = True
+
+    def set_vring_enable(self, index: int, enable: bool) -> None:
+        """SET_VRING_ENABLE, synchronous as QEMU makes it (ack, or a GET_FEATURES barrier)."""
+        self.call(F.SET_VRING_ENABLE, VringState(index, 1 if enable else 0),
+                  need_reply=self.reply_ack)
+        if not self.reply_ack:
+            self._u64(F.GET_FEATURES)
+
+    def send_memory(self) -> None:
+        """ADD_MEM_REG per region with CONFIGURE_MEM_SLOTS, else one SET_MEM_TABLE."""
+        regions = self.memory.memory_regions()
+        fds = self.memory.fds()
+        if self.has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
+            if self._mem_sent:
+                return
+            for region, fd in zip(regions, fds, strict=True):
+                self.call(F.ADD_MEM_REG, SingleMemoryRegion(region), fds=[fd],
+                          need_reply=self.reply_ack)
+        else:
+            self.call(F.SET_MEM_TABLE, MemoryTable(tuple(regions)), fds=fds,
+                      need_reply=self.reply_ack)
+        self._mem_sent = True
+
+    def get_inflight_fd(self) -> InflightRegion | None:
+        """GET_INFLIGHT_FD (num_queues, queue_size); keeps the region (none if size 0)."""
+        reply = self.call(F.GET_INFLIGHT_FD, Inflight(0, 0, self.num_queues, self.queue_size))
+        assert reply is not None
+        info = Inflight.decode(reply.payload)
+        if info.mmap_size == 0:
+            for fd in reply.fds:
+                os.close(fd)
+            return None
+        if len(reply.fds) != 1:
+            for fd in reply.fds:
+                os.close(fd)
+            raise SessionError(f"GET_INFLIGHT_FD reply carried {len(reply.fds)} fds, expected 1")
+        self.inflight = InflightRegion.from_fd(reply.fds[0], info.mmap_size, info.mmap_offset,
+                                               self.num_queues, self.queue_size)
+        return self.inflight
+
+    def set_inflight_fd(self, region: InflightRegion) -> None:
+        """SET_INFLIGHT_FD with the region's fd (no NEED_REPLY: QEMU-TRACES correction 2)."""
+        self.call(F.SET_INFLIGHT_FD,
+                  Inflight(region.mmap_size, region.mmap_offset, region.num_queues,
+                           region.queue_size),
+                  fds=[region.fd])
+
+    # ------------------------------------------------------------------ stop
+    def stop(self) -> list[int]:
+        """vhost_user_blk_stop: SET_VRING_ENABLE 0 per queue, GET_VRING_BASE per queue,
+        SET_STATUS 0. Returns the GET_VRING_BASE ``num`` of each queue."""
+        if not self.started:
+            raise SessionError("stop() on a session that is not started")
+        if has(self.negotiated.acked_features, VirtioFeature.PROTOCOL_FEATURES):
+            for q in self.queues:
+                self.set_vring_enable(q.index, False)
+        bases = [self.get_vring_base(q.index) for q in self.queues]
+        if self.profile.use_status and self.has_protocol(ProtocolFeature.STATUS):
+            self.call(F.SET_STATUS, U64(0))
+            self.negotiated.status = 0
+        self.started = False
+        return bases
+
+    def get_vring_base(self, index: int) -> int:
+        """GET_VRING_BASE(index, num=0): stops the ring, returns the next avail index."""
+        reply = self.call(F.GET_VRING_BASE, VringState(index, 0))
+        assert reply is not None
+        state = VringState.decode(reply.payload)
+        self.queues[index].started = False
+        return state.num
+
+    # ------------------------------------------------------------------ logging
+    def set_log_base(self, log_fd: int, mmap_size: int) -> None:
+        """SET_LOG_BASE (16-byte payload, one fd, u64 reply with LOG_SHMFD), then
+        SET_FEATURES(+LOG_ALL) and SET_VRING_ADDR(F_LOG): QEMU-TRACES correction 3."""
+        self.call(F.SET_LOG_BASE, LogBase(mmap_size, 0), fds=[log_fd])
+        self.set_features(self.negotiated.acked_features | (1 << VirtioFeature.LOG_ALL))
+        for q in self.queues:
+            addr = q.vq.vring_addr()
+            used_gpa = self.memory.uaddr_to_gpa(addr.used_user_addr)
+            self.call(F.SET_VRING_ADDR,
+                      VringAddr(addr.index, VRING_F_LOG, addr.desc_user_addr,
+                                addr.used_user_addr, addr.avail_user_addr, used_gpa),
+                      need_reply=self.reply_ack)
+
+    # ------------------------------------------------------------------ data path
+    def kick(self, index: int) -> None:
+        """Notify the back-end that queue ``index`` has new buffers."""
+        os.eventfd_write(self.queues[index].kick_fd, 1)
+
+    def submit(self, index: int) -> None:
+        """Publish what was added to queue ``index`` and kick when the ring asks for it."""
+        vq = self.queues[index].vq
+        vq.publish()
+        if vq.needs_kick():
+            self.kick(index)
+
+    def wait_used(self, index: int, count: int, *, timeout: float | None = None,
+                  on_used: Callable[[list[tuple[object, int]]], None] | None = None
+                  ) -> list[tuple[object, int]]:
+        """Reap used entries of queue ``index`` until ``count`` arrived or the deadline.
+
+        Waits on the call eventfd (and polls the ring, so a back-end that forgets to notify
+        is still seen: the caller checks notifications separately). Returns what arrived;
+        fewer than ``count`` means the deadline passed.
+        """
+        q = self.queues[index]
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        got: list[tuple[object, int]] = []
+        poller = select.poll()
+        poller.register(q.call_fd, select.POLLIN)
+        while len(got) < count:
+            used = q.vq.reap()
+            if used:
+                got.extend(used)
+                if on_used is not None:
+                    on_used(used)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if poller.poll(min(left, 0.05) * 1000):
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(q.call_fd)
+        return got
+
+    def drain_call(self, index: int) -> int:
+        """Read and return the call eventfd's counter (0 if not signalled)."""
+        try:
+            return os.eventfd_read(self.queues[index].call_fd)
+        except BlockingIOError:
+            return 0
+
+    # ------------------------------------------------------------------ reconnect
+    def reattach(self, channel: Channel) -> None:
+        """Take a new connection to a restarted back-end, as QEMU's reconnect does
+        (QEMU-TRACES (d)): the init messages without GET_CONFIG, then start with the region
+        it kept (SET_INFLIGHT_FD, no GET_INFLIGHT_FD) and SET_VRING_BASE = the used index
+        (QEMU's stop on the dead socket failed, so last_avail_idx fell back to used idx)."""
+        self.channel.close()
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
+        self.channel = channel
+        self.negotiated = Negotiated()
+        self.started = False
+        self._mem_sent = False
+        self.connect(realize=False)
+        self.start(vring_bases=[q.vq.used_idx_in_memory() for q in self.queues])
+
+    # ------------------------------------------------------------------ teardown
+    def close(self, *, keep_inflight: bool = False) -> None:
+        """Close the channel and the notifiers; the region too unless ``keep_inflight``."""
+        self.channel.close()
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
+        for q in self.queues:
+            for fd in (q.kick_fd, q.call_fd, q.err_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.queues = []
+        if self.inflight is not None and not keep_inflight:
+            self.inflight.close()
+            self.inflight = None
