@@ -868,9 +868,24 @@ def find_inflight_subsection(
                 f"{section.idstr}: candidate at byte {offset} ends at {end}, the payload at {section.body_end}"
             )
     where = candidates[0].body_start
-    detail = (
-        "; ".join(problems) if problems else "header bytes not present (bit 20 not negotiated?)"
-    )
+    listed = [
+        [
+            str(sub.get("vmsd_name"))
+            for sub in (stream.vmdesc_device(s) or {}).get("subsections", [])
+        ]
+        for s in candidates
+    ]
+    header = inflight_subsection_header()
+    if not any(INFLIGHT_SUBSECTION in names for names in listed) and not any(
+        stream.data.find(header, s.body_start, s.body_end) != -1 for s in candidates
+    ):
+        raise VMStateError(
+            where,
+            f"no {INFLIGHT_SUBSECTION!r} subsection in {[s.idstr for s in candidates]} (subsections "
+            f"the JSON description lists: {listed}); QEMU writes it only when protocol "
+            "feature 20 (GET_VRING_BASE_INFLIGHT) was negotiated",
+        )
+    detail = "; ".join(problems) if problems else "header bytes not present"
     raise VMStateError(where, f"no {INFLIGHT_SUBSECTION!r} subsection found: {detail}")
 
 

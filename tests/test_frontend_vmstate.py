@@ -453,7 +453,9 @@ def test_no_inflight_subsection_is_an_error() -> None:
         },
     )
     stream = read_stream(b.finish())
-    with pytest.raises(VMStateError, match="no 'vhost-user-blk/inflight' subsection found"):
+    with pytest.raises(
+        VMStateError, match="no 'vhost-user-blk/inflight' subsection in .* feature 20"
+    ):
         find_inflight_subsection(stream)
     with pytest.raises(VMStateError, match="no 'vhost-user-blk' device section"):
         find_inflight_subsection(read_stream(StreamBuilder().finish()))
@@ -579,11 +581,41 @@ def test_inflight_device_found_by_vmsd_name_even_with_another_idstr() -> None:
     assert state.size == len(region) and state.queue_size == 4
 
 
-def test_real_qemu_stream_if_captured() -> None:
-    real = sorted(DATA.glob("qemu-11*vhost-user-blk*.stream"))
+def test_real_qemu_11_1_3_device_section_without_inflight() -> None:
+    # tests/data/README.md: QEMU 11.1.3 against qemu-storage-daemon (no bit 20 negotiated).
+    data = (DATA / "qemu-11.1.3-q35-vhost-user-blk-qsd.stream").read_bytes()
+    stream = read_stream(data)
+    assert stream.machine == "pc-q35-11.1" and stream.page_size == 4096
+    assert stream.vmdesc is not None and list(stream.vmdesc) == [
+        "configuration",
+        "page_size",
+        "devices",
+    ]
+    (blk,) = stream.sections
+    assert blk.idstr == "0000:00:01.0/vhost-user-blk" and blk.version_id == 1
+    assert blk.located_by == "vmdesc" and blk.has_footer
+    entry = stream.vmdesc_device(blk)
+    assert entry is not None and entry["vmsd_name"] == "vhost-user-blk"
+    assert [f["name"] for f in entry["fields"]] == ["virtio"] and "subsections" not in entry
+    # QEMU-TRACES correction 10: the device state ends with the "virtio/started" subsection,
+    # which is where vhost-user-blk/inflight would follow.
+    tail = data[blk.body_end - 21 : blk.body_end]
+    assert tail == b"\x05\x0evirtio/started" + be32(1) + b"\x01"
+    with pytest.raises(VMStateError, match="feature 20") as info:
+        find_inflight_subsection(stream)
+    assert info.value.offset == blk.body_start
+    # the same boundaries without the JSON description (footer scan)
+    bare = read_stream(data[: stream.eof_offset + 1])
+    assert (bare.sections[0].body_end, bare.sections[0].located_by) == (blk.body_end, "footer-scan")
+    # extracting again is idempotent
+    assert extract_device_section(data, "vhost-user-blk") == data
+
+
+def test_real_qemu_inflight_stream_if_captured() -> None:
+    real = sorted(DATA.glob("qemu-11*-inflight*.stream"))
     if not real:
         pytest.skip(
-            "no real QEMU 11.1.3 migration stream (device section + vmdesc) in tests/data yet"
+            "no real QEMU 11.1.3 stream with the vhost-user-blk/inflight subsection in tests/data yet"
         )
     for path in real:
         stream = read_stream(path.read_bytes())
@@ -594,4 +626,27 @@ def test_real_qemu_stream_if_captured() -> None:
             s for s in entry.get("subsections", []) if s.get("vmsd_name") == INFLIGHT_SUBSECTION
         ]
         assert len(subs) == 1 and compare_inflight_vmdesc(subs[0], state.size) == [], path.name
-        assert state.size == len(state.buffer) and state.size % 64 == 0
+        assert state.size == len(state.buffer)
+
+
+def test_broken_inflight_subsection_in_a_device_is_reported() -> None:
+    good = encode_inflight_subsection(bytes(64), queue_size=4)
+    broken = good[:39] + b"\x7e" + good[40:]  # the buffer subsection marker replaced
+    b = StreamBuilder()
+    b.device(
+        0,
+        BLK,
+        bytes(10) + broken,
+        {
+            "vmsd_name": "vhost-user-blk",
+            "version": 1,
+            "fields": [{"name": "virtio", "type": "virtio", "size": 10}],
+            "subsections": [inflight_vmdesc(64)],
+        },
+    )
+    stream = read_stream(b.finish())
+    with pytest.raises(
+        VMStateError, match="inflight buffer subsection has not been loaded"
+    ) as info:
+        find_inflight_subsection(stream)
+    assert info.value.offset == stream.sections[0].body_start
