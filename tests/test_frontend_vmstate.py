@@ -454,7 +454,7 @@ def test_no_inflight_subsection_is_an_error() -> None:
     )
     stream = read_stream(b.finish())
     with pytest.raises(
-        VMStateError, match="no 'vhost-user-blk/inflight' subsection in .* feature 20"
+        VMStateError, match=r"no 'vhost-user-blk/inflight' subsection in .* feature 20"
     ):
         find_inflight_subsection(stream)
     with pytest.raises(VMStateError, match="no 'vhost-user-blk' device section"):
