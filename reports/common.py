@@ -37,13 +37,20 @@ VERDICT_MEANING: dict[Verdict, str] = {
 }
 
 # Keys a wire-trace entry may carry, in display order; any other key is shown after these.
+# frontend/channel.py TraceEntry.to_dict writes time (monotonic seconds), direction
+# ("fe->be" / "be->fe"), channel, request (number), name, flags, size, nfds, payload, note;
+# t_s, fds, payload_hex and decoded are accepted from other producers.
 TRACE_KEYS: tuple[str, ...] = (
     "t_s",
     "direction",
+    "channel",
+    "name",
     "request",
     "flags",
     "size",
+    "nfds",
     "fds",
+    "payload",
     "payload_hex",
     "decoded",
     "note",
@@ -82,6 +89,26 @@ def format_params(params: Mapping[str, object]) -> str:
     return ", ".join(f"{k}={format_value(params[k])}" for k in sorted(params))
 
 
+def _relative_time(trace: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Entries with an absolute ``time`` given a ``t_s`` relative to the first entry instead."""
+    times = [
+        e["time"]
+        for e in trace
+        if isinstance(e.get("time"), int | float) and not isinstance(e.get("time"), bool)
+    ]
+    if not times or any("t_s" in e for e in trace):
+        return [dict(e) for e in trace]
+    start = min(times)
+    out = []
+    for entry in trace:
+        entry = dict(entry)
+        t = entry.pop("time", None)
+        if isinstance(t, int | float) and not isinstance(t, bool):
+            entry = {"t_s": f"{t - start:.6f}", **entry}
+        out.append(entry)
+    return out
+
+
 def trace_columns(trace: Sequence[Mapping[str, Any]]) -> list[str]:
     """The keys present in *trace*: the known ones in TRACE_KEYS order, then the others."""
     present: dict[str, None] = {}
@@ -91,15 +118,28 @@ def trace_columns(trace: Sequence[Mapping[str, Any]]) -> list[str]:
     return known + sorted(k for k in present if k not in TRACE_KEYS)
 
 
+def trace_table(trace: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a wire trace for display: absolute ``time`` made relative to the
+    first message (``t_s``), every value as short text, missing values absent."""
+    entries = _relative_time(trace)
+    columns = trace_columns(entries)
+    rows = [
+        {k: format_value(e[k]) for k in columns if k in e and e[k] is not None} for e in entries
+    ]
+    return columns, rows
+
+
+def is_from_backend(direction: object) -> bool:
+    """True for a back-end -> front-end message ("be->fe", "back-end->front-end", "<")."""
+    return isinstance(direction, str) and direction.startswith(("be", "back-end", "<"))
+
+
 def trace_text(trace: Sequence[Mapping[str, Any]] | None) -> str:
     """The wire trace as plain text, one message per line (for junit system-out)."""
     if not trace:
         return ""
-    columns = trace_columns(trace)
-    lines = []
-    for entry in trace:
-        lines.append("  ".join(f"{k}={format_value(entry[k])}" for k in columns if k in entry))
-    return "\n".join(lines)
+    columns, rows = trace_table(trace)
+    return "\n".join("  ".join(f"{k}={row[k]}" for k in columns if k in row) for row in rows)
 
 
 def is_problem(case: CaseResult) -> bool:

@@ -29,8 +29,9 @@ from vhost_conformance.reports.common import (
     format_value,
     gate_word,
     hex_bits,
+    is_from_backend,
     is_problem,
-    trace_columns,
+    trace_table,
 )
 from vhost_conformance.reports.model import CaseResult, Level, Measurement, Report
 from vhost_conformance.reports.svg import bar_chart, line_plot
@@ -125,17 +126,14 @@ def _info_table(rows: Iterable[tuple[str, str]]) -> str:
 
 
 def _trace_table(trace: Sequence[dict[str, Any]]) -> str:
-    columns = trace_columns(trace)
+    columns, rows = trace_table(trace)
     head = "".join(f"<th>{h(c)}</th>" for c in columns)
-    rows = []
-    for entry in trace:
-        direction = str(entry.get("direction", ""))
-        cls = "dir-be" if direction.startswith(("back-end", "<")) else "dir-fe"
-        cells = "".join(
-            f'<td class="c-{h(c)}">{h(entry[c]) if c in entry else ""}</td>' for c in columns
-        )
-        rows.append(f'<tr class="{cls}">{cells}</tr>')
-    return f'<table class="trace"><tr>{head}</tr>{"".join(rows)}</table>'
+    body = []
+    for row in rows:
+        cls = "dir-be" if is_from_backend(row.get("direction")) else "dir-fe"
+        cells = "".join(f'<td class="c-{h(c)}">{h(row.get(c, ""))}</td>' for c in columns)
+        body.append(f'<tr class="{cls}">{cells}</tr>')
+    return f'<table class="trace"><tr>{head}</tr>{"".join(body)}</table>'
 
 
 def _case_body(index: int, case: CaseResult) -> str:

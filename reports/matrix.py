@@ -134,7 +134,7 @@ def render_html(reports: Sequence[Report]) -> str:
         f"<header><h1>vhost-conformance matrix: {len(mx.reports)} back-ends, "
         f"{len(mx.first)} cases</h1></header>",
         '<h2 id="backends">Back-ends</h2>',
-        '<table class="backends"><tr><th>back-end</th><th>gate</th>'
+        '<div class="scroll"><table class="backends"><tr><th>back-end</th><th>gate</th>'
         + "".join(f"<th>{verdict_badge(v.value)}</th>" for v in VERDICT_ORDER)
         + "<th>features offered</th><th>protocol features offered</th><th>suite</th>"
         "<th>started</th></tr>",
@@ -145,12 +145,15 @@ def render_html(reports: Sequence[Report]) -> str:
         body.append(
             f"<tr><td>{h(label)}</td>"
             f'<td><span class="gate gate-{gate.lower()}">{gate}</span></td>'
-            + "".join(f"<td>{counts[v]}</td>" for v in VERDICT_ORDER)
+            + "".join(
+                f'<td class="zero">{counts[v]}</td>' if counts[v] == 0 else f"<td>{counts[v]}</td>"
+                for v in VERDICT_ORDER
+            )
             + f"<td><code>{hex_bits(r.backend.features)}</code></td>"
             f"<td><code>{hex_bits(r.backend.protocol_features)}</code></td>"
             f"<td>{h(r.suite_version)}</td><td>{h(r.started)}</td></tr>"
         )
-    body.append("</table>")
+    body.append("</table></div>")
     for protocol, title in (
         (True, "Protocol features offered"),
         (False, "Virtio features offered"),

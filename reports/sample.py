@@ -22,48 +22,22 @@ HOSTILE = (
     '<script>alert("x")</script> & </details></td></tr><img src=x onerror=alert(1)> \x00\x1b[31m'
 )
 
-# A failing GET_VRING_BASE exchange; field names as docs/report-schema.md describes them.
+# A failing GET_VRING_BASE exchange, in the shape frontend/channel.py's
+# WireTrace.to_json() gives (time is time.monotonic(); the renderers show it relative).
 FAILING_TRACE: list[dict[str, object]] = [
-    {
-        "t_s": 0.0001,
-        "direction": "front-end->back-end",
-        "request": "GET_FEATURES",
-        "flags": 1,
-        "size": 0,
-        "fds": 0,
-        "payload_hex": "",
-    },
-    {
-        "t_s": 0.0003,
-        "direction": "back-end->front-end",
-        "request": "GET_FEATURES",
-        "flags": 5,
-        "size": 8,
-        "fds": 0,
-        "payload_hex": "0000004001000000",
-    },
-    {
-        "t_s": 0.0102,
-        "direction": "front-end->back-end",
-        "request": "GET_VRING_BASE",
-        "flags": 1,
-        "size": 8,
-        "fds": 0,
-        "payload_hex": "0000000000000000",
-        "decoded": {"index": 0, "num": 0},
-    },
-    {
-        "t_s": 0.0110,
-        "direction": "back-end->front-end",
-        "request": "GET_VRING_BASE",
-        "flags": 5,
-        "size": 8,
-        "fds": 0,
-        "payload_hex": "0000000000000000",
-        "decoded": {"index": 0, "num": 0},
-        "note": "num 0, expected last_avail_idx 7 " + HOSTILE,
-    },
-]
+    {"time": 1000.0001, "direction": "fe->be", "channel": "main", "request": 1,
+     "name": "GET_FEATURES", "flags": "0x1", "size": 0, "nfds": 0, "payload": None},
+    {"time": 1000.0003, "direction": "be->fe", "channel": "main", "request": 1,
+     "name": "GET_FEATURES", "flags": "0x5", "size": 8, "nfds": 0,
+     "payload": {"u64": 0x140000000}},
+    {"time": 1000.0102, "direction": "fe->be", "channel": "main", "request": 11,
+     "name": "GET_VRING_BASE", "flags": "0x1", "size": 8, "nfds": 0,
+     "payload": {"index": 0, "num": 0}},
+    {"time": 1000.0110, "direction": "be->fe", "channel": "main", "request": 11,
+     "name": "GET_VRING_BASE", "flags": "0x5", "size": 8, "nfds": 0,
+     "payload": {"index": 0, "num": 0},
+     "note": "num 0, expected last_avail_idx 7 " + HOSTILE},
+]  # fmt: skip
 
 
 def _case(

@@ -64,7 +64,8 @@ def test_failing_must_carries_level_clause_and_trace() -> None:
     assert "expected last_avail_idx 7" in failure.get("message", "")
     out = tc.findtext("system-out") or ""
     assert "wire trace:" in out
-    assert out.count("request=GET_VRING_BASE") == 2
+    assert out.count("name=GET_VRING_BASE") == 2
+    assert "t_s=0.000000  direction=fe->be  channel=main  name=GET_FEATURES" in out
 
 
 def test_crash_has_log_tail_and_hostile_text_is_data() -> None:

@@ -92,7 +92,11 @@ def test_html_matrix_rows_columns_and_differences() -> None:
     assert "VU-INF-5" in cells.differs  # unsupported vs unsupported vs missing
     # Back-end table: one row per back-end with its counts and gate.
     for label, r in zip(["reference", "qsd-11.1", "dpdk-vhost-blk"], reports, strict=True):
-        counts = "".join(f"<td>{r.counts()[v]}</td>" for v in matrix.VERDICT_ORDER)
+        zero = ' class="zero"'
+        counts = "".join(
+            f"<td{zero if r.counts()[v] == 0 else ''}>{r.counts()[v]}</td>"
+            for v in matrix.VERDICT_ORDER
+        )
         assert f"<tr><td>{label}</td>" in text and counts in text
     assert text.count('class="gate gate-pass"') == 1  # qsd
     # Offered protocol features: INFLIGHT_SHMFD offered by reference and dpdk, not qsd.
