@@ -203,6 +203,7 @@ class ModelDisk:
         self.nsectors = size_bytes // SECTOR_SIZE
         self.base = bytearray(size_bytes)
         self._extra: dict[int, list[bytes]] = {}
+        self._any: set[int] = set()  # sectors whose content is unspecified (any is accepted)
         # tag -> (first sector, data) of writes whose completion is not known yet
         self._pending: dict[int, tuple[int, bytes]] = {}
 
@@ -231,7 +232,14 @@ class ModelDisk:
         self.base[sector * SECTOR_SIZE : sector * SECTOR_SIZE + len(data)] = data
         for s in range(sector, sector + n):
             self._extra.pop(s, None)
+            self._any.discard(s)
         self._readd_pending(sector, n)
+
+    def apply_unknown(self, sector: int, nsectors: int) -> None:
+        """Sectors whose content is unspecified from now on (e.g. after SECURE_ERASE) until the
+        next completed write: any content is accepted."""
+        self._check_range(sector, nsectors)
+        self._any.update(range(sector, sector + nsectors))
 
     def apply_zeroes(self, sector: int, nsectors: int) -> None:
         """A completed WRITE_ZEROES (with or without unmap, reads return zeroes)."""
@@ -314,6 +322,8 @@ class ModelDisk:
             return []
         bad = []
         for i in range(n):
+            if sector + i in self._any:
+                continue
             got = data[i * SECTOR_SIZE : (i + 1) * SECTOR_SIZE]
             allowed = self.acceptable(sector + i)
             if got not in allowed:
@@ -603,6 +613,15 @@ class BlkDriver:
         if self.model is not None:
             for s, n in ranges:
                 self.model.apply_discard(s, n)
+        return request
+
+    def secure_erase(self, ranges: Sequence[tuple[int, int]]) -> BlkRequest:
+        """VIRTIO_BLK_T_SECURE_ERASE of ``(sector, num_sectors)`` ranges; the model accepts any
+        content there afterwards (the spec does not say what reads return)."""
+        request = self._ranges(BlkRequestType.SECURE_ERASE, ranges, 0)
+        if self.model is not None:
+            for s, n in ranges:
+                self.model.apply_unknown(s, n)
         return request
 
     def write_zeroes(self, ranges: Sequence[tuple[int, int]], unmap: bool = False) -> BlkRequest:

@@ -220,16 +220,18 @@ class GuestMemory:
         self._starts.insert(index, gpa)
         return region
 
-    def remove_region(self, gpa: int) -> GuestRegion:
-        """Forget the region starting at ``gpa`` (the REM_MEM_REG case) and close it; returns the
-        closed region (its fields still describe it, for the REM_MEM_REG payload)."""
+    def remove_region(self, gpa: int, *, close: bool = True) -> GuestRegion:
+        """Forget the region starting at ``gpa`` (the REM_MEM_REG case) and return it (its fields
+        still describe it, for the REM_MEM_REG payload). ``close=False`` leaves it mapped and
+        open for the caller to close (e.g. to look at what a back-end still writes there)."""
         self._check_open()
         index = bisect.bisect_left(self._starts, gpa)
         if index >= len(self._regions) or self._starts[index] != gpa:
             raise MemoryAccessError(f"no region starts at GPA {gpa:#x}; regions: {self._describe()}")
         region = self._regions.pop(index)
         self._starts.pop(index)
-        region.close()
+        if close:
+            region.close()
         return region
 
     # -- lookup -------------------------------------------------------------------------------

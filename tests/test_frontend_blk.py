@@ -66,10 +66,13 @@ class BlkDevice:
             pass
         elif rtype == BlkRequestType.GET_ID:
             out = b"vc-test-serial".ljust(20, b"\0")
-        elif rtype in (BlkRequestType.DISCARD, BlkRequestType.WRITE_ZEROES):
+        elif rtype in (BlkRequestType.DISCARD, BlkRequestType.WRITE_ZEROES,
+                       BlkRequestType.SECURE_ERASE):
             for off in range(0, len(data), 16):
                 s, n, _flags = struct.unpack_from("<QII", data, off)
-                if rtype == BlkRequestType.WRITE_ZEROES or self.discard_zeroes:
+                if rtype == BlkRequestType.SECURE_ERASE:
+                    self.disk[s * 512 : (s + n) * 512] = b"\xee" * (n * 512)
+                elif rtype == BlkRequestType.WRITE_ZEROES or self.discard_zeroes:
                     self.disk[s * 512 : (s + n) * 512] = bytes(n * 512)
         else:
             status = BlkStatus.UNSUPP
@@ -184,6 +187,10 @@ def test_model_discard_accepts_old_or_zero_and_observe_settles() -> None:
     assert model.check(0, old) != []
     model.apply_zeroes(4, 2)
     assert model.acceptable(4) == [bytes(512)]
+    model.apply_unknown(4, 1)
+    assert model.check(4, pattern(9, 1)) == []
+    model.apply_write(4, bytes(512))
+    assert model.check(4, pattern(9, 1)) != []
 
 
 def test_model_pending_write_either_until_resolved() -> None:
@@ -322,8 +329,10 @@ def test_random_workload_many_rounds_matches_model(memory: GuestMemory, kind: st
                 req = driver.write(sector, pattern(rng.randrange(1 << 30), n), segments=segments)
             elif op < 0.9:
                 req = driver.read(sector, n, segments=segments)
-            elif op < 0.95:
+            elif op < 0.93:
                 req = driver.discard([(sector, n)])
+            elif op < 0.96:
+                req = driver.secure_erase([(sector, n)])
             else:
                 req = driver.write_zeroes([(sector, n)])
             submitted.append(req.tag)

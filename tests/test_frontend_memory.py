@@ -227,6 +227,12 @@ def test_add_and_remove_regions() -> None:
         memory.add_region((1 << 32) + PAGE_SIZE, PAGE_SIZE)
     with pytest.raises(MemoryAccessError, match="user range"):
         memory.add_region(1 << 33, PAGE_SIZE, userspace_addr=ninth.userspace_addr)
+    kept = memory.remove_region(memory.regions[0].guest_phys_addr, close=False)
+    assert kept.fd >= 0 and len(memory.regions) == 8
+    with pytest.raises(MemoryAccessError):
+        memory.region_of(0)
+    kept.data[0:2] = b"ok"  # still mapped for the caller
+    kept.close()
     removed = memory.remove_region(1 << 32)
     assert removed.guest_phys_addr == 1 << 32 and removed.fd == -1
     with pytest.raises(MemoryAccessError):
