@@ -611,6 +611,32 @@ def test_real_qemu_11_1_3_device_section_without_inflight() -> None:
     assert extract_device_section(data, "vhost-user-blk") == data
 
 
+def test_real_qemu_11_1_3_inflight_subsection() -> None:
+    # tests/data/README.md: QEMU 11.1.3 (inflight-migration=on) + the reference back-end
+    # (bits 12 and 20), one request suspended at GET_VRING_BASE.
+    data = (DATA / "qemu-11.1.3-q35-vhost-user-blk-reference-inflight.stream").read_bytes()
+    stream = read_stream(data)
+    state, section, offset = find_inflight_subsection(stream)
+    assert (state.size, state.queue_size) == (2112, 128)
+    # the subsection directly follows "virtio/started" (QEMU-TRACES 10) and ends the payload
+    assert data[offset - 21 : offset] == b"\x05\x0evirtio/started" + be32(1) + b"\x01"
+    assert offset + 29 + 10 + 34 + 2112 == section.body_end
+    # byte-exact: our encoder writes what QEMU wrote
+    assert (
+        encode_inflight_subsection(state.buffer, queue_size=128) == data[offset : section.body_end]
+    )
+    entry = stream.vmdesc_device(section)
+    assert entry is not None and entry["fields"] == [
+        {"name": "virtio", "type": "virtio", "size": offset - section.body_start}
+    ]
+    assert entry["subsections"] == [inflight_vmdesc(2112)]
+    region = parse_region(state.buffer, num_queues=1, queue_size=state.queue_size, packed=False)
+    (queue,) = region.queues
+    assert region.stride == 2112
+    assert (queue.version, queue.desc_num, queue.used_idx) == (1, 128, 5)
+    assert [(e.index, e.counter) for e in queue.inflight_entries()] == [(0, 6)]
+
+
 def test_real_qemu_inflight_stream_if_captured() -> None:
     real = sorted(DATA.glob("qemu-11*-inflight*.stream"))
     if not real:
