@@ -119,7 +119,8 @@ class Virtqueue(Protocol):
         ...
 
     def vring_base(self) -> int:
-        """The SET_VRING_BASE ``num`` for this queue when nothing is in flight."""
+        """The SET_VRING_BASE ``num`` for a queue the device has not stopped (fresh: the start
+        of the ring; otherwise the device's used position as memory shows it)."""
         ...
 
     def used_idx_in_memory(self) -> int:
@@ -256,9 +257,12 @@ class SplitVirtqueue:
         )
 
     def vring_base(self) -> int:
-        """SET_VRING_BASE ``num`` (SPEC-DIGEST 1.2, split): the next avail index. Right for a
-        fresh or drained queue; after a stop send what GET_VRING_BASE returned."""
-        return self._avail_idx
+        """SET_VRING_BASE ``num`` (SPEC-DIGEST 1.2, split: the next avail index the device
+        processes) for a queue the device has not stopped with GET_VRING_BASE: used->idx as
+        memory shows it. 0 on a fresh queue even when buffers were published before the start
+        (the device must still process them); equal to avail->idx once drained. After a stop,
+        send what GET_VRING_BASE returned instead."""
+        return self.used_idx_in_memory()
 
     def used_idx_in_memory(self) -> int:
         """used->idx as the device last wrote it (acquire load)."""
@@ -559,11 +563,11 @@ class PackedVirtqueue:
         )
 
     def vring_base(self) -> int:
-        """SET_VRING_BASE ``num`` (SPEC-DIGEST 1.2, packed): bits 0-14 next avail index, bit 15
-        avail wrap counter, bits 16-30 used index, bit 31 used wrap counter; the driver's view,
-        right for a fresh or drained queue."""
-        return (self._next_avail | self._avail_wrap << 15
-                | self._last_used << 16 | self._used_wrap << 31)
+        """SET_VRING_BASE ``num`` (SPEC-DIGEST 1.2, packed: bits 0-14 next avail index, bit 15
+        avail wrap counter, bits 16-30 used index, bit 31 used wrap counter) for a queue the
+        device has not stopped: both halves at the device's used position
+        (:meth:`used_idx_in_memory`); ``(0 | 1 << 15) * 0x10001`` on a fresh queue."""
+        return self.used_idx_in_memory()
 
     def used_idx_in_memory(self) -> int:
         """Where the device will write its next used descriptor, found by walking the used

@@ -563,3 +563,25 @@ def test_micro_benchmark_32_requests(memory: GuestMemory, kind: str,
         print(f"\n[{kind}] driver add+publish+kick-check+reap: {per_request_us:.2f} us/request "
               f"({1 / (per_request_us * 1e-6):,.0f} requests/s driver-side)")
     assert vq.violations == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_vring_base_of_a_fresh_queue_ignores_buffers_published_before_start(
+    memory: GuestMemory, kind: str
+) -> None:
+    """TEST-IDEAS #12 (kick before enable): buffers published before the ring starts must
+    still be processed, so the base sent is the ring's start, not the driver's avail index."""
+    vq, dev = make(kind, memory, 8)
+    fresh = 0 if kind == "split" else (1 << 15) * 0x10001
+    assert vq.vring_base() == fresh
+    buf = memory.alloc(16)
+    vq.add([(buf, 16)], [], 0)
+    vq.add([(buf, 16)], [], 1)
+    vq.publish()
+    assert vq.vring_base() == fresh
+    for chain in dev.pop():
+        dev.complete(chain, 0)
+    drained = 2 if kind == "split" else (2 | 1 << 15) * 0x10001
+    assert vq.vring_base() == drained  # everything used: base == the driver's avail position
+    vq.reap()
+    assert vq.vring_base() == drained
