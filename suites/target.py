@@ -356,6 +356,7 @@ def load_profile(name_or_path: str) -> Profile:
 
 def command_profile(command: str, socket_mode: SocketMode = "listen") -> Profile:
     """A profile for a bare ``--vhost-backend-cmd`` template (no deviations, no slow I/O)."""
+    check_template(command, COMMAND_PLACEHOLDERS, "--vhost-backend-cmd")
     if "socket" not in template_fields(command):
         raise UsageError(
             f"--vhost-backend-cmd {command!r} has no {{socket}} placeholder: the suite "

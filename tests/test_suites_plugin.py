@@ -1,0 +1,285 @@
+"""Acceptance tests of the pytest plugin, end to end through pytester (a throwaway test file
+run by a pytest in a subprocess, the plugin loaded through its pytest11 entry point)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+
+import pytest
+from test_suites_fakebackend import fake_command
+
+pytest_plugins = ["pytester"]
+
+VENDOR_CASES = """
+import time
+
+from vhost_conformance.frontend.protocol import FrontendRequest, ProtocolFeature
+from vhost_conformance.suites.model import MUST, SHOULD, CaseNonStrict, case
+
+META = dict(family="handshake", clause="vhost-user.rst: GET_FEATURES",
+            requirement="GET_FEATURES gets a u64 reply.")
+
+
+@case("VU-VENDOR-1", title="GET_FEATURES is answered", level=MUST, **META)
+def test_get_features(vhost_channel, vhost_timeout):
+    vhost_channel.call(FrontendRequest.GET_FEATURES, timeout=vhost_timeout)
+
+
+@case("VU-VENDOR-2", title="needs in-flight tracking", level=MUST,
+      requires=[ProtocolFeature.INFLIGHT_SHMFD], **META)
+def test_needs_inflight(vhost_channel):
+    raise AssertionError("never runs: the fake back-end does not offer bit 12")
+
+
+@case("VU-VENDOR-3", title="a SHOULD the back-end misses", level=SHOULD, **META)
+def test_should(vhost_target):
+    raise CaseNonStrict("the back-end did not do what it should")
+
+
+def test_not_a_case():
+    assert 1 + 1 == 2
+"""
+
+SLEEPING_CASE = """
+import time
+
+from vhost_conformance.suites.model import MUST, case
+
+
+@case("VU-VENDOR-9", title="sleeps", family="handshake", level=MUST,
+      clause="none", requirement="returns in time.")
+def test_sleeps(vhost_target):
+    time.sleep(60)
+"""
+
+
+def _report(path: pathlib.Path) -> dict[str, dict[str, object]]:
+    data = json.loads((path / "report.json").read_text())
+    return {case["id"]: case for case in data["cases"]}
+
+
+def _run(pytester: pytest.Pytester, *args: str, timeout: float = 180) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=timeout)
+
+
+def test_crashing_backend_gives_crash_with_exit_status(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_vendor=VENDOR_CASES)
+    report = pytester.path / "report"
+    result = _run(
+        pytester,
+        "-k",
+        "get_features or not_a_case",
+        f"--vhost-backend-cmd={fake_command('die')}",
+        f"--vhost-report={report}",
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*VU-VENDOR-1 [[]MUST[]] crash*status 3*"])
+    case = _report(report)["VU-VENDOR-1"]
+    assert case["verdict"] == "crash"
+    assert "status 3" in str(case["reason"])
+    assert "exiting on purpose" in str(case["log_tail"])
+    assert case["trace"], "a crashed case carries its wire trace"
+    assert {p.name for p in report.iterdir()} >= {
+        "report.json",
+        "junit.xml",
+        "summary.md",
+        "report.html",
+    }
+
+
+def test_signal_death_is_a_crash_with_the_signal(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_vendor=VENDOR_CASES)
+    report = pytester.path / "report"
+    result = _run(
+        pytester,
+        "-k",
+        "get_features",
+        f"--vhost-backend-cmd={fake_command('segv')}",
+        f"--vhost-report={report}",
+    )
+    result.assert_outcomes(failed=1)
+    case = _report(report)["VU-VENDOR-1"]
+    assert case["verdict"] == "crash"
+    assert "status -11" in str(case["reason"])
+
+
+def test_silent_backend_gives_hang_within_the_deadline(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_vendor=VENDOR_CASES)
+    report = pytester.path / "report"
+    started = time.monotonic()
+    result = _run(
+        pytester,
+        "-k",
+        "get_features",
+        f"--vhost-backend-cmd={fake_command('hang')}",
+        "--vhost-timeout=1",
+        f"--vhost-report={report}",
+    )
+    elapsed = time.monotonic() - started
+    result.assert_outcomes(failed=1)
+    case = _report(report)["VU-VENDOR-1"]
+    assert case["verdict"] == "hang", case
+    assert "GET_FEATURES" in str(case["reason"])
+    assert elapsed < 60, f"a 1 s reply deadline took {elapsed:.1f} s to give hang"
+
+
+def test_case_watchdog_gives_hang(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_sleepy=SLEEPING_CASE)
+    report = pytester.path / "report"
+    started = time.monotonic()
+    result = _run(
+        pytester,
+        f"--vhost-backend-cmd={fake_command('ok')}",
+        "--vhost-case-timeout=2",
+        f"--vhost-report={report}",
+    )
+    result.assert_outcomes(failed=1)
+    assert _report(report)["VU-VENDOR-9"]["verdict"] == "hang"
+    assert time.monotonic() - started < 50
+
+
+def test_pass_unsupported_and_non_strict(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_vendor=VENDOR_CASES)
+    report = pytester.path / "report"
+    result = _run(
+        pytester, "-rs", f"--vhost-backend-cmd={fake_command('ok')}", f"--vhost-report={report}"
+    )
+    result.assert_outcomes(passed=3, skipped=1, warnings=1)
+    result.stdout.fnmatch_lines(
+        ["*unsupported: the back-end does not offer protocol feature INFLIGHT_SHMFD (bit 12)*"]
+    )
+    cases = _report(report)
+    assert cases["VU-VENDOR-1"]["verdict"] == "pass"
+    assert cases["VU-VENDOR-2"]["verdict"] == "unsupported"
+    assert cases["VU-VENDOR-3"]["verdict"] == "non-strict"
+    assert "test_not_a_case" not in json.dumps(cases), "only case tests are reported"
+    backend = json.loads((report / "report.json").read_text())["backend"]
+    assert "REPLY_ACK" in backend["protocol_feature_names"], backend
+
+
+def test_strict_makes_non_strict_fail(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_vendor=VENDOR_CASES)
+    result = _run(
+        pytester, "-k", "should", f"--vhost-backend-cmd={fake_command('ok')}", "--vhost-strict"
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*VU-VENDOR-3 [[]SHOULD[]] non-strict*--vhost-strict*"])
+
+
+def test_known_deviation_turns_failure_into_xfail(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_vendor=VENDOR_CASES)
+    deviations = pytester.path / "deviations.toml"
+    deviations.write_text('[[deviation]]\nid = "VU-VENDOR-1"\nreason = "dies on purpose"\n')
+    report = pytester.path / "report"
+    result = _run(
+        pytester,
+        "-k",
+        "get_features",
+        f"--vhost-backend-cmd={fake_command('die')}",
+        f"--vhost-known-deviations={deviations}",
+        f"--vhost-report={report}",
+    )
+    result.assert_outcomes(xfailed=1)
+    case = _report(report)["VU-VENDOR-1"]
+    assert (case["verdict"], case["deviation"]) == ("xfail", "dies on purpose")
+
+
+def test_handshake_suite_fails_bad_reply_flags(pytester: pytest.Pytester) -> None:
+    report = pytester.path / "report"
+    result = _run(
+        pytester,
+        "--pyargs",
+        "vhost_conformance.suites.test_handshake",
+        "-k",
+        "reply_flags or version_1",
+        f"--vhost-backend-cmd={fake_command('badflags')}",
+        f"--vhost-report={report}",
+    )
+    # the capability probe does not judge flags; VU-HDR-2 does
+    cases = _report(report)
+    assert cases["VU-HDR-2"]["verdict"] == "fail"
+    assert "expected 0x5, seen 0xd" in str(cases["VU-HDR-2"]["reason"])
+    assert cases["VU-HDR-1"]["verdict"] == "pass", "version bits of 0xd are still 1"
+    result.assert_outcomes(passed=2, failed=1)
+
+
+def test_results_of_xdist_workers_are_merged(pytester: pytest.Pytester) -> None:
+    report = pytester.path / "report"
+    result = _run(
+        pytester,
+        "-n",
+        "2",
+        "--pyargs",
+        "vhost_conformance.suites.test_handshake",
+        f"--vhost-backend-cmd={fake_command('ok')}",
+        f"--vhost-report={report}",
+    )
+    cases = _report(report)
+    from vhost_conformance.suites import test_handshake
+    from vhost_conformance.suites.model import defined_cases
+
+    assert set(cases) == set(defined_cases(vars(test_handshake).values()))
+    assert all(c["verdict"] in ("pass", "unsupported", "non-strict") for c in cases.values()), {
+        i: (c["verdict"], c["reason"]) for i, c in cases.items()
+    }
+    assert result.ret == 0
+
+
+def test_unrelated_runs_are_not_disturbed(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_plain="def test_one():\n    assert True\n")
+    result = _run(pytester)
+    result.assert_outcomes(passed=1)
+    assert not (pytester.path / "report").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--vhost-backend-cmd=my-server --disk {disk}"], "*no {socket} placeholder*"),
+        (["--vhost-backend-cmd=my-server --socket {sock}"], "*unknown placeholder(s) {sock}*"),
+        (["--vhost-backend=no-such-backend"], "*unknown back-end profile 'no-such-backend'*"),
+        (["--vhost-backend=qsd", "--vhost-backend-cmd=x {socket}"], "*give only one of*"),
+    ],
+)
+def test_usage_errors_are_clear(pytester: pytest.Pytester, args: list[str], message: str) -> None:
+    pytester.makepyfile(test_plain="def test_one():\n    assert True\n")
+    result = _run(pytester, *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def _reference_backend_missing() -> bool:
+    return importlib.util.find_spec("vhost_conformance.backend.__main__") is None
+
+
+@pytest.mark.skipif(
+    _reference_backend_missing(),
+    reason="the reference back-end (backend/__main__.py) is not there yet",
+)
+def test_suite_runs_against_the_reference_backend(pytester: pytest.Pytester) -> None:
+    report = pytester.path / "report"
+    result = _run(
+        pytester,
+        "--pyargs",
+        "vhost_conformance.suites",
+        "--vhost-backend=reference",
+        f"--vhost-report={report}",
+        timeout=600,
+    )
+    cases = _report(report)
+    assert cases, result.stdout.str()
+    bad = {
+        i: (c["verdict"], c["reason"])
+        for i, c in cases.items()
+        if c["verdict"] in ("fail", "crash", "hang", "error")
+    }
+    assert not bad
+
+
+def test_python_is_the_venv_one() -> None:
+    # the fake back-end command runs this interpreter, which has the package installed
+    assert importlib.util.find_spec("vhost_conformance") is not None, sys.executable
