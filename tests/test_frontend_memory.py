@@ -299,3 +299,24 @@ def test_close_releases_views_handed_out() -> None:
     memory.close()  # would fail to unmap if the view still pinned the mapping
     with pytest.raises(ValueError):
         view[0] = 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3 * PAGE_SIZE - 1), st.binary(min_size=1, max_size=300)),
+                max_size=12))
+def test_diff_covers_every_changed_byte_and_starts_and_ends_on_one(
+    writes: list[tuple[int, bytes]],
+) -> None:
+    with GuestMemory.create([(0, 4 * PAGE_SIZE)]) as memory:
+        memory.fill(0, 4 * PAGE_SIZE, 0x5A)
+        snap = memory.snapshot()
+        for gpa, data in writes:
+            memory.write(gpa, data)
+        now = memory.read(0, 4 * PAGE_SIZE)
+        before = snap.regions[0][1]
+        changed = {i for i in range(len(now)) if now[i] != before[i]}
+        ranges = memory.diff(snap)
+        covered = {i for gpa, n in ranges for i in range(gpa, gpa + n)}
+        assert changed <= covered
+        for gpa, n in ranges:
+            assert gpa in changed and gpa + n - 1 in changed
