@@ -46,6 +46,8 @@ __all__ = [
     "inflight_subsection_header",
     "inflight_vmdesc",
     "read_stream",
+    "replace_inflight_buffer",
+    "section_summary",
     "vmdesc_size",
 ]
 
@@ -911,6 +913,48 @@ def extract_device_section(data: bytes | bytearray | memoryview, idstr_prefix: s
         text = json.dumps(reduced).encode("utf-8")
         parts.append(bytes([QEMU_VM_VMDESCRIPTION]) + struct.pack(">I", len(text)) + text)
     return b"".join(parts)
+
+
+def replace_inflight_buffer(
+    data: bytes | bytearray | memoryview,
+    buffer: bytes | bytearray | memoryview,
+    *,
+    queue_size: int | None = None,
+) -> bytes:
+    """A copy of the stream whose ``vhost-user-blk/inflight`` region is ``buffer``.
+
+    For feeding a destination (``-incoming "exec:cat FILE"``) a forged region. The subsection
+    must end the device payload (it does in QEMU 11.1.3); if the size changes, the JSON
+    description's sizes are rewritten too (QEMU's separators). ``queue_size`` defaults to the
+    stream's.
+    """
+    stream = read_stream(data)
+    state, section, offset = find_inflight_subsection(stream)
+    _, end = decode_inflight_subsection(memoryview(stream.data)[: section.body_end], offset)
+    if end != section.body_end:
+        raise VMStateError(
+            end, "the in-flight subsection does not end the device payload; not rewritten"
+        )
+    new = encode_inflight_subsection(
+        buffer, queue_size=state.queue_size if queue_size is None else queue_size
+    )
+    out = stream.data[:offset] + new + stream.data[end : stream.eof_offset + 1]
+    if stream.vmdesc is None:
+        return out + stream.data[stream.eof_offset + 1 :]
+    vmdesc = json.loads(json.dumps(stream.vmdesc))
+    for dev in vmdesc.get("devices", []):
+        if (
+            dev.get("name") == section.idstr
+            and int(dev.get("instance_id", -1)) == section.instance_id
+        ):
+            dev["subsections"] = [
+                inflight_vmdesc(len(memoryview(buffer).cast("B")))
+                if sub.get("vmsd_name") == INFLIGHT_SUBSECTION
+                else sub
+                for sub in dev.get("subsections", [])
+            ]
+    text = json.dumps(vmdesc).encode("utf-8")
+    return out + bytes([QEMU_VM_VMDESCRIPTION]) + struct.pack(">I", len(text)) + text
 
 
 def section_summary(stream: Stream) -> list[str]:

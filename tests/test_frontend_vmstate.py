@@ -24,6 +24,8 @@ from vhost_conformance.frontend.vmstate import (
     inflight_subsection_header,
     inflight_vmdesc,
     read_stream,
+    replace_inflight_buffer,
+    section_summary,
     vmdesc_size,
 )
 
@@ -676,3 +678,25 @@ def test_broken_inflight_subsection_in_a_device_is_reported() -> None:
     ) as info:
         find_inflight_subsection(stream)
     assert info.value.offset == stream.sections[0].body_start
+
+
+def test_replace_inflight_buffer_same_and_other_size() -> None:
+    data = (DATA / "qemu-11.1.3-q35-vhost-user-blk-reference-inflight.stream").read_bytes()
+    state, _, _ = find_inflight_subsection(read_stream(data))
+    # the same size: mark head 3 in flight too (counter 7)
+    forged = bytearray(state.buffer)
+    struct.pack_into("=B5sHQ", forged, 16 + 3 * 16, 1, bytes(5), 0, 7)
+    out = replace_inflight_buffer(data, forged)
+    assert len(out) == len(data)
+    new_state, _, _ = find_inflight_subsection(read_stream(out))
+    region = parse_region(new_state.buffer, num_queues=1, queue_size=128, packed=False)
+    assert region.queues[0].inflight_heads() == [0, 3]
+    # another size (a 2064-byte stride): payload and JSON description follow
+    smaller = build_split_region(128, 1, stride=2064, entries={0: {9: (1, 1, 0)}})
+    out = replace_inflight_buffer(data, smaller)
+    stream = read_stream(out)
+    new_state, section, _ = find_inflight_subsection(stream)
+    assert new_state == InflightState(2064, 128, smaller)
+    entry = stream.vmdesc_device(section)
+    assert entry is not None and entry["subsections"] == [inflight_vmdesc(2064)]
+    assert [line.split()[1] for line in section_summary(stream)] == ["SECTION_FULL"]
