@@ -24,6 +24,7 @@ completed) and says which heads a region MUST, MAY and MUST NOT mark in flight.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -234,7 +235,11 @@ class InflightRegion:
 
 
 def parse_region(
-    buf: bytes | bytearray | memoryview, *, num_queues: int, queue_size: int, packed: bool
+    buf: bytes | bytearray | memoryview | mmap.mmap,
+    *,
+    num_queues: int,
+    queue_size: int,
+    packed: bool,
 ) -> InflightRegion:
     """Parse ``buf`` as ``num_queues`` regions of ``queue_size`` descriptors each.
 
@@ -725,7 +730,8 @@ class InflightModel:
     ``last_avail_idx`` (the GET_VRING_BASE reply; ``None`` when there is none, e.g. a crash).
 
     Positions are 16-bit free-running indices (split rings). For packed rings pass the
-    driver's own free-running count of submissions modulo 2**16 instead.
+    driver's own free-running counts instead (submissions for avail indices and
+    ``last_avail_idx``, used entries seen for ``used_idx``), modulo 2**16; heads are buffer ids.
     """
 
     def __init__(self, num_queues: int, queue_size: int) -> None:

@@ -102,6 +102,20 @@ def test_parse_accepts_memoryview_and_bytearray() -> None:
         ].inflight_heads() == [5, 9]
 
 
+def test_parse_reads_a_shared_mapping() -> None:
+    import mmap
+
+    buf = worked_example()
+    with mmap.mmap(-1, len(buf)) as shared:
+        shared[:] = buf
+        region = parse_region(shared, num_queues=2, queue_size=128, packed=False)
+        assert region.queues[0].inflight_heads() == [5, 9]
+        shared[0x60] = 0  # the back-end clears head 5; a fresh parse sees it
+        assert parse_region(shared, num_queues=2, queue_size=128, packed=False).queues[
+            0
+        ].inflight_heads() == [9]
+
+
 def test_length_not_a_multiple_of_num_queues_is_an_error() -> None:
     with pytest.raises(InflightLayoutError, match=r"4225 bytes is not a multiple of num_queues=2"):
         parse_region(bytes(4225), num_queues=2, queue_size=128, packed=False)
