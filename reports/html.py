@@ -162,7 +162,8 @@ def _case_body(index: int, case: CaseResult) -> str:
         )
     if case.trace:
         detail.append(
-            f'<details class="trace"><summary>wire trace ({len(case.trace)} messages)</summary>'
+            f'<details class="trace"><summary>wire trace ({len(case.trace)} '
+            f"message{'' if len(case.trace) == 1 else 's'})</summary>"
             f"{_trace_table(case.trace)}</details>"
         )
     if case.log_tail:

@@ -448,7 +448,15 @@ class Report:
 
     def to_json(self) -> str:
         """The report as report.json text (2-space indent, trailing newline)."""
-        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        data = self.to_dict()
+        text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (e.g. a log decoded with surrogateescape) has no UTF-8 form;
+            # \u escapes keep the file valid JSON and valid UTF-8, and load gives it back.
+            text = json.dumps(data, indent=2, ensure_ascii=True, allow_nan=False) + "\n"
+        return text
 
     def save(self, path: str | os.PathLike[str]) -> pathlib.Path:
         """Write report.json atomically (temp file + rename); return the path."""

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from html import escape
+from html import escape as _html_escape
+
+from vhost_conformance.reports.common import clean_text
+
+
+def escape(text: str) -> str:
+    """*text* for SVG text and attributes: control characters made visible, markup escaped."""
+    return _html_escape(clean_text(text), quote=True)
+
 
 # Colour-blind-safe palette (Okabe-Ito).
 PALETTE = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#000000")
