@@ -639,6 +639,23 @@ def test_real_qemu_11_1_3_inflight_subsection() -> None:
     assert [(e.index, e.counter) for e in queue.inflight_entries()] == [(0, 6)]
 
 
+def test_truncating_the_real_fixture_raises_with_a_sensible_offset() -> None:
+    data = (DATA / "qemu-11.1.3-q35-vhost-user-blk-reference-inflight.stream").read_bytes()
+    eof = read_stream(data).eof_offset
+    # every cut in the headers, the in-flight subsection, the footer, EOF and the JSON;
+    # a sample of cuts in the opaque virtio state
+    cuts = {*range(0, 200), *range(eof - 2300, len(data)), *range(200, eof - 2300, 61)}
+    for cut in sorted(cuts):
+        try:
+            stream = read_stream(data[:cut])
+        except VMStateError as err:
+            assert 0 <= err.offset <= cut, (cut, str(err))
+            continue
+        assert cut == eof + 1 and stream.vmdesc is None, cut
+        state, _, _ = find_inflight_subsection(stream)
+        assert state.size == 2112
+
+
 def test_real_qemu_inflight_stream_if_captured() -> None:
     real = sorted(DATA.glob("qemu-11*-inflight*.stream"))
     if not real:
