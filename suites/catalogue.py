@@ -1212,3 +1212,20 @@ def format_catalogue(implemented: Iterable[str] = ()) -> str:
     lines.append("")
     lines.append(f"{total} cases, {len(done & set(CATALOGUE))} implemented (*)")
     return "\n".join(lines) + "\n"
+
+
+def defined_in_suites() -> dict[str, Case]:
+    """The cases defined by ``@case`` in the suite modules (``vhost_conformance.suites.test_*``),
+    by id. Raises CatalogueMismatch when two functions claim one id."""
+    import importlib
+    import pkgutil
+
+    import vhost_conformance.suites as suites_package
+    from vhost_conformance.suites.model import defined_cases
+
+    functions: list[object] = []
+    for module_info in pkgutil.iter_modules(suites_package.__path__):
+        if module_info.name.startswith("test_"):
+            module = importlib.import_module(f"vhost_conformance.suites.{module_info.name}")
+            functions.extend(vars(module).values())
+    return defined_cases(functions)
