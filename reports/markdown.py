@@ -42,7 +42,22 @@ def table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> list[str]:
     return lines
 
 
+# GitHub caps a step summary at 1 MiB; a long table is cut, the JSON and HTML have it all.
+MAX_ROWS = 200
+
+
+def _capped(rows: list[list[str]], width: int) -> list[list[str]]:
+    if len(rows) <= MAX_ROWS:
+        return rows
+    more = [f"\u2026 and {len(rows) - MAX_ROWS} more (see report.html)"] + [""] * (width - 1)
+    return [*rows[:MAX_ROWS], more]
+
+
 def _case_rows(cases: Iterable[CaseResult]) -> list[list[str]]:
+    return _capped(_case_rows_all(cases), 6)
+
+
+def _case_rows_all(cases: Iterable[CaseResult]) -> list[list[str]]:
     return [
         [
             md(c.id, 80),

@@ -26,7 +26,7 @@ from vhost_conformance.reports.common import (
     hex_bits,
     one_line,
 )
-from vhost_conformance.reports.html import DASH, STOP_LATENCY, h, page, verdict_badge
+from vhost_conformance.reports.html import DASH, STOP_LATENCY, asset, h, page, verdict_badge
 from vhost_conformance.reports.markdown import md, table
 from vhost_conformance.reports.model import CaseResult, Report, ReportFormatError, Verdict
 from vhost_conformance.reports.svg import line_plot
@@ -127,7 +127,7 @@ def _stop_latency_plots(matrix: Matrix) -> list[str]:
 
 
 def render_html(reports: Sequence[Report]) -> str:
-    """matrix.html text: one self-contained page (inline CSS and SVG, no script)."""
+    """matrix.html text: one self-contained page (inline CSS, SVG and a small filter script)."""
     mx = Matrix(reports)
     head_cells = "".join(f'<th class="backend">{h(label)}</th>' for label in mx.labels)
     body = [
@@ -179,6 +179,9 @@ def render_html(reports: Sequence[Report]) -> str:
     body += [
         '<h2 id="cases">Cases</h2>',
         '<p class="muted">A marked row: the back-ends disagree. Hover a verdict for its reason.</p>',
+        '<nav id="filters"><label><input type="checkbox" id="only-differs"> only cases where '
+        "the back-ends differ</label>"
+        f'<span id="shown-count">{len(mx.first)} of {len(mx.first)} cases shown</span></nav>',
         f'<table class="matrix"><tr><th>case</th><th>title</th><th>level</th>{head_cells}</tr>',
     ]
     for family, keys in mx.rows():
@@ -220,7 +223,7 @@ def render_html(reports: Sequence[Report]) -> str:
                 + "</tr>"
             )
         body.append("</table>")
-    return page("vhost-conformance matrix", "\n".join(body))
+    return page("vhost-conformance matrix", "\n".join(body), script=asset("matrix.js"))
 
 
 def render_markdown(reports: Sequence[Report]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -220,6 +221,19 @@ def test_detector_sees_a_broken_page(browser: DevToolsPipe, tmp_path: pathlib.Pa
     assert any("noSuchFunction" in p for p in browser.problems(session))
 
 
+def test_detector_sees_a_csp_violation(browser: DevToolsPipe, tmp_path: pathlib.Path) -> None:
+    """Control: a script the page's CSP does not allow is reported, and does not run."""
+    page = tmp_path / "csp.html"
+    page.write_text(
+        '<!DOCTYPE html><meta http-equiv="Content-Security-Policy" content="default-src \'none\'">'
+        "<title>x</title><script>document.title = 'ran';</script>"
+    )
+    session = browser.open_page(page.as_uri())
+    time.sleep(0.2)
+    assert browser.evaluate(session, "document.title") == "x"
+    assert any("Content Security Policy" in p for p in browser.problems(session))
+
+
 def test_report_html_in_chromium(browser: DevToolsPipe, tmp_path: pathlib.Path) -> None:
     report = sample_report()
     path = html.write(report, tmp_path / "report.html")
@@ -316,21 +330,33 @@ def test_report_html_in_chromium(browser: DevToolsPipe, tmp_path: pathlib.Path) 
 
 
 def test_matrix_html_in_chromium(browser: DevToolsPipe, tmp_path: pathlib.Path) -> None:
-    reports = [sample_report("reference"), sample_report("qsd"), sample_report("dpdk-vhost-blk")]
+    qsd = sample_report("qsd")
+    qsd = dataclasses.replace(qsd, cases=[c for c in qsd.cases if c.id != "VU-GVB-6"])
+    reports = [sample_report("reference"), qsd, sample_report("dpdk-vhost-blk")]
     path = tmp_path / "matrix.html"
     path.write_text(matrix.render_html(reports))
     session = browser.open_page(path.as_uri())
-    rows = browser.evaluate(
-        session, "document.querySelectorAll('table.matrix tr[data-case]').length"
-    )
-    assert rows == len(reports[0].cases)
-    cells = browser.evaluate(session, "document.querySelectorAll('table.matrix td.cell').length")
+    ev = browser.evaluate
+    assert ev(session, "document.body.dataset.ready") == "true", "matrix.js did not finish"
+    rows = "Array.from(document.querySelectorAll('table.matrix tr[data-case]'))"
+    shown = ".filter(r => r.getClientRects().length > 0)"
+    assert ev(session, f"{rows}.length") == len(reports[0].cases)
+    cells = ev(session, "document.querySelectorAll('table.matrix td.cell').length")
     assert cells == 3 * len(reports[0].cases)
-    assert (
-        browser.evaluate(session, "document.querySelectorAll('svg.plot-stop-latency').length") == 2
+    assert ev(session, "document.querySelectorAll('svg.plot-stop-latency').length") == 2
+    # The toggle: only the rows where the back-ends differ (here: the case qsd lacks),
+    # and only the family headings that still have a row.
+    ev(session, "document.getElementById('only-differs').click()")
+    assert ev(session, f"{rows}{shown}.map(r => r.dataset.case)") == ["VU-GVB-6"]
+    families = "Array.from(document.querySelectorAll('table.matrix tr.family'))"
+    assert ev(session, f"{families}{shown}.map(r => r.textContent)") == ["stop"]
+    assert ev(session, "document.getElementById('shown-count').textContent") == (
+        f"1 of {len(reports[0].cases)} cases shown"
     )
+    ev(session, "document.getElementById('only-differs').click()")
+    assert ev(session, f"{rows}{shown}.length") == len(reports[0].cases)
     shot = browser.call("Page.captureScreenshot", {"format": "png"}, session=session)
     OUTPUT.mkdir(exist_ok=True)
     (OUTPUT / "matrix-html.png").write_bytes(base64.b64decode(shot["data"]))
-    browser.evaluate(session, "1")
+    ev(session, "1")
     assert browser.problems(session) == []

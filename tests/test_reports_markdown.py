@@ -67,3 +67,13 @@ def test_passing_run_says_so() -> None:
     assert "\u2705 PASS" in text
     assert "### Cases failing the gate (0)\n\nNone." in text
     assert "Other problems" not in text
+
+
+def test_long_tables_are_cut() -> None:
+    many = [
+        CaseResult(f"VU-X-{i}", "t", "f", Level.MUST, "c", "r", Verdict.FAIL) for i in range(250)
+    ]
+    r = Report(suite_version="0", started="s", duration_s=0, backend=BackendInfo("b"), cases=many)
+    rows = section(markdown.render(r), "Cases failing the gate (250)")
+    assert len(rows) == markdown.MAX_ROWS + 1
+    assert cells(rows[-1])[0] == "\u2026 and 50 more (see report.html)"
