@@ -37,7 +37,7 @@ from vhost_conformance.backend.inflight import (
     queue_region_size,
     queue_region_stride,
 )
-from vhost_conformance.backend.memory import DirtyLog, GuestMemory, GuestMemoryError
+from vhost_conformance.backend.memory import DirtyLog, GuestMemory, GuestMemoryError, full_barrier
 from vhost_conformance.backend.vring import Chain, PackedRing, RingError, SplitRing
 from vhost_conformance.frontend.protocol import (
     FD_EXPECTATIONS,
@@ -921,6 +921,11 @@ class Device:
             heapq.heappush(self._timers, req)
 
     def _pop_split(self, q: VirtQueue, ring: SplitRing, now: float) -> None:
+        while self._pop_split_once(q, ring, now):
+            pass
+
+    def _pop_split_once(self, q: VirtQueue, ring: SplitRing, now: float) -> bool:
+        """Take what is available; True when more arrived meanwhile (EVENT_IDX re-check)."""
         avail = ring.avail_idx()
         count = (avail - q.last_avail_idx) & 0xFFFF
         if count > q.num:
@@ -929,17 +934,17 @@ class Device:
                 f"avail->idx {avail} is {count} ahead of last_avail_idx "
                 f"{q.last_avail_idx}, more than the queue size {q.num}",
             )
-            return
+            return False
         inflight_heads = {r.head for r in q.pending.values()}
         for _ in range(count):
             head = ring.avail_head(q.last_avail_idx)
             chain = ring.read_chain(head)
             if chain.fatal:
                 self._break(q, f"head {head} at avail slot {q.last_avail_idx}: {chain.fatal}")
-                return
+                return False
             if head in inflight_heads:
                 self._break(q, f"head {head} made available again while still in flight")
-                return
+                return False
             q.last_avail_idx = (q.last_avail_idx + 1) & 0xFFFF
             inflight_heads.add(head)
             if isinstance(q.inflight, SplitInflight):
@@ -947,9 +952,14 @@ class Device:
             q.counter += 1
             self.faults.reach("after-pop")
             self._submit(self._new_request(q, chain, head), now)
-        if count and ring.event_idx:
+        if ring.event_idx:
             off = ring.set_avail_event(q.last_avail_idx)
             self._log_used(q, off, 2)
+            # VIRTIO 1.2 2.7.10: the driver decides whether to kick from avail_event; a
+            # buffer it added before seeing ours would not be kicked: look again.
+            full_barrier()
+            return ring.avail_idx() != q.last_avail_idx
+        return False
 
     def _pop_packed(self, q: VirtQueue, ring: PackedRing, now: float) -> None:
         outstanding = sum(r.chain.ndescs for r in q.pending.values())

@@ -18,10 +18,26 @@ import bisect
 import contextlib
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 
 #: Dirty log granularity (vhost-user.rst "Migration": VHOST_LOG_PAGE 0x1000).
 LOG_PAGE_SIZE = 0x1000
+
+
+_FENCE = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A full memory fence: earlier stores are visible before later loads.
+
+    Needed where x86-64 TSO still reorders (store -> load): between publishing
+    used->idx / avail_event and reading the driver's used_event / avail->idx (VIRTIO 1.2
+    2.7.10: otherwise a notification or a kick is lost). CPython's lock acquire does a
+    locked read-modify-write (glibc sem_wait's cmpxchg), which is a full fence on x86-64.
+    """
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 class GuestMemoryError(Exception):

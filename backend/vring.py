@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vhost_conformance.backend.memory import GuestMemory, GuestMemoryError
+from vhost_conformance.backend.memory import GuestMemory, GuestMemoryError, full_barrier
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -248,6 +248,7 @@ class SplitRing:
 
     def should_notify(self, old_used: int, new_used: int) -> bool:
         """Whether the driver wants an interrupt for used entries [old_used, new_used)."""
+        full_barrier()  # used->idx stored before used_event / flags are read
         if self.event_idx:
             return need_event(self.used_event(), new_used, old_used)
         return not self.avail_flags() & AVAIL_F_NO_INTERRUPT
@@ -279,6 +280,8 @@ class PackedRing:
             raise RingError(f"packed ring address: {exc}") from None
         self.desc_uva = desc_uva
         self.generation = mem.generation
+        # Device event suppression: always ENABLE (we never ask the driver not to kick).
+        struct.pack_into("<HH", self.dev_mm, self.dev_off, 0, PACKED_EVENT_ENABLE)
 
     def flags_at(self, idx: int) -> int:
         """Flags of descriptor ring entry ``idx``."""
@@ -351,6 +354,7 @@ class PackedRing:
 
     def should_notify(self, old_used: int, new_used: int, used_wrap: bool) -> bool:
         """Driver event suppression (VIRTIO 1.2 2.8.10): ENABLE, DISABLE or DESC."""
+        full_barrier()  # used flags stored before the driver's event area is read
         off_wrap, flags = struct.unpack_from("<HH", self.drv_mm, self.drv_off)
         if flags == PACKED_EVENT_DISABLE:
             return False
