@@ -60,6 +60,7 @@ from types import FrameType
 from typing import Any
 
 import pytest
+from vhost_conformance.frontend.channel import BackendClosed, Channel
 from vhost_conformance.reports.model import (
     BackendInfo,
     CaseResult,
@@ -425,6 +426,11 @@ class VhostRun:
         alive: bool | None = None
         exit_status: int | None = None
         log_tail: str | None = None
+        if isinstance(exc, BackendClosed):
+            # EOF can reach us a moment before the dying process is reapable
+            for target in state.targets:
+                if isinstance(target, CommandTarget) and target.alive():
+                    target.wait_exit(0.5)
         for target in state.targets:
             if (
                 isinstance(target, CommandTarget)
@@ -714,10 +720,8 @@ def vhost_target(
 @pytest.fixture
 def vhost_channel(
     request: pytest.FixtureRequest, vhost_target: BackendTarget, vhost_timeout: float
-) -> Iterator[Any]:
+) -> Iterator[Channel]:
     """A front-end Channel connected to ``vhost_target``; its wire trace goes to the report."""
-    from vhost_conformance.frontend.channel import Channel
-
     channel = Channel(vhost_target.connect_socket(vhost_timeout))
     register_trace(request, channel.trace)
     try:

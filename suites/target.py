@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol
 
 from vhost_conformance.frontend.protocol import (
     BlkFeature,
@@ -370,7 +370,6 @@ def command_profile(command: str, socket_mode: SocketMode = "listen") -> Profile
 # --------------------------------------------------------------------------- targets
 
 
-@runtime_checkable
 class BackendTarget(Protocol):
     """A back-end under test, whatever launches it. Every wait inside has a deadline."""
 
@@ -985,12 +984,12 @@ class TargetFactory:
         except TargetError as exc:
             if isinstance(exc, BackendStartHang | BackendStartFailed) and not exc.log_tail:
                 exc.log_tail = target.log_tail()
-            if (
-                isinstance(exc, BackendStartFailed)
-                and exc.exit_status is None
-                and not target.alive()
-            ):
-                exc.exit_status = target.exit_status()
+            if isinstance(exc, BackendStartFailed) and exc.exit_status is None:
+                # EOF can reach us a moment before the dying process is reapable
+                if isinstance(target, CommandTarget):
+                    target.wait_exit(1.0)
+                if not target.alive():
+                    exc.exit_status = target.exit_status()
             self._probe_error = exc
             raise
         finally:
