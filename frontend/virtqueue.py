@@ -93,6 +93,8 @@ class Virtqueue(Protocol):
     index: int
     size: int
     packed: bool
+    event_idx: bool
+    indirect: bool
     violations: list[RingViolation]
 
     def add(self, out_bufs: Buffers, in_bufs: Buffers, token: object, *,
