@@ -97,8 +97,9 @@ class SessionError(Exception):
 
 
 @dataclass
-class InflightRegion:
-    """The in-flight region the front-end holds (GET_INFLIGHT_FD reply or migrated bytes)."""
+class InflightHandle:
+    """The in-flight region's fd and mapping the front-end holds (GET_INFLIGHT_FD reply or migrated
+    bytes). Parsing it is :mod:`vhost_conformance.frontend.inflight`'s job."""
 
     fd: int
     mmap_size: int
@@ -110,14 +111,14 @@ class InflightRegion:
     @classmethod
     def from_fd(
         cls, fd: int, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int
-    ) -> InflightRegion:
+    ) -> InflightHandle:
         """Map a region received from the back-end (takes ownership of ``fd``)."""
         m = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                       offset=mmap_offset)
         return cls(fd, mmap_size, mmap_offset, num_queues, queue_size, m)
 
     @classmethod
-    def from_bytes(cls, data: bytes, num_queues: int, queue_size: int) -> InflightRegion:
+    def from_bytes(cls, data: bytes, num_queues: int, queue_size: int) -> InflightHandle:
         """A fresh memfd loaded with ``data`` (a migration destination: SPEC-DIGEST 6.3)."""
         fd = os.memfd_create("vc-inflight-dst", os.MFD_CLOEXEC)
         os.ftruncate(fd, len(data))
@@ -199,7 +200,7 @@ class Session:
         self.timeout = timeout
         self.negotiated = Negotiated()
         self.queues: list[Queue] = []
-        self.inflight: InflightRegion | None = None
+        self.inflight: InflightHandle | None = None
         self.backend_channel: BackendChannel | None = None
         self.started = False
         self._mem_sent = False
@@ -330,7 +331,7 @@ class Session:
         self,
         *,
         vring_bases: Sequence[int] | None = None,
-        inflight: InflightRegion | None = None,
+        inflight: InflightHandle | None = None,
         features: int | None = None,
     ) -> None:
         """vhost_user_blk_start (SPEC-DIGEST 4.2 as corrected by QEMU-TRACES (a)-(e)).
@@ -343,6 +344,7 @@ class Session:
         if self.started:
             raise SessionError("start() on a started session")
         feats = self.driver_features() if features is None else features
+        self._apply_ring_features(feats)
         self.set_features(feats)
         self._status(STATUS_FEATURES_OK)
         if inflight is not None:
@@ -377,6 +379,18 @@ class Session:
         self._status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FEATURES_OK)
         self.started = True
 
+    def _apply_ring_features(self, features: int) -> None:
+        """Use indirect descriptors and EVENT_IDX only when ``features`` has them: a driver
+        must not use a feature the device did not offer (VIRTIO 1.x 2.7.5.3.1, 2.7.7.1)."""
+        for q in self.queues:
+            indirect = self.indirect and has(features, VirtioFeature.RING_INDIRECT_DESC)
+            event_idx = self.event_idx and has(features, VirtioFeature.RING_EVENT_IDX)
+            q.vq.indirect = indirect
+            if q.vq.event_idx != event_idx:
+                q.vq.event_idx = event_idx
+                # rewrite the driver's suppression area for the mode now in use
+                q.vq.set_no_interrupt(False)
+
     def set_vring_enable(self, index: int, enable: bool) -> None:
         """SET_VRING_ENABLE, synchronous as QEMU makes it (ack, or a GET_FEATURES barrier)."""
         self.call(F.SET_VRING_ENABLE, VringState(index, 1 if enable else 0),
@@ -399,7 +413,7 @@ class Session:
                       need_reply=self.reply_ack)
         self._mem_sent = True
 
-    def get_inflight_fd(self) -> InflightRegion | None:
+    def get_inflight_fd(self) -> InflightHandle | None:
         """GET_INFLIGHT_FD (num_queues, queue_size); keeps the region (none if size 0)."""
         reply = self.call(F.GET_INFLIGHT_FD, Inflight(0, 0, self.num_queues, self.queue_size))
         assert reply is not None
@@ -412,11 +426,11 @@ class Session:
             for fd in reply.fds:
                 os.close(fd)
             raise SessionError(f"GET_INFLIGHT_FD reply carried {len(reply.fds)} fds, expected 1")
-        self.inflight = InflightRegion.from_fd(reply.fds[0], info.mmap_size, info.mmap_offset,
+        self.inflight = InflightHandle.from_fd(reply.fds[0], info.mmap_size, info.mmap_offset,
                                                self.num_queues, self.queue_size)
         return self.inflight
 
-    def set_inflight_fd(self, region: InflightRegion) -> None:
+    def set_inflight_fd(self, region: InflightHandle) -> None:
         """SET_INFLIGHT_FD with the region's fd (no NEED_REPLY: QEMU-TRACES correction 2)."""
         self.call(F.SET_INFLIGHT_FD,
                   Inflight(region.mmap_size, region.mmap_offset, region.num_queues,
