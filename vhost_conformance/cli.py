@@ -198,18 +198,17 @@ def cmd_backends(args: argparse.Namespace) -> int:
     """List the known back-end profiles and whether each can run here."""
     from vhost_conformance.suites.target import builtin_profile_names, cache_dir, load_profile
 
-    rows = []
+    rows: list[dict[str, object]] = []
     for name in builtin_profile_names():
         profile = load_profile(name)
         missing = profile.missing_needs({"python": sys.executable, "cache": str(cache_dir())})
         rows.append({"name": name, "description": profile.description,
                      "available": not missing, "missing": missing})
+        if not args.json:
+            state = "available" if not missing else "missing: " + "; ".join(missing)
+            print(f"{name:16} {state}\n{'':16} {profile.description}")
     if args.json:
         print(json.dumps(rows, indent=1))
-    else:
-        for r in rows:
-            state = "available" if r["available"] else "missing: " + "; ".join(r["missing"])
-            print(f"{r['name']:16} {state}\n{'':16} {r['description']}")
     return EXIT_OK
 
 
