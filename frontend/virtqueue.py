@@ -184,12 +184,65 @@ class _IndirectTables:
         return table[0], table[2]
 
 
+class _DriverQueue:
+    """What split and packed share: identity, the three areas, tokens in flight, indirect
+    tables, violations, and the SET_VRING_ADDR payload."""
+
+    packed: bool
+
+    def __init__(self, memory: GuestMemory, index: int, size: int, *, event_idx: bool,
+                 indirect: bool, areas: tuple[tuple[int, int], tuple[int, int],
+                                              tuple[int, int]]) -> None:
+        _check_size(size, packed=self.packed)
+        self.memory = memory
+        self.index = index
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        # (size, alignment) of the descriptor area, driver area, device area; all zeroed.
+        self._desc = _Ring(memory, *areas[0])
+        self._driver = _Ring(memory, *areas[1])
+        self._device = _Ring(memory, *areas[2])
+        self._in_flight: dict[int, object] = {}
+        self._no_interrupt = False
+        self._indirect_tables = _IndirectTables(memory)
+        self.violations: list[RingViolation] = []
+
+    def vring_addr(self, flags: int = 0, log_guest_addr: int | None = None, *,
+                   gpa_addresses: bool = False) -> VringAddr:
+        """SET_VRING_ADDR payload: desc = descriptor area, avail = driver area, used = device
+        area, as user addresses (GPAs with GPA_ADDRESSES); ``log_guest_addr`` defaults to the
+        device area's GPA, as QEMU sends it even without VHOST_VRING_F_LOG."""
+        to_addr = (lambda g: g) if gpa_addresses else self.memory.gpa_to_uaddr
+        return VringAddr(
+            index=self.index,
+            flags=flags,
+            desc_user_addr=to_addr(self._desc.gpa),
+            used_user_addr=to_addr(self._device.gpa),
+            avail_user_addr=to_addr(self._driver.gpa),
+            log_guest_addr=self._device.gpa if log_guest_addr is None else log_guest_addr,
+        )
+
+    @property
+    def desc_gpa(self) -> int:
+        """GPA of the descriptor table (split) or ring (packed)."""
+        return self._desc.gpa
+
+    @property
+    def in_flight(self) -> dict[int, object]:
+        """head (split) or buffer id (packed) -> token, for every buffer not yet used."""
+        return self._in_flight
+
+    def _violation(self, what: str, expected: str, seen: str, clause: str) -> None:
+        self.violations.append(RingViolation(self.index, what, expected, seen, clause))
+
+
 # --------------------------------------------------------------------------------------------
 # Split virtqueue (VIRTIO 1.x 2.7)
 # --------------------------------------------------------------------------------------------
 
 
-class SplitVirtqueue:
+class SplitVirtqueue(_DriverQueue):
     """A split virtqueue: descriptor table, available ring, used ring, driver side."""
 
     packed = False
@@ -203,36 +256,22 @@ class SplitVirtqueue:
         event_idx: bool = False,
         indirect: bool = False,
     ) -> None:
-        _check_size(size, packed=False)
-        self.memory = memory
-        self.index = index
-        self.size = size
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self._desc = _Ring(memory, DESC_SIZE * size, 16)
-        self._avail = _Ring(memory, 6 + 2 * size, 2)
         # used->idx starts zeroed (TEST-IDEAS #11: the device must not latch a stale value).
-        self._used = _Ring(memory, 6 + 8 * size, 4)
+        super().__init__(memory, index, size, event_idx=event_idx, indirect=indirect,
+                         areas=((DESC_SIZE * size, 16), (6 + 2 * size, 2), (6 + 8 * size, 4)))
+        self._avail = self._driver
+        self._used = self._device
         self._avail_event_off = self._used.off + 4 + 8 * size
         self._used_event_off = self._avail.off + 4 + 2 * size
         self._free: list[int] = list(range(size - 1, -1, -1))
-        self._in_flight: dict[int, object] = {}
         # head -> (descriptors of the chain, device-writable bytes)
         self._chains: dict[int, tuple[Sequence[int], int]] = {}
         self._avail_idx = 0  # the driver's next avail->idx (free-running u16)
         self._published = 0
         self._kicked = 0  # avail->idx at the last needs_kick()
         self._used_idx = 0  # last used->idx seen
-        self._no_interrupt = False
-        self._indirect_tables = _IndirectTables(memory)
-        self.violations: list[RingViolation] = []
 
     # -- addresses ----------------------------------------------------------------------------
-
-    @property
-    def desc_gpa(self) -> int:
-        """GPA of the descriptor table."""
-        return self._desc.gpa
 
     @property
     def avail_gpa(self) -> int:
@@ -243,20 +282,6 @@ class SplitVirtqueue:
     def used_gpa(self) -> int:
         """GPA of the used ring (device area)."""
         return self._used.gpa
-
-    def vring_addr(self, flags: int = 0, log_guest_addr: int | None = None, *,
-                   gpa_addresses: bool = False) -> VringAddr:
-        """SET_VRING_ADDR payload: user addresses (GPAs with GPA_ADDRESSES); ``log_guest_addr``
-        defaults to the used ring's GPA, as QEMU sends it even without VHOST_VRING_F_LOG."""
-        to_addr = (lambda g: g) if gpa_addresses else self.memory.gpa_to_uaddr
-        return VringAddr(
-            index=self.index,
-            flags=flags,
-            desc_user_addr=to_addr(self._desc.gpa),
-            used_user_addr=to_addr(self._used.gpa),
-            avail_user_addr=to_addr(self._avail.gpa),
-            log_guest_addr=self._used.gpa if log_guest_addr is None else log_guest_addr,
-        )
 
     def vring_base(self) -> int:
         """SET_VRING_BASE ``num`` (SPEC-DIGEST 1.2, split: the next avail index the device
@@ -286,11 +311,6 @@ class SplitVirtqueue:
     def used_idx(self) -> int:
         """The last used->idx the driver consumed."""
         return self._used_idx
-
-    @property
-    def in_flight(self) -> dict[int, object]:
-        """head -> token for every head added and not yet used."""
-        return self._in_flight
 
     @property
     def free_count(self) -> int:
@@ -424,9 +444,6 @@ class SplitVirtqueue:
                             f"one of {sorted(self._in_flight)[:16]}", f"id {head}",
                             "VIRTIO 1.x 2.7.8.2")
 
-    def _violation(self, what: str, expected: str, seen: str, clause: str) -> None:
-        self.violations.append(RingViolation(self.index, what, expected, seen, clause))
-
     # -- notification suppression -------------------------------------------------------------
 
     def set_no_interrupt(self, disable: bool) -> None:
@@ -493,7 +510,7 @@ _MISSING = object()
 # --------------------------------------------------------------------------------------------
 
 
-class PackedVirtqueue:
+class PackedVirtqueue(_DriverQueue):
     """A packed virtqueue: descriptor ring plus driver and device event suppression areas."""
 
     packed = True
@@ -507,15 +524,10 @@ class PackedVirtqueue:
         event_idx: bool = False,
         indirect: bool = False,
     ) -> None:
-        _check_size(size, packed=True)
-        self.memory = memory
-        self.index = index
-        self.size = size
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self._ring = _Ring(memory, DESC_SIZE * size, 16)
-        self._driver = _Ring(memory, 4, 4)  # driver event suppression (the "avail" address)
-        self._device = _Ring(memory, 4, 4)  # device event suppression (the "used" address)
+        # driver event suppression is the "avail" address, device event suppression "used"
+        super().__init__(memory, index, size, event_idx=event_idx, indirect=indirect,
+                         areas=((DESC_SIZE * size, 16), (4, 4), (4, 4)))
+        self._ring = self._desc
         # 2.8.1: both wrap counters start at 1.
         self._next_avail = 0
         self._avail_wrap = 1
@@ -523,23 +535,14 @@ class PackedVirtqueue:
         self._used_wrap = 1
         self._free_slots = size
         self._free_ids: list[int] = list(range(size - 1, -1, -1))
-        self._in_flight: dict[int, object] = {}
         self._chains: dict[int, tuple[int, int]] = {}  # id -> (ring slots used, writable bytes)
         self._pending_heads: list[tuple[int, int]] = []  # (ring offset of flags, flags)
         self._added = 0  # descriptors made available since the last needs_kick
         self._unpublished = 0
-        self._no_interrupt = False
-        self._indirect_tables = _IndirectTables(memory)
-        self.violations: list[RingViolation] = []
         if event_idx:
             self._write_driver_event(RING_EVENT_FLAGS_DESC, self._last_used | 1 << 15)
 
     # -- addresses ----------------------------------------------------------------------------
-
-    @property
-    def desc_gpa(self) -> int:
-        """GPA of the descriptor ring."""
-        return self._ring.gpa
 
     @property
     def driver_event_gpa(self) -> int:
@@ -550,19 +553,6 @@ class PackedVirtqueue:
     def device_event_gpa(self) -> int:
         """GPA of the device event suppression structure."""
         return self._device.gpa
-
-    def vring_addr(self, flags: int = 0, log_guest_addr: int | None = None, *,
-                   gpa_addresses: bool = False) -> VringAddr:
-        """SET_VRING_ADDR: desc = ring, avail = driver area, used = device area."""
-        to_addr = (lambda g: g) if gpa_addresses else self.memory.gpa_to_uaddr
-        return VringAddr(
-            index=self.index,
-            flags=flags,
-            desc_user_addr=to_addr(self._ring.gpa),
-            used_user_addr=to_addr(self._device.gpa),
-            avail_user_addr=to_addr(self._driver.gpa),
-            log_guest_addr=self._device.gpa if log_guest_addr is None else log_guest_addr,
-        )
 
     def vring_base(self) -> int:
         """SET_VRING_BASE ``num`` (SPEC-DIGEST 1.2, packed: bits 0-14 next avail index, bit 15
@@ -623,11 +613,6 @@ class PackedVirtqueue:
     def used_idx(self) -> int:
         """The driver's used index with its wrap counter in bit 15."""
         return self._last_used | self._used_wrap << 15
-
-    @property
-    def in_flight(self) -> dict[int, object]:
-        """buffer id -> token for every buffer available and not yet used."""
-        return self._in_flight
 
     @property
     def free_count(self) -> int:
@@ -784,9 +769,6 @@ class PackedVirtqueue:
         if out and self.event_idx and not self._no_interrupt:
             self._write_driver_event(RING_EVENT_FLAGS_DESC, pos | wrap << 15)
         return out
-
-    def _violation(self, what: str, expected: str, seen: str, clause: str) -> None:
-        self.violations.append(RingViolation(self.index, what, expected, seen, clause))
 
     # -- notification suppression -------------------------------------------------------------
 
