@@ -15,7 +15,7 @@ import json
 import math
 import os
 import pathlib
-import tempfile
+import secrets
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -463,13 +463,16 @@ class Report:
         target = pathlib.Path(path)
         text = self.to_json()
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        # Not mkstemp: its 0600 would make report.json unreadable to a CI artifact step;
+        # os.open with 0666 lets the umask decide, as for the other files.
+        tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
             os.replace(tmp, target)
         except BaseException:
-            pathlib.Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return target
 

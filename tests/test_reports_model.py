@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
+import stat
 
 import pytest
 from vhost_conformance.reports.model import (
@@ -57,6 +59,15 @@ def test_round_trip_through_a_file_is_exact(tmp_path: pathlib.Path) -> None:
     # Saving the loaded report gives byte-identical JSON: stable key order.
     assert loaded.save(tmp_path / "again.json").read_bytes() == path.read_bytes()
     assert not list(tmp_path.glob("out/.report.json.*")), "temporary file left behind"
+
+
+def test_save_respects_the_umask(tmp_path: pathlib.Path) -> None:
+    old = os.umask(0o022)
+    try:
+        path = sample_report().save(tmp_path / "report.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 def test_key_order_is_the_documented_one() -> None:
