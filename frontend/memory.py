@@ -435,15 +435,19 @@ class DirtyLog:
     dirty (vhost-user.rst "Migration", SPEC-DIGEST VU-LOG-1)."""
 
     def __init__(self, highest_gpa: int, *, mmap_offset: int = 0) -> None:
+        if mmap_offset % PAGE_SIZE:
+            raise MemoryAccessError(f"dirty log mmap_offset {mmap_offset:#x} is not page aligned "
+                                    "(the back-end mmaps the log at that file offset)")
         pages = (highest_gpa + LOG_PAGE_SIZE - 1) // LOG_PAGE_SIZE
         self.bitmap_size = (pages + 7) // 8
         self.mmap_offset = mmap_offset
-        # What SET_LOG_BASE's mmap_size carries: the whole file the back-end maps.
-        self.mmap_size = _align_up(max(self.bitmap_size, 1) + mmap_offset, PAGE_SIZE)
+        # SET_LOG_BASE {mmap_size, mmap_offset}: the back-end maps mmap_size bytes of the fd
+        # starting at mmap_offset (QEMU sends offset 0); the file holds both.
+        self.mmap_size = _align_up(max(self.bitmap_size, 1), PAGE_SIZE)
         self.fd = os.memfd_create("dirty-log", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(self.fd, self.mmap_size)
-            self._mm = mmap.mmap(self.fd, self.mmap_size, mmap.MAP_SHARED,
+            os.ftruncate(self.fd, mmap_offset + self.mmap_size)
+            self._mm = mmap.mmap(self.fd, mmap_offset + self.mmap_size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(self.fd)

@@ -320,3 +320,15 @@ def test_diff_covers_every_changed_byte_and_starts_and_ends_on_one(
         assert changed <= covered
         for gpa, n in ranges:
             assert gpa in changed and gpa + n - 1 in changed
+
+
+def test_dirty_log_with_mmap_offset_is_mapped_from_that_offset() -> None:
+    with DirtyLog(8 * MiB, mmap_offset=PAGE_SIZE) as log:
+        assert log.mmap_size == PAGE_SIZE  # 2048 pages -> 256 bytes, one page
+        assert os.fstat(log.fd).st_size == PAGE_SIZE + log.mmap_size
+        backend_view = mmap.mmap(log.fd, log.mmap_size, offset=log.mmap_offset)
+        backend_view[1] = 0x80  # page 15
+        assert log.dirty_pages() == {15}
+        backend_view.close()
+    with pytest.raises(MemoryAccessError, match="page aligned"):
+        DirtyLog(MiB, mmap_offset=100)
