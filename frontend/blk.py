@@ -521,12 +521,17 @@ class BlkDriver:
     def _data_bufs(self, total: int, segments: int, req_blocks: list[int]) -> list[tuple[int, int]]:
         if total == 0:
             return []
-        segments = max(1, min(segments, total))
+        alloc = self._arena.alloc
+        if segments <= 1:
+            gpa = alloc(total)
+            req_blocks.append(gpa)
+            return [(gpa, total)]
+        segments = min(segments, total)
         base, extra = divmod(total, segments)
         bufs = []
         for i in range(segments):
             n = base + (1 if i < extra else 0)
-            gpa = self._arena.alloc(n)
+            gpa = alloc(n)
             req_blocks.append(gpa)
             bufs.append((gpa, n))
         return bufs
@@ -537,38 +542,45 @@ class BlkDriver:
         """Any request: header, ``out_data`` (device-readable), ``in_len`` device-writable bytes,
         then the status byte (``status=False`` leaves it out; ``header_writable`` makes
         the header device-writable, for hostile cases)."""
-        if not self._free_slots:
+        free_slots = self._free_slots
+        if not free_slots:
             raise RuntimeError(f"vq {self.vq.index}: all {self.vq.size} request slots in use")
-        slot = self._free_slots.pop()
-        header_gpa = self._slots_gpa + 32 * slot
+        slot = free_slots.pop()
+        slot_off = 32 * slot
+        header_gpa = self._slots_gpa + slot_off
         status_gpa = header_gpa + 16
-        _HEADER.pack_into(self._slots_view, 32 * slot, type, ioprio, sector)
-        self._slots_view[32 * slot + 16] = 0xFF  # a status the device must overwrite
+        slots_view = self._slots_view
+        _HEADER.pack_into(slots_view, slot_off, type, ioprio, sector)
+        slots_view[slot_off + 16] = 0xFF  # a status the device must overwrite
         blocks: list[int] = []
         try:
             out_data_bufs = self._data_bufs(len(out_data), segments, blocks)
-            off = 0
-            for gpa, n in out_data_bufs:
-                self.memory.write(gpa, out_data[off : off + n])
-                off += n
+            if out_data_bufs:
+                off = 0
+                write = self.memory.write
+                for gpa, n in out_data_bufs:
+                    write(gpa, out_data[off : off + n])
+                    off += n
             in_data_bufs = self._data_bufs(in_len, segments, blocks)
-            out_bufs: list[tuple[int, int]] = []
-            in_bufs: list[tuple[int, int]] = []
-            (in_bufs if header_writable else out_bufs).append((header_gpa, 16))
-            out_bufs += out_data_bufs
-            in_bufs += in_data_bufs
+            header = (header_gpa, 16)
+            if header_writable:
+                out_bufs = out_data_bufs
+                in_bufs = [header, *in_data_bufs]
+            else:
+                out_bufs = [header, *out_data_bufs]
+                in_bufs = list(in_data_bufs)
+            writable_len = in_len + (16 if header_writable else 0)
             if status:
                 in_bufs.append((status_gpa, 1))
+                writable_len += 1
             request = BlkRequest(
-                tag=next(_tags), type=type, sector=sector, head=-1, queue=self.vq.index,
-                header_gpa=header_gpa, status_gpa=status_gpa if status else None,
-                data_bufs=out_data_bufs + in_data_bufs, in_data_bufs=in_data_bufs,
-                out_data=out_data, nsectors=(len(out_data) or in_len) // SECTOR_SIZE,
-                writable_len=sum(n for _, n in in_bufs), slot=slot, blocks=blocks,
+                next(_tags), type, sector, -1, self.vq.index, header_gpa,
+                status_gpa if status else None, out_data_bufs + in_data_bufs, in_data_bufs,
+                out_data, (len(out_data) or in_len) // SECTOR_SIZE, writable_len, slot, blocks,
             )
             request.head = self.vq.add(out_bufs, in_bufs, request, indirect=indirect)
         except BaseException:
-            self._free_slots.append(slot)
+            free_slots.append(slot)
             for gpa in blocks:
                 self._arena.free(gpa)
             raise
@@ -649,8 +661,11 @@ class BlkDriver:
             if request.status_gpa is not None:
                 status = self._slots_view[32 * request.slot + 16]
             data = None
-            if request.in_data_bufs:
-                data = b"".join(self.memory.read(gpa, n) for gpa, n in request.in_data_bufs)
+            in_data_bufs = request.in_data_bufs
+            if in_data_bufs:
+                read = self.memory.read
+                data = (read(*in_data_bufs[0]) if len(in_data_bufs) == 1
+                        else b"".join(read(gpa, n) for gpa, n in in_data_bufs))
             mismatches: tuple[Mismatch, ...] = ()
             if model is not None:
                 if request.type == BlkRequestType.IN and status == BlkStatus.OK and data:
