@@ -140,6 +140,19 @@ class Virtqueue(Protocol):
         ...
 
     @property
+    def last_avail_idx(self) -> int:
+        """The driver's avail position (split: u16 avail->idx incl. unpublished adds; packed:
+        next ring index | avail wrap counter << 15)."""
+        ...
+
+    @property
+    def used_idx(self) -> int:
+        """The driver's last consumed used position (split: u16 used->idx; packed: ring index |
+        used wrap counter << 15); equals ``used_idx_in_memory() & 0xFFFF`` when the device
+        has written nothing new."""
+        ...
+
+    @property
     def free_count(self) -> int:
         """Descriptors still free."""
         ...

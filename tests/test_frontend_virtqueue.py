@@ -585,3 +585,21 @@ def test_vring_base_of_a_fresh_queue_ignores_buffers_published_before_start(
     assert vq.vring_base() == drained  # everything used: base == the driver's avail position
     vq.reap()
     assert vq.vring_base() == drained
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_used_idx_matches_the_low_half_of_used_idx_in_memory(memory: GuestMemory,
+                                                             kind: str) -> None:
+    vq, dev = make(kind, memory, 4)
+    buf = memory.alloc(16)
+    for round_ in range(5):  # across wrap-arounds
+        vq.add([(buf, 16)], [], round_)
+        vq.add([(buf, 16)], [], round_)
+        vq.publish()
+        chains = dev.pop()
+        assert vq.used_idx_in_memory() & 0xFFFF == vq.used_idx
+        dev.complete(chains[0], 0)
+        assert vq.used_idx_in_memory() & 0xFFFF != vq.used_idx  # something new
+        dev.complete(chains[1], 0)
+        assert len(vq.reap()) == 2
+        assert vq.used_idx_in_memory() & 0xFFFF == vq.used_idx
