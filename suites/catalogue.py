@@ -263,6 +263,16 @@ _CASES: list[Case] = [
         "Fields gated by offered blk features (seg_max, blk_size, discard and write-zeroes limits) are non-zero where the spec requires it.",
         requires=[P.CONFIG],
     ),
+    _c(
+        "VU-CFG-6",
+        "GET_CONFIG honours the offset",
+        "config",
+        SHOULD,
+        f"{RST} Front-end message types: GET_CONFIG",
+        "A GET_CONFIG at a non-zero offset returns the config bytes at that offset.",
+        requires=[P.CONFIG],
+        ambiguity="the payload names an offset into the config space, but QEMU 11.1.3 always reads from offset 0 and libvhost-user and rte_vhost were seen to ignore the offset: a back-end that ignores it is non-strict",
+    ),
     # ---------------------------------------------------------------- memory
     _c(
         "VU-FD-2",
