@@ -617,7 +617,10 @@ class Device:
         self.inflight_info = payload
         for q in self.queues:
             if q.started:
-                self._bind_inflight(q)
+                try:
+                    self._bind_inflight(q)
+                except RingError as exc:
+                    self._break(q, str(exc))
 
     def _drop_inflight(self) -> None:
         for q in self.queues:

@@ -172,6 +172,10 @@ class Server:
                 self._send_outbox()
                 self._drop(str(exc))
                 return
+            except Exception as exc:  # a bug of ours must not take the process down
+                log.exception("internal error handling %s", request_name(msg.request))
+                self._drop(f"internal error: {exc!r}")
+                return
             self._send_outbox()
 
     def _send_outbox(self) -> None:
@@ -267,15 +271,26 @@ class Server:
                     self._read()
             elif kind == "kick":
                 try:
-                    os.read(key.fd, 8)
+                    if os.read(key.fd, 8) == b"":
+                        # Not an eventfd (EOF on a pipe or file): stop polling it.
+                        log.error(
+                            "kick fd %d of vring %d reads EOF: no longer watched", key.fd, index
+                        )
+                        sel.unregister(key.fd)
                 except (BlockingIOError, InterruptedError):
                     pass
                 except OSError as exc:
-                    log.error("kick fd %d: %s", key.fd, exc)
+                    log.error("kick fd %d of vring %d: %s: no longer watched", key.fd, index, exc)
+                    sel.unregister(key.fd)
                 if self.device is not None:
                     self.device.kick(index)
         if self.device is not None:
-            self.device.turn()
+            try:
+                self.device.turn()
+            except Exception as exc:  # a bug of ours must not take the process down
+                log.exception("internal error processing the rings")
+                self._drop(f"internal error: {exc!r}")
+                return
             self._send_outbox()
 
 

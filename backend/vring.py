@@ -156,16 +156,21 @@ def _walk(
 
 
 def _finish(chain: Chain, mem: GuestMemory) -> None:
-    """Decide whether a chain with a request error can still take a status byte."""
-    if chain.fatal or chain.error is None:
+    """A chain can be completed only with a mapped status byte (the last byte of the last
+    device-writable buffer); without one it is fatal, with one a request error means IOERR."""
+    if chain.fatal:
         return
     status = chain.status_gpa
-    try:
-        if status is None:
-            raise GuestMemoryError("no device-writable buffer")
-        mem.gpa(status, 1)
-    except GuestMemoryError as exc:
-        chain.fatal = f"{chain.error}; and no safe status byte ({exc})"
+    problem = None
+    if status is None:
+        problem = "no device-writable byte for the status"
+    else:
+        try:
+            mem.gpa(status, 1)
+        except GuestMemoryError as exc:
+            problem = f"status byte: {exc}"
+    if problem is not None:
+        chain.fatal = f"{chain.error}; and {problem}" if chain.error else problem
 
 
 class SplitRing:

@@ -492,3 +492,62 @@ def test_indirect_request(h: Harness) -> None:
     h.push(0)
     h.run()
     assert h.used(0) == (0, 1025) and h.mem.read(status, 1) == b"\x00"
+
+
+# ------------------------------------------------------------------------ property
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_desc = st.tuples(
+    st.sampled_from(["hdr", "data", "status", "unmapped", "table"]),
+    st.integers(0, 4200),
+    st.integers(0, 7),
+    st.integers(0, QSIZE + 2),
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    descs=st.lists(_desc, min_size=QSIZE, max_size=QSIZE),
+    heads=st.lists(st.integers(0, QSIZE + 1), min_size=1, max_size=QSIZE),
+    avail_jump=st.booleans(),
+)
+def test_random_descriptor_tables_never_crash_or_hang(
+    descs: list[tuple[str, int, int, int]], heads: list[int], avail_jump: bool
+) -> None:
+    """Whatever the guest writes, a turn returns; each taken head is either completed with a
+    status byte or the queue is marked as needing reset (TEST-IDEAS 17)."""
+    h = Harness()
+    try:
+        h.connect()
+        h.start()
+        hdr = h.mem.alloc(16)
+        h.mem.write(hdr, struct.pack("<IIQ", 0, 0, 0))
+        data = h.mem.alloc(8192)
+        status = h.mem.alloc(16)
+        table = h.mem.alloc(64)
+        h.mem.write(
+            table,
+            struct.pack("<QIHH", hdr, 16, NEXT, 1)
+            + struct.pack("<QIHH", status, 1, WRITE, 0)
+            + bytes(32),
+        )
+        where = {"hdr": hdr, "data": data, "status": status, "unmapped": 1 << 44, "table": table}
+        for i, (kind, length, flags, nxt) in enumerate(descs):
+            h.vq.write_desc(i, where[kind], length, flags, nxt)
+        for head in heads:
+            h.vq.push_avail(head)
+        h.vq.set_avail_idx(QSIZE * 3 if avail_jump else h.vq._avail_idx)  # type: ignore[attr-defined]
+        h.run()
+        h.run()
+        used = h.vq.used_idx_in_memory()
+        broken = bool(h.status() & 0x40)
+        assert used <= len(heads)
+        assert broken or used == len(heads)
+        assert h.send(F.GET_VRING_BASE, VringState(0, 0))
+    finally:
+        h.close()
