@@ -7,7 +7,6 @@ import os
 from collections.abc import Iterator
 
 import pytest
-
 from vhost_conformance.backend.memory import DirtyLog, GuestMemory, GuestMemoryError
 
 

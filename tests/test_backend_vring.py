@@ -8,7 +8,6 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-
 from vhost_conformance.backend.memory import GuestMemory
 from vhost_conformance.backend.vring import (
     DESC_F_INDIRECT,
