@@ -89,6 +89,7 @@ from vhost_conformance.suites.target import (
     TargetFactory,
     UsageError,
     command_profile,
+    connecting_profile,
     load_profile,
 )
 
@@ -248,12 +249,9 @@ def profile_from_options(config: pytest.Config) -> tuple[Profile | None, str | N
                 ), None
             return None, socket_path
         if command:
-            profile = command_profile(command, "connect" if connects else "listen")
-        else:
-            profile = load_profile(profile_file or backend or "reference")
-        if connects:
-            profile = replace(profile, socket_mode="connect")
-        return profile, None
+            return command_profile(command, "connect" if connects else "listen"), None
+        profile = load_profile(profile_file or backend or "reference")
+        return (connecting_profile(profile) if connects else profile), None
     except UsageError as exc:
         raise pytest.UsageError(str(exc)) from None
 

@@ -33,7 +33,7 @@ import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Literal, Protocol
@@ -202,6 +202,9 @@ class Profile:
     #: The command that prints the back-end's capabilities (vhost-user.rst "Backend program
     #: conventions"); None: the command's program with ``--print-capabilities``.
     print_capabilities: str | None = None
+    #: The command for ``--vhost-backend-connects`` (the back-end connects to ``{socket}``);
+    #: None: this back-end cannot connect to us.
+    connect_command: str | None = None
 
     def __post_init__(self) -> None:
         if self.socket_mode not in ("listen", "connect"):
@@ -219,6 +222,17 @@ class Profile:
                 )
         if self.socket is not None:
             check_template(self.socket, COMMAND_PLACEHOLDERS, f"profile {self.name!r}: socket")
+        if self.connect_command is not None:
+            check_template(
+                self.connect_command,
+                COMMAND_PLACEHOLDERS,
+                f"profile {self.name!r}: connect_command",
+            )
+            if "socket" not in template_fields(self.connect_command):
+                raise UsageError(
+                    f"profile {self.name!r}: connect_command {self.connect_command!r} has no "
+                    "{socket} placeholder: the back-end must be told where we listen"
+                )
         if self.print_capabilities is not None:
             check_template(
                 self.print_capabilities,
@@ -256,6 +270,7 @@ _PROFILE_KEYS = frozenset(
         "deviation",
         "needs",
         "print_capabilities",
+        "connect_command",
     }
 )
 
@@ -303,6 +318,7 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
     command = typed("command", str, None)
     socket_path = typed("socket", str, None)
     print_caps = typed("print_capabilities", str, None)
+    connect_cmd = typed("connect_command", str, None)
     return Profile(
         name=str(typed("name", str, name)),
         command=command if isinstance(command, str) else None,
@@ -316,6 +332,7 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
         needs=tuple(str(n) for n in needs),
         source=source,
         print_capabilities=print_caps if isinstance(print_caps, str) else None,
+        connect_command=connect_cmd if isinstance(connect_cmd, str) else None,
     )
 
 
@@ -1020,3 +1037,25 @@ class TargetFactory:
                 target.stop()
         self._targets.clear()
         shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+def connecting_profile(profile: Profile) -> Profile:
+    """The profile for ``--vhost-backend-connects``: the back-end connects to our socket.
+
+    A profile already in connect mode is returned as it is; otherwise its ``connect_command``
+    replaces the command (a UsageError when it has none: that back-end only listens).
+    """
+    if profile.socket_mode == "connect":
+        return profile
+    if profile.connect_command is None:
+        raise UsageError(
+            f"back-end profile {profile.name!r} has no connect_command: it cannot connect to "
+            "the suite (drop --vhost-backend-connects, or give a profile/command that connects)"
+        )
+    return replace(
+        profile,
+        command=profile.connect_command,
+        socket_mode="connect",
+        socket=None,
+        slow_io=SlowIo(unsupported="slow I/O is not defined for the connecting command"),
+    )
