@@ -51,7 +51,8 @@ def pytest_vhost_case_result(
 
 
 def pytest_vhost_add_measurements(config: pytest.Config) -> list[Measurement] | None:
-    """Return run-wide measurements to add to report.json (called once per worker at the end)."""
+    """Return run-wide measurements to add to report.json; called at the end of the run in each
+    process that ran cases (each busy pytest-xdist worker, or the one pytest process)."""
 
 
 @pytest.hookspec(firstresult=True)

@@ -571,7 +571,8 @@ class VhostRun:
         caps = self.capabilities_if_probed()
         return {
             "results": [r.to_dict() for r in self.results],
-            "measurements": [m.to_dict() for m in self._measurements()],
+            # asked only where cases ran (an idle xdist worker adds nothing)
+            "measurements": [m.to_dict() for m in self._measurements()] if self.results else [],
             "capabilities": None
             if caps is None
             else {
@@ -600,7 +601,8 @@ class VhostRun:
             output: dict[str, Any] = getattr(self.config, "workeroutput")  # noqa: B009
             output[WORKER_KEY] = self._payload()
             return
-        payloads = [self._payload(), *self.worker_payloads]
+        # an xdist controller runs no case itself: the workers' payloads are the whole run
+        payloads = self.worker_payloads or [self._payload()]
         self.write_report(payloads)
 
     def write_report(self, payloads: list[dict[str, Any]]) -> Path | None:

@@ -57,6 +57,45 @@ def test_sleeps(vhost_target):
 """
 
 
+HOOKS_CONFTEST = f"""
+from vhost_conformance.reports.model import Measurement
+from vhost_conformance.suites.target import CommandTarget, command_profile
+
+FAKE = {fake_command("ok")!r}
+
+
+def pytest_vhost_start_backend(config, label, workdir):
+    return CommandTarget(command_profile(FAKE), workdir)
+
+
+def pytest_vhost_add_measurements(config):
+    return [Measurement("vendor_iops", "IOPS", 1234.0, {{"queue_depth": 32}})]
+
+
+def pytest_vhost_case_result(config, item, result):
+    from dataclasses import replace
+    return replace(result, parameters={{**result.parameters, "vendor": "acme"}})
+
+
+def pytest_vhost_report(config, report):
+    from dataclasses import replace
+    return replace(report, argv=["--acme"])
+"""
+
+MEASURING_CASE = """
+from vhost_conformance.frontend.protocol import FrontendRequest
+from vhost_conformance.suites.model import MUST, case
+
+
+@case("VU-VENDOR-5", title="measures", family="handshake", level=MUST,
+      clause="none", requirement="GET_FEATURES is answered.")
+def test_measures(vhost_channel, vhost_timeout, vhost_measurements, vhost_case):
+    vhost_channel.call(FrontendRequest.GET_FEATURES, timeout=vhost_timeout)
+    vhost_measurements["get_features_ms"] = 0.25
+    assert vhost_case.id == "VU-VENDOR-5"
+"""
+
+
 def _report(path: pathlib.Path) -> dict[str, dict[str, object]]:
     data = json.loads((path / "report.json").read_text())
     return {case["id"]: case for case in data["cases"]}
@@ -227,6 +266,22 @@ def test_results_of_xdist_workers_are_merged(pytester: pytest.Pytester) -> None:
         i: (c["verdict"], c["reason"]) for i, c in cases.items()
     }
     assert result.ret == 0
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]])
+def test_vendor_hooks_and_measurements(pytester: pytest.Pytester, workers: list[str]) -> None:
+    pytester.makeconftest(HOOKS_CONFTEST)
+    pytester.makepyfile(test_measure=MEASURING_CASE)
+    report = pytester.path / "report"
+    # the profile says reference; the vendor's hook runs the fake back-end instead
+    result = _run(pytester, *workers, "--vhost-backend=reference", f"--vhost-report={report}")
+    result.assert_outcomes(passed=1)
+    data = json.loads((report / "report.json").read_text())
+    (case,) = data["cases"]
+    assert case["measurements"] == {"get_features_ms": 0.25}
+    assert case["parameters"] == {"vendor": "acme"}
+    assert [m["name"] for m in data["measurements"]] == ["vendor_iops"], "once, not per process"
+    assert data["argv"] == ["--acme"]
 
 
 def test_unrelated_runs_are_not_disturbed(pytester: pytest.Pytester) -> None:
