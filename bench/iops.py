@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import os
 import pathlib
 import pstats
 import random
-import select
+import resource
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 from vhost_conformance.frontend.blk import SECTOR_SIZE
@@ -55,6 +54,15 @@ class Result:
     requests: int
     seconds: float
     note: str = ""
+    #: CPU seconds the front-end process used (user + system), when known
+    cpu: float | None = None
+
+    @property
+    def cpu_us_per_request(self) -> float | None:
+        """Front-end CPU time per request in microseconds (load-independent-ish)."""
+        if self.cpu is None or not self.requests:
+            return None
+        return self.cpu / self.requests * 1e6
 
     @property
     def iops(self) -> float:
@@ -63,8 +71,10 @@ class Result:
 
 
 def python_frontend_iops(socket: pathlib.Path, *, seconds: float, depth: int,
-                         disk_size: int = DISK_SIZE, seed: int = 1) -> tuple[int, float]:
-    """Run 4 KiB random reads at ``depth`` for about ``seconds``; (requests, elapsed)."""
+                         disk_size: int = DISK_SIZE, seed: int = 1
+                         ) -> tuple[int, float, float]:
+    """Run 4 KiB random reads at ``depth`` for about ``seconds``; (requests, elapsed,
+    CPU seconds of this process meanwhile)."""
     blocks = disk_size // BLOCK
     sectors_per_block = BLOCK // SECTOR_SIZE
     rng = random.Random(seed)
@@ -76,9 +86,6 @@ def python_frontend_iops(socket: pathlib.Path, *, seconds: float, depth: int,
             s.start()
             q = s.queues[0]
             blk, vq = q.blk, q.vq
-            poller = select.poll()
-            poller.register(q.call_fd, select.POLLIN)
-            call_fd = q.call_fd
             randrange = rng.randrange
 
             def add(n: int) -> None:
@@ -88,15 +95,15 @@ def python_frontend_iops(socket: pathlib.Path, *, seconds: float, depth: int,
 
             done = 0
             add(depth)
+            cpu0 = time.process_time()
             start = time.perf_counter()
             deadline = start + seconds
+            batch = max(1, depth // 2)
             while True:
-                used = vq.reap()
+                # one notification per half queue of completions, reaped at once
+                used = s.reap_batch(0, batch, timeout=1.0)
                 if not used:
-                    poller.poll(100)
-                    with suppress(BlockingIOError):
-                        os.eventfd_read(call_fd)
-                    continue
+                    raise RuntimeError(f"no completion within 1 s ({len(vq.in_flight)} in flight)")
                 completions = blk.complete(used)
                 done += len(completions)
                 for c in completions:
@@ -106,12 +113,13 @@ def python_frontend_iops(socket: pathlib.Path, *, seconds: float, depth: int,
                     break
                 add(len(completions))
             elapsed = time.perf_counter() - start
+            cpu = time.process_time() - cpu0
             # let the rest complete so the stop is clean
             s.wait_used(0, len(vq.in_flight), timeout=5.0, on_used=blk.complete)  # type: ignore[arg-type]
             s.stop()
         finally:
             s.close()
-    return done, elapsed
+    return done, elapsed, cpu
 
 
 @contextmanager
@@ -142,7 +150,8 @@ def best(results: list[Result]) -> Result:
     top = max(results, key=lambda r: r.iops)
     runs = ", ".join(f"{r.iops:.0f}" for r in results)
     return Result(top.backend, top.frontend, top.requests, top.seconds,
-                  note=top.note or (f"best of {len(results)}: {runs}" if len(results) > 1 else ""))
+                  note=top.note or (f"best of {len(results)}: {runs}" if len(results) > 1 else ""),
+                  cpu=top.cpu)
 
 
 def measure(name: str, start: Starter, directory: pathlib.Path,
@@ -153,14 +162,18 @@ def measure(name: str, start: Starter, directory: pathlib.Path,
     c: list[Result] = []
     for _ in range(args.repeat):
         with start(directory) as sock:
-            n, t = python_frontend_iops(sock, seconds=args.seconds, depth=args.depth)
-            python.append(Result(name, "python (vhost_conformance)", n, t))
+            n, t, cpu = python_frontend_iops(sock, seconds=args.seconds, depth=args.depth)
+            python.append(Result(name, "python (vhost_conformance)", n, t, cpu=cpu))
         with start(directory) as sock:
             try:
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 iops = qemu_img_bench(sock, count=args.count, depth=args.depth, size=BLOCK,
                                       timeout=120.0)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                # qemu-img is the child reaped in between (its start-up included)
+                cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
                 c.append(Result(name, "qemu-img bench (libblkio)", args.count,
-                                args.count / iops))
+                                args.count / iops, cpu=cpu))
             except Exception as exc:  # report it in the table, do not abort the run
                 c.append(Result(name, "qemu-img bench (libblkio)", 0, 0.0,
                                 note=str(exc)[:200]))
@@ -169,10 +182,13 @@ def measure(name: str, start: Starter, directory: pathlib.Path,
 
 def table(results: list[Result]) -> str:
     """A plain-text table, with the Python/C ratio per back-end."""
-    lines = [f"{'back-end':<26} {'front-end':<28} {'requests':>9} {'seconds':>8} {'IOPS':>10}"]
+    lines = [f"{'back-end':<26} {'front-end':<28} {'requests':>9} {'seconds':>8} {'IOPS':>10}"
+             f" {'fe CPU us/req':>13}"]
     for r in results:
+        per = r.cpu_us_per_request
         lines.append(f"{r.backend:<26} {r.frontend:<28} {r.requests:>9} {r.seconds:>8.2f} "
-                     f"{r.iops:>10.0f}" + (f"  ({r.note})" if r.note else ""))
+                     f"{r.iops:>10.0f} {'-' if per is None else f'{per:.1f}':>13}"
+                     + (f"  ({r.note})" if r.note else ""))
     by_backend: dict[str, dict[str, float]] = {}
     for r in results:
         by_backend.setdefault(r.backend, {})[r.frontend.split()[0]] = r.iops

@@ -16,6 +16,7 @@ import json
 import pathlib
 import random
 import signal
+import time
 from typing import Any
 
 import pytest
@@ -338,3 +339,37 @@ def test_bit20_negotiation(tmp_path: pathlib.Path, offer: bool) -> None:
             line for line in session_lines(entries) if "SET_PROTOCOL_FEATURES" not in line
         ]
     assert_same_sequence(lines[True], lines[False], "inflight-migration=off")
+
+
+# ------------------------------------------------------------------------------------------
+# Batched reaping (the data path of bench/iops.py)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_reap_batch_collects_at_least_the_batch(tmp_path: pathlib.Path, packed: bool) -> None:
+    """reap_batch waits for the asked number of completions (EVENT_IDX used_event moved
+    ahead on split rings), returns all of them, and returns what there is at the deadline."""
+    disk = create_raw_image(tmp_path / "disk.img", 1 << 20)
+    with reference_backend(tmp_path / "ref.sock", disk), GuestMemory.simple(4 << 20) as memory:
+        s = Session(Channel.connect(tmp_path / "ref.sock", timeout=TIMEOUT), memory,
+                    packed=packed, timeout=TIMEOUT)
+        try:
+            s.connect()
+            s.start()
+            q = s.queues[0]
+            for i in range(24):
+                q.blk.read(8 * i, 8)
+            s.submit(0)
+            got: list[tuple[object, int]] = []
+            while len(got) < 24:
+                more = s.reap_batch(0, min(12, 24 - len(got)), timeout=TIMEOUT)
+                assert more, f"nothing within {TIMEOUT} s after {len(got)} of 24"
+                got += more
+            assert len(got) == 24
+            assert [c.status for c in q.blk.complete(got)] == [0] * 24
+            t0 = time.monotonic()
+            assert s.reap_batch(0, 1, timeout=0.2) == []
+            assert 0.15 < time.monotonic() - t0 < 2.0
+            assert s.stop() == [q.vq.vring_base() if packed else 24]
+        finally:
+            s.close()
