@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from vhost_conformance.frontend.blk import ModelDisk
 from vhost_conformance.frontend.channel import Channel
-from vhost_conformance.frontend.device import Session
+from vhost_conformance.frontend.device import InflightHandle, Session
 from vhost_conformance.frontend.memory import GuestMemory
 from vhost_conformance.frontend.protocol import (
     FrontendRequest,
@@ -229,3 +229,53 @@ def test_crash_at_every_point_completes_exactly_once(
             assert [c.status for c in done] == [0]
             s.close()
     assert disk.read_bytes()[512:1536] == b"\xbb" * 1024
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_migration_with_bit20_completes_every_request_once(tmp_path: Path, packed: bool) -> None:
+    """QEMU-TRACES (e) without QEMU: two queues, slow I/O, GET_VRING_BASE answered at once
+    (bit 20) with requests left in the region; a second back-end on the same disk gets the
+    region's bytes on a new memfd and the bases from the replies, and completes each
+    suspended request exactly once; nothing touched guest memory after the stop."""
+    src, dst = tmp_path / "src.sock", tmp_path / "dst.sock"
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(DISK))
+    slow = ("--disk", str(disk), "--queues", "2", "--latency", "300")
+    with GuestMemory.simple(8 << 20) as memory:
+        with running_backend(src, *slow):
+            s = _session(src, memory, packed=packed, num_queues=2)
+            s.connect()
+            s.start()
+            for q in s.queues:
+                q.blk.write(8 * q.index, bytes([0x40 + q.index]) * 4096)
+                q.blk.write(100 + 8 * q.index, bytes([0x50 + q.index]) * 512)
+                s.submit(q.index)
+            time.sleep(0.1)
+            t0 = time.monotonic()
+            bases = s.stop()
+            assert time.monotonic() - t0 < 0.25
+            assert s.inflight is not None
+            region = s.inflight.read()
+            snap = memory.snapshot()
+            time.sleep(0.4)
+            assert memory.diff(snap) == []  # suspended: no late write
+            s.channel.close()
+            if s.backend_channel is not None:
+                s.backend_channel.close()
+                s.backend_channel = None
+        with running_backend(dst, *slow):
+            s.channel = Channel.connect(dst, timeout=5.0)
+            s.negotiated = type(s.negotiated)()
+            s._mem_sent = False  # type: ignore[attr-defined]
+            s.connect()
+            migrated = InflightHandle.from_bytes(region, 2, s.queue_size)
+            s.start(vring_bases=bases, inflight=migrated)
+            for q in s.queues:
+                got = s.wait_used(q.index, 2, timeout=5.0)
+                assert [c.status for c in q.blk.complete(got)] == [0, 0]
+                assert s.wait_used(q.index, 1, timeout=0.4) == []
+            s.close()
+    data = disk.read_bytes()
+    for i in range(2):
+        assert data[8 * i * 512 : 8 * i * 512 + 4096] == bytes([0x40 + i]) * 4096
+        assert data[(100 + 8 * i) * 512 : (101 + 8 * i) * 512] == bytes([0x50 + i]) * 512
