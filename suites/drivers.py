@@ -1,0 +1,689 @@
+"""I/O drivers and fixtures shared by the ring, block, memory, stop/drain, in-flight and logging
+cases, so that a case body is a few lines of scenario.
+
+Fixtures (usable from ``suites/conftest.py`` and, registered as a plugin module, from vendors'
+own tests; they build on the plugin's ``vhost_target``, ``vhost_timeout`` and
+``vhost_capabilities``):
+
+``vhost_memory``   a :class:`GuestMemory` of :data:`GUEST_MEMORY` bytes, closed at teardown
+``vhost_session``  a connected and started :class:`Session` on ``vhost_target`` (profile
+                   ``qemu-11.1``, one split queue of 128) with a ``ModelDisk`` sized from the
+                   config capacity; stopped (if it can be) and closed at teardown
+``make_session``   ``make_session(target, **options)`` -> a session with options (``packed``,
+                   ``num_queues``, ``event_idx``, ``indirect``, ``regions``, ``mmap_offset``,
+                   ``profile``, ``inflight_migration``, ``start``, ``model``); every session it
+                   made is closed at teardown and its wire trace goes to the report
+
+Driver functions: :func:`open_session`, :func:`do_io`, :func:`write_read_verify`,
+:func:`pending_io`, :func:`wait_all`, :func:`wait_popped`, :func:`expect_status`,
+:func:`restart_variant` (read-only / more queues where the profile allows it),
+:func:`slow_disk` (``target.slow_io`` with the profile's reason when impossible).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import pytest
+from vhost_conformance.frontend.blk import (
+    SECTOR_SIZE,
+    BlkCompletion,
+    BlkConfig,
+    BlkRequest,
+    BlkStatus,
+    ModelDisk,
+)
+from vhost_conformance.frontend.channel import BackendHang, Channel
+from vhost_conformance.frontend.device import (
+    STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    Session,
+)
+from vhost_conformance.frontend.inflight import (
+    Finding,
+    InflightLayoutError,
+    InflightModel,
+    parse_region,
+)
+from vhost_conformance.frontend.inflight import InflightRegion as ParsedRegion
+from vhost_conformance.frontend.memory import GuestMemory, MemorySnapshot
+from vhost_conformance.frontend.protocol import (
+    ProtocolFeature,
+    VirtioFeature,
+    has,
+)
+from vhost_conformance.suites.model import CaseFailed, Unsupported
+from vhost_conformance.suites.plugin import register_trace
+from vhost_conformance.suites.target import (
+    BackendTarget,
+    Capabilities,
+    CommandTarget,
+    SlowIoUnsupported,
+)
+
+__all__ = [
+    "GUEST_MEMORY",
+    "IoError",
+    "SessionFactory",
+    "capacity_of",
+    "do_io",
+    "expect_status",
+    "make_session",
+    "open_session",
+    "pattern",
+    "pending_io",
+    "restart_variant",
+    "slow_disk",
+    "vhost_memory",
+    "vhost_session",
+    "wait_all",
+    "wait_popped",
+    "write_read_verify",
+]
+
+#: Guest RAM of a default session: rings, request slots and a 1 MiB data arena fit easily.
+GUEST_MEMORY = 8 << 20
+
+
+class IoError(CaseFailed):
+    """A request ended with a status or data the case did not allow."""
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def capacity_of(session: Session, fallback: int = 64 << 20) -> int:
+    """The disk size in bytes from the GET_CONFIG capacity, or ``fallback`` without one."""
+    if session.negotiated.config:
+        size = BlkConfig.decode(session.negotiated.config).capacity_bytes
+        if size:
+            return size
+    return fallback
+
+
+def _gate(session_options: dict[str, Any], capabilities: Capabilities) -> None:
+    """Unsupported naming the missing bit for options the back-end does not offer."""
+    if session_options.get("packed") and not capabilities.offers(VirtioFeature.RING_PACKED):
+        raise Unsupported(VirtioFeature.RING_PACKED)
+    queues = int(session_options.get("num_queues", 1))
+    if queues > 1:
+        missing = capabilities.missing([ProtocolFeature.MQ])
+        if missing:
+            raise Unsupported(missing)
+
+
+def open_session(
+    target: BackendTarget,
+    *,
+    timeout: float,
+    memory: GuestMemory,
+    start: bool = True,
+    model: bool = True,
+    **options: Any,
+) -> Session:
+    """Connect to ``target`` and run QEMU's init (and start, unless ``start=False``).
+
+    ``options`` go to :class:`Session` (``profile``, ``num_queues``, ``queue_size``,
+    ``packed``, ``event_idx``, ``indirect``, ``inflight_migration``). With ``model`` every
+    queue's driver checks reads against one ``ModelDisk`` sized from the config capacity.
+    The caller closes the session (the ``make_session`` fixture does).
+    """
+    channel = Channel(target.connect_socket(timeout))
+    session = Session(channel, memory, timeout=timeout, **options)
+    try:
+        session.connect()
+        if model:
+            disk = ModelDisk(capacity_of(session))
+            session.model = disk
+            for queue in session.queues:
+                queue.blk.model = disk
+        if start:
+            session.start()
+    except BaseException:
+        session.close()
+        raise
+    return session
+
+
+def close_session(session: Session, *, stop: bool = True) -> None:
+    """Stop a started session if the back-end still answers, then close it; never raises."""
+    if stop and session.started and not session.channel.closed:
+        old = session.timeout
+        session.timeout = min(old, 2.0)
+        with contextlib.suppress(Exception):
+            session.stop()
+        session.timeout = old
+    with contextlib.suppress(Exception):
+        session.close()
+
+
+class SessionFactory:
+    """What the ``make_session`` fixture returns: ``make_session(target, **options)``."""
+
+    def __init__(
+        self, request: pytest.FixtureRequest, timeout: float, capabilities: Capabilities
+    ) -> None:
+        self.request = request
+        self.timeout = timeout
+        self.capabilities = capabilities
+        self.sessions: list[Session] = []
+        self.memories: list[GuestMemory] = []
+
+    def memory(
+        self,
+        size: int = GUEST_MEMORY,
+        *,
+        regions: int = 1,
+        hole: int = 1 << 20,
+        mmap_offset: int = 0,
+    ) -> GuestMemory:
+        """A new guest RAM closed at teardown (``regions`` non-contiguous GPA ranges)."""
+        memory = GuestMemory.simple(size, regions, hole=hole, mmap_offset=mmap_offset)
+        self.memories.append(memory)
+        return memory
+
+    def __call__(
+        self,
+        target: BackendTarget,
+        *,
+        memory: GuestMemory | None = None,
+        regions: int = 1,
+        mmap_offset: int = 0,
+        memory_size: int = GUEST_MEMORY,
+        start: bool = True,
+        model: bool = True,
+        **options: Any,
+    ) -> Session:
+        """A connected (and started) session on ``target``; see :func:`open_session`."""
+        _gate(options, self.capabilities)
+        if memory is None:
+            memory = self.memory(memory_size, regions=regions, mmap_offset=mmap_offset)
+        session = open_session(
+            target, timeout=self.timeout, memory=memory, start=start, model=model, **options
+        )
+        register_trace(self.request, session.channel.trace)
+        self.sessions.append(session)
+        return session
+
+    def reconnect(self, session: Session, target: BackendTarget) -> None:
+        """QEMU's reconnect (``Session.reattach``) on a new connection to ``target``; the new
+        connection's messages go to the same wire trace."""
+        session.reattach(Channel(target.connect_socket(self.timeout), trace=session.channel.trace))
+
+    def close(self) -> None:
+        """Close every session, then every memory."""
+        for session in self.sessions:
+            close_session(session)
+        for memory in self.memories:
+            memory.close()
+        self.sessions.clear()
+        self.memories.clear()
+
+
+@pytest.fixture
+def make_session(
+    request: pytest.FixtureRequest, vhost_timeout: float, vhost_capabilities: Capabilities
+) -> Iterator[SessionFactory]:
+    """``make_session(target, **options)`` -> a started session; all closed at teardown."""
+    factory = SessionFactory(request, vhost_timeout, vhost_capabilities)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def vhost_memory() -> Iterator[GuestMemory]:
+    """Guest RAM of :data:`GUEST_MEMORY` bytes in one region at GPA 0."""
+    memory = GuestMemory.simple(GUEST_MEMORY)
+    try:
+        yield memory
+    finally:
+        memory.close()
+
+
+@pytest.fixture
+def vhost_session(
+    make_session: SessionFactory, vhost_target: BackendTarget, vhost_memory: GuestMemory
+) -> Session:
+    """A connected and started session on ``vhost_target`` (QEMU 11.1.3 sequence)."""
+    return make_session(vhost_target, memory=vhost_memory)
+
+
+# --------------------------------------------------------------------------- back-end variants
+
+
+def restart_variant(
+    target: BackendTarget, *, read_only: bool = False, queues: int | None = None
+) -> None:
+    """Restart ``target`` as a read-only device and/or with ``queues`` queues, where the
+    profile's command is one we know how to change: the reference back-end (``--read-only``,
+    ``--queues N``) and qemu-storage-daemon (``writable=off``, ``num-queues=N``). Anything
+    else: :class:`Unsupported` naming what the profile cannot do."""
+    what = " and ".join(
+        ([f"{queues} queues"] if queues else []) + (["a read-only device"] if read_only else [])
+    )
+    if not isinstance(target, CommandTarget) or target.profile.command is None:
+        raise Unsupported(what, "the suite does not run this back-end itself")
+    profile = target.profile
+    command = profile.command
+    assert command is not None
+
+    def change(template: str) -> str:
+        if "vhost_conformance.backend" in template:
+            return (
+                template
+                + (" --read-only" if read_only else "")
+                + (f" --queues {queues}" if queues else "")
+            )
+        if "type=vhost-user-blk" in template and "writable=on" in template:
+            export = "writable=off" if read_only else "writable=on"
+            if queues:
+                export += f",num-queues={queues}"
+            return template.replace("writable=on", export)
+        raise Unsupported(what, f"profile {profile.name!r} gives no way to configure it")
+
+    slow = profile.slow_io
+    if slow.command is not None:
+        slow = dataclasses.replace(slow, command=change(slow.command))
+    target.profile = dataclasses.replace(profile, command=change(command), slow_io=slow)
+    target.restart()
+
+
+@contextlib.contextmanager
+def slow_disk(target: BackendTarget, latency_ms: int) -> Iterator[None]:
+    """``target.slow_io(latency_ms)`` with an impossible one turned into ``unsupported``."""
+    try:
+        context = target.slow_io(latency_ms)
+        context.__enter__()
+    except SlowIoUnsupported as exc:
+        raise Unsupported("slow I/O", str(exc)) from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            context.__exit__(None, None, None)
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+def pattern(seed: int, size: int) -> bytes:
+    """``size`` bytes that differ per seed and per sector (so misplaced sectors show)."""
+    out = bytearray()
+    sector = 0
+    while len(out) < size:
+        head = f"vc seed {seed} sector {sector} ".encode()
+        out += (head * (SECTOR_SIZE // len(head) + 1))[:SECTOR_SIZE]
+        sector += 1
+    return bytes(out[:size])
+
+
+#: Completions reaped while waiting for other requests, kept for whoever waits for them.
+_EARLY: weakref.WeakKeyDictionary[Session, dict[int, BlkCompletion]] = weakref.WeakKeyDictionary()
+
+
+def wait_all(
+    session: Session, requests: Sequence[BlkRequest], *, timeout: float | None = None
+) -> list[BlkCompletion]:
+    """Wait until every one of ``requests`` completed (any queue); their completions in the
+    order given. Raises ``BackendHang`` naming how many are missing at the deadline."""
+    limit = session.timeout if timeout is None else timeout
+    deadline = time.monotonic() + limit
+    wanted = {r.tag for r in requests}
+    early = _EARLY.setdefault(session, {})
+    done: dict[int, BlkCompletion] = {t: early.pop(t) for t in wanted if t in early}
+    queues = sorted({r.queue for r in requests})
+    while wanted - done.keys():
+        for index in queues:
+            q = session.queues[index]
+            still = [r for r in requests if r.queue == index and r.tag not in done]
+            if not still:
+                continue
+            left = deadline - time.monotonic()
+            for completion in q.blk.complete(
+                session.wait_used(index, len(still), timeout=max(0.0, min(left, 0.05)))
+            ):
+                (done if completion.tag in wanted else early)[completion.tag] = completion
+        if time.monotonic() >= deadline and wanted - done.keys():
+            missing = sorted(wanted - done.keys())
+            raise BackendHang(
+                f"{len(missing)} of {len(wanted)} requests not completed (tags {missing[:8]})",
+                request_name="virtio-blk I/O",
+                timeout=limit,
+            )
+    return [done[r.tag] for r in requests]
+
+
+def expect_status(
+    completions: Iterable[BlkCompletion], status: int = BlkStatus.OK, what: str = "request"
+) -> None:
+    """Every completion has ``status`` and (for reads) data the model accepts."""
+    for c in completions:
+        if c.status != status:
+            name = _status_name(c.status)
+            raise IoError(
+                f"{what} (type {c.request.type}, sector {c.request.sector}, queue "
+                f"{c.request.queue}, head {c.request.head}) status",
+                expected=_status_name(status),
+                seen=name,
+            )
+        if c.mismatches:
+            raise IoError(
+                f"{what} read back other data",
+                expected="the data written",
+                seen="; ".join(str(m) for m in c.mismatches[:3]),
+            )
+
+
+def _status_name(status: int) -> str:
+    try:
+        return f"{BlkStatus(status).name} ({status})"
+    except ValueError:
+        return f"{status:#x} (not a virtio-blk status; 0xff = not written)"
+
+
+def pending_io(
+    session: Session,
+    n: int,
+    *,
+    queue: int = 0,
+    kind: str = "read",
+    sector: int = 0,
+    nsectors: int = 8,
+) -> list[BlkRequest]:
+    """Submit ``n`` requests (``read`` or ``write``) on ``queue`` and return them without
+    waiting (on a slow disk they stay in flight)."""
+    blk = session.queues[queue].blk
+    requests = []
+    for i in range(n):
+        at = sector + i * nsectors
+        if kind == "write":
+            requests.append(blk.write(at, pattern(at, nsectors * SECTOR_SIZE)))
+        else:
+            requests.append(blk.read(at, nsectors))
+    session.submit(queue)
+    return requests
+
+
+def do_io(
+    session: Session,
+    n: int,
+    *,
+    queue: int = 0,
+    kinds: Sequence[str] = ("write", "read"),
+    sector: int = 0,
+    nsectors: int = 8,
+    segments: int = 1,
+    indirect: bool | None = None,
+) -> list[BlkCompletion]:
+    """``n`` rounds of ``kinds`` (``write``/``read``/``flush``) on ``queue``, each waited for;
+    every status must be OK and reads must match the model."""
+    blk = session.queues[queue].blk
+    out: list[BlkCompletion] = []
+    for i in range(n):
+        at = sector + i * nsectors
+        for kind in kinds:
+            if kind == "write":
+                request = blk.write(
+                    at,
+                    pattern(at + 7 * i, nsectors * SECTOR_SIZE),
+                    segments=segments,
+                    indirect=indirect,
+                )
+            elif kind == "read":
+                request = blk.read(at, nsectors, segments=segments, indirect=indirect)
+            elif kind == "flush":
+                request = blk.flush()
+            else:
+                raise ValueError(f"unknown request kind {kind!r}")
+            session.submit(queue)
+            done = wait_all(session, [request])
+            expect_status(done, what=kind)
+            out += done
+    return out
+
+
+def write_read_verify(
+    session: Session,
+    sector: int,
+    data: bytes,
+    *,
+    queue: int = 0,
+    segments: int = 1,
+    indirect: bool | None = None,
+) -> BlkCompletion:
+    """Write ``data`` at ``sector``, read it back, require OK twice and the same bytes."""
+    blk = session.queues[queue].blk
+    write = blk.write(sector, data, segments=segments, indirect=indirect)
+    session.submit(queue)
+    expect_status(wait_all(session, [write]), what="write")
+    read = blk.read(sector, len(data) // SECTOR_SIZE, segments=segments, indirect=indirect)
+    session.submit(queue)
+    (done,) = wait_all(session, [read])
+    expect_status([done], what="read")
+    if done.data != data:
+        first = (
+            next(i for i, (a, b) in enumerate(zip(done.data or b"", data, strict=False)) if a != b)
+            if done.data and len(done.data) == len(data)
+            else 0
+        )
+        raise IoError(
+            f"read of sector {sector} on queue {queue} after a write",
+            expected=f"the {len(data)} bytes written",
+            seen=f"{len(done.data or b'')} bytes differing from byte {first}",
+        )
+    return done
+
+
+def wait_popped(session: Session, queue: int = 0, *, settle: float = 0.08) -> None:
+    """Give the back-end time to take what was published on ``queue`` from the avail ring:
+    with EVENT_IDX until avail_event reaches avail->idx (it writes it after popping, VIRTIO
+    "Used Buffer Notification Suppression"), never longer than ``settle`` seconds."""
+    vq = session.queues[queue].vq
+    deadline = time.monotonic() + settle
+    watch = has(session.negotiated.acked_features, VirtioFeature.RING_EVENT_IDX) and not vq.packed
+    while time.monotonic() < deadline:
+        if watch and getattr(vq, "avail_event", None) == vq.published_idx:  # type: ignore[attr-defined]
+            return
+        time.sleep(0.005)
+
+
+def call_count(session: Session, queue: int = 0) -> int:
+    """Read (and reset) the call eventfd of ``queue``: how often it was signalled, 0 if not."""
+    return session.drain_call(queue)
+
+
+def fd_count(target: BackendTarget) -> int | None:
+    """Open fds of the back-end process (/proc/PID/fd), None when we do not run it."""
+    pid = getattr(target, "pid", None)
+    if not isinstance(pid, int):
+        return None
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def require_command(target: BackendTarget) -> CommandTarget:
+    """The target as a CommandTarget (restart, kill), or Unsupported."""
+    if not isinstance(target, CommandTarget) or target.profile.command is None:
+        raise Unsupported("a back-end command", "the suite does not run this back-end itself")
+    return target
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+def partial_start(session: Session, *, vring_bases: Sequence[int] | None = None) -> None:
+    """The first half of QEMU's start (SPEC-DIGEST 4.2 steps 2-6c without SET_VRING_KICK):
+    SET_FEATURES, the in-flight region, SET_VRING_CALL, memory, then SET_VRING_NUM, BASE and
+    ADDR per queue (``vring_bases``: the SET_VRING_BASE values, default each queue's used->idx
+    in memory). :func:`kick_and_enable` finishes it; in between the rings exist in
+    memory but are stopped (vhost-user.rst "Ring states": a ring starts on SET_VRING_KICK)."""
+    from vhost_conformance.frontend.protocol import U64, VringState
+    from vhost_conformance.frontend.protocol import FrontendRequest as F
+
+    feats = session.driver_features()
+    session._apply_ring_features(feats)
+    session.set_features(feats)
+    session._status(STATUS_FEATURES_OK)  # QEMU-TRACES correction 12
+    if session.has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
+        if session.inflight is None:
+            session.get_inflight_fd()
+        if session.inflight is not None:
+            session.set_inflight_fd(session.inflight)
+    for q in session.queues:
+        session.call(F.SET_VRING_CALL, U64(q.index), fds=[q.call_fd], need_reply=session.reply_ack)
+    session.set_features(feats)
+    if session.profile.use_status and session.has_protocol(ProtocolFeature.STATUS):
+        session.call(F.GET_STATUS)
+    session.send_memory()
+    for q in session.queues:
+        session.call(F.SET_VRING_NUM, VringState(q.index, session.queue_size))
+        base = vring_bases[q.index] if vring_bases is not None else q.vq.vring_base()
+        session.call(F.SET_VRING_BASE, VringState(q.index, base))
+        session.call(F.SET_VRING_ADDR, q.vq.vring_addr())
+
+
+def kick_and_enable(
+    session: Session, *, inject_kick: bool | None = None, enable: bool = True
+) -> None:
+    """The second half of QEMU's start: SET_VRING_KICK per queue (plus the injected kick
+    when the profile does it, or as ``inject_kick`` says), then SET_VRING_ENABLE 1."""
+    from vhost_conformance.frontend.protocol import U64
+    from vhost_conformance.frontend.protocol import FrontendRequest as F
+
+    inject = session.profile.inject_kick if inject_kick is None else inject_kick
+    for q in session.queues:
+        session.call(F.SET_VRING_KICK, U64(q.index), fds=[q.kick_fd], need_reply=session.reply_ack)
+        if inject:
+            os.eventfd_write(q.kick_fd, 1)
+        q.started = True
+    if enable and has(session.negotiated.acked_features, VirtioFeature.PROTOCOL_FEATURES):
+        for q in session.queues:
+            session.set_vring_enable(q.index, True)
+    # DRIVER_OK last (QEMU-TRACES correction 12); a STATUS back-end may wait for it
+    session._status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FEATURES_OK)
+    session.started = True
+
+
+@dataclasses.dataclass
+class Stopped:
+    """What a stop with requests outstanding left: the GET_VRING_BASE replies, how long they
+    took, used->idx the moment they came, guest memory then, and the requests."""
+
+    bases: list[int]
+    elapsed: float
+    used_idx_at_reply: list[int]
+    snapshot: MemorySnapshot
+    requests: list[BlkRequest]
+
+
+def stop_now(session: Session, requests: Sequence[BlkRequest] = ()) -> Stopped:
+    """QEMU's stop (SET_VRING_ENABLE 0 per queue, GET_VRING_BASE per queue), timed; guest
+    memory is snapshotted right after the last reply and every call eventfd drained."""
+    if has(session.negotiated.acked_features, VirtioFeature.PROTOCOL_FEATURES):
+        for q in session.queues:
+            session.set_vring_enable(q.index, False)
+    started = time.monotonic()
+    bases = [session.get_vring_base(q.index) for q in session.queues]
+    elapsed = time.monotonic() - started
+    used = [q.vq.used_idx_in_memory() for q in session.queues]
+    snapshot = session.memory.snapshot()
+    for q in session.queues:
+        session.drain_call(q.index)
+    session.started = False
+    return Stopped(bases, elapsed, used, snapshot, list(requests))
+
+
+class InflightTracker:
+    """The front-end's model of what the in-flight region must say (frontend/inflight.py),
+    fed with every request submitted and every used entry reaped through it."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.model = InflightModel(session.num_queues, session.queue_size)
+        self.completions: list[BlkCompletion] = []
+
+    def submit(self, requests: Sequence[BlkRequest]) -> list[BlkRequest]:
+        """Record ``requests`` (already added to their rings, in avail order)."""
+        for r in requests:
+            self.model.submit(r.queue, r.head, r.tag)
+        return list(requests)
+
+    def reap(self, queue: int = 0) -> list[BlkCompletion]:
+        """Consume what the used ring holds now, record it, return the completions."""
+        q = self.session.queues[queue]
+        used = q.vq.reap()
+        for token, _ in used:
+            if isinstance(token, BlkRequest):
+                self.model.complete(queue, token.head)
+        done = q.blk.complete(used)
+        self.completions += done
+        return done
+
+    def wait(self, queue: int, count: int, *, timeout: float | None = None) -> list[BlkCompletion]:
+        """Reap until ``count`` more completions arrived on ``queue`` (BackendHang if not)."""
+        limit = self.session.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        got: list[BlkCompletion] = []
+        while len(got) < count:
+            got += self.reap(queue)
+            if len(got) >= count:
+                break
+            if time.monotonic() >= deadline:
+                raise BackendHang(
+                    f"{count - len(got)} of {count} requests not completed",
+                    request_name="virtio-blk I/O",
+                    timeout=limit,
+                )
+            time.sleep(0.005)
+        return got
+
+    def region(self) -> ParsedRegion:
+        """The session's in-flight region, parsed (CaseFailed if its layout is impossible)."""
+        region = self.session.inflight
+        if region is None:
+            raise CaseFailed(
+                "in-flight region", expected="one from GET_INFLIGHT_FD", seen="none (mmap_size 0)"
+            )
+        try:
+            return parse_region(
+                region.read(),
+                num_queues=region.num_queues,
+                queue_size=region.queue_size,
+                packed=self.session.packed,
+            )
+        except InflightLayoutError as exc:
+            raise CaseFailed(f"in-flight region layout: {exc}") from None
+
+    def findings(self, last_avail_idx: Sequence[int | None] | None = None) -> list[Finding]:
+        """Differences between the region and the model (split rings: used->idx from memory,
+        ``last_avail_idx`` the GET_VRING_BASE replies, None when there were none)."""
+        queues = self.session.queues
+        if self.session.packed:
+            used: list[int] = [len(self.model.completed(q.index)) % 0x10000 for q in queues]
+            avail: list[int | None] = [None] * len(queues)
+        else:
+            used = [q.vq.used_idx_in_memory() for q in queues]
+            avail = list(last_avail_idx) if last_avail_idx is not None else [None] * len(queues)
+        return self.model.check(self.region(), used_idx=used, last_avail_idx=avail)
+
+
+def fail_on_findings(findings: Sequence[Finding], what: str) -> None:
+    """CaseFailed listing the MUST findings (the first three in full)."""
+    bad = [f for f in findings if f.level == "MUST"]
+    if bad:
+        raise CaseFailed(f"{what}: {len(bad)} finding(s): " + "; ".join(str(f) for f in bad[:3]))
+
+
+Measure = Callable[[str, float], None]

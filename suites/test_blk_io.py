@@ -1,0 +1,239 @@
+"""Block I/O cases: every virtio-blk request type against the model disk.
+
+Family: blk-io (VU-BLK-*). Clauses: VIRTIO 1.3 "Block Device: Device Operation" (request
+types, status values) and vhost-user.rst "Multiple queue support". Each case runs on a
+session started as QEMU 11.1.3 starts vhost-user-blk (``vhost_session``).
+"""
+
+from __future__ import annotations
+
+from vhost_conformance.frontend.blk import (
+    SECTOR_SIZE,
+    VIRTIO_BLK_ID_BYTES,
+    BlkConfig,
+    BlkRequestType,
+    BlkStatus,
+)
+from vhost_conformance.frontend.device import Session
+from vhost_conformance.frontend.protocol import BlkFeature, ProtocolFeature
+from vhost_conformance.suites.drivers import (
+    IoError,
+    SessionFactory,
+    capacity_of,
+    do_io,
+    expect_status,
+    pattern,
+    restart_variant,
+    wait_all,
+    write_read_verify,
+)
+from vhost_conformance.suites.model import MUST, SHOULD, CaseFailed, CaseNonStrict, case
+from vhost_conformance.suites.target import BackendTarget, Capabilities
+
+#: A request type no virtio-blk revision defines (VIRTIO 1.3 5.2.6: types are 0..26).
+UNKNOWN_TYPE = 0x7E
+
+
+def _one(session: Session, request_type: int, **raw: object) -> tuple[int, int, bytes | None]:
+    """Submit one raw request on queue 0 and wait: (status, used len, data). The model disk
+    does not judge it (it may lie outside the disk)."""
+    blk = session.queues[0].blk
+    model, blk.model = blk.model, None
+    try:
+        request = blk.raw(request_type, **raw)  # type: ignore[arg-type]
+        session.submit(0)
+        (done,) = wait_all(session, [request])
+    finally:
+        blk.model = model
+    return done.status, done.len, done.data
+
+
+@case("VU-BLK-1", level=MUST)
+def test_write_then_read_back(vhost_session: Session) -> None:
+    """Data written with VIRTIO_BLK_T_OUT reads back unchanged with VIRTIO_BLK_T_IN."""
+    write_read_verify(vhost_session, 0, pattern(1, 4096))
+    # one request split over several descriptors: framing is not tied to descriptor
+    # boundaries (VIRTIO 1.3 "Message Framing")
+    write_read_verify(vhost_session, 64, pattern(2, 12 * SECTOR_SIZE), segments=5)
+    write_read_verify(vhost_session, 200, pattern(3, SECTOR_SIZE), indirect=False)
+    do_io(vhost_session, 4, sector=1024, nsectors=16)
+
+
+@case("VU-BLK-2", level=MUST, requires=[BlkFeature.FLUSH])
+def test_flush_completes_ok(vhost_session: Session) -> None:
+    """With FLUSH offered, VIRTIO_BLK_T_FLUSH completes with status OK."""
+    do_io(vhost_session, 1, kinds=("write", "flush", "read"))
+
+
+@case("VU-BLK-3", level=MUST)
+def test_unknown_type_is_unsupp(vhost_session: Session) -> None:
+    """A request of a type the device does not implement completes with UNSUPP."""
+    status, _, _ = _one(vhost_session, UNKNOWN_TYPE, in_len=SECTOR_SIZE)
+    if status != BlkStatus.UNSUPP:
+        raise CaseFailed(
+            f"status of request type {UNKNOWN_TYPE:#x}",
+            expected="VIRTIO_BLK_S_UNSUPP (2)",
+            seen=status,
+        )
+    # the device still works afterwards
+    do_io(vhost_session, 1)
+
+
+@case("VU-BLK-4", level=MUST)
+def test_io_beyond_capacity_fails(vhost_session: Session) -> None:
+    """A read or write past the capacity completes with IOERR and touches nothing."""
+    capacity = capacity_of(vhost_session) // SECTOR_SIZE
+    last = capacity - 8
+    write_read_verify(vhost_session, last, pattern(9, 8 * SECTOR_SIZE))
+    # wholly beyond the end, and straddling it
+    for sector, what in ((capacity, "at the capacity"), (capacity - 4, "straddling the end")):
+        status, _, _ = _one(vhost_session, BlkRequestType.IN, sector=sector, in_len=8 * SECTOR_SIZE)
+        if status != BlkStatus.IOERR:
+            raise CaseFailed(
+                f"status of a read {what} (sector {sector}, capacity {capacity})",
+                expected="VIRTIO_BLK_S_IOERR (1)",
+                seen=status,
+            )
+        status, _, _ = _one(
+            vhost_session, BlkRequestType.OUT, sector=sector, out_data=b"\xee" * (8 * SECTOR_SIZE)
+        )
+        if status != BlkStatus.IOERR:
+            raise CaseFailed(
+                f"status of a write {what} (sector {sector}, capacity {capacity})",
+                expected="VIRTIO_BLK_S_IOERR (1)",
+                seen=status,
+            )
+    # "touches nothing": the last sectors in range still hold what was written there
+    read = vhost_session.queues[0].blk.read(last, 8)
+    vhost_session.submit(0)
+    expect_status(wait_all(vhost_session, [read]), what="read of the last 8 sectors")
+
+
+@case("VU-BLK-5", level=SHOULD)
+def test_get_id(vhost_session: Session) -> None:
+    """VIRTIO_BLK_T_GET_ID fills at most 20 bytes and completes OK or UNSUPP."""
+    blk = vhost_session.queues[0].blk
+    # a buffer larger than 20 bytes: the device must not write past the id
+    request = blk.raw(BlkRequestType.GET_ID, in_len=64)
+    vhost_session.submit(0)
+    (done,) = wait_all(vhost_session, [request])
+    if done.status not in (BlkStatus.OK, BlkStatus.UNSUPP):
+        raise CaseNonStrict(f"GET_ID status: expected OK or UNSUPP, seen {done.status}")
+    if done.status == BlkStatus.OK and done.data is not None and any(
+        done.data[VIRTIO_BLK_ID_BYTES:]
+    ):
+        raise CaseNonStrict(
+            "GET_ID wrote past the 20-byte id: bytes "
+            f"{VIRTIO_BLK_ID_BYTES}..63 are {done.data[VIRTIO_BLK_ID_BYTES:40].hex()}..."
+        )
+
+
+@case("VU-BLK-6", level=MUST, requires=[BlkFeature.DISCARD])
+def test_discard(vhost_session: Session) -> None:
+    """A discard within max_discard_sectors completes OK; one beyond it is rejected."""
+    config = BlkConfig.decode(vhost_session.negotiated.config)
+    limit = config.max_discard_sectors or 0
+    alignment = max(config.discard_sector_alignment or 1, 1)
+    blk = vhost_session.queues[0].blk
+    n = max(alignment, 8)
+    if limit and n > limit:
+        n = limit
+    write_read_verify(vhost_session, 2048, pattern(4, n * SECTOR_SIZE))
+    request = blk.discard([(2048, n)])
+    vhost_session.submit(0)
+    expect_status(wait_all(vhost_session, [request]), what="discard")
+    # the range now reads old data or zeroes (the model accepts either)
+    read = blk.read(2048, n)
+    vhost_session.submit(0)
+    expect_status(wait_all(vhost_session, [read]), what="read after discard")
+    capacity = capacity_of(vhost_session) // SECTOR_SIZE
+    if limit and limit + 1 < capacity:
+        # raw: the model must not take this discard as done
+        status, _, _ = _one(
+            vhost_session,
+            BlkRequestType.DISCARD,
+            out_data=(0).to_bytes(8, "little")
+            + (limit + alignment).to_bytes(4, "little")
+            + bytes(4),
+        )
+        if status == BlkStatus.OK:
+            raise CaseFailed(
+                f"status of a discard of {limit + alignment} sectors (max_discard_sectors {limit})",
+                expected="IOERR or UNSUPP",
+                seen="OK",
+            )
+
+
+@case("VU-BLK-7", level=MUST, requires=[BlkFeature.WRITE_ZEROES])
+def test_write_zeroes(vhost_session: Session) -> None:
+    """With WRITE_ZEROES offered, the range reads back as zeroes."""
+    blk = vhost_session.queues[0].blk
+    write_read_verify(vhost_session, 4096, pattern(5, 16 * SECTOR_SIZE))
+    request = blk.write_zeroes([(4100, 8)])
+    vhost_session.submit(0)
+    expect_status(wait_all(vhost_session, [request]), what="write-zeroes")
+    read = blk.read(4096, 16)
+    vhost_session.submit(0)
+    (done,) = wait_all(vhost_session, [read])
+    expect_status([done], what="read after write-zeroes")
+    data = done.data or b""
+    if data[4 * SECTOR_SIZE : 12 * SECTOR_SIZE] != bytes(8 * SECTOR_SIZE):
+        raise CaseFailed(
+            "sectors 4100..4107 after WRITE_ZEROES", expected="zeroes", seen="other bytes"
+        )
+
+
+@case("VU-BLK-8", level=MUST)
+def test_read_only_device_refuses_writes(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """With RO offered, writes complete with IOERR and the data is unchanged."""
+    restart_variant(vhost_target, read_only=True)
+    session = make_session(vhost_target)
+    if not session.negotiated.features >> BlkFeature.RO & 1:
+        raise CaseFailed(
+            "GET_FEATURES of a read-only device",
+            expected="VIRTIO_BLK_F_RO set",
+            seen=f"{session.negotiated.features:#x}",
+        )
+    blk = session.queues[0].blk
+    before = blk.read(16, 8)
+    session.submit(0)
+    (old,) = wait_all(session, [before])
+    expect_status([old], what="read on a read-only device")
+    status, _, _ = _one(session, BlkRequestType.OUT, sector=16, out_data=b"\x5a" * 4096)
+    if status != BlkStatus.IOERR:
+        raise CaseFailed(
+            "status of a write to a read-only device",
+            expected="VIRTIO_BLK_S_IOERR (1)",
+            seen=status,
+        )
+    after = blk.read(16, 8)
+    session.submit(0)
+    (new,) = wait_all(session, [after])
+    if new.data != old.data:
+        raise IoError("sectors 16..23 after a refused write", expected="unchanged", seen="changed")
+
+
+@case("VU-BLK-9", level=MUST, requires=[ProtocolFeature.MQ, BlkFeature.MQ])
+def test_io_on_every_queue(
+    vhost_target: BackendTarget, vhost_capabilities: Capabilities, make_session: SessionFactory
+) -> None:
+    """With several queues, requests on each queue complete on that queue."""
+    queues = 2
+    if (vhost_capabilities.queue_num or 1) < queues:
+        restart_variant(vhost_target, queues=queues)
+    session = make_session(vhost_target, num_queues=queues)
+    requests = []
+    for index in range(queues):
+        blk = session.queues[index].blk
+        requests.append(blk.write(8192 + 64 * index, pattern(20 + index, 4096)))
+        session.submit(index)
+    expect_status(wait_all(session, requests), what="write")
+    for index in range(queues):
+        write_read_verify(session, 9000 + 64 * index, pattern(30 + index, 2048), queue=index)
+        stray = session.queues[index].vq.violations
+        if stray:
+            raise CaseFailed(
+                f"used ring of queue {index}", expected="only its own heads", seen=str(stray[0])
+            )

@@ -1,0 +1,368 @@
+"""In-flight I/O tracking: the shared region's layout, its content during I/O, and the
+resubmission after a back-end restart.
+
+Family: inflight (VU-INF-*). Clauses: vhost-user.rst (QEMU 11.1.3) "Inflight I/O tracking",
+"Front-end message types: GET_INFLIGHT_FD / SET_INFLIGHT_FD". The region is parsed, validated
+and compared with the front-end's model by ``frontend/inflight.py``; GET_INFLIGHT_FD and
+SET_INFLIGHT_FD carry QEMU 11.1.3's 24-byte payload (QEMU-TRACES.md correction 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import struct
+import time
+
+from vhost_conformance.frontend.blk import SECTOR_SIZE, BlkRequest
+from vhost_conformance.frontend.channel import BackendError, Channel
+from vhost_conformance.frontend.device import InflightHandle, Session
+from vhost_conformance.frontend.inflight import (
+    minimal_queue_bytes,
+    parse_region,
+    validate_region,
+)
+from vhost_conformance.frontend.protocol import (
+    BlkFeature,
+    FrontendRequest,
+    Inflight,
+    ProtocolFeature,
+    VirtioFeature,
+    has,
+)
+from vhost_conformance.suites.drivers import (
+    InflightTracker,
+    SessionFactory,
+    do_io,
+    expect_status,
+    fail_on_findings,
+    fd_count,
+    pattern,
+    require_command,
+    restart_variant,
+    slow_disk,
+    wait_all,
+    wait_popped,
+)
+from vhost_conformance.suites.model import MUST, CaseFailed, case
+from vhost_conformance.suites.target import BackendTarget, Capabilities
+
+F = FrontendRequest
+P = ProtocolFeature
+
+#: Per-request latency that keeps requests in flight while the case looks at the region.
+LATENCY_MS = 200
+
+
+def _region_view(session: Session) -> InflightHandle:
+    if session.inflight is None:
+        raise CaseFailed("in-flight region after start", expected="one from GET_INFLIGHT_FD",
+                         seen="none (mmap_size 0)")
+    return session.inflight
+
+
+def _popped_index(session: Session) -> int | None:
+    """The back-end's last_avail_idx when EVENT_IDX shows it (split), else None."""
+    vq = session.queues[0].vq
+    if vq.packed or not has(session.negotiated.acked_features, VirtioFeature.RING_EVENT_IDX):
+        return None
+    event: int = vq.avail_event  # type: ignore[attr-defined]
+    return event if event == vq.published_idx else None  # type: ignore[attr-defined]
+
+
+@case("VU-INF-1", level=MUST)
+def test_get_inflight_fd_returns_a_region(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """GET_INFLIGHT_FD returns one fd and a large enough mmap_size, or size 0 and no fd."""
+    session = make_session(vhost_target, start=False)
+    session.set_features(session.driver_features())
+    reply = session.call(F.GET_INFLIGHT_FD, Inflight(0, 0, 1, 128))
+    assert reply is not None
+    fds = list(reply.fds)
+    try:
+        info = Inflight.decode(reply.payload)
+        if info.mmap_size == 0:
+            if fds:
+                raise CaseFailed("GET_INFLIGHT_FD reply with mmap_size 0", expected="no fd",
+                                 seen=f"{len(fds)} fds")
+            return
+        if len(fds) != 1:
+            raise CaseFailed("GET_INFLIGHT_FD reply fds", expected=1, seen=len(fds))
+        need = minimal_queue_bytes(128, session.packed)
+        if info.mmap_size < need:
+            raise CaseFailed("GET_INFLIGHT_FD mmap_size for 1 queue of 128",
+                             expected=f">= {need}", seen=info.mmap_size)
+        if (info.num_queues, info.queue_size) not in ((1, 128), (0, 0)):
+            raise CaseFailed("GET_INFLIGHT_FD reply num_queues/queue_size",
+                             expected="1/128 (as asked)",
+                             seen=f"{info.num_queues}/{info.queue_size}")
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@case("VU-INF-2", level=MUST)
+def test_set_inflight_fd_as_qemu_sends_it(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """SET_INFLIGHT_FD with one fd and 24 bytes is accepted and the region is used."""
+    session = make_session(vhost_target, start=False)
+    session.set_features(session.driver_features())
+    offered = session.get_inflight_fd()
+    if offered is None:
+        raise CaseFailed("GET_INFLIGHT_FD mmap_size", expected="non-zero", seen=0)
+    # a region of the front-end's own (as on a migration destination, QEMU-TRACES (e))
+    ours = InflightHandle.from_bytes(bytes(offered.mmap_size), 1, session.queue_size)
+    offered.close()
+    session.inflight = None
+    session.start(inflight=ours)
+    do_io(session, 1)
+    parsed = parse_region(ours.read(), num_queues=1, queue_size=session.queue_size,
+                          packed=session.packed)
+    if parsed.queues[0].version != 1:
+        raise CaseFailed("version of the region given by SET_INFLIGHT_FD after I/O",
+                         expected=1, seen=parsed.queues[0].version)
+
+
+@case("VU-INF-4", level=MUST)
+def test_fresh_region_is_initialised(vhost_session: Session) -> None:
+    """A zeroed region is set to version 1 with desc_num = queue size once the ring starts."""
+    do_io(vhost_session, 1, kinds=("read",))
+    tracker = InflightTracker(vhost_session)
+    for queue in tracker.region().queues:
+        if (queue.version, queue.desc_num) != (1, vhost_session.queue_size):
+            raise CaseFailed(f"queue {queue.queue} region header (version, desc_num)",
+                             expected=(1, vhost_session.queue_size),
+                             seen=(queue.version, queue.desc_num))
+
+
+@case("VU-INF-6", level=MUST)
+def test_per_queue_region_layout(
+    vhost_target: BackendTarget, vhost_capabilities: Capabilities, make_session: SessionFactory
+) -> None:
+    """Each queue's header has version 1 and desc_num = queue size at mmap_size / queues."""
+    queues = 1
+    if not vhost_capabilities.missing([P.MQ, BlkFeature.MQ]):
+        queues = 2
+        if (vhost_capabilities.queue_num or 1) < 2:
+            restart_variant(vhost_target, queues=2)
+    session = make_session(vhost_target, num_queues=queues)
+    for index in range(queues):
+        do_io(session, 1, queue=index, kinds=("read",))
+    region = _region_view(session)
+    if region.mmap_size % queues:
+        raise CaseFailed(f"mmap_size for {queues} queues", expected=f"a multiple of {queues}",
+                         seen=region.mmap_size)
+    parsed = InflightTracker(session).region()
+    findings = validate_region(parsed)
+    for queue in parsed.queues:
+        if queue.version != 1:
+            raise CaseFailed(f"queue {queue.queue} version at byte {queue.offset + 8} (stride "
+                             f"{parsed.stride})", expected=1, seen=queue.version)
+    fail_on_findings(findings, "region layout")
+
+
+@case("VU-INF-7", level=MUST)
+def test_region_follows_pops_and_completions(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """inflight is 1 for each taken head and 0 after completion; used_idx follows."""
+    with slow_disk(vhost_target, LATENCY_MS):
+        session = make_session(vhost_target, model=False)
+        tracker = InflightTracker(session)
+        blk = session.queues[0].blk
+        tracker.submit([blk.read(8 * i, 8) for i in range(3)])
+        session.submit(0)
+        wait_popped(session, 0, settle=0.1)
+        popped = _popped_index(session)
+        fail_on_findings(tracker.findings([popped]), "region while 3 reads are in flight")
+        tracker.wait(0, 3)
+        findings = tracker.findings([session.queues[0].vq.published_idx])  # type: ignore[attr-defined]
+        fail_on_findings(findings, "region after every read completed")
+        queue = tracker.region().queues[0]
+        used = session.queues[0].vq.used_idx_in_memory()
+        if not queue.packed and getattr(queue, "used_idx", used) != used:
+            raise CaseFailed("region used_idx after the completions", expected=used,
+                             seen=getattr(queue, "used_idx", None))
+
+
+def _kill_and_reconnect(target: BackendTarget, make_session: SessionFactory,
+                        session: Session) -> None:
+    """SIGKILL the back-end, start it again on the same disk, reconnect as QEMU does."""
+    command = require_command(target)
+    command.send_signal(signal.SIGKILL)
+    command.wait_exit(5.0)
+    command.start()
+    make_session.reconnect(session, command)
+
+
+def _resubmission(vhost_target: BackendTarget, make_session: SessionFactory, n: int) -> None:
+    """Hold ``n`` writes in flight, kill the back-end, reconnect: each completes once."""
+    require_command(vhost_target)
+    with slow_disk(vhost_target, 400):
+        session = make_session(vhost_target, model=False)
+        tracker = InflightTracker(session)
+        blk = session.queues[0].blk
+        requests: list[BlkRequest] = [blk.write(16 * i, pattern(60 + i, 8 * SECTOR_SIZE))
+                                      for i in range(n)]
+        tracker.submit(requests)
+        session.submit(0)
+        wait_popped(session, 0, settle=0.15)
+        parsed = tracker.region()
+        marked = parsed.queues[0].inflight_heads()
+        heads = [r.head for r in requests]
+        if not set(marked) <= set(heads) or not marked:
+            raise CaseFailed("heads marked in flight before the kill",
+                             expected=f"a non-empty subset of {heads}", seen=marked)
+        _kill_and_reconnect(vhost_target, make_session, session)
+        done = wait_all(session, requests, timeout=session.timeout + n * 0.4)
+        expect_status(done, what="resubmitted write")
+        violations = session.queues[0].vq.violations
+        if violations:
+            raise CaseFailed("used ring after the resubmission",
+                             expected="each head exactly once", seen=str(violations[0]))
+        time.sleep(0.3)
+        late = session.queues[0].vq.reap()
+        if late:
+            raise CaseFailed("used entries after every request completed",
+                             expected="none (each request completes once)",
+                             seen=f"{len(late)} more")
+
+
+@case("VU-INF-5", level=MUST)
+def test_resubmission_after_restart(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """After a restart, entries marked in flight are resubmitted and complete exactly once."""
+    _resubmission(vhost_target, make_session, 3)
+
+
+@case("VU-INF-8", level=MUST)
+def test_head_0_is_resubmitted(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
+    """With head 0 in flight and used_idx 0, head 0 is resubmitted like any other."""
+    _resubmission(vhost_target, make_session, 1)
+
+
+def _raw(request: int, payload: bytes) -> bytes:
+    return struct.pack("<III", request, 1, len(payload)) + payload
+
+
+@case("VU-INF-9", level=MUST)
+def test_wrong_inflight_payload_sizes(
+    vhost_target: BackendTarget, make_session: SessionFactory, vhost_timeout: float
+) -> None:
+    """Short, empty or oversized GET/SET_INFLIGHT_FD payloads: an error or a close, never a
+    crash; a new connection still works."""
+    good = Inflight(0, 0, 1, 128).encode()
+    attempts = [
+        ("GET_INFLIGHT_FD, empty payload", F.GET_INFLIGHT_FD, b"", False),
+        ("GET_INFLIGHT_FD, 4 bytes", F.GET_INFLIGHT_FD, good[:4], False),
+        ("GET_INFLIGHT_FD, 64 bytes", F.GET_INFLIGHT_FD, good + bytes(40), False),
+        ("SET_INFLIGHT_FD, 8 bytes", F.SET_INFLIGHT_FD, good[:8], True),
+        ("SET_INFLIGHT_FD, empty payload", F.SET_INFLIGHT_FD, b"", True),
+    ]
+    for what, request, payload, with_fd in attempts:
+        channel = Channel(vhost_target.connect_socket(vhost_timeout))
+        fd = os.memfd_create("vc-inflight-bad", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, 4096)
+            channel.send(F.GET_FEATURES)
+            channel.recv(vhost_timeout, awaiting="GET_FEATURES", close_surplus_fds=True)
+            channel.send_raw(_raw(request, payload), [fd] if with_fd else [])
+            with contextlib.suppress(BackendError):
+                reply = channel.recv(0.5, awaiting=request.name, close_surplus_fds=True)
+                for extra in reply.fds:
+                    os.close(extra)
+        finally:
+            os.close(fd)
+            channel.close()
+        time.sleep(0.05)
+        if not vhost_target.alive():
+            raise CaseFailed(f"back-end after {what}", expected="alive",
+                             seen=f"exited with status {vhost_target.exit_status()}")
+    session = make_session(vhost_target)
+    do_io(session, 1)
+
+
+@case("VU-INF-10", level=MUST)
+def test_set_inflight_fd_twice(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
+    """A second SET_INFLIGHT_FD with another size replaces the first without leaking."""
+    session = make_session(vhost_target, start=False)
+    session.set_features(session.driver_features())
+    first = session.get_inflight_fd()
+    if first is None:
+        raise CaseFailed("GET_INFLIGHT_FD mmap_size", expected="non-zero", seen=0)
+    session.set_inflight_fd(first)
+    session.call(F.GET_FEATURES)  # a barrier: SET_INFLIGHT_FD has no reply
+    baseline = fd_count(vhost_target)
+    regions = [InflightHandle.from_bytes(bytes(first.mmap_size * k), 1, session.queue_size)
+               for k in (2, 3, 2, 4)]
+    try:
+        for region in regions:
+            session.set_inflight_fd(region)
+            session.call(F.GET_FEATURES)
+        after = fd_count(vhost_target)
+        if baseline is not None and after is not None and after > baseline:
+            raise CaseFailed(f"back-end fds after {len(regions)} more SET_INFLIGHT_FD",
+                             expected=f"<= {baseline} (old regions closed)", seen=after)
+        last = regions[-1]
+        session.start(inflight=last)
+        do_io(session, 1)
+        parsed = parse_region(last.read(), num_queues=1, queue_size=session.queue_size,
+                              packed=session.packed)
+        if parsed.queues[0].version != 1:
+            raise CaseFailed("version of the region given last", expected=1,
+                             seen=parsed.queues[0].version)
+        earlier = parse_region(regions[0].read(), num_queues=1,
+                               queue_size=session.queue_size, packed=session.packed)
+        if earlier.queues[0].version != 0:
+            raise CaseFailed("version of a region replaced before the start",
+                             expected="0 (untouched)", seen=earlier.queues[0].version)
+    finally:
+        for region in regions[:-1]:
+            region.close()
+        first.close()
+
+
+@case("VU-INF-11", level=MUST)
+def test_packed_region(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
+    """With RING_PACKED, the packed region marks the taken buffers and clears them."""
+    with slow_disk(vhost_target, LATENCY_MS):
+        session = make_session(vhost_target, packed=True, model=False)
+        tracker = InflightTracker(session)
+        blk = session.queues[0].blk
+        tracker.submit([blk.read(8 * i, 8) for i in range(2)])
+        session.submit(0)
+        time.sleep(0.1)
+        fail_on_findings(tracker.findings(), "packed region while 2 reads are in flight")
+        tracker.wait(0, 2)
+        fail_on_findings(tracker.findings(), "packed region after the completions")
+        marked = tracker.region().queues[0].inflight_heads()
+        if marked:
+            raise CaseFailed("packed region after every request completed",
+                             expected="nothing in flight", seen=marked)
+
+
+@case("VU-INF-12", level=MUST)
+def test_region_kept_across_reconnect(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """Given the old region on a new connection, pending heads are resubmitted."""
+    with slow_disk(vhost_target, LATENCY_MS):
+        session = make_session(vhost_target, model=False)
+        blk = session.queues[0].blk
+        requests = [blk.read(8 * i, 8) for i in range(2)]
+        session.submit(0)
+        wait_popped(session, 0, settle=0.1)
+        make_session.reconnect(session, vhost_target)
+        done = wait_all(session, requests, timeout=session.timeout + 1)
+        expect_status(done, what="read pending across the reconnect")
+        time.sleep(LATENCY_MS / 1000 + 0.1)
+        late = session.queues[0].vq.reap()
+        violations = session.queues[0].vq.violations
+        if late or violations:
+            raise CaseFailed("used ring after the reconnect",
+                             expected="each pending request completed exactly once",
+                             seen=str(violations[0]) if violations else f"{len(late)} more")

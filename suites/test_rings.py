@@ -1,0 +1,256 @@
+"""Ring cases: ring states, kicks, split and packed layouts, indirect tables and notification
+suppression.
+
+Family: rings (VU-RING-*). Clauses: vhost-user.rst (QEMU 11.1.3) "Ring states"; VIRTIO 1.3
+"Split Virtqueues", "Packed Virtqueues", "Used Buffer Notification Suppression". Rings are
+started the way QEMU 11.1.3 starts them unless the case says otherwise; where a case needs to
+act between two start messages it uses ``partial_start`` and ``kick_and_enable``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from vhost_conformance.frontend.blk import BlkRequest
+from vhost_conformance.frontend.device import Session
+from vhost_conformance.frontend.protocol import VirtioFeature
+from vhost_conformance.suites.drivers import (
+    SessionFactory,
+    do_io,
+    expect_status,
+    kick_and_enable,
+    partial_start,
+    pattern,
+    stop_now,
+    wait_all,
+    write_read_verify,
+)
+from vhost_conformance.suites.model import MUST, SHOULD, CaseFailed, CaseNonStrict, case
+from vhost_conformance.suites.target import BackendTarget
+
+#: How long an untouched ring is watched for activity it must not have.
+QUIET = 0.25
+
+V = VirtioFeature
+
+
+def _untouched(session: Session, request: BlkRequest, when: str) -> None:
+    """``request`` was not processed: used->idx unchanged, its status byte not written."""
+    time.sleep(QUIET)
+    vq = session.queues[request.queue].vq
+    if vq.used_idx_in_memory() != vq.used_idx:
+        raise CaseFailed(f"used->idx {when}", expected=vq.used_idx,
+                         seen=vq.used_idx_in_memory())
+    if request.status_gpa is not None and session.memory.read(request.status_gpa, 1) != b"\xff":
+        raise CaseFailed(f"status byte of a request made available {when}",
+                         expected="untouched (0xff)",
+                         seen=session.memory.read(request.status_gpa, 1).hex())
+
+
+@case("VU-RING-1", level=MUST)
+def test_rings_start_stopped(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
+    """A request made available before SET_VRING_KICK is not processed."""
+    session = make_session(vhost_target, start=False)
+    partial_start(session)
+    request = session.queues[0].blk.read(0, 8)
+    session.queues[0].vq.publish()
+    _untouched(session, request, "before SET_VRING_KICK")
+    kick_and_enable(session)
+    expect_status(wait_all(session, [request]), what="read made available before the start")
+
+
+@case("VU-RING-2", level=MUST)
+def test_stopped_ring_is_not_processed(vhost_session: Session) -> None:
+    """After GET_VRING_BASE, requests made available and kicked are not processed until the
+    ring is started again."""
+    session = vhost_session
+    do_io(session, 1)
+    base = stop_now(session).bases[0]
+    request = session.queues[0].blk.read(16, 8)
+    session.queues[0].vq.publish()
+    session.kick(0)
+    _untouched(session, request, "after GET_VRING_BASE")
+    session.start(vring_bases=[base])
+    expect_status(wait_all(session, [request]), what="read made available while stopped")
+
+
+@case("VU-RING-3", level=MUST)
+def test_started_disabled_ring_has_no_side_effects(vhost_session: Session) -> None:
+    """A started ring disabled by SET_VRING_ENABLE 0 writes nothing a guest can see."""
+    session = vhost_session
+    do_io(session, 1)
+    session.set_vring_enable(0, False)
+    request = session.queues[0].blk.write(32, pattern(32, 4096))
+    session.queues[0].vq.publish()
+    snapshot = session.memory.snapshot()
+    session.kick(0)
+    time.sleep(QUIET)
+    changed = session.memory.diff(snapshot)
+    if changed:
+        raise CaseFailed("guest memory while the ring is started but disabled",
+                         expected="unchanged",
+                         seen=f"written at GPA {changed[0][0]:#x} ({changed[0][1]} bytes)")
+    session.set_vring_enable(0, True)
+    session.kick(0)
+    expect_status(wait_all(session, [request]), what="write after SET_VRING_ENABLE 1")
+
+
+@case("VU-RING-4", level=MUST)
+def test_without_bit_30_rings_are_enabled(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """After SET_FEATURES without bit 30 I/O works with no SET_VRING_ENABLE."""
+    session = make_session(vhost_target, start=False)
+    features = session.driver_features() & ~(1 << V.PROTOCOL_FEATURES)
+    session.start(features=features)
+    do_io(session, 2)
+
+
+@case("VU-RING-5", level=SHOULD)
+def test_ring_starts_on_set_vring_kick(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """A request available when SET_VRING_KICK arrives is processed without a kick."""
+    session = make_session(vhost_target, start=False, profile="qemu-7.2")
+    partial_start(session)
+    request = session.queues[0].blk.read(0, 8)
+    session.queues[0].vq.publish()
+    kick_and_enable(session, inject_kick=False)
+    try:
+        done = wait_all(session, [request], timeout=1.0)
+    except Exception as exc:  # BackendHang: the back-end waited for a kick
+        raise CaseNonStrict(
+            "a request available at SET_VRING_KICK was not processed within 1 s without a "
+            f"kick: the back-end relies on the injected kick ({exc})") from None
+    expect_status(done, what="read available at SET_VRING_KICK")
+
+
+@case("VU-RING-7", level=MUST)
+def test_kick_before_enable_is_not_lost(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """A request kicked while started but disabled completes after SET_VRING_ENABLE 1."""
+    session = make_session(vhost_target, start=False)
+    partial_start(session)
+    kick_and_enable(session, inject_kick=False, enable=False)
+    request = session.queues[0].blk.read(0, 8)
+    session.queues[0].vq.publish()
+    session.kick(0)
+    time.sleep(0.05)
+    session.set_vring_enable(0, True)
+    try:
+        done = wait_all(session, [request], timeout=2.0)
+    except Exception as exc:
+        raise CaseFailed("a request kicked before SET_VRING_ENABLE 1",
+                         expected="completed with no second kick", seen=str(exc)) from None
+    expect_status(done, what="read kicked before SET_VRING_ENABLE 1")
+
+
+@case("VU-RING-8", level=MUST)
+def test_used_idx_is_read_at_start(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """With used->idx zeroed after SET_VRING_ADDR, the first completion lands in slot 0."""
+    session = make_session(vhost_target, start=False)
+    vq = session.queues[0].vq
+    used_gpa: int = vq.used_gpa  # type: ignore[attr-defined]
+    session.memory.write(used_gpa + 2, (0x1337).to_bytes(2, "little"))
+    partial_start(session, vring_bases=[0])
+    session.memory.write(used_gpa + 2, bytes(2))
+    kick_and_enable(session)
+    request = session.queues[0].blk.read(0, 8)
+    session.submit(0)
+    expect_status(wait_all(session, [request]), what="first read")
+    if vq.used_idx_in_memory() != 1:
+        raise CaseFailed("used->idx after the first completion", expected=1,
+                         seen=vq.used_idx_in_memory())
+
+
+@case("VU-RING-9", level=MUST, requires=[V.RING_PACKED])
+def test_packed_ring_io(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
+    """With RING_PACKED, reads and writes complete with the packed layout's used flags."""
+    session = make_session(vhost_target, packed=True)
+    write_read_verify(session, 0, pattern(40, 4096))
+    write_read_verify(session, 64, pattern(41, 3 * 512), segments=3)
+    # more requests than the ring holds: the wrap counters flip
+    do_io(session, session.queue_size // 2 + 8, sector=256, nsectors=1)
+    violations = session.queues[0].vq.violations
+    if violations:
+        raise CaseFailed("packed ring", expected="no violation", seen=str(violations[0]))
+
+
+@case("VU-RING-10", level=MUST, requires=[V.RING_EVENT_IDX])
+def test_event_idx_suppression(vhost_session: Session) -> None:
+    """With EVENT_IDX, the back-end signals the call fd exactly when used_event asks."""
+    session = vhost_session
+    vq = session.queues[0].vq
+    do_io(session, 1, kinds=("read",))
+    avail_event: int = vq.avail_event  # type: ignore[attr-defined]
+    if avail_event != vq.published_idx:  # type: ignore[attr-defined]
+        raise CaseNonStrict(f"avail_event after the back-end took every request: expected "
+                            f"{vq.published_idx}, seen {avail_event}")  # type: ignore[attr-defined]
+    used = vq.used_idx
+    session.drain_call(0)
+    # used_event = used + 1: no signal when used->idx becomes used + 1, one at used + 2
+    vq.set_used_event(used + 1)  # type: ignore[attr-defined]
+    first = session.queues[0].blk.read(0, 1)
+    session.submit(0)
+    _wait_used_in_memory(session, used + 1)
+    early = session.drain_call(0)
+    second = session.queues[0].blk.read(1, 1)
+    session.submit(0)
+    _wait_used_in_memory(session, used + 2)
+    signalled = session.drain_call(0)
+    expect_status(wait_all(session, [first, second]), what="read")
+    if not signalled:
+        raise CaseFailed("call eventfd when used->idx passed used_event",
+                         expected="signalled", seen="not signalled")
+    if early:
+        raise CaseNonStrict("call eventfd signalled when used->idx reached used_event, "
+                            "before passing it (VIRTIO: the device SHOULD NOT)")
+
+
+def _wait_used_in_memory(session: Session, idx: int) -> None:
+    vq = session.queues[0].vq
+    deadline = time.monotonic() + session.timeout
+    while vq.used_idx_in_memory() != idx & 0xFFFF:
+        if time.monotonic() > deadline:
+            raise CaseFailed("used->idx", expected=idx, seen=vq.used_idx_in_memory())
+        time.sleep(0.002)
+    time.sleep(0.03)  # a notification follows the used->idx write
+
+
+@case("VU-RING-11", level=MUST, requires=[V.RING_INDIRECT_DESC])
+def test_indirect_descriptors(vhost_session: Session) -> None:
+    """A request described by an indirect table completes like a direct one."""
+    write_read_verify(vhost_session, 128, pattern(50, 4096), segments=4, indirect=True)
+    write_read_verify(vhost_session, 160, pattern(51, 512), indirect=True)
+
+
+@case("VU-RING-12", level=SHOULD)
+def test_no_interrupt_without_event_idx(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """Without EVENT_IDX, avail->flags NO_INTERRUPT suppresses call signals."""
+    session = make_session(vhost_target, event_idx=False)
+    vq = session.queues[0].vq
+    do_io(session, 1, kinds=("read",))
+    vq.set_no_interrupt(True)
+    session.drain_call(0)
+    request = session.queues[0].blk.read(0, 1)
+    session.submit(0)
+    _wait_used_in_memory(session, vq.used_idx + 1)
+    suppressed = session.drain_call(0)
+    expect_status(wait_all(session, [request]), what="read")
+    vq.set_no_interrupt(False)
+    request = session.queues[0].blk.read(0, 1)
+    session.submit(0)
+    _wait_used_in_memory(session, vq.used_idx + 1)
+    signalled = session.drain_call(0)
+    expect_status(wait_all(session, [request]), what="read")
+    if not signalled:
+        raise CaseFailed("call eventfd with avail->flags 0 and no EVENT_IDX",
+                         expected="signalled (VIRTIO: the device MUST notify)",
+                         seen="not signalled")
+    if suppressed:
+        raise CaseNonStrict("call eventfd signalled although avail->flags had NO_INTERRUPT")

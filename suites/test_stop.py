@@ -1,0 +1,415 @@
+"""Stopping rings: GET_VRING_BASE, SET_VRING_BASE, drain, and the suspended device state.
+
+Families: stop-drain (VU-GVB-*), rings (VU-SVB-1), suspended (VU-SUSP-*). Clauses:
+vhost-user.rst (QEMU 11.1.3) "Front-end message types: GET_VRING_BASE / SET_VRING_BASE",
+"Ring states", "Suspended device state", "Inflight I/O tracking". Slow-disk cases keep
+requests in flight with the profile's slow I/O (50-200 ms per request).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from vhost_conformance.frontend.blk import BlkRequest
+from vhost_conformance.frontend.device import Session
+from vhost_conformance.frontend.protocol import (
+    U64,
+    BlkFeature,
+    Config,
+    FrontendRequest,
+    ProtocolFeature,
+    VirtioFeature,
+    VringState,
+    split_packed_base,
+)
+from vhost_conformance.frontend.virtqueue import PackedVirtqueue
+from vhost_conformance.suites.drivers import (
+    InflightTracker,
+    SessionFactory,
+    Stopped,
+    do_io,
+    fail_on_findings,
+    pending_io,
+    slow_disk,
+    stop_now,
+    wait_popped,
+)
+from vhost_conformance.suites.model import MAY, MUST, CaseFailed, case
+from vhost_conformance.suites.target import BackendTarget, Capabilities
+
+F = FrontendRequest
+P = ProtocolFeature
+
+#: Per-request latency of the slow disk, and how many requests are held in flight.
+LATENCY_MS = 150
+HELD = 2
+
+
+def _held_stop(session: Session, tracker: InflightTracker | None = None) -> Stopped:
+    """Hold :data:`HELD` reads in flight on the slow disk, then stop every ring."""
+    requests = pending_io(session, HELD)
+    if tracker is not None:
+        tracker.submit(requests)
+    wait_popped(session, 0, settle=0.1)
+    return stop_now(session, requests)
+
+
+def _expect_base(seen: int, expected: int, what: str) -> None:
+    if seen & 0xFFFF != expected & 0xFFFF:
+        raise CaseFailed(f"GET_VRING_BASE num {what}", expected=expected, seen=seen)
+
+
+# --------------------------------------------------------------------------- GET_VRING_BASE
+
+
+@case("VU-GVB-1", level=MUST)
+def test_get_vring_base_returns_next_avail_index(vhost_session: Session) -> None:
+    """After N requests were taken, GET_VRING_BASE returns N and stops the ring."""
+    do_io(vhost_session, 3)  # 6 requests, each completed
+    n = vhost_session.queues[0].vq.published_idx  # type: ignore[attr-defined]
+    stopped = stop_now(vhost_session)
+    _expect_base(stopped.bases[0], n, f"after {n} completed requests")
+
+
+@case("VU-GVB-7", level=MUST)
+def test_get_vring_base_reply_is_8_bytes(vhost_session: Session, vhost_timeout: float) -> None:
+    """The reply has the request's id and an 8-byte vring state for the asked index."""
+    do_io(vhost_session, 1, kinds=("read",))
+    channel = vhost_session.channel
+    channel.send(F.GET_VRING_BASE, VringState(0, 0))
+    reply = channel.recv(vhost_timeout, awaiting="GET_VRING_BASE", close_surplus_fds=True)
+    vhost_session.started = False
+    if reply.request != F.GET_VRING_BASE:
+        raise CaseFailed(
+            "GET_VRING_BASE reply request id", expected=int(F.GET_VRING_BASE), seen=reply.request
+        )
+    if len(reply.payload) != VringState.SIZE:
+        raise CaseFailed(
+            "GET_VRING_BASE reply payload size",
+            expected="8 bytes",
+            seen=f"{len(reply.payload)} bytes",
+        )
+    state = VringState.decode(reply.payload)
+    if state.index != 0:
+        raise CaseFailed("GET_VRING_BASE reply index", expected=0, seen=state.index)
+    _expect_base(state.num, 1, "after one completed request")
+
+
+@case("VU-GVB-8", level=MUST)
+def test_second_get_vring_base_and_restart_agree(vhost_session: Session) -> None:
+    """A second GET_VRING_BASE returns the same index; SET_VRING_BASE with it resumes there."""
+    do_io(vhost_session, 2)
+    first = stop_now(vhost_session).bases[0]
+    second = vhost_session.get_vring_base(0)
+    if second != first:
+        raise CaseFailed("second GET_VRING_BASE on a stopped ring", expected=first, seen=second)
+    vhost_session.start(vring_bases=[first])
+    done = do_io(vhost_session, 1, kinds=("read",), sector=4000)
+    used = vhost_session.queues[0].vq.used_idx_in_memory()
+    if used != (first + len(done)) & 0xFFFF:
+        raise CaseFailed(
+            "used->idx after a restart at the returned base", expected=first + len(done), seen=used
+        )
+
+
+@case("VU-GVB-10", level=MUST, requires=[VirtioFeature.RING_PACKED])
+def test_packed_get_vring_base_carries_both_indices(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """With RING_PACKED, GET_VRING_BASE returns both indices and both wrap counters."""
+    session = make_session(vhost_target, packed=True)
+    do_io(session, 3)
+    vq = session.queues[0].vq
+    assert isinstance(vq, PackedVirtqueue)
+    expected = (
+        vq.next_avail_idx,
+        bool(vq.avail_wrap_counter),
+        vq.last_used_idx,
+        bool(vq.used_wrap_counter),
+    )
+    seen = split_packed_base(stop_now(session).bases[0])
+    if seen != expected:
+        raise CaseFailed(
+            "packed GET_VRING_BASE (avail idx, avail wrap, used idx, used wrap)",
+            expected=expected,
+            seen=seen,
+        )
+
+
+@case("VU-GVB-11", level=MUST)
+def test_qemu_stop_order_is_answered_for_every_ring(
+    vhost_target: BackendTarget, vhost_capabilities: Capabilities, make_session: SessionFactory
+) -> None:
+    """SET_VRING_ENABLE 0 then GET_VRING_BASE num 0 is answered for every ring."""
+    multi = (vhost_capabilities.queue_num or 1) >= 2 and not vhost_capabilities.missing(
+        [P.MQ, BlkFeature.MQ]
+    )
+    queues = 2 if multi else 1
+    session = make_session(vhost_target, num_queues=queues)
+    for index in range(queues):
+        do_io(session, 1, queue=index, sector=512 * index)
+    expected = [q.vq.published_idx for q in session.queues]  # type: ignore[attr-defined]
+    bases = session.stop()
+    for index, (seen, want) in enumerate(zip(bases, expected, strict=True)):
+        _expect_base(seen, want, f"of queue {index}")
+
+
+@case("VU-SVB-1", level=MUST)
+def test_set_vring_base_sets_only_next_avail_index(vhost_session: Session) -> None:
+    """After SET_VRING_BASE n the back-end takes slot n next and continues used->idx."""
+    session = vhost_session
+    do_io(session, 1)  # 2 requests: avail 2, used 2
+    base = stop_now(session).bases[0]
+    q = session.queues[0]
+    vq = q.vq
+    used_gpa: int = vq.used_gpa  # type: ignore[attr-defined]
+    skipped = q.blk.read(100, 1)  # avail slot base: taken as done elsewhere (a migration)
+    taken = q.blk.read(200, 1)  # avail slot base + 1
+    vq.publish()
+    # As if slot base had completed on a source: used->idx base + 1 in guest memory and
+    # SET_VRING_BASE base + 1 (consistent, as QEMU sends them: an in-flight region agrees)
+    session.memory.write(used_gpa + 2, ((base + 1) & 0xFFFF).to_bytes(2, "little"))
+    session.start(vring_bases=[base + 1])
+    session.kick(0)
+    deadline = time.monotonic() + session.timeout
+    while vq.used_idx_in_memory() == (base + 1) & 0xFFFF and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.1)
+    used = vq.used_idx_in_memory()
+    if used != (base + 2) & 0xFFFF:
+        raise CaseFailed(
+            f"used->idx after SET_VRING_BASE {base + 1} with used->idx {base + 1} in memory "
+            "and one request available at that slot",
+            expected=base + 2, seen=used)
+    slot = (base + 1) % vq.size
+    head = int.from_bytes(session.memory.read(used_gpa + 4 + 8 * slot, 4), "little")
+    if head != taken.head:
+        raise CaseFailed(f"used ring slot {slot}: the head completed",
+                         expected=f"{taken.head} (the request at avail slot {base + 1})",
+                         seen=f"{head} (head {skipped.head} is the skipped one)")
+    q.blk.abandon(skipped.tag)
+    q.blk.abandon(taken.tag)
+    session.started = False  # the driver's used index no longer matches: no clean stop
+
+
+# --------------------------------------------------------------------------- drain
+
+
+@case("VU-GVB-3", level=MUST)
+def test_get_vring_base_drains_in_flight_io(
+    vhost_target: BackendTarget, make_session: SessionFactory, vhost_measurements: dict[str, float]
+) -> None:
+    """Without bit 20, the reply comes only after every taken request has completed."""
+    with slow_disk(vhost_target, LATENCY_MS):
+        session = make_session(vhost_target, inflight_migration=False, model=False)
+        stopped = _held_stop(session)
+        vhost_measurements["stop_latency_ms"] = round(stopped.elapsed * 1000, 3)
+        popped = stopped.bases[0]
+        if stopped.used_idx_at_reply[0] != popped:
+            raise CaseFailed(
+                f"used->idx when GET_VRING_BASE answered (stop took "
+                f"{stopped.elapsed * 1000:.0f} ms, disk latency {LATENCY_MS} ms)",
+                expected=f"{popped} (every taken request completed)",
+                seen=stopped.used_idx_at_reply[0],
+            )
+        if popped == 0:
+            raise CaseFailed(
+                "GET_VRING_BASE num with requests published and kicked",
+                expected=f"1..{HELD} (the back-end took them)",
+                seen=0,
+            )
+
+
+@case("VU-GVB-4", level=MAY)
+def test_bit_20_suspend_marks_exactly_the_outstanding_heads(
+    vhost_target: BackendTarget, make_session: SessionFactory, vhost_measurements: dict[str, float]
+) -> None:
+    """With bit 20, a reply before completion marks exactly those heads in the region."""
+    with slow_disk(vhost_target, LATENCY_MS):
+        session = make_session(vhost_target, inflight_migration=True, model=False)
+        tracker = InflightTracker(session)
+        stopped = _held_stop(session, tracker)
+        vhost_measurements["stop_latency_ms"] = round(stopped.elapsed * 1000, 3)
+        tracker.reap(0)
+        fail_on_findings(tracker.findings(stopped.bases), "in-flight region after the stop")
+
+
+# --------------------------------------------------------------------------- suspended
+
+
+@case("VU-GVB-5", level=MUST)
+def test_suspended_device_writes_nothing_and_answers(
+    vhost_session: Session, vhost_timeout: float
+) -> None:
+    """Once every ring is stopped: no guest memory writes, no signals, messages answered."""
+    session = vhost_session
+    do_io(session, 2)
+    stopped = stop_now(session)
+    # a request made available and kicked on the stopped ring must not be touched
+    late = session.queues[0].blk.read(300, 8)
+    session.queues[0].vq.publish()
+    snapshot = session.memory.snapshot()
+    session.kick(0)
+    time.sleep(0.3)
+    changed = session.memory.diff(snapshot)
+    if changed:
+        raise CaseFailed(
+            "guest memory while suspended",
+            expected="unchanged",
+            seen=f"{len(changed)} range(s) written, first at GPA {changed[0][0]:#x} "
+            f"({changed[0][1]} bytes)",
+        )
+    if session.drain_call(0):
+        raise CaseFailed("call eventfd while suspended", expected="not signalled", seen="signalled")
+    _still_answers(session, stopped.bases[0], vhost_timeout)
+    session.queues[0].blk.abandon(late.tag)
+
+
+def _still_answers(session: Session, base: int, timeout: float) -> None:
+    """GET_FEATURES, GET_CONFIG (when negotiated) and GET_VRING_BASE get their replies."""
+    reply = session.call(F.GET_FEATURES)
+    if reply is None or len(reply.payload) != 8:
+        raise CaseFailed("GET_FEATURES while suspended", expected="an 8-byte reply", seen=reply)
+    if session.has_protocol(P.CONFIG):
+        session.call(F.GET_CONFIG, Config.request(0, 8))
+    again = session.get_vring_base(0)
+    _expect_base(again, base, "asked again while suspended")
+
+
+@case("VU-SUSP-1")
+def test_no_guest_memory_writes_while_suspended(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """Guest memory snapshotted at the last reply is unchanged after the disk latency."""
+    with slow_disk(vhost_target, LATENCY_MS):
+        session = make_session(vhost_target, model=False)
+        stopped = _held_stop(session)
+        time.sleep(LATENCY_MS * HELD / 1000 + 0.15)
+        changed = session.memory.diff(stopped.snapshot)
+        if changed:
+            raise CaseFailed(
+                f"guest memory {LATENCY_MS * HELD + 150} ms after the last GET_VRING_BASE reply",
+                expected="unchanged",
+                seen=f"{len(changed)} range(s) written, first at GPA {changed[0][0]:#x} "
+                f"({changed[0][1]} bytes){_whose(session, changed[0][0], stopped.requests)}",
+            )
+
+
+def _whose(session: Session, gpa: int, requests: list[BlkRequest]) -> str:
+    vq = session.queues[0].vq
+    for r in requests:
+        for buf, n in r.data_bufs:
+            if buf <= gpa < buf + n:
+                return f": the data buffer of request {r.tag} (head {r.head})"
+        if r.status_gpa is not None and r.status_gpa == gpa:
+            return f": the status byte of request {r.tag} (head {r.head})"
+    used_gpa = getattr(vq, "used_gpa", None)
+    if isinstance(used_gpa, int) and used_gpa <= gpa < used_gpa + 6 + 8 * vq.size:
+        return ": the used ring"
+    return ""
+
+
+@case("VU-SUSP-2")
+def test_no_call_signals_while_suspended(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """No call eventfd is signalled after the last GET_VRING_BASE reply."""
+    with slow_disk(vhost_target, LATENCY_MS):
+        session = make_session(vhost_target, model=False)
+        _held_stop(session)
+        time.sleep(LATENCY_MS * HELD / 1000 + 0.15)
+        signals = session.drain_call(0)
+        if signals:
+            raise CaseFailed(
+                "call eventfd after the last GET_VRING_BASE reply",
+                expected="not signalled",
+                seen=f"signalled ({signals})",
+            )
+
+
+@case("VU-SUSP-3", requires=[P.BACKEND_REQ])
+def test_no_backend_messages_while_suspended(vhost_session: Session) -> None:
+    """Nothing arrives on the back-end channel after the last GET_VRING_BASE reply."""
+    session = vhost_session
+    do_io(session, 2)
+    stop_now(session)
+    channel = session.backend_channel
+    if channel is None:
+        raise CaseFailed("back-end channel", expected="set up by SET_BACKEND_REQ_FD", seen="none")
+    before = len(channel.messages())
+    late = session.queues[0].blk.read(300, 8)
+    session.submit(0)
+    session.kick(0)
+    time.sleep(0.3)
+    after = channel.messages()[before:]
+    if after:
+        raise CaseFailed(
+            "back-end channel while suspended",
+            expected="no message",
+            seen=", ".join(str(m.request) for m in after),
+        )
+    session.queues[0].blk.abandon(late.tag)
+
+
+@case("VU-SUSP-4")
+def test_messages_answered_while_suspended(vhost_session: Session, vhost_timeout: float) -> None:
+    """While suspended, GET_FEATURES, GET_CONFIG and GET_VRING_BASE are still answered."""
+    do_io(vhost_session, 1)
+    stopped = stop_now(vhost_session)
+    _still_answers(vhost_session, stopped.bases[0], vhost_timeout)
+
+
+@case("VU-SUSP-5")
+def test_no_late_dma_after_a_no_drain_stop(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """With bit 20, buffers of requests left in flight are not written after the reply."""
+    with slow_disk(vhost_target, LATENCY_MS):
+        session = make_session(vhost_target, inflight_migration=True, model=False)
+        stopped = _held_stop(session)
+        time.sleep(LATENCY_MS * HELD / 1000 + 0.15)
+        buffers = [(gpa, n) for r in stopped.requests for gpa, n in r.data_bufs]
+        buffers += [(r.status_gpa, 1) for r in stopped.requests if r.status_gpa is not None]
+        changed = session.memory.diff(stopped.snapshot)
+        hit = [
+            (g, n)
+            for g, n in changed
+            if any(b <= g < b + bn or g <= b < g + n for b, bn in buffers)
+        ]
+        if hit:
+            raise CaseFailed(
+                "data buffers of requests left in flight by the stop",
+                expected="not written after the GET_VRING_BASE reply",
+                seen=f"written at GPA {hit[0][0]:#x} ({hit[0][1]} bytes)",
+            )
+
+
+@case("VU-GVB-9")
+def test_late_completions_are_silent(
+    vhost_target: BackendTarget, make_session: SessionFactory, vhost_timeout: float
+) -> None:
+    """Late completions write nothing and signal nothing, even with the call fd replaced."""
+    with slow_disk(vhost_target, LATENCY_MS):
+        session = make_session(vhost_target, inflight_migration=True, model=False)
+        stopped = _held_stop(session)
+        # QEMU unbinds its guest notifiers after the stop: hand the back-end a new call fd
+        # and close ours of the old one
+        fresh = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        q = session.queues[0]
+        old, q.call_fd = q.call_fd, fresh
+        session.call(F.SET_VRING_CALL, U64(0), fds=[fresh], need_reply=session.reply_ack)
+        os.close(old)
+        time.sleep(LATENCY_MS * HELD / 1000 + 0.15)
+        changed = session.memory.diff(stopped.snapshot)
+        if changed:
+            raise CaseFailed(
+                "guest memory after late completions",
+                expected="unchanged",
+                seen=f"written at GPA {changed[0][0]:#x} ({changed[0][1]} bytes)",
+            )
+        if session.drain_call(0):
+            raise CaseFailed(
+                "call eventfd after late completions", expected="not signalled", seen="signalled"
+            )
+        _still_answers(session, stopped.bases[0], vhost_timeout)
