@@ -647,6 +647,11 @@ class CommandTarget:
                 return None
         return self._exit_status
 
+    def expect_exit(self) -> None:
+        """The case makes this run of the back-end exit on purpose (e.g. its own ``--crash-at``
+        fault injection): its death is then not a ``crash`` verdict. Reset by start()."""
+        self._stopped_by_us = True
+
     def send_signal(self, signum: signal.Signals) -> None:
         """Send a signal to the back-end process (e.g. SIGSTOP/SIGKILL in crash scenarios)."""
         if self._process is None or not self._process.alive():

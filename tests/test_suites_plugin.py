@@ -44,6 +44,28 @@ def test_not_a_case():
     assert 1 + 1 == 2
 """
 
+SUICIDAL_CASES = """
+import os
+import signal
+
+from vhost_conformance.suites.model import MUST, case
+
+META = dict(family="reconnect", level=MUST, clause="none", requirement="survives.")
+
+
+@case("VU-VENDOR-6", title="dies unannounced", **META)
+def test_dies_unannounced(vhost_target):
+    os.kill(vhost_target.pid, signal.SIGKILL)
+    vhost_target.wait_exit(5)
+
+
+@case("VU-VENDOR-7", title="dies as the case asked", **META)
+def test_dies_as_asked(vhost_target):
+    vhost_target.expect_exit()
+    os.kill(vhost_target.pid, signal.SIGKILL)
+    vhost_target.wait_exit(5)
+"""
+
 SLEEPING_CASE = """
 import time
 
@@ -144,6 +166,17 @@ def test_signal_death_is_a_crash_with_the_signal(pytester: pytest.Pytester) -> N
     case = _report(report)["VU-VENDOR-1"]
     assert case["verdict"] == "crash"
     assert "status -11" in str(case["reason"])
+
+
+def test_death_after_a_passing_case_is_a_crash_unless_expected(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_suicide=SUICIDAL_CASES)
+    report = pytester.path / "report"
+    result = _run(pytester, f"--vhost-backend-cmd={fake_command('ok')}", f"--vhost-report={report}")
+    result.assert_outcomes(passed=1, failed=1)
+    cases = _report(report)
+    assert cases["VU-VENDOR-6"]["verdict"] == "crash"
+    assert "status -9" in str(cases["VU-VENDOR-6"]["reason"])
+    assert cases["VU-VENDOR-7"]["verdict"] == "pass"
 
 
 def test_silent_backend_gives_hang_within_the_deadline(pytester: pytest.Pytester) -> None:
