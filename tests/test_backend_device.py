@@ -29,7 +29,7 @@ from vhost_conformance.frontend.protocol import (
     VringAddr,
     VringState,
 )
-from vhost_conformance.frontend.virtqueue import SplitVirtqueue
+from vhost_conformance.frontend.virtqueue import PackedVirtqueue, SplitVirtqueue
 
 F = FrontendRequest
 NEXT, WRITE, INDIRECT = 1, 2, 4
@@ -40,7 +40,12 @@ class Harness:
     """A Device plus guest memory, one split queue and its eventfds."""
 
     def __init__(
-        self, *, latency: float = 0.0, read_only: bool = False, event_idx: bool = False
+        self,
+        *,
+        latency: float = 0.0,
+        read_only: bool = False,
+        event_idx: bool = False,
+        packed: bool = False,
     ) -> None:
         self.disk = Disk.ram(1 << 20, read_only=read_only)
         self.now = 0.0
@@ -48,7 +53,12 @@ class Harness:
             BackendOptions(latency=latency, read_only=read_only), self.disk, clock=lambda: self.now
         )
         self.mem = GuestMemory.simple(4 << 20)
-        self.vq = SplitVirtqueue(self.mem, 0, QSIZE, event_idx=event_idx, indirect=True)
+        self.packed = packed
+        self.vq: SplitVirtqueue | PackedVirtqueue = (
+            PackedVirtqueue(self.mem, 0, QSIZE, event_idx=event_idx, indirect=True)
+            if packed
+            else SplitVirtqueue(self.mem, 0, QSIZE, event_idx=event_idx, indirect=True)
+        )
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.err_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.event_idx = event_idx
@@ -84,7 +94,9 @@ class Harness:
         proto = U64.decode(self.send(F.GET_PROTOCOL_FEATURES)[0].payload).value
         self.send(F.SET_PROTOCOL_FEATURES, U64(proto if protocol is None else protocol))
         self.send(F.SET_OWNER)
-        want = offered & ~(1 << VirtioFeature.RING_PACKED) & ~(1 << VirtioFeature.LOG_ALL)
+        want = offered & ~(1 << VirtioFeature.LOG_ALL)
+        if not self.packed:
+            want &= ~(1 << VirtioFeature.RING_PACKED)
         if not self.event_idx:
             want &= ~(1 << VirtioFeature.RING_EVENT_IDX)
         self.send(F.SET_FEATURES, U64(want if features is None else features))
@@ -101,7 +113,7 @@ class Harness:
         self.send(F.SET_VRING_CALL, U64(0), (self.call_fd,))
         self.send(F.SET_VRING_ERR, U64(0), (self.err_fd,))
         self.send(F.SET_VRING_NUM, VringState(0, QSIZE))
-        self.send(F.SET_VRING_BASE, VringState(0, base))
+        self.send(F.SET_VRING_BASE, VringState(0, 0x80008000 if self.packed else base))
         self.send(F.SET_VRING_ADDR, self.vq.vring_addr())
         kick = os.eventfd(0)
         self.send(F.SET_VRING_KICK, U64(0), (kick,))
@@ -549,5 +561,45 @@ def test_random_descriptor_tables_never_crash_or_hang(
         assert used <= len(heads)
         assert broken or used == len(heads)
         assert h.send(F.GET_VRING_BASE, VringState(0, 0))
+    finally:
+        h.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    descs=st.lists(
+        st.tuples(
+            st.sampled_from(["hdr", "data", "status", "unmapped", "table"]),
+            st.integers(0, 4200),
+            st.sampled_from([0, 1, 2, 3, 4, 5, 6, 0x80, 0x81, 0x82, 0x83, 0x84, 0x8000, 0x8080]),
+            st.integers(0, 0xFFFF),
+        ),
+        min_size=1,
+        max_size=QSIZE,
+    )
+)
+def test_random_packed_rings_never_crash_or_hang(descs: list[tuple[str, int, int, int]]) -> None:
+    """Packed: whatever the guest writes, turns return, completions are well-formed used
+    entries or the queue needs reset, and the control channel still answers."""
+    h = Harness(packed=True)
+    try:
+        h.connect()
+        h.start()
+        hdr = h.mem.alloc(16)
+        h.mem.write(hdr, struct.pack("<IIQ", 0, 0, 0))
+        data = h.mem.alloc(8192)
+        status = h.mem.alloc(16)
+        table = h.mem.alloc(64)
+        h.mem.write(
+            table, struct.pack("<QIHH", hdr, 16, 0, 0) + struct.pack("<QIHH", status, 1, 0, WRITE)
+        )
+        where = {"hdr": hdr, "data": data, "status": status, "unmapped": 1 << 44, "table": table}
+        for i, (kind, length, flags, bid) in enumerate(descs):
+            h.vq.write_desc(i, where[kind], length, flags, bid)
+        h.run()
+        h.run()
+        assert h.status() >= 0
+        reply = h.send(F.GET_VRING_BASE, VringState(0, 0))
+        assert len(reply) == 1 and len(reply[0].payload) == 8
     finally:
         h.close()

@@ -279,3 +279,20 @@ def test_migration_with_bit20_completes_every_request_once(tmp_path: Path, packe
     for i in range(2):
         assert data[8 * i * 512 : 8 * i * 512 + 4096] == bytes([0x40 + i]) * 4096
         assert data[(100 + 8 * i) * 512 : (101 + 8 * i) * 512] == bytes([0x50 + i]) * 512
+
+
+def test_qemu_7_2_profile_without_kick_injection(tmp_path: Path) -> None:
+    """QEMU 7.2's order (no injected kick, no STATUS messages) works too (TEST-IDEAS 13)."""
+    sock = tmp_path / "p.sock"
+    with running_backend(sock, "--ram-disk", "16M"), GuestMemory.simple(8 << 20) as memory:
+        s = _session(sock, memory, profile="qemu-7.2")
+        try:
+            s.connect()
+            s.start()
+            q = s.queues[0]
+            q.blk.write(0, b"\x11" * 512)
+            s.submit(0)
+            assert [c.status for c in q.blk.complete(s.wait_used(0, 1))] == [0]
+            assert s.stop() == [1]
+        finally:
+            s.close()
