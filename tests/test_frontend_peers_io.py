@@ -308,19 +308,20 @@ def test_qsd_random_io_verifies(
     compare_image(image, model)
 
 
-@pytest.mark.peer("qsd-11.1")
-def test_qsd_sigkill_restart_reattach(tmp_path: pathlib.Path) -> None:
-    """QEMU-TRACES (d) from the front-end library: qemu-storage-daemon 11.1 killed with
+@pytest.mark.peer("qsd")
+@pytest.mark.parametrize("version", ["7.2", "11.1"])
+def test_qsd_sigkill_restart_reattach(tmp_path: pathlib.Path, version: str) -> None:
+    """QEMU-TRACES (d) from the front-end library: qemu-storage-daemon killed with
     SIGKILL while requests are in flight, restarted on the same socket and image;
     ``Session.reattach`` replays the set-up with SET_VRING_BASE = used idx, the lost
     requests are processed again, everything completes once and verifies."""
-    need("qsd-11.1")
+    need(f"qsd-{version}")
     image = create_raw_image(tmp_path / "disk.img", QSD_DISK)
     model = ModelDisk(QSD_DISK)
     sock = tmp_path / "qsd.sock"
     rng = random.Random("reconnect")
     with eight_region_memory() as memory:
-        peer: SocketPeer = start_qsd(sock, FileDisk(image), version="11.1")
+        peer: SocketPeer = start_qsd(sock, FileDisk(image), version=version)
         s = Session(Channel.connect(sock, timeout=TIMEOUT), memory, model=model,
                     timeout=TIMEOUT)
         try:
@@ -341,7 +342,7 @@ def test_qsd_sigkill_restart_reattach(tmp_path: pathlib.Path) -> None:
             before = q.vq.used_idx_in_memory()
             assert before == work.completed[0] & 0xFFFF
             assert len(q.vq.in_flight) == 32
-            peer = start_qsd(sock, FileDisk(image), version="11.1")
+            peer = start_qsd(sock, FileDisk(image), version=version)
             s.reattach(Channel.connect(sock, timeout=TIMEOUT, trace=s.channel.trace))
             sent = [(e.name, e.payload) for e in s.channel.trace.entries()
                     if e.direction == "fe->be"]
