@@ -160,10 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except (DiskError, ValueError) as exc:
             raise _UsageError(str(exc)) from None
+        try:
+            _setup_logging(args)
+        except OSError as exc:
+            disk.close()
+            raise _UsageError(f"--log {args.log}: {exc.strerror}") from None
     except _UsageError as exc:
         print(f"vhost-conformance-backend: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(args)
     try:
         try:
             listen = _listen_socket(args)

@@ -44,6 +44,7 @@ def test_print_capabilities(capsys: pytest.CaptureFixture[str]) -> None:
         (["--fd", "0", "--ram-disk", "1M"], "--fd 0"),
         (["--socket-path", "a", "--connect", "b", "--ram-disk", "1M"], "not allowed with"),
         (["--bogus"], "unrecognized"),
+        (["--socket-path", "/tmp/x", "--ram-disk", "1M", "--log", "/nonexistent/dir/log"], "--log"),
     ],
 )
 def test_bad_usage_exits_2_with_one_line(
