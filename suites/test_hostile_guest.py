@@ -1,0 +1,1204 @@
+"""Hostile guests: descriptor chains a malicious or broken driver writes into its own rings.
+
+Family hostile-guest (VU-HOST-*) plus the property-based VU-FUZZ-2. Clauses: VIRTIO 1.3
+"Split Virtqueues" / "Packed Virtqueues" (the driver MUST NOT build such chains, so the
+device may refuse them however it likes) and vhost-user.rst "Memory region description".
+TEST-IDEAS.md row 17 (CVE-2016-5403, DSA-5833-1).
+
+What a case accepts after a hostile chain, each a distinct recorded outcome (:class:`Outcome`):
+the request completes with an error status (``ioerr``/``unsupp``) or even OK where the chain
+is merely odd, the queue stops ("device needs reset": error eventfd, config change, or the
+queue simply no longer processes), the connection is closed, or the chain is ignored. What it
+does not accept: the back-end dying (``crash``), the back-end no longer answering (``hang``),
+a device-readable buffer written by the device, or a back-end that a new connection cannot
+bring back to a working state.
+
+One back-end process serves every example of a property-based case (a fresh connection per
+example); it is restarted only after it died, and that example is a ``crash``. Examples per
+run: ``$VHOST_CONFORMANCE_EXAMPLES`` (default :data:`DEFAULT_EXAMPLES`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from vhost_conformance.frontend.blk import SECTOR_SIZE, BlkRequest, BlkStatus
+from vhost_conformance.frontend.channel import BackendClosed, BackendHang, Channel
+from vhost_conformance.frontend.device import Session
+from vhost_conformance.frontend.memory import GuestMemory
+from vhost_conformance.frontend.protocol import (
+    BackendRequest,
+    FrontendRequest,
+    VirtioFeature,
+)
+from vhost_conformance.frontend.virtqueue import (
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    PackedVirtqueue,
+    SplitVirtqueue,
+)
+from vhost_conformance.reports.model import Verdict
+from vhost_conformance.suites.model import (
+    MUST,
+    CaseFailed,
+    CaseHang,
+    CaseOutcome,
+    Unsupported,
+    case,
+)
+from vhost_conformance.suites.target import BackendTarget, Capabilities, CommandTarget
+
+NEXT = VIRTQ_DESC_F_NEXT
+WRITE = VIRTQ_DESC_F_WRITE
+INDIRECT = VIRTQ_DESC_F_INDIRECT
+
+#: Environment variable: hypothesis examples per property-based case.
+EXAMPLES_ENV = "VHOST_CONFORMANCE_EXAMPLES"
+#: Default examples per property-based case (keeps the default suite fast).
+DEFAULT_EXAMPLES = 50
+#: Seconds a property-based case may spend shrinking a failure before it reports what it has.
+SHRINK_BUDGET = 30.0
+
+#: Guest RAM of an example: region 0 for rings and request buffers (the session allocates
+#: there), region 1 a small scratch area at a fixed GPA for hand-written chains, ending where
+#: nothing is mapped (so "past the region's end" and "unmapped" are well defined).
+RAM_SIZE = 4 << 20
+SCRATCH_GPA = 0x1000_0000
+SLOT = 4096
+SLOTS = ("hdr", "data", "status", "table0", "table1")
+SCRATCH_SIZE = SLOT * len(SLOTS)
+#: How long an example waits for the back-end to react to a hostile chain.
+SETTLE = 0.25
+#: How long a well-formed request on the same queue may take before the queue counts as stopped.
+SAME_QUEUE_WAIT = 1.0
+
+
+def examples_setting(default: int = DEFAULT_EXAMPLES) -> int:
+    """Examples per property-based case: ``$VHOST_CONFORMANCE_EXAMPLES`` or ``default``."""
+    raw = os.environ.get(EXAMPLES_ENV, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise pytest.UsageError(
+            f"${EXAMPLES_ENV} must be a positive integer, got {raw!r}"
+        ) from None
+    if value < 1:
+        raise pytest.UsageError(f"${EXAMPLES_ENV} must be a positive integer, got {raw!r}")
+    return value
+
+
+class Outcome(enum.Enum):
+    """What the back-end did with a hostile chain (every one acceptable; crash/hang are not)."""
+
+    OK = "completed-ok"  # used, status OK: the chain was odd but servable
+    IOERR = "ioerr"  # used, status VIRTIO_BLK_S_IOERR
+    UNSUPP = "unsupp"  # used, status VIRTIO_BLK_S_UNSUPP
+    COMPLETED = "completed"  # used; no status byte to read in this shape
+    NEEDS_RESET = "needs-reset"  # error eventfd / config change / queue stopped
+    CLOSED = "closed"  # the back-end closed the connection
+    IGNORED = "ignored"  # nothing used, the queue still serves well-formed requests
+
+
+class BackendCrashed(CaseOutcome):
+    """The back-end process died during an example (it was restarted for the next one)."""
+
+    verdict = Verdict.CRASH
+
+
+# --------------------------------------------------------------------------- back-end health
+
+
+def process_tree_fds(pid: int) -> int | None:
+    """Open fds of ``pid`` and all its descendants (a wrapper script runs the real back-end
+    as a child: count them all); None when /proc cannot tell."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        # the comm field may contain spaces: the parent pid follows the last ')'
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) >= 2 and fields[1].isdigit():
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    total = 0
+    todo = [pid]
+    seen: set[int] = set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            total += len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            if p == pid:
+                return None
+        todo.extend(children.get(p, []))
+    return total
+
+
+def backend_fds(target: BackendTarget) -> int | None:
+    """Open fds of the back-end under test (its whole process tree), None if unknown."""
+    pid = getattr(target, "pid", None)
+    if not isinstance(pid, int):
+        return None
+    return process_tree_fds(pid)
+
+
+def died(target: BackendTarget) -> str | None:
+    """A description of the back-end's death (exit status, log tail), None while it lives."""
+    if not isinstance(target, CommandTarget):
+        return None
+    if target.alive():
+        return None
+    status = target.exit_status()
+    if target.stopped_by_us:
+        return None
+    tail = target.log_tail(12)
+    how = f"signal {-status}" if status is not None and status < 0 else f"status {status}"
+    return f"the back-end process died ({how}); log tail:\n{tail}"
+
+
+# --------------------------------------------------------------------------- a guest
+
+
+@dataclass
+class Guest:
+    """One example's front-end: guest RAM (ring region + scratch region) and a started session."""
+
+    memory: GuestMemory
+    session: Session
+    seq: int
+
+    @property
+    def vq(self) -> SplitVirtqueue | PackedVirtqueue:
+        """Queue 0's driver-side ring."""
+        vq = self.session.queues[0].vq
+        assert isinstance(vq, SplitVirtqueue | PackedVirtqueue)
+        return vq
+
+    def slot(self, name: str) -> int:
+        """GPA of scratch slot ``name``."""
+        return SCRATCH_GPA + SLOT * SLOTS.index(name)
+
+    @property
+    def scratch_end(self) -> int:
+        """First GPA after the scratch region: nothing is mapped there."""
+        return SCRATCH_GPA + SCRATCH_SIZE
+
+    def good_io(self, timeout: float) -> None:
+        """A write and a read-back of 8 sectors on queue 0 (raises CaseFailed/BackendHang)."""
+        sector = (self.seq % 512) * 8
+        data = bytes((self.seq + i) & 0xFF for i in range(8 * SECTOR_SIZE))
+        blk = self.session.queues[0].blk
+        write = blk.write(sector, data)
+        self.session.submit(0)
+        done = wait_requests(self.session, [write], timeout)
+        if done[write.tag] != BlkStatus.OK:
+            raise CaseFailed(
+                "a well-formed write after the hostile chain", expected="OK", seen=done[write.tag]
+            )
+        read = blk.read(sector, 8)
+        self.session.submit(0)
+        completions = wait_requests(self.session, [read], timeout, keep=True)
+        if (
+            completions[read.tag] != BlkStatus.OK
+            or self.memory.read(read.in_data_bufs[0][0], len(data)) != data
+        ):
+            raise CaseFailed(
+                "a well-formed read-back after the hostile chain",
+                expected="status OK and the data written",
+                seen=f"status {completions[read.tag]}",
+            )
+
+
+def wait_requests(
+    session: Session, requests: Sequence[BlkRequest], timeout: float, *, keep: bool = False
+) -> dict[int, int]:
+    """Wait until ``requests`` (queue 0) are used; tag -> status byte. BackendHang otherwise.
+    Used entries of other tokens (hostile chains) are dropped. With ``keep`` the data
+    buffers are not released (the caller reads them first)."""
+    q = session.queues[0]
+    wanted = {r.tag: r for r in requests}
+    status: dict[int, int] = {}
+    deadline = time.monotonic() + timeout
+    while len(status) < len(wanted):
+        for token, _length in session.wait_used(0, 1, timeout=min(0.05, timeout)):
+            if isinstance(token, BlkRequest) and token.tag in wanted:
+                status[token.tag] = q.blk._slots_view[32 * token.slot + 16]
+                if not keep:
+                    q.blk.complete([(token, _length)])
+        if len(status) < len(wanted) and time.monotonic() >= deadline:
+            raise BackendHang(
+                f"{len(wanted) - len(status)} well-formed request(s) not completed",
+                request_name="virtio-blk I/O",
+                timeout=timeout,
+            )
+    return status
+
+
+class Rig:
+    """A back-end reused across examples: a fresh connection (and guest) per example; a
+    back-end that died is restarted, and the example that killed it is a crash."""
+
+    def __init__(
+        self,
+        target: BackendTarget,
+        capabilities: Capabilities,
+        timeout: float,
+        *,
+        restart: bool = True,
+    ) -> None:
+        self.target = target
+        self.capabilities = capabilities
+        self.timeout = timeout
+        self.restart = restart
+        self.seq = 0
+        self.outcomes: dict[str, int] = {}
+        self.crashes = 0
+
+    def check_alive(self) -> None:
+        """Raise BackendCrashed (after restarting it, if allowed) when the back-end died."""
+        if isinstance(self.target, CommandTarget) and self.target.alive() is False:
+            self.target.wait_exit(0.5)
+        death = died(self.target)
+        if death is None:
+            return
+        self.crashes += 1
+        if self.restart:
+            self.target.restart()
+        raise BackendCrashed(death)
+
+    @contextlib.contextmanager
+    def guest(self, *, packed: bool) -> Iterator[Guest]:
+        """A started session on a fresh connection with a scratch region; the first thing it
+        does is a well-formed write/read (so every example checks the previous one's aftermath)."""
+        self.seq += 1
+        memory = GuestMemory.create([(0, RAM_SIZE), (SCRATCH_GPA, SCRATCH_SIZE)])
+        session: Session | None = None
+        try:
+            try:
+                channel = Channel(self.target.connect_socket(self.timeout))
+                session = Session(
+                    channel, memory, timeout=self.timeout, packed=packed, event_idx=True
+                )
+                session.connect()
+                session.start()
+                guest = Guest(memory, session, self.seq)
+                guest.good_io(self.timeout)
+            except (BackendClosed, BackendHang, OSError) as exc:
+                self.check_alive()
+                if isinstance(exc, BackendHang):
+                    raise CaseHang(f"a new connection after the previous example: {exc}") from None
+                raise CaseFailed(
+                    "a new connection after the previous example does not reach a working "
+                    f"state: {type(exc).__name__}: {exc}"
+                ) from None
+            yield guest
+        finally:
+            if session is not None:
+                with contextlib.suppress(Exception):
+                    session.close()
+            memory.close()
+
+    def record(self, outcome: Outcome) -> None:
+        """Count an outcome."""
+        self.outcomes[outcome.value] = self.outcomes.get(outcome.value, 0) + 1
+
+    def final_check(self) -> None:
+        """After the last example: the back-end lives and a new connection works."""
+        self.check_alive()
+        with self.guest(packed=False):
+            pass
+
+
+# --------------------------------------------------------------------------- hostile chains
+
+
+@dataclass(frozen=True)
+class Desc:
+    """A descriptor as the hostile driver writes it, with symbolic address and next.
+
+    ``addr``: a scratch slot name (``hdr``, ``data``, ``status``, ``table0``, ``table1``) plus
+    ``offset``, or ``region_end`` (8 bytes before the scratch region ends), ``unmapped`` (a GPA
+    where nothing is mapped), ``overflow`` (addr + len wraps past 2^64).
+    ``next`` (split): ``"next"`` (the following descriptor of the chain/table), ``"self"``,
+    ``"first"``, ``"oob"`` (an index beyond the table), or a position in the chain/table.
+    Packed rings ignore ``next`` (chains are sequential).
+    """
+
+    addr: str
+    length: int
+    flags: int = 0
+    offset: int = 0
+    next: str | int = "next"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A hostile submission: the chain, up to two indirect tables, the avail entry."""
+
+    chain: tuple[Desc, ...]
+    tables: tuple[tuple[Desc, ...], tuple[Desc, ...]] = ((), ())
+    #: the avail entry (split) / buffer id (packed): "chain" or an explicit u16
+    head: str | int = "chain"
+    #: how far avail->idx moves for this submission (split; > queue size = a jump)
+    avail_advance: int = 1
+    #: the head is made available this many times in a row
+    repeat: int = 1
+    #: extra kicks after publishing (a kick storm)
+    kicks: int = 1
+
+    def protected_slots(self, guest: Guest) -> set[str]:
+        """Scratch slots the device may never write: no byte of them lies in the range of any
+        descriptor with WRITE set, wherever it sits (VIRTIO 1.3 2.7.4: the device does not
+        write device-readable buffers; indirect tables are device-readable too)."""
+        ranges = [
+            (_addr(guest, d), _addr(guest, d) + (d.length & 0xFFFF_FFFF))
+            for d in (*self.chain, *self.tables[0], *self.tables[1])
+            if d.flags & WRITE
+        ]
+        protected = set()
+        for name in SLOTS:
+            lo = guest.slot(name)
+            if not any(start < lo + SLOT and lo < end for start, end in ranges):
+                protected.add(name)
+        return protected
+
+
+#: The read request header every shape points its ``hdr`` at (VIRTIO_BLK_T_IN, sector 0).
+HEADER = struct.pack("<IIQ", 0, 0, 0)
+
+_DESC = struct.Struct("<QIHH")  # split: addr, len, flags, next
+_PACKED = struct.Struct("<QIHH")  # packed: addr, len, id, flags
+
+
+def _addr(guest: Guest, d: Desc) -> int:
+    if d.addr in SLOTS:
+        return guest.slot(d.addr) + d.offset
+    if d.addr == "region_end":
+        return guest.scratch_end - 8
+    if d.addr == "unmapped":
+        return guest.scratch_end + (1 << 20)
+    if d.addr == "overflow":
+        return (1 << 64) - 8
+    raise ValueError(f"unknown symbolic address {d.addr!r}")
+
+
+def _next(spec: str | int, position: int, indices: Sequence[int], table_size: int) -> int:
+    n = len(indices)
+    if spec == "next":
+        return indices[position + 1] if position + 1 < n else 0
+    if spec == "self":
+        return indices[position]
+    if spec == "first":
+        return indices[0]
+    if spec == "oob":
+        return min(table_size + position, 0xFFFF)
+    assert isinstance(spec, int)
+    return indices[spec % n]
+
+
+def _prepare_scratch(guest: Guest, shape: Shape, packed: bool) -> None:
+    mem = guest.memory
+    mem.fill(SCRATCH_GPA, SCRATCH_SIZE, 0xA5)
+    mem.write(guest.slot("hdr"), HEADER)
+    for name, table in zip(("table0", "table1"), shape.tables, strict=True):
+        base = guest.slot(name)
+        # unused table entries: zero (addr 0 len 0 flags 0)
+        mem.write(base, bytes(SLOT))
+        positions = list(range(len(table)))
+        for i, d in enumerate(table):
+            addr = _addr(guest, d) & 0xFFFF_FFFF_FFFF_FFFF
+            length = d.length & 0xFFFF_FFFF
+            if packed:
+                mem.write(base + 16 * i, _PACKED.pack(addr, length, 0, d.flags & 0xFFFF))
+            else:
+                nxt = _next(d.next, i, positions, len(table)) & 0xFFFF
+                mem.write(base + 16 * i, _DESC.pack(addr, length, d.flags & 0xFFFF, nxt))
+
+
+@dataclass
+class Submitted:
+    """What the driver did: the token to look for in the used ring."""
+
+    token: object = field(default_factory=object)
+
+
+def submit_shape(guest: Guest, shape: Shape) -> Submitted:
+    """Write ``shape`` into queue 0's ring and scratch memory, publish it and kick."""
+    vq = guest.vq
+    packed = isinstance(vq, PackedVirtqueue)
+    _prepare_scratch(guest, shape, packed)
+    sub = Submitted()
+    n = len(shape.chain)
+    if isinstance(vq, SplitVirtqueue):
+        indices = vq.take_descriptors(n)
+        for i, d in enumerate(shape.chain):
+            nxt = _next(d.next, i, indices, vq.size)
+            vq.write_desc(
+                indices[i],
+                _addr(guest, d) & 0xFFFF_FFFF_FFFF_FFFF,
+                d.length & 0xFFFF_FFFF,
+                d.flags & 0xFFFF,
+                nxt & 0xFFFF,
+            )
+        head = indices[0] if shape.head == "chain" else int(shape.head) & 0xFFFF
+        for r in range(shape.repeat):
+            vq.push_avail(head, sub.token if r == 0 else None, chain=indices if r == 0 else ())
+        if shape.avail_advance != 1:
+            vq.set_avail_idx(vq.last_avail_idx + shape.avail_advance - shape.repeat)
+        else:
+            vq.publish()
+    else:
+        pos, wrap = vq.next_avail_idx, vq.avail_wrap_counter
+        buffer_id = (n - 1) if shape.head == "chain" else int(shape.head) & 0xFFFF
+        slots = []
+        for i in range(n):
+            slots.append(((pos + i) % vq.size, wrap ^ (1 if pos + i >= vq.size else 0)))
+        # the head's flags last (VIRTIO 1.3 2.8.21)
+        for i in reversed(range(n)):
+            d = shape.chain[i]
+            ring_index, w = slots[i]
+            bits = (1 << 7) if w else (1 << 15)
+            vq.write_desc(
+                ring_index,
+                _addr(guest, d) & 0xFFFF_FFFF_FFFF_FFFF,
+                d.length & 0xFFFF_FFFF,
+                (d.flags & 0x7) | bits,
+                buffer_id,
+            )
+        vq.push_avail(buffer_id, sub.token, slots=n)
+    for _ in range(shape.kicks):
+        guest.session.kick(0)
+    return sub
+
+
+@dataclass
+class Reaction:
+    """What the back-end did within the settle time."""
+
+    used: bool = False
+    used_len: int = 0
+    err: bool = False
+    config_change: bool = False
+    closed: bool = False
+
+
+def _socket_closed(sock: socket.socket) -> bool:
+    try:
+        data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return data == b""
+
+
+def watch(guest: Guest, sub: Submitted, settle: float) -> Reaction:
+    """Wait up to ``settle`` s for the hostile chain to be used, the error eventfd to fire, a
+    config change on the back-end channel, or the connection to close."""
+    session = guest.session
+    q = session.queues[0]
+    reaction = Reaction()
+    poller = select.poll()
+    poller.register(q.call_fd, select.POLLIN)
+    poller.register(q.err_fd, select.POLLIN)
+    poller.register(session.channel.sock.fileno(), select.POLLIN | select.POLLHUP)
+    deadline = time.monotonic() + settle
+    while True:
+        for token, length in q.vq.reap():
+            if token is sub.token:
+                reaction.used, reaction.used_len = True, length
+        with contextlib.suppress(BlockingIOError):
+            if os.eventfd_read(q.err_fd):
+                reaction.err = True
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(q.call_fd)
+        channel = session.backend_channel
+        if channel is not None and any(
+            m.request == BackendRequest.CONFIG_CHANGE_MSG for m in channel.messages()
+        ):
+            reaction.config_change = True
+        if _socket_closed(session.channel.sock):
+            reaction.closed = True
+        left = deadline - time.monotonic()
+        if reaction.used or reaction.err or reaction.closed or reaction.config_change or left <= 0:
+            return reaction
+        poller.poll(min(left, 0.02) * 1000)
+
+
+def _status_outcome(guest: Guest, shape: Shape) -> Outcome:
+    """Outcome of a used hostile chain: the status byte where virtio-blk puts it (the last
+    byte of the last device-writable buffer) when the shape has a plain one."""
+    last = [d for d in shape.chain if d.flags & WRITE and not d.flags & INDIRECT]
+    if not last or last[-1].addr != "status" or last[-1].length < 1:
+        return Outcome.COMPLETED
+    d = last[-1]
+    status = guest.memory.read(guest.slot("status") + d.offset + d.length - 1, 1)[0]
+    by_status: dict[int, Outcome] = {
+        int(BlkStatus.OK): Outcome.OK,
+        int(BlkStatus.IOERR): Outcome.IOERR,
+        int(BlkStatus.UNSUPP): Outcome.UNSUPP,
+    }
+    return by_status.get(status, Outcome.COMPLETED)
+
+
+def run_shape(rig: Rig, shape: Shape, *, packed: bool) -> Outcome:
+    """One example: a fresh guest, the hostile submission, the back-end's reaction judged.
+
+    Raises CaseFailed (device wrote a device-readable buffer), CaseHang (the back-end stopped
+    answering), BackendCrashed (it died)."""
+    try:
+        with rig.guest(packed=packed) as guest:
+            sub = submit_shape(guest, shape)
+            # the scratch content after our own writes is the reference
+            before = {s: guest.memory.read(guest.slot(s), SLOT) for s in SLOTS}
+            reaction = watch(guest, sub, SETTLE)
+            outcome = _classify(rig, guest, shape, sub, reaction)
+            for slot in shape.protected_slots(guest):
+                if guest.memory.read(guest.slot(slot), SLOT) != before[slot]:
+                    raise CaseFailed(
+                        f"the device wrote the device-readable buffer '{slot}' of a hostile "
+                        "chain (VIRTIO 1.3 2.7.4)",
+                        expected="unchanged",
+                        seen="changed bytes",
+                    )
+    except (BackendClosed, OSError) as exc:
+        rig.check_alive()
+        raise CaseFailed(f"the back-end failed the example: {type(exc).__name__}: {exc}") from None
+    except BackendHang as exc:
+        rig.check_alive()
+        if rig.restart:
+            rig.target.restart()
+        raise CaseHang(f"the back-end stopped answering after a hostile chain: {exc}") from None
+    rig.check_alive()
+    rig.record(outcome)
+    return outcome
+
+
+def _classify(rig: Rig, guest: Guest, shape: Shape, sub: Submitted, reaction: Reaction) -> Outcome:
+    if reaction.closed:
+        return Outcome.CLOSED
+    if reaction.used:
+        outcome = _status_outcome(guest, shape)
+    elif reaction.err or reaction.config_change:
+        outcome = Outcome.NEEDS_RESET
+    else:
+        # nothing visible: does the queue still serve a well-formed request?
+        try:
+            guest.good_io(SAME_QUEUE_WAIT)
+            outcome = Outcome.IGNORED
+        except (BackendHang, CaseFailed):
+            outcome = Outcome.NEEDS_RESET
+        except BackendClosed:
+            return Outcome.CLOSED
+    # the control plane still answers (or the connection was closed: that is allowed)
+    try:
+        guest.session.channel.call(FrontendRequest.GET_FEATURES, timeout=rig.timeout)
+    except BackendClosed:
+        return Outcome.CLOSED
+    return outcome
+
+
+# --------------------------------------------------------------------------- named shapes
+
+
+def _request(*middle: Desc, status: Desc | None = None) -> tuple[Desc, ...]:
+    """header (readable 16) + ``middle`` + status (writable 1), chained with NEXT."""
+    descs = [Desc("hdr", 16), *middle, status or Desc("status", 1, WRITE)]
+    return tuple(
+        Desc(d.addr, d.length, d.flags | (NEXT if i + 1 < len(descs) else 0), d.offset, d.next)
+        for i, d in enumerate(descs)
+    )
+
+
+def _table(*descs: Desc, chained: bool = True) -> tuple[Desc, ...]:
+    return tuple(
+        Desc(
+            d.addr,
+            d.length,
+            d.flags | (NEXT if chained and i + 1 < len(descs) else 0),
+            d.offset,
+            d.next,
+        )
+        for i, d in enumerate(descs)
+    )
+
+
+def _good_table() -> tuple[Desc, ...]:
+    return _table(Desc("hdr", 16), Desc("data", 512, WRITE), Desc("status", 1, WRITE))
+
+
+#: Split-ring shapes by case; each id maps to (shape name, shape) pairs run in order.
+SPLIT_SHAPES: dict[str, list[tuple[str, Shape]]] = {
+    "VU-HOST-1": [
+        (
+            "two descriptors pointing at each other",
+            Shape((Desc("hdr", 16, NEXT, next=1), Desc("data", 512, WRITE | NEXT, next="first"))),
+        ),
+        ("a descriptor pointing at itself", Shape((Desc("hdr", 16, NEXT, next="self"),))),
+    ],
+    "VU-HOST-2": [
+        (
+            "an indirect table of 2x the queue size, fully chained",
+            Shape(
+                (Desc("table0", 16 * 256, INDIRECT),),
+                (_table(*[Desc("hdr", 16)] * 255, Desc("status", 1, WRITE)), ()),
+            ),
+        ),
+    ],
+    "VU-HOST-3": [
+        (
+            "an INDIRECT descriptor inside an indirect table",
+            Shape(
+                (Desc("table0", 32, INDIRECT),),
+                (_table(Desc("hdr", 16), Desc("table1", 48, INDIRECT)), _good_table()),
+            ),
+        ),
+    ],
+    "VU-HOST-4": [
+        ("next beyond the descriptor table", Shape((Desc("hdr", 16, NEXT, next="oob"),))),
+        (
+            "next beyond an indirect table",
+            Shape(
+                (Desc("table0", 32, INDIRECT),),
+                (_table(Desc("hdr", 16, next="oob"), Desc("status", 1, WRITE)), ()),
+            ),
+        ),
+    ],
+    "VU-HOST-5": [
+        (
+            "a data buffer crossing the region's end",
+            Shape(_request(Desc("region_end", 512, WRITE))),
+        ),
+        ("a data buffer at an unmapped GPA", Shape(_request(Desc("unmapped", 512, WRITE)))),
+        (
+            "a header at an unmapped GPA",
+            Shape((Desc("unmapped", 16, NEXT), Desc("status", 1, WRITE))),
+        ),
+        (
+            "a buffer whose addr + len wraps past 2^64",
+            Shape(_request(Desc("overflow", 4096, WRITE))),
+        ),
+        ("an indirect table at an unmapped GPA", Shape((Desc("unmapped", 48, INDIRECT),))),
+        (
+            "a status byte at an unmapped GPA",
+            Shape(_request(Desc("data", 512, WRITE), status=Desc("unmapped", 1, WRITE))),
+        ),
+    ],
+    "VU-HOST-6": [
+        (
+            "avail->idx jumping by queue size + 1",
+            Shape(_request(Desc("data", 512, WRITE)), avail_advance=129),
+        ),
+        (
+            "avail->idx jumping by 0x8000",
+            Shape(_request(Desc("data", 512, WRITE)), avail_advance=0x8000),
+        ),
+    ],
+    "VU-HOST-7": [
+        (
+            "a device-writable header",
+            Shape(
+                (
+                    Desc("hdr", 16, WRITE | NEXT),
+                    Desc("data", 512, WRITE | NEXT),
+                    Desc("status", 1, WRITE),
+                )
+            ),
+        ),
+        (
+            "a device-readable status byte",
+            Shape((Desc("hdr", 16, NEXT), Desc("data", 512, WRITE | NEXT), Desc("status", 1))),
+        ),
+        (
+            "a device-readable buffer after a device-writable one",
+            Shape(
+                (
+                    Desc("hdr", 16, NEXT),
+                    Desc("data", 512, WRITE | NEXT),
+                    Desc("data", 16, NEXT, offset=1024),
+                    Desc("status", 1, WRITE),
+                )
+            ),
+        ),
+    ],
+    "VU-HOST-8": [
+        ("avail entry naming head = queue size", Shape(_request(), head=128)),
+        ("avail entry naming head 0xffff", Shape(_request(), head=0xFFFF)),
+    ],
+    "VU-HOST-9": [
+        (
+            "one head made available 4 times without waiting, 1000 kicks",
+            Shape(_request(Desc("data", 512, WRITE)), repeat=4, kicks=1000),
+        ),
+    ],
+    "VU-HOST-10": [
+        ("indirect table length 0", Shape((Desc("table0", 0, INDIRECT),), (_good_table(), ()))),
+        (
+            "indirect table length 40 (not a multiple of 16)",
+            Shape((Desc("table0", 40, INDIRECT),), (_good_table(), ())),
+        ),
+        (
+            "INDIRECT together with NEXT",
+            Shape(
+                (Desc("table0", 48, INDIRECT | NEXT, next=1), Desc("status", 1, WRITE)),
+                (_good_table(), ()),
+            ),
+        ),
+    ],
+    "VU-HOST-11": [
+        ("a zero-length data buffer", Shape(_request(Desc("data", 0, WRITE)))),
+        ("a zero-length header", Shape((Desc("hdr", 0, NEXT), Desc("status", 1, WRITE)))),
+        (
+            "a zero-length status buffer",
+            Shape(_request(Desc("data", 512, WRITE), status=Desc("status", 0, WRITE))),
+        ),
+    ],
+}
+
+#: Packed-ring shapes (packed chains are sequential: no loops, no next out of range).
+PACKED_SHAPES: dict[str, list[tuple[str, Shape]]] = {
+    "VU-HOST-2": [
+        (
+            "a chain of queue size + 1 descriptors (wrapping onto itself)",
+            Shape(tuple(Desc("hdr", 16, NEXT) for _ in range(129))),
+        ),
+    ],
+    "VU-HOST-3": SPLIT_SHAPES["VU-HOST-3"][:1],
+    "VU-HOST-5": SPLIT_SHAPES["VU-HOST-5"],
+    "VU-HOST-7": SPLIT_SHAPES["VU-HOST-7"],
+    "VU-HOST-8": [
+        ("buffer id = queue size", Shape(_request(), head=128)),
+        ("buffer id 0xffff", Shape(_request(), head=0xFFFF)),
+    ],
+    "VU-HOST-10": SPLIT_SHAPES["VU-HOST-10"][:2],
+    "VU-HOST-11": SPLIT_SHAPES["VU-HOST-11"],
+}
+
+
+def _layout(layout: str, capabilities: Capabilities) -> bool:
+    if layout == "packed":
+        if not capabilities.offers(VirtioFeature.RING_PACKED):
+            raise Unsupported(VirtioFeature.RING_PACKED)
+        return True
+    return False
+
+
+def run_named(
+    case_id: str,
+    layout: str,
+    target: BackendTarget,
+    capabilities: Capabilities,
+    timeout: float,
+    measurements: dict[str, float],
+) -> None:
+    """Run every shape of ``case_id`` for ``layout``; record each outcome; then a new
+    connection must work."""
+    packed = _layout(layout, capabilities)
+    shapes = (PACKED_SHAPES if packed else SPLIT_SHAPES).get(case_id)
+    if not shapes:
+        raise Unsupported(
+            f"a {layout} ring shape for {case_id}",
+            "packed chains are sequential: no loops or next indices",
+        )
+    rig = Rig(target, capabilities, timeout, restart=False)
+    seen: list[str] = []
+    for name, shape in shapes:
+        try:
+            outcome = run_shape(rig, shape, packed=packed)
+        except CaseOutcome as exc:
+            raise type(exc)(f"{layout} ring, {name}: {exc.reason}") from None
+        seen.append(f"{name}: {outcome.value}")
+        measurements[f"outcome.{outcome.value}"] = (
+            measurements.get(f"outcome.{outcome.value}", 0) + 1
+        )
+    rig.final_check()
+    print(f"{case_id} {layout}: " + "; ".join(seen))
+
+
+LAYOUTS = pytest.mark.parametrize("layout", ["split", "packed"])
+
+
+@case("VU-HOST-1", level=MUST)
+@LAYOUTS
+def test_descriptor_loop(
+    layout: str,
+    vhost_target: BackendTarget,
+    vhost_capabilities: Capabilities,
+    vhost_timeout: float,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """A looping chain is refused (error, needs reset, close or ignore), no crash or hang."""
+    run_named(
+        "VU-HOST-1", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
+    )
+
+
+@case("VU-HOST-2", level=MUST)
+@LAYOUTS
+def test_chain_longer_than_queue(
+    layout: str,
+    vhost_target: BackendTarget,
+    vhost_capabilities: Capabilities,
+    vhost_timeout: float,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """A chain of more descriptors than the queue holds is refused without crash or hang."""
+    if layout == "split" and not vhost_capabilities.offers(VirtioFeature.RING_INDIRECT_DESC):
+        raise Unsupported(
+            VirtioFeature.RING_INDIRECT_DESC,
+            "a split chain longer than the queue needs an indirect table",
+        )
+    run_named(
+        "VU-HOST-2", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
+    )
+
+
+@case("VU-HOST-3", level=MUST, requires=[VirtioFeature.RING_INDIRECT_DESC])
+@LAYOUTS
+def test_indirect_inside_indirect(
+    layout: str,
+    vhost_target: BackendTarget,
+    vhost_capabilities: Capabilities,
+    vhost_timeout: float,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """An INDIRECT descriptor inside an indirect table is refused without a crash."""
+    run_named(
+        "VU-HOST-3", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
+    )
+
+
+@case("VU-HOST-4", level=MUST)
+@LAYOUTS
+def test_next_out_of_range(
+    layout: str,
+    vhost_target: BackendTarget,
+    vhost_capabilities: Capabilities,
+    vhost_timeout: float,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """A next index beyond the table is refused without a crash."""
+    run_named(
+        "VU-HOST-4", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
+    )
+
+
+@case("VU-HOST-5", level=MUST)
+@LAYOUTS
+def test_buffers_outside_guest_memory(
+    layout: str,
+    vhost_target: BackendTarget,
+    vhost_capabilities: Capabilities,
+    vhost_timeout: float,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """Buffers crossing a region's end or at unmapped GPAs are refused."""
+    run_named(
+        "VU-HOST-5", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
+    )
+
+
+@case("VU-HOST-6", level=MUST)
+@LAYOUTS
+def test_avail_idx_jump(
+    layout: str,
+    vhost_target: BackendTarget,
+    vhost_capabilities: Capabilities,
+    vhost_timeout: float,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """avail->idx more than queue size ahead is refused without crash or hang."""
+    run_named(
+        "VU-HOST-6", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
+    )
+
+
+@case("VU-HOST-7", level=MUST)
+@LAYOUTS
+def test_wrong_buffer_directions(
+    layout: str,
+    vhost_target: BackendTarget,
+    vhost_capabilities: Capabilities,
+    vhost_timeout: float,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """A writable header or a readable status: error or ignored; readable buffers untouched."""
+    run_named(
+        "VU-HOST-7", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
+    )
+
+
+@case("VU-HOST-8", level=MUST)
+@LAYOUTS
+def test_head_beyond_queue(
+    layout: str,
+    vhost_target: BackendTarget,
+    vhost_capabilities: Capabilities,
+    vhost_timeout: float,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """A head (split) or buffer id (packed) at or beyond the queue size: no crash."""
+    run_named(
+        "VU-HOST-8", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
+    )
+
+
+@case("VU-HOST-9", level=MUST)
+@LAYOUTS
+def test_flood_of_submissions(
+    layout: str,
+    vhost_target: BackendTarget,
+    vhost_capabilities: Capabilities,
+    vhost_timeout: float,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """A head made available again while in flight, and a kick storm: alive and correct."""
+    run_named(
+        "VU-HOST-9", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
+    )
+
+
+@case("VU-HOST-10", level=MUST, requires=[VirtioFeature.RING_INDIRECT_DESC])
+@LAYOUTS
+def test_bad_indirect_length(
+    layout: str,
+    vhost_target: BackendTarget,
+    vhost_capabilities: Capabilities,
+    vhost_timeout: float,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """An indirect table of length 0 or not a multiple of 16 is refused without a crash."""
+    run_named(
+        "VU-HOST-10", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
+    )
+
+
+@case("VU-HOST-11", level=MUST)
+@LAYOUTS
+def test_zero_length_buffers(
+    layout: str,
+    vhost_target: BackendTarget,
+    vhost_capabilities: Capabilities,
+    vhost_timeout: float,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """Zero-length header, data or status buffers: an error or a completion, no crash."""
+    run_named(
+        "VU-HOST-11", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
+    )
+
+
+# --------------------------------------------------------------------------- property-based
+
+_ADDRS = st.sampled_from(
+    ["hdr", "data", "status", "table0", "table1", "region_end", "unmapped", "overflow"]
+)
+_LENGTHS = st.sampled_from([0, 1, 15, 16, 17, 48, 512, 4096, 0x10000, 0xFFFF_FFFF])
+_FLAGS = st.sampled_from(
+    [
+        0,
+        NEXT,
+        WRITE,
+        NEXT | WRITE,
+        INDIRECT,
+        INDIRECT | NEXT,
+        INDIRECT | WRITE,
+        NEXT | WRITE | INDIRECT,
+    ]
+)
+_NEXTS = st.one_of(st.sampled_from(["next", "next", "self", "first", "oob"]), st.integers(0, 7))
+
+
+@st.composite
+def descs(draw: st.DrawFn) -> Desc:
+    """One hostile descriptor."""
+    return Desc(
+        draw(_ADDRS),
+        draw(_LENGTHS),
+        draw(_FLAGS),
+        draw(st.sampled_from([0, 8, 4090])),
+        draw(_NEXTS),
+    )
+
+
+def _mutate(draw: st.DrawFn, d: Desc) -> Desc:
+    field_name = draw(st.sampled_from(["addr", "length", "flags", "offset", "next"]))
+    if field_name == "addr":
+        return Desc(draw(_ADDRS), d.length, d.flags, d.offset, d.next)
+    if field_name == "length":
+        return Desc(d.addr, draw(_LENGTHS), d.flags, d.offset, d.next)
+    if field_name == "flags":
+        return Desc(d.addr, d.length, draw(_FLAGS), d.offset, d.next)
+    if field_name == "offset":
+        return Desc(d.addr, d.length, d.flags, draw(st.sampled_from([8, 4090])), d.next)
+    return Desc(d.addr, d.length, d.flags, d.offset, draw(_NEXTS))
+
+
+@st.composite
+def shapes(draw: st.DrawFn, packed: bool) -> Shape:
+    """A hostile submission: either a well-formed read (direct or through an indirect table)
+    with one to three fields mutated, or a 1-6 descriptor chain of random descriptors with
+    random tables; sometimes an odd head or an avail jump (split)."""
+    if draw(st.booleans()):
+        chain = list(
+            draw(
+                st.sampled_from(
+                    [
+                        _request(Desc("data", 512, WRITE)),
+                        (Desc("table0", 48, INDIRECT),),
+                    ]
+                )
+            )
+        )
+        table0 = list(_good_table())
+        for _ in range(draw(st.integers(1, 3))):
+            where = draw(st.sampled_from(["chain", "table"]))
+            items = chain if where == "chain" else table0
+            i = draw(st.integers(0, len(items) - 1))
+            items[i] = _mutate(draw, items[i])
+        tables: tuple[tuple[Desc, ...], tuple[Desc, ...]] = (tuple(table0), _good_table())
+        chain_t = tuple(chain)
+    else:
+        chain_t = tuple(draw(st.lists(descs(), min_size=1, max_size=6)))
+        tables = (
+            tuple(draw(st.lists(descs(), max_size=5))),
+            tuple(draw(st.lists(descs(), max_size=3))),
+        )
+    chain = list(chain_t)
+    head: str | int = draw(st.sampled_from(["chain"] * 6 + [128, 0xFFFF]))
+    advance = 1 if packed else draw(st.sampled_from([1] * 8 + [129, 0x8000]))
+    return Shape(tuple(chain), tables, head, advance)
+
+
+class ShrinkBudget:
+    """Stop spending time once a failure was seen and ``seconds`` passed: later examples pass
+    untried, so hypothesis reports the smallest failure found so far."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.first_failure: float | None = None
+
+    def exhausted(self) -> bool:
+        """True once the budget after the first failure is spent."""
+        return (
+            self.first_failure is not None and time.monotonic() - self.first_failure > self.seconds
+        )
+
+    def failed(self) -> None:
+        """Note a failing example."""
+        if self.first_failure is None:
+            self.first_failure = time.monotonic()
+
+
+def fuzz_descriptor_chains(rig: Rig, examples: int, layouts: Sequence[str]) -> int:
+    """Run ``examples`` hypothesis examples of hostile chains against ``rig``; returns how many
+    ran. Failures propagate (the minimal example is printed by hypothesis)."""
+    budget = ShrinkBudget(SHRINK_BUDGET)
+    ran = 0
+
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        print_blob=True,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+    )
+    @given(data=st.data())
+    def example(data: st.DataObject) -> None:
+        nonlocal ran
+        if budget.exhausted():
+            return
+        layout = data.draw(st.sampled_from(list(layouts)), label="layout")
+        shape = data.draw(shapes(layout == "packed"), label="shape")
+        ran += 1
+        try:
+            run_shape(rig, shape, packed=layout == "packed")
+        except BaseException:
+            budget.failed()
+            raise
+
+    example()
+    return ran
+
+
+@case("VU-FUZZ-2", level=MUST)
+def test_fuzzed_descriptor_chains(
+    vhost_target: BackendTarget,
+    vhost_capabilities: Capabilities,
+    vhost_timeout: float,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """Arbitrary chains (loops, lengths, flags, addresses, heads, avail jumps; split and packed
+    where offered) never crash or hang the back-end, never make it write a device-readable
+    buffer, never leak its fds, and a new connection always works afterwards."""
+    layouts = ["split"]
+    if vhost_capabilities.offers(VirtioFeature.RING_PACKED):
+        layouts.append("packed")
+    rig = Rig(vhost_target, vhost_capabilities, vhost_timeout)
+    examples = examples_setting()
+    started = time.monotonic()
+    # warm-up example: fds after one connection are the baseline
+    with rig.guest(packed=False):
+        pass
+    fds_before = backend_fds(vhost_target)
+    try:
+        ran = fuzz_descriptor_chains(rig, examples, layouts)
+        rig.final_check()
+    finally:
+        vhost_measurements["examples"] = float(rig.seq)
+        vhost_measurements["seconds"] = round(time.monotonic() - started, 2)
+        for name, count in rig.outcomes.items():
+            vhost_measurements[f"outcome.{name}"] = float(count)
+    fds_after = backend_fds(vhost_target)
+    vhost_measurements["examples"] = float(ran)
+    if fds_before is not None and fds_after is not None:
+        vhost_measurements["fds.before"] = float(fds_before)
+        vhost_measurements["fds.after"] = float(fds_after)
+        if fds_after > fds_before + 16:
+            raise CaseFailed(
+                f"the back-end's open fds grew over {ran} hostile examples (a leak)",
+                expected=f"<= {fds_before + 16}",
+                seen=fds_after,
+            )
+    print(f"VU-FUZZ-2: {ran} examples ({', '.join(layouts)}): {rig.outcomes}")
+
+
+__all__ = [
+    "DEFAULT_EXAMPLES",
+    "EXAMPLES_ENV",
+    "BackendCrashed",
+    "Outcome",
+    "Rig",
+    "Shape",
+    "backend_fds",
+    "died",
+    "examples_setting",
+    "process_tree_fds",
+    "run_shape",
+]
