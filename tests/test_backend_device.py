@@ -603,3 +603,25 @@ def test_random_packed_rings_never_crash_or_hang(descs: list[tuple[str, int, int
         assert len(reply) == 1 and len(reply[0].payload) == 8
     finally:
         h.close()
+
+
+def test_fail_rate_injects_ioerr_reproducibly() -> None:
+    from vhost_conformance.backend.faults import Faults
+
+    statuses = []
+    for _ in range(2):
+        h = Harness()
+        h.dev.faults = Faults(fail_rate=0.5, seed=7)
+        try:
+            h.connect()
+            h.start()
+            got = []
+            for _i in range(8):
+                _head, status = h.request(0, 0, in_len=512)
+                h.run()
+                got.append(h.mem.read(status, 1)[0])
+            statuses.append(got)
+        finally:
+            h.close()
+    assert statuses[0] == statuses[1]
+    assert set(statuses[0]) == {0, 1}
