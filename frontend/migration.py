@@ -113,12 +113,13 @@ class StopResult:
         return sum(self.get_vring_base_seconds)
 
 
-def stop_like_qemu(session: Session, *, on_last_reply: Callable[[], None] | None = None
-                   ) -> StopResult:
+def stop_like_qemu(session: Session, *, on_last_reply: Callable[[], None] | None = None,
+                   before_get_vring_base: Callable[[], None] | None = None) -> StopResult:
     """vhost_user_blk_stop (SPEC-DIGEST 4.4; QEMU-TRACES (c), (e)): SET_VRING_ENABLE 0 for every
     queue, GET_VRING_BASE for every queue, SET_STATUS 0 when STATUS was negotiated.
     ``on_last_reply`` runs right after the last GET_VRING_BASE reply (the suspended-state
-    snapshot belongs there), before SET_STATUS."""
+    snapshot belongs there), before SET_STATUS; ``before_get_vring_base`` right before the
+    first GET_VRING_BASE (after the SET_VRING_ENABLE 0 replies)."""
     if not session.started:
         raise MigrationError("stop_like_qemu() on a session that is not started")
     t0 = time.monotonic()
@@ -127,6 +128,8 @@ def stop_like_qemu(session: Session, *, on_last_reply: Callable[[], None] | None
             session.set_vring_enable(q.index, False)
     bases: list[int] = []
     rtts: list[float] = []
+    if before_get_vring_base is not None:
+        before_get_vring_base()
     for q in session.queues:
         t = time.monotonic()
         bases.append(session.get_vring_base(q.index))
