@@ -616,7 +616,7 @@ def test_fail_rate_injects_ioerr_reproducibly() -> None:
             h.connect()
             h.start()
             got = []
-            for _i in range(8):
+            for _i in range(5):
                 _head, status = h.request(0, 0, in_len=512)
                 h.run()
                 got.append(h.mem.read(status, 1)[0])
