@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import array
 import os
+import signal
 import socket
 import struct
 import time
@@ -16,6 +17,7 @@ from vhost_conformance.frontend.channel import Channel
 from vhost_conformance.frontend.device import InflightHandle, Session
 from vhost_conformance.frontend.memory import GuestMemory
 from vhost_conformance.frontend.protocol import (
+    Config,
     FrontendRequest,
     ProtocolFeature,
     has,
@@ -294,5 +296,34 @@ def test_qemu_7_2_profile_without_kick_injection(tmp_path: Path) -> None:
             s.submit(0)
             assert [c.status for c in q.blk.complete(s.wait_used(0, 1))] == [0]
             assert s.stop() == [1]
+        finally:
+            s.close()
+
+
+def test_sigusr1_sends_config_change_unless_suspended(tmp_path: Path) -> None:
+    """BACKEND_CONFIG_CHANGE_MSG on the back-end channel (after re-reading the disk size);
+    none once every ring is stopped (vhost-user.rst "Suspended device state")."""
+    sock = tmp_path / "u.sock"
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(DISK))
+    with running_backend(sock, "--disk", str(disk)) as proc, GuestMemory.simple(8 << 20) as memory:
+        s = _session(sock, memory)
+        try:
+            s.connect()
+            s.start()
+            assert s.backend_channel is not None
+            with open(disk, "ab") as f:
+                f.truncate(2 * DISK)
+            proc.send_signal(signal.SIGUSR1)
+            msg = s.backend_channel.wait_for(lambda m: m.request == 2, timeout=5.0)
+            assert msg.flags == 0x1 and msg.payload == b""
+            reply = s.call(FrontendRequest.GET_CONFIG, Config.request(0, 8))
+            assert reply is not None
+            assert struct.unpack("<Q", Config.decode(reply.payload).data)[0] == 2 * DISK // 512
+            s.stop()
+            count = len(s.backend_channel.messages())
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.3)
+            assert len(s.backend_channel.messages()) == count
         finally:
             s.close()
