@@ -419,8 +419,8 @@ def test_dpdk_packed(tmp_path: pathlib.Path) -> None:
     """Packed ring through the DPDK example, which offers RING_PACKED. Seen with 22.11: no
     descriptor is ever used. The example's new_device() tests INFLIGHT_SHMFD (protocol bit
     12) in the *virtio* features, so it never splits the wrap counters out of the
-    SET_VRING_BASE value: it polls ring index 0x8000 with avail wrap counter 0 (VIRTIO 1.x
-    2.8.1: the counters start at 1). Recorded as xfail with what was observed; a fixed
+    SET_VRING_BASE value (0x80008000 for a fresh ring): its avail wrap counter stays 0 while
+    VIRTIO 1.x 2.8.1 starts it at 1, and its ring index keeps the wrap bit (0x8000). Recorded as xfail with what was observed; a fixed
     example makes this test pass (or fail on wrong data)."""
     model = ModelDisk(DPDK_DISK)
     with dpdk_session(tmp_path, packed=True, model=model) as (peer, s):
