@@ -348,6 +348,23 @@ class VhostRun:
 
     # -- hooks -----------------------------------------------------------------------
 
+    def pytest_report_header(self, config: pytest.Config) -> str | None:
+        """Name the back-end under test, when the options chose one (quiet otherwise)."""
+        if not any(
+            _option(config, name)
+            for name in (
+                "vhost_backend",
+                "vhost_profile",
+                "vhost_backend_cmd",
+                "vhost_backend_socket",
+            )
+        ):
+            return None
+        where = self.profile.source if self.profile is not None else "external socket"
+        mode = self.profile.socket_mode if self.profile is not None else "listen"
+        strict = ", strict" if self.strict else ""
+        return f"vhost-conformance: back-end {self.backend_name} ({where}; it {mode}s{strict})"
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         """For a case: check what it needs (features, slow I/O, ...) before any fixture runs."""

@@ -222,6 +222,9 @@ def test_pass_unsupported_and_non_strict(pytester: pytest.Pytester) -> None:
     )
     result.assert_outcomes(passed=3, skipped=1, warnings=1)
     result.stdout.fnmatch_lines(
+        ["vhost-conformance: back-end command (--vhost-backend-cmd; it listens)"]
+    )
+    result.stdout.fnmatch_lines(
         ["*unsupported: the back-end does not offer protocol feature INFLIGHT_SHMFD (bit 12)*"]
     )
     cases = _report(report)
@@ -321,6 +324,7 @@ def test_unrelated_runs_are_not_disturbed(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_plain="def test_one():\n    assert True\n")
     result = _run(pytester)
     result.assert_outcomes(passed=1)
+    assert "vhost-conformance:" not in result.stdout.str()
     assert not (pytester.path / "report").exists()
 
 
