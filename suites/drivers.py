@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import struct
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -132,14 +133,17 @@ def open_session(
     """Connect to ``target`` and run QEMU's init (and start, unless ``start=False``).
 
     ``options`` go to :class:`Session` (``profile``, ``num_queues``, ``queue_size``,
-    ``packed``, ``event_idx``, ``indirect``, ``inflight_migration``). With ``model`` every
+    ``packed``, ``event_idx``, ``indirect``, ``inflight_migration``), except
+    ``strip_protocol``: protocol features not to negotiate even when offered. With ``model`` every
     queue's driver checks reads against one ``ModelDisk`` sized from the config capacity.
     The caller closes the session (the ``make_session`` fixture does).
     """
+    strip = tuple(options.pop("strip_protocol", ()))
     channel = Channel(target.connect_socket(timeout))
     session = Session(channel, memory, timeout=timeout, **options)
     try:
-        session.connect()
+        with _protocol_mask_without(strip):
+            session.connect()
         if model:
             disk = ModelDisk(capacity_of(session))
             session.model = disk
@@ -151,6 +155,26 @@ def open_session(
         session.close()
         raise
     return session
+
+
+@contextlib.contextmanager
+def _protocol_mask_without(bits: Sequence[ProtocolFeature]) -> Iterator[None]:
+    """Connect as a QEMU that does not know ``bits`` (its VHOST_USER_PROTOCOL_F_MAX mask,
+    hw/virtio/vhost-user.c): the session's connect masks the offer with device.py's mask."""
+    if not bits:
+        yield
+        return
+    from vhost_conformance.frontend import device
+
+    saved = device.QEMU_PROTOCOL_MASK
+    mask = saved
+    for bit in bits:
+        mask &= ~(1 << bit)
+    device.QEMU_PROTOCOL_MASK = mask
+    try:
+        yield
+    finally:
+        device.QEMU_PROTOCOL_MASK = saved
 
 
 def close_session(session: Session, *, stop: bool = True) -> None:
@@ -518,6 +542,37 @@ def require_command(target: BackendTarget) -> CommandTarget:
     if not isinstance(target, CommandTarget) or target.profile.command is None:
         raise Unsupported("a back-end command", "the suite does not run this back-end itself")
     return target
+
+
+def io_at(session: Session, kind: str, sector: int, data_gpa: int, length: int, *,
+          scratch_gpa: int, queue: int = 0, timeout: float | None = None) -> int:
+    """One ``read``/``write`` whose data buffer is at ``data_gpa`` and whose header and status
+    byte are at ``scratch_gpa`` (+0, +16): for cases that place buffers in a chosen region.
+    Returns the status byte (0xff: not written). Direct descriptors, waited for."""
+    request_type = 1 if kind == "write" else 0  # VIRTIO_BLK_T_OUT / VIRTIO_BLK_T_IN
+    session.memory.write(scratch_gpa, struct.pack("<IIQ", request_type, 0, sector))
+    session.memory.write(scratch_gpa + 16, b"\xff")
+    header, data, status = (scratch_gpa, 16), (data_gpa, length), (scratch_gpa + 16, 1)
+    token = object()
+    vq = session.queues[queue].vq
+    if kind == "write":
+        vq.add([header, data], [status], token, indirect=False)
+    else:
+        vq.add([header], [data, status], token, indirect=False)
+    session.submit(queue)
+    limit = session.timeout if timeout is None else timeout
+    deadline = time.monotonic() + limit
+    while True:
+        used = vq.reap()
+        if any(t is token for t, _ in used):
+            break
+        # completions of the queue's own driver that arrived meanwhile go back to it
+        session.queues[queue].blk.complete(used)
+        if time.monotonic() > deadline:
+            raise BackendHang(f"{kind} at GPA {data_gpa:#x} not completed",
+                              request_name="virtio-blk I/O", timeout=limit)
+        time.sleep(0.002)
+    return session.memory.read(scratch_gpa + 16, 1)[0]
 
 
 # --------------------------------------------------------------------------- stopping

@@ -1,0 +1,99 @@
+"""Dirty page logging: what the back-end writes while a migration runs is marked in the log.
+
+Family: migration (VU-LOG-*). Clause: vhost-user.rst (QEMU 11.1.3) "Migration" (the log is a
+bitmap of 4 KiB pages, bit ``p % 8`` of byte ``p / 8``; used-ring writes are logged at
+``log_guest_addr`` when VHOST_VRING_F_LOG is set). Logging starts as QEMU 11.1.3 starts it in
+a running session: SET_LOG_BASE, SET_FEATURES(+LOG_ALL), SET_VRING_ADDR(F_LOG)
+(QEMU-TRACES.md correction 3).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from vhost_conformance.frontend.blk import SECTOR_SIZE, BlkRequest
+from vhost_conformance.frontend.device import Session
+from vhost_conformance.frontend.memory import LOG_PAGE_SIZE, DirtyLog
+from vhost_conformance.suites.drivers import (
+    expect_status,
+    pattern,
+    stop_now,
+    wait_all,
+)
+from vhost_conformance.suites.model import MUST, CaseFailed, case
+
+
+@pytest.fixture
+def dirty_log(vhost_session: Session) -> Iterator[DirtyLog]:
+    """A log for the session's memory, handed over the way QEMU 11.1.3 starts logging."""
+    log = DirtyLog.for_memory(vhost_session.memory)
+    try:
+        vhost_session.set_log_base(log.fd, log.mmap_size)
+        yield log
+    finally:
+        log.close()
+
+
+def _pages(gpa: int, n: int) -> set[int]:
+    return set(range(gpa // LOG_PAGE_SIZE, (gpa + n - 1) // LOG_PAGE_SIZE + 1))
+
+
+def _written_pages(session: Session, requests: list[BlkRequest]) -> dict[int, str]:
+    """Pages the device must have written: read buffers, status bytes, the used ring."""
+    pages: dict[int, str] = {}
+    for r in requests:
+        for gpa, n in r.in_data_bufs:
+            for page in _pages(gpa, n):
+                pages.setdefault(page, f"read buffer of request {r.tag}")
+        if r.status_gpa is not None:
+            pages.setdefault(r.status_gpa // LOG_PAGE_SIZE, f"status byte of request {r.tag}")
+    vq = session.queues[0].vq
+    used_gpa = getattr(vq, "used_gpa", None)
+    if isinstance(used_gpa, int):
+        # used->idx and the first used elements written (split used ring)
+        for page in _pages(used_gpa, 4 + 8 * len(requests)):
+            pages.setdefault(page, "used ring")
+    return pages
+
+
+@case("VU-LOG-1", level=MUST)
+def test_every_device_write_is_logged(vhost_session: Session, dirty_log: DirtyLog) -> None:
+    """With LOG_ALL and a shared log, every used-ring and data-buffer write is marked."""
+    session = vhost_session
+    blk = session.queues[0].blk
+    requests = [blk.write(64, pattern(70, 8 * SECTOR_SIZE))]
+    requests += [blk.read(64, 8), blk.read(2048, 16, segments=3)]
+    session.submit(0)
+    expect_status(wait_all(session, requests), what="request while logging")
+    time.sleep(0.02)
+    dirty = dirty_log.dirty_pages()
+    missing = {p: why for p, why in _written_pages(session, requests).items() if p not in dirty}
+    if missing:
+        page, why = sorted(missing.items())[0]
+        raise CaseFailed(
+            f"dirty log bit of page {page} (GPA {page * LOG_PAGE_SIZE:#x}, {why}) at byte "
+            f"{page // 8} bit {page % 8}", expected="set", seen=f"clear ({len(missing)} "
+            f"page(s) missing; {len(dirty)} marked)")
+
+
+@case("VU-LOG-2", level=MUST)
+def test_no_log_updates_after_stop(vhost_session: Session, dirty_log: DirtyLog) -> None:
+    """After GET_VRING_BASE on the source the dirty log does not change."""
+    session = vhost_session
+    blk = session.queues[0].blk
+    first = blk.read(0, 8)
+    session.submit(0)
+    expect_status(wait_all(session, [first]), what="read while logging")
+    stop_now(session)
+    dirty_log.clear()
+    late = blk.read(8, 8)
+    session.queues[0].vq.publish()
+    session.kick(0)
+    time.sleep(0.3)
+    dirty = dirty_log.dirty_pages()
+    if dirty:
+        raise CaseFailed("dirty log after the last GET_VRING_BASE reply", expected="unchanged",
+                         seen=f"{len(dirty)} page(s) marked, first {min(dirty)}")
+    blk.abandon(late.tag)

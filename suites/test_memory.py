@@ -1,0 +1,254 @@
+"""Guest memory cases: memory tables, memory slots, region offsets and removal.
+
+Family: memory (VU-FD-2..4, VU-MEM-*). Clauses: vhost-user.rst (QEMU 11.1.3) "Memory region
+description", "Front-end message types: SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG /
+GET_MAX_MEM_SLOTS", "Back-end communication". Buffers are placed in chosen regions with
+``io_at`` so that every region is read and written through its own translation.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from vhost_conformance.frontend.channel import BackendClosed
+from vhost_conformance.frontend.device import Session
+from vhost_conformance.frontend.memory import GuestMemory, GuestRegion
+from vhost_conformance.frontend.protocol import (
+    FrontendRequest,
+    MemoryTable,
+    ProtocolFeature,
+    SingleMemoryRegion,
+)
+from vhost_conformance.suites.drivers import (
+    SessionFactory,
+    do_io,
+    fd_count,
+    io_at,
+    kick_and_enable,
+    partial_start,
+    pattern,
+    require_command,
+    stop_now,
+)
+from vhost_conformance.suites.model import MUST, CaseFailed, Unsupported, case
+from vhost_conformance.suites.target import BackendTarget, Capabilities
+
+F = FrontendRequest
+P = ProtocolFeature
+
+#: Bytes at the end of each region that the cases use for their own buffers (the session's
+#: allocator fills regions from their start).
+TAIL = 64 << 10
+
+
+def _tail(region: GuestRegion) -> int:
+    return region.guest_phys_addr + region.memory_size - TAIL
+
+
+def _round_trip(session: Session, write_in: GuestRegion, read_in: GuestRegion,
+                sector: int, seed: int) -> None:
+    """Write 4 KiB from a buffer in ``write_in``, read it into a buffer in ``read_in``."""
+    data = pattern(seed, 4096)
+    source, target = _tail(write_in), _tail(read_in) + 8192
+    session.memory.write(source, data)
+    session.memory.fill(target, 4096, 0)
+    status = io_at(session, "write", sector, source, 4096, scratch_gpa=_tail(write_in) + 4096)
+    if status != 0:
+        raise CaseFailed(f"write from GPA {source:#x} (region {write_in.describe()}) status",
+                         expected=0, seen=status)
+    status = io_at(session, "read", sector, target, 4096, scratch_gpa=_tail(read_in) + 4096)
+    if status != 0:
+        raise CaseFailed(f"read into GPA {target:#x} (region {read_in.describe()}) status",
+                         expected=0, seen=status)
+    seen = session.memory.read(target, 4096)
+    if seen != data:
+        first = next(i for i in range(4096) if seen[i] != data[i])
+        raise CaseFailed(
+            f"data read into GPA {target:#x} (region {read_in.describe()}, mmap_offset "
+            f"{read_in.mmap_offset:#x}) after a write from region {write_in.describe()}",
+            expected=f"the 4096 bytes written (byte {first} = {data[first]:#x})",
+            seen=f"byte {first} = {seen[first]:#x}")
+
+
+def _all_regions(session: Session, base_sector: int) -> None:
+    regions = session.memory.regions
+    for i, region in enumerate(regions):
+        _round_trip(session, region, regions[(i + 1) % len(regions)], base_sector + 8 * i, i)
+
+
+@case("VU-FD-2", level=MUST)
+def test_set_mem_table_up_to_8_regions(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """SET_MEM_TABLE with 1 to 8 regions and one fd each is accepted and used for I/O."""
+    for count in (1, 8):
+        memory = make_session.memory(8 << 20 if count == 1 else 16 << 20, regions=count)
+        # SET_MEM_TABLE is what a front-end without CONFIGURE_MEM_SLOTS sends
+        session = make_session(vhost_target, memory=memory,
+                               strip_protocol=[P.CONFIGURE_MEM_SLOTS])
+        _all_regions(session, 512 * count)
+        session.stop()
+        session.close()
+
+
+@case("VU-MEM-4", level=MUST)
+def test_regions_with_offsets_and_holes(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """Regions with mmap_offset, a user address unlike the GPA, and gaps between them."""
+    memory = make_session.memory(16 << 20, regions=4, hole=3 << 20, mmap_offset=0x21000)
+    session = make_session(vhost_target, memory=memory)
+    for region in memory.regions:
+        if region.userspace_addr == region.guest_phys_addr:
+            raise AssertionError("the suite's memory layout must differ GPA from HVA")
+    _all_regions(session, 4096)
+
+
+@case("VU-MEM-7", level=MUST)
+def test_add_mem_reg_as_qemu_sends_it(vhost_session: Session) -> None:
+    """A start with ADD_MEM_REG (NEED_REPLY) instead of SET_MEM_TABLE works."""
+    do_io(vhost_session, 2)
+
+
+@case("VU-MEM-5", level=MUST)
+def test_memory_slots_beyond_8(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """8 regions by SET_MEM_TABLE, a 9th by ADD_MEM_REG, then up to GET_MAX_MEM_SLOTS."""
+    memory = make_session.memory(16 << 20, regions=8)
+    session = make_session(vhost_target, memory=memory, start=False)
+    slots = session.negotiated.max_mem_slots or 0
+    if slots < 9:
+        raise CaseFailed("GET_MAX_MEM_SLOTS with CONFIGURE_MEM_SLOTS", expected=">= 9",
+                         seen=slots)
+    session.set_features(session.driver_features())
+    session.call(F.SET_MEM_TABLE, MemoryTable(tuple(memory.memory_regions())),
+                 fds=memory.fds(), need_reply=session.reply_ack)
+    session._mem_sent = True  # the session must not send the table again
+    session.start()
+    gpa = memory.highest_gpa + (1 << 20)
+    added: list[GuestRegion] = []
+    for _ in range(slots - 8):
+        region = memory.add_region(gpa, 256 << 10)
+        session.call(F.ADD_MEM_REG, SingleMemoryRegion(memory.memory_regions()[-1]),
+                     fds=[region.fd], need_reply=session.reply_ack)
+        added.append(region)
+        gpa += 512 << 10
+    first, ninth, last = memory.regions[0], added[0], added[-1]
+    _round_trip(session, first, ninth, 100, 1)
+    _round_trip(session, ninth, last, 200, 2)
+    _round_trip(session, last, first, 300, 3)
+
+
+@case("VU-MEM-6", level=MUST)
+def test_rem_mem_reg_of_a_region_in_use(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """Removing a region a queued descriptor points into ends in an error or a safe
+    completion, never a crash."""
+    memory = make_session.memory(8 << 20, regions=2)
+    session = make_session(vhost_target, memory=memory)
+    do_io(session, 1)
+    base = stop_now(session).bases[0]
+    doomed = memory.regions[1]
+    scratch = _tail(memory.regions[0])
+    vq = session.queues[0].vq
+    session.memory.write(scratch, (0).to_bytes(16, "little"))  # IN, sector 0
+    session.memory.write(scratch + 16, b"\xff")
+    vq.add([(scratch, 16)], [(_tail(doomed), 4096), (scratch + 16, 1)], object(),
+           indirect=False)
+    vq.publish()
+    description = SingleMemoryRegion(memory.memory_regions()[1])
+    session.call(F.REM_MEM_REG, description, need_reply=session.reply_ack)
+    memory.remove_region(doomed.guest_phys_addr, close=False)
+    closed = False
+    try:
+        session.start(vring_bases=[base])
+        session.kick(0)
+        time.sleep(0.3)
+        session.call(F.GET_FEATURES)
+    except BackendClosed:
+        closed = True  # refusing the guest by dropping the connection is an error path too
+    finally:
+        doomed.close()
+        session.started = False
+    time.sleep(0.1)
+    if not vhost_target.alive():
+        raise CaseFailed("back-end after a request into a removed region",
+                         expected="alive", seen=f"exited ({vhost_target.exit_status()})")
+    if closed:
+        # the process lives: a new connection must still work
+        make_session(vhost_target).call(F.GET_FEATURES)
+        return
+    status = session.memory.read(scratch + 16, 1)[0]
+    if status == 0:
+        raise CaseFailed("status of a read into a removed region",
+                         expected="IOERR, no completion, a stopped ring or a closed "
+                         "connection", seen="OK")
+
+
+@case("VU-MEM-2", level=MUST)
+def test_gpa_addresses(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
+    """With GPA_ADDRESSES, user address = guest address and ring addresses as GPAs work."""
+    memory = GuestMemory()
+    make_session.memories.append(memory)
+    memory.add_region(1 << 30, 8 << 20, userspace_addr=1 << 30)
+    session = make_session(vhost_target, memory=memory, start=False)
+    if not session.has_protocol(P.GPA_ADDRESSES):
+        raise Unsupported(P.GPA_ADDRESSES)
+    partial_start(session)
+    kick_and_enable(session)
+    do_io(session, 2)
+
+
+@case("VU-FD-3", level=MUST)
+def test_backend_channel_fds(vhost_session: Session) -> None:
+    """Back-end channel messages carry at most 8 fds, and only with BACKEND_SEND_FD."""
+    do_io(vhost_session, 4)
+    stop_now(vhost_session)
+    channel = vhost_session.backend_channel
+    if channel is None:
+        raise Unsupported(P.BACKEND_REQ, "no back-end channel was set up")
+    send_fd = vhost_session.has_protocol(P.BACKEND_SEND_FD)
+    for message in channel.messages():
+        if len(message.fds) > 8 or (message.fds and not send_fd):
+            raise CaseFailed(f"back-end channel message {message.request} fds",
+                             expected="<= 8" if send_fd else "none (BACKEND_SEND_FD not "
+                             "negotiated)", seen=len(message.fds))
+
+
+@case("VU-FD-4", level=MUST)
+def test_rem_mem_reg_fds_are_closed(
+    vhost_target: BackendTarget, make_session: SessionFactory, vhost_capabilities: Capabilities
+) -> None:
+    """An fd sent with REM_MEM_REG is closed: the back-end's fd count does not grow."""
+    require_command(vhost_target)
+    session = make_session(vhost_target)
+    memory = session.memory
+    session.call(F.GET_FEATURES)
+    before = fd_count(vhost_target)
+    if before is None:
+        raise Unsupported("a back-end process id", "cannot count the back-end's fds")
+    gpa = memory.highest_gpa + (1 << 20)
+    for _ in range(16):
+        region = memory.add_region(gpa, 64 << 10)
+        description = SingleMemoryRegion(memory.memory_regions()[-1])
+        session.call(F.ADD_MEM_REG, description, fds=[region.fd],
+                     need_reply=session.reply_ack)
+        spare = os.dup(region.fd)
+        try:
+            session.channel.send(F.REM_MEM_REG, description, fds=[spare],
+                                 need_reply=session.reply_ack)
+            if session.reply_ack:
+                session.channel.recv(session.timeout, awaiting="REM_MEM_REG",
+                                     close_surplus_fds=True)
+        finally:
+            os.close(spare)
+        memory.remove_region(gpa)
+    session.call(F.GET_FEATURES)
+    after = fd_count(vhost_target)
+    if after is not None and after > before:
+        raise CaseFailed("back-end fds after 16 ADD_MEM_REG + REM_MEM_REG (with an fd)",
+                         expected=f"<= {before}", seen=after)
+    do_io(session, 1)
