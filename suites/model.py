@@ -359,6 +359,8 @@ def defined_cases(functions: Iterable[object]) -> dict[str, Case]:
         meta = case_of(function)
         if meta is None:
             continue
+        if meta.id in found and owners[meta.id] is function:
+            continue  # the same function seen again (imported by another module)
         if meta.id in found:
             raise CatalogueMismatch(
                 f"case {meta.id} is defined twice: {owners[meta.id]!r} and {function!r}"
