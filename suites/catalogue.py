@@ -19,7 +19,7 @@ from vhost_conformance.frontend.protocol import BlkFeature as B
 from vhost_conformance.frontend.protocol import ProtocolFeature as P
 from vhost_conformance.frontend.protocol import VirtioFeature as V
 from vhost_conformance.reports.model import Level
-from vhost_conformance.suites.model import FAMILIES, MAY, MUST, SHOULD, Case, sort_key
+from vhost_conformance.suites.model import FAMILIES, INFO, MAY, MUST, SHOULD, Case, sort_key
 from vhost_conformance.suites.target import Feature, feature_label
 
 RST = "vhost-user.rst (QEMU 11.1.3)"
@@ -739,6 +739,7 @@ _CASES: list[Case] = [
         f"{RST} Inflight I/O tracking; Front-end message types: GET_VRING_BASE",
         "A destination given the migrated region by SET_INFLIGHT_FD and the migrated SET_VRING_BASE completes every suspended request once.",
         requires=[P.INFLIGHT_SHMFD, P.GET_VRING_BASE_INFLIGHT],
+        needs=["slow-io"],
     ),
     _c(
         "VU-MIG-4",
@@ -777,6 +778,15 @@ _CASES: list[Case] = [
         f"{RST} Migration",
         "SET_LOG_BASE, SET_FEATURES(+LOG_ALL) and SET_VRING_ADDR(F_LOG) mid-session, as QEMU 11.1.3 sends them with NEED_REPLY, are each acked and I/O continues.",
         requires=[P.LOG_SHMFD, P.REPLY_ACK, V.LOG_ALL],
+    ),
+    _c(
+        "VU-MIG-8",
+        "Stop latency and downtime, drain vs no-drain",
+        "migration",
+        INFO,
+        f"{RST} Front-end message types: GET_VRING_BASE",
+        "Measured, not judged: the GET_VRING_BASE round trip and the migration downtime with requests held on a slow disk, draining and (with bit 20) suspending; every held request still completes once.",
+        needs=["slow-io"],
     ),
     # ---------------------------------------------------------------- double submission
     _c(

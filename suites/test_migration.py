@@ -1,0 +1,286 @@
+"""Live migration as QEMU 11.1.3 drives it: source stop, in-flight region through the
+``vhost-user-blk/inflight`` subsection, destination start (frontend/migration.py).
+
+Family: migration (VU-MIG-*). Clauses: vhost-user.rst (QEMU 11.1.3) "Inflight I/O tracking",
+"Front-end message types: GET_VRING_BASE", "Migration". The destination is a second instance
+of the back-end under test, on the same disk image when the profile says two instances can
+share one (``shares_disk``). Slow-disk cases hold :data:`HELD` requests in flight for
+:data:`LATENCY_MS` each. The scenario drivers below are shared with the double-submission
+and reconnect families.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from vhost_conformance.frontend.accounting import AccountingFinding, Ledger
+from vhost_conformance.frontend.blk import SECTOR_SIZE, BlkRequest
+from vhost_conformance.frontend.channel import Channel
+from vhost_conformance.frontend.device import Session
+from vhost_conformance.frontend.migration import (
+    MigrationResult,
+    harvest_all,
+    migrate,
+    prepare_destination,
+)
+from vhost_conformance.frontend.protocol import ProtocolFeature
+from vhost_conformance.suites.drivers import SessionFactory, pattern, slow_disk, wait_popped
+from vhost_conformance.suites.model import INFO, MUST, CaseFailed, case
+from vhost_conformance.suites.plugin import register_trace
+from vhost_conformance.suites.target import BackendTarget, CommandTarget
+
+P = ProtocolFeature
+
+#: Per-request latency of the slow disk and how many requests are held in flight.
+LATENCY_MS = 150
+HELD = 8
+#: How long to watch for completions that must not come.
+QUIET = 0.3
+
+
+# --------------------------------------------------------------------------- drivers
+
+
+def destination_target(source: BackendTarget, make: Callable[[str], BackendTarget]
+                       ) -> BackendTarget:
+    """A second, started instance of the back-end under test; on the source's disk image when
+    the profile says two instances can share one."""
+    destination = make("destination")
+    if (isinstance(source, CommandTarget) and isinstance(destination, CommandTarget)
+            and destination.shares_disk):
+        destination.stop()
+        destination.values["disk"] = source.values["disk"]
+        destination.start()
+    return destination
+
+
+def shares_disk(target: BackendTarget) -> bool:
+    """Whether what one instance wrote can be read through another (or after a restart)."""
+    return bool(getattr(target, "shares_disk", False))
+
+
+def submit_tracked(session: Session, ledger: Ledger, n: int, *, queue: int = 0,
+                   kinds: Sequence[str] = ("write", "read"), sector: int = 0,
+                   nsectors: int = 8) -> list[BlkRequest]:
+    """``n`` requests on ``queue`` cycling through ``kinds``, each on its own sectors, recorded
+    in ``ledger``, published and kicked."""
+    blk = session.queues[queue].blk
+    out = []
+    for i in range(n):
+        at = sector + i * nsectors
+        if kinds[i % len(kinds)] == "write":
+            request = blk.write(at, pattern(at + 7 * len(ledger.submitted), nsectors * SECTOR_SIZE))
+        else:
+            request = blk.read(at, nsectors)
+        ledger.submit(request)
+        out.append(request)
+    session.submit(queue)
+    return out
+
+
+def harvest_until(session: Session, ledger: Ledger, requests: Iterable[BlkRequest],
+                  timeout: float) -> list[BlkRequest]:
+    """Harvest every queue until each of ``requests`` has a completion in the ledger or the
+    deadline passed; returns those still without one."""
+    wanted = list(requests)
+    deadline = time.monotonic() + timeout
+    while True:
+        harvest_all(session, ledger)
+        missing = [r for r in wanted if not ledger.completions.get(r.tag)]
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        time.sleep(0.005)
+
+
+def watch_quiet(session: Session, ledger: Ledger, seconds: float = QUIET) -> None:
+    """Keep harvesting for ``seconds``: completions that must not come end up in the ledger."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        harvest_all(session, ledger)
+        time.sleep(0.01)
+    harvest_all(session, ledger)
+
+
+def fail_on(findings: Sequence[AccountingFinding], what: str) -> None:
+    """CaseFailed listing the findings (at most 8), if any."""
+    if findings:
+        raise CaseFailed(what, expected="no finding",
+                         seen=f"{len(findings)}: " + "; ".join(str(f) for f in findings[:8]))
+
+
+def fail_on_missing(missing: Sequence[BlkRequest], ledger: Ledger, where: str,
+                    timeout: float) -> None:
+    """CaseFailed naming the requests that did not complete before the deadline."""
+    if missing:
+        raise CaseFailed(
+            f"{len(missing)} request(s) not completed on {where} within {timeout:g} s",
+            expected="every request completed once",
+            seen="; ".join(ledger.submitted[r.tag].describe() for r in missing[:6]))
+
+
+def migrate_to(source: Session, destination: BackendTarget, make_session: SessionFactory,
+               ledger: Ledger) -> MigrationResult:
+    """Prepare the destination device (realized before switch-over, as QEMU does), then
+    :func:`migrate`. The destination session is closed with the case's other sessions; the
+    caller must call ``finish`` on the result."""
+    channel = Channel(destination.connect_socket(make_session.timeout))
+    register_trace(make_session.request, channel.trace)
+    prepared = prepare_destination(source, channel)
+    make_session.sessions.append(prepared)
+    return migrate(source, prepared, ledger=ledger)
+
+
+@contextlib.contextmanager
+def slow_pair(source: BackendTarget, destination: BackendTarget) -> Iterator[None]:
+    """Both instances with the slow disk."""
+    with slow_disk(source, LATENCY_MS), slow_disk(destination, LATENCY_MS):
+        yield
+
+
+def read_back(session: Session, ledger: Ledger, requests: Iterable[BlkRequest]) -> None:
+    """Read every written range of ``requests`` through ``session`` (checked against the
+    model: mismatches become ledger findings)."""
+    reads = []
+    blk = session.queues[0].blk
+    for r in requests:
+        if r.type == 1:  # VIRTIO_BLK_T_OUT
+            read = blk.read(r.sector, r.nsectors)
+            ledger.submit(read)
+            reads.append(read)
+    session.submit(0)
+    fail_on_missing(harvest_until(session, ledger, reads, session.timeout), ledger,
+                    "the read-back", session.timeout)
+
+
+def held_migration(
+    vhost_target: BackendTarget,
+    vhost_target_factory: Callable[[str], BackendTarget],
+    make_session: SessionFactory,
+    *,
+    kinds: Sequence[str] = ("write", "read"),
+    inflight_migration: bool = True,
+    measurements: dict[str, float] | None = None,
+) -> tuple[MigrationResult, Ledger, list[BlkRequest]]:
+    """Slow disk on source and destination, :data:`HELD` requests in flight, migration; every
+    held request harvested (CaseFailed naming the missing ones), extras watched for, the
+    suspended-state comparison done. Returns the result, the ledger and the held requests."""
+    destination = destination_target(vhost_target, vhost_target_factory)
+    with slow_pair(vhost_target, destination):
+        source = make_session(vhost_target, inflight_migration=inflight_migration)
+        ledger = Ledger(source.model)
+        held = submit_tracked(source, ledger, HELD, kinds=kinds)
+        wait_popped(source, 0, settle=LATENCY_MS / 2000)
+        result = migrate_to(source, destination, make_session, ledger)
+        try:
+            timeout = make_session.timeout + LATENCY_MS / 1000
+            fail_on_missing(harvest_until(result.destination, ledger, held, timeout), ledger,
+                            "the destination", timeout)
+            watch_quiet(result.destination, ledger)
+        finally:
+            result.finish(2 * LATENCY_MS / 1000)
+        if measurements is not None:
+            measurements["stop_ms"] = result.stop.stop_latency * 1e3
+            measurements["downtime_ms"] = result.downtime.total * 1e3
+            measurements["completed_on_source"] = float(result.completed_on_source_after_stop)
+            measurements["resubmitted_on_destination"] = float(
+                HELD - result.completed_on_source_after_stop)
+        if shares_disk(vhost_target):
+            read_back(result.destination, ledger, held)
+    return result, ledger, held
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@case("VU-MIG-3", level=MUST)
+def test_destination_resubmits_inflight_requests(
+    vhost_target: BackendTarget,
+    vhost_target_factory: Callable[[str], BackendTarget],
+    make_session: SessionFactory,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """A destination given the migrated region (SET_INFLIGHT_FD) and the migrated
+    SET_VRING_BASE completes every suspended request, once."""
+    result, ledger, _ = held_migration(vhost_target, vhost_target_factory, make_session,
+                                       kinds=("read",), measurements=vhost_measurements)
+    fail_on([f for f in ledger.findings() if f.kind != "status"],
+            "requests held across the migration")
+    sent = [e.name for e in result.destination.channel.trace.entries()
+            if e.direction == "fe->be"]
+    if result.vmstate is None or "GET_INFLIGHT_FD" in sent:
+        raise CaseFailed("the destination start", expected="SET_INFLIGHT_FD with the migrated "
+                         "region and no GET_INFLIGHT_FD", seen=", ".join(sent[-20:]))
+
+
+@case("VU-MIG-4", level=MUST)
+def test_source_region_equals_model(
+    vhost_target: BackendTarget,
+    vhost_target_factory: Callable[[str], BackendTarget],
+    make_session: SessionFactory,
+) -> None:
+    """After a GET_VRING_BASE that did not drain, the region marks exactly the requests still
+    outstanding (a back-end that drained has nothing outstanding and passes)."""
+    result, _, _ = held_migration(vhost_target, vhost_target_factory, make_session,
+                                  kinds=("read",))
+    if result.region_at_stop is None:
+        raise CaseFailed("the source's in-flight region after the stop",
+                         expected="a region that parses", seen="none or unparsable")
+    fail_on(result.region_findings, "the source's region after GET_VRING_BASE")
+
+
+@case("VU-MIG-5", level=MUST)
+def test_drained_migration_keeps_data(
+    vhost_target: BackendTarget,
+    vhost_target_factory: Callable[[str], BackendTarget],
+    make_session: SessionFactory,
+) -> None:
+    """Data written through the source (completed, and in flight at the drained stop) reads
+    back through the destination on the same disk."""
+    destination = destination_target(vhost_target, vhost_target_factory)
+    source = make_session(vhost_target, inflight_migration=False)
+    ledger = Ledger(source.model)
+    done = submit_tracked(source, ledger, HELD, kinds=("write",))
+    fail_on_missing(harvest_until(source, ledger, done, source.timeout), ledger, "the source",
+                    source.timeout)
+    in_flight = submit_tracked(source, ledger, HELD, kinds=("write",), sector=HELD * 8)
+    result = migrate_to(source, destination, make_session, ledger)
+    try:
+        if result.stop.suspend_allowed:
+            raise CaseFailed("bit 20 negotiation", expected="not negotiated (drain)",
+                             seen="negotiated")
+        fail_on_missing(harvest_until(result.destination, ledger, in_flight, source.timeout),
+                        ledger, "source or destination", source.timeout)
+    finally:
+        result.finish(0.0)
+    read_back(result.destination, ledger, done + in_flight)
+    fail_on(ledger.findings(), "writes read back through the destination")
+
+
+@case("VU-MIG-8", level=INFO)
+def test_stop_latency_and_downtime_drain_vs_no_drain(
+    vhost_target: BackendTarget,
+    vhost_target_factory: Callable[[str], BackendTarget],
+    make_session: SessionFactory,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """Measures the GET_VRING_BASE round trip and the downtime (stop, transfer, start) of a
+    migration with requests held on the slow disk, draining and (with bit 20) suspending."""
+    modes = [False]
+    if make_session.capabilities.offers(P.GET_VRING_BASE_INFLIGHT) and \
+            make_session.capabilities.offers(P.INFLIGHT_SHMFD):
+        modes.append(True)
+    for bit20 in modes:
+        figures: dict[str, float] = {}
+        _, ledger, _ = held_migration(vhost_target, vhost_target_factory, make_session,
+                                      kinds=("read",), inflight_migration=bit20,
+                                      measurements=figures)
+        name = "no_drain" if bit20 else "drain"
+        for key, value in figures.items():
+            vhost_measurements[f"{name}.{key}"] = value
+        fail_on([f for f in ledger.findings() if f.kind != "status"],
+                f"requests held across the {name.replace('_', '-')} migration")
+    if vhost_measurements.get("no_drain.stop_ms"):
+        vhost_measurements["stop_ratio_drain_over_no_drain"] = (
+            vhost_measurements["drain.stop_ms"] / vhost_measurements["no_drain.stop_ms"])
