@@ -1,0 +1,168 @@
+"""Double submission: every request completes exactly once across stop/restart, in-flight
+migration and a crash, and nothing already completed is completed again (TEST-IDEAS "double
+submission"; frontend/accounting.py keeps the ledger per request tag).
+
+Family: double-submission (VU-DBL-*). Clauses: vhost-user.rst (QEMU 11.1.3) "Front-end
+message types: GET_VRING_BASE / SET_VRING_BASE", "Inflight I/O tracking". A completion the
+source writes after its last GET_VRING_BASE reply lands in RAM the destination no longer uses:
+the suspended-state comparison is what reveals it, so in-flight migration cases count a
+used-ring or status-byte write after the reply as a completion on the source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+from vhost_conformance.frontend.accounting import AccountingFinding, Ledger
+from vhost_conformance.frontend.channel import Channel
+from vhost_conformance.frontend.migration import harvest_all, reconnect, stop_like_qemu
+from vhost_conformance.suites.drivers import (
+    SessionFactory,
+    require_command,
+    slow_disk,
+    wait_popped,
+)
+from vhost_conformance.suites.model import MUST, CaseFailed, case
+from vhost_conformance.suites.target import BackendTarget, SlowIoUnsupported
+from vhost_conformance.suites.test_migration import (
+    HELD,
+    LATENCY_MS,
+    destination_target,
+    fail_on,
+    fail_on_missing,
+    harvest_until,
+    held_migration,
+    migrate_to,
+    read_back,
+    shares_disk,
+    submit_tracked,
+    watch_quiet,
+)
+
+
+def _completion_evidence(findings: list[AccountingFinding]) -> list[AccountingFinding]:
+    """Suspended-state writes to a used ring, descriptor ring or status byte: a completion the
+    source made after its reply."""
+    marks = ("used ring", "descriptor ring", "status byte")
+    return [f for f in findings if f.kind == "suspended-write"
+            and any(m in f.where for m in marks)]
+
+
+@contextlib.contextmanager
+def _maybe_slow(target: BackendTarget) -> Iterator[bool]:
+    """The slow disk when the profile has one (True), else the plain back-end (False)."""
+    try:
+        context = target.slow_io(LATENCY_MS)
+        context.__enter__()
+    except SlowIoUnsupported:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        with contextlib.suppress(Exception):
+            context.__exit__(None, None, None)
+
+
+@case("VU-DBL-1", level=MUST)
+def test_no_double_completion_across_stop_and_restart(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """Requests in flight at GET_VRING_BASE (drained, or suspended with bit 20) and the
+    restart at the returned base: each request tag completes exactly once."""
+    with _maybe_slow(vhost_target) as slow:
+        s = make_session(vhost_target)
+        ledger = Ledger(s.model)
+        held = submit_tracked(s, ledger, HELD)
+        if slow:
+            wait_popped(s, 0, settle=LATENCY_MS / 2000)
+        stop = stop_like_qemu(s)
+        harvest_all(s, ledger)  # what completed before the reply
+        s.start(vring_bases=stop.vring_bases)
+        timeout = s.timeout + LATENCY_MS / 1000
+        fail_on_missing(harvest_until(s, ledger, held, timeout), ledger, "the restarted ring",
+                        timeout)
+        more = submit_tracked(s, ledger, HELD, sector=HELD * 8)
+        fail_on_missing(harvest_until(s, ledger, more, timeout), ledger, "the restarted ring",
+                        timeout)
+        watch_quiet(s, ledger)
+        fail_on(ledger.findings(), "requests across GET_VRING_BASE and a restart")
+
+
+@case("VU-DBL-2", level=MUST)
+def test_exactly_once_across_inflight_migration(
+    vhost_target: BackendTarget,
+    vhost_target_factory: Callable[[str], BackendTarget],
+    make_session: SessionFactory,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """With bit 20, writes and reads held on the slow disk complete exactly once over source
+    and destination, never on both; data read back through the destination is the model's
+    (when two instances share the disk)."""
+    result, ledger, _ = held_migration(vhost_target, vhost_target_factory, make_session,
+                                       measurements=vhost_measurements)
+    findings = ledger.findings() + _completion_evidence(result.suspended_findings)
+    fail_on(findings, "requests held across an in-flight migration")
+
+
+@case("VU-DBL-3", level=MUST)
+def test_exactly_once_across_a_crash(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """SIGKILL with requests held on the slow disk, restart, reconnect with the kept region
+    and SET_VRING_BASE = used idx: each request completes exactly once."""
+    target = require_command(vhost_target)
+    with slow_disk(target, LATENCY_MS):
+        s = make_session(target)
+        ledger = Ledger(s.model)
+        held = submit_tracked(s, ledger, HELD)
+        wait_popped(s, 0, settle=LATENCY_MS / 2000)
+        target.send_signal(signal.SIGKILL)
+        if target.wait_exit(s.timeout) is None:
+            raise CaseFailed("the back-end after SIGKILL", expected="dead", seen="still running")
+        target.start()
+        channel = Channel(target.connect_socket(s.timeout), trace=s.channel.trace)
+        rec = reconnect(s, channel, ledger=ledger, hop="restart")
+        timeout = s.timeout + LATENCY_MS / 1000
+        fail_on_missing(harvest_until(s, ledger, held, timeout), ledger, "the restarted back-end",
+                        timeout)
+        watch_quiet(s, ledger)
+        if shares_disk(target):
+            read_back(s, ledger, held)
+        findings = ledger.findings()
+        if findings:
+            marked = ", ".join(str(h) for h in rec.oracle_heads[0]) or "none"
+            fail_on(findings, f"requests across a SIGKILL (heads marked in the region after the "
+                    f"kill: {marked})")
+
+
+@case("VU-DBL-4", level=MUST)
+def test_completed_requests_are_not_resubmitted(
+    vhost_target: BackendTarget,
+    vhost_target_factory: Callable[[str], BackendTarget],
+    make_session: SessionFactory,
+) -> None:
+    """Requests the source completed into the used ring (not yet seen by the driver) are not
+    completed again by the destination after a migration."""
+    destination = destination_target(vhost_target, vhost_target_factory)
+    s = make_session(vhost_target)
+    ledger = Ledger(s.model)
+    done = submit_tracked(s, ledger, HELD)
+    vq = s.queues[0].vq
+    deadline = time.monotonic() + s.timeout
+    while (vq.used_idx_in_memory() - vq.used_idx) & 0xFFFF < HELD:  # type: ignore[attr-defined]
+        if time.monotonic() > deadline:
+            raise CaseFailed("completions before the migration", expected=f"{HELD} used entries",
+                             seen=f"{(vq.used_idx_in_memory() - vq.used_idx) & 0xFFFF}")  # type: ignore[attr-defined]
+        time.sleep(0.002)
+    result = migrate_to(s, destination, make_session, ledger)
+    try:
+        fail_on_missing(harvest_until(result.destination, ledger, done, s.timeout), ledger,
+                        "source or destination", s.timeout)
+        watch_quiet(result.destination, ledger, 0.5)
+    finally:
+        result.finish(0.0)
+    fail_on(ledger.findings(), "requests completed on the source before the migration")

@@ -1,0 +1,164 @@
+"""Reconnect and crash recovery: a new connection after the front-end leaves or the back-end
+dies, QEMU's reconnect sequence (QEMU-TRACES (d): SET_INFLIGHT_FD with the kept region, no
+GET_INFLIGHT_FD, SET_VRING_BASE = used idx), the QEMU 7.2 order, RESET_OWNER.
+
+Family: reconnect (VU-RECON-*, VU-RST-1). Clauses: vhost-user.rst (QEMU 11.1.3)
+"Communication", "Inflight I/O tracking", "Ring states", "Front-end message types:
+RESET_OWNER". Crash cases read the region the front-end holds right after the death (the
+oracle) and account per request tag (frontend/accounting.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+
+from vhost_conformance.frontend.accounting import Ledger
+from vhost_conformance.frontend.channel import Channel
+from vhost_conformance.frontend.migration import reconnect, stop_like_qemu
+from vhost_conformance.frontend.protocol import U64, FrontendRequest
+from vhost_conformance.suites.drivers import (
+    SessionFactory,
+    close_session,
+    do_io,
+    require_command,
+    wait_popped,
+)
+from vhost_conformance.suites.model import MUST, SHOULD, CaseFailed, case
+from vhost_conformance.suites.target import BackendTarget, SlowIoUnsupported
+from vhost_conformance.suites.test_migration import (
+    HELD,
+    LATENCY_MS,
+    fail_on,
+    fail_on_missing,
+    harvest_until,
+    submit_tracked,
+    watch_quiet,
+)
+
+F = FrontendRequest
+
+
+def _alive_and_serving(target: BackendTarget, make_session: SessionFactory, what: str) -> None:
+    """The back-end is alive and a fresh connection does I/O (write, read, verify)."""
+    if not target.alive():
+        raise CaseFailed(f"the back-end after {what}", expected="alive",
+                         seen=f"exited with status {target.exit_status()}; "
+                         f"log: {target.log_tail(5)}")
+    s = make_session(target)
+    do_io(s, 2, sector=2048)
+    stop_like_qemu(s)
+
+
+@case("VU-RECON-1", level=SHOULD)
+def test_new_connection_after_the_front_end_leaves(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """After the front-end stops the device and closes the socket, a new connection (a full
+    QEMU init, GET_CONFIG included) reaches a working state."""
+    s = make_session(vhost_target)
+    do_io(s, 2)
+    close_session(s)
+    time.sleep(0.05)
+    _alive_and_serving(vhost_target, make_session, "the front-end left")
+
+
+@case("VU-RECON-2", level=MUST)
+def test_reconnect_after_crash_resubmits_pending(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """SIGKILL with requests outstanding (popped and held on the slow disk when the profile has
+    one; else made available to a SIGSTOPped back-end), restart, QEMU's reconnect: every
+    pending request completes, those the region marked included, none twice."""
+    target = require_command(vhost_target)
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(target.slow_io(LATENCY_MS))
+        slow = True
+    except SlowIoUnsupported:
+        slow = False
+    with stack:
+        s = make_session(target)
+        ledger = Ledger(s.model)
+        if not slow:
+            target.send_signal(signal.SIGSTOP)
+        held = submit_tracked(s, ledger, HELD)
+        if slow:
+            wait_popped(s, 0, settle=LATENCY_MS / 2000)
+        target.send_signal(signal.SIGKILL)
+        if target.wait_exit(s.timeout) is None:
+            raise CaseFailed("the back-end after SIGKILL", expected="dead", seen="still running")
+        target.start()
+        channel = Channel(target.connect_socket(s.timeout), trace=s.channel.trace)
+        entries_before = len(s.channel.trace.entries())
+        rec = reconnect(s, channel, ledger=ledger, hop="restart")
+        timeout = s.timeout + LATENCY_MS / 1000
+        fail_on_missing(harvest_until(s, ledger, held, timeout), ledger,
+                        "the reconnected back-end", timeout)
+        watch_quiet(s, ledger)
+        fail_on(ledger.findings(), "pending requests across a crash and reconnect")
+        sent = [e for e in s.channel.trace.entries()[entries_before:] if e.direction == "fe->be"]
+        bases = [e.payload for e in sent if e.name == "SET_VRING_BASE"]
+        if bases and bases[0] != {"index": 0, "num": rec.vring_bases[0]}:
+            raise CaseFailed("the reconnect's SET_VRING_BASE (our own sequence)",
+                             expected=rec.vring_bases[0], seen=bases[0])
+
+
+@case("VU-RECON-3", level=MUST)
+def test_qemu_7_2_message_order(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """The start and stop sequences of QEMU 7.2 (no injected kick, no STATUS messages) carry
+    I/O, a stop and a restart at the returned base like those of 11.1."""
+    s = make_session(vhost_target, profile="qemu-7.2")
+    do_io(s, 2)
+    stop = stop_like_qemu(s)
+    s.start(vring_bases=stop.vring_bases)
+    do_io(s, 2, sector=512)
+    stop_like_qemu(s)
+
+
+@case("VU-RECON-4", level=MUST)
+def test_front_end_vanishes_mid_request(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """Closing the socket with requests in flight (held on the slow disk when the profile has
+    one) leaves the back-end alive and able to serve a new connection."""
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(vhost_target.slow_io(LATENCY_MS))
+        slow = True
+    except SlowIoUnsupported:
+        slow = False
+    with stack:
+        s = make_session(vhost_target)
+        ledger = Ledger(s.model)
+        submit_tracked(s, ledger, HELD)
+        if slow:
+            wait_popped(s, 0, settle=LATENCY_MS / 2000)
+        s.close()  # no stop: the front-end is gone
+        time.sleep(LATENCY_MS / 1000 + 0.1)
+        _alive_and_serving(vhost_target, make_session, "the front-end vanished mid-request")
+
+
+@case("VU-RST-1", level=SHOULD)
+def test_reset_owner_is_harmless(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """RESET_OWNER on a started device is ignored or disables the rings; the back-end stays
+    alive, still answers GET_FEATURES, and serves a new connection."""
+    s = make_session(vhost_target)
+    do_io(s, 1)
+    stop_like_qemu(s)
+    s.call(F.RESET_OWNER, need_reply=s.reply_ack)
+    try:
+        reply = s.call(F.GET_FEATURES)
+    except Exception as exc:
+        raise CaseFailed("GET_FEATURES after RESET_OWNER", expected="an answer",
+                         seen=f"{type(exc).__name__}: {exc}") from None
+    if reply is None or U64.decode(reply.payload).value != s.negotiated.features:
+        raise CaseFailed("GET_FEATURES after RESET_OWNER", expected=hex(s.negotiated.features),
+                         seen=None if reply is None else hex(U64.decode(reply.payload).value))
+    close_session(s, stop=False)
+    _alive_and_serving(vhost_target, make_session, "RESET_OWNER")
