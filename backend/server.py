@@ -270,6 +270,10 @@ class Server:
                 if self.conn is not None:
                     self._read()
             elif kind == "kick":
+                if sel.get_map().get(key.fd) is not key:
+                    # A message handled earlier in this round (GET_VRING_BASE, SET_VRING_KICK,
+                    # the connection's end) unwatched and closed this fd: a stale event.
+                    continue
                 try:
                     if os.read(key.fd, 8) == b"":
                         # Not an eventfd (EOF on a pipe or file): stop polling it.
