@@ -714,14 +714,20 @@ class Device:
                     q.index,
                     len(q.pending),
                 )
+            else:
+                log.info("GET_VRING_BASE(%d): nothing in flight, stopped at once", q.index)
             self._cancel_pending(q)
             self._stop(q)
         else:
             # Drain (the default): reply once the ring's requests completed; the control
             # socket keeps being served meanwhile.
+            log.info(
+                "GET_VRING_BASE(%d): draining %d in-flight request(s)", q.index, len(q.pending)
+            )
             q.stop_pending = True
 
     def _stop(self, q: VirtQueue) -> None:
+        log.info("vring %d stopped at avail index %#x", q.index, self._base_of(q))
         q.started = False
         q.stop_pending = False
         q.resubmit.clear()
