@@ -347,7 +347,7 @@ class MessageMachine(RuleBasedStateMachine):
         """The rest of QEMU's start in its order (SPEC-DIGEST 4.2): whatever of SET_FEATURES,
         SET_VRING_CALL, memory, SET_VRING_NUM/BASE/ADDR, SET_VRING_KICK (+ injected kick) and
         SET_VRING_ENABLE 1 is missing for queue 0; then I/O if the ring runs."""
-        steps = [
+        steps: list[tuple[bool, Callable[[], object]]] = [
             (self.features_set, self.set_features),
             (self.call_set, lambda: self.set_vring_call_or_err(F.SET_VRING_CALL)),
             (self.mem_sent, self.send_memory),
@@ -444,7 +444,7 @@ class MessageMachine(RuleBasedStateMachine):
 
 def run_machine(rig: Rig, examples: int) -> dict[str, int]:
     """Run ``examples`` sequences; returns the counts (connections, closes, I/O batches)."""
-    machine = type("BoundMessageMachine", (MessageMachine,), {})
+    machine: type[MessageMachine] = type("BoundMessageMachine", (MessageMachine,), {})
     machine.rig = rig
     machine.model = None
     machine.budget = ShrinkBudget(30.0)
