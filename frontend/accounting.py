@@ -403,7 +403,7 @@ def changed_ranges(before: MemorySnapshot, after: MemorySnapshot) -> list[tuple[
         if new is None or len(new) != len(old):
             out.append((gpa, len(old)))
             continue
-        out += [(gpa + off, n) for off, n in compare_buffers(old, new)]
+        out += [(gpa + off, n) for off, n in compare_buffers(old, new, gap=1)]
     return out
 
 

@@ -36,8 +36,6 @@ from vhost_conformance.suites.test_migration import (
     harvest_until,
     held_migration,
     migrate_to,
-    read_back,
-    shares_disk,
     submit_tracked,
     watch_quiet,
 )
@@ -74,7 +72,8 @@ def test_no_double_completion_across_stop_and_restart(
     """Requests in flight at GET_VRING_BASE (drained, or suspended with bit 20) and the
     restart at the returned base: each request tag completes exactly once."""
     with _maybe_slow(vhost_target) as slow:
-        s = make_session(vhost_target)
+        # a profile's slow variant need not keep data: judge data only without it
+        s = make_session(vhost_target, model=not slow)
         ledger = Ledger(s.model)
         held = submit_tracked(s, ledger, HELD)
         if slow:
@@ -100,8 +99,8 @@ def test_exactly_once_across_inflight_migration(
     vhost_measurements: dict[str, float],
 ) -> None:
     """With bit 20, writes and reads held on the slow disk complete exactly once over source
-    and destination, never on both; data read back through the destination is the model's
-    (when two instances share the disk)."""
+    and destination, never on both (a used-ring or status write by the source after its reply
+    counts as a completion there)."""
     result, ledger, _ = held_migration(vhost_target, vhost_target_factory, make_session,
                                        measurements=vhost_measurements)
     findings = ledger.findings() + _completion_evidence(result.suspended_findings)
@@ -116,8 +115,8 @@ def test_exactly_once_across_a_crash(
     and SET_VRING_BASE = used idx: each request completes exactly once."""
     target = require_command(vhost_target)
     with slow_disk(target, LATENCY_MS):
-        s = make_session(target)
-        ledger = Ledger(s.model)
+        s = make_session(target, model=False)
+        ledger = Ledger()
         held = submit_tracked(s, ledger, HELD)
         wait_popped(s, 0, settle=LATENCY_MS / 2000)
         target.send_signal(signal.SIGKILL)
@@ -130,8 +129,6 @@ def test_exactly_once_across_a_crash(
         fail_on_missing(harvest_until(s, ledger, held, timeout), ledger, "the restarted back-end",
                         timeout)
         watch_quiet(s, ledger)
-        if shares_disk(target):
-            read_back(s, ledger, held)
         findings = ledger.findings()
         if findings:
             marked = ", ".join(str(h) for h in rec.oracle_heads[0]) or "none"
@@ -153,10 +150,10 @@ def test_completed_requests_are_not_resubmitted(
     done = submit_tracked(s, ledger, HELD)
     vq = s.queues[0].vq
     deadline = time.monotonic() + s.timeout
-    while (vq.used_idx_in_memory() - vq.used_idx) & 0xFFFF < HELD:  # type: ignore[attr-defined]
+    while (vq.used_idx_in_memory() - vq.used_idx) & 0xFFFF < HELD:
         if time.monotonic() > deadline:
             raise CaseFailed("completions before the migration", expected=f"{HELD} used entries",
-                             seen=f"{(vq.used_idx_in_memory() - vq.used_idx) & 0xFFFF}")  # type: ignore[attr-defined]
+                             seen=f"{(vq.used_idx_in_memory() - vq.used_idx) & 0xFFFF}")
         time.sleep(0.002)
     result = migrate_to(s, destination, make_session, ledger)
     try:
