@@ -228,7 +228,13 @@ class Server:
                     raise
                 self._open(conn)
             while not self._stop:
-                self._turn(sel)
+                try:
+                    self._turn(sel)
+                except Exception as exc:  # a bug of ours: lose the connection, not the process
+                    log.exception("internal error in the event loop")
+                    if self.conn is not None:
+                        self._drop(f"internal error: {exc!r}")
+                    time.sleep(0.01)
         finally:
             if self.conn is not None:
                 self._drop("back-end stopping")
