@@ -307,6 +307,14 @@ def _check_region_at_stop(session: Session, region: InflightRegion,
                 "region", "marked in flight in the region but not outstanding (its request "
                 "completed, or it was never made available)", where=f"desc[{head}].inflight = 1",
                 queue=q.index, head=head))
+        # counters follow the pop order, which is the avail order (= tag order of one driver):
+        # resubmission goes by increasing counter (vhost-user.rst "Inflight I/O tracking")
+        by_counter = [h for h in (qr.inflight_heads() if qr.version else []) if h in outstanding]
+        by_avail = sorted(by_counter, key=lambda h: getattr(q.vq.in_flight[h], "tag", 0))
+        if by_counter != by_avail:
+            out.append(AccountingFinding(
+                "region", f"in-flight heads by counter {by_counter[:16]} do not follow the avail "
+                f"order {by_avail[:16]}", where="desc[].counter", queue=q.index))
     return out
 
 
