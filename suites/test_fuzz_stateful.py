@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
+from hypothesis.errors import Flaky
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -72,8 +73,17 @@ def _guarded(function: Callable[..., None]) -> Callable[..., None]:
     def wrapper(self: MessageMachine, *args: Any, **kwargs: Any) -> None:
         if self.budget.exhausted():
             return
+        shown = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+        if function.__name__ != "alive":
+            self.steps.append(f"state.{function.__name__}({shown})")
         try:
             function(self, *args, **kwargs)
+        except CaseOutcome as exc:
+            self.budget.failed()
+            cls = type(self)
+            if cls.first_failure is None:
+                cls.first_failure = (exc, list(self.steps))
+            raise
         except BaseException:
             self.budget.failed()
             raise
@@ -92,9 +102,12 @@ class MessageMachine(RuleBasedStateMachine):
     model: ClassVar[ModelDisk | None] = None
     budget: ClassVar[ShrinkBudget]
     counts: ClassVar[dict[str, int]] = {}
+    #: the first failing example (its outcome and steps), for failures hypothesis cannot replay
+    first_failure: ClassVar[tuple[CaseOutcome, list[str]] | None] = None
 
     def __init__(self) -> None:
         super().__init__()
+        self.steps: list[str] = []
         self.memory: GuestMemory | None = None
         self.session: Session | None = None
         self.closed = True
@@ -449,6 +462,7 @@ def run_machine(rig: Rig, examples: int) -> dict[str, int]:
     machine.model = None
     machine.budget = ShrinkBudget(30.0)
     machine.counts = {}
+    machine.first_failure = None
     try:
         run_state_machine_as_test(
             machine,
@@ -465,6 +479,16 @@ def run_machine(rig: Rig, examples: int) -> dict[str, int]:
     except CaseOutcome as exc:
         notes = "\n".join(getattr(exc, "__notes__", []))
         raise type(exc)(f"{exc.reason}\nminimal sequence:\n{notes}") from None
+    except Flaky:
+        # the failure depended on the back-end's history (a restart resets it): report the
+        # first failing sequence as it ran
+        if machine.first_failure is None:
+            raise
+        first, steps = machine.first_failure
+        raise type(first)(
+            f"{first.reason}\nminimal sequence (as first seen; hypothesis could not replay it, "
+            "the back-end's state carried over from earlier examples):\n" + "\n".join(steps)
+        ) from None
     return dict(machine.counts)
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import Flaky
 from vhost_conformance.frontend.blk import SECTOR_SIZE, BlkRequest, BlkStatus
 from vhost_conformance.frontend.channel import BackendClosed, BackendHang, Channel
 from vhost_conformance.frontend.device import Session
@@ -1120,6 +1121,7 @@ def fuzz_descriptor_chains(rig: Rig, examples: int, layouts: Sequence[str]) -> i
     ran. Failures propagate (the minimal example is printed by hypothesis)."""
     budget = ShrinkBudget(SHRINK_BUDGET)
     ran = 0
+    first: tuple[CaseOutcome, str] | None = None
 
     @settings(
         max_examples=examples,
@@ -1131,7 +1133,7 @@ def fuzz_descriptor_chains(rig: Rig, examples: int, layouts: Sequence[str]) -> i
     )
     @given(data=st.data())
     def example(data: st.DataObject) -> None:
-        nonlocal ran
+        nonlocal ran, first
         if budget.exhausted():
             return
         layout = data.draw(st.sampled_from(list(layouts)), label="layout")
@@ -1139,11 +1141,27 @@ def fuzz_descriptor_chains(rig: Rig, examples: int, layouts: Sequence[str]) -> i
         ran += 1
         try:
             run_shape(rig, shape, packed=layout == "packed")
+        except CaseOutcome as exc:
+            budget.failed()
+            if first is None:
+                first = (exc, f"layout={layout!r}, shape={shape!r}")
+            raise
         except BaseException:
             budget.failed()
             raise
 
-    example()
+    try:
+        example()
+    except Flaky:
+        # the failure depended on the back-end's history (a restart resets it): report the
+        # first failing example as it ran
+        if first is None:
+            raise
+        exc, shown = first
+        raise type(exc)(
+            f"{exc.reason}\nfirst failing example (hypothesis could not replay it, the "
+            f"back-end's state carried over from earlier examples): {shown}"
+        ) from None
     return ran
 
 

@@ -1,0 +1,181 @@
+"""The hostile-guest, malformed and stateful-fuzzing suite families, run as a CI would.
+
+The heavy test runs VU-FUZZ-2 (hostile descriptor chains) and VU-FUZZ-1 (message sequences)
+against the reference back-end with ``VHOST_CONFORMANCE_EXAMPLES=1000`` (1,000 hostile
+examples plus 200 sequences) and checks from report.json that both pass, that the examples
+ran, and that the back-end's fd count stayed put. Others check that a crashing back-end gives
+a ``crash`` verdict carrying hypothesis's minimal example, and the small helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vhost_conformance.suites.test_hostile_guest import (
+    EXAMPLES_ENV,
+    Shape,
+    examples_setting,
+    process_tree_fds,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_suite(
+    tmp_path: Path, selection: list[str], *, examples: int, extra: list[str] = (), timeout: float
+) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+    """Run suite cases in a subprocess pytest; return (report.json by case id, the process)."""
+    report = tmp_path / "report"
+    env = dict(os.environ, **{EXAMPLES_ENV: str(examples)})
+    env["VHOST_CONFORMANCE_RUNDIR"] = str(tmp_path)
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:xdist",
+        f"--vhost-report={report}",
+        *extra,
+        *selection,
+    ]
+    done = subprocess.run(
+        argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    path = report / "report.json"
+    assert path.exists(), (
+        f"no report.json; pytest said:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}"
+    )
+    data = json.loads(path.read_text())
+    return {c["id"]: c for c in data["cases"]}, done
+
+
+@pytest.mark.slow
+def test_1000_hostile_examples_and_200_sequences_against_the_reference(tmp_path: Path) -> None:
+    started = time.monotonic()
+    cases, done = run_suite(
+        tmp_path,
+        [
+            "suites/test_hostile_guest.py::test_fuzzed_descriptor_chains",
+            "suites/test_fuzz_stateful.py::test_fuzzed_message_sequences",
+        ],
+        examples=1000,
+        timeout=400,
+    )
+    elapsed = time.monotonic() - started
+    hostile, stateful = cases["VU-FUZZ-2"], cases["VU-FUZZ-1"]
+    for result in (hostile, stateful):
+        assert result["verdict"] == "pass", (result["id"], result["reason"], done.stdout[-3000:])
+    ran = hostile["measurements"]["examples"] + stateful["measurements"]["examples"]
+    assert hostile["measurements"]["examples"] == 1000
+    assert stateful["measurements"]["examples"] == 200
+    assert ran >= 1000
+    # no crash (the verdicts), no hang (the verdicts), no fd leak (measured in the case too)
+    assert hostile["measurements"]["fds.after"] <= hostile["measurements"]["fds.before"] + 16
+    # the chains were hostile: the back-end refused most of them one way or another
+    outcomes = {k: v for k, v in hostile["measurements"].items() if k.startswith("outcome.")}
+    assert sum(outcomes.values()) == 1000
+    assert outcomes.get("outcome.needs-reset", 0) > 100
+    assert stateful["measurements"].get("io", 0) > 0
+    print(f"1,200 examples in {elapsed:.1f} s; hostile outcomes {outcomes}")
+
+
+@pytest.mark.slow
+def test_a_crashing_backend_gives_crash_with_the_minimal_sequence(tmp_path: Path) -> None:
+    # the reference back-end kills itself at the 3rd request it pops: some sequence gets there
+    command = (
+        f"{sys.executable} -m vhost_conformance.backend --socket-path {{socket}} "
+        "--disk {disk} --crash-at after-pop:3"
+    )
+    cases, _ = run_suite(
+        tmp_path,
+        ["suites/test_fuzz_stateful.py::test_fuzzed_message_sequences"],
+        examples=150,
+        extra=[f"--vhost-backend-cmd={command}"],
+        timeout=300,
+    )
+    result = cases["VU-FUZZ-1"]
+    assert result["verdict"] == "crash", result
+    assert "died (signal 9)" in result["reason"]
+    assert "minimal sequence" in result["reason"] and "state." in result["reason"]
+
+
+@pytest.mark.slow
+def test_a_crashing_backend_under_hostile_chains_is_a_crash(tmp_path: Path) -> None:
+    command = (
+        f"{sys.executable} -m vhost_conformance.backend --socket-path {{socket}} "
+        "--disk {disk} --crash-at after-pop:5"
+    )
+    cases, _ = run_suite(
+        tmp_path,
+        ["suites/test_hostile_guest.py::test_fuzzed_descriptor_chains"],
+        examples=30,
+        extra=[f"--vhost-backend-cmd={command}"],
+        timeout=300,
+    )
+    result = cases["VU-FUZZ-2"]
+    assert result["verdict"] == "crash", result
+    assert "signal 9" in result["reason"]
+
+
+def test_examples_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(EXAMPLES_ENV, raising=False)
+    assert examples_setting() == 50
+    assert examples_setting(7) == 7
+    monkeypatch.setenv(EXAMPLES_ENV, "1200")
+    assert examples_setting() == 1200
+    for bad in ("0", "-3", "many"):
+        monkeypatch.setenv(EXAMPLES_ENV, bad)
+        with pytest.raises(pytest.UsageError, match=EXAMPLES_ENV):
+            examples_setting()
+
+
+def test_process_tree_fds_counts_children() -> None:
+    mine = process_tree_fds(os.getpid())
+    assert mine is not None and mine > 3
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(5)"], stdin=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            counted = process_tree_fds(os.getpid())
+            assert counted is not None
+            if counted > mine or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert counted > mine
+    finally:
+        child.kill()
+        child.wait(5)
+    assert process_tree_fds(2**22 + 12345) is None
+
+
+def test_protected_slots_exclude_every_written_byte() -> None:
+    from vhost_conformance.suites.test_hostile_guest import (
+        NEXT,
+        WRITE,
+        Desc,
+        Guest,
+    )
+
+    guest = Guest.__new__(Guest)  # only slot() and scratch_end are used
+    # a writable buffer in 'hdr' that spills into 'data' protects neither; 'status' stays
+    shape = Shape((Desc("hdr", 4096, WRITE | NEXT, offset=8), Desc("status", 1)))
+    assert shape.protected_slots(guest) == {"status", "table0", "table1"}
+    assert Shape((Desc("hdr", 16),)).protected_slots(guest) == {
+        "hdr",
+        "data",
+        "status",
+        "table0",
+        "table1",
+    }
