@@ -201,7 +201,7 @@ def _kill_and_reconnect(target: BackendTarget, make_session: SessionFactory,
 def _resubmission(vhost_target: BackendTarget, make_session: SessionFactory, n: int) -> None:
     """Hold ``n`` writes in flight, kill the back-end, reconnect: each completes once."""
     require_command(vhost_target)
-    with slow_disk(vhost_target, 400):
+    with slow_disk(vhost_target, 200):
         session = make_session(vhost_target, model=False)
         tracker = InflightTracker(session)
         blk = session.queues[0].blk
@@ -217,7 +217,7 @@ def _resubmission(vhost_target: BackendTarget, make_session: SessionFactory, n: 
             raise CaseFailed("heads marked in flight before the kill",
                              expected=f"a non-empty subset of {heads}", seen=marked)
         _kill_and_reconnect(vhost_target, make_session, session)
-        done = wait_all(session, requests, timeout=session.timeout + n * 0.4)
+        done = wait_all(session, requests, timeout=session.timeout + n * 0.2)
         expect_status(done, what="resubmitted write")
         violations = session.queues[0].vq.violations
         if violations:

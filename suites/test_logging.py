@@ -91,7 +91,7 @@ def test_no_log_updates_after_stop(vhost_session: Session, dirty_log: DirtyLog) 
     late = blk.read(8, 8)
     session.queues[0].vq.publish()
     session.kick(0)
-    time.sleep(0.3)
+    time.sleep(0.2)
     dirty = dirty_log.dirty_pages()
     if dirty:
         raise CaseFailed("dirty log after the last GET_VRING_BASE reply", expected="unchanged",

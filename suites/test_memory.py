@@ -166,7 +166,7 @@ def test_rem_mem_reg_of_a_region_in_use(
     try:
         session.start(vring_bases=[base])
         session.kick(0)
-        time.sleep(0.3)
+        time.sleep(0.2)
         session.call(F.GET_FEATURES)
     except BackendClosed:
         closed = True  # refusing the guest by dropping the connection is an error path too

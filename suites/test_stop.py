@@ -42,7 +42,7 @@ F = FrontendRequest
 P = ProtocolFeature
 
 #: Per-request latency of the slow disk, and how many requests are held in flight.
-LATENCY_MS = 150
+LATENCY_MS = 100
 HELD = 2
 
 
@@ -251,7 +251,7 @@ def test_suspended_device_writes_nothing_and_answers(
     session.queues[0].vq.publish()
     snapshot = session.memory.snapshot()
     session.kick(0)
-    time.sleep(0.3)
+    time.sleep(0.2)
     changed = session.memory.diff(snapshot)
     if changed:
         raise CaseFailed(
@@ -285,11 +285,11 @@ def test_no_guest_memory_writes_while_suspended(
     with slow_disk(vhost_target, LATENCY_MS):
         session = make_session(vhost_target, model=False)
         stopped = _held_stop(session)
-        time.sleep(LATENCY_MS * HELD / 1000 + 0.15)
+        time.sleep(LATENCY_MS * HELD / 1000 + 0.1)
         changed = session.memory.diff(stopped.snapshot)
         if changed:
             raise CaseFailed(
-                f"guest memory {LATENCY_MS * HELD + 150} ms after the last GET_VRING_BASE reply",
+                f"guest memory {LATENCY_MS * HELD + 100} ms after the last GET_VRING_BASE reply",
                 expected="unchanged",
                 seen=f"{len(changed)} range(s) written, first at GPA {changed[0][0]:#x} "
                 f"({changed[0][1]} bytes){_whose(session, changed[0][0], stopped.requests)}",
@@ -318,7 +318,7 @@ def test_no_call_signals_while_suspended(
     with slow_disk(vhost_target, LATENCY_MS):
         session = make_session(vhost_target, model=False)
         _held_stop(session)
-        time.sleep(LATENCY_MS * HELD / 1000 + 0.15)
+        time.sleep(LATENCY_MS * HELD / 1000 + 0.1)
         signals = session.drain_call(0)
         if signals:
             raise CaseFailed(
@@ -341,7 +341,7 @@ def test_no_backend_messages_while_suspended(vhost_session: Session) -> None:
     late = session.queues[0].blk.read(300, 8)
     session.submit(0)
     session.kick(0)
-    time.sleep(0.3)
+    time.sleep(0.2)
     after = channel.messages()[before:]
     if after:
         raise CaseFailed(
@@ -368,7 +368,7 @@ def test_no_late_dma_after_a_no_drain_stop(
     with slow_disk(vhost_target, LATENCY_MS):
         session = make_session(vhost_target, inflight_migration=True, model=False)
         stopped = _held_stop(session)
-        time.sleep(LATENCY_MS * HELD / 1000 + 0.15)
+        time.sleep(LATENCY_MS * HELD / 1000 + 0.1)
         buffers = [(gpa, n) for r in stopped.requests for gpa, n in r.data_bufs]
         buffers += [(r.status_gpa, 1) for r in stopped.requests if r.status_gpa is not None]
         changed = session.memory.diff(stopped.snapshot)
@@ -400,7 +400,7 @@ def test_late_completions_are_silent(
         old, q.call_fd = q.call_fd, fresh
         session.call(F.SET_VRING_CALL, U64(0), fds=[fresh], need_reply=session.reply_ack)
         os.close(old)
-        time.sleep(LATENCY_MS * HELD / 1000 + 0.15)
+        time.sleep(LATENCY_MS * HELD / 1000 + 0.1)
         changed = session.memory.diff(stopped.snapshot)
         if changed:
             raise CaseFailed(
