@@ -349,3 +349,39 @@ def test_migration_two_queues(tmp_path: pathlib.Path, bit20: bool) -> None:
             result.finish(0)
             result.destination.close()
     assert ledger.check_disk(read_file(image)) == []
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_sigterm_restart_with_requests_held_exactly_once(tmp_path: pathlib.Path,
+                                                         packed: bool) -> None:
+    """A graceful restart (SIGTERM) while 32 requests are held on a 100 ms disk: what the
+    back-end did not complete before it exited is marked in the region the front-end kept and
+    resubmitted by the restarted back-end: exactly once, disk equals the model."""
+    image = tmp_path / "disk.img"
+    model = make_disk(image, f"term-{packed}")
+    ledger = Ledger(model)
+    rng = random.Random(f"term{packed}")
+    sock = tmp_path / "t.sock"
+    latency = ("--latency", str(LATENCY_MS))
+    with GuestMemory.simple(8 << 20) as memory:
+        with reference_backend(sock, image, *latency) as proc:
+            s = Session(Channel.connect(sock, timeout=TIMEOUT), memory, model=model,
+                        packed=packed, timeout=TIMEOUT)
+            s.connect()
+            s.start()
+            submit_mix(s, ledger, 32, rng)
+            time.sleep(0.03)
+            assert proc.terminate() == 0, proc.log_tail()
+        try:
+            with reference_backend(sock, image, *latency):
+                rec = reconnect(s, Channel.connect(sock, timeout=TIMEOUT), ledger=ledger,
+                                hop="restart")
+                assert len(rec.oracle_heads[0]) == 32 - rec.harvested_before, rec.oracle_heads
+                assert collect(s, ledger, 32 - rec.harvested_before) == 32 - rec.harvested_before
+                assert quiet(s, ledger, 0.3) == 0
+                findings = ledger.findings()
+                assert findings == [], "\n".join(map(str, findings))
+                s.stop()
+        finally:
+            s.close()
+    assert ledger.check_disk(read_file(image)) == []
