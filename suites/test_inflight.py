@@ -45,7 +45,7 @@ from vhost_conformance.suites.drivers import (
     wait_all,
     wait_popped,
 )
-from vhost_conformance.suites.model import MUST, CaseFailed, case
+from vhost_conformance.suites.model import MUST, CaseFailed, Unsupported, case
 from vhost_conformance.suites.target import BackendTarget, Capabilities, CommandTarget
 
 F = FrontendRequest
@@ -168,19 +168,28 @@ def test_per_queue_region_layout(
 def test_region_follows_pops_and_completions(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
-    """inflight is 1 for each taken head and 0 after completion; used_idx follows."""
-    with slow_disk(vhost_target, LATENCY_MS):
+    """inflight is 1 for each taken head and 0 after completion; used_idx follows.
+
+    Without slow I/O (DPDK's RAM disk) only the state after the completions is checked."""
+    slow = contextlib.ExitStack()
+    try:
+        slow.enter_context(slow_disk(vhost_target, LATENCY_MS))
+        held = True
+    except Unsupported:
+        held = False
+    with slow:
         session = make_session(vhost_target, model=False)
         tracker = InflightTracker(session)
         blk = session.queues[0].blk
         tracker.submit([blk.read(8 * i, 8) for i in range(3)])
         session.submit(0)
-        wait_popped(session, 0, settle=0.1)
-        popped = _popped_index(session)
-        fail_on_findings(tracker.findings([popped]), "region while 3 reads are in flight")
+        if held:
+            wait_popped(session, 0, settle=0.1)
+            popped = _popped_index(session)
+            fail_on_findings(tracker.findings([popped]), "region while 3 reads are in flight")
         tracker.wait(0, 3)
-        findings = tracker.findings([session.queues[0].vq.published_idx])  # type: ignore[attr-defined]
-        fail_on_findings(findings, "region after every read completed")
+        published: int = session.queues[0].vq.published_idx  # type: ignore[attr-defined]
+        fail_on_findings(tracker.findings([published]), "region after every read completed")
         queue = tracker.region().queues[0]
         used = session.queues[0].vq.used_idx_in_memory()
         if not queue.packed and getattr(queue, "used_idx", used) != used:
