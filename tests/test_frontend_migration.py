@@ -161,13 +161,17 @@ def test_migration_128_in_flight_exactly_once(tmp_path: pathlib.Path, mode: str,
             # that, a suspend (normally) long before
             reply_ms = (result.stop.replied_at - submitted_at) * 1e3
             if bit20:
-                assert reply_ms < LATENCY_MS, f"suspending stop replied {reply_ms:.1f} ms " \
-                    f"after the submission (GET_VRING_BASE {stop_ms:.1f} ms)"
+                # GET_VRING_BASE itself takes milliseconds; what completed before it (only
+                # possible when the stop came late on a loaded machine) stays on the source
+                assert stop_ms < 25, f"suspending GET_VRING_BASE took {stop_ms:.1f} ms"
+                n_source = result.completed_on_source_after_stop
+                if reply_ms < LATENCY_MS:
+                    assert n_source == 0, n_source
                 assert result.vmstate is not None and result.inflight_state is not None
                 assert result.inflight_state.queue_size == 128
                 assert result.region_at_stop is not None
-                assert len(result.region_at_stop.queues[0].inflight_heads()) == IN_FLIGHT
-                assert result.completed_on_source_after_stop == 0
+                marked = result.region_at_stop.queues[0].inflight_heads()
+                assert len(marked) == IN_FLIGHT - n_source
             else:
                 assert 0.9 * LATENCY_MS <= reply_ms < 5000, f"draining stop replied {reply_ms:.1f} " \
                     f"ms after the submission (GET_VRING_BASE {stop_ms:.1f} ms)"
@@ -205,6 +209,7 @@ def test_migration_128_in_flight_exactly_once(tmp_path: pathlib.Path, mode: str,
             summary = ledger.summary()
             assert summary.exactly_once, summary
             assert summary.completed_per_hop["destination"] == remaining + 16
+            assert summary.completed_per_hop["source"] == 1 + IN_FLIGHT - remaining
             print(f"{mode} {'packed' if packed else 'split'}: {result.downtime}; "
                   f"GET_VRING_BASE {stop_ms:.1f} ms; {summary}")
             dst.stop()
