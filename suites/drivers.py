@@ -16,8 +16,15 @@ own tests; they build on the plugin's ``vhost_target``, ``vhost_timeout`` and
 
 Driver functions: :func:`open_session`, :func:`do_io`, :func:`write_read_verify`,
 :func:`pending_io`, :func:`wait_all`, :func:`wait_popped`, :func:`expect_status`,
-:func:`restart_variant` (read-only / more queues where the profile allows it),
-:func:`slow_disk` (``target.slow_io`` with the profile's reason when impossible).
+:func:`io_at` (a request whose buffers sit at chosen GPAs), :func:`partial_start` and
+:func:`kick_and_enable` (QEMU's start cut before SET_VRING_KICK), :func:`stop_now` (QEMU's
+stop, timed, memory snapshotted at the reply), :class:`InflightTracker` (the region against
+the front-end's model), :func:`restart_variant` (read-only / more queues where the profile
+allows it), :func:`slow_disk` (the profile's slow I/O, ``unsupported`` with its reason).
+
+A case that needs a feature the back-end does not offer ends ``unsupported`` naming the bit
+(``make_session(packed=True)`` without RING_PACKED, ...). Every wait has a deadline: a
+request that never completes raises ``BackendHang`` (verdict ``hang``).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import os
 import struct
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -72,17 +79,28 @@ from vhost_conformance.suites.target import (
 
 __all__ = [
     "GUEST_MEMORY",
+    "InflightTracker",
     "IoError",
     "SessionFactory",
+    "Stopped",
+    "call_count",
     "capacity_of",
+    "close_session",
     "do_io",
     "expect_status",
+    "fail_on_findings",
+    "fd_count",
+    "io_at",
+    "kick_and_enable",
     "make_session",
     "open_session",
+    "partial_start",
     "pattern",
     "pending_io",
+    "require_command",
     "restart_variant",
     "slow_disk",
+    "stop_now",
     "vhost_memory",
     "vhost_session",
     "wait_all",
@@ -773,5 +791,3 @@ def fail_on_findings(findings: Sequence[Finding], what: str) -> None:
     if bad:
         raise CaseFailed(f"{what}: {len(bad)} finding(s): " + "; ".join(str(f) for f in bad[:3]))
 
-
-Measure = Callable[[str, float], None]
