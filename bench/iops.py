@@ -72,10 +72,12 @@ class Result:
 
 
 def python_frontend_iops(socket: pathlib.Path, *, seconds: float, depth: int,
-                         disk_size: int = DISK_SIZE, seed: int = 1
+                         disk_size: int = DISK_SIZE, seed: int = 1, copy: bool = False
                          ) -> tuple[int, float, float]:
     """Run 4 KiB random reads at ``depth`` for about ``seconds``; (requests, elapsed,
-    CPU seconds of this process meanwhile)."""
+    CPU seconds of this process meanwhile). The bulk path (``BlkDriver.read_many``,
+    ``complete_views``: no copy of the data read) unless ``copy``: then one ``read`` per
+    request and ``complete`` (the data copied out as bytes)."""
     blocks = disk_size // BLOCK
     sectors_per_block = BLOCK // SECTOR_SIZE
     rng = random.Random(seed)
@@ -89,14 +91,20 @@ def python_frontend_iops(socket: pathlib.Path, *, seconds: float, depth: int,
             blk, vq = q.blk, q.vq
             # the random offsets are drawn before the clock starts (qemu-img bench computes
             # its offsets by adding a step, which costs it nothing either)
-            sectors = itertools.cycle([rng.randrange(blocks) * sectors_per_block
-                                       for _ in range(1 << 16)])
-            read = blk.read
+            offsets = [rng.randrange(blocks) * sectors_per_block for _ in range(1 << 16)]
+            sectors = itertools.cycle(offsets)
+            islice = itertools.islice
+            read, read_many = blk.read, blk.read_many
+            complete = blk.complete if copy else blk.complete_views
+            submit = s.submit
 
             def add(n: int) -> None:
-                for _ in range(n):
-                    read(next(sectors), sectors_per_block)
-                s.submit(0)
+                if copy:
+                    for _ in range(n):
+                        read(next(sectors), sectors_per_block)
+                else:
+                    read_many(islice(sectors, n), sectors_per_block)
+                submit(0)
 
             done = 0
             add(depth)
@@ -104,17 +112,19 @@ def python_frontend_iops(socket: pathlib.Path, *, seconds: float, depth: int,
             start = time.perf_counter()
             deadline = start + seconds
             batch = max(1, depth // 2)
+            reap_batch = s.reap_batch
+            clock = time.perf_counter
             while True:
                 # one notification per half queue of completions, reaped at once
-                used = s.reap_batch(0, batch, timeout=1.0)
+                used = reap_batch(0, batch, timeout=1.0)
                 if not used:
                     raise RuntimeError(f"no completion within 1 s ({len(vq.in_flight)} in flight)")
-                completions = blk.complete(used)
+                completions = complete(used)
                 done += len(completions)
-                bad = [c for c in completions if c.status != 0]
-                if bad:
-                    raise RuntimeError(f"request {bad[0].tag}: status {bad[0].status}")
-                if time.perf_counter() >= deadline:
+                for c in completions:
+                    if c.status:
+                        raise RuntimeError(f"request {c.tag}: status {c.status}")
+                if clock() >= deadline:
                     break
                 add(len(completions))
             elapsed = time.perf_counter() - start
@@ -167,7 +177,8 @@ def measure(name: str, start: Starter, directory: pathlib.Path,
     c: list[Result] = []
     for _ in range(args.repeat):
         with start(directory) as sock:
-            n, t, cpu = python_frontend_iops(sock, seconds=args.seconds, depth=args.depth)
+            n, t, cpu = python_frontend_iops(sock, seconds=args.seconds, depth=args.depth,
+                                             copy=args.copy)
             python.append(Result(name, "python (vhost_conformance)", n, t, cpu=cpu))
         with start(directory) as sock:
             try:
@@ -216,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2,
                         help="alternate the two front-ends this many times, keep the best")
     parser.add_argument("--backends", default="qsd,reference")
+    parser.add_argument("--copy", action="store_true",
+                        help="Python front-end: one read() per request and complete() copying "
+                             "the data out (the general API) instead of read_many/complete_views")
     parser.add_argument("--profile", type=pathlib.Path,
                         help="cProfile the Python front-end against qsd, write stats here")
     args = parser.parse_args(argv)
@@ -228,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             with qsd_null(directory) as sock:
                 profiler = cProfile.Profile()
                 profiler.runcall(python_frontend_iops, sock, seconds=args.seconds,
-                                 depth=args.depth)
+                                 depth=args.depth, copy=args.copy)
                 profiler.dump_stats(args.profile)
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
             return 0

@@ -19,6 +19,7 @@ from vhost_conformance.frontend.blk import (
     BlkDriver,
     BlkRequestType,
     BlkStatus,
+    BlkView,
     ModelDisk,
     _Arena,
 )
@@ -350,7 +351,9 @@ def test_random_workload_many_rounds_matches_model(memory: GuestMemory, kind: st
     assert driver.mismatches == [] and driver.vq.violations == []
     assert driver.outstanding == {}
     arena = driver._arena
-    assert arena.free_bytes == arena.total_bytes
+    # every buffer is back in the arena, or kept by a (free) request slot for reuse
+    assert driver._free_slots and len(driver._free_slots) == driver.vq.size
+    assert arena.free_bytes + driver._retained_bytes() == arena.total_bytes
 
 
 @settings(max_examples=40, deadline=None)
@@ -610,3 +613,139 @@ def test_driver_against_the_reference_backend(tmp_path: pathlib.Path, packed: bo
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# -- the per-slot fast path (indirect tables and data buffers kept per request slot) -------------
+
+
+def expected_elems(request: object, data_writable: bool) -> list[tuple[int, int, bool]]:
+    from vhost_conformance.frontend.blk import BlkRequest
+    assert isinstance(request, BlkRequest) and request.status_gpa is not None
+    return ([(request.header_gpa, 16, False)]
+            + [(gpa, n, data_writable) for gpa, n in request.data_bufs]
+            + [(request.status_gpa, 1, True)])
+
+
+@pytest.mark.parametrize("kind", ["split", "packed"])
+def test_fast_path_descriptors_and_slot_reuse(memory: GuestMemory, kind: str) -> None:
+    driver, device, model = setup(memory, kind, indirect=True)
+    data = pattern(3, 8)
+    w = driver.write(0, data)
+    [done] = roundtrip(driver, device)
+    assert done.ok and device.disk[: 8 * 512] == data
+    assert device.layouts[-1] == ([16, 8 * 512], [1])
+    r1 = driver.read(0, 8)
+    assert r1.slot == w.slot and r1.data_bufs == w.data_bufs  # the slot's buffer is reused
+    assert r1.in_data_bufs == r1.data_bufs and r1.writable_len == 8 * 512 + 1
+    driver.vq.publish()
+    [chain] = device.ring.pop()
+    assert chain.indirect and chain.elems == expected_elems(r1, True)
+    device.ring.complete(chain, device.handle(chain))
+    [got] = driver.complete(driver.vq.reap())
+    assert got.request is r1 and got.data == data and got.ok and isinstance(got.data, bytes)
+    # a bigger request replaces the slot's buffer; a smaller one reuses it with its own len
+    big = pattern(4, 16)
+    w2 = driver.write(8, big)
+    assert w2.slot == w.slot and w2.data_bufs[0][1] == 16 * 512
+    [done2] = roundtrip(driver, device)
+    assert done2.ok and model.expected(8, 16) == big
+    r2 = driver.read(9, 2)
+    assert r2.data_bufs == [(w2.data_bufs[0][0], 2 * 512)]
+    [got2] = roundtrip(driver, device)
+    assert got2.data == big[512 : 3 * 512] and got2.ok
+    # the status byte is preset for every request, also on a reused slot
+    f = driver.flush()
+    assert memory.read(f.status_gpa or 0, 1) == b"\xff" and f.data_bufs == []
+    driver.vq.publish()
+    [chain] = device.ring.pop()
+    assert chain.indirect and chain.elems == expected_elems(f, False)
+    device.ring.complete(chain, device.handle(chain))
+    [gotf] = driver.complete(driver.vq.reap())
+    assert gotf.ok and gotf.data is None
+    assert driver.outstanding == {} and driver.mismatches == []
+    assert driver.vq.violations == []
+
+
+@pytest.mark.parametrize("kind", ["split", "packed"])
+@pytest.mark.parametrize("indirect", [False, True])
+def test_read_many_and_complete_views(memory: GuestMemory, kind: str, indirect: bool) -> None:
+    driver, device, model = setup(memory, kind, size=64, indirect=indirect)
+    image = pattern(11, DISK_SECTORS)
+    device.disk[:] = image
+    model.load(image)
+    for round_ in range(4):  # slots and their buffers are reused from round 1 on
+        sectors = [(round_ * 37 + 13 * i) % (DISK_SECTORS - 8) for i in range(12)]
+        requests = driver.read_many(iter(sectors), 8)
+        assert [r.sector for r in requests] == sectors
+        assert [r.type for r in requests] == [BlkRequestType.IN] * 12
+        assert len({r.tag for r in requests}) == 12 and set(driver.outstanding) == {
+            r.tag for r in requests}
+        if round_ == 2:
+            device.corrupt_next_read = True
+        driver.vq.publish()
+        chains = device.ring.pop()
+        assert [c.indirect for c in chains] == [indirect] * 12
+        assert [c.elems for c in chains] == [expected_elems(r, True) for r in requests]
+        random.Random(round_).shuffle(chains)
+        device.serve(chains)
+        views = driver.complete_views(driver.vq.reap())
+        assert sorted(v.tag for v in views) == sorted(r.tag for r in requests)
+        for v in views:
+            assert isinstance(v, BlkView) and isinstance(v.data, memoryview)
+            assert v.status == BlkStatus.OK and v.len == 8 * 512 + 1
+            seen = bytes(v.data)
+            want = image[v.request.sector * 512 : (v.request.sector + 8) * 512]
+            assert (seen == want) == v.ok
+        bad = [v for v in views if not v.ok]
+        if round_ == 2:  # the corrupted read is recorded, never raised
+            assert len(bad) == 1 and bad[0].mismatches[0].tag == bad[0].tag
+            assert driver.mismatches == list(bad[0].mismatches)
+        else:
+            assert bad == []
+    assert driver.outstanding == {} and driver.vq.violations == []
+    assert len(driver._free_slots) == 64
+
+
+def test_views_are_released_with_the_memory() -> None:
+    mem = GuestMemory.simple(4 * MiB)
+    driver, device, _ = setup(mem, "split", indirect=True)
+    device.disk[:512] = b"\x5a" * 512
+    driver.read(0, 1)
+    driver.vq.publish()
+    device.serve()
+    [v] = driver.complete_views(driver.vq.reap())
+    assert v.data is not None and bytes(v.data) == b"\x5a" * 512
+    mem.close()  # a view still held must not keep the mapping alive
+    with pytest.raises(ValueError):
+        bytes(v.data)
+
+
+def test_abandoned_request_keeps_its_slot_and_buffer(memory: GuestMemory) -> None:
+    driver, device, _ = setup(memory, "split", indirect=True)
+    lost = driver.read(0, 8)
+    assert driver.abandon(lost.tag) is lost
+    other = driver.read(8, 8)
+    assert other.slot != lost.slot and other.data_bufs[0][0] != lost.data_bufs[0][0]
+    driver.vq.publish()
+    device.serve()
+    done = driver.complete(driver.vq.reap())  # the abandoned one is not this driver's any more
+    assert [c.request for c in done] == [other]
+    assert lost.slot not in driver._free_slots
+
+
+def test_fast_path_falls_back_for_other_shapes(memory: GuestMemory) -> None:
+    driver, device, model = setup(memory, "split", size=32, indirect=True)
+    big = pattern(5, 160)  # above SLOT_DATA_MAX: arena blocks, freed on completion
+    w = driver.write(0, big)
+    assert w.blocks and w.data_bufs[0][1] == len(big)
+    seg = driver.read(0, 4, segments=2)
+    assert len(seg.in_data_bufs) == 2
+    direct = driver.read(4, 1, indirect=False)
+    driver.vq.publish()
+    chains = device.ring.pop()
+    assert [c.indirect for c in chains] == [True, True, False]
+    device.serve(chains)
+    done = {c.tag: c for c in driver.complete(driver.vq.reap())}
+    assert done[w.tag].ok and done[seg.tag].ok and done[direct.tag].ok
+    assert done[seg.tag].data == big[: 4 * 512] and done[direct.tag].data == big[2048:2560]
+    assert w.blocks == [] and model.expected(0, 160) == big

@@ -603,3 +603,58 @@ def test_used_idx_matches_the_low_half_of_used_idx_in_memory(memory: GuestMemory
         dev.complete(chains[1], 0)
         assert len(vq.reap()) == 2
         assert vq.used_idx_in_memory() & 0xFFFF == vq.used_idx
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_add_indirect_takes_a_caller_built_table(memory: GuestMemory, kind: str) -> None:
+    vq, dev = make(kind, memory, 4)
+    header, data, status = memory.alloc(16), memory.alloc(512), memory.alloc(1)
+    table = memory.alloc(3 * 16, 16)
+    if kind == "split":
+        descs = [DESC.pack(header, 16, F_NEXT, 1), DESC.pack(data, 512, F_NEXT | F_WRITE, 2),
+                 DESC.pack(status, 1, F_WRITE, 3)]
+    else:  # packed table entries: addr, len, id, flags (no chaining)
+        descs = [DESC.pack(header, 16, 0, 0), DESC.pack(data, 512, 0, F_WRITE),
+                 DESC.pack(status, 1, 0, F_WRITE)]
+    memory.write(table, b"".join(descs))
+    heads = [vq.add_indirect(table, 3, 513, f"t{i}") for i in range(4)]
+    assert len(set(heads)) == 4 and vq.free_count == 0
+    with pytest.raises(VirtqueueError, match="free"):
+        vq.add_indirect(table, 3, 513, "one too many")
+    assert dev.pop() == []  # nothing visible before publish
+    vq.publish()
+    chains = dev.pop()
+    assert [c.head for c in chains] == heads
+    for chain in chains:
+        assert chain.indirect and chain.slots == 1
+        assert chain.elems == [(header, 16, False), (data, 512, True), (status, 1, True)]
+    for chain in reversed(chains):
+        dev.complete(chain, 513)
+    assert vq.reap() == [(f"t{i}", 513) for i in (3, 2, 1, 0)]
+    assert vq.in_flight == {} and vq.free_count == 4 and vq.violations == []
+    # a len beyond the writable bytes the caller declared is the device's violation
+    vq.add_indirect(table, 3, 513, "x")
+    vq.publish()
+    [chain] = dev.pop()
+    dev.complete(chain, 514)
+    assert vq.reap() == [("x", 514)]
+    clause = "VIRTIO 1.x 2.7.8.2" if kind == "split" else "VIRTIO 1.x 2.8.6"
+    assert [(v.clause, v.seen) for v in vq.violations] == [(clause, "len 514")]
+
+
+def test_split_reap_batch_across_the_ring_end_keeps_the_device_order(
+        memory: GuestMemory) -> None:
+    vq, dev = make("split", memory, 8)
+    buf = memory.alloc(64)
+    for round_ in range(5):  # used entries 0..5, then batches that wrap at 8
+        tokens = [f"r{round_}-{i}" for i in range(6)]
+        for t in tokens:
+            vq.add([], [(buf + 16, 8)], t)
+        vq.publish()
+        chains = dev.pop()
+        order = [3, 0, 5, 1, 4, 2]
+        for k in order:
+            dev.complete(chains[k], k)
+        assert vq.reap() == [(tokens[k], k) for k in order]
+        assert vq.free_count == 8 and vq.violations == []
+    assert vq.used_idx == 30
