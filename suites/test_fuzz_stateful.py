@@ -126,6 +126,8 @@ class MessageMachine(RuleBasedStateMachine):
         self.call_set = False
         self.kicked = False
         self.enabled = False
+        self.driver_ok = False
+        self.inflight_set = False
         self.tainted = False
 
     # -- plumbing ----------------------------------------------------------------------
@@ -174,7 +176,13 @@ class MessageMachine(RuleBasedStateMachine):
             and self.addr_set
             and self.base_set
             and self.call_set
+            # with STATUS negotiated the device serves the rings only after DRIVER_OK
+            # (VIRTIO 1.3 3.1.1; QEMU-TRACES correction 12: QEMU sets it last in its start)
+            and (self.driver_ok or not self._has(P.STATUS))
         )
+
+    def _has(self, bit: int) -> bool:
+        return self.session is not None and self.session.has_protocol(bit)
 
     # -- rules -------------------------------------------------------------------------
 
@@ -253,9 +261,10 @@ class MessageMachine(RuleBasedStateMachine):
         def step() -> None:
             assert self.session is not None
             try:
-                region = self.session.get_inflight_fd()
+                region = self.session.inflight or self.session.get_inflight_fd()
                 if region is not None:
                     self.session.set_inflight_fd(region)
+                self.inflight_set = True
             except BackendClosed:
                 self._close()
                 raise _Closed from None
@@ -349,6 +358,15 @@ class MessageMachine(RuleBasedStateMachine):
         except BackendClosed:
             self._close()
 
+    @rule(value=st.sampled_from([0x0, 0x8, 0xF]))
+    @_guarded
+    def set_status(self, value: int) -> None:
+        """SET_STATUS (QEMU: FEATURES_OK after SET_FEATURES, 0xF last in start, 0 at stop)."""
+        if not self._has(P.STATUS):
+            return
+        self._do(lambda: self._call(F.SET_STATUS, U64(value)))
+        self.driver_ok = bool(value & 0x4)
+
     @rule(n=st.integers(1, 4), first=st.integers(0, WINDOW - 8), write=st.booleans())
     @_guarded
     def start_like_qemu(self, n: int, first: int, write: bool) -> None:
@@ -357,6 +375,7 @@ class MessageMachine(RuleBasedStateMachine):
         SET_VRING_ENABLE 1 is missing for queue 0; then I/O if the ring runs."""
         steps: list[tuple[bool, Callable[[], object]]] = [
             (self.features_set, self.set_features),
+            (self.inflight_set or self.kicked, self.inflight_region),
             (self.call_set, lambda: self.set_vring_call_or_err(F.SET_VRING_CALL)),
             (self.mem_sent, self.send_memory),
             (self.num_set, lambda: self.set_vring_num(128)),
@@ -364,6 +383,7 @@ class MessageMachine(RuleBasedStateMachine):
             (self.addr_set, self.set_vring_addr),
             (self.kicked, self.set_vring_kick),
             (self.enabled, lambda: self.set_vring_enable(True)),
+            (self.driver_ok, lambda: self.set_status(0xF)),
         ]
         for done, step in steps:
             if self.closed:

@@ -241,6 +241,8 @@ def _run_variants(link: Link, variants: Sequence[tuple[str, bytes, int]]) -> lis
         with memfds(nfds) as fds:
             try:
                 outcome = link.send_bad(data, fds)
+                if outcome == "closed" and isinstance(link.target, CommandTarget):
+                    link.target.wait_exit(0.1)  # a close may be a death in progress
             finally:
                 _crashed_after(link.target, name)
         seen.append(f"{name}: {outcome}")
