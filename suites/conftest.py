@@ -3,6 +3,11 @@ suite modules (the plugin's own fixtures come from its ``pytest11`` entry point)
 
 from __future__ import annotations
 
-from vhost_conformance.suites.drivers import make_session, vhost_memory, vhost_session
+from vhost_conformance.suites.drivers import (
+    make_session,
+    pytest_configure,
+    vhost_memory,
+    vhost_session,
+)
 
-__all__ = ["make_session", "vhost_memory", "vhost_session"]
+__all__ = ["make_session", "pytest_configure", "vhost_memory", "vhost_session"]

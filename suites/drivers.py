@@ -8,7 +8,8 @@ own tests; they build on the plugin's ``vhost_target``, ``vhost_timeout`` and
 ``vhost_memory``   a :class:`GuestMemory` of :data:`GUEST_MEMORY` bytes, closed at teardown
 ``vhost_session``  a connected and started :class:`Session` on ``vhost_target`` (profile
                    ``qemu-11.1``, one split queue of 128) with a ``ModelDisk`` sized from the
-                   config capacity; stopped (if it can be) and closed at teardown
+                   config capacity; stopped (if it can be) and closed at teardown; options
+                   by marker: ``@pytest.mark.vhost_session(profile="qemu-7.2", packed=True)``
 ``make_session``   ``make_session(target, **options)`` -> a session with options (``packed``,
                    ``num_queues``, ``event_idx``, ``indirect``, ``regions``, ``mmap_offset``,
                    ``profile``, ``inflight_migration``, ``start``, ``model``); every session it
@@ -79,6 +80,7 @@ from vhost_conformance.suites.target import (
 
 __all__ = [
     "GUEST_MEMORY",
+    "SESSION_MARKER",
     "InflightTracker",
     "IoError",
     "SessionFactory",
@@ -97,6 +99,7 @@ __all__ = [
     "partial_start",
     "pattern",
     "pending_io",
+    "pytest_configure",
     "require_command",
     "restart_variant",
     "slow_disk",
@@ -292,12 +295,31 @@ def vhost_memory() -> Iterator[GuestMemory]:
         memory.close()
 
 
+#: Marker giving ``vhost_session`` its options: ``@pytest.mark.vhost_session(profile="qemu-7.2")``.
+SESSION_MARKER = "vhost_session"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``vhost_session`` marker (this module is also a plugin module)."""
+    config.addinivalue_line(
+        "markers",
+        f"{SESSION_MARKER}(**options): options of the vhost_session fixture (profile, "
+        "packed, num_queues, event_idx, indirect, inflight_migration, regions, ...)",
+    )
+
+
 @pytest.fixture
 def vhost_session(
-    make_session: SessionFactory, vhost_target: BackendTarget, vhost_memory: GuestMemory
+    request: pytest.FixtureRequest, make_session: SessionFactory, vhost_target: BackendTarget,
+    vhost_memory: GuestMemory,
 ) -> Session:
-    """A connected and started session on ``vhost_target`` (QEMU 11.1.3 sequence)."""
-    return make_session(vhost_target, memory=vhost_memory)
+    """A connected and started session on ``vhost_target`` (QEMU 11.1.3 sequence unless the
+    ``vhost_session`` marker says otherwise, e.g. ``profile="qemu-7.2"``)."""
+    marker = request.node.get_closest_marker(SESSION_MARKER)
+    options: dict[str, Any] = dict(marker.kwargs) if marker is not None else {}
+    if {"regions", "mmap_offset", "memory_size"} & options.keys():
+        return make_session(vhost_target, **options)
+    return make_session(vhost_target, memory=vhost_memory, **options)
 
 
 # --------------------------------------------------------------------------- back-end variants

@@ -268,6 +268,7 @@ def test_slow_disk_unsupported_names_the_reason(tmp_path: Path) -> None:
 
 
 VENDOR_IO_CASE = """
+import pytest
 from vhost_conformance.suites.drivers import do_io, stop_now
 from vhost_conformance.suites.model import MUST, CaseFailed, case
 
@@ -277,6 +278,15 @@ from vhost_conformance.suites.model import MUST, CaseFailed, case
 def test_io(vhost_session):
     do_io(vhost_session, 2)
     assert stop_now(vhost_session).bases == [4]
+
+
+@case("VU-VENDORIO-3", title="QEMU 7.2 order, packed", family="rings", level=MUST,
+      clause="vhost-user.rst Ring states", requirement="Works with the 7.2 order.")
+@pytest.mark.vhost_session(profile="qemu-7.2", packed=True, regions=2)
+def test_marker(vhost_session):
+    assert vhost_session.profile.name == "qemu-7.2" and vhost_session.packed
+    assert len(vhost_session.memory.regions) == 2
+    do_io(vhost_session, 1)
 
 
 @case("VU-VENDORIO-2", title="fails after I/O", family="blk-io", level=MUST,
@@ -292,9 +302,10 @@ def test_fixtures_work_as_a_plugin_module(pytester: pytest.Pytester) -> None:
     report = pytester.path / "report"
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-p", "vhost_conformance.suites.drivers",
-        "--vhost-backend=reference", f"--vhost-report={report}", timeout=120,
+        "--vhost-backend=reference", f"--vhost-report={report}", "--strict-markers",
+        timeout=120,
     )
-    result.assert_outcomes(passed=1, failed=1)
+    result.assert_outcomes(passed=2, failed=1)
     data = json.loads((report / "report.json").read_text())
     verdicts = {c["id"]: c for c in data["cases"]}
     assert verdicts["VU-VENDORIO-1"]["verdict"] == "pass"
