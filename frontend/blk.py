@@ -415,6 +415,12 @@ class BlkCompletion:
         return self.status == BlkStatus.OK and not self.mismatches
 
 
+# the slot descriptors of BlkCompletion's fields (complete() fills new instances with them)
+_COMPLETION_SETTERS = tuple(
+    getattr(BlkCompletion, name).__set__
+    for name in ("request", "status", "len", "data", "mismatches"))
+
+
 class BlkView(NamedTuple):
     """A used request as :meth:`BlkDriver.complete_views` hands it out: like
     :class:`BlkCompletion` but ``data`` is a view of the guest buffer, not a copy. The view
@@ -796,7 +802,8 @@ class BlkDriver:
              indirect: bool | None = None) -> BlkRequest:
         """VIRTIO_BLK_T_IN of ``nsectors`` sectors."""
         in_len = nsectors * SECTOR_SIZE
-        if segments == 1 and 0 < in_len <= SLOT_DATA_MAX and self._fast_ok(indirect):
+        if (segments == 1 and 0 < in_len <= SLOT_DATA_MAX and self._has_add_indirect
+                and (indirect or (indirect is None and self.vq.indirect))):
             return self._add_fast(BlkRequestType.IN, sector, 0, b"", in_len)
         return self.raw(BlkRequestType.IN, sector=sector, in_len=nsectors * SECTOR_SIZE,
                         segments=segments, indirect=indirect)
@@ -860,9 +867,20 @@ class BlkDriver:
         copy), reads checked against the model (mismatches recorded, never raised), writes
         settled in the model when OK. Tokens that are not this driver's requests are
         ignored. :meth:`complete_views` does the same without copying the data."""
-        return [BlkCompletion(r, status, length,
-                              None if data is None else bytes(data), mismatches)
-                for r, status, length, data, mismatches in self.complete_views(used_entries)]
+        out: list[BlkCompletion] = []
+        append = out.append
+        new = object.__new__
+        s_request, s_status, s_len, s_data, s_mismatches = _COMPLETION_SETTERS
+        for r, status, length, data, mismatches in self.complete_views(used_entries):
+            # what the frozen dataclass's __init__ does, at half the cost (no __post_init__)
+            c = new(BlkCompletion)
+            s_request(c, r)
+            s_status(c, status)
+            s_len(c, length)
+            s_data(c, None if data is None else bytes(data))
+            s_mismatches(c, mismatches)
+            append(c)
+        return out
 
     def complete_views(self, used_entries: Iterable[tuple[object, int]]) -> list[BlkView]:
         """Like :meth:`complete`, but the data read back is a view of the guest buffer (valid
