@@ -455,6 +455,8 @@ class Submitted:
     """What the driver did: the token to look for in the used ring."""
 
     token: object = field(default_factory=object)
+    #: the scratch slots as the driver wrote them, before anything was made available
+    scratch: dict[str, bytes] = field(default_factory=dict)
 
 
 def submit_shape(guest: Guest, shape: Shape) -> Submitted:
@@ -462,7 +464,7 @@ def submit_shape(guest: Guest, shape: Shape) -> Submitted:
     vq = guest.vq
     packed = isinstance(vq, PackedVirtqueue)
     _prepare_scratch(guest, shape, packed)
-    sub = Submitted()
+    sub = Submitted(scratch={name: guest.memory.read(guest.slot(name), SLOT) for name in SLOTS})
     n = len(shape.chain)
     if isinstance(vq, SplitVirtqueue):
         indices = vq.take_descriptors(n)
@@ -585,17 +587,20 @@ def run_shape(rig: Rig, shape: Shape, *, packed: bool) -> Outcome:
         with rig.guest(packed=packed) as guest:
             rig.hostile += 1
             sub = submit_shape(guest, shape)
-            # the scratch content after our own writes is the reference
-            before = {s: guest.memory.read(guest.slot(s), SLOT) for s in SLOTS}
+            before = sub.scratch
             reaction = watch(guest, sub, SETTLE)
             outcome = _classify(rig, guest, shape, sub, reaction)
             for slot in shape.protected_slots(guest):
-                if guest.memory.read(guest.slot(slot), SLOT) != before[slot]:
+                after = guest.memory.read(guest.slot(slot), SLOT)
+                if after != before[slot]:
+                    changed = [i for i in range(SLOT) if after[i] != before[slot][i]]
+                    first = changed[0]
                     raise CaseFailed(
                         f"the device wrote the device-readable buffer '{slot}' of a hostile "
                         "chain (VIRTIO 1.3 2.7.4)",
                         expected="unchanged",
-                        seen="changed bytes",
+                        seen=f"{len(changed)} byte(s) changed, the first at offset {first}: "
+                        f"{before[slot][first]:#04x} -> {after[first]:#04x}",
                     )
     except (BackendClosed, OSError) as exc:
         rig.check_alive()
