@@ -697,51 +697,58 @@ class BlkDriver:
     def read_many(self, sectors: Iterable[int], nsectors: int) -> list[BlkRequest]:
         """VIRTIO_BLK_T_IN of ``nsectors`` sectors at each of ``sectors`` (the bulk form of
         :meth:`read`: same requests, less work per request when each request slot keeps its
-        data buffer and indirect table). Nothing is published."""
+        data buffer and indirect table; then all or none are added). Nothing is published."""
         in_len = nsectors * SECTOR_SIZE
+        vq = self.vq
         if not (0 < in_len <= SLOT_DATA_MAX and self._fast_ok(None)):
             return [self.read(sector, nsectors) for sector in sectors]
-        key = in_len << 1 | 1
+        sectors = list(sectors)
+        count = len(sectors)
         free_slots = self._free_slots
+        if count > len(free_slots):
+            raise RuntimeError(f"vq {vq.index}: {count} request slots asked, "
+                               f"{len(free_slots)} free (size {vq.size})")
+        if count > vq.free_count:
+            raise RuntimeError(f"vq {vq.index}: {count} requests, {vq.free_count} free "
+                               f"descriptors (size {vq.size})")
+        slots = free_slots[len(free_slots) - count :][::-1]
+        key = in_len << 1 | 1
         shapes = self._shapes
-        slots_view = self._slots_view
-        tables_view, tables_gpa = self._tables_view, self._tables_gpa
-        slots_gpa = self._slots_gpa
+        for slot in slots:  # first use of a slot, or another shape before: prepare it
+            shape = shapes[slot]
+            if shape is None or shape.key != key:
+                self._shape(slot, in_len, True)
+        slots_view, tables_view = self._slots_view, self._tables_view
+        assert tables_view is not None
+        slots_gpa, tables_gpa = self._slots_gpa, self._tables_gpa
         pack_into = _HEADER_STATUS.pack_into
-        add_indirect = self.vq.add_indirect  # type: ignore[attr-defined]
-        index = self.vq.index
-        outstanding = self.outstanding
+        index = vq.index
         tags = _tags
-        out: list[BlkRequest] = []
-        append = out.append
-        for sector in sectors:
-            if not free_slots:
-                raise RuntimeError(f"vq {index}: all {self.vq.size} request slots in use")
-            slot = free_slots.pop()
-            try:
-                shape = shapes[slot]
-                if shape is None or shape.key != key:
-                    shape = self._shape(slot, in_len, True)
-                    tables_view, tables_gpa = self._tables_view, self._tables_gpa
-                slot_off = slot << 5
-                pack_into(slots_view, slot_off, 0, 0, sector, 0xFF)
-                table_off = 48 * slot
-                tables_view[table_off : table_off + 48] = shape.image  # type: ignore[index]
-                header_gpa = slots_gpa + slot_off
-                request = BlkRequest(
-                    next(tags), 0, sector, -1, index, header_gpa, header_gpa + 16,
-                    list(shape.data_bufs), list(shape.in_bufs), b"", nsectors,
-                    shape.writable, slot, [],
-                )
-                request.head = add_indirect(tables_gpa + table_off, 3,
-                                            shape.writable, request)
-            except BaseException:
-                free_slots.append(slot)
-                raise
-            shape.request = request
-            outstanding[request.tag] = request
+        requests: list[BlkRequest] = []
+        append = requests.append
+        tables: list[int] = []
+        append_table = tables.append
+        writable = in_len + 1
+        for slot, sector in zip(slots, sectors, strict=True):
+            shape = shapes[slot]
+            slot_off = slot << 5
+            pack_into(slots_view, slot_off, 0, 0, sector, 0xFF)
+            table_off = 48 * slot
+            tables_view[table_off : table_off + 48] = shape.image  # type: ignore[union-attr]
+            header_gpa = slots_gpa + slot_off
+            data_bufs = list(shape.data_bufs)  # type: ignore[union-attr]
+            request = BlkRequest(next(tags), 0, sector, -1, index, header_gpa, header_gpa + 16,
+                                 data_bufs, list(data_bufs), b"", nsectors, writable, slot, [])
+            shape.request = request  # type: ignore[union-attr]
             append(request)
-        return out
+            append_table(tables_gpa + table_off)
+        heads = vq.add_indirect_many(tables, 3, writable, requests)  # type: ignore[attr-defined]
+        del free_slots[len(free_slots) - count :]
+        outstanding = self.outstanding
+        for request, head in zip(requests, heads, strict=True):
+            request.head = head
+            outstanding[request.tag] = request
+        return requests
 
     def raw(self, type: int, *, sector: int = 0, out_data: bytes = b"", in_len: int = 0,
             segments: int = 1, status: bool = True, ioprio: int = 0,

@@ -405,6 +405,36 @@ class SplitVirtqueue(_DriverQueue):
         self._avail_idx = (avail_idx + 1) & 0xFFFF
         return head
 
+    def add_indirect_many(self, tables: Sequence[int], n: int, writable: int,
+                          tokens: Sequence[object]) -> list[int]:
+        """:meth:`add_indirect` for each ``(table, token)`` pair, all or none (nothing is
+        added when the ring lacks descriptors for all); returns the heads in order."""
+        count = len(tokens)
+        free = self._free
+        if len(tables) != count:
+            raise VirtqueueError(f"{len(tables)} tables for {count} tokens")
+        if count > len(free):
+            raise VirtqueueError(
+                f"vq {self.index}: {count} descriptors needed, {len(free)} free (size {self.size})")
+        heads = free[len(free) - count :][::-1]
+        del free[len(free) - count :]
+        pack = _SPLIT_DESC.pack_into
+        desc = self._desc.mv
+        avail = self._avail.mv
+        pack_u16 = _U16.pack_into
+        in_flight, chains = self._in_flight, self._chains
+        mask = self.size - 1
+        avail_idx = self._avail_idx
+        length = n << 4
+        for head, table_gpa, token in zip(heads, tables, tokens, strict=True):
+            pack(desc, head << 4, table_gpa, length, VIRTQ_DESC_F_INDIRECT, 0)
+            in_flight[head] = token
+            chains[head] = ((head,), writable)
+            pack_u16(avail, 4 + 2 * (avail_idx & mask), head)
+            avail_idx = (avail_idx + 1) & 0xFFFF
+        self._avail_idx = avail_idx
+        return heads
+
     def publish(self) -> None:
         """Release-store avail->idx (VIRTIO 2.7.13: barrier before the idx update)."""
         self._avail.shm.store16_release(self._avail.off + 2, self._avail_idx)
@@ -764,6 +794,20 @@ class PackedVirtqueue(_DriverQueue):
         self._chains[buffer_id] = (1, writable)
         self._unpublished += 1
         return buffer_id
+
+    def add_indirect_many(self, tables: Sequence[int], n: int, writable: int,
+                          tokens: Sequence[object]) -> list[int]:
+        """:meth:`add_indirect` for each ``(table, token)`` pair, all or none (nothing is
+        added when the ring lacks slots or ids for all); returns the buffer ids in order."""
+        count = len(tokens)
+        if len(tables) != count:
+            raise VirtqueueError(f"{len(tables)} tables for {count} tokens")
+        if count > self._free_slots or count > len(self._free_ids):
+            raise VirtqueueError(
+                f"vq {self.index}: {count} ring slots needed, {self._free_slots} free "
+                f"(size {self.size})")
+        return [self.add_indirect(table, n, writable, token)
+                for table, token in zip(tables, tokens, strict=True)]
 
     def publish(self) -> None:
         """Expose the added buffers: after a write fence, store each pending head's flags, the

@@ -749,3 +749,19 @@ def test_fast_path_falls_back_for_other_shapes(memory: GuestMemory) -> None:
     assert done[w.tag].ok and done[seg.tag].ok and done[direct.tag].ok
     assert done[seg.tag].data == big[: 4 * 512] and done[direct.tag].data == big[2048:2560]
     assert w.blocks == [] and model.expected(0, 160) == big
+
+
+@pytest.mark.parametrize("kind", ["split", "packed"])
+def test_read_many_is_all_or_none(memory: GuestMemory, kind: str) -> None:
+    driver, device, _ = setup(memory, kind, size=8, indirect=True)
+    driver.read_many(range(0, 48, 8), 8)
+    with pytest.raises(RuntimeError, match="3 request slots asked, 2 free"):
+        driver.read_many([0, 8, 16], 8)
+    assert len(driver.outstanding) == 6 and driver.vq.free_count == 2
+    assert driver.read_many([], 8) == []
+    last = driver.read_many([100, 108], 8)
+    assert [r.sector for r in last] == [100, 108] and driver.vq.free_count == 0
+    driver.vq.publish()
+    assert device.serve() == 8
+    assert all(c.ok for c in driver.complete(driver.vq.reap()))
+    assert driver.outstanding == {} and len(driver._free_slots) == 8

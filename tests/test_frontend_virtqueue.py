@@ -658,3 +658,29 @@ def test_split_reap_batch_across_the_ring_end_keeps_the_device_order(
         assert vq.reap() == [(tokens[k], k) for k in order]
         assert vq.free_count == 8 and vq.violations == []
     assert vq.used_idx == 30
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_add_indirect_many_is_all_or_none(memory: GuestMemory, kind: str) -> None:
+    vq, dev = make(kind, memory, 4)
+    status = memory.alloc(1)
+    table = memory.alloc(16, 16)
+    entry = (DESC.pack(status, 1, F_WRITE, 0) if kind == "split"
+             else DESC.pack(status, 1, 0, F_WRITE))
+    memory.write(table, entry)
+    vq.add_indirect(table, 1, 1, "first")
+    with pytest.raises(VirtqueueError, match="4 "):
+        vq.add_indirect_many([table] * 4, 1, 1, ["a", "b", "c", "d"])
+    with pytest.raises(VirtqueueError, match="tables for"):
+        vq.add_indirect_many([table], 1, 1, ["a", "b"])
+    assert vq.free_count == 3 and len(vq.in_flight) == 1  # nothing of the failed calls
+    heads = vq.add_indirect_many([table] * 3, 1, 1, ["a", "b", "c"])
+    assert len(set(heads)) == 3 and vq.free_count == 0
+    vq.publish()
+    chains = dev.pop()
+    assert [c.head for c in chains][1:] == heads
+    assert all(c.elems == [(status, 1, True)] and c.indirect for c in chains)
+    for chain in chains:
+        dev.complete(chain, 1)
+    assert vq.reap() == [("first", 1), ("a", 1), ("b", 1), ("c", 1)]
+    assert vq.free_count == 4 and vq.violations == []
