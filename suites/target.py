@@ -205,6 +205,10 @@ class Profile:
     #: The command for ``--vhost-backend-connects`` (the back-end connects to ``{socket}``);
     #: None: this back-end cannot connect to us.
     connect_command: str | None = None
+    #: How many instances each worker keeps started ahead of need (listen mode only): a case
+    #: then gets a process that was started while the previous case ran, still used by that one
+    #: case only. 0: every case starts its own when it needs it.
+    prestart: int = 0
 
     def __post_init__(self) -> None:
         if self.socket_mode not in ("listen", "connect"):
@@ -220,6 +224,11 @@ class Profile:
                     "{socket} placeholder and the profile gives no 'socket' path: "
                     "the suite cannot know where the back-end listens"
                 )
+        if not isinstance(self.prestart, int) or not 0 <= self.prestart <= 8:
+            raise UsageError(
+                f"profile {self.name!r}: prestart must be an integer from 0 to 8, "
+                f"got {self.prestart!r}"
+            )
         if self.socket is not None:
             check_template(self.socket, COMMAND_PLACEHOLDERS, f"profile {self.name!r}: socket")
         if self.connect_command is not None:
@@ -271,6 +280,7 @@ _PROFILE_KEYS = frozenset(
         "needs",
         "print_capabilities",
         "connect_command",
+        "prestart",
     }
 )
 
@@ -319,6 +329,9 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
     socket_path = typed("socket", str, None)
     print_caps = typed("print_capabilities", str, None)
     connect_cmd = typed("connect_command", str, None)
+    prestart = data.get("prestart", 0)
+    if isinstance(prestart, bool) or not isinstance(prestart, int):
+        raise UsageError(f"profile {source}: prestart must be int, got {type(prestart).__name__}")
     return Profile(
         name=str(typed("name", str, name)),
         command=command if isinstance(command, str) else None,
@@ -333,6 +346,7 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
         source=source,
         print_capabilities=print_caps if isinstance(print_caps, str) else None,
         connect_command=connect_cmd if isinstance(connect_cmd, str) else None,
+        prestart=prestart,
     )
 
 
@@ -483,6 +497,7 @@ class CommandTarget:
         self._exit_status: int | None = None
         self._stopped_by_us = False
         self._starts = 0
+        self._launched = False
         self.log_path = workdir / "backend.log"
         self.values: dict[str, str] = {
             "workdir": str(workdir),
@@ -559,7 +574,26 @@ class CommandTarget:
     def start(self) -> str:
         """Create the work dir and disk image, run the command, wait until it listens."""
         if self.alive():
+            if self._launched:
+                self._launched = False
+                if self.profile.socket_mode == "listen":
+                    self._wait_listening()
             return self.socket_path
+        self._launch()
+        self._launched = False
+        if self.profile.socket_mode == "listen":
+            self._wait_listening()
+        return self.socket_path
+
+    def launch(self) -> None:
+        """Run the command without waiting for it to listen (a pre-started instance); the next
+        start() waits for the socket, within ``start_timeout`` counted from then."""
+        if self.alive():
+            return
+        self._launch()
+        self._launched = True
+
+    def _launch(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._make_disk()
         missing = self.profile.missing_needs(self.values)
@@ -586,9 +620,6 @@ class CommandTarget:
                 raise BackendStartFailed(
                     f"cannot run back-end command {shlex.join(argv)}: {exc}", None, ""
                 ) from exc
-        if self.profile.socket_mode == "listen":
-            self._wait_listening()
-        return self.socket_path
 
     def _wait_listening(self) -> None:
         process = self._process
@@ -615,6 +646,7 @@ class CommandTarget:
 
     def stop(self) -> None:
         """SIGTERM the back-end's process group, SIGKILL after ``stop_timeout``; always reaped."""
+        self._launched = False
         process = self._process
         if process is not None:
             if process.alive():
@@ -958,6 +990,9 @@ class TargetFactory:
         self.rundir = rundir or Path(tempfile.mkdtemp(prefix=f"vc-{worker}-", dir=base))
         self._count = itertools.count(1)
         self._targets: list[BackendTarget] = []
+        #: pre-started instances (profile.prestart), oldest first; each is handed out once
+        self._pool: list[CommandTarget] = []
+        self.pool_hits = 0
         self._capabilities: Capabilities | None = None
         self._probe_error: TargetError | None = None
 
@@ -971,12 +1006,62 @@ class TargetFactory:
         """The command template, if we run the back-end."""
         return self.profile.command if self.profile is not None else None
 
+    @property
+    def prestart(self) -> int:
+        """How many instances are kept pre-started (the profile's ``prestart``, listen mode)."""
+        profile = self.profile
+        if profile is None or profile.command is None or profile.socket_mode != "listen":
+            return 0
+        return profile.prestart
+
+    def _workdir(self, label: str) -> Path:
+        return self.rundir / f"{next(self._count):03d}-{_LABEL.sub('_', label)[:32]}"
+
+    def _fill_pool(self) -> None:
+        """Launch instances until ``prestart`` are waiting (no wait for them to listen)."""
+        while len(self._pool) < self.prestart:
+            assert self.profile is not None
+            target = CommandTarget(
+                self.profile,
+                self._workdir("prestarted"),
+                worker=self.worker,
+                start_timeout=self.start_timeout,
+                probe=self,
+            )
+            try:
+                target.launch()
+            except TargetError:
+                # the ordinary start path will run it again and report the failure
+                target.stop()
+                self._forget(target)
+                return
+            self._targets.append(target)
+            self._pool.append(target)
+
+    def _from_pool(self) -> CommandTarget | None:
+        """A pre-started instance still running (dead ones are discarded), or None."""
+        while self._pool:
+            target = self._pool.pop(0)
+            if target.alive():
+                self.pool_hits += 1
+                return target
+            target.stop()
+            self._forget(target)
+        return None
+
     def new(self, label: str = "case") -> BackendTarget:
-        """A new, not yet started back-end in its own work directory."""
-        workdir = self.rundir / f"{next(self._count):03d}-{_LABEL.sub('_', label)[:32]}"
+        """A new back-end in its own work directory, used by one case only: a pre-started
+        instance (``prestart``; start() then waits until it listens) or a not yet started one."""
+        workdir = self._workdir(label)
         target: BackendTarget | None = None
         if self.maker is not None:
             target = self.maker(label, workdir)
+        if target is None and self.prestart:
+            self._fill_pool()
+            target = self._from_pool()
+            self._fill_pool()
+            if target is not None:
+                return target
         if target is None:
             if self.profile is not None:
                 target = CommandTarget(
@@ -1036,7 +1121,8 @@ class TargetFactory:
             self._forget(target)
 
     def close(self) -> None:
-        """Stop every target still running and remove the run directory."""
+        """Stop every target still running (pre-started ones too) and remove the run directory."""
+        self._pool.clear()
         for target in list(self._targets):
             with contextlib.suppress(Exception):
                 target.stop()
@@ -1061,6 +1147,7 @@ def connecting_profile(profile: Profile) -> Profile:
         profile,
         command=profile.connect_command,
         socket_mode="connect",
+        prestart=0,
         socket=None,
         slow_io=SlowIo(unsupported="slow I/O is not defined for the connecting command"),
     )
