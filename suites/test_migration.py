@@ -17,16 +17,30 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from vhost_conformance.frontend.accounting import AccountingFinding, Ledger
 from vhost_conformance.frontend.blk import SECTOR_SIZE, BlkRequest
-from vhost_conformance.frontend.channel import Channel
+from vhost_conformance.frontend.channel import BackendViolation, Channel
 from vhost_conformance.frontend.device import Session
+from vhost_conformance.frontend.memory import DirtyLog
 from vhost_conformance.frontend.migration import (
     MigrationResult,
     harvest_all,
     migrate,
     prepare_destination,
 )
-from vhost_conformance.frontend.protocol import ProtocolFeature
-from vhost_conformance.suites.drivers import SessionFactory, pattern, slow_disk, wait_popped
+from vhost_conformance.frontend.protocol import (
+    FLAG_NEED_REPLY,
+    U64,
+    FrontendRequest,
+    LogBase,
+    ProtocolFeature,
+    VirtioFeature,
+)
+from vhost_conformance.suites.drivers import (
+    SessionFactory,
+    do_io,
+    pattern,
+    slow_disk,
+    wait_popped,
+)
 from vhost_conformance.suites.model import INFO, MUST, CaseFailed, case
 from vhost_conformance.suites.plugin import register_trace
 from vhost_conformance.suites.target import BackendTarget, CommandTarget
@@ -296,3 +310,76 @@ def test_stop_latency_and_downtime_drain_vs_no_drain(
     if vhost_measurements.get("no_drain.stop_ms"):
         vhost_measurements["stop_ratio_drain_over_no_drain"] = (
             vhost_measurements["drain.stop_ms"] / vhost_measurements["no_drain.stop_ms"])
+
+
+@case("VU-MIG-6", level=MUST, requires=[P.LOG_SHMFD])
+def test_set_log_base_is_answered(
+    vhost_session: Session, vhost_measurements: dict[str, float]
+) -> None:
+    """SET_LOG_BASE (16-byte {mmap_size, mmap_offset}, one memfd) on a started device gets its
+    u64 reply before the deadline, and the device keeps serving I/O afterwards.
+
+    vhost-user.rst "SET_LOG_BASE": with LOG_SHMFD the back-end replies once the log is mapped;
+    QEMU 11.1.3 (vhost_user_set_log_base) reads that reply and checks only its request id, so
+    the value is recorded, not judged."""
+    s = vhost_session
+    log = DirtyLog.for_memory(s.memory)
+    try:
+        started = time.monotonic()
+        try:
+            reply = s.call(FrontendRequest.SET_LOG_BASE, LogBase(log.mmap_size, 0),
+                           fds=[log.fd])
+        except BackendViolation as exc:
+            raise CaseFailed(
+                f"SET_LOG_BASE {exc.what}, the reply is a u64 (QEMU 11.1.3 checks only the "
+                "reply's request id, so it interoperates)", expected=exc.expected,
+                seen=exc.seen) from None
+        vhost_measurements["reply_ms"] = round((time.monotonic() - started) * 1e3, 3)
+        if reply is None:
+            raise CaseFailed("SET_LOG_BASE with LOG_SHMFD negotiated", expected="a u64 reply",
+                             seen="nothing expected by the channel (LOG_SHMFD not negotiated?)")
+        vhost_measurements["reply_value"] = float(U64.decode(reply.payload).value)
+        if reply.fds:
+            raise CaseFailed("fds on the SET_LOG_BASE reply", expected=0, seen=len(reply.fds))
+        do_io(s, 1, sector=4096)
+    finally:
+        log.close()
+
+
+#: The messages of QEMU 11.1.3's logging start, in order (QEMU-TRACES.md correction 3, (e)).
+_LOG_START = ("SET_LOG_BASE", "SET_FEATURES", "SET_VRING_ADDR")
+
+
+@case("VU-MIG-7", level=MUST, requires=[P.LOG_SHMFD, P.REPLY_ACK, VirtioFeature.LOG_ALL])
+def test_qemu_11_1_migration_sequence(vhost_session: Session) -> None:
+    """In a running session with I/O done, QEMU 11.1.3's logging start: SET_LOG_BASE (+memfd,
+    u64 reply), SET_FEATURES(+LOG_ALL) [NEED_REPLY], SET_VRING_ADDR(F_LOG, log_guest_addr)
+    [NEED_REPLY] per queue; each is answered with flags 0x5 (a nonzero ack is a fail), and
+    writes and reads still complete with the right data."""
+    s = vhost_session
+    do_io(s, 1)
+    trace = s.channel.trace
+    mark = len(trace.entries())
+    log = DirtyLog.for_memory(s.memory)
+    try:
+        s.set_log_base(log.fd, log.mmap_size)
+        entries = trace.entries()[mark:]
+        sent = [e for e in entries if e.direction == "fe->be"]
+        replies = [e for e in entries if e.direction == "be->fe"]
+        names = tuple(e.name for e in sent)
+        expected = _LOG_START[:2] + ("SET_VRING_ADDR",) * len(s.queues)
+        if names != expected:
+            raise CaseFailed("our own logging start (front-end)", expected=", ".join(expected),
+                             seen=", ".join(names))
+        for e in sent[1:]:
+            if not e.flags & FLAG_NEED_REPLY:
+                raise CaseFailed(f"{e.name} sent as QEMU 11.1.3 does",
+                                 expected="NEED_REPLY set", seen=f"flags {e.flags:#x}")
+        answered = [e.name for e in replies]
+        if answered != list(names):
+            raise CaseFailed("replies to the logging start (one each, in order)",
+                             expected=", ".join(names), seen=", ".join(answered) or "none")
+        # what the log says is VU-LOG-1's; here the device must keep working
+        do_io(s, 2, sector=1024)
+    finally:
+        log.close()
