@@ -714,6 +714,8 @@ class CommandTarget:
 
     def connect_socket(self, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> socket.socket:
         """Connect to the back-end (listen mode) or accept its connection (connect mode)."""
+        if self._launched and self.alive():
+            self.start()  # launched ahead of need: wait until it listens
         deadline = time.monotonic() + timeout
         if self.profile.socket_mode == "listen":
             if self._process is None:
@@ -746,7 +748,11 @@ class CommandTarget:
         finally:
             self._latency_ms = None
             if was_running or self.alive():
-                self.restart()
+                # back to the normal command, launched without waiting: the next start() or
+                # connect_socket() waits until it listens (a case that is done with the target
+                # does not wait for a start it never uses)
+                self.stop()
+                self.launch()
 
     @property
     def capabilities(self) -> Capabilities:

@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--disk")
     parser.add_argument("--mode", default="ok")
     parser.add_argument("--print-capabilities", action="store_true")
+    parser.add_argument("--latency-ms", type=int, default=0)  # accepted (slow I/O variant)
     args = parser.parse_args()
     if args.print_capabilities:
         print(json.dumps({"type": "block", "features": []}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pathlib
 import signal
@@ -311,3 +312,69 @@ def test_reference_backend_connects_to_us(short_dir: pathlib.Path) -> None:
     finally:
         target.stop()
     assert not target.alive()
+
+
+def test_prestarted_backends_are_each_handed_to_one_case(short_dir: pathlib.Path) -> None:
+    profile = dataclasses.replace(command_profile(fake_command()), prestart=2)
+    factory = TargetFactory(profile=profile, rundir=short_dir / "run")
+    try:
+        assert factory.prestart == 2
+        first = factory.new("VU-HDR-1")
+        assert isinstance(first, CommandTarget) and first.alive()
+        assert factory.pool_hits == 1 and len(factory._pool) == 2  # refilled at once
+        assert first.start() == first.socket_path and os.path.exists(first.socket_path)
+        pids = {first.pid}
+        for label in ("VU-HDR-2", "VU-HDR-3", "probe"):
+            other = factory.new(label)
+            assert isinstance(other, CommandTarget)
+            other.start()
+            assert other.pid not in pids and other.socket_path != first.socket_path
+            pids.add(other.pid)
+        # a pre-started instance that died while waiting is never handed out
+        spare = factory._pool[0]
+        spare.send_signal(signal.SIGKILL)
+        assert spare.wait_exit(5) == -signal.SIGKILL
+        fresh = factory.new("VU-HDR-4")
+        assert fresh is not spare and isinstance(fresh, CommandTarget)
+        fresh.start()
+        with contextlib.closing(fresh.connect_socket(5)) as sock:
+            assert probe_capabilities(sock, 5).offers(VirtioFeature.VERSION_1)
+        pooled = list(factory._pool)
+    finally:
+        factory.close()
+    assert all(not t.alive() for t in pooled) and not (short_dir / "run").exists()
+
+
+def test_prestart_is_checked_and_off_in_connect_mode(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(UsageError, match="prestart must be an integer from 0 to 8"):
+        Profile(name="p", command="srv {socket}", prestart=9)
+    path = tmp_path / "p.toml"
+    path.write_text('command = "srv {socket}"\nprestart = "2"\n')
+    with pytest.raises(UsageError, match="prestart must be int, got str"):
+        load_profile(str(path))
+    assert load_profile("reference").prestart == 2
+    assert connecting_profile(load_profile("reference")).prestart == 0
+    factory = TargetFactory(
+        profile=Profile(name="c", command=None, socket_mode="connect", prestart=2),
+        rundir=tmp_path / "run",
+    )
+    assert factory.prestart == 0
+    factory.close()
+
+
+def test_leaving_slow_io_relaunches_without_waiting(short_dir: pathlib.Path) -> None:
+    profile = Profile(
+        name="fake",
+        command=fake_command(),
+        slow_io=SlowIo(args="--latency-ms {latency_ms}"),
+    )
+    target = CommandTarget(profile, short_dir / "t")
+    target.start()
+    try:
+        with target.slow_io(7):
+            assert "--latency-ms" in (target.argv() or [])
+        assert target.alive() and "--latency-ms" not in (target.argv() or [])
+        with contextlib.closing(target.connect_socket(5)) as sock:  # waits until it listens
+            assert probe_capabilities(sock, 5).queue_num == 1
+    finally:
+        target.stop()
