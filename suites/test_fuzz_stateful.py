@@ -331,7 +331,14 @@ class MessageMachine(RuleBasedStateMachine):
     @_guarded
     def set_vring_kick(self) -> None:
         """SET_VRING_KICK: the ring starts (slightly invalid before the ring is set up)."""
-        if not (self.features_set and self.mem_sent and self.num_set and self.addr_set):
+        if not (
+            self.features_set
+            and self.mem_sent
+            and self.num_set
+            and self.addr_set
+            and self.base_set
+            and self.call_set
+        ):
             self.tainted = True
 
         def step() -> None:
@@ -401,8 +408,12 @@ class MessageMachine(RuleBasedStateMachine):
             reply = self._call(F.GET_VRING_BASE, VringState(0, 0))
             if reply is None or len(reply.payload) != 8:
                 raise CaseFailed("GET_VRING_BASE reply", expected="8 bytes", seen=reply)
+            # a stopped ring is restarted the way QEMU does it (vhost_virtqueue_start):
+            # SET_VRING_CALL, NUM, BASE, ADDR, then KICK; restarting with less is slightly
+            # invalid (libvhost-user closes the call fd on GET_VRING_BASE, DPDK forgets the
+            # ring addresses)
             self.kicked = False
-            self.base_set = False
+            self.base_set = self.num_set = self.addr_set = self.call_set = False
 
         self._do(step)
 
