@@ -1,0 +1,85 @@
+"""RESET_DEVICE: the back-end disables every ring and returns its device state to the initial
+state, keeping ownership (vhost-user.rst (QEMU 11.1.3) "Front-end message types:
+RESET_DEVICE"; only with protocol feature RESET_DEVICE, bit 13).
+
+Family: reconnect (VU-RST-2; VU-RST-1, RESET_OWNER, lives in test_reconnect.py). QEMU 11.1.3
+never sends RESET_DEVICE to vhost-user-blk (QEMU-TRACES.md correction 12), so the scenario is
+ours: after RESET_DEVICE on a started device, a request made available and kicked is not
+served; GET_STATUS (when STATUS is negotiated) reads 0; and the start sequence, sent again on
+the same connection without SET_OWNER, brings the device back: the request left on the ring is
+served once and data written before the reset reads back. Memory regions are not sent again:
+a reset device keeps its memory table, as QEMU's front-end assumes when it restarts a device
+(it only sends memory-table differences).
+"""
+
+from __future__ import annotations
+
+import time
+
+from vhost_conformance.frontend.channel import BackendNack
+from vhost_conformance.frontend.device import Session
+from vhost_conformance.frontend.protocol import U64, FrontendRequest, ProtocolFeature
+from vhost_conformance.suites.drivers import do_io, expect_status, wait_all
+from vhost_conformance.suites.model import MUST, CaseFailed, case
+
+F = FrontendRequest
+P = ProtocolFeature
+
+#: Seconds to watch a disabled ring for a completion that must not come.
+QUIET = 0.3
+
+
+def reset_device(session: Session) -> None:
+    """RESET_DEVICE, synchronous: with REPLY_ACK NEED_REPLY (the ack must be 0), else a
+    GET_FEATURES round trip after it. The session is no longer started afterwards."""
+    session.call(F.RESET_DEVICE, need_reply=session.reply_ack)
+    if not session.reply_ack:
+        session.call(F.GET_FEATURES)
+    session.started = False
+    for q in session.queues:
+        q.started = False
+
+
+@case("VU-RST-2", level=MUST, requires=[P.RESET_DEVICE])
+def test_reset_device_resets_to_the_initial_state(vhost_session: Session) -> None:
+    """RESET_DEVICE on a started device: rings stop serving, status reads 0, and the start
+    sequence without SET_OWNER on the same connection brings the device back (the request
+    left on the ring is served once, earlier writes read back)."""
+    s = vhost_session
+    do_io(s, 2, kinds=("write",))
+    reset_device(s)
+    vq = s.queues[0].vq
+    used_before = vq.used_idx_in_memory()
+    held = s.queues[0].blk.read(0, 8)
+    vq.publish()
+    s.kick(0)
+    deadline = time.monotonic() + QUIET
+    while time.monotonic() < deadline:
+        if vq.used_idx_in_memory() != used_before:
+            raise CaseFailed("a request made available after RESET_DEVICE",
+                             expected="not served (every ring disabled)",
+                             seen=f"used->idx moved {used_before} -> "
+                             f"{vq.used_idx_in_memory()}")
+        time.sleep(0.01)
+    if s.has_protocol(P.STATUS):
+        reply = s.call(F.GET_STATUS)
+        status = None if reply is None else U64.decode(reply.payload).value
+        if status != 0:
+            raise CaseFailed("GET_STATUS after RESET_DEVICE (the initial device status)",
+                             expected="0", seen=None if status is None else f"{status:#x}")
+    sent_before = len(s.channel.trace.entries())
+    try:
+        s.start()  # SET_VRING_BASE = used->idx: the held request is served on restart
+    except BackendNack as exc:  # a close or a hang keeps its own verdict (crash, hang)
+        raise CaseFailed("the start sequence after RESET_DEVICE, without SET_OWNER "
+                         "(ownership is kept)", expected="accepted",
+                         seen=f"{type(exc).__name__}: {exc}") from None
+    names = [e.name for e in s.channel.trace.entries()[sent_before:]
+             if e.direction == "fe->be"]
+    if "SET_OWNER" in names:  # our own sequence: the point is that it has none
+        raise CaseFailed("the restart after RESET_DEVICE (front-end)",
+                         expected="no SET_OWNER", seen=", ".join(names))
+    expect_status(wait_all(s, [held]), what="the request left on the ring across the reset")
+    # the earlier writes read back (checked against the model), and new I/O works
+    do_io(s, 2, kinds=("read",))
+    do_io(s, 2, sector=4096)
