@@ -827,12 +827,20 @@ class Device:
             return
         try:
             self._bind_inflight(q)
+            # A region an earlier session set up (reconnect after a crash, migration
+            # destination, restart after a stop) may hide completions the earlier back-end
+            # published but never notified (death between used->idx and the call): notify
+            # once, or the guest waits forever. Spurious notifications are harmless; libvhost-user
+            # does the same on SET_VRING_CALL ("in case of I/O hang after reconnecting").
+            earlier = q.inflight is not None and q.inflight.version != 0
             if isinstance(q.ring, SplitRing):
                 q.used_idx = q.ring.used_idx()
                 if isinstance(q.inflight, SplitInflight):
                     self._recover_split(q, q.ring, q.inflight)
             elif isinstance(q.ring, PackedRing) and isinstance(q.inflight, PackedInflight):
                 self._recover_packed(q, q.ring, q.inflight)
+            if earlier and q.broken is None:
+                _signal(q.call_fd)
         except (InflightError, RingError, GuestMemoryError) as exc:
             self._break(q, f"in-flight recovery: {exc}")
 
