@@ -30,6 +30,9 @@ Fixtures for case code and for vendors' own tests:
 ``vhost_timeout``         the reply deadline in seconds
 ``vhost_target_factory``  make more back-ends for one case (a migration destination)
 ``vhost_measurements``    ``dict[str, float]`` of this case's figures, copied to report.json
+``vhost_measure``         ``measure(name, value, unit="ms", **parameters)``: a run-wide figure
+                          (``report.measurements``, plotted by report.html: ``stop_latency_ms``
+                          with ``mode``/``disk_latency_ms``/``inflight``, ``migration_downtime_ms``)
 ``vhost_backend_targets`` the per-worker TargetFactory (session scope)
 
 Extension points for the next round: a front-end session (``frontend.device``), guest memory,
@@ -287,6 +290,8 @@ class VhostRun:
             self.default_profile_error = str(exc)
         self.deviations = self._deviations(_option(config, "vhost_known_deviations"))
         self.results: list[CaseResult] = []
+        #: run-wide figures the cases of this process measured (``vhost_measure``)
+        self.measured: list[Measurement] = []
         self.worker_payloads: list[dict[str, Any]] = []
         self.started = time.time()
         self._factory: TargetFactory | None = None
@@ -580,7 +585,7 @@ class VhostRun:
     # -- collection of results -----------------------------------------------------------
 
     def _measurements(self) -> list[Measurement]:
-        found: list[Measurement] = []
+        found: list[Measurement] = list(self.measured)
         for batch in self.config.hook.pytest_vhost_add_measurements(config=self.config):
             found.extend(batch or [])
         return found
@@ -592,8 +597,22 @@ class VhostRun:
                 caps = payload["capabilities"]
                 break
         command = self.profile.command if self.profile is not None else None
+        extra: dict[str, Any] = {}
+        if self.profile is not None:
+            extra["profile"] = self.profile.source
+        workers = [p.get("worker") for p in payloads if p.get("worker")]
+        if workers:
+            extra["workers"] = len(workers)
         if caps is None:
-            return BackendInfo(name=self.backend_name, command=command)
+            return BackendInfo(name=self.backend_name, command=command, extra=extra)
+        for key in (
+            "max_mem_slots",
+            "config",
+            "negotiated_feature_names",
+            "negotiated_protocol_feature_names",
+        ):
+            if caps.get(key) is not None:
+                extra[key] = caps[key]
         return BackendInfo(
             name=self.backend_name,
             command=command,
@@ -601,24 +620,20 @@ class VhostRun:
             feature_names=caps["feature_names"],
             protocol_features=caps["protocol_features"],
             protocol_feature_names=caps["protocol_feature_names"],
+            negotiated_features=caps.get("negotiated_features"),
+            negotiated_protocol_features=caps.get("negotiated_protocol_features"),
             queue_num=caps["queue_num"],
+            extra=extra,
         )
 
     def _payload(self) -> dict[str, Any]:
         caps = self.capabilities_if_probed()
         return {
+            "worker": self.worker,
             "results": [r.to_dict() for r in self.results],
             # asked only where cases ran (an idle xdist worker adds nothing)
             "measurements": [m.to_dict() for m in self._measurements()] if self.results else [],
-            "capabilities": None
-            if caps is None
-            else {
-                "features": caps.features,
-                "feature_names": caps.feature_names(),
-                "protocol_features": caps.protocol_features,
-                "protocol_feature_names": caps.protocol_feature_names(),
-                "queue_num": caps.queue_num,
-            },
+            "capabilities": None if caps is None else _capabilities_payload(caps),
         }
 
     @pytest.hookimpl(optionalhook=True)
@@ -670,6 +685,81 @@ class VhostRun:
         except ImportError:  # pragma: no cover - renderers missing: the JSON is the truth
             return report.save(self.report_dir / "report.json")
         return write_all(report, self.report_dir)["json"]
+
+
+def qemu_agreement(caps: Capabilities) -> tuple[int, int]:
+    """What a QEMU 11.1.3-like session (``frontend.device.Session`` defaults: one split queue,
+    EVENT_IDX, INDIRECT, inflight-migration=on) agrees with a back-end offering ``caps``:
+    (the virtio features of SET_FEATURES, the protocol features of SET_PROTOCOL_FEATURES)."""
+    import socket as _socket
+
+    from vhost_conformance.frontend.device import QEMU_PROTOCOL_MASK, Session
+    from vhost_conformance.frontend.memory import GuestMemory
+    from vhost_conformance.frontend.protocol import ProtocolFeature, VirtioFeature, has
+
+    protocol = 0
+    if has(caps.features, VirtioFeature.PROTOCOL_FEATURES):
+        # Session.connect: the offer masked with what QEMU 11.1.3 knows, XEN_MMAP dropped, bit 20
+        # only with INFLIGHT_SHMFD (hw/virtio/vhost-user.c vhost_user_backend_init)
+        protocol = caps.protocol_features & QEMU_PROTOCOL_MASK
+        protocol &= ~(1 << ProtocolFeature.XEN_MMAP)
+        if not has(caps.protocol_features, ProtocolFeature.INFLIGHT_SHMFD):
+            protocol &= ~(1 << ProtocolFeature.GET_VRING_BASE_INFLIGHT)
+    ours, theirs = _socket.socketpair()
+    theirs.close()
+    channel = Channel(ours)
+    try:
+        session = Session(channel, GuestMemory())
+        session.negotiated.features = caps.features
+        features = session.driver_features()
+    finally:
+        channel.close()
+    return features, protocol
+
+
+def _capabilities_payload(caps: Capabilities) -> dict[str, Any]:
+    """What report.json's ``backend`` says about the probed back-end (JSON-able)."""
+    from vhost_conformance.frontend.protocol import (
+        BlkFeature,
+        ProtocolFeature,
+        VirtioFeature,
+        feature_names,
+    )
+
+    features, protocol = qemu_agreement(caps)
+    return {
+        "features": caps.features,
+        "feature_names": caps.feature_names(),
+        "protocol_features": caps.protocol_features,
+        "protocol_feature_names": caps.protocol_feature_names(),
+        "queue_num": caps.queue_num,
+        "negotiated_features": features,
+        "negotiated_protocol_features": protocol,
+        "negotiated_feature_names": feature_names(features, VirtioFeature, BlkFeature),
+        "negotiated_protocol_feature_names": feature_names(protocol, ProtocolFeature),
+        "max_mem_slots": caps.max_mem_slots,
+        "config": _config_summary(caps) or None,
+    }
+
+
+def _config_summary(caps: Capabilities) -> dict[str, object]:
+    """The virtio-blk config fields every layout has (VIRTIO 1.x 5.2.4), from the probe."""
+    import struct
+
+    config = caps.config
+    if config is None or len(config) < 36:
+        return {}
+    capacity, size_max, seg_max = struct.unpack_from("<QII", config, 0)
+    (blk_size,) = struct.unpack_from("<I", config, 20)
+    (num_queues,) = struct.unpack_from("<H", config, 34)
+    return {
+        "config_len": len(config),
+        "capacity_sectors": capacity,
+        "size_max": size_max,
+        "seg_max": seg_max,
+        "blk_size": blk_size,
+        "num_queues": num_queues,
+    }
 
 
 def _case_for_item(item: pytest.Item) -> Case | None:
@@ -765,6 +855,24 @@ def vhost_channel(
         yield channel
     finally:
         channel.close()
+
+
+@pytest.fixture
+def vhost_measure(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """``measure(name, value, unit="ms", **parameters)``: add a run-wide figure to
+    ``report.measurements`` (the case id is added to its parameters as ``case``)."""
+    run = _run(request.config)
+    meta = _case_for_item(request.node)
+
+    def measure(name: str, value: float, unit: str = "ms", **parameters: object) -> None:
+        params: dict[str, object] = dict(parameters)
+        if meta is not None:
+            params.setdefault("case", meta.id)
+        run.measured.append(
+            Measurement(name=name, unit=unit, value=float(value), parameters=params)
+        )
+
+    return measure
 
 
 @pytest.fixture

@@ -290,6 +290,7 @@ def test_stop_latency_and_downtime_drain_vs_no_drain(
     vhost_target_factory: Callable[[str], BackendTarget],
     make_session: SessionFactory,
     vhost_measurements: dict[str, float],
+    vhost_measure: Callable[..., None],
 ) -> None:
     """Measures the GET_VRING_BASE round trip and the downtime (stop, transfer, start) of a
     migration with requests held on the slow disk, draining and (with bit 20) suspending."""
@@ -305,6 +306,10 @@ def test_stop_latency_and_downtime_drain_vs_no_drain(
         name = "no_drain" if bit20 else "drain"
         for key, value in figures.items():
             vhost_measurements[f"{name}.{key}"] = value
+        mode = name.replace("_", "-")
+        vhost_measure("stop_latency_ms", figures["stop_ms"], mode=mode,
+                      disk_latency_ms=LATENCY_MS, inflight=HELD)
+        vhost_measure("migration_downtime_ms", figures["downtime_ms"], mode=mode, inflight=HELD)
         fail_on([f for f in ledger.findings() if f.kind != "status"],
                 f"requests held across the {name.replace('_', '-')} migration")
     if vhost_measurements.get("no_drain.stop_ms"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 from vhost_conformance.frontend.blk import BlkRequest
 from vhost_conformance.frontend.device import Session
@@ -198,13 +199,16 @@ def test_set_vring_base_sets_only_next_avail_index(vhost_session: Session) -> No
 
 @case("VU-GVB-3", level=MUST)
 def test_get_vring_base_drains_in_flight_io(
-    vhost_target: BackendTarget, make_session: SessionFactory, vhost_measurements: dict[str, float]
+    vhost_target: BackendTarget, make_session: SessionFactory, vhost_measurements: dict[str, float],
+    vhost_measure: Callable[..., None],
 ) -> None:
     """Without bit 20, the reply comes only after every taken request has completed."""
     with slow_disk(vhost_target, LATENCY_MS):
         session = make_session(vhost_target, inflight_migration=False, model=False)
         stopped = _held_stop(session)
         vhost_measurements["stop_latency_ms"] = round(stopped.elapsed * 1000, 3)
+        vhost_measure("stop_latency_ms", stopped.elapsed * 1000, mode="drain",
+                      disk_latency_ms=LATENCY_MS, inflight=HELD)
         popped = stopped.bases[0]
         if stopped.used_idx_at_reply[0] != popped:
             raise CaseFailed(
@@ -223,7 +227,8 @@ def test_get_vring_base_drains_in_flight_io(
 
 @case("VU-GVB-4", level=MAY)
 def test_bit_20_suspend_marks_exactly_the_outstanding_heads(
-    vhost_target: BackendTarget, make_session: SessionFactory, vhost_measurements: dict[str, float]
+    vhost_target: BackendTarget, make_session: SessionFactory, vhost_measurements: dict[str, float],
+    vhost_measure: Callable[..., None],
 ) -> None:
     """With bit 20, a reply before completion marks exactly those heads in the region."""
     with slow_disk(vhost_target, LATENCY_MS):
@@ -231,6 +236,8 @@ def test_bit_20_suspend_marks_exactly_the_outstanding_heads(
         tracker = InflightTracker(session)
         stopped = _held_stop(session, tracker)
         vhost_measurements["stop_latency_ms"] = round(stopped.elapsed * 1000, 3)
+        vhost_measure("stop_latency_ms", stopped.elapsed * 1000, mode="no-drain",
+                      disk_latency_ms=LATENCY_MS, inflight=HELD)
         tracker.reap(0)
         fail_on_findings(tracker.findings(stopped.bases), "in-flight region after the stop")
 
