@@ -155,3 +155,20 @@ def test_dump_vmstate_capture_agrees_with_the_earlier_one() -> None:
     if not earlier.exists():
         pytest.skip(f"{earlier.name} not in tests/data")
     assert json.loads(DUMP.read_text()) == json.loads(earlier.read_text())
+
+
+def test_real_stream_of_a_device_never_started() -> None:
+    # QEMU 11.1.3 (capture-migration-stream --before-start): bit 20 negotiated at connect, VM
+    # paused by -S, so no region was ever allocated; QEMU still writes the subsection, with size
+    # 0 and queue_size 0, and its own destination refuses to load it ("failed to allocate shared
+    # memory": tests/test_backend_qemu.py::test_migration_before_the_device_started).
+    data = _load("1q-unstarted")
+    stream = read_stream(data)
+    state, section, offset = find_inflight_subsection(stream)
+    assert (state.size, state.queue_size, state.buffer) == (0, 0, b"")
+    assert offset + 29 + 10 + 34 == section.body_end  # headers only, no buffer bytes
+    assert encode_inflight_subsection(b"", queue_size=0) == bytes(data[offset : section.body_end])
+    entry = stream.vmdesc_device(section)
+    assert entry is not None
+    (sub,) = [s for s in entry["subsections"] if s["vmsd_name"] == INFLIGHT_SUBSECTION]
+    assert sub == inflight_vmdesc(0) and compare_inflight_vmdesc(sub, 0) == []
