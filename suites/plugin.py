@@ -35,10 +35,9 @@ Fixtures for case code and for vendors' own tests:
                           with ``mode``/``disk_latency_ms``/``inflight``, ``migration_downtime_ms``)
 ``vhost_backend_targets`` the per-worker TargetFactory (session scope)
 
-Extension points for the next round: a front-end session (``frontend.device``), guest memory,
-a blk driver and a migration helper become fixtures built on ``vhost_target`` and
-``vhost_channel`` here (one fixture each, registering their wire traces with
-:func:`register_trace` so failing cases carry them in the report).
+The I/O fixtures of :mod:`vhost_conformance.suites.drivers` (``vhost_session``,
+``vhost_memory``, ``make_session``, ...) are loaded too (a plugin module of their own), so a
+vendor's test file anywhere can ask for them.
 
 Verdicts -> pytest: pass -> passed; fail/hang/crash/error -> failed; unsupported/skip ->
 skipped with the reason; non-strict -> passed with a VhostNonStrictWarning (failed with
@@ -97,6 +96,9 @@ from vhost_conformance.suites.target import (
 )
 
 import vhost_conformance
+
+#: The module of the I/O fixtures, loaded as a plugin module by :func:`pytest_configure`.
+DRIVERS_PLUGIN = "vhost_conformance.suites.drivers"
 
 #: workeroutput key carrying a worker's results to the controller.
 WORKER_KEY = "vhost_conformance"
@@ -192,6 +194,9 @@ def pytest_configure(config: pytest.Config) -> None:
     state = VhostRun(config)
     config.stash[_RUN] = state
     config.pluginmanager.register(state, "vhost-conformance-run")
+    # the shared I/O fixtures (vhost_session, vhost_memory, make_session, ...) for vendors'
+    # own tests outside the package; a no-op when ``-p`` already loaded the module
+    config.pluginmanager.import_plugin(DRIVERS_PLUGIN)
 
 
 # --------------------------------------------------------------------------- per-run state
