@@ -7,11 +7,14 @@ the reference back-end (``python -m vhost_conformance.backend --ram-disk``). Pri
 with both front-ends' IOPS per back-end and the ratio Python / C.
 
 The Python data path batches: it keeps ``depth`` requests in flight, and each turn reaps
-every used entry there is, re-adds as many requests, publishes once and kicks at most once
-(only when the device asks for it: EVENT_IDX). Usage::
+every used entry there is (``Session.reap_batch``), completes them without copying the data
+(``BlkDriver.complete_views``), re-adds as many requests in one call (``BlkDriver.read_many``:
+each request slot keeps its data buffer and indirect table), publishes once and kicks at
+most once (only when the device asks for it: EVENT_IDX). ``--copy`` measures the general
+API instead (one ``read`` per request, ``complete`` copying the data out). Usage::
 
-    .venv/bin/python bench/iops.py [--seconds 5] [--depth 32] [--count 200000]
-        [--backends qsd,reference] [--profile FILE]
+    .venv/bin/python bench/iops.py [--seconds 5] [--depth 32] [--count 200000] [--repeat 2]
+        [--backends qsd,reference] [--copy] [--profile FILE]
 
 Not a test: nothing is asserted, numbers vary with the machine (2 cores here; back-end and
 front-end share them).
