@@ -109,7 +109,7 @@ def test_provision_peers_is_fast_when_cached() -> None:
     if os.geteuid() != 0:
         pytest.skip("scripts/provision-peers runs as root")
     stamps = cache_dir() / "stamps"
-    needed = ["qsd", "dpdk-vhost-blk", "trixie-root", "guest"]
+    needed = ["qsd", "dpdk-vhost-blk", "trixie-root", "guest", "chromium"]
     if not all((stamps / name).exists() for name in needed):
         pytest.skip(f"not every peer is provisioned in {cache_dir()}: run scripts/provision-peers")
     started = time.monotonic()
