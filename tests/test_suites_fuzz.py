@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,9 @@ def run_suite(
     """Run suite cases in a subprocess pytest; return (report.json by case id, the process)."""
     report = tmp_path / "report"
     env = dict(os.environ, **{EXAMPLES_ENV: str(examples)})
-    env["VHOST_CONFORMANCE_RUNDIR"] = str(tmp_path)
+    # Unix socket paths must stay under 108 bytes: pytest's tmp_path can be longer than that.
+    rundir = Path(tempfile.mkdtemp(prefix="vcf-", dir="/tmp"))
+    env["VHOST_CONFORMANCE_RUNDIR"] = str(rundir)
     argv = [
         sys.executable,
         "-m",
@@ -48,9 +52,12 @@ def run_suite(
         *extra,
         *selection,
     ]
-    done = subprocess.run(
-        argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    try:
+        done = subprocess.run(
+            argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
     path = report / "report.json"
     assert path.exists(), (
         f"no report.json; pytest said:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}"
