@@ -378,3 +378,31 @@ def test_leaving_slow_io_relaunches_without_waiting(short_dir: pathlib.Path) -> 
             assert probe_capabilities(sock, 5).queue_num == 1
     finally:
         target.stop()
+
+
+def test_python_backends_read_a_private_bytecode_cache(tmp_path: pathlib.Path) -> None:
+    import subprocess
+
+    code = (
+        "import sys; from vhost_conformance.suites.target import python_env\n"
+        "assert python_env(['qemu-storage-daemon', '--help']) is None\n"
+        "env = python_env([sys.executable, '-m', 'vhost_conformance.backend'])\n"
+        "print(env['PYTHONPYCACHEPREFIX'] if env else 'none')\n"
+    )
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}
+    for own_prefix, expected in ((None, "cache"), (str(tmp_path / "own"), "none")):
+        env = {**base, "TMPDIR": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
+        if own_prefix:
+            env["PYTHONPYCACHEPREFIX"] = own_prefix
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        prefix = out.stdout.strip()
+        if expected == "none":
+            assert prefix == "none"  # the user chose where bytecode goes: left alone
+            continue
+        assert prefix == str(tmp_path / f"vc-pycache-{os.getuid()}")
+        compiled = [p.name for p in pathlib.Path(prefix).rglob("*.pyc")]
+        assert any(name.startswith("protocol.") for name in compiled), compiled
+        assert any(name.startswith("server.") for name in compiled), compiled
