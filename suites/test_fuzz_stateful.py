@@ -496,6 +496,7 @@ def run_machine(rig: Rig, examples: int) -> dict[str, int]:
                 deadline=None,
                 database=None,
                 print_blob=True,
+                report_multiple_bugs=False,
                 suppress_health_check=list(HealthCheck),
                 phases=[Phase.explicit, Phase.generate, Phase.shrink],
             ),

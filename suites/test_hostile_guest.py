@@ -1146,6 +1146,7 @@ def fuzz_descriptor_chains(rig: Rig, examples: int, layouts: Sequence[str]) -> i
         deadline=None,
         database=None,
         print_blob=True,
+        report_multiple_bugs=False,
         suppress_health_check=list(HealthCheck),
         phases=[Phase.explicit, Phase.generate, Phase.shrink],
     )
