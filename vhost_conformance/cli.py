@@ -140,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Render the matrix of several report.json files."""
-    from vhost_conformance.reports import matrix
+    import vhost_conformance.reports.matrix as matrix
     from vhost_conformance.reports.model import ReportFormatError
 
     try:
