@@ -1086,6 +1086,11 @@ class TargetFactory:
             self._targets.append(target)
             self._pool.append(target)
 
+    def warm(self) -> None:
+        """Launch the pre-started instances now (e.g. while pytest finishes collecting)."""
+        if self.prestart:
+            self._fill_pool()
+
     def _from_pool(self) -> CommandTarget | None:
         """A pre-started instance still running (dead ones are discarded), or None."""
         while self._pool:
