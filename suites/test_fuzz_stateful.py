@@ -54,6 +54,7 @@ from vhost_conformance.suites.test_hostile_guest import (
     ShrinkBudget,
     backend_fds,
     examples_setting,
+    shrink_seconds,
 )
 
 F = FrontendRequest
@@ -484,7 +485,7 @@ def run_machine(rig: Rig, examples: int) -> dict[str, int]:
     machine: type[MessageMachine] = type("BoundMessageMachine", (MessageMachine,), {})
     machine.rig = rig
     machine.model = None
-    machine.budget = ShrinkBudget(30.0)
+    machine.budget = ShrinkBudget(shrink_seconds())
     machine.counts = {}
     machine.first_failure = None
     try:

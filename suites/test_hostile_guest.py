@@ -69,8 +69,20 @@ INDIRECT = VIRTQ_DESC_F_INDIRECT
 EXAMPLES_ENV = "VHOST_CONFORMANCE_EXAMPLES"
 #: Default examples per property-based case (keeps the default suite fast).
 DEFAULT_EXAMPLES = 50
-#: Seconds a property-based case may spend shrinking a failure before it reports what it has.
+#: Seconds a property-based case may spend shrinking a failure before it reports what it has
+#: (``$VHOST_CONFORMANCE_SHRINK_SECONDS`` overrides it).
 SHRINK_BUDGET = 30.0
+SHRINK_ENV = "VHOST_CONFORMANCE_SHRINK_SECONDS"
+
+
+def shrink_seconds() -> float:
+    """The shrink budget: ``$VHOST_CONFORMANCE_SHRINK_SECONDS`` or :data:`SHRINK_BUDGET`."""
+    raw = os.environ.get(SHRINK_ENV, "").strip()
+    try:
+        return max(0.0, float(raw)) if raw else SHRINK_BUDGET
+    except ValueError:
+        raise pytest.UsageError(f"${SHRINK_ENV} must be a number of seconds, got {raw!r}") from None
+
 
 #: Guest RAM of an example: region 0 for rings and request buffers (the session allocates
 #: there), region 1 a small scratch area at a fixed GPA for hand-written chains, ending where
@@ -1137,7 +1149,7 @@ class ShrinkBudget:
 def fuzz_descriptor_chains(rig: Rig, examples: int, layouts: Sequence[str]) -> int:
     """Run ``examples`` hypothesis examples of hostile chains against ``rig``; returns how many
     ran. Failures propagate (the minimal example is printed by hypothesis)."""
-    budget = ShrinkBudget(SHRINK_BUDGET)
+    budget = ShrinkBudget(shrink_seconds())
     ran = 0
     first: tuple[CaseOutcome, str] | None = None
 

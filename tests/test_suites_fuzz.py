@@ -35,7 +35,7 @@ def run_suite(
 ) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
     """Run suite cases in a subprocess pytest; return (report.json by case id, the process)."""
     report = tmp_path / "report"
-    env = dict(os.environ, **{EXAMPLES_ENV: str(examples)})
+    env = dict(os.environ, **{EXAMPLES_ENV: str(examples), "VHOST_CONFORMANCE_SHRINK_SECONDS": "5"})
     # Unix socket paths must stay under 108 bytes: pytest's tmp_path can be longer than that.
     rundir = Path(tempfile.mkdtemp(prefix="vcf-", dir="/tmp"))
     env["VHOST_CONFORMANCE_RUNDIR"] = str(rundir)
