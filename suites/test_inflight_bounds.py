@@ -43,14 +43,16 @@ from vhost_conformance.suites.drivers import (
 )
 from vhost_conformance.suites.model import MUST, CaseFailed, CaseOutcome, Unsupported, case
 from vhost_conformance.suites.target import BackendTarget, Capabilities, CommandTarget
-from vhost_conformance.suites.test_hostile_guest import ShrinkBudget, examples_setting
+from vhost_conformance.suites.test_hostile_guest import (
+    ShrinkBudget,
+    examples_setting,
+    shrink_seconds,
+)
 
 P = ProtocolFeature
 
 #: Default examples (each one a session): fewer than the chain fuzzers, a session costs more.
 DEFAULT_EXAMPLES = 20
-#: Seconds spent shrinking a failure before reporting the smallest found.
-SHRINK_BUDGET = 30.0
 #: Queue size of the fuzzed sessions; a batch (at most MAX_BATCH requests of up to three
 #: descriptors) always fits once earlier requests were reaped.
 QUEUE_SIZE = 128
@@ -245,13 +247,13 @@ def fuzz_inflight_bounds(target: BackendTarget, timeout: float, layouts: Sequenc
     """Run ``examples`` hypothesis examples; returns how many ran and how many requests were
     seen in flight. The first failure is reported as hypothesis shrank it (or as it ran,
     when it cannot be replayed)."""
-    budget = ShrinkBudget(SHRINK_BUDGET)
+    budget = ShrinkBudget(shrink_seconds())  # $VHOST_CONFORMANCE_SHRINK_SECONDS
     ran = 0
     seen = 0
     first: tuple[CaseOutcome, str] | None = None
 
     @settings(max_examples=examples, deadline=None, database=None, print_blob=True,
-              suppress_health_check=list(HealthCheck),
+              report_multiple_bugs=False, suppress_health_check=list(HealthCheck),
               phases=[Phase.explicit, Phase.generate, Phase.shrink])
     @given(data=st.data())
     def example(data: st.DataObject) -> None:
