@@ -27,7 +27,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -58,6 +58,7 @@ from vhost_conformance.suites.model import (
     CaseOutcome,
     Unsupported,
     case,
+    case_of,
 )
 from vhost_conformance.suites.target import BackendTarget, Capabilities, CommandTarget
 
@@ -868,6 +869,26 @@ def run_named(
     print(f"{case_id} {layout}: " + "; ".join(seen))
 
 
+@pytest.fixture
+def hostile_shapes(
+    request: pytest.FixtureRequest,
+    vhost_target: BackendTarget,
+    vhost_capabilities: Capabilities,
+    vhost_timeout: float,
+    vhost_measurements: dict[str, float],
+) -> Callable[[str], None]:
+    """``run(layout)`` runs every named shape of this case (its id from the case marker) on
+    that ring layout: one driver for all the named hostile-guest cases."""
+    meta = case_of(request.function)
+    assert meta is not None, "hostile_shapes is for @case functions"
+
+    def run(layout: str) -> None:
+        run_named(meta.id, layout, vhost_target, vhost_capabilities, vhost_timeout,
+                  vhost_measurements)
+
+    return run
+
+
 LAYOUTS = pytest.mark.parametrize("layout", ["split", "packed"])
 #: Shapes that exist only for split rings (packed chains are sequential: no next index to
 #: loop or overflow, no avail index to jump).
@@ -876,27 +897,15 @@ SPLIT_ONLY = pytest.mark.parametrize("layout", ["split"])
 
 @case("VU-HOST-1", level=MUST)
 @SPLIT_ONLY
-def test_descriptor_loop(
-    layout: str,
-    vhost_target: BackendTarget,
-    vhost_capabilities: Capabilities,
-    vhost_timeout: float,
-    vhost_measurements: dict[str, float],
-) -> None:
+def test_descriptor_loop(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """A looping chain is refused (error, needs reset, close or ignore), no crash or hang."""
-    run_named(
-        "VU-HOST-1", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
-    )
+    hostile_shapes(layout)
 
 
 @case("VU-HOST-2", level=MUST)
 @LAYOUTS
 def test_chain_longer_than_queue(
-    layout: str,
-    vhost_target: BackendTarget,
-    vhost_capabilities: Capabilities,
-    vhost_timeout: float,
-    vhost_measurements: dict[str, float],
+    layout: str, vhost_capabilities: Capabilities, hostile_shapes: Callable[[str], None]
 ) -> None:
     """A chain of more descriptors than the queue holds is refused without crash or hang."""
     if layout == "split" and not vhost_capabilities.offers(VirtioFeature.RING_INDIRECT_DESC):
@@ -904,144 +913,70 @@ def test_chain_longer_than_queue(
             VirtioFeature.RING_INDIRECT_DESC,
             "a split chain longer than the queue needs an indirect table",
         )
-    run_named(
-        "VU-HOST-2", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
-    )
+    hostile_shapes(layout)
 
 
 @case("VU-HOST-3", level=MUST, requires=[VirtioFeature.RING_INDIRECT_DESC])
 @LAYOUTS
-def test_indirect_inside_indirect(
-    layout: str,
-    vhost_target: BackendTarget,
-    vhost_capabilities: Capabilities,
-    vhost_timeout: float,
-    vhost_measurements: dict[str, float],
-) -> None:
+def test_indirect_inside_indirect(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """An INDIRECT descriptor inside an indirect table is refused without a crash."""
-    run_named(
-        "VU-HOST-3", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
-    )
+    hostile_shapes(layout)
 
 
 @case("VU-HOST-4", level=MUST)
 @SPLIT_ONLY
-def test_next_out_of_range(
-    layout: str,
-    vhost_target: BackendTarget,
-    vhost_capabilities: Capabilities,
-    vhost_timeout: float,
-    vhost_measurements: dict[str, float],
-) -> None:
+def test_next_out_of_range(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """A next index beyond the table is refused without a crash."""
-    run_named(
-        "VU-HOST-4", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
-    )
+    hostile_shapes(layout)
 
 
 @case("VU-HOST-5", level=MUST)
 @LAYOUTS
-def test_buffers_outside_guest_memory(
-    layout: str,
-    vhost_target: BackendTarget,
-    vhost_capabilities: Capabilities,
-    vhost_timeout: float,
-    vhost_measurements: dict[str, float],
-) -> None:
+def test_buffers_outside_guest_memory(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """Buffers crossing a region's end or at unmapped GPAs are refused."""
-    run_named(
-        "VU-HOST-5", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
-    )
+    hostile_shapes(layout)
 
 
 @case("VU-HOST-6", level=MUST)
 @SPLIT_ONLY
-def test_avail_idx_jump(
-    layout: str,
-    vhost_target: BackendTarget,
-    vhost_capabilities: Capabilities,
-    vhost_timeout: float,
-    vhost_measurements: dict[str, float],
-) -> None:
+def test_avail_idx_jump(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """avail->idx more than queue size ahead is refused without crash or hang."""
-    run_named(
-        "VU-HOST-6", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
-    )
+    hostile_shapes(layout)
 
 
 @case("VU-HOST-7", level=MUST)
 @LAYOUTS
-def test_wrong_buffer_directions(
-    layout: str,
-    vhost_target: BackendTarget,
-    vhost_capabilities: Capabilities,
-    vhost_timeout: float,
-    vhost_measurements: dict[str, float],
-) -> None:
+def test_wrong_buffer_directions(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """A writable header or a readable status: error or ignored; readable buffers untouched."""
-    run_named(
-        "VU-HOST-7", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
-    )
+    hostile_shapes(layout)
 
 
 @case("VU-HOST-8", level=MUST)
 @LAYOUTS
-def test_head_beyond_queue(
-    layout: str,
-    vhost_target: BackendTarget,
-    vhost_capabilities: Capabilities,
-    vhost_timeout: float,
-    vhost_measurements: dict[str, float],
-) -> None:
+def test_head_beyond_queue(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """A head (split) or buffer id (packed) at or beyond the queue size: no crash."""
-    run_named(
-        "VU-HOST-8", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
-    )
+    hostile_shapes(layout)
 
 
 @case("VU-HOST-9", level=MUST)
 @SPLIT_ONLY
-def test_flood_of_submissions(
-    layout: str,
-    vhost_target: BackendTarget,
-    vhost_capabilities: Capabilities,
-    vhost_timeout: float,
-    vhost_measurements: dict[str, float],
-) -> None:
+def test_flood_of_submissions(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """A head made available again while in flight, and a kick storm: alive and correct."""
-    run_named(
-        "VU-HOST-9", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
-    )
+    hostile_shapes(layout)
 
 
 @case("VU-HOST-10", level=MUST, requires=[VirtioFeature.RING_INDIRECT_DESC])
 @LAYOUTS
-def test_bad_indirect_length(
-    layout: str,
-    vhost_target: BackendTarget,
-    vhost_capabilities: Capabilities,
-    vhost_timeout: float,
-    vhost_measurements: dict[str, float],
-) -> None:
+def test_bad_indirect_length(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """An indirect table of length 0 or not a multiple of 16 is refused without a crash."""
-    run_named(
-        "VU-HOST-10", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
-    )
+    hostile_shapes(layout)
 
 
 @case("VU-HOST-11", level=MUST)
 @LAYOUTS
-def test_zero_length_buffers(
-    layout: str,
-    vhost_target: BackendTarget,
-    vhost_capabilities: Capabilities,
-    vhost_timeout: float,
-    vhost_measurements: dict[str, float],
-) -> None:
+def test_zero_length_buffers(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """Zero-length header, data or status buffers: an error or a completion, no crash."""
-    run_named(
-        "VU-HOST-11", layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
-    )
+    hostile_shapes(layout)
 
 
 # --------------------------------------------------------------------------- property-based
