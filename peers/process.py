@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
+from typing import Self
 
 
 class PeerProcessError(Exception):
@@ -33,7 +34,27 @@ def _status_from_siginfo(info: os.waitid_result) -> int:
     return -int(info.si_status)
 
 
-class Supervised:
+class TerminatesOnExit:
+    """Context-manager protocol for the peers here: leaving the ``with`` block calls
+    ``terminate()``, which stops and reaps whatever the object supervises."""
+
+    def terminate(self, timeout: float = 5.0) -> int:
+        """Stop and reap; return the exit status."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.terminate()
+
+
+class Supervised(TerminatesOnExit):
     """One child process in its own process group, with its stdout+stderr in ``log_path``."""
 
     def __init__(
@@ -208,17 +229,6 @@ class Supervised:
         """SIGKILL to the whole group at once; reaps; returns the status."""
         return self.terminate(timeout=0.0)
 
-    def __enter__(self) -> Supervised:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.terminate()
-
 
 def spawn(
     argv: Sequence[str],
@@ -272,7 +282,7 @@ def wait_for_text(
         time.sleep(0.05)
 
 
-class SocketPeer:
+class SocketPeer(TerminatesOnExit):
     """A running vhost-user back-end peer: its supervised process and the socket it serves."""
 
     def __init__(
@@ -297,17 +307,6 @@ class SocketPeer:
         for path in self._cleanup:
             _remove_tree(path)
         return status
-
-    def __enter__(self) -> SocketPeer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.terminate()
 
 
 def _remove_tree(path: pathlib.Path) -> None:

@@ -24,7 +24,13 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from qemu.qmp import QMPClient
-from vhost_conformance.peers.process import PeerProcessError, Supervised, spawn, wait_for_text
+from vhost_conformance.peers.process import (
+    PeerProcessError,
+    Supervised,
+    TerminatesOnExit,
+    spawn,
+    wait_for_text,
+)
 from vhost_conformance.peers.provision import peer_path
 
 # Inside the Debian 13 root.
@@ -294,7 +300,7 @@ class QMP:
         self.close()
 
 
-class QemuGuest:
+class QemuGuest(TerminatesOnExit):
     """A running QEMU 11.1.3 with the tiny guest: its process, serial log and QMP socket."""
 
     def __init__(
@@ -374,17 +380,6 @@ class QemuGuest:
             self._qmp.close()
             self._qmp = None
         return self.process.terminate(timeout)
-
-    def __enter__(self) -> QemuGuest:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.terminate()
 
 
 def _tail(text: str, n: int = 20) -> str:
