@@ -14,8 +14,10 @@ VERDICT_ORDER: tuple[Verdict, ...] = (
     Verdict.FAIL,
     Verdict.CRASH,
     Verdict.HANG,
+    Verdict.DISCONNECT,
     Verdict.ERROR,
     Verdict.NON_STRICT,
+    Verdict.FLAKY,
     Verdict.XPASS,
     Verdict.XFAIL,
     Verdict.UNSUPPORTED,
@@ -30,7 +32,12 @@ VERDICT_MEANING: dict[Verdict, str] = {
     Verdict.UNSUPPORTED: "the back-end does not offer what the case needs",
     Verdict.SKIP: "the environment lacks something the case needs",
     Verdict.HANG: "the back-end missed a deadline",
-    Verdict.CRASH: "the back-end died",
+    Verdict.CRASH: "the back-end process died (its exit status or signal is shown)",
+    Verdict.DISCONNECT: (
+        "the back-end closed the connection, its process alive: allowed (pass-like) where "
+        "the spec lets it close on bad input, a failure where QEMU would lose the device"
+    ),
+    Verdict.FLAKY: "a finding that did not reproduce on a fresh back-end (sequence and seed shown)",
     Verdict.ERROR: "the suite itself failed",
     Verdict.XFAIL: "a known deviation failed as expected",
     Verdict.XPASS: "a known deviation now passes: prune it from the list",
@@ -143,15 +150,54 @@ def trace_text(trace: Sequence[Mapping[str, Any]] | None) -> str:
 
 
 def is_problem(case: CaseResult) -> bool:
-    """A verdict someone should look at (fail, non-strict, hang, crash, error, xpass)."""
-    return case.verdict in {
-        Verdict.FAIL,
-        Verdict.NON_STRICT,
-        Verdict.HANG,
-        Verdict.CRASH,
-        Verdict.ERROR,
-        Verdict.XPASS,
-    }
+    """A verdict someone should look at (a bad one counted here, a follower, or xpass)."""
+    return case.bad or case.see is not None or case.verdict is Verdict.XPASS
+
+
+def verdict_text(case: CaseResult) -> str:
+    """The verdict as shown: ``disconnect (allowed)``, ``fail (see VU-X-1)``, ``flaky``,
+    ``fail (MUST finding)`` for a MUST violation a weaker case saw."""
+    text = case.verdict.value
+    notes = []
+    if case.verdict is Verdict.DISCONNECT:
+        notes.append("allowed" if case.allowed else "not allowed")
+    if case.exit_status is not None and case.verdict is Verdict.CRASH:
+        notes.append(exit_status_text(case.exit_status))
+    if case.see is not None:
+        notes.append(f"see {case.see}")
+    if case.finding_level is not None and case.gate_level is not case.level:
+        notes.append(f"{case.gate_level.value} finding")
+    return f"{text} ({', '.join(notes)})" if notes else text
+
+
+def exit_status_text(status: int) -> str:
+    """``exit status 3`` or ``signal 11`` (a negative status is the signal that killed it)."""
+    return f"signal {-status}" if status < 0 else f"exit status {status}"
+
+
+def case_details(case: CaseResult) -> list[tuple[str, str]]:
+    """(label, text) pairs every rendering shows for a case besides its reason: the exit
+    status, the case it follows from, the finding's level, the command that re-runs it."""
+    out: list[tuple[str, str]] = []
+    if case.exit_status is not None:
+        out.append(("exit status", exit_status_text(case.exit_status)))
+    if case.verdict is Verdict.DISCONNECT:
+        out.append(
+            (
+                "disconnect",
+                "allowed here (the spec lets the back-end close on this input; it stayed "
+                "alive and served the next connection)"
+                if case.allowed
+                else "not allowed here (QEMU would lose the device)",
+            )
+        )
+    if case.see is not None:
+        out.append(("see", f"follows from {case.see} (same observed behaviour, counted there)"))
+    if case.finding_level is not None and case.gate_level is not case.level:
+        out.append(("finding level", f"{case.gate_level.value} (gated as such)"))
+    if case.rerun:
+        out.append(("re-run", case.rerun))
+    return out
 
 
 def hex_bits(value: int | None) -> str:

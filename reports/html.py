@@ -24,6 +24,7 @@ from typing import Any
 from vhost_conformance.reports.common import (
     VERDICT_MEANING,
     VERDICT_ORDER,
+    case_details,
     clean_text,
     format_params,
     format_value,
@@ -32,6 +33,7 @@ from vhost_conformance.reports.common import (
     is_from_backend,
     is_problem,
     trace_table,
+    verdict_text,
 )
 from vhost_conformance.reports.model import CaseResult, Level, Measurement, Report
 from vhost_conformance.reports.svg import bar_chart, line_plot
@@ -147,11 +149,15 @@ def _case_body(index: int, case: CaseResult) -> str:
         f'<tr class="case-row"><td><code>{h(case.id)}</code></td><td>{title}'
         + (f' <span class="muted">[{h(params)}]</span>' if params else "")
         + f"</td><td>{h(case.family)}</td><td>{h(case.level.value)}</td><td>{h(case.clause)}</td>"
-        f"<td>{verdict_badge(case.verdict.value)}</td><td>{case.duration_s:.3f} s</td></tr>"
+        f"<td>{verdict_badge(case.verdict.value, verdict_text(case))}</td>"
+        f"<td>{case.duration_s:.3f} s</td></tr>"
     )
     detail = [f'<div class="req">{h(case.requirement)}</div>']
     if case.reason:
         detail.append(f'<div class="reason"><b>reason:</b> {h(case.reason)}</div>')
+    for label, text in case_details(case):
+        shown = f"<code>{h(text)}</code>" if label == "re-run" else h(text)
+        detail.append(f'<div class="reason"><b>{h(label)}:</b> {shown}</div>')
     if case.deviation:
         detail.append(f'<div class="reason"><b>known deviation:</b> {h(case.deviation)}</div>')
     if case.measurements:

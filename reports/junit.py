@@ -20,7 +20,14 @@ import os
 import pathlib
 import xml.etree.ElementTree as ET
 
-from vhost_conformance.reports.common import clean_text, format_params, one_line, trace_text
+from vhost_conformance.reports.common import (
+    case_details,
+    clean_text,
+    format_params,
+    one_line,
+    trace_text,
+    verdict_text,
+)
 from vhost_conformance.reports.model import CaseResult, Report, Verdict
 
 _SKIPPED = frozenset({Verdict.SKIP, Verdict.UNSUPPORTED, Verdict.XFAIL})
@@ -89,6 +96,8 @@ def _testcase(parent: ET.Element, case: CaseResult, kind: str) -> None:
         ("requirement", case.requirement),
         ("deviation", case.deviation),
         ("parameters", params or None),
+        ("verdict_shown", verdict_text(case) if verdict_text(case) != case.verdict.value else None),
+        *((f"{k.replace(' ', '_').replace('-', '_')}", v) for k, v in case_details(case)),
     ):
         if value is not None:
             ET.SubElement(props, "property", name=name, value=clean_text(value))
@@ -100,12 +109,13 @@ def _testcase(parent: ET.Element, case: CaseResult, kind: str) -> None:
             value=f"{case.measurements[mname]:g}",
         )
     message = one_line(
-        f"{case.verdict.value}: {case.reason}" if case.reason else case.verdict.value
+        f"{verdict_text(case)}: {case.reason}" if case.reason else verdict_text(case)
     )
     if kind in ("failure", "error"):
         el = ET.SubElement(tc, kind, type=case.verdict.value, message=message)
+        details = "".join(f"\n{k}: {v}" for k, v in case_details(case))
         el.text = clean_text(
-            f"{case.level.value} {case.clause}\n{case.requirement}\n{case.reason}".strip()
+            f"{case.level.value} {case.clause}\n{case.requirement}\n{case.reason}{details}".strip()
         )
     elif kind == "skipped":
         text = f"{case.verdict.value}: {case.reason}" if case.reason else case.verdict.value
@@ -113,13 +123,14 @@ def _testcase(parent: ET.Element, case: CaseResult, kind: str) -> None:
             text += f" (known deviation: {case.deviation})"
         ET.SubElement(tc, "skipped", message=one_line(text))
     if case.verdict is not Verdict.PASS:
-        out = [f"verdict: {case.verdict.value}"]
+        out = [f"verdict: {verdict_text(case)}"]
         if kind == "passed" and case.verdict is not Verdict.XPASS:
             out[0] += " (WARNING: does not fail the gate at this strictness)"
         if case.verdict is Verdict.XPASS:
             out.append(f"known deviation now passes, prune it: {case.deviation}")
         if case.reason:
             out.append(f"reason: {case.reason}")
+        out += [f"{k}: {v}" for k, v in case_details(case)]
         if case.trace:
             out.append("wire trace:")
             out.append(trace_text(case.trace))

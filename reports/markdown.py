@@ -15,10 +15,12 @@ from collections.abc import Iterable
 from vhost_conformance.reports.common import (
     VERDICT_MEANING,
     VERDICT_ORDER,
+    case_details,
     format_params,
     gate_word,
     hex_bits,
     one_line,
+    verdict_text,
 )
 from vhost_conformance.reports.model import CaseResult, Report, Verdict
 
@@ -64,8 +66,8 @@ def _case_rows_all(cases: Iterable[CaseResult]) -> list[list[str]]:
             md(c.title, 120),
             c.level.value,
             md(c.clause, 120),
-            f"**{c.verdict.value}**",
-            md(c.reason),
+            f"**{md(verdict_text(c), 80)}**",
+            md(" ".join([c.reason, *(f"[{k}: {v}]" for k, v in case_details(c))])),
         ]
         for c in cases
     ]
@@ -104,11 +106,14 @@ def render(report: Report) -> str:
         c
         for c in report.cases
         if id(c) not in failing_ids
-        and c.verdict
-        in {Verdict.NON_STRICT, Verdict.FAIL, Verdict.HANG, Verdict.CRASH, Verdict.ERROR}
+        and (c.bad or c.see is not None or c.verdict is Verdict.DISCONNECT)
     ]
     if others:
-        lines += ["", f"### Other problems, not failing the gate ({len(others)})", ""]
+        lines += [
+            "",
+            f"### Other problems, not failing the gate (followers and allowed disconnects included) ({len(others)})",
+            "",
+        ]
         lines += table(["id", "title", "level", "clause", "verdict", "reason"], _case_rows(others))
     xpass = [c for c in report.cases if c.verdict is Verdict.XPASS]
     if xpass:

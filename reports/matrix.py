@@ -20,11 +20,13 @@ from collections.abc import Sequence
 
 from vhost_conformance.reports.common import (
     VERDICT_ORDER,
+    case_details,
     format_params,
     format_value,
     gate_word,
     hex_bits,
     one_line,
+    verdict_text,
 )
 from vhost_conformance.reports.html import DASH, STOP_LATENCY, asset, h, page, verdict_badge
 from vhost_conformance.reports.markdown import md, table
@@ -197,12 +199,13 @@ def render_html(reports: Sequence[Report]) -> str:
                     continue
                 tip = one_line(
                     f"{case.reason}"
-                    + (f" (known deviation: {case.deviation})" if case.deviation else ""),
+                    + (f" (known deviation: {case.deviation})" if case.deviation else "")
+                    + "".join(f" [{k}: {v}]" for k, v in case_details(case)),
                     500,
                 )
                 cells.append(
                     f'<td class="cell" data-verdict="{h(case.verdict.value)}" title="{h(tip)}">'
-                    f"{verdict_badge(case.verdict.value)}</td>"
+                    f"{verdict_badge(case.verdict.value, verdict_text(case))}</td>"
                 )
             body.append(
                 f'<tr{cls} data-case="{h(key)}"><th class="case-id">{h(key)}</th>'
@@ -263,7 +266,7 @@ def render_markdown(reports: Sequence[Report]) -> str:
             mark = "\u2260 " if mx.differs(key) else ""
             rows.append(
                 [f"{mark}{md(key, 120)}", md(first.family, 40), first.level.value]
-                + [v.value if v is not None else "\u2014" for v in mx.verdicts(key)]
+                + [md(verdict_text(col[key]), 60) if key in col else "\u2014" for col in mx.cells]
             )
     lines += table(["case", "family", "level", *cols], rows)
     measurement_rows = mx.measurement_rows()

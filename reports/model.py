@@ -21,9 +21,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
-SCHEMA_VERSION = "1.0"
-# Readers accept any 1.x: minor versions only add optional keys.
-_SCHEMA_MAJOR = "1"
+SCHEMA_VERSION = "2.0"
+# Readers accept any 2.x (minor versions only add optional keys) and 1.x (a subset of 2.0:
+# no disconnect/flaky verdicts, no see/rerun/finding_level/exit_status/allowed keys).
+_SCHEMA_MAJOR = "2"
+_SCHEMA_MAJORS_READ = frozenset({"1", "2"})
 
 
 class ReportFormatError(ValueError):
@@ -48,24 +50,36 @@ class Verdict(enum.StrEnum):
     UNSUPPORTED = "unsupported"  # the back-end does not offer what the case needs
     SKIP = "skip"  # the environment lacks something (a peer, a privilege)
     HANG = "hang"  # a deadline passed with no answer
-    CRASH = "crash"  # the back-end died
+    CRASH = "crash"  # the back-end process died (exit status or signal in exit_status)
+    DISCONNECT = "disconnect"  # the back-end closed the connection, its process alive
+    FLAKY = "flaky"  # a finding that did not reproduce on a fresh back-end
     ERROR = "error"  # the suite itself failed
     XFAIL = "xfail"  # a known deviation that failed as expected
     XPASS = "xpass"  # a known deviation that now passes
 
 
 # Verdicts that mean "the back-end did something wrong" (or could not be judged: error).
+# ``disconnect`` is bad only where the case does not allow the close (CaseResult.bad).
 BAD_VERDICTS: frozenset[Verdict] = frozenset(
-    {Verdict.FAIL, Verdict.NON_STRICT, Verdict.HANG, Verdict.CRASH, Verdict.ERROR}
+    {
+        Verdict.FAIL,
+        Verdict.NON_STRICT,
+        Verdict.HANG,
+        Verdict.CRASH,
+        Verdict.ERROR,
+        Verdict.DISCONNECT,
+        Verdict.FLAKY,
+    }
 )
 # A known deviation turns these into xfail; `error` stays: it is the suite's failure, not the
 # back-end's deviation showing.
 _DEVIATION_FAILURES: frozenset[Verdict] = frozenset(
-    {Verdict.FAIL, Verdict.NON_STRICT, Verdict.HANG, Verdict.CRASH}
+    {Verdict.FAIL, Verdict.NON_STRICT, Verdict.HANG, Verdict.CRASH, Verdict.DISCONNECT}
 )
-# These on a MUST case fail the gate whatever --strict says.
+# These on a MUST case (or a MUST-level finding, finding_level) fail the gate whatever
+# --strict says; a disconnect only when the case does not allow it.
 _GATE_BLOCKING: frozenset[Verdict] = frozenset(
-    {Verdict.FAIL, Verdict.HANG, Verdict.CRASH, Verdict.ERROR}
+    {Verdict.FAIL, Verdict.HANG, Verdict.CRASH, Verdict.ERROR, Verdict.DISCONNECT}
 )
 
 
@@ -193,6 +207,16 @@ class CaseResult:
     ``trace`` is the wire trace (a list of JSON objects; see docs/report-schema.md for the
     keys the renderers know), ``deviation`` the known-deviation reason when one applied,
     ``log_tail`` the last lines of the back-end's log (crash, hang).
+
+    ``exit_status`` the back-end's exit status (negative: the signal) when it died (crash);
+    ``allowed`` marks a ``disconnect`` the case allows (a clean close after malformed input,
+    the process alive and serving the next connection): pass-like, never bad.
+    ``see`` names the case that owns this failure when both come from one observed
+    behaviour (this one follows from it and does not count again); ``finding_level`` is the
+    level of what was found when it is stronger than the case's own (a MUST violation seen
+    by a MAY or INFO case: the gate judges it as a MUST); ``rerun`` the one command that
+    re-runs this case alone; ``behaviour`` the key of the observed behaviour behind a
+    failure (results sharing one are counted once, see ``see``).
     """
 
     id: str
@@ -209,16 +233,45 @@ class CaseResult:
     trace: list[dict[str, Any]] | None = None
     deviation: str | None = None
     log_tail: str | None = None
+    exit_status: int | None = None
+    allowed: bool = False
+    see: str | None = None
+    finding_level: Level | None = None
+    rerun: str | None = None
+    behaviour: str | None = None
 
     def __post_init__(self) -> None:
         # Accept plain strings from callers; store the enums.
         object.__setattr__(self, "level", Level(self.level))
         object.__setattr__(self, "verdict", Verdict(self.verdict))
+        if self.finding_level is not None:
+            object.__setattr__(self, "finding_level", Level(self.finding_level))
+
+    @property
+    def gate_level(self) -> Level:
+        """The level the gate judges this result at: the finding's when it is stronger."""
+        if self.finding_level is Level.MUST:
+            return Level.MUST
+        if self.finding_level is Level.SHOULD and self.level in (Level.MAY, Level.INFO):
+            return Level.SHOULD
+        return self.level
+
+    @property
+    def bad(self) -> bool:
+        """The back-end did something wrong here (or it could not be judged: error).
+
+        A result that follows from another (``see``) is not counted again; an allowed
+        disconnect is pass-like."""
+        if self.see is not None:
+            return False
+        if self.verdict is Verdict.DISCONNECT and self.allowed:
+            return False
+        return self.verdict in BAD_VERDICTS
 
     @property
     def blocking(self) -> bool:
         """True when this result fails the gate even without --strict."""
-        return self.level is Level.MUST and self.verdict in _GATE_BLOCKING
+        return self.bad and self.gate_level is Level.MUST and self.verdict in _GATE_BLOCKING
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict, keys in field order."""
@@ -240,6 +293,12 @@ class CaseResult:
             "trace": None if self.trace is None else _jsonable(self.trace, f"{w}.trace"),
             "deviation": self.deviation,
             "log_tail": self.log_tail,
+            "exit_status": self.exit_status,
+            "allowed": self.allowed,
+            "see": self.see,
+            "finding_level": None if self.finding_level is None else self.finding_level.value,
+            "rerun": self.rerun,
+            "behaviour": self.behaviour,
         }
 
     @classmethod
@@ -272,6 +331,16 @@ class CaseResult:
             trace=trace,
             deviation=r.get_opt_str("deviation"),
             log_tail=r.get_opt_str("log_tail"),
+            exit_status=r.get_opt_int("exit_status"),
+            allowed=r.get_bool("allowed", False),
+            see=r.get_opt_str("see"),
+            finding_level=(
+                None
+                if r._get("finding_level", False) is None
+                else r.get_enum("finding_level", Level)
+            ),
+            rerun=r.get_opt_str("rerun"),
+            behaviour=r.get_opt_str("behaviour"),
         )
 
 
@@ -385,13 +454,15 @@ class Report:
     def gate_failures(self, strict: bool | None = None) -> list[CaseResult]:
         """The cases that fail the gate.
 
-        Always: fail/hang/crash/error on a MUST case. With *strict* (default: the run's own
-        ``strict``) also any bad verdict (non-strict, fail, hang, crash, error) at any level.
-        xfail and xpass never fail it (xpass is reported so the deviation list gets pruned).
+        Always: fail/hang/crash/error/disallowed disconnect on a MUST case or a MUST-level
+        finding. With *strict* (default: the run's own ``strict``) also any bad verdict
+        (non-strict, flaky, ...) at any level. A result that follows from another (``see``)
+        and an allowed disconnect never fail it; nor do xfail and xpass (xpass is reported
+        so the deviation list gets pruned).
         """
         if strict is None:
             strict = self.strict
-        return [c for c in self.cases if c.blocking or (strict and c.verdict in BAD_VERDICTS)]
+        return [c for c in self.cases if c.blocking or (strict and c.bad)]
 
     def gate(self, strict: bool | None = None) -> int:
         """Exit status for a CI gate: 0 when no case fails the gate, 1 otherwise."""
@@ -424,10 +495,10 @@ class Report:
         """Build from a dict; checks schema_version and required keys (errors name the key)."""
         r = _Reader(data, where)
         version = r.get_str("schema_version")
-        if version.split(".", 1)[0] != _SCHEMA_MAJOR:
+        if version.split(".", 1)[0] not in _SCHEMA_MAJORS_READ:
             raise ReportFormatError(
                 f"{where}.schema_version: {version!r} is not supported "
-                f"(this reader knows {_SCHEMA_MAJOR}.x, current {SCHEMA_VERSION})"
+                f"(this reader knows 1.x and {_SCHEMA_MAJOR}.x, current {SCHEMA_VERSION})"
             )
         cases = r.get_list("cases", required=True)
         measurements = r.get_list("measurements")
@@ -569,7 +640,8 @@ class KnownDeviations:
         cases = []
         for case in report.cases:
             reason = self.reason_for(case.id)
-            if reason is not None and case.verdict in _DEVIATION_FAILURES:
+            allowed = case.verdict is Verdict.DISCONNECT and case.allowed
+            if reason is not None and case.verdict in _DEVIATION_FAILURES and not allowed:
                 case = replace(case, verdict=Verdict.XFAIL, deviation=reason)
             elif reason is not None and case.verdict is Verdict.PASS:
                 case = replace(case, verdict=Verdict.XPASS, deviation=reason)

@@ -7,7 +7,7 @@
   var level = document.getElementById("filter-level");
   var text = document.getElementById("filter-text");
   var shown = document.getElementById("shown-count");
-  var problems = ["fail", "non-strict", "hang", "crash", "error", "xpass"];
+  var problems = ["fail", "non-strict", "hang", "crash", "disconnect", "flaky", "error", "xpass"];
   var selected = new Set();
 
   function apply() {

@@ -17,9 +17,16 @@ A case ends with a verdict (reports.model.Verdict), always with a reason:
 - raising :class:`CaseFailed` (a MUST violated): ``fail``, with expected and seen;
 - raising :class:`CaseNonStrict` (a SHOULD violated): ``non-strict``;
 - raising :class:`Unsupported` (the back-end does not offer what the case needs): ``unsupported``;
-- the front-end's ``BackendHang``: ``hang``; ``BackendClosed`` or the back-end process dying:
-  ``crash`` (with its exit status and the tail of its log); ``BackendViolation``: ``fail`` at the
-  case's level; anything else: ``error`` (the suite itself failed).
+- the front-end's ``BackendHang``: ``hang``; the back-end process dying: ``crash`` (with its
+  exit status or signal and the tail of its log); ``BackendClosed`` with the process alive:
+  ``disconnect`` (the plugin judges per case whether the close is allowed);
+  ``BackendViolation``: ``fail`` at the case's level; anything else: ``error`` (the suite
+  itself failed).
+
+An outcome may name the observed behaviour behind it (``behaviour="gvb-stopped-ring-0"``):
+results of one run sharing a behaviour are counted once, the first case owning the failure
+and the others carrying ``see``; ``finding_level`` gives the level of what was found when it
+is stronger than the case's (a MUST violation a MAY case saw fails the gate as a MUST).
 """
 
 from __future__ import annotations
@@ -152,9 +159,17 @@ class CaseOutcome(Exception):
 
     verdict: Verdict = Verdict.ERROR
 
-    def __init__(self, reason: str) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        behaviour: str | None = None,
+        finding_level: Level | None = None,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.behaviour = behaviour
+        self.finding_level = finding_level
 
 
 class CaseFailed(CaseOutcome):
@@ -162,11 +177,19 @@ class CaseFailed(CaseOutcome):
 
     verdict = Verdict.FAIL
 
-    def __init__(self, reason: str, *, expected: object = None, seen: object = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        expected: object = None,
+        seen: object = None,
+        behaviour: str | None = None,
+        finding_level: Level | None = None,
+    ) -> None:
         details = reason
         if expected is not None or seen is not None:
             details = f"{reason}: expected {expected!s}, seen {seen!s}"
-        super().__init__(details)
+        super().__init__(details, behaviour=behaviour, finding_level=finding_level)
         self.expected = expected
         self.seen = seen
 
@@ -217,6 +240,9 @@ class Classified:
     reason: str
     exit_status: int | None = None
     log_tail: str | None = None
+    behaviour: str | None = None
+    finding_level: Level | None = None
+    allowed: bool = False
 
 
 def _frontend_errors() -> dict[str, tuple[type[BaseException], ...]]:
@@ -258,7 +284,12 @@ def classify(
     if isinstance(exc, CaseOutcome):
         if died and exc.verdict in (Verdict.FAIL, Verdict.NON_STRICT):
             return Classified(Verdict.CRASH, exc.reason + crash_details, exit_status, log_tail)
-        return Classified(exc.verdict, exc.reason)
+        return Classified(
+            exc.verdict,
+            exc.reason,
+            behaviour=exc.behaviour,
+            finding_level=exc.finding_level,
+        )
     if isinstance(exc, SlowIoUnsupported):
         return Classified(Verdict.UNSUPPORTED, str(exc))
     if isinstance(exc, BackendStartFailed):
@@ -275,7 +306,10 @@ def classify(
         if died:
             return Classified(Verdict.CRASH, text + crash_details, exit_status, log_tail)
         return Classified(
-            Verdict.CRASH, text + " (the back-end closed the connection)", None, log_tail
+            Verdict.DISCONNECT,
+            text + " (the back-end closed the connection; its process is alive)",
+            None,
+            log_tail,
         )
     if isinstance(exc, errors.get("hang", ())):
         return Classified(Verdict.HANG, text, None, log_tail)

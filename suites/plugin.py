@@ -67,6 +67,7 @@ from vhost_conformance.reports.model import (
     BackendInfo,
     CaseResult,
     KnownDeviations,
+    Level,
     Measurement,
     Report,
     Verdict,
@@ -117,8 +118,55 @@ SLOW_FAMILIES: dict[str, float] = {
 #: workeroutput key carrying a worker's results to the controller.
 WORKER_KEY = "vhost_conformance"
 
-_BAD = frozenset({Verdict.FAIL, Verdict.HANG, Verdict.CRASH, Verdict.ERROR})
-_DEVIATION_FAILURES = frozenset({Verdict.FAIL, Verdict.NON_STRICT, Verdict.HANG, Verdict.CRASH})
+_BAD = frozenset(
+    {
+        Verdict.FAIL,
+        Verdict.HANG,
+        Verdict.CRASH,
+        Verdict.ERROR,
+        Verdict.DISCONNECT,
+        Verdict.FLAKY,
+    }
+)
+_DEVIATION_FAILURES = frozenset(
+    {Verdict.FAIL, Verdict.NON_STRICT, Verdict.HANG, Verdict.CRASH, Verdict.DISCONNECT}
+)
+
+#: Families whose cases are a hostile or broken front-end: the spec's only rule there is
+#: that the back-end may close the connection, so a clean close (the process alive and
+#: serving the next connection) is an allowed ``disconnect``. Elsewhere a close loses the
+#: device in QEMU: a ``disconnect`` there fails. (A case with ``tier = "robustness"`` in the
+#: catalogue counts too.)
+MAY_CLOSE_FAMILIES: frozenset[str] = frozenset({"malformed", "hostile-guest", "fuzz"})
+
+
+def may_close(case: Case) -> bool:
+    """True when the spec lets the back-end close the connection in *case* (robustness)."""
+    return case.family in MAY_CLOSE_FAMILIES or getattr(case, "tier", None) == "robustness"
+
+
+def assign_see(cases: list[CaseResult]) -> list[CaseResult]:
+    """One behaviour, one failure: of the bad results sharing a ``behaviour``, the first (in
+    the report's order) owns the failure and the others get ``see`` = its id; the owner
+    takes the strongest ``finding_level`` of the group, so a MUST violation a MAY case saw
+    first still fails the gate as a MUST."""
+    owners: dict[str, int] = {}
+    out = list(cases)
+    order = {Level.INFO: 0, Level.MAY: 1, Level.SHOULD: 2, Level.MUST: 3}
+    for i, case in enumerate(out):
+        if case.behaviour is None or not case.bad:
+            continue
+        if case.behaviour not in owners:
+            owners[case.behaviour] = i
+            continue
+        owner = out[owners[case.behaviour]]
+        levels = [lv for lv in (owner.finding_level, case.finding_level) if lv is not None]
+        if case.level is not owner.level and order[case.level] > order[owner.gate_level]:
+            levels.append(case.level)
+        strongest = max(levels, key=lambda lv: order[lv]) if levels else None
+        out[owners[case.behaviour]] = replace(owner, finding_level=strongest)
+        out[i] = replace(case, see=owner.id)
+    return out
 
 
 class VhostNonStrictWarning(UserWarning):
@@ -185,6 +233,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type=float,
         default=5.0,
         help="deadline of each reply from the back-end, seconds (default 5)",
+    )
+    group.addoption(
+        "--vhost-case",
+        metavar="ID",
+        action="append",
+        default=[],
+        help="run only this case (exact id; repeatable): the re-run command of a report",
     )
     group.addoption(
         "--vhost-case-timeout",
@@ -396,6 +451,16 @@ class VhostRun:
         """In an xdist worker: the families known to take longest run first (a stable sort, the
         same in every worker, so xdist's load scheduling ends with short cases and the workers
         finish together). Where cases will run: pre-started back-ends are launched now."""
+        wanted = set(_option(config, "vhost_case") or ())
+        if wanted:
+            keep: list[pytest.Item] = []
+            drop: list[pytest.Item] = []
+            for item in items:
+                meta = _case_for_item(item)
+                (keep if meta is not None and meta.id in wanted else drop).append(item)
+            if drop:
+                config.hook.pytest_deselected(items=drop)
+                items[:] = keep
         cases = [item for item in items if _case_for_item(item) is not None]
         if not cases:
             return
@@ -482,6 +547,8 @@ class VhostRun:
             return rep
         if call.excinfo is not None:
             state.verdict = self._classify_exception(state, call.excinfo.value)
+            if state.verdict.verdict is Verdict.DISCONNECT:
+                state.verdict = self._judge_disconnect(state, state.verdict)
         elif call.when == "call":
             state.verdict = self._died(state) or Classified(Verdict.PASS, "the requirement held")
         else:
@@ -501,6 +568,61 @@ class VhostRun:
                         status,
                         target.log_tail(),
                     )
+        return None
+
+    def _judge_disconnect(self, state: _CaseState, closed: Classified) -> Classified:
+        """A close with the process alive: allowed where the case may close (robustness),
+        once the process is seen alive and serving the next connection (GET_FEATURES
+        answered); a failure elsewhere (QEMU would lose the device)."""
+        if not may_close(state.case):
+            return replace(
+                closed,
+                reason=closed.reason
+                + "; not allowed here: the input was valid, QEMU would lose the device",
+            )
+        target = next((t for t in reversed(state.targets)), None)
+        if target is None:
+            return replace(closed, allowed=True, reason=closed.reason + "; allowed here")
+        served = self._serves_next_connection(target)
+        if isinstance(target, CommandTarget) and not target.alive():
+            status = target.exit_status()
+            return Classified(
+                Verdict.CRASH,
+                closed.reason + f" and then the process exited with status {status}",
+                status,
+                target.log_tail(),
+            )
+        if served is not None:
+            return Classified(
+                Verdict.FAIL,
+                closed.reason + f"; the back-end then did not serve the next connection: {served}",
+                None,
+                closed.log_tail,
+            )
+        return replace(
+            closed,
+            allowed=True,
+            reason=closed.reason
+            + "; allowed here (the spec lets it close on this input): the process stayed alive"
+            " and answered GET_FEATURES on the next connection",
+        )
+
+    def _serves_next_connection(self, target: BackendTarget) -> str | None:
+        """None when a new connection to *target* gets a GET_FEATURES reply, else why not."""
+        from vhost_conformance.frontend.channel import BackendError
+        from vhost_conformance.frontend.protocol import FrontendRequest
+
+        try:
+            channel = Channel(target.connect_socket(self.timeout))
+        except (OSError, TargetError) as exc:
+            return f"connect: {exc}"
+        try:
+            if channel.call(FrontendRequest.GET_FEATURES, timeout=self.timeout) is None:
+                return "GET_FEATURES: no reply"
+        except (BackendError, OSError) as exc:
+            return f"GET_FEATURES: {type(exc).__name__}: {exc}"
+        finally:
+            channel.close()
         return None
 
     def _classify_exception(self, state: _CaseState, exc: BaseException) -> Classified:
@@ -544,6 +666,10 @@ class VhostRun:
                     f"exit status: {verdict.exit_status}\n{verdict.log_tail or ''}",
                 )
             )
+        if verdict.verdict is Verdict.DISCONNECT and verdict.allowed:
+            rep.outcome = "passed"
+            rep.longrepr = None
+            return
         if deviation is not None and verdict.verdict in _DEVIATION_FAILURES:
             rep.outcome = "skipped"
             rep.wasxfail = f"known deviation: {deviation}"
@@ -583,7 +709,10 @@ class VhostRun:
         verdict = state.verdict
         deviation = self.deviations.reason_for(state.case.id)
         final = verdict.verdict
-        if deviation is not None and final in _DEVIATION_FAILURES:
+        allowed_close = final is Verdict.DISCONNECT and verdict.allowed
+        if allowed_close:
+            deviation = None
+        elif deviation is not None and final in _DEVIATION_FAILURES:
             final = Verdict.XFAIL
         elif deviation is not None and final is Verdict.PASS:
             final = Verdict.XPASS
@@ -617,6 +746,14 @@ class VhostRun:
             trace=trace,
             deviation=deviation,
             log_tail=verdict.log_tail,
+            exit_status=verdict.exit_status if final is Verdict.CRASH else None,
+            allowed=verdict.allowed,
+            finding_level=verdict.finding_level,
+            behaviour=verdict.behaviour,
+            rerun=self.rerun_command(state.case.id)
+            if (verdict.verdict in _BAD or verdict.verdict is Verdict.NON_STRICT)
+            and not allowed_close
+            else None,
         )
         replaced = self.config.hook.pytest_vhost_case_result(
             config=self.config, item=item, result=result
@@ -624,6 +761,26 @@ class VhostRun:
         self.results.append(replaced if isinstance(replaced, CaseResult) else result)
 
     # -- collection of results -----------------------------------------------------------
+
+    def rerun_command(self, case_id: str) -> str:
+        """The one command that re-runs *case_id* alone against this run's back-end."""
+        import shlex
+
+        args = ["vhost-conformance", "run"]
+        for option, flag in (
+            ("vhost_backend", "--backend"),
+            ("vhost_profile", "--profile"),
+            ("vhost_backend_cmd", "--backend-cmd"),
+        ):
+            value = _option(self.config, option)
+            if value:
+                args += [flag, str(value)]
+        if _option(self.config, "vhost_backend_connects"):
+            args.append("--backend-connects")
+        if len(args) == 2:
+            args += ["--backend", self.profile.name if self.profile is not None else "reference"]
+        args += ["--case", case_id, "-n", "0", "--report", f"rerun-{case_id}"]
+        return shlex.join(args)
 
     def _measurements(self) -> list[Measurement]:
         found: list[Measurement] = list(self.measured)
@@ -704,6 +861,7 @@ class VhostRun:
         if self.report_dir is None:
             return None
         cases.sort(key=lambda c: (c.family, c.id))
+        cases = assign_see(cases)
         report = Report(
             suite_version=vhost_conformance.__version__,
             started=datetime.datetime.fromtimestamp(self.started, datetime.UTC).strftime(

@@ -78,7 +78,7 @@ def test_html_matrix_rows_columns_and_differences() -> None:
     cells = Cells()
     cells.feed(text)
     union = {matrix.case_key(c) for r in reports for c in r.cases}
-    assert set(cells.rows) == union and len(union) == 16
+    assert set(cells.rows) == union and len(union) == 20
     for key, verdicts in cells.rows.items():
         expected = [
             next((c.verdict.value for c in r.cases if matrix.case_key(c) == key), "")

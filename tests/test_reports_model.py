@@ -81,7 +81,7 @@ def test_key_order_is_the_documented_one() -> None:
     assert list(data["measurements"][0]) == field_names(Measurement)
     assert list(data["cases"][2]["parameters"]) == ["queue_size", "ring"]  # sorted
     assert data["schema_version"] == SCHEMA_VERSION
-    assert data["counts"]["fail"] == 2 and data["gate"] == 1
+    assert data["counts"]["fail"] == 3 and data["gate"] == 1
 
 
 def test_enums_accept_their_strings() -> None:
@@ -116,7 +116,7 @@ def test_counts_have_every_verdict() -> None:
     assert list(counts) == list(Verdict)
     assert sum(counts.values()) == len(r.cases)
     assert all(counts[v] >= 1 for v in Verdict)
-    assert counts[Verdict.FAIL] == 2 and counts[Verdict.PASS] == 5
+    assert counts[Verdict.FAIL] == 3 and counts[Verdict.PASS] == 5
 
 
 @pytest.mark.parametrize(
@@ -176,7 +176,7 @@ def test_load_names_file_and_missing_key(tmp_path: pathlib.Path) -> None:
         (lambda d: d.pop("backend"), "report: missing required key 'backend'"),
         (lambda d: d.pop("cases"), "report: missing required key 'cases'"),
         (lambda d: d["backend"].pop("name"), "report.backend: missing required key 'name'"),
-        (lambda d: d.update(schema_version="2.0"), "'2.0' is not supported"),
+        (lambda d: d.update(schema_version="3.0"), "'3.0' is not supported"),
         (lambda d: d["cases"][0].update(verdict="passed"), "'passed' is not a Verdict"),
         (lambda d: d["cases"][0].update(level="must"), "'must' is not a Level"),
         (
@@ -213,11 +213,11 @@ def test_load_rejects_non_json(tmp_path: pathlib.Path) -> None:
 
 def test_minor_versions_load_and_derived_keys_are_ignored(tmp_path: pathlib.Path) -> None:
     data = sample_report().to_dict()
-    data["schema_version"] = "1.7"
+    data["schema_version"] = "2.7"
     data["counts"] = {"nonsense": 1}
     loaded = Report.load(_write(tmp_path, data))
-    assert loaded.schema_version == "1.7"
-    assert loaded.counts()[Verdict.FAIL] == 2
+    assert loaded.schema_version == "2.7"
+    assert loaded.counts()[Verdict.FAIL] == 3
 
 
 # --- known deviations -----------------------------------------------------------------

@@ -5,7 +5,10 @@ it listens on S and answers the handshake: GET_FEATURES, GET/SET_PROTOCOL_FEATUR
 GET_QUEUE_NUM, GET_CONFIG/SET_CONFIG (wce only), SET_VRING_NUM (queue 0 only), REPLY_ACK.
 Modes make it misbehave on purpose: ``die`` exits with status 3 on the first message,
 ``hang`` never answers, ``badflags`` answers with flags 0xd, ``segv`` kills itself with
-SIGSEGV on the first message. Imported by pytest, it only defines the test below.
+SIGSEGV on the first message, ``closebad`` closes the connection on a request id it does
+not know (and serves the next connection), ``deafbad`` does the same and then stops accepting
+connections (alive, serving nobody), ``closevalid`` closes the connection on GET_QUEUE_NUM (a
+valid request). Imported by pytest, it only defines the test below.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def main() -> None:
         Config,
         Message,
         MessageParser,
+        ProtocolError,
     )
     from vhost_conformance.frontend.protocol import BlkFeature as B
     from vhost_conformance.frontend.protocol import FrontendRequest as R
@@ -64,7 +68,11 @@ def main() -> None:
     server.listen(4)
     print("fake back-end listening", flush=True)
     while True:
-        conn, _ = server.accept()
+        try:
+            conn, _ = server.accept()
+        except OSError:  # deafbad closed the listening socket: alive, serving nobody
+            signal.pause()
+            continue
         framer = MessageParser()
         negotiated = 0
 
@@ -72,9 +80,17 @@ def main() -> None:
             flags = 0xD if args.mode == "badflags" else REPLY_FLAGS
             conn.sendall(Message(int(request), flags, payload).encode())
 
-        while data := conn.recv(4096):
+        while conn.fileno() >= 0 and (data := conn.recv(4096)):
             framer.feed(data)
-            while (msg := framer.next_message()) is not None:
+            while True:
+                try:
+                    msg = framer.next_message()
+                except ProtocolError:
+                    if args.mode not in ("closebad", "deafbad"):
+                        raise
+                    msg = Message(0x7FFF, 1, b"")  # what it does not know: closed below
+                if msg is None:
+                    break
                 print("got request", msg.request, flush=True)
                 if args.mode == "die":
                     print("fake back-end: exiting on purpose", flush=True)
@@ -84,6 +100,15 @@ def main() -> None:
                 if args.mode == "hang":
                     continue
                 rq = msg.request
+                known = rq in set(R)
+                if (args.mode in ("closebad", "deafbad") and not known) or (
+                    args.mode == "closevalid" and rq == R.GET_QUEUE_NUM
+                ):
+                    print("fake back-end: closing the connection on request", rq, flush=True)
+                    conn.close()
+                    if args.mode == "deafbad":
+                        server.close()
+                    break
                 ack = msg.need_reply and negotiated & (1 << P.REPLY_ACK)
                 if rq == R.GET_FEATURES:
                     reply(rq, U64(features).encode())

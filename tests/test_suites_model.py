@@ -152,7 +152,7 @@ def test_require_names_the_missing_bits() -> None:
             Verdict.HANG,
             "GET_FEATURES",
         ),
-        (BackendClosed("EOF", request_name="GET_FEATURES"), Verdict.CRASH, "closed the connection"),
+        (BackendClosed("EOF", request_name="GET_FEATURES"), Verdict.DISCONNECT, "closed the connection"),
         (
             BackendViolation(
                 "reply flags", request_name="GET_FEATURES", expected="0x5", seen="0xd"

@@ -76,13 +76,85 @@ def _backend_pytest_args(args: argparse.Namespace) -> list[str]:
 # --------------------------------------------------------------------------- commands
 
 
+#: Pre-flight deadlines: the back-end must listen within PREFLIGHT_START_S and answer
+#: GET_FEATURES within PREFLIGHT_REPLY_S (with the stop, well under 20 s in all).
+PREFLIGHT_START_S = 10.0
+PREFLIGHT_REPLY_S = 5.0
+
+
+def _tail_line(text: str | None, limit: int = 300) -> str:
+    """The last lines of a log as one line (`` | `` between lines), at most *limit* chars."""
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()][-3:]
+    flat = " | ".join(lines)
+    return flat if len(flat) <= limit else "\u2026" + flat[-limit:]
+
+
+def preflight(profile) -> None:  # type: ignore[no-untyped-def]
+    """Start one instance of *profile* and ask GET_FEATURES; CliError (one line naming the
+    command, the exit status and the log tail) when it cannot start, never listens, or does
+    not answer. A back-end that connects to us is checked by the suite itself."""
+    import shlex
+
+    from vhost_conformance.frontend.channel import BackendError, Channel
+    from vhost_conformance.frontend.protocol import FrontendRequest
+    from vhost_conformance.suites.target import (
+        BackendStartHang,
+        CommandTarget,
+        TargetError,
+        TargetFactory,
+    )
+
+    if profile.socket_mode != "listen" or profile.command is None:
+        return
+    factory = TargetFactory(profile=profile, worker="preflight", start_timeout=PREFLIGHT_START_S)
+    try:
+        target = factory.new("preflight")
+        argv = target.argv() if isinstance(target, CommandTarget) else None
+        command = shlex.join(argv) if argv else profile.command
+        try:
+            socket_path = target.start()
+        except TargetError as exc:
+            status = None if isinstance(exc, BackendStartHang) else target.exit_status()
+            status = getattr(exc, "exit_status", None) or status
+            tail = getattr(exc, "log_tail", "") or target.log_tail()
+            what = (
+                f"exited with status {status}"
+                if status is not None
+                else f"did not listen within {PREFLIGHT_START_S:g} s (still running)"
+            )
+            raise CliError(
+                f"pre-flight: back-end {profile.name} could not be started: `{command}` {what}; "
+                f"log tail: {_tail_line(tail) or '(empty)'}"
+            ) from None
+        try:
+            channel = Channel.connect(socket_path, timeout=PREFLIGHT_REPLY_S)
+            try:
+                reply = channel.call(FrontendRequest.GET_FEATURES, timeout=PREFLIGHT_REPLY_S)
+            finally:
+                channel.close()
+            if reply is None:
+                raise BackendError("no reply")
+        except (BackendError, OSError) as exc:
+            if isinstance(target, CommandTarget):
+                target.wait_exit(0.5)
+            status = None if target.alive() else target.exit_status()
+            state = f"exit status {status}" if status is not None else "still running"
+            raise CliError(
+                f"pre-flight: back-end {profile.name} did not answer GET_FEATURES within "
+                f"{PREFLIGHT_REPLY_S:g} s: `{command}` ({state}): {exc}; "
+                f"log tail: {_tail_line(target.log_tail()) or '(empty)'}"
+            ) from None
+    finally:
+        factory.close()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the conformance suite against one back-end and write the report."""
     import pytest
 
     from vhost_conformance.reports.model import KnownDeviations, Report
 
-    _profile(args)  # validates the back-end options before anything starts
+    profile = _profile(args)  # validates the back-end options before anything starts
     report_dir = Path(args.report)
     try:
         report_dir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +168,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         except Exception as exc:
             raise CliError(f"known-deviations file {args.known_deviations}: {exc}") from None
     (report_dir / "report.json").unlink(missing_ok=True)
+    if not args.no_preflight:
+        preflight(profile)
     pytest_args = [
         "--pyargs", "vhost_conformance.suites",
         "-p", "no:cacheprovider",
@@ -112,6 +186,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         pytest_args += ["--vhost-known-deviations", args.known_deviations]
     if args.k:
         pytest_args += ["-k", args.k]
+    for case_id in args.case or ():
+        pytest_args += ["--vhost-case", case_id]
     if args.n and args.n != "0":
         pytest_args += ["-n", args.n]
     pytest_args += ["-q"] if not args.verbose else ["-v"]
@@ -302,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--report", metavar="DIR", default="vhost-conformance-report",
                      help="report folder (default ./vhost-conformance-report)")
     run.add_argument("-k", metavar="EXPR", help="only cases matching this pytest -k expression")
+    run.add_argument("--case", metavar="ID", action="append",
+                     help="only this case (exact id, repeatable): a report's re-run command")
+    run.add_argument("--no-preflight", action="store_true",
+                     help="skip the pre-flight start + GET_FEATURES of the back-end")
     run.add_argument("-n", metavar="N", default="auto",
                      help="parallel workers (pytest-xdist; default auto, 0 = none)")
     run.add_argument("--strict", action="store_true", help="SHOULD violations fail the run")

@@ -1,0 +1,221 @@
+"""The verdict vocabulary end to end (issue 9 items 3-6): ``disconnect`` judged per case,
+``crash`` only for a dead process (with its status), one behaviour counted once, a MUST
+finding of a MAY case failing the gate, the re-run command, and the pre-flight of ``run``.
+
+The back-ends are the small fake of test_suites_fakebackend.py in its misbehaving modes."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+from test_suites_fakebackend import fake_command
+from vhost_conformance.reports.model import CaseResult, Level, Report, Verdict
+from vhost_conformance.reports.sample import sample_report
+from vhost_conformance.suites.plugin import assign_see
+
+pytest_plugins = ["pytester"]
+
+CLOSING_CASES = """
+from vhost_conformance.frontend.protocol import FrontendRequest, Message
+from vhost_conformance.suites.model import MUST, case
+
+BAD = dict(family="malformed", clause="vhost-user.rst: Communication",
+           requirement="an unknown request is refused or the connection closed.")
+VALID = dict(family="handshake", clause="vhost-user.rst: GET_QUEUE_NUM",
+             requirement="GET_QUEUE_NUM is answered.")
+
+
+@case("VU-VENDOR-20", title="an unknown request id", level=MUST, **BAD)
+def test_unknown_request(vhost_channel, vhost_timeout):
+    vhost_channel.call(FrontendRequest.GET_FEATURES, timeout=vhost_timeout)
+    vhost_channel.send_raw(Message(0x7FF0, 1, b"").encode())
+    vhost_channel.recv(vhost_timeout, awaiting="anything")
+
+
+@case("VU-VENDOR-21", title="GET_QUEUE_NUM is answered", level=MUST, **VALID)
+def test_queue_num(vhost_channel, vhost_timeout):
+    vhost_channel.call(FrontendRequest.GET_QUEUE_NUM, timeout=vhost_timeout)
+"""
+
+FINDING_CASES = """
+from vhost_conformance.suites.model import MAY, MUST, INFO, CaseFailed, case
+
+META = dict(family="stop-drain", clause="vhost-user.rst: GET_VRING_BASE",
+            requirement="GET_VRING_BASE answers the next avail index.")
+
+
+@case("VU-VENDOR-30", title="a MAY case seeing a MUST violation", level=MAY, **META)
+def test_may_sees_must(vhost_target):
+    raise CaseFailed("GET_VRING_BASE answered the used index", expected=7, seen=3,
+                     behaviour="gvb-used-index", finding_level=MUST)
+
+
+@case("VU-VENDOR-31", title="the same behaviour again", level=INFO, **META)
+def test_same_again(vhost_target):
+    raise CaseFailed("GET_VRING_BASE answered the used index", expected=7, seen=3,
+                     behaviour="gvb-used-index")
+"""
+
+
+def _report(path: pathlib.Path) -> tuple[dict[str, dict[str, object]], dict[str, object]]:
+    data = json.loads((path / "report.json").read_text())
+    return {case["id"]: case for case in data["cases"]}, data
+
+
+def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=180)
+
+
+def test_a_clean_close_on_malformed_input_is_an_allowed_disconnect(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_vendor=CLOSING_CASES)
+    report = pytester.path / "report"
+    result = _run(
+        pytester, "-k", "unknown", f"--vhost-backend-cmd={fake_command('closebad')}",
+        f"--vhost-report={report}",
+    )  # fmt: skip
+    result.assert_outcomes(passed=1)
+    cases, data = _report(report)
+    case = cases["VU-VENDOR-20"]
+    assert case["verdict"] == "disconnect" and case["allowed"] is True
+    assert "answered GET_FEATURES on the next connection" in str(case["reason"])
+    assert data["gate"] == 0
+    assert "disconnect (allowed)" in (report / "summary.md").read_text()
+
+
+def test_a_close_that_leaves_nobody_served_fails(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_vendor=CLOSING_CASES)
+    report = pytester.path / "report"
+    result = _run(
+        pytester, "-k", "unknown", f"--vhost-backend-cmd={fake_command('deafbad')}",
+        f"--vhost-report={report}",
+    )  # fmt: skip
+    result.assert_outcomes(failed=1)
+    case = _report(report)[0]["VU-VENDOR-20"]
+    assert case["verdict"] == "fail"
+    assert "did not serve the next connection" in str(case["reason"])
+
+
+def test_a_close_on_valid_input_is_a_disconnect_that_fails_the_gate(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_vendor=CLOSING_CASES)
+    report = pytester.path / "report"
+    result = _run(
+        pytester, "-k", "queue_num", f"--vhost-backend-cmd={fake_command('closevalid')}",
+        f"--vhost-report={report}",
+    )  # fmt: skip
+    result.assert_outcomes(failed=1)
+    cases, data = _report(report)
+    case = cases["VU-VENDOR-21"]
+    assert case["verdict"] == "disconnect" and case["allowed"] is False
+    assert case["exit_status"] is None
+    assert data["gate"] == 1
+    assert "--case VU-VENDOR-21" in str(case["rerun"])
+    junit = (report / "junit.xml").read_text()
+    assert 'type="disconnect"' in junit and "not allowed" in junit
+
+
+def test_an_exiting_backend_is_a_crash_with_its_status(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_vendor=CLOSING_CASES)
+    report = pytester.path / "report"
+    result = _run(
+        pytester, "-k", "queue_num", f"--vhost-backend-cmd={fake_command('die')}",
+        f"--vhost-report={report}",
+    )  # fmt: skip
+    result.assert_outcomes(failed=1)
+    case = _report(report)[0]["VU-VENDOR-21"]
+    assert case["verdict"] == "crash" and case["exit_status"] == 3
+    assert "exit status 3" in (report / "summary.md").read_text()
+
+
+def test_one_behaviour_counted_once_and_a_must_finding_of_a_may_case_fails_the_gate(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_vendor=FINDING_CASES)
+    report = pytester.path / "report"
+    _run(pytester, f"--vhost-backend-cmd={fake_command('ok')}", f"--vhost-report={report}")
+    cases, data = _report(report)
+    owner, follower = cases["VU-VENDOR-30"], cases["VU-VENDOR-31"]
+    assert owner["verdict"] == follower["verdict"] == "fail"
+    assert owner["see"] is None and follower["see"] == "VU-VENDOR-30"
+    assert owner["finding_level"] == "MUST"
+    assert data["gate"] == 1
+    loaded = Report.load(report / "report.json")
+    assert [c.id for c in loaded.gate_failures()] == ["VU-VENDOR-30"]
+    assert "see VU-VENDOR-30" in (report / "summary.md").read_text()
+    assert "see VU-VENDOR-30" in (report / "report.html").read_text()
+
+
+def _result(case_id: str, level: Level, verdict: Verdict, **kw: object) -> CaseResult:
+    return CaseResult(case_id, "t", "stop-drain", level, "c", "r", verdict, **kw)  # type: ignore[arg-type]
+
+
+def test_assign_see_keeps_the_strongest_level_on_the_owner() -> None:
+    cases = assign_see(
+        [
+            _result("VU-A-1", Level.MAY, Verdict.FAIL, behaviour="b"),
+            _result("VU-A-2", Level.MUST, Verdict.FAIL, behaviour="b"),
+            _result("VU-A-3", Level.MUST, Verdict.PASS, behaviour="b"),
+            _result("VU-A-4", Level.MUST, Verdict.FAIL, behaviour="other"),
+        ]
+    )
+    assert [c.see for c in cases] == [None, "VU-A-1", None, None]
+    assert cases[0].gate_level is Level.MUST and cases[0].blocking
+    assert not cases[1].blocking and not cases[1].bad
+    assert cases[3].blocking
+
+
+def test_a_may_case_alone_does_not_block_and_an_allowed_disconnect_is_not_bad() -> None:
+    assert not _result("VU-A-1", Level.MAY, Verdict.FAIL).blocking
+    allowed = _result("VU-A-2", Level.MUST, Verdict.DISCONNECT, allowed=True)
+    assert not allowed.bad and not allowed.blocking
+    assert _result("VU-A-3", Level.MUST, Verdict.DISCONNECT).blocking
+
+
+def test_schema_1_reports_still_load(tmp_path: pathlib.Path) -> None:
+    data = sample_report().to_dict()
+    data["schema_version"] = "1.0"
+    for case in data["cases"]:
+        for key in ("exit_status", "allowed", "see", "finding_level", "rerun", "behaviour"):
+            case.pop(key)
+    data["cases"] = [c for c in data["cases"] if c["verdict"] not in ("disconnect", "flaky")]
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(data))
+    loaded = Report.load(path)
+    assert loaded.schema_version == "1.0" and all(c.see is None for c in loaded.cases)
+
+
+def test_a_backend_that_cannot_start_exits_2_in_under_20_s(tmp_path: pathlib.Path) -> None:
+    cmd = "sh -c 'echo no disk here >&2; exit 7' {socket}"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "vhost_conformance.cli", "run", "--backend-cmd", cmd,
+         "--report", str(tmp_path / "r"), "-n", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "exited with status 7" in lines[0] and "no disk here" in lines[0]
+    assert "sh -c" in lines[0]
+    assert elapsed < 20, f"pre-flight took {elapsed:.1f} s"
+
+
+def test_a_backend_that_never_answers_exits_2_naming_it(tmp_path: pathlib.Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "vhost_conformance.cli", "run",
+         "--backend-cmd", fake_command("hang"), "--report", str(tmp_path / "r"), "-n", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    line = done.stderr.strip()
+    assert "did not answer GET_FEATURES" in line and "still running" in line
+    assert "fake back-end listening" in line
