@@ -284,6 +284,8 @@ def classify(
     if isinstance(exc, CaseOutcome):
         if died and exc.verdict in (Verdict.FAIL, Verdict.NON_STRICT):
             return Classified(Verdict.CRASH, exc.reason + crash_details, exit_status, log_tail)
+        if died and exc.verdict is Verdict.CRASH:
+            return Classified(Verdict.CRASH, exc.reason, exit_status, log_tail)
         return Classified(
             exc.verdict,
             exc.reason,

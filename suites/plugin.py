@@ -74,6 +74,7 @@ from vhost_conformance.reports.model import (
 )
 from vhost_conformance.suites import newhooks
 from vhost_conformance.suites.model import (
+    FAMILIES,
     MARKER,
     Case,
     CaseHang,
@@ -147,13 +148,22 @@ def may_close(case: Case) -> bool:
 
 def assign_see(cases: list[CaseResult]) -> list[CaseResult]:
     """One behaviour, one failure: of the bad results sharing a ``behaviour``, the first (in
-    the report's order) owns the failure and the others get ``see`` = its id; the owner
+    the suite's family order, then case number) owns the failure and the others get ``see`` = its id; the owner
     takes the strongest ``finding_level`` of the group, so a MUST violation a MAY case saw
     first still fails the gate as a MUST."""
     owners: dict[str, int] = {}
     out = list(cases)
     order = {Level.INFO: 0, Level.MAY: 1, Level.SHOULD: 2, Level.MUST: 3}
-    for i, case in enumerate(out):
+
+    def rank(i: int) -> tuple[int, int, int]:
+        # the suite's family order (rings before hostile-guest), then the case number
+        c = out[i]
+        family = FAMILIES.index(c.family) if c.family in FAMILIES else len(FAMILIES)
+        number = c.id.rsplit("-", 1)[-1]
+        return (family, int(number) if number.isdigit() else 0, i)
+
+    for i in sorted(range(len(out)), key=rank):
+        case = out[i]
         if case.behaviour is None or not case.bad:
             continue
         if case.behaviour not in owners:

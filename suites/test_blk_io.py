@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from vhost_conformance.frontend.blk import (
     SECTOR_SIZE,
-    VIRTIO_BLK_ID_BYTES,
     BlkConfig,
     BlkRequestType,
     BlkStatus,
@@ -111,20 +110,19 @@ def test_io_beyond_capacity_fails(vhost_session: Session) -> None:
 
 @case("VU-BLK-5", level=SHOULD)
 def test_get_id(vhost_session: Session) -> None:
-    """VIRTIO_BLK_T_GET_ID fills at most 20 bytes and completes OK or UNSUPP."""
+    """VIRTIO_BLK_T_GET_ID fills at most 20 bytes and completes OK or UNSUPP.
+
+    The request carries exactly the 20-byte buffer VIRTIO 1.3 5.2.6 gives GET_ID
+    (``u8 id[20]``) as a driver (Linux virtio_blk, QEMU's guest) sends it: a larger buffer is
+    not what the spec describes, and a device that checks the length (DPDK's vhost_blk
+    answers IOERR to 64 bytes) is right to refuse it."""
     blk = vhost_session.queues[0].blk
-    # a buffer larger than 20 bytes: the device must not write past the id
-    request = blk.raw(BlkRequestType.GET_ID, in_len=64)
+    request = blk.get_id()
     vhost_session.submit(0)
     (done,) = wait_all(vhost_session, [request])
     if done.status not in (BlkStatus.OK, BlkStatus.UNSUPP):
-        raise CaseNonStrict(f"GET_ID status: expected OK or UNSUPP, seen {done.status}")
-    if done.status == BlkStatus.OK and done.data is not None and any(
-        done.data[VIRTIO_BLK_ID_BYTES:]
-    ):
         raise CaseNonStrict(
-            "GET_ID wrote past the 20-byte id: bytes "
-            f"{VIRTIO_BLK_ID_BYTES}..63 are {done.data[VIRTIO_BLK_ID_BYTES:40].hex()}..."
+            f"GET_ID with the 20-byte buffer status: expected OK or UNSUPP, seen {done.status}"
         )
 
 

@@ -328,10 +328,12 @@ class Rig:
                 self.check_alive()
                 if not self.hostile:
                     what = "packed" if packed else "split"
+                    # the same behaviour VU-RING-9 (packed) / the I/O cases (split) own
                     raise CaseHang(
                         f"before any hostile chain, a well-formed request on a fresh connection "
                         f"({what} ring, QEMU 11.1.3's start) did not complete: the back-end does "
-                        f"not serve I/O on a {what} ring at all ({type(exc).__name__}: {exc})"
+                        f"not serve I/O on a {what} ring at all ({type(exc).__name__}: {exc})",
+                        behaviour=f"no-io-on-{what}-ring",
                     ) from None
                 if isinstance(exc, BackendHang):
                     raise CaseHang(f"a new connection after the previous example: {exc}") from None
@@ -856,17 +858,44 @@ def run_named(
         )
     rig = Rig(target, capabilities, timeout, restart=False)
     seen: list[str] = []
+    previous: str | None = None
     for name, shape in shapes:
+        submitted = rig.hostile
         try:
             outcome = run_shape(rig, shape, packed=packed)
         except CaseOutcome as exc:
-            raise type(exc)(f"{layout} ring, {name}: {exc.reason}") from None
+            raise _named(exc, layout, name, previous, rig.hostile == submitted) from None
         seen.append(f"{name}: {outcome.value}")
         measurements[f"outcome.{outcome.value}"] = (
             measurements.get(f"outcome.{outcome.value}", 0) + 1
         )
-    rig.final_check()
+        previous = name
+    try:
+        rig.final_check()
+    except CaseOutcome as exc:
+        raise _named(exc, layout, None, previous, True) from None
     print(f"{case_id} {layout}: " + "; ".join(seen))
+
+
+def _named(
+    exc: CaseOutcome, layout: str, name: str | None, previous: str | None, before_own: bool
+) -> CaseOutcome:
+    """*exc* re-raised naming the shape it belongs to: a death found while connecting for a
+    shape (before its own chain was submitted) is the previous shape's doing."""
+    if isinstance(exc, BackendCrashed) and before_own and previous is not None:
+        after = (
+            f" (found dead when connecting for the next shape, {name})"
+            if name
+            else (" (found dead at the final check)")
+        )
+        return type(exc)(f"{layout} ring, {previous}{after}: {exc.reason}")
+    if exc.behaviour is not None:
+        return type(exc)(
+            f"{layout} ring, {name}: {exc.reason}",
+            behaviour=exc.behaviour,
+            finding_level=exc.finding_level,
+        )
+    return type(exc)(f"{layout} ring, {name}: {exc.reason}")
 
 
 @pytest.fixture
@@ -883,8 +912,9 @@ def hostile_shapes(
     assert meta is not None, "hostile_shapes is for @case functions"
 
     def run(layout: str) -> None:
-        run_named(meta.id, layout, vhost_target, vhost_capabilities, vhost_timeout,
-                  vhost_measurements)
+        run_named(
+            meta.id, layout, vhost_target, vhost_capabilities, vhost_timeout, vhost_measurements
+        )
 
     return run
 

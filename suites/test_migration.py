@@ -293,25 +293,35 @@ def test_stop_latency_and_downtime_drain_vs_no_drain(
     vhost_measure: Callable[..., None],
 ) -> None:
     """Measures the GET_VRING_BASE round trip and the downtime (stop, transfer, start) of a
-    migration with requests held on the slow disk, draining and (with bit 20) suspending."""
+    migration with requests held on the slow disk, draining and (with bit 20) suspending.
+
+    INFO: measured, never judged. Held requests that never complete (``never_completed``)
+    or accounting findings (``findings``) are recorded as figures; the MUST cases that own
+    those behaviours (VU-GVB-3 for a stop without drain, VU-SUSP-1 for writes after the
+    reply, VU-MIG-3 for the destination) report them."""
     modes = [False]
     if make_session.capabilities.offers(P.GET_VRING_BASE_INFLIGHT) and \
             make_session.capabilities.offers(P.INFLIGHT_SHMFD):
         modes.append(True)
     for bit20 in modes:
         figures: dict[str, float] = {}
-        _, ledger, _ = held_migration(vhost_target, vhost_target_factory, make_session,
-                                      kinds=("read",), inflight_migration=bit20,
-                                      measurements=figures)
+        findings = 0
+        try:
+            _, ledger, _ = held_migration(vhost_target, vhost_target_factory, make_session,
+                                          kinds=("read",), inflight_migration=bit20,
+                                          measurements=figures)
+            findings = len([f for f in ledger.findings() if f.kind != "status"])
+        except CaseFailed:
+            if "stop_ms" not in figures:  # not measured at all: nothing to report
+                raise
         name = "no_drain" if bit20 else "drain"
+        figures["findings"] = float(findings)
         for key, value in figures.items():
             vhost_measurements[f"{name}.{key}"] = value
         mode = name.replace("_", "-")
         vhost_measure("stop_latency_ms", figures["stop_ms"], mode=mode,
                       disk_latency_ms=LATENCY_MS, inflight=HELD)
         vhost_measure("migration_downtime_ms", figures["downtime_ms"], mode=mode, inflight=HELD)
-        fail_on([f for f in ledger.findings() if f.kind != "status"],
-                f"requests held across the {name.replace('_', '-')} migration")
     if vhost_measurements.get("no_drain.stop_ms"):
         vhost_measurements["stop_ratio_drain_over_no_drain"] = (
             vhost_measurements["drain.stop_ms"] / vhost_measurements["no_drain.stop_ms"])
@@ -325,8 +335,9 @@ def test_set_log_base_is_answered(
     u64 reply before the deadline, and the device keeps serving I/O afterwards.
 
     vhost-user.rst "SET_LOG_BASE": with LOG_SHMFD the back-end replies once the log is mapped;
-    QEMU 11.1.3 (vhost_user_set_log_base) reads that reply and checks only its request id, so
-    the value is recorded, not judged."""
+    the message's "reply payload" is given as "N/A", so only the reply itself (its request
+    id, before the deadline) is judged: an empty reply (DPDK's) is as good as a u64. QEMU
+    11.1.3 (vhost_user_set_log_base) reads the reply and checks only its request id."""
     s = vhost_session
     log = DirtyLog.for_memory(s.memory)
     try:
@@ -335,16 +346,22 @@ def test_set_log_base_is_answered(
             reply = s.call(FrontendRequest.SET_LOG_BASE, LogBase(log.mmap_size, 0),
                            fds=[log.fd])
         except BackendViolation as exc:
-            raise CaseFailed(
-                f"SET_LOG_BASE {exc.what}, the reply is a u64 (QEMU 11.1.3 checks only the "
-                "reply's request id, so it interoperates)", expected=exc.expected,
-                seen=exc.seen) from None
+            if "size" not in exc.what:
+                raise CaseFailed(f"SET_LOG_BASE {exc.what}", expected=exc.expected,
+                                 seen=exc.seen) from None
+            # the payload is N/A in the spec: a reply of another size is recorded, not judged
+            vhost_measurements["reply_bytes"] = float(str(exc.seen).split()[0])
+            reply = None
+        else:
+            if reply is None:
+                raise CaseFailed("SET_LOG_BASE with LOG_SHMFD negotiated", expected="a reply",
+                                 seen="nothing expected by the channel (LOG_SHMFD not "
+                                 "negotiated?)")
+            vhost_measurements["reply_bytes"] = float(len(reply.payload))
+            if len(reply.payload) == 8:
+                vhost_measurements["reply_value"] = float(U64.decode(reply.payload).value)
         vhost_measurements["reply_ms"] = round((time.monotonic() - started) * 1e3, 3)
-        if reply is None:
-            raise CaseFailed("SET_LOG_BASE with LOG_SHMFD negotiated", expected="a u64 reply",
-                             seen="nothing expected by the channel (LOG_SHMFD not negotiated?)")
-        vhost_measurements["reply_value"] = float(U64.decode(reply.payload).value)
-        if reply.fds:
+        if reply is not None and reply.fds:
             raise CaseFailed("fds on the SET_LOG_BASE reply", expected=0, seen=len(reply.fds))
         do_io(s, 1, sector=4096)
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from vhost_conformance.frontend.blk import BlkRequest
+from vhost_conformance.frontend.channel import BackendHang
 from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.protocol import FrontendRequest, VirtioFeature
 from vhost_conformance.suites.drivers import (
@@ -25,7 +26,14 @@ from vhost_conformance.suites.drivers import (
     wait_all,
     write_read_verify,
 )
-from vhost_conformance.suites.model import MUST, SHOULD, CaseFailed, CaseNonStrict, case
+from vhost_conformance.suites.model import (
+    MUST,
+    SHOULD,
+    CaseFailed,
+    CaseHang,
+    CaseNonStrict,
+    case,
+)
 from vhost_conformance.suites.target import BackendTarget
 
 #: How long an untouched ring is watched for activity it must not have.
@@ -111,8 +119,13 @@ def test_without_bit_30_rings_are_enabled(
 def test_ring_starts_on_set_vring_kick(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
-    """A request available when SET_VRING_KICK arrives is processed without a kick."""
-    session = make_session(vhost_target, start=False, profile="qemu-7.2")
+    """A request available when SET_VRING_KICK arrives is processed without a kick.
+
+    QEMU 11.1.3's start (its profile) with the injected kick left out: with STATUS the
+    back-end gets SET_STATUS(DRIVER_OK) after SET_VRING_ENABLE, as from QEMU. (The qemu-7.2
+    profile sends no status at all; a back-end that waits for DRIVER_OK before touching the
+    rings is right, so that start cannot judge this.)"""
+    session = make_session(vhost_target, start=False)
     partial_start(session)
     request = session.queues[0].blk.read(0, 8)
     session.queues[0].vq.publish()
@@ -172,7 +185,12 @@ def test_used_idx_is_read_at_start(
 def test_packed_ring_io(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """With RING_PACKED, reads and writes complete with the packed layout's used flags."""
     session = make_session(vhost_target, packed=True)
-    write_read_verify(session, 0, pattern(40, 4096))
+    try:
+        write_read_verify(session, 0, pattern(40, 4096))
+    except BackendHang as exc:
+        # owns "no I/O on a packed ring": the packed hostile-guest cases follow from it
+        raise CaseHang(f"the first packed-ring request did not complete: {exc}",
+                       behaviour="no-io-on-packed-ring") from None
     write_read_verify(session, 64, pattern(41, 3 * 512), segments=3)
     # more requests than the ring holds: the wrap counters flip
     do_io(session, session.queue_size // 2 + 8, sector=256, nsectors=1)
