@@ -206,6 +206,45 @@ class CaseHang(CaseOutcome):
     verdict = Verdict.HANG
 
 
+class CaseFlaky(CaseOutcome):
+    """A fuzz finding that did not reproduce on a fresh back-end instance: ``flaky``, with
+    the sequence and seed in the reason (fails the gate only with --strict)."""
+
+    verdict = Verdict.FLAKY
+
+
+def confirm_finding(
+    exc: CaseOutcome, replay: Callable[[], object], *, sequence: str, seed: int | None
+) -> CaseOutcome:
+    """The outcome to report for the fuzz finding *exc*, after *replay* (the same sequence on
+    a fresh back-end instance) ran: *exc* noted "reproduced" when the replay fails too, a
+    :class:`CaseFlaky` naming the sequence and seed when it passes. A crash stays a crash
+    (the process did die), noted as not reproduced."""
+    where = f"seed {seed}" if seed is not None else "seed: none (an explicit example)"
+    try:
+        replay()
+    except CaseOutcome as again:
+        note = f"\nreproduced on a fresh back-end instance ({again.verdict.value}; {where})"
+        return type(exc)(exc.reason + note, behaviour=exc.behaviour, finding_level=exc.finding_level)
+    except Exception as again:
+        note = (
+            f"\nreproduced on a fresh back-end instance ({type(again).__name__}: {again}; "
+            f"{where})"
+        )
+        return type(exc)(exc.reason + note, behaviour=exc.behaviour, finding_level=exc.finding_level)
+    if exc.verdict is Verdict.CRASH:
+        return type(exc)(
+            exc.reason + f"\nthe same sequence on a fresh back-end instance did not crash ({where})"
+        )
+    return CaseFlaky(
+        f"did not reproduce on a fresh back-end instance: first seen as {exc.verdict.value}: "
+        f"{exc.reason}\nsequence: {sequence}\n{where} (re-run with VHOST_CONFORMANCE_SEED={seed})"
+        if seed is not None
+        else f"did not reproduce on a fresh back-end instance: first seen as "
+        f"{exc.verdict.value}: {exc.reason}\nsequence: {sequence}\n{where}"
+    )
+
+
 class Unsupported(CaseOutcome):
     """The back-end does not offer what the case needs (a feature bit, slow I/O, ...)."""
 
@@ -285,7 +324,9 @@ def classify(
         if died and exc.verdict in (Verdict.FAIL, Verdict.NON_STRICT):
             return Classified(Verdict.CRASH, exc.reason + crash_details, exit_status, log_tail)
         if died and exc.verdict is Verdict.CRASH:
-            return Classified(Verdict.CRASH, exc.reason, exit_status, log_tail)
+            return Classified(
+                Verdict.CRASH, exc.reason, exit_status, log_tail, behaviour=exc.behaviour
+            )
         return Classified(
             exc.verdict,
             exc.reason,

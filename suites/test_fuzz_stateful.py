@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.errors import Flaky
 from hypothesis.stateful import (
@@ -46,7 +47,14 @@ from vhost_conformance.frontend.protocol import (
     VringState,
 )
 from vhost_conformance.suites.drivers import capacity_of, pattern, wait_all
-from vhost_conformance.suites.model import MUST, CaseFailed, CaseHang, CaseOutcome, case
+from vhost_conformance.suites.model import (
+    MUST,
+    CaseFailed,
+    CaseHang,
+    CaseOutcome,
+    case,
+    confirm_finding,
+)
 from vhost_conformance.suites.target import BackendTarget, Capabilities
 from vhost_conformance.suites.test_hostile_guest import (
     RAM_SIZE,
@@ -54,6 +62,7 @@ from vhost_conformance.suites.test_hostile_guest import (
     ShrinkBudget,
     backend_fds,
     examples_setting,
+    run_seed,
     shrink_seconds,
 )
 
@@ -80,6 +89,8 @@ def _guarded(function: Callable[..., None]) -> Callable[..., None]:
         shown = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
         if function.__name__ != "alive":
             self.steps.append(f"state.{function.__name__}({shown})")
+            self.calls.append((function.__name__, args, kwargs))
+            type(self).last_calls = self.calls
         try:
             function(self, *args, **kwargs)
         except CaseOutcome as exc:
@@ -87,12 +98,17 @@ def _guarded(function: Callable[..., None]) -> Callable[..., None]:
             cls = type(self)
             if cls.first_failure is None:
                 cls.first_failure = (exc, list(self.steps))
+                cls.first_calls = list(self.calls)
             raise
         except BaseException:
             self.budget.failed()
             raise
 
     return wrapper
+
+
+#: One rule call of an example: the rule's name, its positional and keyword arguments.
+Call = tuple[str, tuple[Any, ...], dict[str, Any]]
 
 
 class _Closed(Exception):
@@ -108,10 +124,15 @@ class MessageMachine(RuleBasedStateMachine):
     counts: ClassVar[dict[str, int]] = {}
     #: the first failing example (its outcome and steps), for failures hypothesis cannot replay
     first_failure: ClassVar[tuple[CaseOutcome, list[str]] | None] = None
+    #: the rule calls (name, args, kwargs) of the first failing and of the latest example:
+    #: replayed on a fresh back-end instance before a finding is reported
+    first_calls: ClassVar[list[Call]] = []
+    last_calls: ClassVar[list[Call]] = []
 
     def __init__(self) -> None:
         super().__init__()
         self.steps: list[str] = []
+        self.calls: list[Call] = []
         self.memory: GuestMemory | None = None
         self.session: Session | None = None
         self.closed = True
@@ -480,14 +501,52 @@ class MessageMachine(RuleBasedStateMachine):
         self.rig.check_alive()
 
 
-def run_machine(rig: Rig, examples: int) -> dict[str, int]:
-    """Run ``examples`` sequences; returns the counts (connections, closes, I/O batches)."""
+def _bound_machine(rig: Rig) -> type[MessageMachine]:
     machine: type[MessageMachine] = type("BoundMessageMachine", (MessageMachine,), {})
     machine.rig = rig
     machine.model = None
     machine.budget = ShrinkBudget(shrink_seconds())
     machine.counts = {}
     machine.first_failure = None
+    machine.first_calls = []
+    machine.last_calls = []
+    return machine
+
+
+def replay_calls(rig: Rig, calls: list[Call]) -> None:
+    """Run one example's rule calls again, in order, on *rig*'s back-end (the invariant after
+    each, the teardown at the end): raises the CaseOutcome when the finding reproduces."""
+    machine = _bound_machine(rig)()
+    try:
+        for name, args, kwargs in calls:
+            getattr(machine, name)(*args, **kwargs)
+            machine.alive()
+    finally:
+        machine.teardown()
+
+
+def run_machine(
+    rig: Rig,
+    examples: int,
+    *,
+    fresh: Callable[[], Rig] | None = None,
+    seed: int | None = None,
+) -> dict[str, int]:
+    """Run ``examples`` sequences; returns the counts (connections, closes, I/O batches).
+
+    A finding is replayed on ``fresh()`` (a rig on a fresh back-end instance) before it is
+    raised: when it does not reproduce there it is ``flaky``, with the sequence and seed."""
+    machine = _bound_machine(rig)
+    if seed is not None:
+        hypothesis_seed(seed)(machine)
+
+    def confirmed(exc: CaseOutcome, calls: list[Call], shown: str) -> CaseOutcome:
+        if fresh is None or not calls:
+            return exc
+        return confirm_finding(
+            exc, lambda: replay_calls(fresh(), calls), sequence=shown, seed=seed
+        )
+
     try:
         run_state_machine_as_test(
             machine,
@@ -504,17 +563,20 @@ def run_machine(rig: Rig, examples: int) -> dict[str, int]:
         )
     except CaseOutcome as exc:
         notes = "\n".join(getattr(exc, "__notes__", []))
-        raise type(exc)(f"{exc.reason}\nminimal sequence:\n{notes}") from None
+        shown = type(exc)(f"{exc.reason}\nminimal sequence:\n{notes}",
+                          behaviour=exc.behaviour, finding_level=exc.finding_level)
+        raise confirmed(shown, list(machine.last_calls), notes) from None
     except Flaky:
         # the failure depended on the back-end's history (a restart resets it): report the
         # first failing sequence as it ran
         if machine.first_failure is None:
             raise
         first, steps = machine.first_failure
-        raise type(first)(
+        shown = type(first)(
             f"{first.reason}\nminimal sequence (as first seen; hypothesis could not replay it, "
             "the back-end's state carried over from earlier examples):\n" + "\n".join(steps)
-        ) from None
+        )
+        raise confirmed(shown, list(machine.first_calls), "\n".join(steps)) from None
     return dict(machine.counts)
 
 
@@ -524,6 +586,7 @@ def test_fuzzed_message_sequences(
     vhost_capabilities: Capabilities,
     vhost_timeout: float,
     vhost_measurements: dict[str, float],
+    vhost_target_factory: Callable[[str], BackendTarget],
 ) -> None:
     """Message sequences in odd orders (and slightly invalid ones), with stops, restarts,
     reconnects and I/O: no crash, no hang, every completed read matches the model."""
@@ -531,7 +594,14 @@ def test_fuzzed_message_sequences(
     examples = max(1, examples_setting() // 5)
     before = backend_fds(vhost_target)
     started = time.monotonic()
-    counts = run_machine(rig, examples)
+    seed = run_seed()
+    vhost_measurements["seed"] = float(seed)
+    counts = run_machine(
+        rig,
+        examples,
+        fresh=lambda: Rig(vhost_target_factory("replay"), vhost_capabilities, vhost_timeout),
+        seed=seed,
+    )
     rig.final_check()
     vhost_measurements["examples"] = float(examples)
     vhost_measurements["seconds"] = round(time.monotonic() - started, 2)

@@ -76,6 +76,15 @@ SHRINK_BUDGET = 30.0
 SHRINK_ENV = "VHOST_CONFORMANCE_SHRINK_SECONDS"
 
 
+def run_seed() -> int:
+    """The seed of this run's examples: $VHOST_CONFORMANCE_SEED, else a random one."""
+    import os
+    import random
+
+    raw = os.environ.get("VHOST_CONFORMANCE_SEED", "")
+    return int(raw) if raw.strip().isdigit() else random.SystemRandom().getrandbits(32)
+
+
 def shrink_seconds() -> float:
     """The shrink budget: ``$VHOST_CONFORMANCE_SHRINK_SECONDS`` or :data:`SHRINK_BUDGET`."""
     raw = os.environ.get(SHRINK_ENV, "").strip()
@@ -856,6 +865,19 @@ def run_named(
             f"a {layout} ring shape for {case_id}",
             "packed chains are sequential: no loops or next indices",
         )
+    if not packed and not capabilities.offers(VirtioFeature.RING_INDIRECT_DESC):
+        # an INDIRECT flag the back-end never offered: VIRTIO 1.3 2.7.5.3.1 "The driver MUST
+        # NOT set the VIRTQ_DESC_F_INDIRECT flag unless the VIRTIO_F_INDIRECT_DESC feature was
+        # negotiated". Still hostile input a guest can write (a back-end dying on it lets a
+        # guest kill it), but its own shape: run last and named so, the killer is not
+        # mistaken for the GPA the shape was about
+        plain = [(n, sh) for n, sh in shapes if not _uses_indirect(sh)]
+        flagged = [
+            (f"{n} {UNNEGOTIATED_INDIRECT}", sh)
+            for n, sh in shapes
+            if _uses_indirect(sh)
+        ]
+        shapes = plain + flagged
     rig = Rig(target, capabilities, timeout, restart=False)
     seen: list[str] = []
     previous: str | None = None
@@ -877,6 +899,20 @@ def run_named(
     print(f"{case_id} {layout}: " + "; ".join(seen))
 
 
+#: How run_named names a shape that sets INDIRECT although the back-end did not offer it.
+UNNEGOTIATED_INDIRECT = "(its INDIRECT flag not negotiated: RING_INDIRECT_DESC is not offered)"
+
+
+def _death_behaviour(shape_name: str) -> str | None:
+    """One behaviour for every death on an INDIRECT flag never negotiated (counted once)."""
+    return "dies-on-unnegotiated-indirect" if UNNEGOTIATED_INDIRECT in shape_name else None
+
+
+def _uses_indirect(shape: Shape) -> bool:
+    """The shape sets VIRTQ_DESC_F_INDIRECT somewhere (chain or tables)."""
+    return any(d.flags & INDIRECT for d in (*shape.chain, *shape.tables[0], *shape.tables[1]))
+
+
 def _named(
     exc: CaseOutcome, layout: str, name: str | None, previous: str | None, before_own: bool
 ) -> CaseOutcome:
@@ -886,9 +922,13 @@ def _named(
         after = (
             f" (found dead when connecting for the next shape, {name})"
             if name
-            else (" (found dead at the final check)")
+            else " (found dead at the final check)"
         )
-        return type(exc)(f"{layout} ring, {previous}{after}: {exc.reason}")
+        return type(exc)(
+            f"{layout} ring, {previous}{after}: {exc.reason}", behaviour=_death_behaviour(previous)
+        )
+    if isinstance(exc, BackendCrashed) and name is not None:
+        return type(exc)(f"{layout} ring, {name}: {exc.reason}", behaviour=_death_behaviour(name))
     if exc.behaviour is not None:
         return type(exc)(
             f"{layout} ring, {name}: {exc.reason}",
@@ -1225,5 +1265,6 @@ __all__ = [
     "died",
     "examples_setting",
     "process_tree_fds",
+    "run_seed",
     "run_shape",
 ]

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.errors import Flaky
 from vhost_conformance.frontend.blk import SECTOR_SIZE, BlkRequest
@@ -41,11 +42,19 @@ from vhost_conformance.suites.drivers import (
     pattern,
     slow_disk,
 )
-from vhost_conformance.suites.model import MUST, CaseFailed, CaseOutcome, Unsupported, case
+from vhost_conformance.suites.model import (
+    MUST,
+    CaseFailed,
+    CaseOutcome,
+    Unsupported,
+    case,
+    confirm_finding,
+)
 from vhost_conformance.suites.target import BackendTarget, Capabilities, CommandTarget
 from vhost_conformance.suites.test_hostile_guest import (
     ShrinkBudget,
     examples_setting,
+    run_seed,
     shrink_seconds,
 )
 
@@ -249,14 +258,26 @@ def run_example(target: BackendTarget, timeout: float, layout: str,
 
 
 def fuzz_inflight_bounds(target: BackendTarget, timeout: float, layouts: Sequence[str],
-                         examples: int) -> tuple[int, int]:
+                         examples: int, *, fresh: Callable[[], BackendTarget] | None = None,
+                         seed: int | None = None) -> tuple[int, int]:
     """Run ``examples`` hypothesis examples; returns how many ran and how many requests were
     seen in flight. The first failure is reported as hypothesis shrank it (or as it ran,
-    when it cannot be replayed)."""
+    when it cannot be replayed), once replayed on ``fresh()`` (a fresh back-end instance):
+    ``flaky`` with the example and seed when it does not reproduce there."""
     budget = ShrinkBudget(shrink_seconds())  # $VHOST_CONFORMANCE_SHRINK_SECONDS
     ran = 0
     seen = 0
     first: tuple[CaseOutcome, str] | None = None
+    last: tuple[str, Sequence[Step]] | None = None
+    first_example: tuple[str, Sequence[Step]] | None = None
+
+    def confirmed(exc: CaseOutcome, example: tuple[str, Sequence[Step]] | None) -> CaseOutcome:
+        if fresh is None or example is None:
+            return exc
+        layout, sequence = example
+        return confirm_finding(
+            exc, lambda: run_example(fresh(), timeout, layout, sequence),
+            sequence=f"layout={layout!r}, steps={sequence!r}", seed=seed)
 
     @settings(max_examples=examples, deadline=None, database=None, print_blob=True,
               report_multiple_bugs=False, suppress_health_check=list(HealthCheck),
@@ -269,26 +290,35 @@ def fuzz_inflight_bounds(target: BackendTarget, timeout: float, layouts: Sequenc
         layout = data.draw(st.sampled_from(list(layouts)), label="layout")
         sequence = data.draw(steps(), label="steps")
         ran += 1
+        nonlocal last, first_example
+        last = (layout, sequence)
         try:
             seen += run_example(target, timeout, layout, sequence)
         except CaseOutcome as exc:
             budget.failed()
             if first is None:
                 first = (exc, f"layout={layout!r}, steps={sequence!r}")
+                first_example = (layout, sequence)
             raise type(exc)(f"{exc.reason}\nexample: layout={layout!r}, "
                             f"steps={sequence!r}") from None
         except BaseException:
             budget.failed()
             raise
 
+    if seed is not None:
+        hypothesis_seed(seed)(example)
     try:
         example()
+    except CaseOutcome as exc:
+        raise confirmed(exc, last) from None
     except Flaky:
         if first is None:
             raise
-        exc, shown = first
-        raise type(exc)(f"{exc.reason}\nfirst failing example (hypothesis could not replay "
-                        f"it: the back-end's timing differs run to run): {shown}") from None
+        outcome, shown = first
+        raise confirmed(
+            type(outcome)(f"{outcome.reason}\nfirst failing example (hypothesis could not "
+                          f"replay it: the back-end's timing differs run to run): {shown}"),
+            first_example) from None
     return ran, seen
 
 
@@ -298,6 +328,7 @@ def test_inflight_counters_stay_in_bounds(
     vhost_capabilities: Capabilities,
     vhost_timeout: float,
     vhost_measurements: dict[str, float],
+    vhost_target_factory: Callable[[str], BackendTarget],
 ) -> None:
     """Random batches of reads and writes, the region copied at random moments: marks only
     on outstanding heads, counters stable while in flight and increasing in avail order,
@@ -325,8 +356,19 @@ def test_inflight_counters_stay_in_bounds(
                 if isinstance(vhost_target, CommandTarget):
                     vhost_target.restart()
         started = time.monotonic()
+        seed = run_seed()
+        vhost_measurements["seed"] = float(seed)
+
+        def fresh() -> BackendTarget:
+            # a fresh instance, with the slow disk the examples ran with when there is one
+            replica = vhost_target_factory("replay")
+            with contextlib.suppress(Unsupported):
+                stack.enter_context(slow_disk(replica, LATENCY_MS))
+            return replica
+
         ran, seen = fuzz_inflight_bounds(vhost_target, vhost_timeout, layouts,
-                                         examples_setting(DEFAULT_EXAMPLES))
+                                         examples_setting(DEFAULT_EXAMPLES), fresh=fresh,
+                                         seed=seed)
     vhost_measurements["examples"] = float(ran)
     vhost_measurements["requests_seen_in_flight"] = float(seen)
     vhost_measurements["seconds"] = round(time.monotonic() - started, 2)
