@@ -95,3 +95,17 @@ def test_backends_lists_profiles() -> None:
     assert proc.returncode == 0, proc.stderr
     names = {r["name"] for r in json.loads(proc.stdout)}
     assert {"reference", "qsd", "qsd-11.1", "dpdk-vhost-blk"} <= names
+
+
+def test_run_with_relative_report_and_profile_paths(tmp_path: Path) -> None:
+    """`run --report rel/dir --profile rel.toml` works from the caller's directory (was pytest exit 4)."""
+    from importlib import resources
+
+    source = resources.files("vhost_conformance.suites").joinpath("profiles", "reference.toml")
+    (tmp_path / "ref.toml").write_text(source.read_text())
+    proc = _run("run", "--profile", "ref.toml", "--report", "out/rel", "-n", "0",
+                "--no-preflight", "-k", "test_get_queue_num", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "out" / "rel" / "report.json").read_text())
+    assert [c["verdict"] for c in report["cases"]] == ["pass"]
+    assert not (tmp_path / "out" / "rel" / "out").exists()

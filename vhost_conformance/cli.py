@@ -155,7 +155,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vhost_conformance.reports.model import KnownDeviations, Report
 
     profile = _profile(args)  # validates the back-end options before anything starts
-    report_dir = Path(args.report)
+    # The suite runs from the report folder (below): every path the caller gave relative to
+    # their own directory is made absolute first, or pytest would look for it under the folder.
+    report_dir = Path(args.report).absolute()
+    for name in ("known_deviations", "profile"):
+        if getattr(args, name, None):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     try:
         report_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=report_dir, prefix=".write-test-"):
