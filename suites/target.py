@@ -362,7 +362,7 @@ def builtin_profile_names() -> list[str]:
 def load_profile(name_or_path: str) -> Profile:
     """Load a built-in profile by name, or a user's TOML profile file by path."""
     path = Path(name_or_path)
-    if name_or_path.endswith(".toml") or path.exists():
+    if name_or_path.endswith(".toml") or path.is_file():
         try:
             text = path.read_text()
         except OSError as exc:

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
-from hypothesis.errors import Flaky
+from hypothesis.errors import Flaky, HypothesisException
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -64,6 +64,7 @@ from vhost_conformance.suites.test_hostile_guest import (
     examples_setting,
     run_seed,
     shrink_seconds,
+    unreplayable,
 )
 
 F = FrontendRequest
@@ -93,12 +94,8 @@ def _guarded(function: Callable[..., None]) -> Callable[..., None]:
             type(self).last_calls = self.calls
         try:
             function(self, *args, **kwargs)
-        except CaseOutcome as exc:
-            self.budget.failed()
-            cls = type(self)
-            if cls.first_failure is None:
-                cls.first_failure = (exc, list(self.steps))
-                cls.first_calls = list(self.calls)
+        except Exception as exc:
+            self._note_failure(exc)
             raise
         except BaseException:
             self.budget.failed()
@@ -122,8 +119,11 @@ class MessageMachine(RuleBasedStateMachine):
     model: ClassVar[ModelDisk | None] = None
     budget: ClassVar[ShrinkBudget]
     counts: ClassVar[dict[str, int]] = {}
-    #: the first failing example (its outcome and steps), for failures hypothesis cannot replay
-    first_failure: ClassVar[tuple[CaseOutcome, list[str]] | None] = None
+    #: the first failing example (its exception and steps), for failures hypothesis cannot
+    #: replay: any exception, not only a CaseOutcome (a BackendClosed or OSError escaping a
+    #: rule once made the replay run longer than the first run, and hypothesis's
+    #: "Inconsistent data generation" Flaky came out as the case's verdict, a suite error)
+    first_failure: ClassVar[tuple[Exception, list[str]] | None] = None
     #: the rule calls (name, args, kwargs) of the first failing and of the latest example:
     #: replayed on a fresh back-end instance before a finding is reported
     first_calls: ClassVar[list[Call]] = []
@@ -153,6 +153,16 @@ class MessageMachine(RuleBasedStateMachine):
         self.tainted = False
 
     # -- plumbing ----------------------------------------------------------------------
+
+    def _note_failure(self, exc: Exception) -> None:
+        """Spend the shrink budget from now on; keep the first failure, its steps and calls."""
+        if isinstance(exc, HypothesisException):
+            return  # hypothesis's own control flow, not the back-end's doing
+        self.budget.failed()
+        cls = type(self)
+        if cls.first_failure is None:
+            cls.first_failure = (exc, list(self.steps))
+            cls.first_calls = list(self.calls)
 
     def _count(self, what: str) -> None:
         type(self).counts[what] = type(self).counts.get(what, 0) + 1
@@ -498,7 +508,11 @@ class MessageMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         """Close the connection; the back-end must still be alive."""
         self._close()
-        self.rig.check_alive()
+        try:
+            self.rig.check_alive()
+        except Exception as exc:
+            self._note_failure(exc)
+            raise
 
 
 def _bound_machine(rig: Rig) -> type[MessageMachine]:
@@ -566,12 +580,14 @@ def run_machine(
         shown = type(exc)(f"{exc.reason}\nminimal sequence:\n{notes}",
                           behaviour=exc.behaviour, finding_level=exc.finding_level)
         raise confirmed(shown, list(machine.last_calls), notes) from None
-    except Flaky:
+    except Flaky as flaky:
         # the failure depended on the back-end's history (a restart resets it): report the
         # first failing sequence as it ran
         if machine.first_failure is None:
             raise
         first, steps = machine.first_failure
+        if not isinstance(first, CaseOutcome):
+            raise unreplayable(flaky, (first, "\n".join(steps)), "sequence as first seen:\n")
         shown = type(first)(
             f"{first.reason}\nminimal sequence (as first seen; hypothesis could not replay it, "
             "the back-end's state carried over from earlier examples):\n" + "\n".join(steps)

@@ -1151,12 +1151,30 @@ class ShrinkBudget:
             self.first_failure = time.monotonic()
 
 
+def unreplayable(
+    flaky: Exception, first: tuple[Exception, str] | None, header: str
+) -> Exception:
+    """What to raise when hypothesis could not replay a failure (``flaky``): the first failure
+    as it ran, ``header`` and ``shown`` (its example) added; ``flaky`` itself when none was
+    seen. A suite verdict (CaseOutcome) keeps its type; any other exception (BackendClosed,
+    OSError...) is re-raised with the example as a note, for the plugin to classify: before,
+    it surfaced as hypothesis's Flaky ("Inconsistent data generation"), a suite error."""
+    if first is None:
+        return flaky
+    exc, shown = first
+    if isinstance(exc, CaseOutcome):
+        return type(exc)(f"{exc.reason}\n{header}{shown}", behaviour=exc.behaviour,
+                         finding_level=exc.finding_level)
+    exc.add_note(f"{header}{shown}")
+    return exc
+
+
 def fuzz_descriptor_chains(rig: Rig, examples: int, layouts: Sequence[str]) -> int:
     """Run ``examples`` hypothesis examples of hostile chains against ``rig``; returns how many
     ran. Failures propagate (the minimal example is printed by hypothesis)."""
     budget = ShrinkBudget(shrink_seconds())
     ran = 0
-    first: tuple[CaseOutcome, str] | None = None
+    first: tuple[Exception, str] | None = None
 
     @settings(
         max_examples=examples,
@@ -1177,7 +1195,7 @@ def fuzz_descriptor_chains(rig: Rig, examples: int, layouts: Sequence[str]) -> i
         ran += 1
         try:
             run_shape(rig, shape, packed=layout == "packed")
-        except CaseOutcome as exc:
+        except Exception as exc:
             budget.failed()
             if first is None:
                 first = (exc, f"layout={layout!r}, shape={shape!r}")
@@ -1188,15 +1206,12 @@ def fuzz_descriptor_chains(rig: Rig, examples: int, layouts: Sequence[str]) -> i
 
     try:
         example()
-    except Flaky:
+    except Flaky as flaky:
         # the failure depended on the back-end's history (a restart resets it): report the
         # first failing example as it ran
-        if first is None:
-            raise
-        exc, shown = first
-        raise type(exc)(
-            f"{exc.reason}\nfirst failing example (hypothesis could not replay it, the "
-            f"back-end's state carried over from earlier examples): {shown}"
+        raise unreplayable(
+            flaky, first, "first failing example (hypothesis could not replay it, the "
+            "back-end's state carried over from earlier examples): "
         ) from None
     return ran
 

@@ -56,6 +56,7 @@ from vhost_conformance.suites.test_hostile_guest import (
     examples_setting,
     run_seed,
     shrink_seconds,
+    unreplayable,
 )
 
 #: How long a rejected mid-flight mark may take to clear before it counts (seconds).
@@ -267,7 +268,7 @@ def fuzz_inflight_bounds(target: BackendTarget, timeout: float, layouts: Sequenc
     budget = ShrinkBudget(shrink_seconds())  # $VHOST_CONFORMANCE_SHRINK_SECONDS
     ran = 0
     seen = 0
-    first: tuple[CaseOutcome, str] | None = None
+    first: tuple[Exception, str] | None = None
     last: tuple[str, Sequence[Step]] | None = None
     first_example: tuple[str, Sequence[Step]] | None = None
 
@@ -301,6 +302,11 @@ def fuzz_inflight_bounds(target: BackendTarget, timeout: float, layouts: Sequenc
                 first_example = (layout, sequence)
             raise type(exc)(f"{exc.reason}\nexample: layout={layout!r}, "
                             f"steps={sequence!r}") from None
+        except Exception as exc:
+            budget.failed()
+            if first is None:
+                first = (exc, f"layout={layout!r}, steps={sequence!r}")
+            raise
         except BaseException:
             budget.failed()
             raise
@@ -311,9 +317,10 @@ def fuzz_inflight_bounds(target: BackendTarget, timeout: float, layouts: Sequenc
         example()
     except CaseOutcome as exc:
         raise confirmed(exc, last) from None
-    except Flaky:
-        if first is None:
-            raise
+    except Flaky as flaky:
+        if first is None or not isinstance(first[0], CaseOutcome):
+            raise unreplayable(flaky, first, "first failing example (hypothesis could not "
+                               "replay it): ") from None
         outcome, shown = first
         raise confirmed(
             type(outcome)(f"{outcome.reason}\nfirst failing example (hypothesis could not "

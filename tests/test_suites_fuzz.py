@@ -186,3 +186,47 @@ def test_protected_slots_exclude_every_written_byte() -> None:
         "table0",
         "table1",
     }
+
+
+def test_an_unreplayable_non_verdict_exception_is_reported_not_flaky(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BackendClosed escaping a rule once (hypothesis cannot replay it: the second run draws
+    more steps) comes out as that exception with its sequence, never as hypothesis's
+    "Inconsistent data generation" Flaky, which made VU-FUZZ-1 a suite error."""
+    from vhost_conformance.frontend.channel import BackendClosed
+    from vhost_conformance.suites import test_fuzz_stateful as fuzz
+    from vhost_conformance.suites.target import CommandTarget, TargetFactory, load_profile
+    from vhost_conformance.suites.test_hostile_guest import Rig
+
+    calls = {"n": 0}
+    original = fuzz.MessageMachine._call
+
+    def once(self: fuzz.MessageMachine, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if request.name == "GET_FEATURES":
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise BackendClosed("closed once, never again")
+        return original(self, request, *args, **kwargs)
+
+    # rules are bound when the class is made: the patch goes under them, in their _call
+    monkeypatch.setattr(fuzz.MessageMachine, "_call", once)
+    monkeypatch.setenv("VHOST_CONFORMANCE_SHRINK_SECONDS", "3")
+    made = TargetFactory(profile=load_profile("reference"),
+                         rundir=Path(tempfile.mkdtemp(prefix="vcf-", dir="/tmp")))
+    try:
+        target = made.new("fuzz1")
+        assert isinstance(target, CommandTarget)
+        target.start()
+        rig = Rig(target, made.capabilities(), 5.0)
+        try:
+            counts = fuzz.run_machine(rig, 40)
+        except BackendClosed as exc:
+            raised = exc
+        else:
+            pytest.fail(f"no BackendClosed: GET_FEATURES rules {calls}, counts {counts}")
+    finally:
+        made.close()
+    assert "closed once" in str(raised)
+    notes = "\n".join(getattr(raised, "__notes__", []))
+    assert "state.get_features()" in notes, notes

@@ -406,3 +406,13 @@ def test_python_backends_read_a_private_bytecode_cache(tmp_path: pathlib.Path) -
         compiled = [p.name for p in pathlib.Path(prefix).rglob("*.pyc")]
         assert any(name.startswith("protocol.") for name in compiled), compiled
         assert any(name.startswith("server.") for name in compiled), compiled
+
+
+def test_builtin_name_wins_over_a_directory_of_that_name(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `run --backend qsd --report qsd` twice: the second run found ./qsd (a folder) and
+    # tried to read it as a profile file
+    (tmp_path / "qsd").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_profile("qsd").name == "qsd"
