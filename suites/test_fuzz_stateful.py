@@ -587,7 +587,8 @@ def run_machine(
             raise
         first, steps = machine.first_failure
         if not isinstance(first, CaseOutcome):
-            raise unreplayable(flaky, (first, "\n".join(steps)), "sequence as first seen:\n")
+            header = "sequence as first seen:\n"
+            raise unreplayable(flaky, (first, "\n".join(steps)), header) from None
         shown = type(first)(
             f"{first.reason}\nminimal sequence (as first seen; hypothesis could not replay it, "
             "the back-end's state carried over from earlier examples):\n" + "\n".join(steps)

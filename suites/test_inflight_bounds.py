@@ -318,10 +318,10 @@ def fuzz_inflight_bounds(target: BackendTarget, timeout: float, layouts: Sequenc
     except CaseOutcome as exc:
         raise confirmed(exc, last) from None
     except Flaky as flaky:
-        if first is None or not isinstance(first[0], CaseOutcome):
+        outcome, shown = first if first is not None else (flaky, "")
+        if not isinstance(outcome, CaseOutcome):
             raise unreplayable(flaky, first, "first failing example (hypothesis could not "
                                "replay it): ") from None
-        outcome, shown = first
         raise confirmed(
             type(outcome)(f"{outcome.reason}\nfirst failing example (hypothesis could not "
                           f"replay it: the back-end's timing differs run to run): {shown}"),
