@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import signal
 import sys
 import threading
@@ -144,6 +145,17 @@ MAY_CLOSE_FAMILIES: frozenset[str] = frozenset({"malformed", "hostile-guest", "f
 def may_close(case: Case) -> bool:
     """True when the spec lets the back-end close the connection in *case* (robustness)."""
     return case.family in MAY_CLOSE_FAMILIES or getattr(case, "tier", None) == "robustness"
+
+
+_ASSERTION = re.compile(r"[\w.-]+:\d+: [\w ]*: Assertion .* failed")
+
+
+def crash_behaviour(log_tail: str | None) -> str | None:
+    """The observed behaviour of a crash whose log names the failed assertion (the last one
+    in the tail, e.g. ``vhost_blk.c:345: process_blk_task: Assertion ... failed``): crashes
+    on the same assertion are one behaviour, counted once."""
+    found = _ASSERTION.findall(log_tail or "")
+    return f"assertion {found[-1]}" if found else None
 
 
 def assign_see(cases: list[CaseResult]) -> list[CaseResult]:
@@ -759,7 +771,9 @@ class VhostRun:
             exit_status=verdict.exit_status if final is Verdict.CRASH else None,
             allowed=verdict.allowed,
             finding_level=verdict.finding_level,
-            behaviour=verdict.behaviour,
+            behaviour=crash_behaviour(verdict.log_tail)
+            if final is Verdict.CRASH and crash_behaviour(verdict.log_tail)
+            else verdict.behaviour,
             rerun=self.rerun_command(state.case.id)
             if (verdict.verdict in _BAD or verdict.verdict is Verdict.NON_STRICT)
             and not allowed_close

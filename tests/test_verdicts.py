@@ -71,15 +71,23 @@ def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=180)
 
 
-def test_a_clean_close_on_malformed_input_is_an_allowed_disconnect(
-    pytester: pytest.Pytester,
-) -> None:
+def _closing(
+    pytester: pytest.Pytester, select: str, mode: str
+) -> tuple[pytest.RunResult, pathlib.Path]:
+    """CLOSING_CASES matching *select* against the fake back-end in *mode*: (result, report)."""
     pytester.makepyfile(test_vendor=CLOSING_CASES)
     report = pytester.path / "report"
     result = _run(
-        pytester, "-k", "unknown", f"--vhost-backend-cmd={fake_command('closebad')}",
+        pytester, "-k", select, f"--vhost-backend-cmd={fake_command(mode)}",
         f"--vhost-report={report}",
     )  # fmt: skip
+    return result, report
+
+
+def test_a_clean_close_on_malformed_input_is_an_allowed_disconnect(
+    pytester: pytest.Pytester,
+) -> None:
+    result, report = _closing(pytester, "unknown", "closebad")
     result.assert_outcomes(passed=1)
     cases, data = _report(report)
     case = cases["VU-VENDOR-20"]
@@ -90,12 +98,7 @@ def test_a_clean_close_on_malformed_input_is_an_allowed_disconnect(
 
 
 def test_a_close_that_leaves_nobody_served_fails(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_vendor=CLOSING_CASES)
-    report = pytester.path / "report"
-    result = _run(
-        pytester, "-k", "unknown", f"--vhost-backend-cmd={fake_command('deafbad')}",
-        f"--vhost-report={report}",
-    )  # fmt: skip
+    result, report = _closing(pytester, "unknown", "deafbad")
     result.assert_outcomes(failed=1)
     case = _report(report)[0]["VU-VENDOR-20"]
     assert case["verdict"] == "fail"
@@ -105,12 +108,7 @@ def test_a_close_that_leaves_nobody_served_fails(pytester: pytest.Pytester) -> N
 def test_a_close_on_valid_input_is_a_disconnect_that_fails_the_gate(
     pytester: pytest.Pytester,
 ) -> None:
-    pytester.makepyfile(test_vendor=CLOSING_CASES)
-    report = pytester.path / "report"
-    result = _run(
-        pytester, "-k", "queue_num", f"--vhost-backend-cmd={fake_command('closevalid')}",
-        f"--vhost-report={report}",
-    )  # fmt: skip
+    result, report = _closing(pytester, "queue_num", "closevalid")
     result.assert_outcomes(failed=1)
     cases, data = _report(report)
     case = cases["VU-VENDOR-21"]
@@ -123,12 +121,7 @@ def test_a_close_on_valid_input_is_a_disconnect_that_fails_the_gate(
 
 
 def test_an_exiting_backend_is_a_crash_with_its_status(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_vendor=CLOSING_CASES)
-    report = pytester.path / "report"
-    result = _run(
-        pytester, "-k", "queue_num", f"--vhost-backend-cmd={fake_command('die')}",
-        f"--vhost-report={report}",
-    )  # fmt: skip
+    result, report = _closing(pytester, "queue_num", "die")
     result.assert_outcomes(failed=1)
     case = _report(report)[0]["VU-VENDOR-21"]
     assert case["verdict"] == "crash" and case["exit_status"] == 3
@@ -154,7 +147,8 @@ def test_one_behaviour_counted_once_and_a_must_finding_of_a_may_case_fails_the_g
 
 
 def _result(case_id: str, level: Level, verdict: Verdict, **kw: object) -> CaseResult:
-    return CaseResult(case_id, "t", "stop-drain", level, "c", "r", verdict, **kw)  # type: ignore[arg-type]
+    family = {"FUZZ": "fuzz", "HOST": "hostile-guest"}.get(case_id.split("-")[1], "stop-drain")
+    return CaseResult(case_id, "t", family, level, "c", "r", verdict, **kw)  # type: ignore[arg-type]
 
 
 def test_assign_see_keeps_the_strongest_level_on_the_owner() -> None:
@@ -267,3 +261,21 @@ def test_a_fuzz_finding_that_reproduces_stays_what_it_was(monkeypatch: pytest.Mo
         )  # fmt: skip
     assert info.value.verdict is Verdict.FAIL
     assert "reproduced on a fresh back-end instance" in info.value.reason
+
+
+def test_crashes_on_the_same_assertion_are_one_behaviour() -> None:
+    from vhost_conformance.suites.plugin import crash_behaviour
+
+    tail = "VHOST_CONFIG: (/tmp/x/{}/vhost.socket) new device\nvhost-blk: vhost_blk.c:345: "
+    tail += "process_blk_task: Assertion `sizeof(*task->req) == task->iovs[0].iov_len' failed.\n"
+    first, second = crash_behaviour(tail.format("a")), crash_behaviour(tail.format("b"))
+    assert first is not None and first == second and "vhost_blk.c:345" in first
+    assert crash_behaviour("Segmentation fault") is None
+    cases = assign_see(
+        [
+            _result("VU-FUZZ-2", Level.MUST, Verdict.CRASH, behaviour=first),
+            _result("VU-HOST-6", Level.MUST, Verdict.CRASH, behaviour=second),
+        ]
+    )
+    # the suite's family order: hostile-guest before fuzz, whatever the report order
+    assert [c.see for c in cases] == ["VU-HOST-6", None]
