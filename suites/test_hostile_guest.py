@@ -334,6 +334,9 @@ class Rig:
                 guest = Guest(memory, session, self.seq)
                 guest.good_io(self.timeout)
             except (BackendClosed, BackendHang, OSError) as exc:
+                if isinstance(self.target, CommandTarget) and self.hostile:
+                    # a back-end dying of the previous shape may not be reapable yet
+                    self.target.wait_exit(0.5)
                 self.check_alive()
                 if not self.hostile:
                     what = "packed" if packed else "split"
