@@ -268,3 +268,44 @@ def test_crashes_on_the_same_assertion_are_one_behaviour() -> None:
     )
     # the suite's family order: hostile-guest before fuzz, whatever the report order
     assert [c.see for c in cases] == ["VU-HOST-6", None]
+
+
+def _run_cases(
+    backend: str, peer: str, cases: list[str], tmp_path: pathlib.Path
+) -> dict[str, dict[str, object]]:
+    """`vhost-conformance run --case ...` against a real peer; the report's cases by id
+    (skipped when the peer is not provisioned)."""
+    from vhost_conformance.peers.provision import available
+
+    if not available(peer):
+        pytest.skip(f"{peer} not provisioned: run ./scripts/provision-peers")
+    selection = [arg for case_id in cases for arg in ("--case", case_id)]
+    done = subprocess.run(
+        [sys.executable, "-m", "vhost_conformance.cli", "run", "--backend", backend,
+         "--report", str(tmp_path / "r"), "-n", "0", *selection],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode in (0, 1), done.stderr
+    return _report(tmp_path / "r")[0]
+
+
+def test_qsd_stop_without_drain_is_counted_once(tmp_path: pathlib.Path) -> None:
+    # qemu-storage-daemon 11.1.3 answers GET_VRING_BASE before its requests complete and
+    # completes them afterwards: VU-GVB-3 owns that, VU-SUSP-1 follows from it
+    cases = _run_cases("qsd-11.1", "qsd-11.1", ["VU-GVB-3", "VU-SUSP-1"], tmp_path)
+    assert cases["VU-GVB-3"]["verdict"] == "fail" and cases["VU-GVB-3"]["see"] is None
+    assert "vhost-conformance run --backend qsd-11.1 --case VU-GVB-3" in str(
+        cases["VU-GVB-3"]["rerun"]
+    )
+    assert cases["VU-SUSP-1"]["see"] == "VU-GVB-3"
+
+
+def test_dpdk_verdicts_that_were_the_suites_fault(tmp_path: pathlib.Path) -> None:
+    # SET_LOG_BASE's reply payload is N/A (DPDK replies with 0 bytes); DPDK waits for
+    # DRIVER_OK, which QEMU 11.1.3's start sends; regions of the size GET_INFLIGHT_FD gave
+    cases = _run_cases(
+        "dpdk-vhost-blk", "dpdk-vhost-blk", ["VU-MIG-6", "VU-RING-5", "VU-MAL-14"], tmp_path
+    )
+    assert {k: v["verdict"] for k, v in cases.items()} == {
+        "VU-MIG-6": "pass", "VU-RING-5": "pass", "VU-MAL-14": "pass",
+    }  # fmt: skip
