@@ -22,6 +22,7 @@ PEERS: dict[str, tuple[str, str]] = {
     "qemu-system-x86_64-11.1": ("bin/qemu-system-x86_64-11.1", "trixie-root"),
     "qemu-img-11.1": ("bin/qemu-img-11.1", "trixie-root"),
     "trixie-run": ("bin/trixie-run", "trixie-root"),
+    "vhost-user-blk-contrib": ("bin/vhost-user-blk-contrib", "contrib-blk"),
     "guest-kernel": ("guest/vmlinuz", "guest"),
     "guest-initrd": ("guest/initrd.img", "guest"),
 }

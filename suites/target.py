@@ -210,6 +210,10 @@ class Profile:
     #: then gets a process that was started while the previous case ran, still used by that one
     #: case only. 0: every case starts its own when it needs it.
     prestart: int = 0
+    #: The back-end serves one connection and then exits (libvhost-user's contrib
+    #: vhost-user-blk): every connection gets a fresh instance (a reconnect restarts it, the
+    #: disk image is kept), and its exit with status 0 after that connection is not a crash.
+    one_connection: bool = False
 
     def __post_init__(self) -> None:
         if self.socket_mode not in ("listen", "connect"):
@@ -225,6 +229,11 @@ class Profile:
                     "{socket} placeholder and the profile gives no 'socket' path: "
                     "the suite cannot know where the back-end listens"
                 )
+        if self.one_connection and self.socket_mode != "listen":
+            raise UsageError(
+                f"profile {self.name!r}: one_connection needs socket_mode 'listen' (the suite "
+                "restarts the back-end for each connection it makes)"
+            )
         if not isinstance(self.prestart, int) or not 0 <= self.prestart <= 8:
             raise UsageError(
                 f"profile {self.name!r}: prestart must be an integer from 0 to 8, "
@@ -282,6 +291,7 @@ _PROFILE_KEYS = frozenset(
         "print_capabilities",
         "connect_command",
         "prestart",
+        "one_connection",
     }
 )
 
@@ -348,6 +358,7 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
         print_capabilities=print_caps if isinstance(print_caps, str) else None,
         connect_command=connect_cmd if isinstance(connect_cmd, str) else None,
         prestart=prestart,
+        one_connection=bool(typed("one_connection", bool, False)),
     )
 
 
@@ -538,6 +549,8 @@ class CommandTarget:
         self._stopped_by_us = False
         self._starts = 0
         self._launched = False
+        #: connections made to the running instance (profile.one_connection: at most one)
+        self._connections = 0
         self.log_path = workdir / "backend.log"
         self.values: dict[str, str] = {
             "workdir": str(workdir),
@@ -613,7 +626,7 @@ class CommandTarget:
 
     def start(self) -> str:
         """Create the work dir and disk image, run the command, wait until it listens."""
-        if self.alive():
+        if self._running():
             if self._launched:
                 self._launched = False
                 if self.profile.socket_mode == "listen":
@@ -628,7 +641,7 @@ class CommandTarget:
     def launch(self) -> None:
         """Run the command without waiting for it to listen (a pre-started instance); the next
         start() waits for the socket, within ``start_timeout`` counted from then."""
-        if self.alive():
+        if self._running():
             return
         self._launch()
         self._launched = True
@@ -652,6 +665,7 @@ class CommandTarget:
         argv = self.argv()
         self._exit_status = None
         self._stopped_by_us = False
+        self._connections = 0
         if argv is not None:
             self._starts += 1
             try:
@@ -705,11 +719,25 @@ class CommandTarget:
         self.stop()
         return self.start()
 
-    def alive(self) -> bool:
-        """Whether our back-end process is running (connect mode without command: listening)."""
+    def _running(self) -> bool:
         if self._process is not None:
             return self._process.alive()
         return self.profile.command is None and self._listener is not None
+
+    def _served_its_connection(self) -> bool:
+        """A one-connection back-end that exited with status 0 after its connection."""
+        return (
+            self.profile.one_connection
+            and self._connections > 0
+            and self._process is not None
+            and self._process.exit_status() == 0
+        )
+
+    def alive(self) -> bool:
+        """Whether our back-end process is running (connect mode without command: listening);
+        a one-connection back-end that exited cleanly after its connection counts as alive
+        (the next connect_socket starts a fresh instance)."""
+        return self._running() or self._served_its_connection()
 
     def exit_status(self) -> int | None:
         """Exit status of the last run (negative = killed by that signal), None while running."""
@@ -756,13 +784,17 @@ class CommandTarget:
 
     def connect_socket(self, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> socket.socket:
         """Connect to the back-end (listen mode) or accept its connection (connect mode)."""
-        if self._launched and self.alive():
+        if self._launched and self._running():
             self.start()  # launched ahead of need: wait until it listens
+        if self.profile.one_connection and self._connections > 0:
+            self.restart()  # it serves one connection: a fresh instance for this one
         deadline = time.monotonic() + timeout
         if self.profile.socket_mode == "listen":
             if self._process is None:
                 raise TargetError(f"back-end {self.name!r} is not started")
-            return _connect_unix(self.socket_path, deadline)
+            sock = _connect_unix(self.socket_path, deadline)
+            self._connections += 1
+            return sock
         if self._listener is None:
             raise TargetError(f"back-end {self.name!r} is not started (no listening socket)")
         self._listener.settimeout(timeout)

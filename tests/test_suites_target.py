@@ -92,7 +92,9 @@ def test_command_templates_need_a_socket() -> None:
 
 
 def test_builtin_profiles() -> None:
-    assert builtin_profile_names() == ["dpdk-vhost-blk", "qsd", "qsd-11.1", "reference"]
+    assert builtin_profile_names() == [
+        "dpdk-vhost-blk", "qsd", "qsd-11.1", "reference", "vhost-user-blk-contrib"
+    ]
     reference = load_profile("reference")
     assert reference.slow_io.args == "--latency {latency_ms}" and reference.shares_disk
     qsd = load_profile("qsd")
@@ -416,3 +418,39 @@ def test_builtin_name_wins_over_a_directory_of_that_name(
     (tmp_path / "qsd").mkdir()
     monkeypatch.chdir(tmp_path)
     assert load_profile("qsd").name == "qsd"
+
+
+def test_one_connection_needs_listen_mode() -> None:
+    with pytest.raises(UsageError, match="one_connection needs socket_mode 'listen'"):
+        Profile(name="p", command="srv {socket}", socket_mode="connect", one_connection=True)
+
+
+def test_one_connection_backend_gets_a_fresh_instance_per_connection(
+    short_dir: pathlib.Path,
+) -> None:
+    """The real contrib/vhost-user-blk exits after its one connection: that is not a death
+    (alive() stays true, exit status 0), and the next connection gets a new instance."""
+    from vhost_conformance.frontend.channel import Channel
+    from vhost_conformance.frontend.protocol import FrontendRequest
+    from vhost_conformance.peers.provision import available
+
+    if not available("vhost-user-blk-contrib"):
+        pytest.skip("contrib vhost-user-blk not provisioned (scripts/provision-peers)")
+    profile = load_profile("vhost-user-blk-contrib")
+    assert profile.one_connection
+    target = CommandTarget(profile, short_dir / "c", stop_timeout=5)
+    try:
+        target.start()
+        for round_ in (1, 2):
+            channel = Channel(target.connect_socket(5.0))
+            try:
+                assert channel.call(FrontendRequest.GET_FEATURES, timeout=5.0) is not None
+            finally:
+                channel.close()
+            assert target.wait_exit(5.0) == 0, target.log_tail()  # it exits after one
+            assert target.alive(), f"round {round_}: a clean exit after its connection"
+            assert not target.stopped_by_us
+        assert target._starts == 2
+    finally:
+        target.stop()
+    assert not target._running()
