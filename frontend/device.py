@@ -39,19 +39,19 @@ from vhost_conformance.frontend.protocol import (
     VringState,
     has,
 )
+from vhost_conformance.frontend.sequences import (
+    GET_CONFIG_LEN,
+    SEQUENCES,
+    Run,
+    Steps,
+    agree_protocol,
+)
+from vhost_conformance.frontend.sequences import (
+    QEMU_PROTOCOL_MASK as QEMU_PROTOCOL_MASK,
+)
 from vhost_conformance.frontend.virtqueue import PackedVirtqueue, SplitVirtqueue, Virtqueue
 
 F = FrontendRequest
-
-#: virtio status bits (VIRTIO 1.x 2.1).
-STATUS_ACKNOWLEDGE = 0x1
-STATUS_DRIVER = 0x2
-STATUS_DRIVER_OK = 0x4
-STATUS_FEATURES_OK = 0x8
-
-#: Protocol features QEMU 11.1.3 knows (VHOST_USER_PROTOCOL_F_MAX = 23: bits 0..22);
-#: it masks the back-end's offer with this (SPEC-DIGEST 3.1 "QEMU front-end negotiation").
-QEMU_PROTOCOL_MASK = (1 << 23) - 1
 
 #: Guest-visible virtio-blk features a Linux guest driver acks when offered
 #: (drivers/block/virtio_blk.c feature table; MQ only with more than one queue).
@@ -68,9 +68,7 @@ GUEST_BLK_FEATURES = (
     BlkFeature.WRITE_ZEROES,
 )
 
-#: config_len QEMU 11.1.3 asks with GET_CONFIG when discard and write-zeroes are on
-#: (hw/block/virtio-blk-common.c size table; seen in QEMU-TRACES (a): size 57).
-QEMU_BLK_CONFIG_LEN = 57
+QEMU_BLK_CONFIG_LEN = GET_CONFIG_LEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +85,10 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "qemu-11.1": Profile("qemu-11.1", inject_kick=True, use_status=True, config_len=57),
-    "qemu-7.2": Profile("qemu-7.2", inject_kick=False, use_status=False, config_len=57),
+    "qemu-11.1": Profile("qemu-11.1", inject_kick=True, use_status=True,
+                         config_len=GET_CONFIG_LEN),
+    "qemu-7.2": Profile("qemu-7.2", inject_kick=False, use_status=False,
+                        config_len=GET_CONFIG_LEN),
 }
 
 
@@ -204,6 +204,7 @@ class Session:
         self.backend_channel: BackendChannel | None = None
         self.started = False
         self._mem_sent = False
+        self._start_features = 0
 
     # ------------------------------------------------------------------ helpers
     def call(
@@ -243,12 +244,7 @@ class Session:
         if has(n.features, VirtioFeature.PROTOCOL_FEATURES):
             offered = self._u64(F.GET_PROTOCOL_FEATURES)
             n.protocol_features_offered = offered
-            agreed = offered & QEMU_PROTOCOL_MASK
-            agreed &= ~(1 << ProtocolFeature.XEN_MMAP)
-            # QEMU strips bit 20 unless inflight-migration=on and bit 12 is offered
-            # (hw/virtio/vhost-user.c vhost_user_backend_init; QEMU-TRACES (b)).
-            if not (self.inflight_migration and has(offered, ProtocolFeature.INFLIGHT_SHMFD)):
-                agreed &= ~(1 << ProtocolFeature.GET_VRING_BASE_INFLIGHT)
+            agreed = agree_protocol(offered, inflight_migration=self.inflight_migration)
             self.call(F.SET_PROTOCOL_FEATURES, U64(agreed))
             n.protocol_features = agreed
             self.channel.protocol_features = agreed
@@ -341,43 +337,44 @@ class Session:
         asking GET_INFLIGHT_FD (a migration destination); after a reconnect the session's own
         region is reused the same way.
         """
+        self.run_start(vring_bases=vring_bases, inflight=inflight, features=features)
+
+    @property
+    def sequences(self) -> tuple[Steps, Steps]:
+        """This profile's (start, stop) sequences (frontend.sequences)."""
+        seqs = SEQUENCES[self.profile.name]
+        return seqs.start, seqs.stop
+
+    def run_start(
+        self,
+        *,
+        vring_bases: Sequence[int] | None = None,
+        inflight: InflightHandle | None = None,
+        features: int | None = None,
+        begin: str | None = None,
+        until: str | None = None,
+        without: Sequence[str] = (),
+    ) -> None:
+        """Run the profile's start sequence or part of it (``begin``/``until`` step names,
+        inclusive; ``without`` steps left out: frontend.sequences). The session counts as
+        started once the last step ran. A part that begins later continues a part that
+        stopped earlier (same features)."""
+        seq = self.sequences[0]
+        steps = seq.select(begin=begin, until=until, without=without)
         if self.started:
             raise SessionError("start() on a started session")
-        feats = self.driver_features() if features is None else features
-        self._apply_ring_features(feats)
-        self.set_features(feats)
-        self._status(STATUS_FEATURES_OK)
+        if begin is None:
+            feats = self.driver_features() if features is None else features
+            self._start_features = feats
+        else:
+            feats = self._start_features if features is None else features
         if inflight is not None:
             if self.inflight is not None and self.inflight is not inflight:
                 self.inflight.close()
             self.inflight = inflight
-        if self.has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
-            if self.inflight is None:
-                self.get_inflight_fd()
-            if self.inflight is not None:
-                self.set_inflight_fd(self.inflight)
-        for q in self.queues:
-            self.call(F.SET_VRING_CALL, U64(q.index), fds=[q.call_fd], need_reply=self.reply_ack)
-        self.set_features(feats)
-        if self.profile.use_status and self.has_protocol(ProtocolFeature.STATUS):
-            self.negotiated.status = self._u64(F.GET_STATUS)
-        self.send_memory()
-        for q in self.queues:
-            base = vring_bases[q.index] if vring_bases is not None else q.vq.vring_base()
-            self.call(F.SET_VRING_NUM, VringState(q.index, self.queue_size))
-            self.call(F.SET_VRING_BASE, VringState(q.index, base))
-            self.call(F.SET_VRING_ADDR, q.vq.vring_addr())
-            self.call(F.SET_VRING_KICK, U64(q.index), fds=[q.kick_fd], need_reply=self.reply_ack)
-            if self.profile.inject_kick:
-                os.eventfd_write(q.kick_fd, 1)
-        # SET_VRING_ENABLE only when bit 30 was negotiated (vhost-user.rst "Ring states").
-        if has(feats, VirtioFeature.PROTOCOL_FEATURES):
-            for q in self.queues:
-                self.set_vring_enable(q.index, True)
-        for q in self.queues:
-            q.started = True
-        self._status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FEATURES_OK)
-        self.started = True
+        seq.run(self, Run(feats, vring_bases), steps)
+        if until is None or until == seq.names[-1]:
+            self.started = True
 
     def _apply_ring_features(self, features: int) -> None:
         """Use indirect descriptors and EVENT_IDX only when ``features`` has them: a driver
@@ -441,17 +438,27 @@ class Session:
     def stop(self) -> list[int]:
         """vhost_user_blk_stop: SET_VRING_ENABLE 0 per queue, GET_VRING_BASE per queue,
         SET_STATUS 0. Returns the GET_VRING_BASE ``num`` of each queue."""
-        if not self.started:
+        return self.run_stop()
+
+    def run_stop(self, *, begin: str | None = None, until: str | None = None,
+                 without: Sequence[str] = ()) -> list[int]:
+        """Run the profile's stop sequence or part of it; returns the GET_VRING_BASE ``num``
+        of each queue it asked. The session is no longer started afterwards."""
+        seq = self.sequences[1]
+        steps = seq.select(begin=begin, until=until, without=without)
+        if not self.started and begin is None:
             raise SessionError("stop() on a session that is not started")
-        if has(self.negotiated.acked_features, VirtioFeature.PROTOCOL_FEATURES):
-            for q in self.queues:
-                self.set_vring_enable(q.index, False)
-        bases = [self.get_vring_base(q.index) for q in self.queues]
-        if self.profile.use_status and self.has_protocol(ProtocolFeature.STATUS):
-            self.call(F.SET_STATUS, U64(0))
-            self.negotiated.status = 0
+        run = Run()
+        seq.run(self, run, steps)
         self.started = False
-        return bases
+        return run.bases
+
+    def mark_stopped(self) -> None:
+        """The back-end stopped the rings by other means (RESET_DEVICE, GET_VRING_BASE sent
+        raw, a ring the driver no longer tracks): no clean stop sequence is owed."""
+        self.started = False
+        for q in self.queues:
+            q.started = False
 
     def get_vring_base(self, index: int) -> int:
         """GET_VRING_BASE(index, num=0): stops the ring, returns the next avail index."""

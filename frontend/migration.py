@@ -140,7 +140,7 @@ def stop_like_qemu(session: Session, *, on_last_reply: Callable[[], None] | None
     if session.profile.use_status and session.has_protocol(ProtocolFeature.STATUS):
         session.call(FrontendRequest.SET_STATUS, U64(0))
         session.negotiated.status = 0
-    session.started = False
+    session.mark_stopped()
     return StopResult(bases, rtts, time.monotonic() - t0,
                       session.has_protocol(ProtocolFeature.GET_VRING_BASE_INFLIGHT), replied_at)
 

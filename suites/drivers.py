@@ -49,13 +49,7 @@ from vhost_conformance.frontend.blk import (
     ModelDisk,
 )
 from vhost_conformance.frontend.channel import BackendHang, Channel
-from vhost_conformance.frontend.device import (
-    STATUS_ACKNOWLEDGE,
-    STATUS_DRIVER,
-    STATUS_DRIVER_OK,
-    STATUS_FEATURES_OK,
-    Session,
-)
+from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.inflight import (
     Finding,
     InflightLayoutError,
@@ -181,21 +175,22 @@ def open_session(
 @contextlib.contextmanager
 def _protocol_mask_without(bits: Sequence[ProtocolFeature]) -> Iterator[None]:
     """Connect as a QEMU that does not know ``bits`` (its VHOST_USER_PROTOCOL_F_MAX mask,
-    hw/virtio/vhost-user.c): the session's connect masks the offer with device.py's mask."""
+    hw/virtio/vhost-user.c): the session's connect masks the offer with the mask of
+    frontend.sequences.agree_protocol."""
     if not bits:
         yield
         return
-    from vhost_conformance.frontend import device
+    from vhost_conformance.frontend import sequences
 
-    saved = device.QEMU_PROTOCOL_MASK
+    saved = sequences.QEMU_PROTOCOL_MASK
     mask = saved
     for bit in bits:
         mask &= ~(1 << bit)
-    device.QEMU_PROTOCOL_MASK = mask
+    sequences.QEMU_PROTOCOL_MASK = mask
     try:
         yield
     finally:
-        device.QEMU_PROTOCOL_MASK = saved
+        sequences.QEMU_PROTOCOL_MASK = saved
 
 
 def close_session(session: Session, *, stop: bool = True) -> None:
@@ -651,56 +646,28 @@ def io_at(session: Session, kind: str, sector: int, data_gpa: int, length: int, 
 
 
 def partial_start(session: Session, *, vring_bases: Sequence[int] | None = None) -> None:
-    """The first half of QEMU's start (SPEC-DIGEST 4.2 steps 2-6c without SET_VRING_KICK):
-    SET_FEATURES, the in-flight region, SET_VRING_CALL, memory, then SET_VRING_NUM, BASE and
-    ADDR per queue (``vring_bases``: the SET_VRING_BASE values, default each queue's used->idx
-    in memory). :func:`kick_and_enable` finishes it; in between the rings exist in
-    memory but are stopped (vhost-user.rst "Ring states": a ring starts on SET_VRING_KICK)."""
-    from vhost_conformance.frontend.protocol import U64, VringState
-    from vhost_conformance.frontend.protocol import FrontendRequest as F
-
-    feats = session.driver_features()
-    session._apply_ring_features(feats)
-    session.set_features(feats)
-    session._status(STATUS_FEATURES_OK)  # QEMU-TRACES correction 12
-    if session.has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
-        if session.inflight is None:
-            session.get_inflight_fd()
-        if session.inflight is not None:
-            session.set_inflight_fd(session.inflight)
-    for q in session.queues:
-        session.call(F.SET_VRING_CALL, U64(q.index), fds=[q.call_fd], need_reply=session.reply_ack)
-    session.set_features(feats)
-    if session.profile.use_status and session.has_protocol(ProtocolFeature.STATUS):
-        session.call(F.GET_STATUS)
-    session.send_memory()
-    for q in session.queues:
-        session.call(F.SET_VRING_NUM, VringState(q.index, session.queue_size))
-        base = vring_bases[q.index] if vring_bases is not None else q.vq.vring_base()
-        session.call(F.SET_VRING_BASE, VringState(q.index, base))
-        session.call(F.SET_VRING_ADDR, q.vq.vring_addr())
+    """The first half of QEMU's start, up to SET_VRING_ADDR (frontend.sequences: SET_FEATURES,
+    the in-flight region, SET_VRING_CALL, memory, then SET_VRING_NUM, BASE and ADDR per queue;
+    ``vring_bases``: the SET_VRING_BASE values). :func:`kick_and_enable` finishes it; in
+    between the rings exist in memory but are stopped (vhost-user.rst "Ring states": a ring
+    starts on SET_VRING_KICK)."""
+    session.run_start(vring_bases=vring_bases, until="SET_VRING_ADDR")
 
 
 def kick_and_enable(
     session: Session, *, inject_kick: bool | None = None, enable: bool = True
 ) -> None:
-    """The second half of QEMU's start: SET_VRING_KICK per queue (plus the injected kick
-    when the profile does it, or as ``inject_kick`` says), then SET_VRING_ENABLE 1."""
-    from vhost_conformance.frontend.protocol import U64
-    from vhost_conformance.frontend.protocol import FrontendRequest as F
-
-    inject = session.profile.inject_kick if inject_kick is None else inject_kick
-    for q in session.queues:
-        session.call(F.SET_VRING_KICK, U64(q.index), fds=[q.kick_fd], need_reply=session.reply_ack)
-        if inject:
-            os.eventfd_write(q.kick_fd, 1)
-        q.started = True
-    if enable and has(session.negotiated.acked_features, VirtioFeature.PROTOCOL_FEATURES):
-        for q in session.queues:
-            session.set_vring_enable(q.index, True)
-    # DRIVER_OK last (QEMU-TRACES correction 12); a STATUS back-end may wait for it
-    session._status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FEATURES_OK)
-    session.started = True
+    """The second half of QEMU's start, from SET_VRING_KICK: the kick per queue (plus the
+    injected kick when the profile does it; ``inject_kick=False`` leaves it out), then
+    SET_VRING_ENABLE 1 (unless ``enable=False``) and DRIVER_OK."""
+    if inject_kick and not session.profile.inject_kick:
+        raise ValueError(f"profile {session.profile.name} has no kick injection")
+    without = []
+    if inject_kick is False:
+        without.append("inject kick")
+    if not enable:
+        without.append("SET_VRING_ENABLE 1")
+    session.run_start(begin="SET_VRING_KICK", without=without)
 
 
 @dataclasses.dataclass
@@ -716,19 +683,20 @@ class Stopped:
 
 
 def stop_now(session: Session, requests: Sequence[BlkRequest] = ()) -> Stopped:
-    """QEMU's stop (SET_VRING_ENABLE 0 per queue, GET_VRING_BASE per queue), timed; guest
-    memory is snapshotted right after the last reply and every call eventfd drained."""
-    if has(session.negotiated.acked_features, VirtioFeature.PROTOCOL_FEATURES):
-        for q in session.queues:
-            session.set_vring_enable(q.index, False)
+    """QEMU's stop (frontend.sequences: SET_VRING_ENABLE 0 per queue, GET_VRING_BASE per
+    queue, SET_STATUS 0 when the profile sends it), the GET_VRING_BASE step timed; guest
+    memory is snapshotted right after the last reply and every call eventfd drained, before
+    SET_STATUS 0."""
+    session.run_stop(begin="SET_VRING_ENABLE 0", until="SET_VRING_ENABLE 0")
     started = time.monotonic()
-    bases = [session.get_vring_base(q.index) for q in session.queues]
+    bases = session.run_stop(begin="GET_VRING_BASE", until="GET_VRING_BASE")
     elapsed = time.monotonic() - started
     used = [q.vq.used_idx_in_memory() for q in session.queues]
     snapshot = session.memory.snapshot()
     for q in session.queues:
         session.drain_call(q.index)
-    session.started = False
+    if "SET_STATUS 0" in session.sequences[1].names:
+        session.run_stop(begin="SET_STATUS 0")
     return Stopped(bases, elapsed, used, snapshot, list(requests))
 
 

@@ -916,18 +916,14 @@ def qemu_agreement(caps: Capabilities) -> tuple[int, int]:
     (the virtio features of SET_FEATURES, the protocol features of SET_PROTOCOL_FEATURES)."""
     import socket as _socket
 
-    from vhost_conformance.frontend.device import QEMU_PROTOCOL_MASK, Session
+    from vhost_conformance.frontend.device import Session
     from vhost_conformance.frontend.memory import GuestMemory
-    from vhost_conformance.frontend.protocol import ProtocolFeature, VirtioFeature, has
+    from vhost_conformance.frontend.protocol import VirtioFeature, has
+    from vhost_conformance.frontend.sequences import agree_protocol
 
     protocol = 0
     if has(caps.features, VirtioFeature.PROTOCOL_FEATURES):
-        # Session.connect: the offer masked with what QEMU 11.1.3 knows, XEN_MMAP dropped, bit 20
-        # only with INFLIGHT_SHMFD (hw/virtio/vhost-user.c vhost_user_backend_init)
-        protocol = caps.protocol_features & QEMU_PROTOCOL_MASK
-        protocol &= ~(1 << ProtocolFeature.XEN_MMAP)
-        if not has(caps.protocol_features, ProtocolFeature.INFLIGHT_SHMFD):
-            protocol &= ~(1 << ProtocolFeature.GET_VRING_BASE_INFLIGHT)
+        protocol = agree_protocol(caps.protocol_features)  # what Session.connect sends
     ours, theirs = _socket.socketpair()
     theirs.close()
     channel = Channel(ours)

@@ -984,20 +984,11 @@ def _exchange(
         ) from None
 
 
-def _config_size(features: int) -> int:
-    # SPEC-DIGEST 4.1 step 9: QEMU asks offsetof(max_discard_sectors) = 36 bytes, up to the end
-    # of discard_sector_alignment (48) with DISCARD, of write_zeroes_may_unmap (57) with WRITE_ZEROES.
-    if has(features, BlkFeature.WRITE_ZEROES):
-        return 57
-    if has(features, BlkFeature.DISCARD):
-        return 48
-    return 36
-
-
 def probe_capabilities(sock: socket.socket, timeout: float = 5.0) -> Capabilities:
     """Ask a fresh connection what it offers, the way QEMU's init does (SPEC-DIGEST 4.1):
     GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, GET_CONFIG."""
     from vhost_conformance.frontend.protocol import U64, Config
+    from vhost_conformance.frontend.sequences import GET_CONFIG_LEN, agree_protocol
 
     deadline = time.monotonic() + timeout
     parser = MessageParser()
@@ -1015,7 +1006,7 @@ def probe_capabilities(sock: socket.socket, timeout: float = 5.0) -> Capabilitie
     if not has(features, VirtioFeature.PROTOCOL_FEATURES):
         return caps
     protocol = ask_u64(FrontendRequest.GET_PROTOCOL_FEATURES)
-    known = protocol & ((1 << (max(ProtocolFeature) + 1)) - 1)
+    known = agree_protocol(protocol)  # what Session.connect sends
     sock.settimeout(max(0.01, deadline - time.monotonic()))
     sock.sendall(encode_request(FrontendRequest.SET_PROTOCOL_FEATURES, U64(known)))
     queue_num = max_slots = None
@@ -1025,7 +1016,7 @@ def probe_capabilities(sock: socket.socket, timeout: float = 5.0) -> Capabilitie
     if has(protocol, ProtocolFeature.CONFIGURE_MEM_SLOTS):
         max_slots = ask_u64(FrontendRequest.GET_MAX_MEM_SLOTS)
     if has(protocol, ProtocolFeature.CONFIG):
-        size = _config_size(features)
+        size = GET_CONFIG_LEN  # the size the session asks (frontend.sequences)
         reply = _exchange(
             sock,
             parser,

@@ -26,6 +26,7 @@ from vhost_conformance.frontend.protocol import (
     VringState,
     has,
 )
+from vhost_conformance.frontend.sequences import GET_CONFIG_LEN, agree_protocol
 from vhost_conformance.suites.model import (
     MUST,
     SHOULD,
@@ -83,11 +84,12 @@ def expect_reply_to(reply: Message, request: FrontendRequest, *, size: int | Non
 
 
 def negotiate(channel: Channel, capabilities: Capabilities, wanted: int, *, timeout: float) -> int:
-    """GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES(offer & wanted), as QEMU's
-    init (SPEC-DIGEST 4.1 steps 1-2). Returns the negotiated protocol features."""
+    """GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES(QEMU's agreement & wanted),
+    as QEMU's init (SPEC-DIGEST 4.1 steps 1-2; the rule: frontend.sequences.agree_protocol).
+    Returns the negotiated protocol features."""
     ask_u64(channel, R.GET_FEATURES, timeout=timeout)
     offered = ask_u64(channel, R.GET_PROTOCOL_FEATURES, timeout=timeout)
-    chosen = offered & wanted
+    chosen = agree_protocol(offered, wanted=wanted)
     channel.send(R.SET_PROTOCOL_FEATURES, U64(chosen))
     channel.protocol_features = chosen
     return chosen
@@ -105,12 +107,10 @@ ALL_PROTOCOL = (1 << (max(ProtocolFeature) + 1)) - 1
 
 
 def config_size(capabilities: Capabilities) -> int:
-    """The GET_CONFIG size QEMU 11.1.3 asks for, from the offered blk bits (SPEC-DIGEST 4.1)."""
-    if capabilities.offers(BlkFeature.WRITE_ZEROES):
-        return 57
-    if capabilities.offers(BlkFeature.DISCARD):
-        return 48
-    return 36
+    """The GET_CONFIG size QEMU 11.1.3 asks for (frontend.sequences.GET_CONFIG_LEN: its
+    discard/write-zeroes properties are on whatever the back-end offers)."""
+    del capabilities
+    return GET_CONFIG_LEN
 
 
 def get_config(channel: Channel, offset: int, size: int, *, timeout: float) -> Config:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 from vhost_conformance.frontend.channel import BackendClosed, BackendHang, Channel
-from vhost_conformance.frontend.device import QEMU_PROTOCOL_MASK, InflightHandle, Session
+from vhost_conformance.frontend.device import InflightHandle, Session
 from vhost_conformance.frontend.memory import GuestMemory
 from vhost_conformance.frontend.protocol import (
     U64,
@@ -39,6 +39,7 @@ from vhost_conformance.frontend.protocol import (
     VringState,
     has,
 )
+from vhost_conformance.frontend.sequences import agree_protocol
 from vhost_conformance.suites.model import (
     MUST,
     SHOULD,
@@ -113,9 +114,8 @@ class Link:
         self.channel = channel
         channel.call(F.GET_FEATURES, timeout=self.timeout)
         if self.capabilities.offers(VirtioFeature.PROTOCOL_FEATURES):
-            offered = self.capabilities.protocol_features & QEMU_PROTOCOL_MASK
-            offered &= ~(1 << P.XEN_MMAP)
-            chosen = offered if protocol is None else offered & protocol
+            # QEMU's rule, the one Session.connect uses (frontend.sequences.agree_protocol)
+            chosen = agree_protocol(self.capabilities.protocol_features, wanted=protocol)
             channel.call(F.SET_PROTOCOL_FEATURES, U64(chosen), timeout=self.timeout)
             channel.protocol_features = chosen
         if owner:

@@ -169,7 +169,7 @@ def test_rem_mem_reg_of_a_region_in_use(
         closed = True  # refusing the guest by dropping the connection is an error path too
     finally:
         doomed.close()
-        session.started = False
+        session.mark_stopped()
     time.sleep(0.1)
     if not vhost_target.alive():
         raise CaseFailed("back-end after a request into a removed region",

@@ -35,9 +35,7 @@ def reset_device(session: Session) -> None:
     session.call(F.RESET_DEVICE, need_reply=session.reply_ack)
     if not session.reply_ack:
         session.call(F.GET_FEATURES)
-    session.started = False
-    for q in session.queues:
-        q.started = False
+    session.mark_stopped()
 
 
 @case("VU-RST-2", level=MUST, requires=[P.RESET_DEVICE])

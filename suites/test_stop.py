@@ -85,7 +85,7 @@ def test_get_vring_base_reply_is_8_bytes(vhost_session: Session, vhost_timeout: 
     channel = vhost_session.channel
     channel.send(F.GET_VRING_BASE, VringState(0, 0))
     reply = channel.recv(vhost_timeout, awaiting="GET_VRING_BASE", close_surplus_fds=True)
-    vhost_session.started = False
+    vhost_session.mark_stopped()
     if reply.request != F.GET_VRING_BASE:
         raise CaseFailed(
             "GET_VRING_BASE reply request id", expected=int(F.GET_VRING_BASE), seen=reply.request
@@ -201,7 +201,7 @@ def test_set_vring_base_sets_only_next_avail_index(vhost_session: Session) -> No
                          seen=f"{head} (head {skipped.head} is the skipped one)")
     q.blk.abandon(skipped.tag)
     q.blk.abandon(taken.tag)
-    session.started = False  # the driver's used index no longer matches: no clean stop
+    session.mark_stopped()  # the driver's used index no longer matches: no clean stop
 
 
 # --------------------------------------------------------------------------- drain

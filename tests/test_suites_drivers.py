@@ -191,12 +191,12 @@ def test_io_at_uses_the_given_buffers(target: CommandTarget) -> None:
 
 
 def test_strip_protocol_sends_set_mem_table(target: CommandTarget, memory: GuestMemory) -> None:
-    from vhost_conformance.frontend import device
+    from vhost_conformance.frontend import sequences
 
-    before = device.QEMU_PROTOCOL_MASK
+    before = sequences.QEMU_PROTOCOL_MASK
     session = _session(target, memory, strip_protocol=[ProtocolFeature.CONFIGURE_MEM_SLOTS])
     try:
-        assert before == device.QEMU_PROTOCOL_MASK  # restored
+        assert before == sequences.QEMU_PROTOCOL_MASK  # restored
         assert not session.has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS)
         names = [e.name for e in session.channel.trace.entries()]
         assert "SET_MEM_TABLE" in names and "ADD_MEM_REG" not in names

@@ -179,7 +179,7 @@ def test_command_target_runs_and_stops_a_backend(short_dir: pathlib.Path) -> Non
         assert caps.offers(ProtocolFeature.REPLY_ACK) and not caps.offers(
             ProtocolFeature.INFLIGHT_SHMFD
         )
-        assert caps.queue_num == 1 and caps.config is not None and len(caps.config) == 36
+        assert caps.queue_num == 1 and caps.config is not None and len(caps.config) == 57
         assert int.from_bytes(caps.config[:8], "little") == (64 << 20) // 512
         assert "fake back-end listening" in target.log_tail()
         assert os.path.exists(path)

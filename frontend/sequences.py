@@ -1,0 +1,267 @@
+"""QEMU's message sequences as data: one definition per front-end profile.
+
+Each sequence (start, stop) is an ordered tuple of named :class:`Step`; a caller runs all of
+it or part of it (``until="SET_VRING_ADDR"``, ``begin="SET_VRING_KICK"``, ``without=...``)
+through :meth:`vhost_conformance.frontend.device.Session.start` / ``stop``, which keep the
+session's state. Steps marked ``per_queue`` that follow each other run queue by queue (QEMU's
+start sends NUM, BASE, ADDR, KICK for queue 0, then for queue 1: QEMU-TRACES (c)).
+
+The negotiation rule (what QEMU agrees of a back-end's protocol offer) and the GET_CONFIG
+size are defined here once too: :func:`agree_protocol`, :data:`GET_CONFIG_LEN`. The connect
+(init) messages are :meth:`Session.connect`; a reconnect is ``Session.reattach`` (connect
+without GET_CONFIG, then the start sequence with the kept region).
+
+Sources: shared/docs/QEMU-TRACES.md (a)-(e) and corrections 2, 5, 12 (QEMU 11.1.3 as
+recorded); ``qemu-7.2`` has no kick injection and no STATUS messages.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vhost_conformance.frontend.protocol import (
+    U64,
+    FrontendRequest,
+    ProtocolFeature,
+    VirtioFeature,
+    VringState,
+    has,
+)
+
+if TYPE_CHECKING:
+    from vhost_conformance.frontend.device import Queue, Session
+
+F = FrontendRequest
+
+#: virtio status bits (VIRTIO 1.x 2.1).
+STATUS_ACKNOWLEDGE = 0x1
+STATUS_DRIVER = 0x2
+STATUS_DRIVER_OK = 0x4
+STATUS_FEATURES_OK = 0x8
+STATUS_ALL = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FEATURES_OK
+
+#: Protocol features QEMU 11.1.3 knows (VHOST_USER_PROTOCOL_F_MAX = 23: bits 0..22);
+#: it masks the back-end's offer with this (SPEC-DIGEST 3.1 "QEMU front-end negotiation").
+QEMU_PROTOCOL_MASK = (1 << 23) - 1
+
+#: config_len QEMU 11.1.3's vhost-user-blk asks with GET_CONFIG: its discard and write-zeroes
+#: properties are on by default, so the size table (hw/block/virtio-blk-common.c) gives 57
+#: whatever the back-end offers (QEMU-TRACES (a) and correction 6). The session and the
+#: capability probe both use this.
+GET_CONFIG_LEN = 57
+
+
+def agree_protocol(offered: int, *, inflight_migration: bool = True,
+                   wanted: int | None = None) -> int:
+    """The protocol features QEMU 11.1.3 sends with SET_PROTOCOL_FEATURES for ``offered``:
+    the offer masked with what QEMU knows, XEN_MMAP dropped, bit 20 only with
+    inflight-migration=on and bit 12 offered (hw/virtio/vhost-user.c
+    vhost_user_backend_init; QEMU-TRACES (b)). ``wanted`` masks the result further (a case
+    that negotiates a subset)."""
+    agreed = offered & QEMU_PROTOCOL_MASK
+    agreed &= ~(1 << ProtocolFeature.XEN_MMAP)
+    if not (inflight_migration and has(offered, ProtocolFeature.INFLIGHT_SHMFD)):
+        agreed &= ~(1 << ProtocolFeature.GET_VRING_BASE_INFLIGHT)
+    if wanted is not None:
+        agreed &= wanted
+    return agreed
+
+
+#: Steps some profiles leave out; naming them in ``without`` is fine on any profile.
+OPTIONAL_STEPS = frozenset(
+    {"SET_STATUS FEATURES_OK", "GET_STATUS", "inject kick", "SET_STATUS DRIVER_OK", "SET_STATUS 0"}
+)
+
+
+@dataclass
+class Run:
+    """What one run of a sequence works with and what it gives back."""
+
+    features: int = 0
+    vring_bases: Sequence[int] | None = None
+    bases: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One named step; ``per_queue`` steps take the queue, the others ``None``."""
+
+    name: str
+    action: Callable[[Session, Run, Queue | None], None]
+    per_queue: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Steps:
+    """An ordered sequence of steps, run whole or in part."""
+
+    name: str
+    steps: tuple[Step, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The step names in order."""
+        return tuple(s.name for s in self.steps)
+
+    def select(self, *, begin: str | None = None, until: str | None = None,
+               without: Sequence[str] = ()) -> tuple[Step, ...]:
+        """The steps from ``begin`` through ``until`` (inclusive), minus ``without``;
+        an unknown name is a ValueError (a typo must not run the whole sequence)."""
+        names = self.names
+        for n in (begin, until, *(w for w in without if w not in OPTIONAL_STEPS)):
+            if n is not None and n not in names:
+                raise ValueError(f"{self.name} has no step {n!r}; steps: {', '.join(names)}")
+        lo = names.index(begin) if begin is not None else 0
+        hi = names.index(until) + 1 if until is not None else len(names)
+        return tuple(s for s in self.steps[lo:hi] if s.name not in without)
+
+    def run(self, session: Session, run: Run, steps: Sequence[Step]) -> None:
+        """Run ``steps`` (from :meth:`select`) in order; consecutive per-queue steps run
+        queue by queue."""
+        i = 0
+        while i < len(steps):
+            if not steps[i].per_queue:
+                steps[i].action(session, run, None)
+                i += 1
+                continue
+            j = i
+            while j < len(steps) and steps[j].per_queue:
+                j += 1
+            for q in session.queues:
+                for step in steps[i:j]:
+                    step.action(session, run, q)
+            i = j
+
+
+# ----------------------------------------------------------------------- start steps
+def _set_features(session: Session, run: Run, _q: Queue | None) -> None:
+    session._apply_ring_features(run.features)
+    session.set_features(run.features)
+
+
+def _features_ok(session: Session, _run: Run, _q: Queue | None) -> None:
+    session._status(STATUS_FEATURES_OK)
+
+
+def _inflight(session: Session, _run: Run, _q: Queue | None) -> None:
+    if session.has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
+        if session.inflight is None:
+            session.get_inflight_fd()
+        if session.inflight is not None:
+            session.set_inflight_fd(session.inflight)
+
+
+def _vring_call(session: Session, _run: Run, q: Queue | None) -> None:
+    assert q is not None
+    session.call(F.SET_VRING_CALL, U64(q.index), fds=[q.call_fd], need_reply=session.reply_ack)
+
+
+def _get_status(session: Session, _run: Run, _q: Queue | None) -> None:
+    if session.has_protocol(ProtocolFeature.STATUS):
+        session.negotiated.status = session._u64(F.GET_STATUS)
+
+
+def _memory(session: Session, _run: Run, _q: Queue | None) -> None:
+    session.send_memory()
+
+
+def _vring_num(session: Session, _run: Run, q: Queue | None) -> None:
+    assert q is not None
+    session.call(F.SET_VRING_NUM, VringState(q.index, session.queue_size))
+
+
+def _vring_base(session: Session, run: Run, q: Queue | None) -> None:
+    assert q is not None
+    base = run.vring_bases[q.index] if run.vring_bases is not None else q.vq.vring_base()
+    session.call(F.SET_VRING_BASE, VringState(q.index, base))
+
+
+def _vring_addr(session: Session, _run: Run, q: Queue | None) -> None:
+    assert q is not None
+    session.call(F.SET_VRING_ADDR, q.vq.vring_addr())
+
+
+def _vring_kick(session: Session, _run: Run, q: Queue | None) -> None:
+    assert q is not None
+    session.call(F.SET_VRING_KICK, U64(q.index), fds=[q.kick_fd], need_reply=session.reply_ack)
+    q.started = True
+
+
+def _inject_kick(_session: Session, _run: Run, q: Queue | None) -> None:
+    assert q is not None
+    os.eventfd_write(q.kick_fd, 1)
+
+
+def _enable(session: Session, run: Run, _q: Queue | None) -> None:
+    # SET_VRING_ENABLE only when bit 30 was negotiated (vhost-user.rst "Ring states").
+    if has(run.features, VirtioFeature.PROTOCOL_FEATURES):
+        for q in session.queues:
+            session.set_vring_enable(q.index, True)
+
+
+def _driver_ok(session: Session, _run: Run, _q: Queue | None) -> None:
+    session._status(STATUS_ALL)
+
+
+# ----------------------------------------------------------------------- stop steps
+def _disable(session: Session, _run: Run, _q: Queue | None) -> None:
+    if has(session.negotiated.acked_features, VirtioFeature.PROTOCOL_FEATURES):
+        for q in session.queues:
+            session.set_vring_enable(q.index, False)
+
+
+def _get_vring_base(session: Session, run: Run, q: Queue | None) -> None:
+    assert q is not None
+    run.bases.append(session.get_vring_base(q.index))
+
+
+def _reset_status(session: Session, _run: Run, _q: Queue | None) -> None:
+    if session.has_protocol(ProtocolFeature.STATUS):
+        session.call(F.SET_STATUS, U64(0))
+        session.negotiated.status = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSequences:
+    """The sequences of one front-end profile."""
+
+    start: Steps
+    stop: Steps
+
+
+def _sequences(*, status: bool, inject_kick: bool) -> ProfileSequences:
+    def only(flag: bool, *steps: Step) -> tuple[Step, ...]:
+        return steps if flag else ()
+
+    start = (
+        Step("SET_FEATURES", _set_features),
+        *only(status, Step("SET_STATUS FEATURES_OK", _features_ok)),
+        Step("SET_INFLIGHT_FD", _inflight),
+        Step("SET_VRING_CALL", _vring_call, per_queue=True),
+        Step("SET_FEATURES again", _set_features),
+        *only(status, Step("GET_STATUS", _get_status)),
+        Step("memory", _memory),
+        Step("SET_VRING_NUM", _vring_num, per_queue=True),
+        Step("SET_VRING_BASE", _vring_base, per_queue=True),
+        Step("SET_VRING_ADDR", _vring_addr, per_queue=True),
+        Step("SET_VRING_KICK", _vring_kick, per_queue=True),
+        *only(inject_kick, Step("inject kick", _inject_kick, per_queue=True)),
+        Step("SET_VRING_ENABLE 1", _enable),
+        *only(status, Step("SET_STATUS DRIVER_OK", _driver_ok)),
+    )
+    stop = (
+        Step("SET_VRING_ENABLE 0", _disable),
+        Step("GET_VRING_BASE", _get_vring_base, per_queue=True),
+        *only(status, Step("SET_STATUS 0", _reset_status)),
+    )
+    return ProfileSequences(Steps("start", start), Steps("stop", stop))
+
+
+#: The sequences per front-end profile name (frontend.device.PROFILES).
+SEQUENCES: dict[str, ProfileSequences] = {
+    "qemu-11.1": _sequences(status=True, inject_kick=True),
+    "qemu-7.2": _sequences(status=False, inject_kick=False),
+}
