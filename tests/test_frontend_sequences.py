@@ -1,0 +1,58 @@
+"""frontend.sequences: the steps per profile, partial selection, the negotiation rule."""
+
+from __future__ import annotations
+
+import pytest
+from vhost_conformance.frontend.device import PROFILES
+from vhost_conformance.frontend.protocol import ProtocolFeature
+from vhost_conformance.frontend.sequences import (
+    GET_CONFIG_LEN,
+    QEMU_PROTOCOL_MASK,
+    SEQUENCES,
+    agree_protocol,
+)
+
+P = ProtocolFeature
+
+
+def test_every_profile_has_its_sequences_and_one_config_len() -> None:
+    assert set(SEQUENCES) == set(PROFILES)
+    assert {p.config_len for p in PROFILES.values()} == {GET_CONFIG_LEN}
+
+
+def test_qemu_11_1_start_and_stop_order() -> None:
+    seqs = SEQUENCES["qemu-11.1"]
+    names = seqs.start.names
+    # QEMU-TRACES correction 5 and 12: kick injected after SET_VRING_KICK, DRIVER_OK last
+    assert names.index("SET_VRING_KICK") + 1 == names.index("inject kick")
+    assert names[-1] == "SET_STATUS DRIVER_OK"
+    assert seqs.stop.names == ("SET_VRING_ENABLE 0", "GET_VRING_BASE", "SET_STATUS 0")
+
+
+def test_qemu_7_2_has_no_status_and_no_injection() -> None:
+    seqs = SEQUENCES["qemu-7.2"]
+    assert not any("STATUS" in n or n == "inject kick" for n in seqs.start.names + seqs.stop.names)
+
+
+def test_partial_selection() -> None:
+    start = SEQUENCES["qemu-11.1"].start
+    first = start.select(until="SET_VRING_ADDR")
+    second = start.select(begin="SET_VRING_KICK", without=["inject kick"])
+    assert [s.name for s in first] + [s.name for s in second] == [
+        n for n in start.names if n != "inject kick"
+    ]
+    # a step a profile leaves out may be named in without=, any other unknown name is refused
+    assert SEQUENCES["qemu-7.2"].start.select(without=["inject kick"])
+    with pytest.raises(ValueError, match="no step"):
+        start.select(until="SET_VRING_KIK")
+
+
+def test_agree_protocol_is_qemus_rule() -> None:
+    offer = (1 << P.XEN_MMAP) | (1 << P.GET_VRING_BASE_INFLIGHT) | (1 << P.REPLY_ACK) | (1 << 40)
+    agreed = agree_protocol(offer)
+    assert agreed == 1 << P.REPLY_ACK  # XEN_MMAP dropped, bit 20 without 12 dropped, unknown masked
+    with_12 = offer | (1 << P.INFLIGHT_SHMFD)
+    assert agree_protocol(with_12) & (1 << P.GET_VRING_BASE_INFLIGHT)
+    assert not agree_protocol(with_12, inflight_migration=False) & (1 << P.GET_VRING_BASE_INFLIGHT)
+    assert agree_protocol(with_12, wanted=1 << P.INFLIGHT_SHMFD) == 1 << P.INFLIGHT_SHMFD
+    assert agree_protocol(QEMU_PROTOCOL_MASK + 1) == 0
