@@ -23,6 +23,7 @@ PEERS: dict[str, tuple[str, str]] = {
     "qemu-img-11.1": ("bin/qemu-img-11.1", "trixie-root"),
     "trixie-run": ("bin/trixie-run", "trixie-root"),
     "vhost-user-blk-contrib": ("bin/vhost-user-blk-contrib", "contrib-blk"),
+    "dpdk-testpmd-vhost": ("bin/dpdk-testpmd-vhost", "dpdk-testpmd"),
     "guest-kernel": ("guest/vmlinuz", "guest"),
     "guest-initrd": ("guest/initrd.img", "guest"),
 }

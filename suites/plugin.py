@@ -505,11 +505,29 @@ class VhostRun:
         if meta is None:
             return
         item.stash[_CASE] = _CaseState(meta)
+        self._check_device_type(meta)
         self._check_needs(meta)
         if meta.requires:
             missing = meta.missing(self.factory().capabilities())
             if missing:
                 raise Unsupported(missing)
+
+    def _check_device_type(self, meta: Case) -> None:
+        from vhost_conformance.suites.target import BLK_REQUEST_CASES, CONTROL_PLANE_FAMILIES
+
+        kind = self.profile.device_type if self.profile is not None else "block"
+        if kind != "block" and meta.id in BLK_REQUEST_CASES:
+            raise Unsupported(
+                "a virtio-blk device",
+                f"the back-end is a {kind} device; this case checks with virtio-blk requests",
+            )
+        if kind != "block" and meta.family not in CONTROL_PLANE_FAMILIES:
+            raise Unsupported(
+                "a virtio-blk device",
+                f"the back-end is a {kind} device; the {meta.family} family drives virtio-blk "
+                "(requests or its config space): only the control-plane families "
+                f"({', '.join(sorted(CONTROL_PLANE_FAMILIES))}) run on other device types",
+            )
 
     def _check_needs(self, meta: Case) -> None:
         profile = self.profile
