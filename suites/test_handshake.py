@@ -555,7 +555,8 @@ def test_exits_on_sigterm(vhost_target: BackendTarget) -> None:
 
 @case("VU-BACKEND-2", level=SHOULD, needs=["command"])
 def test_print_capabilities(vhost_target: BackendTarget) -> None:
-    """--print-capabilities prints JSON with type "block" and exits 0."""
+    """--print-capabilities prints JSON with the device's type ("block" unless the profile
+    names another) and exits 0."""
     assert isinstance(vhost_target, CommandTarget)
     argv = vhost_target.print_capabilities_argv()
     assert argv is not None
@@ -577,7 +578,8 @@ def test_print_capabilities(vhost_target: BackendTarget) -> None:
         raise CaseNonStrict(
             f"--print-capabilities output is not JSON: {done.stdout[:200]!r}"
         ) from None
-    if not isinstance(capabilities, dict) or capabilities.get("type") != "block":
+    kind = vhost_target.profile.device_type  # "block" unless the profile names another type
+    if not isinstance(capabilities, dict) or capabilities.get("type") != kind:
         raise CaseNonStrict(
-            f'--print-capabilities: expected {{"type": "block", ...}}, seen {capabilities!r:.200}'
+            f'--print-capabilities: expected {{"type": "{kind}", ...}}, seen {capabilities!r:.200}'
         )
