@@ -23,7 +23,13 @@ from types import FrameType
 
 from vhost_conformance.backend.device import BackendOptions
 from vhost_conformance.backend.disk import Disk, DiskError, parse_size
-from vhost_conformance.backend.faults import CRASH_POINTS, Faults, parse_crash_at
+from vhost_conformance.backend.faults import (
+    CRASH_POINTS,
+    MISBEHAVIOURS,
+    Faults,
+    parse_crash_at,
+    parse_misbehave,
+)
 from vhost_conformance.backend.server import Server
 
 CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
@@ -43,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="vhost-conformance-backend",
         description="Reference vhost-user-blk back-end (in-flight tracking, protocol bit 20).",
+        epilog="misbehaviours (--misbehave, for the suite's own mutation tests):\n"
+        + "\n".join(f"  {name:24} {what}" for name, what in MISBEHAVIOURS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket-path", metavar="PATH", help="listen on this Unix socket")
@@ -75,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fail-rate", type=float, default=0.0, metavar="P", help="IOERR probability")
     p.add_argument("--seed", type=int, default=0, help="seed of --fail-rate")
+    p.add_argument(
+        "--misbehave",
+        metavar="NAME[,NAME]",
+        default="",
+        help="break these spec clauses on purpose (listed below)",
+    )
     p.add_argument("--log", metavar="FILE", help="log to FILE (default stderr)")
     p.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: messages)"
@@ -98,6 +113,10 @@ def _options(args: argparse.Namespace) -> tuple[BackendOptions, Faults]:
             point, count = parse_crash_at(args.crash_at)
         except ValueError as exc:
             raise _UsageError(f"--crash-at: {exc}") from None
+    try:
+        misbehave = parse_misbehave(args.misbehave)
+    except ValueError as exc:
+        raise _UsageError(f"--misbehave: {exc}") from None
     options = BackendOptions(
         queues=args.queues,
         read_only=args.read_only,
@@ -106,7 +125,7 @@ def _options(args: argparse.Namespace) -> tuple[BackendOptions, Faults]:
         inflight_migration=not args.no_inflight_migration,
         packed=not args.no_packed,
     )
-    return options, Faults(point, count, args.fail_rate, args.seed)
+    return options, Faults(point, count, args.fail_rate, args.seed, misbehave)
 
 
 def _listen_socket(args: argparse.Namespace) -> socket.socket | None:

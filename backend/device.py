@@ -271,6 +271,8 @@ class Device:
         )
         self.queues = [VirtQueue(i) for i in range(options.queues)]
         self.outbox: list[tuple[bytes, list[int]]] = []
+        #: run once the outbox went out (a misbehaviour that acts after a reply)
+        self.after_send: list[Callable[[], None]] = []
         self._timers: list[Request] = []
         self._seq = 0
         self.closed = False
@@ -301,7 +303,10 @@ class Device:
     def _reply(
         self, request: int, payload: bytes | None = None, fds: list[int] | None = None
     ) -> None:
-        self.outbox.append((encode_reply(request, payload), fds or []))
+        data = encode_reply(request, payload)
+        if self.faults.on("wrong-reply-flags"):
+            data = data[:4] + struct.pack("<I", 0x1) + data[8:]
+        self.outbox.append((data, fds or []))
 
     def _queue(self, index: int) -> VirtQueue:
         if not 0 <= index < len(self.queues):
@@ -688,6 +693,10 @@ class Device:
             q.last_avail_idx = payload.num
 
     def _base_of(self, q: VirtQueue) -> int:
+        if self.faults.on("base-is-used-idx"):
+            if self.packed:
+                return packed_base(q.used_idx, q.used_wrap, q.used_idx, q.used_wrap)
+            return q.used_idx & 0xFFFF
         if self.packed:
             return packed_base(q.last_avail_idx, q.avail_wrap, q.used_idx, q.used_wrap)
         return q.last_avail_idx & 0xFFFF
@@ -716,7 +725,12 @@ class Device:
                 )
             else:
                 log.info("GET_VRING_BASE(%d): nothing in flight, stopped at once", q.index)
+            late = None
+            if q.pending and self.faults.on("complete-after-suspend"):
+                late = q.pending.pop(max(q.pending))
             self._cancel_pending(q)
+            if late is not None:
+                q.pending[late.seq] = late
             self._stop(q)
         else:
             # Drain (the default): reply once the ring's requests completed; the control
@@ -736,7 +750,13 @@ class Device:
                 self.watcher.unwatch(q.kick_fd)
             _close(q.kick_fd)
             q.kick_fd = -1
-        self._reply(FrontendRequest.GET_VRING_BASE, VringState(q.index, self._base_of(q)).encode())
+        base = self._base_of(q)
+        if not self.packed and self.faults.on("base-reserved-bits"):
+            base |= 0xA5A50000
+        self._reply(FrontendRequest.GET_VRING_BASE, VringState(q.index, base).encode())
+        if self.faults.on("call-after-stop"):
+            fd = q.call_fd
+            self.after_send.append(lambda: _signal(fd))
 
     def _vring_fd(self, payload: object, fds: list[int], what: str) -> tuple[VirtQueue, int]:
         assert isinstance(payload, U64)
@@ -849,6 +869,11 @@ class Device:
         heads, q.counter = region.recover(q.used_idx)
         if fresh:
             return
+        if self.faults.on("ignore-inflight"):
+            log.warning("vring %d: misbehaving: ignoring in-flight heads %s", q.index, heads)
+            return
+        if self.faults.on("resubmit-head-order"):
+            heads = sorted(heads)
         # libvhost-user vu_check_queue_inflights: last_avail_idx = used->idx + in flight;
         # this is what makes a reconnect (SET_VRING_BASE = used idx) not pop twice.
         expected = (q.used_idx + len(heads)) & 0xFFFF
@@ -862,7 +887,8 @@ class Device:
                 len(heads),
                 q.last_avail_idx,
             )
-        q.last_avail_idx = expected
+        if not self.faults.on("skip-used-idx-fixup"):
+            q.last_avail_idx = expected
         for head in heads:
             chain = ring.read_chain(head)
             if chain.fatal:
@@ -878,6 +904,8 @@ class Device:
             q.counter = 1
             return
         chains, q.counter, q.used_idx, q.used_wrap = region.recover(ring.flags_at)
+        if self.faults.on("ignore-inflight"):
+            chains = []
         total = sum(len(c.descs) for c in chains)
         idx, wrap = q.used_idx + total, q.used_wrap
         while idx >= q.num:
@@ -1049,7 +1077,7 @@ class Device:
     def _log_used(self, q: VirtQueue, offset: int, length: int) -> None:
         """Log a write to the used ring (vhost-user.rst "Migration": with
         VHOST_VRING_F_LOG, at log_guest_addr + offset)."""
-        if not self.logging:
+        if not self.logging or self.faults.on("no-log-used"):
             return
         if q.addr_flags & VRING_F_LOG:
             self.mark_dirty(q.log_guest_addr + offset, length)
@@ -1104,7 +1132,7 @@ class Device:
             _signal(q.call_fd)
 
     def _log_ring(self, ring: PackedRing, offset: int) -> None:
-        if not self.logging:
+        if not self.logging or self.faults.on("no-log-used"):
             return
         with contextlib.suppress(GuestMemoryError):
             self.mark_dirty(self.memory.uva_to_gpa(ring.desc_uva + offset), 16)
@@ -1121,7 +1149,8 @@ class Device:
                     self._complete_packed(q, q.ring, batch)
                 for r in batch:
                     q.pending.pop(r.seq, None)
-            if q.stop_pending and not q.pending:
+            early = self.faults.on("early-drain-reply") and len(q.pending) == 1
+            if q.stop_pending and (not q.pending or early):
                 self._stop(q)
             elif q.stop_pending and q.broken is not None:
                 # A broken ring never completes what it holds: answer anyway.

@@ -9,6 +9,10 @@ fixes the order of the writes between them, so a crash at any point is recoverab
 - ``after-used-elem``: the used element is written, used->idx not yet;
 - ``after-used-idx``: used->idx (packed: the used flags) published, region not updated;
 - ``after-region-update``: the region shows the request completed, no notification yet.
+
+Misbehaviour knobs (``--misbehave NAME[,NAME]``): each one breaks one clause of vhost-user.rst
+on purpose, so the suite can show that the case judging that clause fails (tests/test_mutations.py).
+:data:`MISBEHAVIOURS` names them with the clause they break.
 """
 
 from __future__ import annotations
@@ -40,6 +44,34 @@ def parse_crash_at(text: str) -> tuple[str, int]:
     return point, int(count)
 
 
+#: name -> what the back-end then does wrong (one line, shown by ``--help``).
+MISBEHAVIOURS: dict[str, str] = {
+    "skip-used-idx-fixup": "on restart keep SET_VRING_BASE's avail index instead of "
+    "used->idx + in flight (\"Inflight I/O tracking\": last_avail_idx fix-up)",
+    "resubmit-head-order": "resubmit the in-flight heads in head order, not counter order",
+    "ignore-inflight": "on restart ignore the in-flight region: resubmit nothing",
+    "base-is-used-idx": "answer GET_VRING_BASE with the used index, not the next avail index",
+    "base-reserved-bits": "garbage in bits 16-31 of the split GET_VRING_BASE reply",
+    "wrong-reply-flags": "replies carry flags 0x1 (the REPLY bit 0x4 missing)",
+    "no-log-used": "leave used-ring writes out of the dirty log",
+    "call-after-stop": "a call signal after the GET_VRING_BASE reply",
+    "early-drain-reply": "reply to a draining GET_VRING_BASE one request early (that one "
+    "completes, used write and call, after the reply)",
+    "complete-after-suspend": "with bit 20, complete one suspended request after the reply",
+}
+
+
+def parse_misbehave(text: str) -> frozenset[str]:
+    """Parse ``NAME[,NAME]`` of :data:`MISBEHAVIOURS`."""
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    unknown = sorted(names - MISBEHAVIOURS.keys())
+    if unknown:
+        raise ValueError(
+            f"unknown misbehaviour {', '.join(unknown)} (one of {', '.join(MISBEHAVIOURS)})"
+        )
+    return names
+
+
 @dataclass(slots=True)
 class Faults:
     """The fault plan of one back-end process."""
@@ -48,6 +80,7 @@ class Faults:
     crash_after: int = 1
     fail_rate: float = 0.0
     seed: int = 0
+    misbehave: frozenset[str] = frozenset()
     reached: int = 0
     _rng: random.Random = field(init=False, repr=False)
 
@@ -67,6 +100,11 @@ class Faults:
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
             os._exit(137)  # not reached
+
+    def on(self, name: str) -> bool:
+        """Whether misbehaviour ``name`` is switched on."""
+        assert name in MISBEHAVIOURS, name
+        return name in self.misbehave
 
     def should_fail(self) -> bool:
         """Draw whether the next request fails with IOERR."""

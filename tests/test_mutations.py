@@ -1,0 +1,239 @@
+"""Mutation tests of the suite: the reference back-end with a misbehaviour knob switched on
+(``--misbehave NAME``, backend/faults.py) must make the cases that judge the broken clause
+fail, and the same cases must pass without the knob (one shared plain run).
+
+``UNMUTATED`` lists the MUST/SHOULD cases no knob breaks yet; it may only shrink: a new
+MUST/SHOULD case needs a knob here, or an entry (and a reason to add one later).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from vhost_conformance.backend.faults import MISBEHAVIOURS
+from vhost_conformance.suites import catalogue
+
+#: knob -> the cases that must not pass with it (verdict fail, or non-strict for a SHOULD)
+KILLS: dict[str, tuple[str, ...]] = {
+    "skip-used-idx-fixup": ("VU-INF-5", "VU-INF-8", "VU-RECON-2"),
+    "ignore-inflight": ("VU-DBL-1", "VU-DBL-2", "VU-MIG-3", "VU-MIG-4"),
+    "base-is-used-idx": ("VU-GVB-4",),
+    "base-reserved-bits": ("VU-GVB-3", "VU-GVB-8", "VU-SVB-1", "VU-RING-2", "VU-RECON-3"),
+    "wrong-reply-flags": ("VU-HDR-2",),
+    "complete-after-suspend": ("VU-GVB-9", "VU-SUSP-1", "VU-SUSP-2", "VU-SUSP-5"),
+}
+
+#: knobs no case catches yet (the weak rows of SPEC-AUDIT section 8): may only shrink.
+#: Measured: the whole stop/in-flight/reconnect/logging/migration selection passes with each.
+UNCAUGHT: dict[str, str] = {
+    "resubmit-head-order": "VU-INF-5 holds requests whose counter order equals head order",
+    "no-log-used": "VU-LOG-1 does not require the used-ring writes in the dirty log",
+    "call-after-stop": "no stop case watches the call fd after the GET_VRING_BASE reply",
+    "early-drain-reply": "VU-GVB-3 does not compare used->idx at the reply with the last completion",
+}
+
+#: MUST/SHOULD cases no knob breaks yet: this set may only shrink.
+UNMUTATED: frozenset[str] = frozenset(
+    {
+        "VU-ACK-1",
+        "VU-ACK-2",
+        "VU-ACK-3",
+        "VU-ACK-4",
+        "VU-BACKEND-1",
+        "VU-BACKEND-2",
+        "VU-BLK-1",
+        "VU-BLK-2",
+        "VU-BLK-3",
+        "VU-BLK-4",
+        "VU-BLK-5",
+        "VU-BLK-6",
+        "VU-BLK-7",
+        "VU-BLK-8",
+        "VU-BLK-9",
+        "VU-CFG-1",
+        "VU-CFG-2",
+        "VU-CFG-3",
+        "VU-CFG-4",
+        "VU-CFG-5",
+        "VU-CFG-6",
+        "VU-DBL-3",
+        "VU-DBL-4",
+        "VU-DS-1",
+        "VU-DS-2",
+        "VU-FD-2",
+        "VU-FD-3",
+        "VU-FD-4",
+        "VU-FEAT-1",
+        "VU-FEAT-3",
+        "VU-FEAT-4",
+        "VU-FEAT-5",
+        "VU-FEAT-6",
+        "VU-FEAT-8",
+        "VU-FEAT-9",
+        "VU-FEAT-10",
+        "VU-FUZZ-1",
+        "VU-FUZZ-2",
+        "VU-FUZZ-3",
+        "VU-FUZZ-4",
+        "VU-GVB-1",
+        "VU-GVB-5",
+        "VU-GVB-7",
+        "VU-GVB-10",
+        "VU-GVB-11",
+        "VU-HDR-1",
+        "VU-HDR-3",
+        "VU-HDR-4",
+        "VU-HOST-1",
+        "VU-HOST-2",
+        "VU-HOST-3",
+        "VU-HOST-4",
+        "VU-HOST-5",
+        "VU-HOST-6",
+        "VU-HOST-7",
+        "VU-HOST-8",
+        "VU-HOST-9",
+        "VU-HOST-10",
+        "VU-HOST-11",
+        "VU-INF-1",
+        "VU-INF-2",
+        "VU-INF-4",
+        "VU-INF-6",
+        "VU-INF-7",
+        "VU-INF-9",
+        "VU-INF-10",
+        "VU-INF-11",
+        "VU-INF-12",
+        "VU-LOG-1",
+        "VU-LOG-2",
+        "VU-MAL-1",
+        "VU-MAL-2",
+        "VU-MAL-3",
+        "VU-MAL-4",
+        "VU-MAL-5",
+        "VU-MAL-6",
+        "VU-MAL-7",
+        "VU-MAL-8",
+        "VU-MAL-9",
+        "VU-MAL-10",
+        "VU-MAL-11",
+        "VU-MAL-12",
+        "VU-MAL-13",
+        "VU-MAL-14",
+        "VU-MAL-15",
+        "VU-MAL-16",
+        "VU-MAL-17",
+        "VU-MEM-2",
+        "VU-MEM-4",
+        "VU-MEM-5",
+        "VU-MEM-6",
+        "VU-MEM-7",
+        "VU-MIG-5",
+        "VU-MIG-6",
+        "VU-MIG-7",
+        "VU-MQ-1",
+        "VU-RECON-1",
+        "VU-RECON-4",
+        "VU-RING-1",
+        "VU-RING-3",
+        "VU-RING-4",
+        "VU-RING-5",
+        "VU-RING-7",
+        "VU-RING-8",
+        "VU-RING-9",
+        "VU-RING-10",
+        "VU-RING-11",
+        "VU-RING-12",
+        "VU-RST-1",
+        "VU-RST-2",
+        "VU-SUSP-3",
+        "VU-SUSP-4",
+    }
+)
+
+#: verdicts that count as "the case caught the misbehaviour"
+CAUGHT = {"fail", "non-strict", "error", "disconnect"}
+
+REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "suites" / "profiles" / "reference.toml"
+
+
+def _profile(tmp: pathlib.Path, knob: str | None) -> pathlib.Path:
+    """The reference profile, with ``--misbehave knob`` added to its commands."""
+    text = REFERENCE.read_text()
+    if knob is not None:
+        text = text.replace('--disk {disk}"', f'--disk {{disk}} --misbehave {knob}"')
+        assert text.count(f"--misbehave {knob}") == 2, "reference.toml commands changed shape"
+    path = tmp / f"{knob or 'plain'}.toml"
+    path.write_text(text)
+    return path
+
+
+def _run(tmp: pathlib.Path, knob: str | None, cases: tuple[str, ...]) -> dict[str, str]:
+    """Run ``cases`` against the (misbehaving) reference back-end; case id -> verdict."""
+    report = tmp / f"report-{knob or 'plain'}"
+    args = [
+        sys.executable,
+        "-m",
+        "vhost_conformance.cli",
+        "run",
+        "--profile",
+        str(_profile(tmp, knob)),
+        "--no-preflight",
+        "-n",
+        "0",
+        "--report",
+        str(report),
+    ]
+    for case_id in cases:
+        args += ["--case", case_id]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp)
+    data_path = report / "report.json"
+    assert data_path.exists(), f"no report ({proc.returncode}): {proc.stderr[-2000:]}"
+    data = json.loads(data_path.read_text())
+    return {c["id"]: c["verdict"] for c in data["cases"]}
+
+
+def test_every_knob_is_exercised() -> None:
+    """Each documented knob breaks at least one case here, or is listed as not caught yet."""
+    assert not set(KILLS) & set(UNCAUGHT)
+    assert set(KILLS) | set(UNCAUGHT) == set(MISBEHAVIOURS)
+
+
+@pytest.mark.parametrize("knob", sorted(KILLS))
+def test_knob_makes_its_cases_fail(knob: str, tmp_path: pathlib.Path) -> None:
+    """With the knob on, every case of its clause reports a failure."""
+    verdicts = _run(tmp_path, knob, KILLS[knob])
+    missed = {c: verdicts.get(c, "missing") for c in KILLS[knob] if verdicts.get(c) not in CAUGHT}
+    assert not missed, f"--misbehave {knob} went unnoticed by {missed}"
+
+
+def test_plain_reference_passes_them(tmp_path: pathlib.Path) -> None:
+    """Without a knob the same cases pass (the failures above are the knob's doing)."""
+    wanted = sorted({c for cases in KILLS.values() for c in cases})
+    verdicts = _run(tmp_path, None, tuple(wanted))
+    bad = {c: verdicts.get(c, "missing") for c in wanted if verdicts.get(c) != "pass"}
+    assert not bad, f"the plain reference back-end does not pass {bad}"
+
+
+def _must_should_cases() -> set[str]:
+    """The implemented MUST and SHOULD cases."""
+    implemented = catalogue.defined_in_suites()
+    return {
+        c.id
+        for c in catalogue.CATALOGUE.values()
+        if c.id in implemented and c.level.value in ("MUST", "SHOULD")
+    }
+
+
+def test_unmutated_list_only_shrinks() -> None:
+    """Every MUST/SHOULD case has a knob in KILLS or an entry in UNMUTATED, and UNMUTATED
+    names no case that has a knob by now (or no longer exists)."""
+    covered = {c for cases in KILLS.values() for c in cases}
+    without = _must_should_cases() - covered
+    grown = sorted(without - UNMUTATED)
+    assert not grown, f"MUST/SHOULD cases with no mutation test (add a knob): {grown}"
+    stale = sorted(UNMUTATED - without)
+    assert not stale, f"remove from UNMUTATED (covered now, or gone): {stale}"
