@@ -344,6 +344,18 @@ def _payload_bytes(payload: Payload | bytes | None) -> bytes:
 # The main channel
 
 
+#: Called with the trace of every :class:`Channel` made while it is set (the suite's runner
+#: sets it for each case, so every connection a case opens reaches its report with its wire
+#: trace: :func:`observe_traces`).
+trace_observer: Callable[[WireTrace], None] | None = None
+
+
+def observe_traces(callback: Callable[[WireTrace], None] | None) -> None:
+    """Set (or with ``None`` clear) the callback every new channel's trace is given to."""
+    global trace_observer
+    trace_observer = callback
+
+
 class Channel:
     """A connected vhost-user main socket, front-end side.
 
@@ -363,6 +375,8 @@ class Channel:
     ) -> None:
         self.sock = sock
         self.trace = trace if trace is not None else WireTrace()
+        if trace_observer is not None:
+            trace_observer(self.trace)
         self.protocol_features = 0
         self.send_timeout = send_timeout
         #: Surplus fds received with the last message (closed when asked to).

@@ -63,7 +63,7 @@ from types import FrameType
 from typing import Any
 
 import pytest
-from vhost_conformance.frontend.channel import BackendClosed, Channel
+from vhost_conformance.frontend.channel import BackendClosed, Channel, observe_traces
 from vhost_conformance.reports.model import (
     BackendInfo,
     CaseResult,
@@ -303,11 +303,20 @@ class _CaseState:
     traces: list[Any] = field(default_factory=list)
     measurements: dict[str, float] = field(default_factory=dict)
     duration: float = 0.0
+
+    def add_trace(self, trace: object) -> None:
+        """Attach a wire trace once (a channel's trace arrives on its own: observe_traces)."""
+        if not any(t is trace for t in self.traces):
+            self.traces.append(trace)
+            # a fuzz case opens a connection per example: keep the latest ones
+            del self.traces[:-MAX_TRACES]
     recorded: bool = False
 
 
 _RUN = pytest.StashKey["VhostRun"]()
 _CASE = pytest.StashKey[_CaseState]()
+#: Wire traces kept per case (the most recent connections).
+MAX_TRACES = 16
 
 
 def _option(config: pytest.Config, name: str) -> Any:
@@ -504,7 +513,9 @@ class VhostRun:
         meta = _case_for_item(item)
         if meta is None:
             return
-        item.stash[_CASE] = _CaseState(meta)
+        state = item.stash[_CASE] = _CaseState(meta)
+        # every channel the case's fixtures and body open registers its wire trace
+        observe_traces(state.add_trace)
         self._check_device_type(meta)
         self._check_needs(meta)
         if meta.requires:
@@ -576,6 +587,7 @@ class VhostRun:
             return rep
         state.duration += call.duration
         if call.when == "teardown":
+            observe_traces(None)
             if state.verdict is None and call.excinfo is not None:
                 state.verdict = Classified(
                     Verdict.ERROR, f"teardown failed: {call.excinfo.exconly()}"
@@ -1021,7 +1033,7 @@ def register_trace(request: pytest.FixtureRequest, trace: object) -> None:
     """Attach a wire trace (anything with ``to_json()``) to the current case's report."""
     state = request.node.stash.get(_CASE, None)
     if state is not None:
-        state.traces.append(trace)
+        state.add_trace(trace)
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -489,3 +489,26 @@ def test_run_wide_measurements_and_negotiated_features(
 def test_python_is_the_venv_one() -> None:
     # the fake back-end command runs this interpreter, which has the package installed
     assert importlib.util.find_spec("vhost_conformance") is not None, sys.executable
+
+
+def test_a_failing_malformed_case_carries_the_trace_of_its_own_connection(
+    pytester: pytest.Pytester,
+) -> None:
+    """VU-MAL-1 builds its connection by hand (test_malformed.Link, no fixture): the fake dies
+    on the unknown id, and report.json still has that connection's wire trace (every channel
+    a case opens registers its trace: frontend.channel.observe_traces)."""
+    report = pytester.path / "report"
+    _run(
+        pytester,
+        "--pyargs",
+        "vhost_conformance.suites",
+        "-k",
+        "test_unknown_request_ids",
+        f"--vhost-backend-cmd={fake_command('ok')}",
+        f"--vhost-report={report}",
+    )
+    case = _report(report)["VU-MAL-1"]
+    assert case["verdict"] in ("crash", "fail", "hang", "error"), case["verdict"]
+    trace = case["trace"]
+    assert isinstance(trace, list) and trace, "the hand-built connection's trace is in the report"
+    assert "SET_OWNER" in json.dumps(trace), "it is Link.open's connection (SET_OWNER sent)"
