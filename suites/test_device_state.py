@@ -38,9 +38,9 @@ from vhost_conformance.frontend.protocol import (
     ProtocolFeature,
 )
 from vhost_conformance.suites.drivers import SessionFactory
+from vhost_conformance.suites.drivers.migration import destination_target
 from vhost_conformance.suites.model import MUST, CaseFailed, case
 from vhost_conformance.suites.target import BackendTarget
-from vhost_conformance.suites.test_migration import destination_target
 
 F = FrontendRequest
 P = ProtocolFeature

@@ -25,9 +25,7 @@ from vhost_conformance.suites.drivers import (
     slow_disk,
     wait_popped,
 )
-from vhost_conformance.suites.model import MUST, CaseFailed, case
-from vhost_conformance.suites.target import BackendTarget, SlowIoUnsupported
-from vhost_conformance.suites.test_migration import (
+from vhost_conformance.suites.drivers.migration import (
     HELD,
     LATENCY_MS,
     destination_target,
@@ -39,6 +37,8 @@ from vhost_conformance.suites.test_migration import (
     submit_tracked,
     watch_quiet,
 )
+from vhost_conformance.suites.model import MUST, CaseFailed, case
+from vhost_conformance.suites.target import BackendTarget, SlowIoUnsupported
 
 
 def _completion_evidence(findings: list[AccountingFinding]) -> list[AccountingFinding]:

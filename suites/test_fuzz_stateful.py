@@ -47,16 +47,7 @@ from vhost_conformance.frontend.protocol import (
     VringState,
 )
 from vhost_conformance.suites.drivers import capacity_of, pattern, wait_all
-from vhost_conformance.suites.model import (
-    MUST,
-    CaseFailed,
-    CaseHang,
-    CaseOutcome,
-    case,
-    confirm_finding,
-)
-from vhost_conformance.suites.target import BackendTarget, Capabilities
-from vhost_conformance.suites.test_hostile_guest import (
+from vhost_conformance.suites.drivers.hostile import (
     RAM_SIZE,
     Rig,
     ShrinkBudget,
@@ -66,6 +57,15 @@ from vhost_conformance.suites.test_hostile_guest import (
     shrink_seconds,
     unreplayable,
 )
+from vhost_conformance.suites.model import (
+    MUST,
+    CaseFailed,
+    CaseHang,
+    CaseOutcome,
+    case,
+    confirm_finding,
+)
+from vhost_conformance.suites.target import BackendTarget, Capabilities
 
 F = FrontendRequest
 P = ProtocolFeature

@@ -42,6 +42,13 @@ from vhost_conformance.suites.drivers import (
     pattern,
     slow_disk,
 )
+from vhost_conformance.suites.drivers.hostile import (
+    ShrinkBudget,
+    examples_setting,
+    run_seed,
+    shrink_seconds,
+    unreplayable,
+)
 from vhost_conformance.suites.model import (
     MUST,
     CaseFailed,
@@ -51,13 +58,6 @@ from vhost_conformance.suites.model import (
     confirm_finding,
 )
 from vhost_conformance.suites.target import BackendTarget, Capabilities, CommandTarget
-from vhost_conformance.suites.test_hostile_guest import (
-    ShrinkBudget,
-    examples_setting,
-    run_seed,
-    shrink_seconds,
-    unreplayable,
-)
 
 #: How long a rejected mid-flight mark may take to clear before it counts (seconds).
 SETTLE_S = 0.5

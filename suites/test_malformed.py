@@ -40,6 +40,13 @@ from vhost_conformance.frontend.protocol import (
     has,
 )
 from vhost_conformance.frontend.sequences import agree_protocol
+from vhost_conformance.suites.drivers.hostile import (
+    RAM_SIZE,
+    BackendCrashed,
+    Rig,
+    backend_fds,
+    died,
+)
 from vhost_conformance.suites.model import (
     MUST,
     SHOULD,
@@ -49,13 +56,6 @@ from vhost_conformance.suites.model import (
     case,
 )
 from vhost_conformance.suites.target import BackendTarget, Capabilities, CommandTarget
-from vhost_conformance.suites.test_hostile_guest import (
-    RAM_SIZE,
-    BackendCrashed,
-    Rig,
-    backend_fds,
-    died,
-)
 
 F = FrontendRequest
 P = ProtocolFeature

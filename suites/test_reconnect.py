@@ -25,9 +25,7 @@ from vhost_conformance.suites.drivers import (
     require_command,
     wait_popped,
 )
-from vhost_conformance.suites.model import MUST, SHOULD, CaseFailed, case
-from vhost_conformance.suites.target import BackendTarget, SlowIoUnsupported
-from vhost_conformance.suites.test_migration import (
+from vhost_conformance.suites.drivers.migration import (
     HELD,
     LATENCY_MS,
     fail_on,
@@ -36,6 +34,8 @@ from vhost_conformance.suites.test_migration import (
     submit_tracked,
     watch_quiet,
 )
+from vhost_conformance.suites.model import MUST, SHOULD, CaseFailed, case
+from vhost_conformance.suites.target import BackendTarget, SlowIoUnsupported
 
 F = FrontendRequest
 P = ProtocolFeature

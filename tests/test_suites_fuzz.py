@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vhost_conformance.suites.test_hostile_guest import (
+from vhost_conformance.suites.drivers.hostile import (
     EXAMPLES_ENV,
-    Shape,
     examples_setting,
     process_tree_fds,
 )
+from vhost_conformance.suites.test_hostile_guest import Shape
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,12 +168,8 @@ def test_process_tree_fds_counts_children() -> None:
 
 
 def test_protected_slots_exclude_every_written_byte() -> None:
-    from vhost_conformance.suites.test_hostile_guest import (
-        NEXT,
-        WRITE,
-        Desc,
-        Guest,
-    )
+    from vhost_conformance.suites.drivers.hostile import NEXT, WRITE, Guest
+    from vhost_conformance.suites.test_hostile_guest import Desc
 
     guest = Guest.__new__(Guest)  # only slot() and scratch_end are used
     # a writable buffer in 'hdr' that spills into 'data' protects neither; 'status' stays
@@ -196,8 +192,8 @@ def test_an_unreplayable_non_verdict_exception_is_reported_not_flaky(
     "Inconsistent data generation" Flaky, which made VU-FUZZ-1 a suite error."""
     from vhost_conformance.frontend.channel import BackendClosed
     from vhost_conformance.suites import test_fuzz_stateful as fuzz
+    from vhost_conformance.suites.drivers.hostile import Rig
     from vhost_conformance.suites.target import CommandTarget, TargetFactory, load_profile
-    from vhost_conformance.suites.test_hostile_guest import Rig
 
     calls = {"n": 0}
     original = fuzz.MessageMachine._call
