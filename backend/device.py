@@ -271,8 +271,8 @@ class Device:
         )
         self.queues = [VirtQueue(i) for i in range(options.queues)]
         self.outbox: list[tuple[bytes, list[int]]] = []
-        #: run once the outbox went out (a misbehaviour that acts after a reply)
-        self.after_send: list[Callable[[], None]] = []
+        #: (when, call fd) of the misbehaviour call-after-stop
+        self._late_calls: list[tuple[float, int]] = []
         self._timers: list[Request] = []
         self._seq = 0
         self.closed = False
@@ -754,9 +754,10 @@ class Device:
         if not self.packed and self.faults.on("base-reserved-bits"):
             base |= 0xA5A50000
         self._reply(FrontendRequest.GET_VRING_BASE, VringState(q.index, base).encode())
-        if self.faults.on("call-after-stop"):
-            fd = q.call_fd
-            self.after_send.append(lambda: _signal(fd))
+        if self.faults.on("call-after-stop") and q.call_fd >= 0:
+            # late enough that the front-end has drained the call fd after the reply
+            # (a copy: the front-end may replace the call fd meanwhile, as QEMU does)
+            self._late_calls.append((self.clock() + 0.2, os.dup(q.call_fd)))
 
     def _vring_fd(self, payload: object, fds: list[int], what: str) -> tuple[VirtQueue, int]:
         assert isinstance(payload, U64)
@@ -1172,6 +1173,10 @@ class Device:
                 self._pop_split(q, q.ring, now)
             else:
                 self._pop_packed(q, q.ring, now)
+        for late in [c for c in self._late_calls if c[0] <= now]:
+            self._late_calls.remove(late)
+            _signal(late[1])
+            _close(late[1])
         while self._timers and self._timers[0].deadline <= now:
             req = heapq.heappop(self._timers)
             if not req.cancelled and req.queue.broken is None:
@@ -1179,10 +1184,12 @@ class Device:
         self.flush()
 
     def next_deadline(self) -> float | None:
-        """When the next held request is due (None: nothing held)."""
+        """When the next held request (or late call of call-after-stop) is due (None: none)."""
         while self._timers and self._timers[0].cancelled:
             heapq.heappop(self._timers)
-        return self._timers[0].deadline if self._timers else None
+        due = [self._timers[0].deadline] if self._timers else []
+        due += [when for when, _ in self._late_calls]
+        return min(due) if due else None
 
     @property
     def has_work(self) -> bool:
@@ -1214,6 +1221,9 @@ class Device:
         if self.closed:
             return
         self.closed = True
+        for _, fd in self._late_calls:
+            _close(fd)
+        self._late_calls.clear()
         for q in self.queues:
             self._cancel_pending(q)
             self._close_queue_fds(q)

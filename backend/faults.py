@@ -54,7 +54,7 @@ MISBEHAVIOURS: dict[str, str] = {
     "base-reserved-bits": "garbage in bits 16-31 of the split GET_VRING_BASE reply",
     "wrong-reply-flags": "replies carry flags 0x1 (the REPLY bit 0x4 missing)",
     "no-log-used": "leave used-ring writes out of the dirty log",
-    "call-after-stop": "a call signal after the GET_VRING_BASE reply",
+    "call-after-stop": "a call signal 0.2 s after the GET_VRING_BASE reply",
     "early-drain-reply": "reply to a draining GET_VRING_BASE one request early (that one "
     "completes, used write and call, after the reply)",
     "complete-after-suspend": "with bit 20, complete one suspended request after the reply",

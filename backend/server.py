@@ -204,8 +204,6 @@ class Server:
                 return
             for fd in fds:
                 _close(fd)
-        while device.after_send:
-            device.after_send.pop(0)()
 
     # ------------------------------------------------------------------ loop
 

@@ -25,6 +25,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "base-reserved-bits": ("VU-GVB-3", "VU-GVB-8", "VU-SVB-1", "VU-RING-2", "VU-RECON-3"),
     "wrong-reply-flags": ("VU-HDR-2",),
     "complete-after-suspend": ("VU-GVB-9", "VU-SUSP-1", "VU-SUSP-2", "VU-SUSP-5"),
+    "call-after-stop": ("VU-GVB-9",),
 }
 
 #: knobs no case catches yet (the weak rows of SPEC-AUDIT section 8): may only shrink.
@@ -32,7 +33,6 @@ KILLS: dict[str, tuple[str, ...]] = {
 UNCAUGHT: dict[str, str] = {
     "resubmit-head-order": "VU-INF-5 holds requests whose counter order equals head order",
     "no-log-used": "VU-LOG-1 does not require the used-ring writes in the dirty log",
-    "call-after-stop": "no stop case watches the call fd after the GET_VRING_BASE reply",
     "early-drain-reply": "VU-GVB-3 does not compare used->idx at the reply with the last completion",
 }
 
