@@ -356,6 +356,51 @@ def observe_traces(callback: Callable[[WireTrace], None] | None) -> None:
     trace_observer = callback
 
 
+def validate_reply(
+    request: FrontendRequest, sent: bytes, reply: Message, *, defined: bool
+) -> None:
+    """Judge ``reply`` to ``request`` (payload ``sent``) as QEMU 11.1.3 does: flags exactly
+    0x5, the same request id, the exact size of a fixed-size reply (GET_CONFIG: the size
+    requested; a REPLY_ACK ack: 8 bytes) and a payload that decodes. Raises BackendViolation.
+    ``defined``: the request has a reply body of its own (else the reply is an ack). Used by
+    :class:`Channel` and by the recording proxy (frontend/proxy.py) on real QEMU's traffic."""
+    name = request.name
+    # vhost_user_read_header: flags must be exactly VERSION | REPLY.
+    if reply.flags != REPLY_FLAGS:
+        raise BackendViolation(
+            "reply flags", request_name=name, expected=f"{REPLY_FLAGS:#x}",
+            seen=f"{reply.flags:#x}",
+        )
+    if reply.request != request:
+        raise BackendViolation(
+            "reply request id", request_name=name,
+            expected=f"{int(request)} ({name})",
+            seen=f"{reply.request} ({request_name(reply.request)})",
+        )
+    size = len(reply.payload)
+    layout = REPLY_PAYLOAD.get(request) if defined else U64
+    want: int | None
+    if layout is Config:
+        want = len(sent)  # vhost_user_get_config: VHOST_USER_CONFIG_HDR_SIZE + config_len
+    elif layout is Inflight:
+        want = Inflight.SIZE  # QEMU compares with sizeof(VhostUserInflight) = 24
+    elif layout is ShmemConfig:
+        want = None  # QEMU does not check it; see ShmemConfig.decode
+    else:
+        want = getattr(layout, "SIZE", None) if layout is not None else 0
+    if want is not None and size != want:
+        raise BackendViolation(
+            "reply size" if defined else "REPLY_ACK reply size",
+            request_name=name, expected=f"{want} bytes", seen=f"{size} bytes",
+        )
+    try:
+        reply.decoded()
+    except MalformedMessage as exc:
+        raise BackendViolation(
+            exc.what, request_name=name, expected=exc.expected, seen=exc.seen
+        ) from exc
+
+
 class Channel:
     """A connected vhost-user main socket, front-end side.
 
@@ -666,41 +711,7 @@ class Channel:
     def _validate_reply(
         self, request: FrontendRequest, sent: bytes, reply: Message, *, defined: bool
     ) -> None:
-        name = request.name
-        # vhost_user_read_header: flags must be exactly VERSION | REPLY.
-        if reply.flags != REPLY_FLAGS:
-            raise BackendViolation(
-                "reply flags", request_name=name, expected=f"{REPLY_FLAGS:#x}",
-                seen=f"{reply.flags:#x}",
-            )
-        if reply.request != request:
-            raise BackendViolation(
-                "reply request id", request_name=name,
-                expected=f"{int(request)} ({name})",
-                seen=f"{reply.request} ({request_name(reply.request)})",
-            )
-        size = len(reply.payload)
-        layout = REPLY_PAYLOAD.get(request) if defined else U64
-        want: int | None
-        if layout is Config:
-            want = len(sent)  # vhost_user_get_config: VHOST_USER_CONFIG_HDR_SIZE + config_len
-        elif layout is Inflight:
-            want = Inflight.SIZE  # QEMU compares with sizeof(VhostUserInflight) = 24
-        elif layout is ShmemConfig:
-            want = None  # QEMU does not check it; see ShmemConfig.decode
-        else:
-            want = getattr(layout, "SIZE", None) if layout is not None else 0
-        if want is not None and size != want:
-            raise BackendViolation(
-                "reply size" if defined else "REPLY_ACK reply size",
-                request_name=name, expected=f"{want} bytes", seen=f"{size} bytes",
-            )
-        try:
-            reply.decoded()
-        except MalformedMessage as exc:
-            raise BackendViolation(
-                exc.what, request_name=name, expected=exc.expected, seen=exc.seen
-            ) from exc
+        validate_reply(request, sent, reply, defined=defined)
 
 
 class Listener:
