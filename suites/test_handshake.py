@@ -576,7 +576,8 @@ def test_print_capabilities(vhost_target: BackendTarget) -> None:
         capabilities = json.loads(done.stdout)
     except ValueError:
         raise CaseNonStrict(
-            f"--print-capabilities output is not JSON: {done.stdout[:200]!r}"
+            f"--print-capabilities output on stdout is not JSON: {done.stdout[:200]!r} "
+            f"(stderr: {done.stderr[:200]!r})"
         ) from None
     kind = vhost_target.profile.device_type  # "block" unless the profile names another type
     if not isinstance(capabilities, dict) or capabilities.get("type") != kind:
