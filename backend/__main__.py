@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true", help="offer VIRTIO_BLK_F_RO, refuse writes")
     p.add_argument("--blk-size", type=int, default=512, metavar="N", help="logical block size")
     p.add_argument(
-        "--latency", type=float, default=0.0, metavar="MS", help="per-request latency (ms)"
+        "--latency", type=float, default=0.0, metavar="MS", help="per-request latency of disk requests (ms; GET_ID completes at once)"
     )
     p.add_argument(
         "--no-inflight-migration",

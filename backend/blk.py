@@ -127,6 +127,18 @@ def write_status(mem: GuestMemory, status_gpa: int, status: int) -> None:
     mm[off] = status
 
 
+def request_type(mem: GuestMemory, readable: list[tuple[int, int]]) -> int | None:
+    """The type field of a request's header, or None when the header is short or unmapped."""
+    try:
+        header = _gather(mem, readable, OUTHDR_SIZE)
+    except GuestMemoryError:
+        return None
+    if len(header) < OUTHDR_SIZE:
+        return None
+    rtype: int = _OUTHDR.unpack(header)[0]
+    return rtype
+
+
 def execute(
     disk: Disk,
     mem: GuestMemory,

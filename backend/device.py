@@ -960,7 +960,14 @@ class Device:
     def _submit(self, req: Request, now: float) -> None:
         q = req.queue
         q.pending[req.seq] = req
-        if self.options.latency <= 0 or req.chain.error is not None:
+        # the latency is the disk's: GET_ID does not touch the disk and completes at once
+        # (as in qemu-storage-daemon, whose GET_ID never reaches the block layer), which
+        # lets a case complete requests out of order (a GET_ID after a slow write)
+        if (
+            self.options.latency <= 0
+            or req.chain.error is not None
+            or blk.request_type(self.memory, req.chain.readable) == blk.T_GET_ID
+        ):
             self._execute(req)
         else:
             req.deadline = now + self.options.latency
