@@ -34,6 +34,7 @@ from vhost_conformance.suites.drivers.migration import (
     submit_tracked,
     watch_quiet,
 )
+from vhost_conformance.suites.drivers.recovery import out_of_order_recovery
 from vhost_conformance.suites.model import MUST, SHOULD, CaseFailed, case
 from vhost_conformance.suites.target import BackendTarget, SlowIoUnsupported
 
@@ -104,6 +105,9 @@ def test_reconnect_after_crash_resubmits_pending(
         if bases and bases[0] != {"index": 0, "num": rec.vring_bases[0]}:
             raise CaseFailed("the reconnect's SET_VRING_BASE (our own sequence)",
                              expected=rec.vring_bases[0], seen=bases[0])
+    if slow:
+        # out-of-order completion before the kill: used->idx passes the heads in flight
+        out_of_order_recovery(target, make_session)
 
 
 @case("VU-RECON-3", level=MUST)
