@@ -200,6 +200,22 @@ def case_details(case: CaseResult) -> list[tuple[str, str]]:
     return out
 
 
+def level_text(case: CaseResult) -> str:
+    """The case's level and tier as the tables show them: ``MUST conformance``."""
+    return f"{case.level.value} {case.tier.value}"
+
+
+def basis_lines(case: CaseResult) -> list[tuple[str, str]]:
+    """What the verdict rests on: the spec quote (conformance) or the cited QEMU behaviour
+    (interop), as (label, text) pairs; empty when the case has neither."""
+    out: list[tuple[str, str]] = []
+    if case.quote:
+        out.append(("spec", case.quote))
+    if case.source:
+        out.append(("QEMU 11.1.3", case.source))
+    return out
+
+
 def hex_bits(value: int | None) -> str:
     """A feature word as 0x%016x, or an em dash for None."""
     return "\u2014" if value is None else f"0x{value:016x}"

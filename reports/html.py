@@ -24,6 +24,7 @@ from typing import Any
 from vhost_conformance.reports.common import (
     VERDICT_MEANING,
     VERDICT_ORDER,
+    basis_lines,
     case_details,
     clean_text,
     format_params,
@@ -32,6 +33,7 @@ from vhost_conformance.reports.common import (
     hex_bits,
     is_from_backend,
     is_problem,
+    level_text,
     trace_table,
     verdict_text,
 )
@@ -148,11 +150,13 @@ def _case_body(index: int, case: CaseResult) -> str:
     row = (
         f'<tr class="case-row"><td><code>{h(case.id)}</code></td><td>{title}'
         + (f' <span class="muted">[{h(params)}]</span>' if params else "")
-        + f"</td><td>{h(case.family)}</td><td>{h(case.level.value)}</td><td>{h(case.clause)}</td>"
+        + f"</td><td>{h(case.family)}</td><td>{h(level_text(case))}</td><td>{h(case.clause)}</td>"
         f"<td>{verdict_badge(case.verdict.value, verdict_text(case))}</td>"
         f"<td>{case.duration_s:.3f} s</td></tr>"
     )
     detail = [f'<div class="req">{h(case.requirement)}</div>']
+    for label, text in basis_lines(case):
+        detail.append(f'<div class="quote"><b>{h(label)}:</b> <q>{h(text)}</q></div>')
     if case.reason:
         detail.append(f'<div class="reason"><b>reason:</b> {h(case.reason)}</div>')
     for label, text in case_details(case):
@@ -179,7 +183,7 @@ def _case_body(index: int, case: CaseResult) -> str:
         )
     return (
         f'<tbody class="{classes}" id="case-{index}" data-case-id="{h(case.id)}" data-verdict="{h(case.verdict.value)}" '
-        f'data-family="{h(case.family)}" data-level="{h(case.level.value)}" '
+        f'data-family="{h(case.family)}" data-level="{h(case.level.value)}" data-tier="{h(case.tier.value)}" '
         f'data-search="{h(search)}">{row}'
         f'<tr class="case-detail"><td colspan="7">{"".join(detail)}</td></tr></tbody>'
     )

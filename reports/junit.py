@@ -24,6 +24,7 @@ from vhost_conformance.reports.common import (
     case_details,
     clean_text,
     format_params,
+    level_text,
     one_line,
     trace_text,
     verdict_text,
@@ -92,6 +93,9 @@ def _testcase(parent: ET.Element, case: CaseResult, kind: str) -> None:
         ("id", case.id),
         ("verdict", case.verdict.value),
         ("level", case.level.value),
+        ("tier", case.tier.value),
+        ("quote", case.quote),
+        ("source", case.source),
         ("clause", case.clause),
         ("requirement", case.requirement),
         ("deviation", case.deviation),
@@ -115,7 +119,7 @@ def _testcase(parent: ET.Element, case: CaseResult, kind: str) -> None:
         el = ET.SubElement(tc, kind, type=case.verdict.value, message=message)
         details = "".join(f"\n{k}: {v}" for k, v in case_details(case))
         el.text = clean_text(
-            f"{case.level.value} {case.clause}\n{case.requirement}\n{case.reason}{details}".strip()
+            f"{level_text(case)} {case.clause}\n{case.requirement}\n{case.reason}{details}".strip()
         )
     elif kind == "skipped":
         text = f"{case.verdict.value}: {case.reason}" if case.reason else case.verdict.value

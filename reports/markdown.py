@@ -19,6 +19,7 @@ from vhost_conformance.reports.common import (
     format_params,
     gate_word,
     hex_bits,
+    level_text,
     one_line,
     verdict_text,
 )
@@ -64,7 +65,7 @@ def _case_rows_all(cases: Iterable[CaseResult]) -> list[list[str]]:
         [
             md(c.id, 80),
             md(c.title, 120),
-            c.level.value,
+            level_text(c),
             md(c.clause, 120),
             f"**{md(verdict_text(c), 80)}**",
             md(" ".join([c.reason, *(f"[{k}: {v}]" for k, v in case_details(c))])),

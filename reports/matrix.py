@@ -25,6 +25,7 @@ from vhost_conformance.reports.common import (
     format_value,
     gate_word,
     hex_bits,
+    level_text,
     one_line,
     verdict_text,
 )
@@ -209,7 +210,7 @@ def render_html(reports: Sequence[Report]) -> str:
                 )
             body.append(
                 f'<tr{cls} data-case="{h(key)}"><th class="case-id">{h(key)}</th>'
-                f"<td>{h(first.title)}</td><td>{h(first.level.value)}</td>{''.join(cells)}</tr>"
+                f"<td>{h(first.title)}</td><td>{h(level_text(first))}</td>{''.join(cells)}</tr>"
             )
     body.append("</table>")
     measurement_rows = mx.measurement_rows()
@@ -265,7 +266,7 @@ def render_markdown(reports: Sequence[Report]) -> str:
             first = mx.first[key]
             mark = "\u2260 " if mx.differs(key) else ""
             rows.append(
-                [f"{mark}{md(key, 120)}", md(first.family, 40), first.level.value]
+                [f"{mark}{md(key, 120)}", md(first.family, 40), level_text(first)]
                 + [md(verdict_text(col[key]), 60) if key in col else "\u2014" for col in mx.cells]
             )
     lines += table(["case", "family", "level", *cols], rows)

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "2.1"
 # Readers accept any 2.x (minor versions only add optional keys) and 1.x (a subset of 2.0:
 # no disconnect/flaky verdicts, no see/rerun/finding_level/exit_status/allowed keys).
 _SCHEMA_MAJOR = "2"
@@ -39,6 +39,20 @@ class Level(enum.StrEnum):
     SHOULD = "SHOULD"
     MAY = "MAY"
     INFO = "INFO"
+
+
+class Tier(enum.StrEnum):
+    """What a case's verdict rests on (docs/report-schema.md "Tiers").
+
+    ``conformance``: a quoted MUST/SHOULD/MAY sentence of the spec; ``interop``: what QEMU
+    11.1.3 does where the spec is silent (cited from its source or QEMU-TRACES.md);
+    ``robustness``: a hostile or broken front-end (malformed messages, hostile guests, fuzz),
+    where the spec's only rule is that the back-end may close the connection.
+    """
+
+    CONFORMANCE = "conformance"
+    INTEROP = "interop"
+    ROBUSTNESS = "robustness"
 
 
 class Verdict(enum.StrEnum):
@@ -81,6 +95,9 @@ _DEVIATION_FAILURES: frozenset[Verdict] = frozenset(
 _GATE_BLOCKING: frozenset[Verdict] = frozenset(
     {Verdict.FAIL, Verdict.HANG, Verdict.CRASH, Verdict.ERROR, Verdict.DISCONNECT}
 )
+# These on a robustness case fail the gate at any level: the back-end died or stopped
+# answering under hostile input (the spec lets it close the connection, nothing more).
+_ROBUSTNESS_BLOCKING: frozenset[Verdict] = frozenset({Verdict.HANG, Verdict.CRASH})
 
 
 # --- JSON helpers -----------------------------------------------------------------------
@@ -239,10 +256,14 @@ class CaseResult:
     finding_level: Level | None = None
     rerun: str | None = None
     behaviour: str | None = None
+    tier: Tier = Tier.CONFORMANCE
+    quote: str | None = None
+    source: str | None = None
 
     def __post_init__(self) -> None:
         # Accept plain strings from callers; store the enums.
         object.__setattr__(self, "level", Level(self.level))
+        object.__setattr__(self, "tier", Tier(self.tier))
         object.__setattr__(self, "verdict", Verdict(self.verdict))
         if self.finding_level is not None:
             object.__setattr__(self, "finding_level", Level(self.finding_level))
@@ -270,8 +291,21 @@ class CaseResult:
 
     @property
     def blocking(self) -> bool:
-        """True when this result fails the gate even without --strict."""
-        return self.bad and self.gate_level is Level.MUST and self.verdict in _GATE_BLOCKING
+        """True when this result fails the gate even without --strict.
+
+        Whatever the tier: a MUST-level finding (``finding_level``) with fail/hang/crash/
+        error/disallowed disconnect. Conformance: the same on a MUST case. Robustness:
+        crash or hang at any level. Interop: nothing else (reported; gates under --strict).
+        """
+        if not self.bad:
+            return False
+        if self.finding_level is Level.MUST and self.verdict in _GATE_BLOCKING:
+            return True
+        if self.tier is Tier.CONFORMANCE:
+            return self.gate_level is Level.MUST and self.verdict in _GATE_BLOCKING
+        if self.tier is Tier.ROBUSTNESS:
+            return self.verdict in _ROBUSTNESS_BLOCKING
+        return False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict, keys in field order."""
@@ -299,6 +333,9 @@ class CaseResult:
             "finding_level": None if self.finding_level is None else self.finding_level.value,
             "rerun": self.rerun,
             "behaviour": self.behaviour,
+            "tier": self.tier.value,
+            "quote": self.quote,
+            "source": self.source,
         }
 
     @classmethod
@@ -341,6 +378,13 @@ class CaseResult:
             ),
             rerun=r.get_opt_str("rerun"),
             behaviour=r.get_opt_str("behaviour"),
+            tier=(
+                Tier.CONFORMANCE
+                if r._get("tier", False) is None
+                else r.get_enum("tier", Tier)
+            ),
+            quote=r.get_opt_str("quote"),
+            source=r.get_opt_str("source"),
         )
 
 

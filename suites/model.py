@@ -6,10 +6,22 @@ A case is a pytest test function carrying :func:`case`::
     def test_reply_flags_are_exactly_0x5(vhost_channel: Channel) -> None:
         ...
 
-Its metadata (title, family, level, clause, requirement, required features, ambiguity note)
-lives once, in :mod:`vhost_conformance.suites.catalogue`; keywords given to ``case`` are
-checked against it at import time, so a case module can say its level and clause at the top
-and stay honest. Vendors' own cases, not in the catalogue, give all of it themselves.
+Its record (title, family, level, tier, clause, quote or source, requirement, required
+features, ambiguity note) is declared once. New cases declare it AT the case::
+
+    @case(
+        "VU-GVB-12",
+        title="...", family="stop-drain", level=MUST, tier=Tier.CONFORMANCE,
+        clause=f"{RST} Ring states",
+        quote="While a ring is stopped, the back-end must not process the ring at all, ...",
+        requirement="...",
+        requires=[P.REPLY_ACK],
+    )
+
+(interop cases give ``tier=Tier.INTEROP`` and ``source=`` instead of a quote). Older cases
+still have their record in :mod:`vhost_conformance.suites.catalogue` and a bare
+``@case("VU-...")`` (keywords given then are checked against the entry); an id declared at
+the case and in the catalogue too is an error.
 
 A case ends with a verdict (reports.model.Verdict), always with a reason:
 
@@ -38,7 +50,7 @@ from typing import Any, TypeVar
 
 import pytest
 from vhost_conformance.frontend.protocol import BlkFeature, ProtocolFeature, VirtioFeature
-from vhost_conformance.reports.model import Level, Verdict
+from vhost_conformance.reports.model import Level, Tier, Verdict
 from vhost_conformance.suites.target import (
     BackendStartFailed,
     BackendStartHang,
@@ -89,7 +101,14 @@ class CatalogueMismatch(Exception):
 class Case:
     """One conformance case: id, title, family, level, clause, requirement (our words, one
     sentence), the features it needs, and an ambiguity note when the spec is ambiguous and we
-    follow QEMU 11.1.3's behaviour."""
+    follow QEMU 11.1.3's behaviour.
+
+    ``tier`` says what the verdict rests on (reports.model.Tier; left out: robustness for the
+    malformed, hostile-guest and fuzz families, conformance otherwise). A conformance case
+    carries ``quote``: the normative sentence(s) it enforces, verbatim from vhost-user.rst as
+    QEMU 11.1.3 ships it (tests/test_spec_quotes.py checks), or a VIRTIO 1.3 sentence with
+    its section in ``clause``; its ``level`` is the quote's own. An interop case carries
+    ``source``: the QEMU 11.1.3 source file/function or QEMU-TRACES.md section it follows."""
 
     id: str
     title: str
@@ -100,8 +119,14 @@ class Case:
     requires: tuple[Feature, ...] = ()
     ambiguity: str | None = None
     needs: tuple[str, ...] = field(default=())
+    tier: Tier = None  # type: ignore[assignment]  # None: derived from the family
+    quote: str | None = None
+    source: str | None = None
 
     def __post_init__(self) -> None:
+        if self.tier is None:
+            object.__setattr__(self, "tier", default_tier(self.family))
+        object.__setattr__(self, "tier", Tier(self.tier))
         if not CASE_ID.match(self.id):
             raise ValueError(f"case id {self.id!r} is not of the form VU-<AREA>-<n>")
         if self.family not in FAMILIES:
@@ -143,6 +168,15 @@ NEEDS = frozenset(
         "command",  # we run the back-end ourselves (restart, kill, signals)
     }
 )
+
+
+#: Families whose cases are robustness cases unless they say otherwise.
+ROBUSTNESS_FAMILIES = frozenset({"malformed", "hostile-guest", "fuzz"})
+
+
+def default_tier(family: str) -> Tier:
+    """The tier of a case that does not name one: robustness for the hostile-input families."""
+    return Tier.ROBUSTNESS if family in ROBUSTNESS_FAMILIES else Tier.CONFORMANCE
 
 
 def sort_key(case_id: str) -> tuple[str, int]:
@@ -369,8 +403,12 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 CASE_ATTRIBUTE = "__vhost_case__"
 
 
+#: The keywords that make ``@case`` a full record (the case's one source of truth).
+_RECORD_KEYS = ("title", "family", "level", "clause", "requirement")
+
+
 def _from_keywords(case_id: str, given: dict[str, Any]) -> Case:
-    missing = [k for k in ("title", "family", "level", "clause", "requirement") if k not in given]
+    missing = [k for k in _RECORD_KEYS if k not in given]
     if missing:
         raise CatalogueMismatch(
             f"case {case_id} is not in the catalogue, so @case must give "
@@ -395,6 +433,11 @@ def resolve(case_id: str, **given: Any) -> Case:
     entry = CATALOGUE.get(case_id)
     if entry is None:
         return _from_keywords(case_id, dict(given))
+    if all(k in given for k in _RECORD_KEYS):
+        raise CatalogueMismatch(
+            f"case {case_id} declares its record at the case and is in the catalogue too: "
+            "delete the catalogue entry (one source of truth per case)"
+        )
     for key, value in given.items():
         if key not in Case.__dataclass_fields__:
             raise CatalogueMismatch(f"@case({case_id!r}): unknown keyword {key!r}")
@@ -403,6 +446,8 @@ def resolve(case_id: str, **given: Any) -> Case:
             value = tuple(value)
         if key == "level":
             value = Level(value)
+        if key == "tier":
+            value = Tier(value)
         if have != value:
             raise CatalogueMismatch(
                 f"@case({case_id!r}): {key} is {value!r} here but {have!r} in the catalogue"

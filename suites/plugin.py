@@ -14,7 +14,9 @@ Options (group "vhost-conformance"):
 ``--vhost-backend-socket PATH`` a back-end someone else runs, listening on PATH
 ``--vhost-backend-connects``    the back-end connects to us: we listen on ``{socket}``
                                 (or on ``--vhost-backend-socket``)
-``--vhost-strict``              ``non-strict`` (a SHOULD violated) fails the run
+``--vhost-strict``              ``non-strict`` (a SHOULD violated), interop failures and
+                                every other bad verdict fail the run
+``--vhost-tier T[,T]``          only cases of these tiers (conformance, interop, robustness)
 ``--vhost-report DIR``          write report.json, junit.xml, summary.md, report.html there
 ``--vhost-known-deviations F``  TOML/JSON list of expected failures (``[[deviation]] id, reason``)
 ``--vhost-timeout S``           deadline of each reply (default 5 s)
@@ -56,7 +58,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
@@ -71,6 +73,7 @@ from vhost_conformance.reports.model import (
     Level,
     Measurement,
     Report,
+    Tier,
     Verdict,
 )
 from vhost_conformance.suites import newhooks
@@ -262,6 +265,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="append",
         default=[],
         help="run only this case (exact id; repeatable): the re-run command of a report",
+    )
+    group.addoption(
+        "--vhost-tier",
+        metavar="T[,T]",
+        action="append",
+        default=[],
+        help="run only cases of these tiers (conformance, interop, robustness; repeatable)",
     )
     group.addoption(
         "--vhost-case-timeout",
@@ -482,6 +492,16 @@ class VhostRun:
         """In an xdist worker: the families known to take longest run first (a stable sort, the
         same in every worker, so xdist's load scheduling ends with short cases and the workers
         finish together). Where cases will run: pre-started back-ends are launched now."""
+        tiers = parse_tiers(_option(config, "vhost_tier") or ())
+        if tiers:
+            keep_t: list[pytest.Item] = []
+            drop_t: list[pytest.Item] = []
+            for item in items:
+                meta = _case_for_item(item)
+                (keep_t if meta is None or meta.tier in tiers else drop_t).append(item)
+            if drop_t:
+                config.hook.pytest_deselected(items=drop_t)
+                items[:] = keep_t
         wanted = set(_option(config, "vhost_case") or ())
         if wanted:
             keep: list[pytest.Item] = []
@@ -790,6 +810,9 @@ class VhostRun:
             level=state.case.level,
             clause=state.case.clause,
             requirement=state.case.requirement,
+            tier=state.case.tier,
+            quote=state.case.quote,
+            source=state.case.source,
             verdict=final,
             reason=verdict.reason,
             duration_s=state.duration,
@@ -1016,6 +1039,23 @@ def _xdist_controller(config: pytest.Config) -> bool:
     numprocesses = getattr(config.option, "numprocesses", None)
     dist = getattr(config.option, "dist", "no")
     return not hasattr(config, "workerinput") and bool(numprocesses) and dist != "no"
+
+
+def parse_tiers(values: Iterable[str]) -> frozenset[Tier]:
+    """The tiers named by ``--vhost-tier``/``--tier`` values (each a comma-separated list);
+    an unknown name is a usage error naming the known ones."""
+    tiers: set[Tier] = set()
+    for value in values:
+        for name in value.split(","):
+            name = name.strip()
+            if not name:
+                continue
+            try:
+                tiers.add(Tier(name))
+            except ValueError:
+                known = ", ".join(t.value for t in Tier)
+                raise pytest.UsageError(f"unknown tier {name!r} (known: {known})") from None
+    return frozenset(tiers)
 
 
 def _case_for_item(item: pytest.Item) -> Case | None:

@@ -38,7 +38,7 @@ def test_summary_content() -> None:
     failing = section(text, "Cases failing the gate")
     assert len(failing) == len(report.gate_failures()) == 5
     gvb = next(cells(r) for r in failing if cells(r)[0] == "VU-GVB-1")
-    assert gvb[2:5] == ["MUST", 'vhost-user.rst "GET\\_VRING\\_BASE"', "**fail**"]
+    assert gvb[2:5] == ["MUST conformance", 'vhost-user.rst "GET\\_VRING\\_BASE"', "**fail**"]
     assert "expected last\\_avail\\_idx 7" in gvb[5]
     assert [cells(r)[0] for r in section(text, "Other problems")] == [
         "VU-FD-1", "VU-MAL-2", "VU-RST-1", "VU-FUZZ-1", "VU-GVB-4",

@@ -111,8 +111,8 @@ def test_html_matrix_rows_columns_and_differences() -> None:
 def test_markdown_matrix() -> None:
     text = matrix.render_markdown(three_reports())
     assert "| case | family | level | reference | qsd-11.1 | dpdk-vhost-blk |" in text
-    assert "| VU-HDR-1 | handshake | MUST | pass | pass | pass |" in text
-    assert "| \u2260 VU-PKD-1 | packed | MUST | \u2014 | \u2014 | pass |" in text
+    assert "| VU-HDR-1 | handshake | MUST conformance | pass | pass | pass |" in text
+    assert "| \u2260 VU-PKD-1 | packed | MUST conformance | \u2014 | \u2014 | pass |" in text
     assert "| INFLIGHT\\_SHMFD | yes | \u2014 | yes |" in text
     assert "<script>" not in text
 

@@ -154,6 +154,6 @@ def test_format_catalogue_lists_everything() -> None:
         assert re.search(rf"^ [ *] {re.escape(case_id)}\s", text, re.M), case_id
     for case_id in NOT_APPLICABLE:
         assert case_id in text
-    assert re.search(r"^ \* VU-HDR-2\s+MUST\s+Reply flags are exactly 0x5$", text, re.M)
+    assert re.search(r"^ \* VU-HDR-2\s+MUST\s+conformance\s+Reply flags are exactly 0x5$", text, re.M)
     assert "[needs protocol feature INFLIGHT_SHMFD" in text
     assert text.rstrip().endswith(f"{len(CATALOGUE)} cases, 1 implemented (*)")

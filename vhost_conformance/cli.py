@@ -155,6 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vhost_conformance.reports.model import KnownDeviations, Report
 
     profile = _profile(args)  # validates the back-end options before anything starts
+    _check_tiers(args.tier or ())
     # The suite runs from the report folder (below): every path the caller gave relative to
     # their own directory is made absolute first, or pytest would look for it under the folder.
     report_dir = Path(args.report).absolute()
@@ -193,6 +194,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         pytest_args += ["-k", args.k]
     for case_id in args.case or ():
         pytest_args += ["--vhost-case", case_id]
+    for tiers in args.tier or ():
+        pytest_args += ["--vhost-tier", tiers]
     if args.n and args.n != "0":
         pytest_args += ["-n", args.n]
     pytest_args += ["-q"] if not args.verbose else ["-v"]
@@ -238,17 +241,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_tiers(values: list[str] | tuple[str, ...]) -> None:
+    """Raise CliError for a ``--tier`` value naming no tier."""
+    from vhost_conformance.reports.model import Tier
+
+    known = {t.value for t in Tier}
+    for value in values:
+        for name in value.split(","):
+            if name.strip() and name.strip() not in known:
+                raise CliError(f"--tier: unknown tier {name.strip()!r} (known: {', '.join(sorted(known))})")
+
+
 def cmd_cases(args: argparse.Namespace) -> int:
-    """Print the case catalogue."""
+    """Print the case catalogue (``--json``: one object per case, see docs/report-schema.md
+    "cases --json")."""
     from vhost_conformance.suites import catalogue
 
     implemented = _implemented_case_ids()
     if args.json:
-        rows = [
-            {"id": c.id, "level": str(c.level), "clause": c.clause, "title": c.title,
-             "family": c.family, "implemented": c.id in implemented}
-            for c in sorted(catalogue.CATALOGUE.values(), key=lambda c: c.id)
-        ]
+        rows = [catalogue.case_record(c, c.id in implemented) for c in catalogue.all_cases()]
         print(json.dumps(rows, indent=1))
     else:
         print(catalogue.format_catalogue(implemented))
@@ -389,7 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip the pre-flight start + GET_FEATURES of the back-end")
     run.add_argument("-n", metavar="N", default="auto",
                      help="parallel workers (pytest-xdist; default auto, 0 = none)")
-    run.add_argument("--strict", action="store_true", help="SHOULD violations fail the run")
+    run.add_argument("--tier", metavar="T[,T]", action="append",
+                     help="only cases of these tiers: conformance, interop, robustness")
+    run.add_argument("--strict", action="store_true",
+                     help="SHOULD, interop and every other bad verdict fail the run")
     run.add_argument("--known-deviations", metavar="FILE",
                      help="TOML/JSON list of known deviations (expected failures)")
     run.add_argument("--timeout", type=float, default=5.0, metavar="S",
