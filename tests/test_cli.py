@@ -95,7 +95,7 @@ def test_backends_lists_profiles() -> None:
     assert proc.returncode == 0, proc.stderr
     names = {r["name"] for r in json.loads(proc.stdout)}
     assert {"reference", "qsd", "qsd-11.1", "dpdk-vhost-blk", "vhost-user-blk-contrib",
-            "dpdk-testpmd", "virtiofsd"} <= names
+            "dpdk-testpmd", "virtiofsd", "passt"} <= names
 
 
 def test_run_with_relative_report_and_profile_paths(tmp_path: Path) -> None:

@@ -93,8 +93,8 @@ def test_command_templates_need_a_socket() -> None:
 
 def test_builtin_profiles() -> None:
     assert builtin_profile_names() == [
-        "dpdk-testpmd", "dpdk-vhost-blk", "qsd", "qsd-11.1", "reference", "vhost-user-blk-contrib",
-        "virtiofsd",
+        "dpdk-testpmd", "dpdk-vhost-blk", "passt", "qsd", "qsd-11.1", "reference",
+        "vhost-user-blk-contrib", "virtiofsd",
     ]
     reference = load_profile("reference")
     assert reference.slow_io.args == "--latency {latency_ms}" and reference.shares_disk
