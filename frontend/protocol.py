@@ -260,6 +260,71 @@ class BlkFeature(enum.IntEnum):
     ZONED = 17
 
 
+class NetFeature(enum.IntEnum):
+    """virtio-net device feature bits (VIRTIO 1.3 5.1.3 "Feature bits"; GSO is 5.1.3.1's
+    legacy bit)."""
+
+    CSUM = 0
+    GUEST_CSUM = 1
+    CTRL_GUEST_OFFLOADS = 2
+    MTU = 3
+    MAC = 5
+    GSO = 6
+    GUEST_TSO4 = 7
+    GUEST_TSO6 = 8
+    GUEST_ECN = 9
+    GUEST_UFO = 10
+    HOST_TSO4 = 11
+    HOST_TSO6 = 12
+    HOST_ECN = 13
+    HOST_UFO = 14
+    MRG_RXBUF = 15
+    STATUS = 16
+    CTRL_VQ = 17
+    CTRL_RX = 18
+    CTRL_VLAN = 19
+    CTRL_RX_EXTRA = 20
+    GUEST_ANNOUNCE = 21
+    MQ = 22
+    CTRL_MAC_ADDR = 23
+    DEVICE_STATS = 50
+    VQ_NOTF_COAL = 52
+    NOTF_COAL = 53
+    GUEST_USO4 = 54
+    GUEST_USO6 = 55
+    HOST_USO = 56
+    HASH_REPORT = 57
+    GUEST_HDRLEN = 59
+    RSS = 60
+    RSC_EXT = 61
+    STANDBY = 62
+    SPEED_DUPLEX = 63
+
+
+class FsFeature(enum.IntEnum):
+    """virtio-fs device feature bits (VIRTIO 1.3 5.11.3 "Feature bits")."""
+
+    NOTIFICATION = 0
+
+
+#: The device feature bits per vhost-user device type, by the ``type`` names of
+#: ``--print-capabilities`` (vhost-user.rst "Backend program conventions").
+DEVICE_FEATURES: dict[str, type[enum.IntEnum]] = {
+    "block": BlkFeature,
+    "net": NetFeature,
+    "fs": FsFeature,
+}
+
+
+def device_feature_names(value: int, device_type: str) -> list[str]:
+    """Name the virtio bits of ``value``: transport bits, then the device type's own (an
+    unknown type's device bits stay ``bit<N>``)."""
+    tables: list[type[enum.IntEnum]] = [VirtioFeature]
+    if device_type in DEVICE_FEATURES:
+        tables.append(DEVICE_FEATURES[device_type])
+    return feature_names(value, *tables)
+
+
 def bits(value: int) -> list[int]:
     """Return the numbers of the bits set in ``value``, lowest first."""
     if value < 0:

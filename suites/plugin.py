@@ -546,7 +546,7 @@ class VhostRun:
     def _check_device_type(self, meta: Case) -> None:
         from vhost_conformance.suites.target import BLK_REQUEST_CASES, CONTROL_PLANE_FAMILIES
 
-        kind = self.profile.device_type if self.profile is not None else "block"
+        kind = self.factory().device_type().name if self.profile is not None else "block"
         if kind != "block" and meta.id in BLK_REQUEST_CASES:
             raise Unsupported(
                 "a virtio-blk device",

@@ -51,6 +51,11 @@ from vhost_conformance.frontend.protocol import (
     has,
 )
 from vhost_conformance.peers.process import PeerProcessError, Supervised
+from vhost_conformance.suites.device_type import (
+    DEFAULT_DEVICE_TYPE,
+    DeviceType,
+    from_print_capabilities,
+)
 
 SocketMode = Literal["listen", "connect"]
 
@@ -215,9 +220,11 @@ class Profile:
     #: disk image is kept), and its exit with status 0 after that connection is not a crash.
     one_connection: bool = False
     #: The virtio device type the back-end implements (vhost-user.rst "Backend program
-    #: conventions" --print-capabilities "type" names: block, net, fs, ...). Only the
-    #: control-plane families run on a type other than block (see CONTROL_PLANE_FAMILIES).
-    device_type: str = "block"
+    #: conventions" --print-capabilities "type" names: block, net, fs, ...). None: the
+    #: ``type`` that ``print_capabilities`` prints when the profile sets that command, else
+    #: block (suites.device_type). Only the control-plane families run on a type other than
+    #: block (see CONTROL_PLANE_FAMILIES).
+    device_type: str | None = None
 
     def __post_init__(self) -> None:
         if self.socket_mode not in ("listen", "connect"):
@@ -345,6 +352,7 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
     socket_path = typed("socket", str, None)
     print_caps = typed("print_capabilities", str, None)
     connect_cmd = typed("connect_command", str, None)
+    device_type = typed("device_type", str, None)
     prestart = data.get("prestart", 0)
     if isinstance(prestart, bool) or not isinstance(prestart, int):
         raise UsageError(f"profile {source}: prestart must be int, got {type(prestart).__name__}")
@@ -364,7 +372,7 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
         connect_command=connect_cmd if isinstance(connect_cmd, str) else None,
         prestart=prestart,
         one_connection=bool(typed("one_connection", bool, False)),
-        device_type=str(typed("device_type", str, "block")),
+        device_type=device_type if isinstance(device_type, str) else None,
     )
 
 
@@ -1008,9 +1016,13 @@ def _exchange(
         ) from None
 
 
-def probe_capabilities(sock: socket.socket, timeout: float = 5.0) -> Capabilities:
+def probe_capabilities(
+    sock: socket.socket, timeout: float = 5.0, *, device_type: str = DEFAULT_DEVICE_TYPE
+) -> Capabilities:
     """Ask a fresh connection what it offers, the way QEMU's init does (SPEC-DIGEST 4.1):
-    GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, GET_CONFIG."""
+    GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, and for a
+    block device GET_CONFIG with the virtio-blk size (QEMU's vhost-user-net and -fs front-ends
+    ask no config of the back-end)."""
     from vhost_conformance.frontend.protocol import U64, Config
     from vhost_conformance.frontend.sequences import GET_CONFIG_LEN, agree_protocol
 
@@ -1039,7 +1051,7 @@ def probe_capabilities(sock: socket.socket, timeout: float = 5.0) -> Capabilitie
         queue_num = ask_u64(FrontendRequest.GET_QUEUE_NUM)
     if has(protocol, ProtocolFeature.CONFIGURE_MEM_SLOTS):
         max_slots = ask_u64(FrontendRequest.GET_MAX_MEM_SLOTS)
-    if has(protocol, ProtocolFeature.CONFIG):
+    if has(protocol, ProtocolFeature.CONFIG) and device_type == "block":
         size = GET_CONFIG_LEN  # the size the session asks (frontend.sequences)
         reply = _exchange(
             sock,
@@ -1090,6 +1102,7 @@ class TargetFactory:
         self.pool_hits = 0
         self._capabilities: Capabilities | None = None
         self._probe_error: TargetError | None = None
+        self._device_type: DeviceType | None = None
 
     @property
     def name(self) -> str:
@@ -1177,6 +1190,27 @@ class TargetFactory:
         self._targets.append(target)
         return target
 
+    def device_type(self) -> DeviceType:
+        """The device type (suites.device_type): the profile's, else the ``type`` its
+        ``print_capabilities`` command prints (run once), else block."""
+        if self._device_type is None:
+            profile = self.profile
+            if profile is not None and profile.device_type is not None:
+                self._device_type = DeviceType(profile.device_type, "the profile's device_type")
+            elif profile is not None and profile.print_capabilities is not None:
+                workdir = self._workdir("device-type")
+                workdir.mkdir(parents=True, exist_ok=True)
+                probe = CommandTarget(profile, workdir, worker=self.worker)
+                argv = probe.print_capabilities_argv()
+                assert argv is not None
+                self._device_type = from_print_capabilities(argv, workdir)
+                shutil.rmtree(workdir, ignore_errors=True)
+            else:
+                self._device_type = DeviceType(
+                    DEFAULT_DEVICE_TYPE, "neither a device_type nor a print_capabilities command"
+                )
+        return self._device_type
+
     def capabilities(self) -> Capabilities:
         """Probe once (a dedicated instance, stopped afterwards), then the cached result."""
         if self._capabilities is not None:
@@ -1187,7 +1221,9 @@ class TargetFactory:
         try:
             target.start()
             with contextlib.closing(target.connect_socket(self.probe_timeout)) as sock:
-                self._capabilities = probe_capabilities(sock, self.probe_timeout)
+                self._capabilities = probe_capabilities(
+                    sock, self.probe_timeout, device_type=self.device_type().name
+                )
         except TargetError as exc:
             if isinstance(exc, BackendStartHang | BackendStartFailed) and not exc.log_tail:
                 exc.log_tail = target.log_tail()

@@ -311,10 +311,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from vhost_conformance.frontend.device import Session, SessionError
     from vhost_conformance.frontend.memory import GuestMemory
     from vhost_conformance.frontend.protocol import (
-        BlkFeature,
         ProtocolError,
         ProtocolFeature,
-        VirtioFeature,
+        device_feature_names,
         feature_names,
     )
     from vhost_conformance.suites.target import TargetError, TargetFactory
@@ -325,6 +324,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
                        "run it in listen mode")
     factory = TargetFactory(profile=profile, worker="probe")
     try:
+        kind = factory.device_type()
+        blk = kind.name == "block"
         target = factory.new("probe")
         try:
             socket_path = target.start()
@@ -337,21 +338,25 @@ def cmd_probe(args: argparse.Namespace) -> int:
         try:
             channel = Channel.connect(socket_path, timeout=args.timeout)
             session = Session(channel, memory, timeout=args.timeout)
-            n = session.connect()
+            # GET_CONFIG (at realize) with virtio-blk's size only on a block device: QEMU's
+            # vhost-user-net and -fs front-ends ask the back-end for no config
+            n = session.connect(realize=blk)
             out: dict[str, object] = {
                 "backend": profile.name,
+                "device_type": kind.name,
+                "device_type_from": kind.source,
                 "features": n.features,
-                "feature_names": feature_names(n.features, VirtioFeature, BlkFeature),
+                "feature_names": device_feature_names(n.features, kind.name),
                 "protocol_features": n.protocol_features_offered,
                 "protocol_feature_names": feature_names(n.protocol_features_offered,
                                                         ProtocolFeature),
                 "queue_num": n.queue_num,
                 "max_mem_slots": n.max_mem_slots,
             }
-            if n.config:
+            if n.config and blk:
                 cfg = BlkConfig.decode(n.config)
                 out["config"] = {k: v for k, v in _config_dict(cfg).items() if v is not None}
-            if session.has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
+            if blk and session.has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
                 session.set_features(session.driver_features())
                 region = session.get_inflight_fd()
                 out["inflight_mmap_size"] = region.mmap_size if region is not None else 0
