@@ -129,13 +129,9 @@ def _stop_latency_plots(matrix: Matrix) -> list[str]:
     ]
 
 
-def render_html(reports: Sequence[Report]) -> str:
-    """matrix.html text: one self-contained page (inline CSS, SVG and a small filter script)."""
-    mx = Matrix(reports)
-    head_cells = "".join(f'<th class="backend">{h(label)}</th>' for label in mx.labels)
+def _html_backends(mx: Matrix) -> list[str]:
+    """The back-ends table: gate, verdict counts, offered bits, suite version, start time."""
     body = [
-        f"<header><h1>vhost-conformance matrix: {len(mx.reports)} back-ends, "
-        f"{len(mx.first)} cases</h1></header>",
         '<h2 id="backends">Back-ends</h2>',
         '<div class="scroll"><table class="backends"><tr><th>back-end</th><th>gate</th>'
         + "".join(f"<th>{verdict_badge(v.value)}</th>" for v in VERDICT_ORDER)
@@ -157,6 +153,12 @@ def render_html(reports: Sequence[Report]) -> str:
             f"<td>{h(r.suite_version)}</td><td>{h(r.started)}</td></tr>"
         )
     body.append("</table></div>")
+    return body
+
+
+def _html_features(mx: Matrix, head_cells: str) -> list[str]:
+    """One table per kind of bits (protocol, virtio): which back-end offers which."""
+    body: list[str] = []
     for protocol, title in (
         (True, "Protocol features offered"),
         (False, "Virtio features offered"),
@@ -179,7 +181,28 @@ def render_html(reports: Sequence[Report]) -> str:
                 )
             body.append(f"<tr><td><code>{h(name)}</code></td>{''.join(cells)}</tr>")
         body.append("</table>")
-    body += [
+    return body
+
+
+def _html_case_cell(case: CaseResult | None) -> str:
+    """One verdict cell; its title is the reason (and deviation, details)."""
+    if case is None:
+        return f'<td class="cell">{verdict_badge(None)}</td>'
+    tip = one_line(
+        f"{case.reason}"
+        + (f" (known deviation: {case.deviation})" if case.deviation else "")
+        + "".join(f" [{k}: {v}]" for k, v in case_details(case)),
+        500,
+    )
+    return (
+        f'<td class="cell" data-verdict="{h(case.verdict.value)}" title="{h(tip)}">'
+        f"{verdict_badge(case.verdict.value, verdict_text(case))}</td>"
+    )
+
+
+def _html_cases(mx: Matrix, head_cells: str) -> list[str]:
+    """The case matrix, by family, with the filter for rows where the back-ends differ."""
+    body = [
         '<h2 id="cases">Cases</h2>',
         '<p class="muted">A marked row: the back-ends disagree. Hover a verdict for its reason.</p>',
         '<nav id="filters"><label><input type="checkbox" id="only-differs"> only cases where '
@@ -192,41 +215,47 @@ def render_html(reports: Sequence[Report]) -> str:
         for key in keys:
             first = mx.first[key]
             cls = ' class="differs"' if mx.differs(key) else ""
-            cells = []
-            for col in mx.cells:
-                case = col.get(key)
-                if case is None:
-                    cells.append(f'<td class="cell">{verdict_badge(None)}</td>')
-                    continue
-                tip = one_line(
-                    f"{case.reason}"
-                    + (f" (known deviation: {case.deviation})" if case.deviation else "")
-                    + "".join(f" [{k}: {v}]" for k, v in case_details(case)),
-                    500,
-                )
-                cells.append(
-                    f'<td class="cell" data-verdict="{h(case.verdict.value)}" title="{h(tip)}">'
-                    f"{verdict_badge(case.verdict.value, verdict_text(case))}</td>"
-                )
+            cells = "".join(_html_case_cell(col.get(key)) for col in mx.cells)
             body.append(
                 f'<tr{cls} data-case="{h(key)}"><th class="case-id">{h(key)}</th>'
-                f"<td>{h(first.title)}</td><td>{h(level_text(first))}</td>{''.join(cells)}</tr>"
+                f"<td>{h(first.title)}</td><td>{h(level_text(first))}</td>{cells}</tr>"
             )
     body.append("</table>")
+    return body
+
+
+def _html_measurements(mx: Matrix, head_cells: str) -> list[str]:
+    """The measurements (stop-latency plots, then the table), or nothing."""
     measurement_rows = mx.measurement_rows()
-    if measurement_rows:
-        body.append('<h2 id="measurements">Measurements</h2>')
-        plots = _stop_latency_plots(mx)
-        if plots:
-            body.append(f'<div class="plots">{"".join(plots)}</div>')
-        body.append(f'<table class="measurements"><tr><th>measurement</th>{head_cells}</tr>')
-        for label, values in measurement_rows:
-            body.append(
-                f"<tr><td>{h(label)}</td>"
-                + "".join(f"<td>{h(v or DASH)}</td>" for v in values)
-                + "</tr>"
-            )
-        body.append("</table>")
+    if not measurement_rows:
+        return []
+    body = ['<h2 id="measurements">Measurements</h2>']
+    plots = _stop_latency_plots(mx)
+    if plots:
+        body.append(f'<div class="plots">{"".join(plots)}</div>')
+    body.append(f'<table class="measurements"><tr><th>measurement</th>{head_cells}</tr>')
+    for label, values in measurement_rows:
+        body.append(
+            f"<tr><td>{h(label)}</td>"
+            + "".join(f"<td>{h(v or DASH)}</td>" for v in values)
+            + "</tr>"
+        )
+    body.append("</table>")
+    return body
+
+
+def render_html(reports: Sequence[Report]) -> str:
+    """matrix.html text: one self-contained page (inline CSS, SVG and a small filter script)."""
+    mx = Matrix(reports)
+    head_cells = "".join(f'<th class="backend">{h(label)}</th>' for label in mx.labels)
+    body = [
+        f"<header><h1>vhost-conformance matrix: {len(mx.reports)} back-ends, "
+        f"{len(mx.first)} cases</h1></header>",
+        *_html_backends(mx),
+        *_html_features(mx, head_cells),
+        *_html_cases(mx, head_cells),
+        *_html_measurements(mx, head_cells),
+    ]
     return page("vhost-conformance matrix", "\n".join(body), script=asset("matrix.js"))
 
 

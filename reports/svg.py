@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from html import escape as _html_escape
 
 from vhost_conformance.reports.common import clean_text
@@ -49,6 +50,86 @@ def _fmt(v: float) -> str:
     return f"{v:g}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    """The plot area and its scales: data coordinates to SVG pixels."""
+
+    x_ticks: list[float]
+    y_ticks: list[float]
+    pw: float = _W - _LEFT - _RIGHT
+    ph: float = _H - _TOP - _BOTTOM
+
+    def px(self, x: float) -> float:
+        """The SVG x of data x."""
+        x0, x1 = self.x_ticks[0], self.x_ticks[-1]
+        return _LEFT + (x - x0) / ((x1 - x0) or 1.0) * self.pw
+
+    def py(self, y: float) -> float:
+        """The SVG y of data y."""
+        y0, y1 = self.y_ticks[0], self.y_ticks[-1]
+        return _TOP + self.ph - (y - y0) / ((y1 - y0) or 1.0) * self.ph
+
+
+def _axes(frame: _Frame, x_label: str, y_label: str) -> list[str]:
+    """Both axes, the grid lines with their tick labels, and the axis labels."""
+    pw, ph = frame.pw, frame.ph
+    axis = 'stroke="#444" stroke-width="1"'
+    parts = [
+        f'<line x1="{_LEFT}" y1="{_TOP + ph}" x2="{_LEFT + pw}" y2="{_TOP + ph}" {axis}/>',
+        f'<line x1="{_LEFT}" y1="{_TOP}" x2="{_LEFT}" y2="{_TOP + ph}" {axis}/>',
+    ]
+    for t in frame.x_ticks:
+        x = frame.px(t)
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{_TOP}" x2="{x:.1f}" y2="{_TOP + ph}" stroke="#ddd"/>'
+        )
+        parts.append(
+            f'<text x="{x:.1f}" y="{_TOP + ph + 16}" text-anchor="middle" '
+            f'class="tick">{_fmt(t)}</text>'
+        )
+    for t in frame.y_ticks:
+        y = frame.py(t)
+        parts.append(
+            f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_LEFT + pw}" y2="{y:.1f}" stroke="#ddd"/>'
+        )
+        parts.append(
+            f'<text x="{_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_fmt(t)}</text>'
+        )
+    parts.append(
+        f'<text x="{_LEFT + pw / 2}" y="{_H - 10}" text-anchor="middle" class="axis-label">'
+        f"{escape(x_label)}</text>"
+    )
+    parts.append(
+        f'<text x="14" y="{_TOP + ph / 2}" text-anchor="middle" class="axis-label" '
+        f'transform="rotate(-90 14 {_TOP + ph / 2})">{escape(y_label)}</text>'
+    )
+    return parts
+
+
+def _series(frame: _Frame, i: int, name: str, pts: Sequence[tuple[float, float]]) -> list[str]:
+    """Series number ``i``: its polyline, point markers and legend entry."""
+    px, py = frame.px, frame.py
+    colour = PALETTE[i % len(PALETTE)]
+    coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+    parts = [
+        f'<g class="series" data-series="{escape(name)}">'
+        f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>'
+    ]
+    for x, y in pts:
+        parts.append(
+            f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{colour}">'
+            f"<title>{escape(name)}: {_fmt(x)} \u2192 {_fmt(y)}</title></circle>"
+        )
+    parts.append("</g>")
+    ly = _TOP + 14 + 18 * i
+    lx = _LEFT + frame.pw + 12
+    parts.append(
+        f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 18}" y2="{ly - 4}" stroke="{colour}" '
+        f'stroke-width="3"/><text x="{lx + 24}" y="{ly}" class="legend">{escape(name)}</text>'
+    )
+    return parts
+
+
 def line_plot(
     series: Mapping[str, Sequence[tuple[float, float]]],
     *,
@@ -77,64 +158,12 @@ def line_plot(
     if not xs:
         parts.append(f'<text x="{_W / 2}" y="{_H / 2}" text-anchor="middle">no data</text></svg>')
         return "".join(parts)
-    x_ticks = nice_ticks(min(0.0, min(xs)), max(xs))
-    y_ticks = nice_ticks(min(0.0, min(ys)), max(ys))
-    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
-    pw, ph = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
-
-    def px(x: float) -> float:
-        return _LEFT + (x - x0) / ((x1 - x0) or 1.0) * pw
-
-    def py(y: float) -> float:
-        return _TOP + ph - (y - y0) / ((y1 - y0) or 1.0) * ph
-
-    axis = 'stroke="#444" stroke-width="1"'
-    parts.append(f'<line x1="{_LEFT}" y1="{_TOP + ph}" x2="{_LEFT + pw}" y2="{_TOP + ph}" {axis}/>')
-    parts.append(f'<line x1="{_LEFT}" y1="{_TOP}" x2="{_LEFT}" y2="{_TOP + ph}" {axis}/>')
-    for t in x_ticks:
-        x = px(t)
-        parts.append(
-            f'<line x1="{x:.1f}" y1="{_TOP}" x2="{x:.1f}" y2="{_TOP + ph}" stroke="#ddd"/>'
-        )
-        parts.append(
-            f'<text x="{x:.1f}" y="{_TOP + ph + 16}" text-anchor="middle" '
-            f'class="tick">{_fmt(t)}</text>'
-        )
-    for t in y_ticks:
-        y = py(t)
-        parts.append(
-            f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_LEFT + pw}" y2="{y:.1f}" stroke="#ddd"/>'
-        )
-        parts.append(
-            f'<text x="{_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_fmt(t)}</text>'
-        )
-    parts.append(
-        f'<text x="{_LEFT + pw / 2}" y="{_H - 10}" text-anchor="middle" class="axis-label">'
-        f"{escape(x_label)}</text>"
+    frame = _Frame(
+        nice_ticks(min(0.0, min(xs)), max(xs)), nice_ticks(min(0.0, min(ys)), max(ys))
     )
-    parts.append(
-        f'<text x="14" y="{_TOP + ph / 2}" text-anchor="middle" class="axis-label" '
-        f'transform="rotate(-90 14 {_TOP + ph / 2})">{escape(y_label)}</text>'
-    )
+    parts += _axes(frame, x_label, y_label)
     for i, (name, pts) in enumerate(clean.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-        parts.append(
-            f'<g class="series" data-series="{escape(name)}">'
-            f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>'
-        )
-        for x, y in pts:
-            parts.append(
-                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{colour}">'
-                f"<title>{escape(name)}: {_fmt(x)} \u2192 {_fmt(y)}</title></circle>"
-            )
-        parts.append("</g>")
-        ly = _TOP + 14 + 18 * i
-        lx = _LEFT + pw + 12
-        parts.append(
-            f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 18}" y2="{ly - 4}" stroke="{colour}" '
-            f'stroke-width="3"/><text x="{lx + 24}" y="{ly}" class="legend">{escape(name)}</text>'
-        )
+        parts += _series(frame, i, name, pts)
     parts.append("</svg>")
     return "".join(parts)
 
