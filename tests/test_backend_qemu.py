@@ -26,6 +26,7 @@ from vhost_conformance.frontend.vmstate import (
     find_inflight_subsection,
     read_stream,
 )
+from vhost_conformance.peers.process import PeerProcessError
 from vhost_conformance.peers.provision import PeerUnavailable, peer_path
 from vhost_conformance.peers.qemu import (
     QemuGuest,
@@ -285,6 +286,16 @@ class Migration:
     blocks: int
 
 
+def _tails(tmp_path: pathlib.Path) -> str:
+    """The last lines of both back-ends' logs and of the source's serial console."""
+    parts = []
+    for name in ("src-be.log", "dst-be.log", "src.serial.log"):
+        path = tmp_path / name
+        text = path.read_text(errors="replace") if path.exists() else "(missing)"
+        parts.append(f"{name} tail:\n" + "\n".join(text.splitlines()[-15:]))
+    return "\n".join(parts)
+
+
 def migrate_looping_guest(
     tmp_path: pathlib.Path, *, inflight_migration: bool, packed: bool = False, latency_ms: int = 500
 ) -> Migration:
@@ -339,7 +350,10 @@ def migrate_looping_guest(
         finally:
             os.close(region_fd)
         info = src.wait_migration(timeout=90)
-        result = destination.wait_for_result(timeout=120)
+        try:
+            result = destination.wait_for_result(timeout=120)
+        except PeerProcessError as exc:
+            raise PeerProcessError(f"{exc}\n{_tails(tmp_path)}") from None
     src_log = (tmp_path / "src-be.log").read_text()
     dst_log = (tmp_path / "dst-be.log").read_text()
     return Migration(
