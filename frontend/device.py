@@ -469,14 +469,19 @@ class Session:
         return state.num
 
     # ------------------------------------------------------------------ logging
-    def set_log_base(self, log_fd: int, mmap_size: int) -> None:
+    def set_log_base(self, log_fd: int, mmap_size: int, *, mmap_offset: int = 0,
+                     log_guest_addrs: Sequence[int] | None = None) -> None:
         """SET_LOG_BASE (16-byte payload, one fd, u64 reply with LOG_SHMFD), then
-        SET_FEATURES(+LOG_ALL) and SET_VRING_ADDR(F_LOG): QEMU-TRACES correction 3."""
-        self.call(F.SET_LOG_BASE, LogBase(mmap_size, 0), fds=[log_fd])
+        SET_FEATURES(+LOG_ALL) and SET_VRING_ADDR(F_LOG): QEMU-TRACES correction 3.
+        QEMU sends ``mmap_offset`` 0 and each used ring's GPA as log_guest_addr; cases may
+        ask for others (``log_guest_addrs``: one per queue)."""
+        self.call(F.SET_LOG_BASE, LogBase(mmap_size, mmap_offset), fds=[log_fd])
         self.set_features(self.negotiated.acked_features | (1 << VirtioFeature.LOG_ALL))
         for q in self.queues:
             addr = q.vq.vring_addr()
             used_gpa = self.memory.uaddr_to_gpa(addr.used_user_addr)
+            if log_guest_addrs is not None:
+                used_gpa = log_guest_addrs[q.index]
             self.call(F.SET_VRING_ADDR,
                       VringAddr(addr.index, VRING_F_LOG, addr.desc_user_addr,
                                 addr.used_user_addr, addr.avail_user_addr, used_gpa),

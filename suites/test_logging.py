@@ -76,6 +76,43 @@ def test_every_device_write_is_logged(vhost_session: Session, dirty_log: DirtyLo
             f"dirty log bit of page {page} (GPA {page * LOG_PAGE_SIZE:#x}, {why}) at byte "
             f"{page // 8} bit {page % 8}", expected="set", seen=f"clear ({len(missing)} "
             f"page(s) missing; {len(dirty)} marked)")
+    _used_ring_logged_at_log_guest_addr(session)
+
+
+def _used_ring_logged_at_log_guest_addr(session: Session) -> None:
+    """The used ring shares its page with the requests' status bytes, so the check above
+    cannot tell a logged used ring from an unlogged one. vhost-user.rst "Migration": "when
+    logging modifications to the used ring (when VHOST_VRING_F_LOG is set for this ring),
+    log_guest_addr should be used to calculate the log offset: the write to first byte of
+    the used ring is logged at this offset from log start" (and it "might be outside the
+    legal guest physical address range"). A second log, at mmap_offset 4096 in its file,
+    with log_guest_addr on a page nothing else writes: that page must be marked."""
+    spare = session.memory.alloc(LOG_PAGE_SIZE, LOG_PAGE_SIZE)
+    log = DirtyLog.for_memory(session.memory, mmap_offset=LOG_PAGE_SIZE)
+    try:
+        session.set_log_base(log.fd, log.mmap_size, mmap_offset=log.mmap_offset,
+                             log_guest_addrs=[spare] * session.num_queues)
+        blk = session.queues[0].blk
+        requests = [blk.read(128, 8)]
+        session.submit(0)
+        expect_status(wait_all(session, requests), what="read while logging")
+        time.sleep(0.02)
+        dirty = log.dirty_pages()
+        page = spare // LOG_PAGE_SIZE
+        if page not in dirty:
+            raise CaseFailed(
+                f"dirty log (mmap_offset {log.mmap_offset}) bit of page {page}: log_guest_addr "
+                f"{spare:#x} of the used ring (used ring at GPA "
+                f"{session.queues[0].vq.used_gpa:#x})",  # type: ignore[attr-defined]
+                expected="set (used->idx and a used element written)",
+                seen=f"clear ({len(dirty)} page(s) marked)")
+        data = _written_pages(session, requests)
+        missing = sorted(p for p, why in data.items() if p not in dirty and why != "used ring")
+        if missing:
+            raise CaseFailed(f"dirty log with mmap_offset {log.mmap_offset}: page {missing[0]}",
+                             expected="set", seen=f"clear ({len(missing)} page(s) missing)")
+    finally:
+        log.close()
 
 
 @case("VU-LOG-2", level=MUST)
