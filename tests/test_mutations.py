@@ -35,8 +35,7 @@ KILLS: dict[str, tuple[str, ...]] = {
 
 #: knobs no case catches yet (the weak rows of SPEC-AUDIT section 8): may only shrink.
 #: Measured: the whole stop/in-flight/reconnect/logging/migration selection passes with each.
-UNCAUGHT: dict[str, str] = {
-}
+UNCAUGHT: dict[str, str] = {}
 
 #: MUST/SHOULD cases no knob breaks yet: this set may only shrink.
 UNMUTATED: frozenset[str] = frozenset(
