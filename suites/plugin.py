@@ -76,7 +76,7 @@ from vhost_conformance.reports.model import (
     Tier,
     Verdict,
 )
-from vhost_conformance.suites import newhooks
+from vhost_conformance.suites import newhooks, watched
 from vhost_conformance.suites.model import (
     FAMILIES,
     MARKER,
@@ -567,9 +567,13 @@ class VhostRun:
                 raise Unsupported(
                     "a back-end command", "the suite does not run this back-end itself"
                 )
-            if need == "slow-io" and (profile is None or not profile.slow_io.possible):
-                why = profile.slow_io.unsupported if profile is not None else "an external back-end"
+            if need == "slow-io" and (profile is None or profile.slow_io_route() is None):
+                why = profile.slow_io_unsupported() if profile is not None else "an external back-end"
                 raise Unsupported("slow I/O", why)
+            if need == "slow-io" and profile is not None and profile.slow_io_route() == "disk":
+                reason = watched.unavailable()
+                if reason is not None:
+                    raise Unsupported("slow I/O", f"the watched disk: {reason}")
             if need == "shared-disk" and (profile is None or not profile.shares_disk):
                 raise Unsupported(
                     "a disk two instances can share", "the profile says shares_disk = false"

@@ -51,11 +51,13 @@ from vhost_conformance.frontend.protocol import (
     has,
 )
 from vhost_conformance.peers.process import PeerProcessError, Supervised
+from vhost_conformance.suites import watched
 from vhost_conformance.suites.device_type import (
     DEFAULT_DEVICE_TYPE,
     DeviceType,
     from_print_capabilities,
 )
+from vhost_conformance.suites.watched import WatchedDisk
 
 SocketMode = Literal["listen", "connect"]
 
@@ -175,10 +177,14 @@ class SlowIo:
     args: str | None = None
     command: str | None = None
     unsupported: str = "the profile gives no way to make this back-end's I/O slow"
+    #: ``"disk"``: make the I/O slow with the watched disk (suites/watched.py) even where the
+    #: profile has a knob of its own; None: the knob, else the watched disk when the command
+    #: uses ``{disk}``.
+    via: str | None = None
 
     @property
     def possible(self) -> bool:
-        """Whether a slow-I/O variant of the command exists."""
+        """Whether a slow-I/O variant of the command exists (the profile's own knob)."""
         return self.args is not None or self.command is not None
 
 
@@ -280,6 +286,22 @@ class Profile:
                     f"profile {self.name!r}: {what}",
                 )
 
+    def slow_io_route(self) -> Literal["knob", "disk"] | None:
+        """How this back-end's I/O is made slow: its own knob, the watched disk (a command that
+        uses ``{disk}``), or None (impossible: :meth:`slow_io_unsupported` says why)."""
+        uses_disk = self.command is not None and "disk" in template_fields(self.command)
+        if self.slow_io.via == "disk":
+            return "disk" if uses_disk else None
+        if self.slow_io.possible:
+            return "knob"
+        return "disk" if uses_disk else None
+
+    def slow_io_unsupported(self) -> str:
+        """Why :meth:`slow_io_route` is None."""
+        if self.slow_io.via == "disk":
+            return "slow_io.via = 'disk' but the command does not use {disk}"
+        return f"{self.slow_io.unsupported}; its command uses no {{disk}} for the watched disk"
+
     def missing_needs(self, values: Mapping[str, str]) -> list[str]:
         """Files the profile needs (e.g. a provisioned peer binary) that do not exist here."""
         return [
@@ -326,14 +348,17 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
 
     slow_raw = typed("slow_io", dict, {})
     assert isinstance(slow_raw, dict)
-    bad_slow = sorted(set(slow_raw) - {"args", "command", "unsupported"})
+    bad_slow = sorted(set(slow_raw) - {"args", "command", "unsupported", "via"})
     if bad_slow:
         raise UsageError(f"profile {source}: unknown [slow_io] key(s) {', '.join(bad_slow)}")
     slow = SlowIo(
         args=slow_raw.get("args"),
         command=slow_raw.get("command"),
         unsupported=str(slow_raw.get("unsupported", SlowIo.unsupported)),
+        via=slow_raw.get("via"),
     )
+    if slow.via not in (None, "disk"):
+        raise UsageError(f"profile {source}: slow_io.via must be 'disk', got {slow.via!r}")
     deviations = []
     raw_devs = typed("deviation", list, [])
     assert isinstance(raw_devs, list)
@@ -577,6 +602,8 @@ class CommandTarget:
         self._process: Supervised | None = None
         self._listener: socket.socket | None = None
         self._latency_ms: int | None = None
+        #: the watched disk the back-end runs on (inside :meth:`watched_disk`), else None
+        self.watched: WatchedDisk | None = None
         self._exit_status: int | None = None
         self._stopped_by_us = False
         self._starts = 0
@@ -841,10 +868,57 @@ class CommandTarget:
         return conn
 
     @contextlib.contextmanager
+    def watched_disk(self, latency_ms: int, *, relaunch: bool = True) -> Iterator[WatchedDisk]:
+        """Run the back-end on the watched disk (suites/watched.py) with ``latency_ms`` per
+        read, write and flush inside the context (restarts it when it runs). A disk another
+        target already watches (a migration pair sharing one image) is joined, not mounted
+        again. Leaving stops the back-end (it must close the file before the unmount) and, with
+        ``relaunch``, launches it again on the plain image."""
+        reason = watched.unavailable()
+        if reason is not None:
+            raise SlowIoUnsupported(f"back-end {self.name!r}: the watched disk: {reason}")
+        plain = self.values["disk"]
+        disk = watched.active(Path(plain))
+        owned = disk is None
+        was_running = self.alive()
+        if disk is None:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._make_disk()
+            disk = watched.WatchedDisk(Path(plain), self.workdir / "watched")
+            try:
+                disk.mount()
+            except OSError as exc:
+                raise SlowIoUnsupported(
+                    f"back-end {self.name!r}: the watched disk: {exc.strerror}") from None
+        disk.set_latency(latency_ms)
+        self.values["disk"] = str(disk.path)
+        self.watched = disk
+        try:
+            if was_running or not relaunch:
+                # slow_disk's way (relaunch=False): the back-end runs on the watched disk now
+                self.restart()
+            yield disk
+        finally:
+            self.stop()
+            self.values["disk"] = plain
+            self.watched = None
+            if owned:
+                disk.unmount()
+            else:
+                disk.set_latency(0)
+            if relaunch and was_running:
+                self.launch()
+
+    @contextlib.contextmanager
     def slow_io(self, latency_ms: int) -> Iterator[None]:
         """Run the back-end with ``latency_ms`` per I/O inside the context (restarts it)."""
-        if not self.profile.slow_io.possible:
-            raise SlowIoUnsupported(f"back-end {self.name!r}: {self.profile.slow_io.unsupported}")
+        route = self.profile.slow_io_route()
+        if route is None:
+            raise SlowIoUnsupported(f"back-end {self.name!r}: {self.profile.slow_io_unsupported()}")
+        if route == "disk":
+            with self.watched_disk(latency_ms):
+                yield
+            return
         was_running = self.alive()
         self._latency_ms = latency_ms
         try:

@@ -455,3 +455,20 @@ def test_one_connection_backend_gets_a_fresh_instance_per_connection(
     finally:
         target.stop()
     assert not target._running()
+
+
+def test_slow_io_route_knob_watched_disk_or_none() -> None:
+    """A profile's own latency knob first; without one, the watched disk when the command uses
+    {disk}; ``slow_io.via = "disk"`` chooses the watched disk; DPDK (no {disk}) has neither."""
+    from vhost_conformance.suites.target import load_profile, profile_from_mapping
+
+    assert load_profile("reference").slow_io_route() == "knob"
+    assert load_profile("qsd-11.1").slow_io_route() == "knob"
+    assert load_profile("dpdk-vhost-blk").slow_io_route() is None
+    assert "no {disk}" in load_profile("dpdk-vhost-blk").slow_io_unsupported()
+    plain = {"command": "srv --socket {socket} --disk {disk}"}
+    assert profile_from_mapping(plain, "p", "t").slow_io_route() == "disk"
+    chosen = {**plain, "slow_io": {"args": "--latency {latency_ms}", "via": "disk"}}
+    assert profile_from_mapping(chosen, "p", "t").slow_io_route() == "disk"
+    with pytest.raises(UsageError):
+        profile_from_mapping({**plain, "slow_io": {"via": "tmpfs"}}, "p", "t")

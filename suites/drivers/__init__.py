@@ -382,8 +382,21 @@ def slow_disk(target: BackendTarget, latency_ms: int) -> Iterator[None]:
         return
     profile = target.profile
     slow = profile.slow_io
-    if not slow.possible:
-        raise Unsupported("slow I/O", f"back-end {profile.name!r}: {slow.unsupported}")
+    route = profile.slow_io_route()
+    if route is None:
+        raise Unsupported("slow I/O", f"back-end {profile.name!r}: {profile.slow_io_unsupported()}")
+    if route == "disk":
+        # the watched disk (suites/watched.py): the latency sits in the filesystem under {disk}
+        watching = target.watched_disk(latency_ms, relaunch=False)
+        try:
+            watching.__enter__()
+        except SlowIoUnsupported as exc:
+            raise Unsupported("slow I/O", str(exc)) from None
+        try:
+            yield
+        finally:
+            watching.__exit__(None, None, None)
+        return
     values = {"latency_ms": str(latency_ms), "latency_ns": str(latency_ms * 1_000_000)}
 
     def fill(template: str) -> str:
