@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from vhost_conformance.suites import watched
 from vhost_conformance.suites.watched import WatchedDisk
 
