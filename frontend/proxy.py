@@ -147,6 +147,8 @@ class RecordingProxy:
         self.violations: list[str] = []
         self.decode_errors: list[str] = []
         self.connections: list[ProxyConnection] = []
+        #: copies of the fds of GET_INFLIGHT_FD replies (the in-flight regions), closed by close()
+        self.inflight_fds: list[int] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
@@ -181,6 +183,11 @@ class RecordingProxy:
             self._listener = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.listen_path)
+        with self._lock:
+            for fd in self.inflight_fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.inflight_fds.clear()
         alive = [t.name for t in self._threads if t.is_alive()]
         if alive:
             raise ProxyError(f"proxy threads still running after {timeout:g} s: {alive}")
@@ -298,7 +305,10 @@ class RecordingProxy:
                         return f"{_side(direction)} closed the connection"
                     if msg_flags & socket.MSG_CTRUNC:
                         self._decode_error(conn, direction, "fds truncated (over 64 on a chunk)")
-                    split = self._observe(parsers, direction, data, len(fds), judge, conn)
+                    split, names = self._observe(parsers, direction, data, len(fds), judge, conn)
+                    if fds and direction == "be->fe" and "GET_INFLIGHT_FD" in names:
+                        with self._lock:  # a copy of the region, for the caller to inspect
+                            self.inflight_fds.append(os.dup(fds[-1]))
                     try:
                         # the fds ride on the first byte of the message that brought them
                         if fds and split:
@@ -324,12 +334,14 @@ class RecordingProxy:
         nfds: int,
         judge: _Judge,
         conn: ProxyConnection,
-    ) -> int:
+    ) -> tuple[int, list[str]]:
         """Frame and record the messages ``data`` completes; return the offset in ``data`` of
-        the last message starting inside it (0 when none does or decoding stopped)."""
+        the last message starting inside it (0 when none does or decoding stopped) and the
+        names of the messages completed."""
+        names: list[str] = []
         parser = parsers[direction]
         if parser is None:
-            return 0
+            return 0, names
         start = parser.pending_bytes  # bytes of an unfinished message before this chunk
         offset = -start  # offset in ``data`` of the next message's first byte
         split = 0
@@ -341,15 +353,16 @@ class RecordingProxy:
             except MalformedMessage as exc:
                 self._decode_error(conn, direction, f"{exc} (no further decoding this way)")
                 parsers[direction] = None
-                return 0
+                return 0, names
             if message is None:
                 if 0 <= offset < len(data) and parser.pending_bytes:
                     split = offset
-                return split
+                return split, names
             if offset >= 0:
                 split = offset
             offset += HEADER_SIZE + len(message.payload)
             conn.messages += 1
+            names.append(message.name())
             self.trace.record(direction, "main", message, note=f"connection {conn.number}")
             if direction == "fe->be":
                 judge.request(message)

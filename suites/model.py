@@ -85,6 +85,7 @@ FAMILIES: tuple[str, ...] = (
     "fuzz",
     "device-state",
     "program",
+    "qemu",  # the qemu tier: real QEMU 11.1.3 as the front-end (run only when asked)
 )
 
 MUST = Level.MUST

@@ -20,6 +20,7 @@ Options (group "vhost-conformance"):
 ``--vhost-report DIR``          write report.json, junit.xml, summary.md, report.html there
 ``--vhost-known-deviations F``  TOML/JSON list of expected failures (``[[deviation]] id, reason``)
 ``--vhost-timeout S``           deadline of each reply (default 5 s)
+``--vhost-qemu``                also the qemu tier (VU-QEMU-*, real QEMU 11.1.3; off by default)
 ``--vhost-case-timeout S``      deadline of a whole case (default 120 s) -> ``hang``
 
 Fixtures for case code and for vendors' own tests:
@@ -119,6 +120,9 @@ SLOW_FAMILIES: dict[str, float] = {
     "memory": 0.65,
     "malformed": 0.6,
 }
+
+#: The family of the qemu tier (VU-QEMU-*), deselected unless --vhost-qemu asks for it.
+QEMU_FAMILY = "qemu"
 
 #: workeroutput key carrying a worker's results to the controller.
 WORKER_KEY = "vhost_conformance"
@@ -272,6 +276,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="append",
         default=[],
         help="run only cases of these tiers (conformance, interop, robustness; repeatable)",
+    )
+    group.addoption(
+        "--vhost-qemu",
+        action="store_true",
+        default=False,
+        help="also run the qemu tier (VU-QEMU-*: real QEMU 11.1.3 boots a guest on the back-end)",
     )
     group.addoption(
         "--vhost-case-timeout",
@@ -512,6 +522,12 @@ class VhostRun:
             if drop:
                 config.hook.pytest_deselected(items=drop)
                 items[:] = keep
+        elif not _option(config, "vhost_qemu"):
+            # the qemu tier runs only when asked (--vhost-qemu, or its ids with --vhost-case)
+            tiered = [item for item in items if _is_qemu_tier(item)]
+            if tiered:
+                config.hook.pytest_deselected(items=tiered)
+                items[:] = [item for item in items if not _is_qemu_tier(item)]
         cases = [item for item in items if _case_for_item(item) is not None]
         if not cases:
             return
@@ -795,7 +811,9 @@ class VhostRun:
         else:
             deviation = None
         trace: list[dict[str, Any]] | None = None
-        if verdict.verdict in _BAD or verdict.verdict is Verdict.NON_STRICT:
+        # the qemu tier keeps real QEMU's trace on every verdict (the fidelity evidence)
+        if (verdict.verdict in _BAD or verdict.verdict is Verdict.NON_STRICT
+                or state.case.family == QEMU_FAMILY):
             trace = []
             for wire in state.traces:
                 with contextlib.suppress(Exception):
@@ -1071,6 +1089,11 @@ def _case_for_item(item: pytest.Item) -> Case | None:
     if marker is None or not marker.args:
         return None
     return resolve(str(marker.args[0]))
+
+
+def _is_qemu_tier(item: pytest.Item) -> bool:
+    meta = _case_for_item(item)
+    return meta is not None and meta.family == QEMU_FAMILY
 
 
 def register_trace(request: pytest.FixtureRequest, trace: object) -> None:

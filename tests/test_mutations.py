@@ -26,7 +26,8 @@ KILLS: dict[str, tuple[str, ...]] = {
     "resubmit-head-order": ("VU-DBL-3", "VU-INF-5", "VU-RECON-2"),
     "base-is-used-idx": ("VU-GVB-4",),
     "base-reserved-bits": ("VU-GVB-1", "VU-GVB-3", "VU-GVB-7", "VU-GVB-8", "VU-SVB-1", "VU-RING-2", "VU-RECON-3"),
-    "wrong-reply-flags": ("VU-HDR-2",),
+    # VU-QEMU-1: real QEMU 11.1.3 through the recording proxy (one guest boot, ~10 s)
+    "wrong-reply-flags": ("VU-HDR-2", "VU-QEMU-1"),
     "complete-after-suspend": ("VU-GVB-9", "VU-SUSP-1", "VU-SUSP-2", "VU-SUSP-5"),
     "call-after-stop": ("VU-GVB-9",),
     "early-drain-reply": ("VU-GVB-3",),
@@ -59,6 +60,15 @@ UNMUTATED: frozenset[str] = frozenset(
         "VU-CFG-2",
         "VU-CFG-3",
         "VU-CFG-4",
+        # the qemu tier beyond VU-QEMU-1 (each a guest boot): wrong-reply-flags would break
+        # every one at QEMU's first reply, which VU-QEMU-1 shows already; ignore-inflight does
+        # not break VU-QEMU-6 (measured: QEMU restarts the ring at used->idx after a lost
+        # connection, so an in-order request in flight is served again from the ring anyway)
+        "VU-QEMU-2",
+        "VU-QEMU-3",
+        "VU-QEMU-4",
+        "VU-QEMU-5",
+        "VU-QEMU-6",
         "VU-CFG-5",
         "VU-CFG-6",
         "VU-DBL-4",
@@ -220,7 +230,7 @@ def _must_should_cases() -> set[str]:
     implemented = catalogue.defined_in_suites()
     return {
         c.id
-        for c in catalogue.CATALOGUE.values()
+        for c in catalogue.all_cases()
         if c.id in implemented and c.level.value in ("MUST", "SHOULD")
     }
 

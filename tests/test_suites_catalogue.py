@@ -8,6 +8,7 @@ from vhost_conformance.reports.model import Level
 from vhost_conformance.suites.catalogue import (
     CATALOGUE,
     NOT_APPLICABLE,
+    all_cases,
     cases_by_family,
     defined_in_suites,
     format_catalogue,
@@ -118,7 +119,10 @@ def test_suite_cases_match_the_catalogue() -> None:
     defined = defined_in_suites()
     assert defined, "the suite modules define cases"
     for case_id, case in defined.items():
-        assert CATALOGUE[case_id] == case, case_id
+        if case_id in CATALOGUE:
+            assert CATALOGUE[case_id] == case, case_id
+        else:  # the record is declared at the case (suites/model.py): it names its basis
+            assert case.quote or case.source, case_id
 
 
 def _claimed_complete_families() -> dict[str, str]:
@@ -156,4 +160,5 @@ def test_format_catalogue_lists_everything() -> None:
         assert case_id in text
     assert re.search(r"^ \* VU-HDR-2\s+MUST\s+conformance\s+Reply flags are exactly 0x5$", text, re.M)
     assert "[needs protocol feature INFLIGHT_SHMFD" in text
-    assert text.rstrip().endswith(f"{len(CATALOGUE)} cases, 1 implemented (*)")
+    # the catalogue's entries and the records declared at the cases (suites/model.py)
+    assert text.rstrip().endswith(f"{len(all_cases())} cases, 1 implemented (*)")

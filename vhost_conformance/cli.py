@@ -188,6 +188,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     ]
     if args.strict:
         pytest_args.append("--vhost-strict")
+    if args.qemu:
+        pytest_args.append("--vhost-qemu")
     if args.known_deviations:
         pytest_args += ["--vhost-known-deviations", args.known_deviations]
     if args.k:
@@ -409,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only cases of these tiers: conformance, interop, robustness")
     run.add_argument("--strict", action="store_true",
                      help="SHOULD, interop and every other bad verdict fail the run")
+    run.add_argument("--qemu", action="store_true",
+                     help="also run the qemu tier (VU-QEMU-*: real QEMU 11.1.3 boots a guest on the "
+                     "back-end; ~10-30 s a case under TCG)")
     run.add_argument("--known-deviations", metavar="FILE",
                      help="TOML/JSON list of known deviations (expected failures)")
     run.add_argument("--timeout", type=float, default=5.0, metavar="S",

@@ -1,0 +1,213 @@
+"""The ``qemu`` tier's driver: real QEMU 11.1.3 (Debian 13 root, TCG) boots the tiny guest on
+the back-end under test, through the recording proxy (frontend/proxy.py), whose trace goes to
+the case's report entry and whose reply verdicts are the emulated channel's.
+
+The guest (scripts/provision-peers, PEERS.md "A tiny guest") writes a pattern to /dev/vda,
+reads it back with O_DIRECT, compares, and prints ``VC-GUEST: PASS`` or ``FAIL ...`` on its
+serial line (``ITER i`` after each round in loop mode), then powers off. A guest that does not
+report within its deadline while QEMU runs is a ``hang`` with the serial tail.
+
+Every QEMU, proxy thread and temporary directory is released on every path (``qemu_run``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+from vhost_conformance.frontend.inflight import parse_region
+from vhost_conformance.frontend.proxy import RecordingProxy
+from vhost_conformance.peers.process import PeerProcessError
+from vhost_conformance.peers.provision import PeerUnavailable, peer_path
+from vhost_conformance.peers.qemu import (
+    GuestResult,
+    QemuGuest,
+    QMPFailure,
+    VhostUserBlkDisk,
+    start_qemu,
+)
+from vhost_conformance.suites.model import CaseFailed, CaseHang, Unsupported
+from vhost_conformance.suites.plugin import register_trace
+from vhost_conformance.suites.target import BackendTarget
+
+#: Seconds the guest gets to report once QEMU runs (TCG on a loaded 2-core machine).
+GUEST_DEADLINE = 90.0
+#: The peers the tier needs.
+QEMU_PEERS = ("qemu-system-x86_64-11.1", "guest-kernel", "guest-initrd")
+
+
+def need_qemu() -> None:
+    """Unsupported (with the reason) when QEMU 11.1.3 or the guest is not provisioned."""
+    for name in QEMU_PEERS:
+        try:
+            peer_path(name)
+        except PeerUnavailable as exc:
+            raise Unsupported("QEMU 11.1.3 and the tiny guest", str(exc)) from None
+
+
+def backend_socket(target: BackendTarget) -> str:
+    """The back-end's listening socket (the QEMU tier needs one QEMU can be pointed at)."""
+    path = getattr(target, "socket_path", None)
+    mode = getattr(getattr(target, "profile", None), "socket_mode", "listen")
+    if not isinstance(path, str) or mode != "listen":
+        raise Unsupported(
+            "a listening socket", "QEMU's tier connects to a back-end that listens"
+        )
+    return path
+
+
+@dataclass
+class QemuRun:
+    """One QEMU with the guest on the back-end under test, through a recording proxy."""
+
+    guest: QemuGuest
+    proxy: RecordingProxy
+    workdir: pathlib.Path
+    disk: VhostUserBlkDisk
+    notes: list[str] = field(default_factory=list)
+
+    def wait_result(self, timeout: float = GUEST_DEADLINE) -> GuestResult:
+        """The guest's verdict; ``CaseHang`` with the serial tail when it does not come while
+        QEMU runs, ``CaseFailed`` when QEMU exits without one."""
+        try:
+            return self.guest.wait_for_result(timeout=timeout)
+        except PeerProcessError:
+            tail = "\n".join(self.guest.serial().splitlines()[-15:])
+            if self.guest.process.alive():
+                raise CaseHang(
+                    f"the guest did not report within {timeout:g} s; serial tail:\n{tail}"
+                ) from None
+            self.check_replies()  # the likeliest cause: a reply QEMU rejected
+            raise CaseFailed(
+                "QEMU 11.1.3 with the guest",
+                expected="the guest's VC-GUEST verdict, then a clean power-off",
+                seen=f"QEMU exited without it ({self.guest.process.describe()}); QEMU's last "
+                f"lines:\n{self.qemu_tail()}",
+            ) from None
+
+    def expect_pass(self, timeout: float = GUEST_DEADLINE) -> GuestResult:
+        """Wait for the guest; fail unless it passed, QEMU exited 0 and every back-end reply
+        QEMU saw passes the emulated channel's validator."""
+        result = self.wait_result(timeout)
+        self.check_replies()
+        if not result.passed:
+            raise CaseFailed(
+                "the guest's write, read-back and compare on the vhost-user-blk disk",
+                expected="VC-GUEST: PASS",
+                seen=f"VC-GUEST: {result.marker}",
+            )
+        status = self.guest.process.wait(10)
+        if status != 0:
+            raise CaseFailed("QEMU's exit after the guest powered off", expected="0", seen=status)
+        return result
+
+    def qemu_tail(self, lines: int = 6) -> str:
+        """The last lines of QEMU's own log (stderr)."""
+        return "\n".join(self.guest.process.log_tail().splitlines()[-lines:])
+
+    def check_replies(self) -> None:
+        """Fail when the proxy's reply validator found a reply QEMU 11.1.3 rejects."""
+        if self.proxy.violations:
+            raise CaseFailed(
+                "the back-end's replies to QEMU 11.1.3 (the emulated channel's validator)",
+                expected="every reply valid",
+                seen="; ".join(self.proxy.violations[:3]),
+            )
+
+    def names(self, direction: str = "fe->be") -> list[str]:
+        """The message names the proxy saw in ``direction`` so far."""
+        return [e.name for e in self.proxy.trace.entries() if e.direction == direction]
+
+    def inflight_heads(self, queue_size: int, packed: bool) -> list[int] | None:
+        """The heads the latest in-flight region marks in flight on queue 0 (None without a
+        region: INFLIGHT_SHMFD not negotiated)."""
+        if not self.proxy.inflight_fds:
+            return None
+        fd = self.proxy.inflight_fds[-1]
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, size, 0)
+        region = parse_region(data, num_queues=self.disk.num_queues, queue_size=queue_size,
+                              packed=packed)  # fmt: skip
+        return region.queues[0].inflight_heads()
+
+
+@contextlib.contextmanager
+def qemu_run(
+    request: pytest.FixtureRequest,
+    target: BackendTarget,
+    *,
+    num_queues: int = 1,
+    packed: bool = False,
+    reconnect_ms: int | None = None,
+    inflight_migration: bool = False,
+    mode: str = "once",
+    iters: int = 1,
+    blocks: int | None = None,
+    smp: int = 1,
+    extra: Sequence[str] = (),
+) -> Iterator[QemuRun]:
+    """QEMU 11.1.3 booting the guest on ``target`` through a recording proxy whose trace is
+    registered for the case's report. Everything is stopped and removed on exit."""
+    need_qemu()
+    socket_path = backend_socket(target)
+    # short: a Unix socket path must stay under 108 bytes
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="vcq-"))
+    proxy = RecordingProxy(workdir / "p.sock", socket_path, connect_timeout=10.0)
+    register_trace(request, proxy.trace)
+    guest: QemuGuest | None = None
+    try:
+        proxy.start()
+        disk = VhostUserBlkDisk(
+            workdir / "p.sock", num_queues=num_queues, packed=packed,
+            reconnect_ms=reconnect_ms, inflight_migration=inflight_migration,
+        )  # fmt: skip
+        args = [*(["-smp", str(smp)] if smp > 1 else []), *extra]
+        guest = start_qemu(workdir, [disk], name="guest", mode=mode, iters=iters,
+                           blocks=blocks, extra_args=args, max_lifetime=300)  # fmt: skip
+        yield QemuRun(guest, proxy, workdir, disk)
+    finally:
+        try:
+            if guest is not None:
+                guest.terminate()
+        finally:
+            with contextlib.suppress(Exception):
+                proxy.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def qmp(run: QemuRun, command: str, **arguments: object) -> object:
+    """One QMP command (never ``x-query-virtio-status``); a failure is the case's ``error``."""
+    try:
+        return run.guest.qmp().execute(command, arguments or None)
+    except QMPFailure as exc:
+        raise RuntimeError(f"QMP {command}: {exc}") from None
+
+
+def wait_iteration(run: QemuRun, iteration: int, timeout: float = GUEST_DEADLINE) -> None:
+    """Wait until the guest reported loop round ``iteration``; a hang with the serial tail if
+    it does not while QEMU runs."""
+    try:
+        run.guest.wait_for_iteration(iteration, timeout)
+    except PeerProcessError:
+        tail = "\n".join(run.guest.serial().splitlines()[-15:])
+        if run.guest.process.alive():
+            raise CaseHang(
+                f"the guest did not reach round {iteration} within {timeout:g} s; serial "
+                f"tail:\n{tail}"
+            ) from None
+        run.check_replies()
+        raise CaseFailed("QEMU 11.1.3 with the guest", expected=f"guest round {iteration}",
+                         seen=f"QEMU exited; its last lines:\n{run.qemu_tail()}\n"
+                         f"serial tail:\n{tail}") from None  # fmt: skip
+
+
+def settle(seconds: float) -> None:
+    """Let the guest run for ``seconds`` (a pause between QMP commands; not an assertion)."""
+    time.sleep(seconds)

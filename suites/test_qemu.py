@@ -1,0 +1,204 @@
+"""The ``qemu`` tier (VU-QEMU-*): real QEMU 11.1.3 (Debian 13 root, TCG) as the front-end of
+the back-end under test, the tiny guest writing, reading back and comparing on the
+vhost-user-blk disk (suites/drivers/qemu.py). Run only when asked (``vhost-conformance run
+--qemu``, pytest ``--vhost-qemu``): each case boots a guest (~10 s under TCG).
+
+Every case goes through the recording proxy (frontend/proxy.py): its trace is the case's wire
+trace in the report, and each back-end reply QEMU received is judged by the validator the
+emulated cases use (frontend/channel.validate_reply); a reply it rejects fails the case even
+when QEMU carried on. What a case asserts about QEMU's own messages is a check of the
+scenario (an ``error`` if QEMU did not do what the scenario needs), not of the back-end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+
+import pytest
+from vhost_conformance.frontend.protocol import BlkFeature as B
+from vhost_conformance.frontend.protocol import ProtocolFeature as P
+from vhost_conformance.frontend.protocol import VirtioFeature as V
+from vhost_conformance.reports.model import Tier
+from vhost_conformance.suites.drivers.qemu import (
+    GUEST_DEADLINE,
+    qemu_run,
+    qmp,
+    settle,
+    wait_iteration,
+)
+from vhost_conformance.suites.model import MUST, CaseFailed, Unsupported, case
+from vhost_conformance.suites.target import BackendTarget, Capabilities, CommandTarget
+
+
+@case(
+    "VU-QEMU-1",
+    title="QEMU 11.1.3 guest I/O on a split ring",
+    family="qemu",
+    level=MUST,
+    tier=Tier.INTEROP,
+    clause="VIRTIO 1.3 5.2 Block Device; vhost-user.rst (QEMU 11.1.3) Starting and stopping rings",
+    source="QEMU-TRACES.md (a); hw/block/vhost-user-blk.c vhost_user_blk_start/stop",
+    requirement="Under real QEMU 11.1.3 the guest's writes read back identical with O_DIRECT, QEMU powers off cleanly, and every reply QEMU receives passes the reply validator.",
+)
+def test_qemu_split_io(request: pytest.FixtureRequest, vhost_target: BackendTarget,
+                       vhost_measurements: dict[str, float]) -> None:  # fmt: skip
+    """QEMU 11.1.3 boots the guest on a split ring: 16 blocks written, read back with O_DIRECT
+    and compared; QEMU powers off cleanly (GET_VRING_BASE at the stop)."""
+    with qemu_run(request, vhost_target) as run:
+        result = run.expect_pass()
+        if "GET_VRING_BASE" not in run.names():
+            raise RuntimeError("QEMU powered off without stopping the ring (no GET_VRING_BASE)")
+    vhost_measurements["guest_seconds"] = round(result.seconds, 2)
+
+
+@case(
+    "VU-QEMU-2",
+    title="QEMU 11.1.3 guest I/O on a packed ring",
+    family="qemu",
+    level=MUST,
+    tier=Tier.INTEROP,
+    clause="VIRTIO 1.3 2.8 Packed Virtqueues",
+    source="QEMU-TRACES.md (b); hw/virtio/vhost.c vhost_virtqueue_start (packed base)",
+    requirement="With packed=on the guest's writes read back identical under real QEMU 11.1.3.",
+    requires=[V.RING_PACKED],
+)
+def test_qemu_packed_io(request: pytest.FixtureRequest, vhost_target: BackendTarget,
+                        vhost_measurements: dict[str, float]) -> None:  # fmt: skip
+    """The same guest I/O on a packed ring (``packed=on``; only where RING_PACKED is offered)."""
+    with qemu_run(request, vhost_target, packed=True) as run:
+        result = run.expect_pass()
+    vhost_measurements["guest_seconds"] = round(result.seconds, 2)
+
+
+@case(
+    "VU-QEMU-3",
+    title="QEMU 11.1.3 guest I/O on two queues",
+    family="qemu",
+    level=MUST,
+    tier=Tier.INTEROP,
+    clause="vhost-user.rst (QEMU 11.1.3) Multiple queue support",
+    source="QEMU-TRACES.md (c); hw/block/vhost-user-blk.c num-queues",
+    requirement="With num-queues=2 and two vCPUs both vrings serve the guest's I/O correctly under real QEMU 11.1.3.",
+    requires=[B.MQ, P.MQ],
+)
+def test_qemu_two_queues(request: pytest.FixtureRequest, vhost_target: BackendTarget,
+                         vhost_capabilities: Capabilities,
+                         vhost_measurements: dict[str, float]) -> None:  # fmt: skip
+    """``num-queues=2`` with ``-smp 2`` (Linux maps a queue per CPU, so QEMU starts both
+    vrings); only where the back-end offers MQ and GET_QUEUE_NUM says 2 or more."""
+    queues = vhost_capabilities.queue_num
+    if queues is None or queues < 2:
+        raise Unsupported("two queues", f"GET_QUEUE_NUM says {queues}")
+    with qemu_run(request, vhost_target, num_queues=2, smp=2) as run:
+        result = run.expect_pass()
+        kicks = run.names().count("SET_VRING_KICK")
+        if kicks < 2:
+            raise RuntimeError(f"QEMU started {kicks} vring(s), the scenario needs 2")
+    vhost_measurements["guest_seconds"] = round(result.seconds, 2)
+
+
+@case(
+    "VU-QEMU-4",
+    title="QMP stop/cont during guest I/O",
+    family="qemu",
+    level=MUST,
+    tier=Tier.INTEROP,
+    clause="vhost-user.rst (QEMU 11.1.3) Starting and stopping rings; Inflight I/O tracking",
+    source="hw/block/vhost-user-blk.c vhost_user_blk_set_status (vm state change: stop/start on one connection)",
+    requirement="After QEMU stops the device (GET_VRING_BASE) and starts it again on the same connection the guest's I/O completes with correct data.",
+)
+def test_qemu_stop_cont_during_io(request: pytest.FixtureRequest,
+                                  vhost_target: BackendTarget) -> None:  # fmt: skip
+    """QMP ``stop`` while the guest loops over write/read-back rounds, then ``cont``: QEMU
+    stops the device (GET_VRING_BASE) and starts it again on the same connection (with
+    INFLIGHT_SHMFD a second SET_INFLIGHT_FD); every round still compares."""
+    with qemu_run(request, vhost_target, mode="loop", iters=4, blocks=4) as run:
+        wait_iteration(run, 1)
+        stops = run.names().count("GET_VRING_BASE")
+        qmp(run, "stop")
+        run.proxy.wait_for_message("GET_VRING_BASE", timeout=20, count=stops + 1)
+        settle(0.3)
+        kicks = run.names().count("SET_VRING_KICK")
+        qmp(run, "cont")
+        run.proxy.wait_for_message("SET_VRING_KICK", timeout=20, count=kicks + 1)
+        run.expect_pass()
+        if len(run.proxy.connections) != 1:
+            raise CaseFailed("the connection across stop/cont", expected="one connection",
+                             seen=f"{len(run.proxy.connections)}: "
+                             f"{[c.end_reason for c in run.proxy.connections]}")  # fmt: skip
+
+
+@case(
+    "VU-QEMU-5",
+    title="QMP system_reset during guest I/O",
+    family="qemu",
+    level=MUST,
+    tier=Tier.INTEROP,
+    clause="vhost-user.rst (QEMU 11.1.3) Starting and stopping rings",
+    source="hw/block/vhost-user-blk.c vhost_user_blk_reset (a fresh in-flight region)",
+    requirement="After a system_reset during I/O the device starts again for the rebooted guest, whose I/O completes with correct data.",
+)
+def test_qemu_system_reset(request: pytest.FixtureRequest, vhost_target: BackendTarget) -> None:
+    """QMP ``system_reset`` while the guest does I/O: QEMU resets the device and the guest
+    boots again on the same connection (a fresh in-flight region when INFLIGHT_SHMFD is
+    negotiated); the second boot's rounds compare."""
+    with qemu_run(request, vhost_target, mode="loop", iters=3, blocks=4,
+                  extra=["-action", "reboot=reset"]) as run:  # fmt: skip
+        wait_iteration(run, 1)
+        starts = run.names().count("SET_VRING_KICK")
+        qmp(run, "system_reset")
+        run.proxy.wait_for_message("SET_VRING_KICK", timeout=GUEST_DEADLINE, count=starts + 1)
+        run.expect_pass()
+        if run.guest.serial().count("VC-GUEST: ITER 1") < 2:
+            raise RuntimeError("the guest did not boot a second time after system_reset")
+
+
+@case(
+    "VU-QEMU-6",
+    title="SIGKILL of the back-end during guest I/O, restart, QEMU reconnects",
+    family="qemu",
+    level=MUST,
+    tier=Tier.INTEROP,
+    clause="vhost-user.rst (QEMU 11.1.3) Inflight I/O tracking",
+    source="QEMU-TRACES.md (d); hw/block/vhost-user-blk.c vhost_user_blk_event (reconnect)",
+    requirement="A back-end restarted after SIGKILL with requests in flight completes the guest's I/O with correct data once QEMU (reconnect-ms) hands the in-flight region back.",
+    needs=["command"],
+)
+def test_qemu_backend_killed_and_restarted(request: pytest.FixtureRequest,
+                                           vhost_target: BackendTarget,
+                                           vhost_measurements: dict[str, float]) -> None:  # fmt: skip
+    """SIGKILL of the back-end while the guest does I/O, then a restart on the same disk: QEMU
+    (``reconnect-ms=500``) reconnects, hands the in-flight region back, and the guest's rounds
+    complete with correct data (a request lost in the kill hangs the guest: ``hang``)."""
+    assert isinstance(vhost_target, CommandTarget)
+    # slow I/O keeps requests in flight, where the profile slows the same disk (a profile
+    # whose slow variant is another command, e.g. qsd's null-co, would lose the guest's data)
+    slow = vhost_target.profile.slow_io.args is not None
+    with (vhost_target.slow_io(50) if slow else contextlib.nullcontext(),
+          qemu_run(request, vhost_target, mode="loop", iters=4, blocks=4,
+                   reconnect_ms=500) as run):  # fmt: skip
+        wait_iteration(run, 1)
+        heads = run.inflight_heads(queue_size=128, packed=False)
+        deadline = time.monotonic() + 20
+        while heads is not None and not heads and time.monotonic() < deadline:
+            time.sleep(0.002)
+            heads = run.inflight_heads(queue_size=128, packed=False)
+        vhost_target.send_signal(signal.SIGKILL)
+        if vhost_target.wait_exit(10) is None:
+            raise RuntimeError("the back-end did not die within 10 s of SIGKILL")
+        if heads is not None:
+            vhost_measurements["inflight_at_kill"] = len(heads)
+        vhost_target.restart()
+        run.proxy.wait_for_connections(2, timeout=30)
+        result = run.wait_result(GUEST_DEADLINE)
+        run.check_replies()
+        if not result.passed:
+            raise CaseFailed("the guest's rounds across the back-end's kill and restart",
+                             expected="VC-GUEST: PASS", seen=f"VC-GUEST: {result.marker}")  # fmt: skip
+        reconnect = [e.name for e in run.proxy.trace.entries()
+                     if e.direction == "fe->be" and e.note == "connection 2"]  # fmt: skip
+        if "SET_INFLIGHT_FD" in run.names() and "SET_INFLIGHT_FD" not in reconnect:
+            raise RuntimeError("QEMU reconnected without handing the in-flight region back")
+
