@@ -21,6 +21,8 @@ T_FLUSH = 4
 T_GET_ID = 8
 T_DISCARD = 11
 T_WRITE_ZEROES = 13
+#: the request types this device implements (others complete with UNSUPP)
+KNOWN_TYPES = frozenset({T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES})
 S_OK = 0
 S_IOERR = 1
 S_UNSUPP = 2

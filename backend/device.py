@@ -275,6 +275,7 @@ class Device:
         self._late_calls: list[tuple[float, int]] = []
         self._timers: list[Request] = []
         self._seq = 0
+        self._get_features_count = 0
         self.closed = False
 
     # ------------------------------------------------------------------ helpers
@@ -359,18 +360,31 @@ class Device:
                 raise RequestError(str(exc)) from None
             handler(msg, payload, fds)
         except RequestError as exc:
-            if expects_ack(msg.request, msg.flags, self.protocol_features):
+            if self._acks(msg):
                 log.error("%s failed: %s (REPLY_ACK 1)", name, exc)
-                self._reply(msg.request, U64(1).encode())
+                self._reply(msg.request, U64(0 if self.faults.on("ack-zero-on-error") else 1)
+                            .encode())
                 return
             raise ConnectionFatal(f"{exc}") from None
-        if expects_ack(msg.request, msg.flags, self.protocol_features):
+        if self._acks(msg):
             self._reply(msg.request, U64(0).encode())
+
+    def _acks(self, msg: Message) -> bool:
+        """Whether ``msg`` gets a REPLY_ACK (the misbehaviour knobs bend the rule)."""
+        if self.faults.on("no-reply-ack"):
+            return False
+        if self.faults.on("ack-without-reply-ack") and msg.flags & FLAG_NEED_REPLY:
+            return True
+        return expects_ack(msg.request, msg.flags, self.protocol_features)
 
     # -- features and ownership
 
     def _on_get_features(self, msg: Message, payload: object, fds: list[int]) -> None:
-        self._reply(msg.request, U64(self.offered_features).encode())
+        value = self.offered_features
+        self._get_features_count += 1
+        if self.faults.on("features-change") and self._get_features_count > 1:
+            value &= ~(1 << VirtioFeature.RING_EVENT_IDX)
+        self._reply(msg.request, U64(value).encode())
 
     def _on_set_features(self, msg: Message, payload: object, fds: list[int]) -> None:
         assert isinstance(payload, U64)
@@ -476,6 +490,11 @@ class Device:
             self._reply(msg.request, b"")
             return
         data = self.config.encode()[payload.offset : payload.offset + payload.size]
+        if self.faults.on("short-config-reply") and payload.size <= 8:
+            # the header still says payload.size: one byte of config missing on the wire
+            head = struct.pack("<III", payload.offset, payload.size, payload.flags)
+            self._reply(msg.request, head + data[:-1])
+            return
         self._reply(msg.request, Config(payload.offset, payload.size, payload.flags, data).encode())
 
     def _on_set_config(self, msg: Message, payload: object, fds: list[int]) -> None:
@@ -1075,12 +1094,25 @@ class Device:
                         outcome.note,
                     )
                 req.status, req.written = outcome.status, outcome.written
+                self._misbehave_status(req, outcome)
         except GuestMemoryError as exc:
             # The status byte went away (REM_MEM_REG under a queued request).
             self._break(q, f"head {chain.head}: {exc}")
             return
         self.faults.reach("after-data")
         q.done.append(req)
+
+    def _misbehave_status(self, req: Request, outcome: blk.Outcome) -> None:
+        """``unknown-type-ok`` and ``capacity-ignored``: report OK where the request failed."""
+        rtype = blk.request_type(self.memory, req.chain.readable)
+        known = rtype in blk.KNOWN_TYPES
+        lie = (self.faults.on("unknown-type-ok") and outcome.status == blk.S_UNSUPP
+               and not known) or (
+            self.faults.on("capacity-ignored") and outcome.status == blk.S_IOERR
+            and rtype in (blk.T_IN, blk.T_OUT) and "capacity" in outcome.note)
+        if lie and req.chain.status_gpa is not None:
+            blk.write_status(self.memory, req.chain.status_gpa, blk.S_OK)
+            req.status = blk.S_OK
 
     def _log_used(self, q: VirtQueue, offset: int, length: int) -> None:
         """Log a write to the used ring (vhost-user.rst "Migration": with

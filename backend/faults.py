@@ -58,6 +58,14 @@ MISBEHAVIOURS: dict[str, str] = {
     "early-drain-reply": "reply to a draining GET_VRING_BASE one request early (that one "
     "completes, used write and call, after the reply)",
     "complete-after-suspend": "with bit 20, complete one suspended request after the reply",
+    "ack-zero-on-error": "a rejected request with NEED_REPLY is acked 0 (success), not 1",
+    "ack-without-reply-ack": "NEED_REPLY is acked even when REPLY_ACK was not negotiated",
+    "no-reply-ack": "NEED_REPLY requests get no ack at all",
+    "short-config-reply": "GET_CONFIG replies to requests of at most 8 bytes carry one byte "
+    "fewer than asked (a full-size read, as a capability probe makes, stays right)",
+    "unknown-type-ok": "requests of a type the device does not implement complete with OK, not UNSUPP",
+    "features-change": "the second and later GET_FEATURES replies drop EVENT_IDX (bit 29)",
+    "capacity-ignored": "reads and writes past the capacity complete with OK (nothing done)",
 }
 
 
