@@ -141,6 +141,18 @@ def request_type(mem: GuestMemory, readable: list[tuple[int, int]]) -> int | Non
     return rtype
 
 
+def write_payload(mem: GuestMemory, readable: list[tuple[int, int]]) -> tuple[int, bytes] | None:
+    """(byte offset, data) of a WRITE (T_OUT) request, None for any other request."""
+    header = _gather(mem, readable, OUTHDR_SIZE)
+    if len(header) < OUTHDR_SIZE:
+        return None
+    rtype, _ioprio, sector = _OUTHDR.unpack(header)
+    if rtype != T_OUT:
+        return None
+    data_r = _skip(readable, OUTHDR_SIZE)
+    return sector * SECTOR_SIZE, _gather(mem, data_r, sum(n for _g, n in data_r))
+
+
 def execute(
     disk: Disk,
     mem: GuestMemory,

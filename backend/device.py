@@ -273,6 +273,8 @@ class Device:
         self.outbox: list[tuple[bytes, list[int]]] = []
         #: (when, call fd) of the misbehaviour call-after-stop
         self._late_calls: list[tuple[float, int]] = []
+        #: --misbehave write-after-suspend: (when, byte offset, data) still to reach the disk
+        self._late_writes: list[tuple[float, int, bytes]] = []
         self._timers: list[Request] = []
         self._seq = 0
         self._get_features_count = 0
@@ -745,6 +747,13 @@ class Device:
             else:
                 log.info("GET_VRING_BASE(%d): nothing in flight, stopped at once", q.index)
             late = None
+            if q.pending and self.faults.on("write-after-suspend"):
+                # the server that does not really cancel: the held WRITE's data still goes to
+                # the disk after the reply (guest memory is only read)
+                for req in q.pending.values():
+                    payload = blk.write_payload(self.memory, req.chain.readable)
+                    if payload is not None:
+                        self._late_writes.append((self.clock() + 0.1, *payload))
             if q.pending and self.faults.on("complete-after-suspend"):
                 late = q.pending.pop(max(q.pending))
             self._cancel_pending(q)
@@ -1216,6 +1225,9 @@ class Device:
             self._late_calls.remove(late)
             _signal(late[1])
             _close(late[1])
+        for due in [w for w in self._late_writes if w[0] <= now]:
+            self._late_writes.remove(due)
+            self.disk.write_from(due[1], [memoryview(due[2])])
         while self._timers and self._timers[0].deadline <= now:
             req = heapq.heappop(self._timers)
             if not req.cancelled and req.queue.broken is None:
@@ -1228,6 +1240,7 @@ class Device:
             heapq.heappop(self._timers)
         due = [self._timers[0].deadline] if self._timers else []
         due += [when for when, _ in self._late_calls]
+        due += [w[0] for w in self._late_writes]
         return min(due) if due else None
 
     @property
@@ -1263,6 +1276,9 @@ class Device:
         for _, fd in self._late_calls:
             _close(fd)
         self._late_calls.clear()
+        for _, offset, data in self._late_writes:  # not cancelled: they land all the same
+            self.disk.write_from(offset, [memoryview(data)])
+        self._late_writes.clear()
         for q in self.queues:
             self._cancel_pending(q)
             self._close_queue_fds(q)

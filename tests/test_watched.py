@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import json
 import mmap
 import os
 import signal
@@ -135,3 +136,27 @@ def test_a_missing_binding_is_a_reason_not_a_crash(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=30, check=True).stdout
     assert "libfuse3" in out and "provision-peers --only fuse" in out
+
+
+def test_drain_and_inflight_families_run_on_the_watched_disk_without_the_knob(
+    tmp_path: Path,
+) -> None:
+    """The reference profile with its --latency knob removed: the drain, in-flight and
+    migration cases hold their requests in the watched disk instead, run and pass."""
+    text = (ROOT / "suites" / "profiles" / "reference.toml").read_text()
+    knobless = text.replace('[slow_io]\nargs = "--latency {latency_ms}"\n', "")
+    assert "--latency" not in knobless
+    profile = tmp_path / "knobless.toml"
+    profile.write_text(knobless)
+    cases = ("VU-GVB-3", "VU-GVB-4", "VU-SUSP-1", "VU-INF-7", "VU-MIG-3", "VU-DISK-1",
+             "VU-DISK-2")
+    args = [sys.executable, "-m", "vhost_conformance.cli", "run", "--profile", str(profile),
+            "--no-preflight", "-n", "0", "--report", str(tmp_path / "report")]
+    for case_id in cases:
+        args += ["--case", case_id]
+    subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    verdicts = {c["id"]: c["verdict"] for c in data["cases"]}
+    assert verdicts == dict.fromkeys(cases, "pass"), verdicts
+    assert not watched.watched_mounts() or all(
+        owner != os.getpid() for _, owner in watched.watched_mounts())

@@ -1,0 +1,169 @@
+"""The source's host I/O after its stop, and FLUSH ordering, seen on the watched disk.
+
+Guest memory alone cannot show a held WRITE that still reaches the storage after the
+GET_VRING_BASE reply: the back-end runs on the watched disk (suites/watched.py), whose journal
+records when each write reached the backing file. vhost-user.rst (QEMU 11.1.3) "Front-end
+message types: GET_VRING_BASE"; SPEC-DIGEST.md 6.2 (the bit-20 series: Stefan Hajnoczi asked
+that suspended host I/O be cancelled, the author's server does not really cancel).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+
+from vhost_conformance.frontend.blk import BlkRequest
+from vhost_conformance.frontend.protocol import ProtocolFeature as P
+from vhost_conformance.reports.model import Tier
+from vhost_conformance.suites.catalogue import RST
+from vhost_conformance.suites.drivers import (
+    SessionFactory,
+    expect_status,
+    pending_io,
+    stop_now,
+    wait_all,
+    wait_popped,
+)
+from vhost_conformance.suites.drivers.watched import (
+    describe,
+    executions,
+    journaled_hold,
+    overlaps,
+    writes_after,
+)
+from vhost_conformance.suites.model import MUST, CaseFailed, case
+from vhost_conformance.suites.target import BackendTarget
+from vhost_conformance.suites.watched import WatchedDisk
+
+#: per-request latency of the held writes, and how many are held
+LATENCY_MS = 150
+HELD = 4
+
+_DRAIN_QUOTE = ("By default, the back-end must complete all inflight I/O requests for the "
+                "specified vring before stopping it.")
+
+
+def _late_writes(
+    target: BackendTarget, make_session: SessionFactory, measurements: dict[str, float],
+    *, bit20: bool,
+) -> None:
+    """Hold :data:`HELD` WRITEs, stop, wait out the latency: no write of the source may reach
+    the disk after the last GET_VRING_BASE reply."""
+    with journaled_hold(target, LATENCY_MS) as disk:
+        session = make_session(target, inflight_migration=bit20, model=False)
+        held = []
+        for i in range(HELD):
+            # half a latency apart: the reply must wait for the last write, not the first
+            held += pending_io(session, 1, kind="write", sector=8 * i)
+            time.sleep(LATENCY_MS / 2000)
+        wait_popped(session, 0, settle=0.05)
+        stopped = stop_now(session, held)
+        replied = time.monotonic()  # just after the reply: a write past this is late
+        time.sleep(LATENCY_MS * HELD / 1000 + 0.3)
+        journal = disk.journal()
+        late = [e for e in writes_after(journal, replied) if any(overlaps(e, r) for r in held)]
+        counts = [executions(journal, r, hashlib.sha256(r.out_data).hexdigest()) for r in held]
+        measurements["stop_ms"] = round(stopped.elapsed * 1e3, 3)
+        measurements["late_writes"] = float(len(late))
+        measurements["held_executed_once"] = float(counts.count(1))
+        measurements["held_executed_never"] = float(counts.count(0))
+        measurements["held_executed_twice_or_more"] = float(sum(1 for c in counts if c > 1))
+        if late:
+            raise CaseFailed(
+                f"{len(late)} held write(s) reached the disk after the GET_VRING_BASE reply "
+                f"(bit 20 {'negotiated' if bit20 else 'not negotiated'}, {LATENCY_MS} ms disk)",
+                expected="no write of the source after its reply",
+                seen=describe(late, replied))
+
+
+@case(
+    "VU-DISK-1",
+    title="No disk write after a draining GET_VRING_BASE reply",
+    family="stop-drain", level=MUST, tier=Tier.CONFORMANCE,
+    clause=f"{RST} Front-end message types: GET_VRING_BASE",
+    quote=_DRAIN_QUOTE,
+    requirement="Without bit 20, every held WRITE reaches the disk before the GET_VRING_BASE "
+    "reply (watched disk journal); none after it.",
+)
+def test_no_disk_write_after_a_draining_stop(
+    vhost_target: BackendTarget, make_session: SessionFactory,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """The drain: a write completed before the reply is on the disk before it."""
+    _late_writes(vhost_target, make_session, vhost_measurements, bit20=False)
+
+
+@case(
+    "VU-DISK-2",
+    title="No disk write after a suspending (bit 20) GET_VRING_BASE reply",
+    family="suspended", level=MUST, tier=Tier.INTEROP,
+    clause=f"{RST} Front-end message types: GET_VRING_BASE; Suspended device state",
+    source="QEMU 11.1.3 hw/block/vhost-user-blk.c (vhost-user-blk/inflight subsection): the "
+    "destination resubmits every request the source recorded in flight, so a suspended WRITE "
+    "the source still executes races the destination's newer writes to the same sectors "
+    "(SPEC-DIGEST.md 6.1-6.2: suspending 'typically can be done by aborting or cancelling "
+    "the underlying I/O request'; the series' discussion asked for cancellation)",
+    requirement="With bit 20, a WRITE suspended at the stop does not reach the disk after the "
+    "GET_VRING_BASE reply.",
+    requires=[P.INFLIGHT_SHMFD, P.GET_VRING_BASE_INFLIGHT],
+)
+def test_no_disk_write_after_a_suspending_stop(
+    vhost_target: BackendTarget, make_session: SessionFactory,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """Bit 20: whatever the back-end suspended must not land on the disk later."""
+    _late_writes(vhost_target, make_session, vhost_measurements, bit20=True)
+
+
+@case(
+    "VU-DISK-3",
+    title="A completed FLUSH covers every write completed before it",
+    family="blk-io", level=MUST, tier=Tier.INTEROP,
+    clause="VIRTIO 1.3 5.2.6 Device Operation (VIRTIO_BLK_T_FLUSH)",
+    source="QEMU 11.1.3 hw/block/virtio-blk.c virtio_blk_handle_flush: the status is written "
+    "after blk_aio_flush completed (bdrv_co_flush: fdatasync of the image), the guest's "
+    "barrier for every write it saw completed before",
+    requirement="Writes completed before a FLUSH was submitted reached the disk, and a flush "
+    "of the disk happened after them, before the FLUSH completed (watched disk journal).",
+)
+def test_flush_covers_the_writes_completed_before_it(
+    vhost_target: BackendTarget, make_session: SessionFactory,
+    vhost_measurements: dict[str, float], vhost_measure: Callable[..., None],
+) -> None:
+    """Write, wait, FLUSH, wait: the journal must show the writes and then a flush, both
+    before the FLUSH's completion was seen."""
+    with journaled_hold(vhost_target, 20) as disk:
+        session = make_session(vhost_target, model=False)
+        writes = pending_io(session, HELD, kind="write", sector=256)
+        expect_status(wait_all(session, writes), what="write")
+        submitted = time.monotonic()
+        flush = session.queues[0].blk.flush()
+        session.submit(0)
+        expect_status(wait_all(session, [flush]), what="flush")
+        completed = time.monotonic()
+        _judge_flush(disk, writes, submitted, completed, vhost_measurements)
+
+
+def _judge_flush(disk: WatchedDisk, writes: list[BlkRequest], submitted: float, completed: float,
+                 measurements: dict[str, float]) -> None:
+    journal = disk.journal()
+    missing = [w for w in writes
+               if not any(e.op == "write" and overlaps(e, w) and e.t1 <= submitted
+                          for e in journal)]
+    landed = max((e.t1 for e in journal if e.op == "write"
+                  and any(overlaps(e, w) for w in writes)), default=submitted)
+    flushes = [e for e in journal if e.op == "flush" and e.t0 >= min(landed, submitted)
+               and e.t1 <= completed]
+    measurements["flushes_before_reply"] = float(len(flushes))
+    if missing:
+        raise CaseFailed(
+            f"{len(missing)} of {len(writes)} completed write(s) not on the disk when the FLUSH "
+            "was submitted", expected="each completed write in the journal before",
+            seen=f"sectors {[w.sector for w in missing]}")
+    if not flushes:
+        raise CaseFailed(
+            "FLUSH completed with no flush of the disk after the completed writes",
+            expected="an fsync/fdatasync of the disk between the writes and the FLUSH's "
+            "completion", seen=describe([e for e in journal if e.op == "flush"], submitted)
+            or "no flush in the journal")
