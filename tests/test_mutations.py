@@ -74,6 +74,7 @@ UNMUTATED: frozenset[str] = frozenset(
         "VU-CFG-5",
         "VU-CFG-6",
         "VU-DBL-4",
+        "VU-DISK-3",
         "VU-DS-1",
         "VU-DS-2",
         "VU-FD-2",
