@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+from collections.abc import Callable
 
 import pytest
 from vhost_conformance.frontend.protocol import BlkFeature as B
@@ -23,6 +24,7 @@ from vhost_conformance.frontend.protocol import VirtioFeature as V
 from vhost_conformance.reports.model import Tier
 from vhost_conformance.suites.drivers.qemu import (
     GUEST_DEADLINE,
+    check_fidelity,
     qemu_run,
     qmp,
     settle,
@@ -43,6 +45,7 @@ from vhost_conformance.suites.target import BackendTarget, Capabilities, Command
     requirement="Under real QEMU 11.1.3 the guest's writes read back identical with O_DIRECT, QEMU powers off cleanly, and every reply QEMU receives passes the reply validator.",
 )
 def test_qemu_split_io(request: pytest.FixtureRequest, vhost_target: BackendTarget,
+                       vhost_target_factory: Callable[[str], BackendTarget],
                        vhost_measurements: dict[str, float]) -> None:  # fmt: skip
     """QEMU 11.1.3 boots the guest on a split ring: 16 blocks written, read back with O_DIRECT
     and compared; QEMU powers off cleanly (GET_VRING_BASE at the stop)."""
@@ -50,6 +53,8 @@ def test_qemu_split_io(request: pytest.FixtureRequest, vhost_target: BackendTarg
         result = run.expect_pass()
         if "GET_VRING_BASE" not in run.names():
             raise RuntimeError("QEMU powered off without stopping the ring (no GET_VRING_BASE)")
+        # fidelity: the emulation's connect, start, I/O, stop against QEMU's on this back-end
+        check_fidelity(run, vhost_target_factory, "boot", vhost_measurements)
     vhost_measurements["guest_seconds"] = round(result.seconds, 2)
 
 
@@ -110,7 +115,9 @@ def test_qemu_two_queues(request: pytest.FixtureRequest, vhost_target: BackendTa
     requirement="After QEMU stops the device (GET_VRING_BASE) and starts it again on the same connection the guest's I/O completes with correct data.",
 )
 def test_qemu_stop_cont_during_io(request: pytest.FixtureRequest,
-                                  vhost_target: BackendTarget) -> None:  # fmt: skip
+                                  vhost_target: BackendTarget,
+                                  vhost_target_factory: Callable[[str], BackendTarget],
+                                  vhost_measurements: dict[str, float]) -> None:  # fmt: skip
     """QMP ``stop`` while the guest loops over write/read-back rounds, then ``cont``: QEMU
     stops the device (GET_VRING_BASE) and starts it again on the same connection (with
     INFLIGHT_SHMFD a second SET_INFLIGHT_FD); every round still compares."""
@@ -128,6 +135,7 @@ def test_qemu_stop_cont_during_io(request: pytest.FixtureRequest,
             raise CaseFailed("the connection across stop/cont", expected="one connection",
                              seen=f"{len(run.proxy.connections)}: "
                              f"{[c.end_reason for c in run.proxy.connections]}")  # fmt: skip
+        check_fidelity(run, vhost_target_factory, "stop-cont", vhost_measurements)
 
 
 @case(

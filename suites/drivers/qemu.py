@@ -18,11 +18,15 @@ import pathlib
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
+from vhost_conformance.frontend.channel import Channel, TraceEntry
+from vhost_conformance.frontend.device import Session
+from vhost_conformance.frontend.fidelity import differences
 from vhost_conformance.frontend.inflight import parse_region
+from vhost_conformance.frontend.memory import GuestMemory
 from vhost_conformance.frontend.proxy import RecordingProxy
 from vhost_conformance.peers.process import PeerProcessError
 from vhost_conformance.peers.provision import PeerUnavailable, peer_path
@@ -33,6 +37,7 @@ from vhost_conformance.peers.qemu import (
     VhostUserBlkDisk,
     start_qemu,
 )
+from vhost_conformance.suites.drivers import do_io
 from vhost_conformance.suites.model import CaseFailed, CaseHang, Unsupported
 from vhost_conformance.suites.plugin import register_trace
 from vhost_conformance.suites.target import BackendTarget
@@ -211,3 +216,58 @@ def wait_iteration(run: QemuRun, iteration: int, timeout: float = GUEST_DEADLINE
 def settle(seconds: float) -> None:
     """Let the guest run for ``seconds`` (a pause between QMP commands; not an assertion)."""
     time.sleep(seconds)
+
+
+# --------------------------------------------------------------------------- fidelity
+
+#: The emulated scenarios the fidelity check replays: each is a list of steps on a Session
+#: configured as QEMU 11.1.3's vhost-user-blk-pci device is by default (one queue of 128,
+#: inflight-migration off, 256 MiB of guest RAM in one region).
+FIDELITY_SCENARIOS: dict[str, tuple[str, ...]] = {
+    "boot": ("connect", "start", "io", "stop"),
+    "stop-cont": ("connect", "start", "io", "stop", "start", "io", "stop"),
+}
+
+
+def emulated_trace(make_target: Callable[[str], BackendTarget], scenario: str,
+                   timeout: float = 5.0) -> list[TraceEntry]:  # fmt: skip
+    """Run ``scenario`` with the emulated front-end on a fresh instance of the back-end under
+    test; its wire trace."""
+    target = make_target(f"fidelity-{scenario}")
+    with GuestMemory.simple(256 << 20, regions=1) as memory:
+        session = Session(Channel(target.connect_socket(timeout)), memory, queue_size=128,
+                          inflight_migration=False, timeout=timeout)  # fmt: skip
+        try:
+            for step in FIDELITY_SCENARIOS[scenario]:
+                if step == "connect":
+                    session.connect()
+                elif step == "start":
+                    session.start()
+                elif step == "io":
+                    do_io(session, 2)
+                elif step == "stop":
+                    session.stop()
+        finally:
+            session.channel.close()
+    return session.channel.trace.entries()
+
+
+def check_fidelity(run: QemuRun, make_target: Callable[[str], BackendTarget], scenario: str,
+                   measurements: dict[str, float] | None = None) -> None:  # fmt: skip
+    """The emulated ``scenario`` against the proxy's trace of QEMU: a difference is a defect
+    of the suite (``error``), listed with where the sequences part."""
+    real = run.proxy.trace.entries()
+    emulated = emulated_trace(make_target, scenario)
+    found = differences(emulated, real)
+    if measurements is not None:
+        measurements[f"fidelity_{scenario}_messages"] = len(real)
+        measurements[f"fidelity_{scenario}_differences"] = len(found)
+    if found:
+        raise FidelityError(
+            f"the emulated front-end's {scenario} sequence differs from QEMU 11.1.3's on this "
+            "back-end (a suite defect):\n" + "\n".join(found)
+        )
+
+
+class FidelityError(RuntimeError):
+    """The emulation and real QEMU sent different messages (verdict ``error``)."""
