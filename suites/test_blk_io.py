@@ -78,6 +78,44 @@ def test_unknown_type_is_unsupp(vhost_session: Session) -> None:
     do_io(vhost_session, 1)
 
 
+#: VIRTIO 1.3 5.2.6: VIRTIO_BLK_T_ZONE_APPEND 15, ZONE_REPORT 16, ZONE_OPEN 18, ZONE_CLOSE 20,
+#: ZONE_FINISH 22, ZONE_RESET 24, ZONE_RESET_ALL 26 (SPEC-DIGEST "request types").
+ZONE_TYPES = {15: "ZONE_APPEND", 16: "ZONE_REPORT", 18: "ZONE_OPEN", 20: "ZONE_CLOSE",
+              22: "ZONE_FINISH", 24: "ZONE_RESET", 26: "ZONE_RESET_ALL"}
+
+
+@case(
+    "VU-BLK-10",
+    title="ZONE_* requests are UNSUPP without ZONED",
+    family="blk-io",
+    level=MUST,
+    clause="VIRTIO 1.3 5.2.6.2 Block Device: Device Operation (device requirements)",
+    quote="If the VIRTIO_BLK_F_ZONED feature is not negotiated, the device MUST reject "
+    "VIRTIO_BLK_T_ZONE_* ... requests with VIRTIO_BLK_S_UNSUPP status.",
+    requirement="Without VIRTIO_BLK_F_ZONED acked (QEMU 11.1.3's vhost-user-blk never acks "
+    "it), each zone request type completes with VIRTIO_BLK_S_UNSUPP and the device goes on.",
+)
+def test_zone_requests_are_unsupp(vhost_session: Session) -> None:
+    """ZONE_APPEND, ZONE_REPORT, ZONE_OPEN/CLOSE/FINISH/RESET/RESET_ALL: UNSUPP each."""
+    if vhost_session.negotiated.acked_features >> BlkFeature.ZONED & 1:
+        raise CaseFailed("ZONED acked by the session", expected="not acked (as QEMU)",
+                         seen="acked")
+    wrong: list[str] = []
+    for rtype, name in ZONE_TYPES.items():
+        raw: dict[str, object] = {"sector": 0}
+        if rtype == 15:
+            raw["out_data"] = pattern(15, SECTOR_SIZE)
+        elif rtype == 16:
+            raw["in_len"] = 4096
+        status, _, _ = _one(vhost_session, rtype, **raw)
+        if status != BlkStatus.UNSUPP:
+            wrong.append(f"{name} ({rtype}): {status}")
+    if wrong:
+        raise CaseFailed("status of zone requests without ZONED",
+                         expected="VIRTIO_BLK_S_UNSUPP (2) for each", seen="; ".join(wrong))
+    do_io(vhost_session, 1)
+
+
 @case("VU-BLK-4", level=MUST)
 def test_io_beyond_capacity_fails(vhost_session: Session) -> None:
     """A read or write past the capacity completes with IOERR and touches nothing."""

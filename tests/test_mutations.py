@@ -37,7 +37,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "ack-without-reply-ack": ("VU-ACK-3",),
     "no-reply-ack": ("VU-ACK-1",),
     "short-config-reply": ("VU-CFG-1",),
-    "unknown-type-ok": ("VU-BLK-3",),
+    "unknown-type-ok": ("VU-BLK-3", "VU-BLK-10"),
     "features-change": ("VU-FEAT-8",),
     "capacity-ignored": ("VU-BLK-4",),
 }

@@ -22,7 +22,7 @@ from vhost_conformance.suites.target import BackendTarget
 
 #: Latency of the writes held across the kill in the out-of-order recovery: long enough that
 #: the GET_IDs around them complete, and the kill lands, well before they do.
-OOO_LATENCY_MS = 1000
+OOO_LATENCY_MS = 700
 
 
 def out_of_order_recovery(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
