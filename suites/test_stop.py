@@ -27,6 +27,7 @@ from vhost_conformance.frontend.protocol import (
 )
 from vhost_conformance.frontend.virtqueue import PackedVirtqueue
 from vhost_conformance.suites.drivers import (
+    COMPLETES_AFTER_REPLY,
     InflightTracker,
     SessionFactory,
     Stopped,
@@ -43,9 +44,6 @@ from vhost_conformance.suites.target import BackendTarget, Capabilities
 F = FrontendRequest
 P = ProtocolFeature
 
-#: The observed behaviour "GET_VRING_BASE answered with taken requests still outstanding,
-#: completed (used ring written) after the reply": VU-GVB-3 owns it, VU-SUSP-1 follows.
-COMPLETES_AFTER_REPLY = "completes-after-get-vring-base-reply"
 
 #: Per-request latency of the slow disk, and how many requests are held in flight.
 LATENCY_MS = 100

@@ -73,6 +73,7 @@ from vhost_conformance.suites.target import (
 )
 
 __all__ = [
+    "COMPLETES_AFTER_REPLY",
     "GUEST_MEMORY",
     "SESSION_MARKER",
     "InflightTracker",
@@ -107,6 +108,10 @@ __all__ = [
 
 #: Guest RAM of a default session: rings, request slots and a 1 MiB data arena fit easily.
 GUEST_MEMORY = 8 << 20
+
+#: The observed behaviour "GET_VRING_BASE answered with taken requests still outstanding,
+#: executed or completed after the reply": VU-GVB-3 owns it, VU-SUSP-1 and VU-DISK-1 follow.
+COMPLETES_AFTER_REPLY = "completes-after-get-vring-base-reply"
 
 
 class IoError(CaseFailed):
