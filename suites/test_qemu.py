@@ -18,10 +18,18 @@ import time
 from collections.abc import Callable
 
 import pytest
+from vhost_conformance.frontend.inflight import parse_region, validate_region
 from vhost_conformance.frontend.protocol import BlkFeature as B
 from vhost_conformance.frontend.protocol import ProtocolFeature as P
 from vhost_conformance.frontend.protocol import VirtioFeature as V
+from vhost_conformance.frontend.vmstate import (
+    extract_device_section,
+    find_inflight_subsection,
+    read_stream,
+)
+from vhost_conformance.peers.qemu import QMPFailure
 from vhost_conformance.reports.model import Tier
+from vhost_conformance.suites.drivers.migration import destination_target
 from vhost_conformance.suites.drivers.qemu import (
     GUEST_DEADLINE,
     check_fidelity,
@@ -210,3 +218,112 @@ def test_qemu_backend_killed_and_restarted(request: pytest.FixtureRequest,
         if "SET_INFLIGHT_FD" in run.names() and "SET_INFLIGHT_FD" not in reconnect:
             raise RuntimeError("QEMU reconnected without handing the in-flight region back")
 
+
+
+@case(
+    "VU-QEMU-7",
+    title="Live migration between two instances under QEMU 11.1.3, requests in flight",
+    family="qemu",
+    level=MUST,
+    tier=Tier.INTEROP,
+    clause="vhost-user.rst (QEMU 11.1.3) Migration; Inflight I/O tracking",
+    source="QEMU-TRACES.md (e); hw/block/vhost-user-blk.c inflight-migration (protocol feature 20)",
+    requirement="A live migration with the switch-over during guest I/O completes and the guest's I/O completes with correct data on the destination instance, with inflight-migration on and off.",
+    needs=["shared-disk"],
+)
+@pytest.mark.parametrize("inflight", ["on", "off"])
+def test_qemu_live_migration(request: pytest.FixtureRequest, vhost_target: BackendTarget,
+                             vhost_target_factory: Callable[[str], BackendTarget],
+                             vhost_measurements: dict[str, float],
+                             vhost_measure: Callable[..., None], inflight: str) -> None:  # fmt: skip
+    """Two QEMUs (the destination ``-incoming defer``), one back-end instance each on one disk.
+    The migration is throttled until the guest runs its rounds (and, where the region shows
+    it, until a request is in flight), then the switch-over is forced; the guest must pass on
+    the destination. QEMU's downtime (query-migrate) is measured, on and off side by side."""
+    on = inflight == "on"
+    slow = isinstance(vhost_target, CommandTarget) and vhost_target.profile.slow_io.args is not None
+    with contextlib.ExitStack() as stack:
+        if slow:
+            assert isinstance(vhost_target, CommandTarget)
+            stack.enter_context(vhost_target.slow_io(300))
+        destination = destination_target(vhost_target, vhost_target_factory)
+        loop = {"mode": "loop", "iters": 3, "blocks": 2, "memory_mb": 96,
+                "inflight_migration": on}  # fmt: skip
+        src = stack.enter_context(qemu_run(request, vhost_target, name="src", **loop))  # type: ignore[arg-type]
+        dst = stack.enter_context(qemu_run(request, destination, name="dst",
+                                           incoming="defer", **loop))  # type: ignore[arg-type]  # fmt: skip
+        wait_iteration(src, 1)
+        uri = f"unix:{src.workdir}/mig.sock"
+        qmp(dst, "migrate-incoming", uri=uri)
+        qmp(src, "migrate-set-parameters", **{"max-bandwidth": 1 << 20, "downtime-limit": 300})
+        qmp(src, "migrate", uri=uri)
+        heads = src.inflight_heads(queue_size=128, packed=False)
+        deadline = time.monotonic() + 20
+        while heads is not None and not heads and time.monotonic() < deadline:
+            time.sleep(0.002)
+            heads = src.inflight_heads(queue_size=128, packed=False)
+        qmp(src, "migrate-set-parameters",
+            **{"max-bandwidth": 1 << 40, "avail-switchover-bandwidth": 1 << 40})  # fmt: skip
+        try:
+            info = src.guest.qmp().wait_migration(timeout=90)
+        except QMPFailure as exc:
+            raise CaseFailed("the live migration", expected="completed",
+                             seen=f"{exc}; {src.guest.process.describe()}; QEMU's last lines:"
+                             f"\n{src.qemu_tail()}") from None  # fmt: skip
+        if heads is not None:
+            vhost_measurements["inflight_at_switchover"] = len(heads)
+        downtime = info.get("downtime")
+        if isinstance(downtime, int | float):
+            vhost_measurements["downtime_ms"] = float(downtime)
+            vhost_measure("qemu_migration_downtime_ms", float(downtime),
+                          inflight_migration=inflight, slow_source=slow)  # fmt: skip
+        src.check_replies()
+        dst.expect_pass()
+
+
+@case(
+    "VU-QEMU-8",
+    title="Migration to a file with inflight-migration=on: the region in the stream",
+    family="qemu",
+    level=MUST,
+    tier=Tier.INTEROP,
+    clause="vhost-user.rst (QEMU 11.1.3) Inflight I/O tracking",
+    source="hw/block/vhost-user-blk.c vmstate vhost-user-blk/inflight (QEMU 11.1.3)",
+    requirement="With inflight-migration=on, the in-flight region QEMU carries in the migration stream (the back-end's, after GET_VRING_BASE) passes the region format rules.",
+    requires=[P.INFLIGHT_SHMFD, P.GET_VRING_BASE_INFLIGHT],
+)
+def test_qemu_migration_stream_region(request: pytest.FixtureRequest, vhost_target: BackendTarget,
+                                      vhost_measurements: dict[str, float]) -> None:  # fmt: skip
+    """QEMU migrates the running guest to ``exec:cat > FILE``; the stream's
+    ``vhost-user-blk/inflight`` subsection is decoded (frontend/vmstate.py) and its region
+    checked by frontend/inflight.py's validator."""
+    slow = isinstance(vhost_target, CommandTarget) and vhost_target.profile.slow_io.args is not None
+    with contextlib.ExitStack() as stack:
+        if slow:  # requests in flight when QEMU stops the device
+            assert isinstance(vhost_target, CommandTarget)
+            stack.enter_context(vhost_target.slow_io(100))
+        # enough rounds that the guest is still busy when the migration ends
+        run = stack.enter_context(qemu_run(request, vhost_target, mode="loop", iters=40,
+                                           blocks=2, memory_mb=96, inflight_migration=True))  # fmt: skip
+        wait_iteration(run, 1)
+        stream = run.workdir / "stream.bin"
+        qmp(run, "migrate", uri=f"exec:cat > {stream}")
+        try:
+            run.guest.qmp().wait_migration(timeout=90)
+        except QMPFailure as exc:
+            raise CaseFailed("the migration to a file", expected="completed",
+                             seen=f"{exc}; {run.guest.process.describe()}; QEMU's last lines:"
+                             f"\n{run.qemu_tail()}") from None  # fmt: skip
+        run.check_replies()
+        data = read_stream(extract_device_section(stream.read_bytes(), "vhost-user-blk"))
+        state, _, _ = find_inflight_subsection(data)
+    if not state.size:
+        raise CaseFailed("the vhost-user-blk/inflight subsection", expected="a region",
+                         seen=f"size {state.size}")  # fmt: skip
+    region = parse_region(state.buffer, num_queues=1, queue_size=state.queue_size, packed=False)
+    findings = validate_region(region)
+    vhost_measurements["region_bytes"] = state.size
+    vhost_measurements["inflight_in_stream"] = len(region.queues[0].inflight_heads())
+    if findings:
+        raise CaseFailed("the in-flight region in the migration stream",
+                         expected="no format finding", seen="; ".join(map(str, findings[:3])))  # fmt: skip

@@ -71,6 +71,8 @@ UNMUTATED: frozenset[str] = frozenset(
         "VU-QEMU-4",
         "VU-QEMU-5",
         "VU-QEMU-6",
+        "VU-QEMU-7",
+        "VU-QEMU-8",
         "VU-CFG-5",
         "VU-CFG-6",
         "VU-DBL-4",

@@ -26,7 +26,7 @@ def _collected(tmp_path: pathlib.Path, *options: str) -> list[str]:
 
 @pytest.mark.parametrize(
     ("options", "qemu_cases"),
-    [((), 0), (("--vhost-qemu",), 6), (("--vhost-case", "VU-QEMU-4"), 1)],
+    [((), 0), (("--vhost-qemu",), 9), (("--vhost-case", "VU-QEMU-4"), 1)],
     ids=["default", "qemu", "one-case"],
 )
 def test_qemu_tier_runs_only_when_asked(

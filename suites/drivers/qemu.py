@@ -157,6 +157,9 @@ def qemu_run(
     blocks: int | None = None,
     smp: int = 1,
     extra: Sequence[str] = (),
+    name: str = "guest",
+    incoming: str | None = None,
+    memory_mb: int = 256,
 ) -> Iterator[QemuRun]:
     """QEMU 11.1.3 booting the guest on ``target`` through a recording proxy whose trace is
     registered for the case's report. Everything is stopped and removed on exit."""
@@ -174,8 +177,9 @@ def qemu_run(
             reconnect_ms=reconnect_ms, inflight_migration=inflight_migration,
         )  # fmt: skip
         args = [*(["-smp", str(smp)] if smp > 1 else []), *extra]
-        guest = start_qemu(workdir, [disk], name="guest", mode=mode, iters=iters,
-                           blocks=blocks, extra_args=args, max_lifetime=300)  # fmt: skip
+        guest = start_qemu(workdir, [disk], name=name, mode=mode, iters=iters, blocks=blocks,
+                           extra_args=args, max_lifetime=300, incoming=incoming,
+                           memory_mb=memory_mb)  # fmt: skip
         yield QemuRun(guest, proxy, workdir, disk)
     finally:
         try:
