@@ -275,6 +275,8 @@ class Device:
         self._late_calls: list[tuple[float, int]] = []
         #: --misbehave write-after-suspend: (when, byte offset, data) still to reach the disk
         self._late_writes: list[tuple[float, int, bytes]] = []
+        #: --misbehave write-at-close: (byte offset, data) to reach the disk at close()
+        self._close_writes: list[tuple[int, bytes]] = []
         self._timers: list[Request] = []
         self._seq = 0
         self._get_features_count = 0
@@ -754,6 +756,11 @@ class Device:
                     payload = blk.write_payload(self.memory, req.chain.readable)
                     if payload is not None:
                         self._late_writes.append((self.clock() + 0.1, *payload))
+            if q.pending and self.faults.on("write-at-close"):
+                for req in q.pending.values():
+                    payload = blk.write_payload(self.memory, req.chain.readable)
+                    if payload is not None:
+                        self._close_writes.append(payload)
             if q.pending and self.faults.on("complete-after-suspend"):
                 late = q.pending.pop(max(q.pending))
             self._cancel_pending(q)
@@ -1279,6 +1286,9 @@ class Device:
         for _, offset, data in self._late_writes:  # not cancelled: they land all the same
             self.disk.write_from(offset, [memoryview(data)])
         self._late_writes.clear()
+        for offset, data in self._close_writes:
+            self.disk.write_from(offset, [memoryview(data)])
+        self._close_writes.clear()
         for q in self.queues:
             self._cancel_pending(q)
             self._close_queue_fds(q)

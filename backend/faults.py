@@ -66,6 +66,8 @@ MISBEHAVIOURS: dict[str, str] = {
     "unknown-type-ok": "requests of a type the device does not implement complete with OK, not UNSUPP",
     "features-change": "the second and later GET_FEATURES replies drop EVENT_IDX (bit 29)",
     "capacity-ignored": "reads and writes past the capacity complete with OK (nothing done)",
+    "write-at-close": "with bit 20, suspended WRITEs reach the disk when the connection closes "
+    "(after a migration: over the destination's newer data)",
     "write-after-suspend": "with bit 20, suspended WRITEs still reach the disk 0.1 s after the "
     "reply (not cancelled; no guest memory write, no completion)",
 }

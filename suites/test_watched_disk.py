@@ -13,7 +13,8 @@ import hashlib
 import time
 from collections.abc import Callable
 
-from vhost_conformance.frontend.blk import BlkRequest
+from vhost_conformance.frontend.accounting import Ledger
+from vhost_conformance.frontend.blk import SECTOR_SIZE, BlkRequest
 from vhost_conformance.frontend.protocol import ProtocolFeature as P
 from vhost_conformance.reports.model import Tier
 from vhost_conformance.suites.catalogue import RST
@@ -21,10 +22,17 @@ from vhost_conformance.suites.drivers import (
     COMPLETES_AFTER_REPLY,
     SessionFactory,
     expect_status,
+    pattern,
     pending_io,
     stop_now,
     wait_all,
     wait_popped,
+)
+from vhost_conformance.suites.drivers.migration import (
+    destination_target,
+    harvest_until,
+    migrate_to,
+    submit_tracked,
 )
 from vhost_conformance.suites.drivers.watched import (
     describe,
@@ -170,3 +178,73 @@ def _judge_flush(disk: WatchedDisk, writes: list[BlkRequest], submitted: float, 
             expected="an fsync/fdatasync of the disk between the writes and the FLUSH's "
             "completion", seen=describe([e for e in journal if e.op == "flush"], submitted)
             or "no flush in the journal")
+
+
+@case(
+    "VU-DISK-4",
+    title="The stale write: after an in-flight migration the disk ends with the newer data",
+    family="migration", level=MUST, tier=Tier.INTEROP,
+    clause=f"{RST} Front-end message types: GET_VRING_BASE; Inflight I/O tracking",
+    source="QEMU 11.1.3 hw/block/vhost-user-blk.c (vhost-user-blk/inflight subsection): the "
+    "destination resubmits the WRITEs the source left in flight; the guest then owns the "
+    "sectors again, and a source execution landing after its newer WRITE loses that data "
+    "(SPEC-DIGEST.md 6.2)",
+    requirement="WRITEs held at a bit-20 stop, resubmitted on the destination, then newer WRITEs "
+    "to the same sectors completed there: the image ends with the newer data; how often each "
+    "held WRITE reached the disk is measured.",
+    requires=[P.INFLIGHT_SHMFD, P.GET_VRING_BASE_INFLIGHT],
+    needs=["shared-disk"],
+)
+def test_the_disk_ends_with_the_newer_write(
+    vhost_target: BackendTarget, vhost_target_factory: Callable[[str], BackendTarget],
+    make_session: SessionFactory, vhost_measurements: dict[str, float],
+) -> None:
+    """Hold 2 WRITEs, migrate with bit 20, let the destination finish them, write newer data to
+    the same sectors on the destination; after the source is gone the image holds the newer
+    data. A held WRITE executed twice is flagged when its last execution came after the newer
+    write (it changed data)."""
+    destination = destination_target(vhost_target, vhost_target_factory)
+    with journaled_hold(vhost_target, LATENCY_MS) as disk, \
+            journaled_hold(destination, LATENCY_MS):
+        source = make_session(vhost_target, inflight_migration=True, model=False)
+        ledger = Ledger()
+        held = submit_tracked(source, ledger, 2, kinds=("write",), sector=1024)
+        wait_popped(source, 0, settle=0.05)
+        result = migrate_to(source, destination, make_session, ledger)
+        timeout = make_session.timeout + LATENCY_MS / 1000
+        try:
+            missing = harvest_until(result.destination, ledger, held, timeout)
+            blk = result.destination.queues[0].blk
+            newer = [blk.write(r.sector, pattern(r.sector + 99_991, r.nsectors * SECTOR_SIZE))
+                     for r in held]
+            for r in newer:
+                ledger.submit(r)
+            result.destination.submit(0)
+            unfinished = harvest_until(result.destination, ledger, newer, timeout)
+            newer_done = time.monotonic()
+        finally:
+            result.finish(2 * LATENCY_MS / 1000)  # waits, then closes the source connection
+        vhost_target.stop()  # the source back-end is gone: nothing of it can land later
+        journal = disk.journal()
+        image = disk.backing.read_bytes()
+    counts = [executions(journal, r, hashlib.sha256(r.out_data).hexdigest()) for r in held]
+    vhost_measurements["held_executed_once"] = float(counts.count(1))
+    vhost_measurements["held_executed_never"] = float(counts.count(0))
+    vhost_measurements["held_executed_twice_or_more"] = float(sum(1 for c in counts if c > 1))
+    vhost_measurements["held_never_completed"] = float(len(missing))
+    if unfinished:
+        raise CaseFailed("the newer WRITEs on the destination did not complete",
+                         expected="completed", seen=f"{len(unfinished)} of {len(newer)} missing")
+    stale = [(old, new) for old, new in zip(held, newer, strict=True)
+             if image[new.sector * SECTOR_SIZE:new.sector * SECTOR_SIZE + len(new.out_data)]
+             != new.out_data]
+    if stale:
+        old, new = stale[0]
+        late = [e for e in journal if e.op == "write" and overlaps(e, old)
+                and e.sha256 == hashlib.sha256(old.out_data).hexdigest() and e.t1 > newer_done]
+        raise CaseFailed(
+            f"{len(stale)} of {len(newer)} sector range(s) lost the destination's newer WRITE "
+            f"(held WRITEs executed {counts} time(s))",
+            expected="the newer data on the image",
+            seen=(f"sector {new.sector}: " + ("the held WRITE's data landed after the newer one: "
+                  + describe(late, newer_done) if late else "other data")))

@@ -32,6 +32,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "call-after-stop": ("VU-GVB-9",),
     "early-drain-reply": ("VU-DISK-1", "VU-GVB-3"),
     "write-after-suspend": ("VU-DISK-2",),
+    "write-at-close": ("VU-DISK-4",),
     "no-log-used": ("VU-LOG-1",),
     "ack-zero-on-error": ("VU-ACK-4",),
     "ack-without-reply-ack": ("VU-ACK-3",),
