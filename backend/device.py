@@ -254,6 +254,8 @@ class Device:
         self.watcher = watcher
         self.clock = clock
         self.offered_features = options.virtio_features()
+        if self.faults.on("wce-without-flush"):
+            self.offered_features &= ~(1 << BlkFeature.FLUSH)
         self.offered_protocol = options.protocol_features()
         self.features = 0
         self.protocol_features = 0

@@ -301,6 +301,28 @@ def test_version_1_offered(vhost_capabilities: Capabilities) -> None:
         )
 
 
+@case(
+    "VU-FEAT-11",
+    title="FLUSH offered with CONFIG_WCE",
+    family="handshake",
+    level=MUST,
+    clause="VIRTIO 1.3 5.2.5.2 Block Device: Device Initialization (device requirements)",
+    quote="Devices SHOULD always offer VIRTIO_BLK_F_FLUSH, and MUST offer it if they offer "
+    "VIRTIO_BLK_F_CONFIG_WCE.",
+    requirement="A back-end offering VIRTIO_BLK_F_CONFIG_WCE (bit 11) offers VIRTIO_BLK_F_FLUSH "
+    "(bit 9); one offering neither is non-strict (the SHOULD).",
+)
+def test_flush_offered_with_config_wce(vhost_capabilities: Capabilities) -> None:
+    """GET_FEATURES: CONFIG_WCE implies FLUSH; FLUSH is offered in any case (SHOULD)."""
+    flush = vhost_capabilities.offers(BlkFeature.FLUSH)
+    if vhost_capabilities.offers(BlkFeature.CONFIG_WCE) and not flush:
+        raise CaseFailed("VIRTIO_BLK_F_FLUSH (bit 9) with CONFIG_WCE (bit 11) offered",
+                         expected="offered", seen=f"features {vhost_capabilities.features:#x}")
+    if not flush:
+        raise CaseNonStrict(f"VIRTIO_BLK_F_FLUSH (bit 9) not offered: features "
+                            f"{vhost_capabilities.features:#x}")
+
+
 # --------------------------------------------------------------------------- REPLY_ACK
 
 

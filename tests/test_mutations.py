@@ -41,6 +41,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "unknown-type-ok": ("VU-BLK-3", "VU-BLK-10"),
     "features-change": ("VU-FEAT-8",),
     "capacity-ignored": ("VU-BLK-4",),
+    "wce-without-flush": ("VU-FEAT-11",),
 }
 
 #: knobs no case catches yet (the weak rows of SPEC-AUDIT section 8): may only shrink.
