@@ -410,9 +410,9 @@ CONTROL_PLANE_FAMILIES = frozenset({"handshake", "memory", "malformed", "program
 #: data check is a blk read/write) or expect what only a blk back-end must offer (CONFIG):
 #: unsupported on another device type too. Found by running them against dpdk-testpmd's
 #: vhost-user-net (each hung on its blk request) and virtiofsd (killed by its seccomp filter
-#: on the blk request, signal 31).
+#: on the blk request, signal 31; VU-FD-4's final check too, once its REM_MEM_REG loop ran).
 BLK_REQUEST_CASES = frozenset({
-    "VU-FEAT-5", "VU-FD-2", "VU-FD-3", "VU-MEM-4", "VU-MEM-5", "VU-MEM-6", "VU-MEM-7",
+    "VU-FEAT-5", "VU-FD-2", "VU-FD-3", "VU-FD-4", "VU-MEM-4", "VU-MEM-5", "VU-MEM-6", "VU-MEM-7",
     "VU-MAL-17",
     "VU-MAL-1", "VU-MAL-2", "VU-MAL-3", "VU-MAL-4", "VU-MAL-5", "VU-MAL-6", "VU-MAL-7",
     "VU-MAL-8", "VU-MAL-9", "VU-MAL-11", "VU-MAL-12", "VU-MAL-15", "VU-MAL-16",

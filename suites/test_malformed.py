@@ -107,15 +107,21 @@ class Link:
         self.channel: Channel | None = None
 
     def open(self, *, protocol: int | None = None, owner: bool = True) -> Channel:
-        """A new connection: GET_FEATURES, protocol features (``protocol`` & offer, default all
-        QEMU knows), SET_OWNER unless ``owner=False``."""
+        """A new connection: GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES
+        (``protocol`` & offer, default all QEMU knows), SET_OWNER unless ``owner=False``."""
         self.close()
         channel = Channel(self.target.connect_socket(self.timeout))
         self.channel = channel
         channel.call(F.GET_FEATURES, timeout=self.timeout)
         if self.capabilities.offers(VirtioFeature.PROTOCOL_FEATURES):
+            # asked on every connection, as QEMU does: rust-vmm's vhost (virtiofsd) enables
+            # REPLY_ACK only for protocol features it offered on this connection (without it,
+            # VU-FD-4's NEED_REPLY got no reply)
+            reply = channel.call(F.GET_PROTOCOL_FEATURES, timeout=self.timeout)
+            assert reply is not None  # a request with a reply of its own
+            offered = U64.decode(reply.payload).value
             # QEMU's rule, the one Session.connect uses (frontend.sequences.agree_protocol)
-            chosen = agree_protocol(self.capabilities.protocol_features, wanted=protocol)
+            chosen = agree_protocol(offered, wanted=protocol)
             channel.call(F.SET_PROTOCOL_FEATURES, U64(chosen), timeout=self.timeout)
             channel.protocol_features = chosen
         if owner:
