@@ -22,6 +22,7 @@ from vhost_conformance.frontend.inflight import parse_region, validate_region
 from vhost_conformance.frontend.protocol import BlkFeature as B
 from vhost_conformance.frontend.protocol import ProtocolFeature as P
 from vhost_conformance.frontend.protocol import VirtioFeature as V
+from vhost_conformance.frontend.proxy import ProxyError
 from vhost_conformance.frontend.vmstate import (
     extract_device_section,
     find_inflight_subsection,
@@ -36,6 +37,7 @@ from vhost_conformance.suites.drivers.qemu import (
     qemu_run,
     qmp,
     settle,
+    slow_same_disk,
     wait_iteration,
 )
 from vhost_conformance.suites.model import MUST, CaseFailed, Unsupported, case
@@ -191,8 +193,7 @@ def test_qemu_backend_killed_and_restarted(request: pytest.FixtureRequest,
     assert isinstance(vhost_target, CommandTarget)
     # slow I/O keeps requests in flight, where the profile slows the same disk (a profile
     # whose slow variant is another command, e.g. qsd's null-co, would lose the guest's data)
-    slow = vhost_target.profile.slow_io.args is not None
-    with (vhost_target.slow_io(50) if slow else contextlib.nullcontext(),
+    with (slow_same_disk(vhost_target, 50) as slow,
           qemu_run(request, vhost_target, mode="loop", iters=4, blocks=4,
                    reconnect_ms=500) as run):  # fmt: skip
         wait_iteration(run, 1)
@@ -206,8 +207,17 @@ def test_qemu_backend_killed_and_restarted(request: pytest.FixtureRequest,
             raise RuntimeError("the back-end did not die within 10 s of SIGKILL")
         if heads is not None:
             vhost_measurements["inflight_at_kill"] = len(heads)
+        vhost_measurements["slow_disk"] = float(slow)
         vhost_target.restart()
-        run.proxy.wait_for_connections(2, timeout=30)
+        try:
+            run.proxy.wait_for_connections(2, timeout=30)
+        except ProxyError:
+            ends = [c.end_reason for c in run.proxy.connections]
+            raise CaseFailed("QEMU's reconnection to the restarted back-end (reconnect-ms=500)",
+                             expected="a second connection within 30 s",
+                             seen=f"connections: {ends}; back-end alive: "
+                             f"{vhost_target.alive()}; its log:\n{vhost_target.log_tail(8)}"
+                             ) from None  # fmt: skip
         result = run.wait_result(GUEST_DEADLINE)
         run.check_replies()
         if not result.passed:
@@ -241,11 +251,8 @@ def test_qemu_live_migration(request: pytest.FixtureRequest, vhost_target: Backe
     it, until a request is in flight), then the switch-over is forced; the guest must pass on
     the destination. QEMU's downtime (query-migrate) is measured, on and off side by side."""
     on = inflight == "on"
-    slow = isinstance(vhost_target, CommandTarget) and vhost_target.profile.slow_io.args is not None
     with contextlib.ExitStack() as stack:
-        if slow:
-            assert isinstance(vhost_target, CommandTarget)
-            stack.enter_context(vhost_target.slow_io(300))
+        slow = stack.enter_context(slow_same_disk(vhost_target, 300))
         destination = destination_target(vhost_target, vhost_target_factory)
         loop = {"mode": "loop", "iters": 3, "blocks": 2, "memory_mb": 96,
                 "inflight_migration": on}  # fmt: skip
@@ -297,11 +304,9 @@ def test_qemu_migration_stream_region(request: pytest.FixtureRequest, vhost_targ
     """QEMU migrates the running guest to ``exec:cat > FILE``; the stream's
     ``vhost-user-blk/inflight`` subsection is decoded (frontend/vmstate.py) and its region
     checked by frontend/inflight.py's validator."""
-    slow = isinstance(vhost_target, CommandTarget) and vhost_target.profile.slow_io.args is not None
     with contextlib.ExitStack() as stack:
-        if slow:  # requests in flight when QEMU stops the device
-            assert isinstance(vhost_target, CommandTarget)
-            stack.enter_context(vhost_target.slow_io(100))
+        # requests in flight when QEMU stops the device
+        stack.enter_context(slow_same_disk(vhost_target, 100))
         # enough rounds that the guest is still busy when the migration ends
         run = stack.enter_context(qemu_run(request, vhost_target, mode="loop", iters=40,
                                            blocks=2, memory_mb=96, inflight_migration=True))  # fmt: skip

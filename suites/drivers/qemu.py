@@ -40,7 +40,12 @@ from vhost_conformance.peers.qemu import (
 from vhost_conformance.suites.drivers import do_io
 from vhost_conformance.suites.model import CaseFailed, CaseHang, Unsupported
 from vhost_conformance.suites.plugin import register_trace
-from vhost_conformance.suites.target import BackendTarget
+from vhost_conformance.suites.target import (
+    BackendTarget,
+    CommandTarget,
+    SlowIoUnsupported,
+    template_fields,
+)
 
 #: Seconds the guest gets to report once QEMU runs (TCG on a loaded 2-core machine).
 GUEST_DEADLINE = 90.0
@@ -275,3 +280,27 @@ def check_fidelity(run: QemuRun, make_target: Callable[[str], BackendTarget], sc
 
 class FidelityError(RuntimeError):
     """The emulation and real QEMU sent different messages (verdict ``error``)."""
+
+
+@contextlib.contextmanager
+def slow_same_disk(target: BackendTarget, latency_ms: int) -> Iterator[bool]:
+    """Make ``target``'s I/O slow (requests stay in flight) without losing the guest's data:
+    the profile's own knob when it slows the same disk (``slow_io.args``), else the watched
+    disk (suites/watched.py) when the command uses ``{disk}`` (a knob that swaps the disk,
+    like qsd's null-co command, would lose the data). Yields whether the I/O is slow."""
+    if not isinstance(target, CommandTarget):
+        yield False
+        return
+    profile = target.profile
+    try:
+        if profile.slow_io.args is not None or profile.slow_io_route() == "disk":
+            manager: contextlib.AbstractContextManager[object] = target.slow_io(latency_ms)
+        elif profile.command is not None and "disk" in template_fields(profile.command):
+            manager = target.watched_disk(latency_ms)
+        else:
+            yield False
+            return
+        with manager:
+            yield True
+    except SlowIoUnsupported:
+        yield False
