@@ -215,7 +215,8 @@ def test_qemu_backend_killed_and_restarted(request: pytest.FixtureRequest,
             ends = [c.end_reason for c in run.proxy.connections]
             raise CaseFailed("QEMU's reconnection to the restarted back-end (reconnect-ms=500)",
                              expected="a second connection within 30 s",
-                             seen=f"connections: {ends}; back-end alive: "
+                             seen=f"connections: {ends}; {run.guest.process.describe()}, its "
+                             f"last lines:\n{run.qemu_tail(4)}\nback-end alive: "
                              f"{vhost_target.alive()}; its log:\n{vhost_target.log_tail(8)}"
                              ) from None  # fmt: skip
         result = run.wait_result(GUEST_DEADLINE)
