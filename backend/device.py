@@ -1153,6 +1153,9 @@ class Device:
             self.faults.reach("after-used-elem")
         ring.set_used_idx(q.used_idx)
         self._log_used(q, 2, 2)
+        if self.faults.on("used-flags-garbage"):
+            ring.set_used_flags(0x2)
+            self._log_used(q, 0, 2)
         self.faults.reach("after-used-idx", len(batch))
         if region is not None:
             region.clear_batch(heads, q.used_idx)

@@ -66,6 +66,7 @@ MISBEHAVIOURS: dict[str, str] = {
     "unknown-type-ok": "requests of a type the device does not implement complete with OK, not UNSUPP",
     "features-change": "the second and later GET_FEATURES replies drop EVENT_IDX (bit 29)",
     "wce-without-flush": "offer VIRTIO_BLK_F_CONFIG_WCE without VIRTIO_BLK_F_FLUSH",
+    "used-flags-garbage": "used->flags set to 2 (only 0 or 1 are allowed; 0 with EVENT_IDX)",
     "capacity-ignored": "reads and writes past the capacity complete with OK (nothing done)",
     "write-at-close": "with bit 20, suspended WRITEs reach the disk when the connection closes "
     "(after a migration: over the destination's newer data)",

@@ -245,6 +245,10 @@ class SplitRing:
         """used->idx = value (after the elements: x86 stores stay in order)."""
         _U16.pack_into(self.used_mm, self.used_off + 2, value & 0xFFFF)
 
+    def set_used_flags(self, value: int) -> None:
+        """used->flags = value."""
+        _U16.pack_into(self.used_mm, self.used_off, value & 0xFFFF)
+
     def set_avail_event(self, value: int) -> int:
         """used->avail_event = value (EVENT_IDX); return its offset in the used area."""
         rel = 4 + 8 * self.num

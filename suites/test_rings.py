@@ -32,6 +32,7 @@ from vhost_conformance.suites.model import (
     CaseFailed,
     CaseHang,
     CaseNonStrict,
+    Unsupported,
     case,
 )
 from vhost_conformance.suites.target import BackendTarget
@@ -274,3 +275,31 @@ def test_no_interrupt_without_event_idx(
                          seen="not signalled")
     if suppressed:
         raise CaseNonStrict("call eventfd signalled although avail->flags had NO_INTERRUPT")
+
+
+@case(
+    "VU-RING-13",
+    title="used->flags is 0 or 1 (0 with EVENT_IDX)",
+    family="rings",
+    level=MUST,
+    clause="VIRTIO 1.3 2.7.10.2 Available Buffer Notification Suppression (device requirements)",
+    quote="The device MUST set flags to 0 or 1. ... The device MUST set flags to 0.",
+    requirement="On a split ring the device keeps used->flags at 0 or 1 without "
+    "VIRTIO_F_EVENT_IDX, and at 0 with it (the same section's second device requirement), "
+    "after the start and after I/O.",
+)
+def test_used_flags_values(vhost_session: Session) -> None:
+    """used->flags read after the start and after I/O."""
+    vq = vhost_session.queues[0].vq
+    if vq.packed:
+        raise Unsupported("used->flags", "a packed ring has no used->flags field")
+    event_idx = vhost_session.negotiated.acked_features >> VirtioFeature.RING_EVENT_IDX & 1
+    allowed = {0} if event_idx else {0, 1}
+    seen = [("after the start", vq.used_flags)]  # type: ignore[attr-defined]
+    do_io(vhost_session, 2)
+    seen.append(("after 4 completed requests", vq.used_flags))  # type: ignore[attr-defined]
+    for when, flags in seen:
+        if flags not in allowed:
+            raise CaseFailed(
+                f"used->flags {when} ({'with' if event_idx else 'without'} EVENT_IDX)",
+                expected=" or ".join(str(v) for v in sorted(allowed)), seen=f"{flags:#x}")

@@ -42,6 +42,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "features-change": ("VU-FEAT-8",),
     "capacity-ignored": ("VU-BLK-4",),
     "wce-without-flush": ("VU-FEAT-11",),
+    "used-flags-garbage": ("VU-RING-13",),
 }
 
 #: knobs no case catches yet (the weak rows of SPEC-AUDIT section 8): may only shrink.
