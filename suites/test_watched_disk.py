@@ -10,11 +10,14 @@ that suspended host I/O be cancelled, the author's server does not really cancel
 from __future__ import annotations
 
 import hashlib
+import signal
 import time
 from collections.abc import Callable
 
 from vhost_conformance.frontend.accounting import Ledger
 from vhost_conformance.frontend.blk import SECTOR_SIZE, BlkRequest
+from vhost_conformance.frontend.channel import Channel
+from vhost_conformance.frontend.migration import reconnect
 from vhost_conformance.frontend.protocol import ProtocolFeature as P
 from vhost_conformance.reports.model import Tier
 from vhost_conformance.suites.catalogue import RST
@@ -24,6 +27,7 @@ from vhost_conformance.suites.drivers import (
     expect_status,
     pattern,
     pending_io,
+    require_command,
     stop_now,
     wait_all,
     wait_popped,
@@ -41,7 +45,7 @@ from vhost_conformance.suites.drivers.watched import (
     overlaps,
     writes_after,
 )
-from vhost_conformance.suites.model import MUST, CaseFailed, case
+from vhost_conformance.suites.model import INFO, MUST, CaseFailed, case
 from vhost_conformance.suites.target import BackendTarget
 from vhost_conformance.suites.watched import WatchedDisk
 
@@ -248,3 +252,45 @@ def test_the_disk_ends_with_the_newer_write(
             expected="the newer data on the image",
             seen=(f"sector {new.sector}: " + ("the held WRITE's data landed after the newer one: "
                   + describe(late, newer_done) if late else "other data")))
+
+
+@case(
+    "VU-DISK-5",
+    title="Executions per held WRITE across a kill and reconnect (measured)",
+    family="reconnect", level=INFO, tier=Tier.INTEROP,
+    clause=f"{RST} Inflight I/O tracking",
+    source="QEMU 11.1.3 hw/block/vhost-user-blk.c vhost_user_blk_connect: after the back-end "
+    "died, the reconnect hands the kept in-flight region back and the back-end resubmits "
+    "what it marks (QEMU-TRACES (d))",
+    requirement="SIGKILL of the back-end with WRITEs held on the watched disk, restart, QEMU's "
+    "reconnect: how often each held WRITE reached the disk (once, twice, never), and how many "
+    "completed for the guest.",
+)
+def test_executions_across_a_kill_and_reconnect(
+    vhost_target: BackendTarget, make_session: SessionFactory,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """Measured, never judged (VU-RECON-2 judges the completions): a WRITE the filesystem was
+    still holding when the process died still lands once (the kernel had it); one the back-end
+    had not issued lands only if the reconnect resubmits it; a resubmitted one that had
+    already landed lands twice (same data: harmless here, nothing newer was written)."""
+    target = require_command(vhost_target)
+    with journaled_hold(target, LATENCY_MS) as disk:
+        s = make_session(target, model=False)
+        ledger = Ledger()
+        held = submit_tracked(s, ledger, HELD, kinds=("write",), sector=2048)
+        wait_popped(s, 0, settle=LATENCY_MS / 2000)
+        target.send_signal(signal.SIGKILL)
+        if target.wait_exit(s.timeout) is None:
+            raise CaseFailed("the back-end after SIGKILL", expected="dead", seen="still running")
+        target.start()
+        channel = Channel(target.connect_socket(s.timeout), trace=s.channel.trace)
+        reconnect(s, channel, ledger=ledger, hop="restart")
+        missing = harvest_until(s, ledger, held, s.timeout + LATENCY_MS / 1000)
+        time.sleep(2 * LATENCY_MS / 1000)
+        journal = disk.journal()
+    counts = [executions(journal, r, hashlib.sha256(r.out_data).hexdigest()) for r in held]
+    vhost_measurements["held_executed_once"] = float(counts.count(1))
+    vhost_measurements["held_executed_never"] = float(counts.count(0))
+    vhost_measurements["held_executed_twice_or_more"] = float(sum(1 for c in counts if c > 1))
+    vhost_measurements["held_completed_for_the_guest"] = float(len(held) - len(missing))
