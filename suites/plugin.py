@@ -1014,9 +1014,8 @@ def qemu_agreement(caps: Capabilities) -> tuple[int, int]:
 def _capabilities_payload(caps: Capabilities) -> dict[str, Any]:
     """What report.json's ``backend`` says about the probed back-end (JSON-able)."""
     from vhost_conformance.frontend.protocol import (
-        BlkFeature,
         ProtocolFeature,
-        VirtioFeature,
+        device_feature_names,
         feature_names,
     )
 
@@ -1029,7 +1028,7 @@ def _capabilities_payload(caps: Capabilities) -> dict[str, Any]:
         "queue_num": caps.queue_num,
         "negotiated_features": features,
         "negotiated_protocol_features": protocol,
-        "negotiated_feature_names": feature_names(features, VirtioFeature, BlkFeature),
+        "negotiated_feature_names": device_feature_names(features, caps.device_type),
         "negotiated_protocol_feature_names": feature_names(protocol, ProtocolFeature),
         "max_mem_slots": caps.max_mem_slots,
         "config": _config_summary(caps) or None,

@@ -46,6 +46,7 @@ from vhost_conformance.frontend.protocol import (
     MessageParser,
     ProtocolFeature,
     VirtioFeature,
+    device_feature_names,
     encode_request,
     feature_names,
     has,
@@ -1039,6 +1040,8 @@ class Capabilities:
     queue_num: int | None = None
     max_mem_slots: int | None = None
     config: bytes | None = None
+    #: the device type the names of device feature bits come from (suites.device_type)
+    device_type: str = DEFAULT_DEVICE_TYPE
 
     def offers(self, feature: Feature) -> bool:
         """Whether the back-end offers ``feature`` (virtio bits in GET_FEATURES, protocol bits
@@ -1054,8 +1057,8 @@ class Capabilities:
         return [f for f in features if not self.offers(f)]
 
     def feature_names(self) -> list[str]:
-        """Names of the offered virtio bits (transport and blk)."""
-        return feature_names(self.features, VirtioFeature, BlkFeature)
+        """Names of the offered virtio bits (transport and the device type's)."""
+        return device_feature_names(self.features, self.device_type)
 
     def protocol_feature_names(self) -> list[str]:
         """Names of the offered protocol bits."""
@@ -1112,7 +1115,7 @@ def probe_capabilities(
         return U64.decode(reply.payload).value
 
     features = ask_u64(FrontendRequest.GET_FEATURES)
-    caps = Capabilities(features)
+    caps = Capabilities(features, device_type=device_type)
     if not has(features, VirtioFeature.PROTOCOL_FEATURES):
         return caps
     protocol = ask_u64(FrontendRequest.GET_PROTOCOL_FEATURES)
@@ -1136,7 +1139,7 @@ def probe_capabilities(
         )
         with contextlib.suppress(Exception):
             config = Config.decode(reply.payload).data
-    return Capabilities(features, protocol, queue_num, max_slots, config)
+    return Capabilities(features, protocol, queue_num, max_slots, config, device_type)
 
 
 # --------------------------------------------------------------------------- factory

@@ -82,7 +82,7 @@ def test_factory_prefers_the_profile_then_print_capabilities(short_dir: pathlib.
             factory.close()
 
 
-def test_probe_asks_config_of_a_block_device_only(short_dir: pathlib.Path) -> None:
+def test_probe_asks_config_of_a_block_device_only_and_names_bits_by_type(short_dir: pathlib.Path) -> None:
     target = CommandTarget(command_profile(fake_command()), short_dir / "t", stop_timeout=5)
     target.start()
     try:
@@ -92,6 +92,9 @@ def test_probe_asks_config_of_a_block_device_only(short_dir: pathlib.Path) -> No
         with contextlib.closing(target.connect_socket(5)) as sock:
             caps = probe_capabilities(sock, 5, device_type="net")
         assert caps.config is None and caps.queue_num == 1
+        # the fake offers VIRTIO_BLK_F_SEG_MAX (bit 2): on a net device bit 2 has net's name
+        assert "CTRL_GUEST_OFFLOADS" in caps.feature_names()
+        assert "SEG_MAX" not in caps.feature_names()
     finally:
         target.stop()
 
