@@ -108,8 +108,13 @@ def test_no_watched_mount_outlives_a_suite_killed_mid_case(tmp_path: Path) -> No
         for pid in fs:  # the filesystem process too: nothing left to unmount it
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
+        # the suite's back-ends run in sessions of their own: end them by id with the suite
+        children = _descendants(suite.pid)
         os.kill(suite.pid, signal.SIGKILL)
         suite.wait(10)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(suite.pid, signal.SIGKILL)  # the suite's own back-end children
@@ -124,6 +129,26 @@ def test_no_watched_mount_outlives_a_suite_killed_mid_case(tmp_path: Path) -> No
     with watched.watched(backing, tmp_path / "next"):
         assert point not in [p for p, _ in watched.watched_mounts()]
     assert not [p for p, owner in watched.watched_mounts() if owner == suite.pid]
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children, their children, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def test_a_missing_binding_is_a_reason_not_a_crash(tmp_path: Path) -> None:
