@@ -9,7 +9,6 @@ import json
 import pathlib
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 from test_suites_fakebackend import fake_command
@@ -22,19 +21,6 @@ from vhost_conformance.suites.target import (
     command_profile,
     probe_capabilities,
 )
-
-
-@pytest.fixture
-def short_dir() -> Iterator[pathlib.Path]:
-    """A short directory (Unix socket paths must stay under 108 bytes)."""
-    import shutil
-    import tempfile
-
-    path = pathlib.Path(tempfile.mkdtemp(prefix="vct-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _py(code: str) -> list[str]:

@@ -11,7 +11,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from test_suites_fakebackend import fake_command
@@ -36,19 +35,6 @@ from vhost_conformance.suites.target import (
     probe_capabilities,
     render_command,
 )
-
-
-@pytest.fixture
-def short_dir() -> Iterator[pathlib.Path]:
-    """A short directory (Unix socket paths must stay under 108 bytes)."""
-    import shutil
-    import tempfile
-
-    path = pathlib.Path(tempfile.mkdtemp(prefix="vct-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_parse_size() -> None:
