@@ -233,7 +233,10 @@ class CaseResult:
     level of what was found when it is stronger than the case's own (a MUST violation seen
     by a MAY or INFO case: the gate judges it as a MUST); ``rerun`` the one command that
     re-runs this case alone; ``behaviour`` the key of the observed behaviour behind a
-    failure (results sharing one are counted once, see ``see``).
+    failure (results sharing one are counted once, see ``see``). ``tier`` says what the
+    verdict rests on (:class:`Tier`), ``quote`` the spec sentence(s) a conformance case
+    enforces, ``source`` the QEMU source or trace an interop case follows, ``leak`` that the
+    case measures a leak (a robustness ``fail`` then gates).
     """
 
     id: str
@@ -259,6 +262,7 @@ class CaseResult:
     tier: Tier = Tier.CONFORMANCE
     quote: str | None = None
     source: str | None = None
+    leak: bool = False
 
     def __post_init__(self) -> None:
         # Accept plain strings from callers; store the enums.
@@ -295,7 +299,7 @@ class CaseResult:
 
         Whatever the tier: a MUST-level finding (``finding_level``) with fail/hang/crash/
         error/disallowed disconnect. Conformance: the same on a MUST case. Robustness:
-        crash or hang at any level. Interop: nothing else (reported; gates under --strict).
+        crash or hang at any level, and fail of a case that measures a leak (``leak``). Interop: nothing else (reported; gates under --strict).
         """
         if not self.bad:
             return False
@@ -304,6 +308,8 @@ class CaseResult:
         if self.tier is Tier.CONFORMANCE:
             return self.gate_level is Level.MUST and self.verdict in _GATE_BLOCKING
         if self.tier is Tier.ROBUSTNESS:
+            if self.leak and self.verdict is Verdict.FAIL:
+                return True
             return self.verdict in _ROBUSTNESS_BLOCKING
         return False
 
@@ -336,6 +342,7 @@ class CaseResult:
             "tier": self.tier.value,
             "quote": self.quote,
             "source": self.source,
+            "leak": self.leak,
         }
 
     @classmethod
@@ -385,6 +392,7 @@ class CaseResult:
             ),
             quote=r.get_opt_str("quote"),
             source=r.get_opt_str("source"),
+            leak=r.get_bool("leak", False),
         )
 
 

@@ -109,7 +109,8 @@ class Case:
     carries ``quote``: the normative sentence(s) it enforces, verbatim from vhost-user.rst as
     QEMU 11.1.3 ships it (tests/test_spec_quotes.py checks), or a VIRTIO 1.3 sentence with
     its section in ``clause``; its ``level`` is the quote's own. An interop case carries
-    ``source``: the QEMU 11.1.3 source file/function or QEMU-TRACES.md section it follows."""
+    ``source``: the QEMU 11.1.3 source file/function or QEMU-TRACES.md section it follows.
+    ``leak``: the case measures a leak (fds, mappings): a robustness case's ``fail`` gates."""
 
     id: str
     title: str
@@ -123,6 +124,7 @@ class Case:
     tier: Tier = None  # type: ignore[assignment]  # None: derived from the family
     quote: str | None = None
     source: str | None = None
+    leak: bool = False
 
     def __post_init__(self) -> None:
         if self.tier is None:

@@ -835,6 +835,7 @@ class VhostRun:
             tier=state.case.tier,
             quote=state.case.quote,
             source=state.case.source,
+            leak=state.case.leak,
             verdict=final,
             reason=verdict.reason,
             duration_s=state.duration,
