@@ -739,6 +739,13 @@ class VhostRun:
                 alive = True
                 log_tail = target.log_tail()
         classified = classify(exc, alive=alive, exit_status=exit_status, log_tail=log_tail)
+        if (
+            classified.verdict is Verdict.FAIL
+            and state.case.level is Level.SHOULD
+            and classified.finding_level is not Level.MUST
+        ):
+            # the verdict names what was violated: a SHOULD case's failure is non-strict
+            classified = replace(classified, verdict=Verdict.NON_STRICT)
         if classified.verdict is Verdict.HANG and classified.log_tail is None:
             return replace(classified, log_tail=log_tail)
         return classified

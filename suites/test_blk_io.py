@@ -15,6 +15,7 @@ from vhost_conformance.frontend.blk import (
 )
 from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.protocol import BlkFeature, ProtocolFeature
+from vhost_conformance.suites.clauses import RST, VIRTIO
 from vhost_conformance.suites.drivers import (
     IoError,
     SessionFactory,
@@ -47,7 +48,20 @@ def _one(session: Session, request_type: int, **raw: object) -> tuple[int, int, 
     return done.status, done.len, done.data
 
 
-@case("VU-BLK-1", level=MUST)
+@case(
+    "VU-BLK-1",
+    title="Write, then read back",
+    family="blk-io",
+    level=MUST,
+    clause=f"{VIRTIO} Block Device: Device Operation",
+    quote=(
+        "started and enabled: The back-end must process the ring normally, i.e. process all "
+        "requests and execute them."
+    ),
+    requirement=(
+        "Data written with VIRTIO_BLK_T_OUT reads back unchanged with VIRTIO_BLK_T_IN, status OK."
+    ),
+)
 def test_write_then_read_back(vhost_session: Session) -> None:
     """Data written with VIRTIO_BLK_T_OUT reads back unchanged with VIRTIO_BLK_T_IN."""
     write_read_verify(vhost_session, 0, pattern(1, 4096))
@@ -58,13 +72,39 @@ def test_write_then_read_back(vhost_session: Session) -> None:
     do_io(vhost_session, 4, sector=1024, nsectors=16)
 
 
-@case("VU-BLK-2", level=MUST, requires=[BlkFeature.FLUSH])
+@case(
+    "VU-BLK-2",
+    title="FLUSH",
+    family="blk-io",
+    level=MUST,
+    clause=f"{VIRTIO} 5.2.6.2 Block Device: Device Operation: Device Requirements",
+    quote=(
+        "the device MUST ensure that stable writes are committed to it, before reporting "
+        "completion of the write (cases 1 and 2) or the flush (case 3)"
+    ),
+    requirement="With FLUSH offered, VIRTIO_BLK_T_FLUSH completes with status OK.",
+    requires=[BlkFeature.FLUSH],
+)
 def test_flush_completes_ok(vhost_session: Session) -> None:
     """With FLUSH offered, VIRTIO_BLK_T_FLUSH completes with status OK."""
     do_io(vhost_session, 1, kinds=("write", "flush", "read"))
 
 
-@case("VU-BLK-3", level=MUST)
+@case(
+    "VU-BLK-3",
+    title="Unknown request types are UNSUPP",
+    family="blk-io",
+    level=MUST,
+    clause=f"{VIRTIO} 5.2.6 Block Device: Device Operation",
+    quote=(
+        "The final status byte is written by the device: either VIRTIO_BLK_S_OK for success, "
+        "VIRTIO_BLK_S_IOERR for device or driver error or VIRTIO_BLK_S_UNSUPP for a request "
+        "unsupported by device."
+    ),
+    requirement=(
+        "A request of a type the device does not implement completes with VIRTIO_BLK_S_UNSUPP."
+    ),
+)
 def test_unknown_type_is_unsupp(vhost_session: Session) -> None:
     """A request of a type the device does not implement completes with UNSUPP."""
     status, _, _ = _one(vhost_session, UNKNOWN_TYPE, in_len=SECTOR_SIZE)
@@ -116,7 +156,21 @@ def test_zone_requests_are_unsupp(vhost_session: Session) -> None:
     do_io(vhost_session, 1)
 
 
-@case("VU-BLK-4", level=MUST)
+@case(
+    "VU-BLK-4",
+    title="I/O beyond capacity fails",
+    family="blk-io",
+    level=MUST,
+    clause=f"{VIRTIO} 5.2.6 Block Device: Device Operation",
+    quote=(
+        "The final status byte is written by the device: either VIRTIO_BLK_S_OK for success, "
+        "VIRTIO_BLK_S_IOERR for device or driver error or VIRTIO_BLK_S_UNSUPP for a request "
+        "unsupported by device."
+    ),
+    requirement=(
+        "A read or write past the capacity completes with VIRTIO_BLK_S_IOERR and touches nothing."
+    ),
+)
 def test_io_beyond_capacity_fails(vhost_session: Session) -> None:
     """A read or write past the capacity completes with IOERR and touches nothing."""
     capacity = capacity_of(vhost_session) // SECTOR_SIZE
@@ -146,7 +200,15 @@ def test_io_beyond_capacity_fails(vhost_session: Session) -> None:
     expect_status(wait_all(vhost_session, [read]), what="read of the last 8 sectors")
 
 
-@case("VU-BLK-5", level=SHOULD)
+@case(
+    "VU-BLK-5",
+    title="GET_ID",
+    family="blk-io",
+    level=SHOULD,
+    clause=f"{VIRTIO} 5.2.6 Block Device: Device Operation (VIRTIO_BLK_T_GET_ID)",
+    quote="The device ID string is a NUL-padded ASCII string up to 20 bytes long.",
+    requirement="VIRTIO_BLK_T_GET_ID fills at most 20 bytes and completes OK or UNSUPP.",
+)
 def test_get_id(vhost_session: Session) -> None:
     """VIRTIO_BLK_T_GET_ID fills at most 20 bytes and completes OK or UNSUPP.
 
@@ -164,7 +226,23 @@ def test_get_id(vhost_session: Session) -> None:
         )
 
 
-@case("VU-BLK-6", level=MUST, requires=[BlkFeature.DISCARD])
+@case(
+    "VU-BLK-6",
+    title="DISCARD",
+    family="blk-io",
+    level=MUST,
+    clause=f"{VIRTIO} 5.2.6 Block Device: Device Operation (discard)",
+    quote=(
+        "The final status byte is written by the device: either VIRTIO_BLK_S_OK for success, "
+        "VIRTIO_BLK_S_IOERR for device or driver error or VIRTIO_BLK_S_UNSUPP for a request "
+        "unsupported by device."
+    ),
+    requirement=(
+        "With DISCARD offered, a discard within max_discard_sectors completes OK; one beyond it "
+        "is rejected."
+    ),
+    requires=[BlkFeature.DISCARD],
+)
 def test_discard(vhost_session: Session) -> None:
     """A discard within max_discard_sectors completes OK; one beyond it is rejected."""
     config = BlkConfig.decode(vhost_session.negotiated.config)
@@ -200,7 +278,19 @@ def test_discard(vhost_session: Session) -> None:
             )
 
 
-@case("VU-BLK-7", level=MUST, requires=[BlkFeature.WRITE_ZEROES])
+@case(
+    "VU-BLK-7",
+    title="WRITE_ZEROES",
+    family="blk-io",
+    level=MUST,
+    clause=f"{VIRTIO} 5.2.6.2 Block Device: Device Operation: Device Requirements",
+    quote=(
+        "After a write zeroes command is completed, reads of the specified ranges of sectors "
+        "MUST return zeroes. This is true independent of whether unmap was set or clear."
+    ),
+    requirement="With WRITE_ZEROES offered, the range reads back as zeroes.",
+    requires=[BlkFeature.WRITE_ZEROES],
+)
 def test_write_zeroes(vhost_session: Session) -> None:
     """With WRITE_ZEROES offered, the range reads back as zeroes."""
     blk = vhost_session.queues[0].blk
@@ -219,7 +309,26 @@ def test_write_zeroes(vhost_session: Session) -> None:
         )
 
 
-@case("VU-BLK-8", level=MUST)
+@case(
+    "VU-BLK-8",
+    title="Read-only device refuses writes",
+    family="blk-io",
+    level=MUST,
+    clause=f"{VIRTIO} 5.2.6.2 Block Device: Device Operation: Device Requirements",
+    quote=(
+        "A device MUST set the status byte to VIRTIO_BLK_S_IOERR for a write request if the "
+        "VIRTIO_BLK_F_RO feature if offered, and MUST NOT write any data."
+    ),
+    requirement=(
+        "A device that offers RO (the profile's read-only variant) completes writes with "
+        "VIRTIO_BLK_S_IOERR and leaves the data unchanged."
+    ),
+    ambiguity=(
+        "the back-end under test does not offer RO by default: the case restarts it read-only "
+        "where the profile knows how (reference --read-only, qemu-storage-daemon writable=off) "
+        "and is unsupported elsewhere"
+    ),
+)
 def test_read_only_device_refuses_writes(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -251,7 +360,21 @@ def test_read_only_device_refuses_writes(
         raise IoError("sectors 16..23 after a refused write", expected="unchanged", seen="changed")
 
 
-@case("VU-BLK-9", level=MUST, requires=[ProtocolFeature.MQ, BlkFeature.MQ])
+@case(
+    "VU-BLK-9",
+    title="I/O on every queue",
+    family="blk-io",
+    level=MUST,
+    clause=f"{RST} Multiple queue support",
+    quote=(
+        "started and enabled: The back-end must process the ring normally, i.e. process all "
+        "requests and execute them.\n"
+        "The max number of queues the back-end supports can be queried with message "
+        "VHOST_USER_GET_QUEUE_NUM."
+    ),
+    requirement="With several queues, requests on each queue complete on that queue.",
+    requires=[ProtocolFeature.MQ, BlkFeature.MQ],
+)
 def test_io_on_every_queue(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, make_session: SessionFactory
 ) -> None:

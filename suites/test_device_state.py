@@ -37,6 +37,7 @@ from vhost_conformance.frontend.protocol import (
     FrontendRequest,
     ProtocolFeature,
 )
+from vhost_conformance.suites.clauses import RST
 from vhost_conformance.suites.drivers import SessionFactory
 from vhost_conformance.suites.drivers.migration import destination_target
 from vhost_conformance.suites.model import MUST, CaseFailed, case
@@ -253,7 +254,19 @@ def transfer_scenario(source: Session, open_destination: Callable[[], Session]) 
 # --------------------------------------------------------------------------- cases
 
 
-@case("VU-DS-1", level=MUST, requires=[P.DEVICE_STATE])
+@case(
+    "VU-DS-1",
+    title="SET_DEVICE_STATE_FD: error or fd, not both",
+    family="device-state",
+    level=MUST,
+    clause=f"{RST} Front-end message types: SET_DEVICE_STATE_FD",
+    quote="The back-end must not both indicate an error and return a file descriptor.",
+    requirement=(
+        "The reply never reports an error and returns an fd at once; a returned fd is the one to "
+        "use."
+    ),
+    requires=[ProtocolFeature.DEVICE_STATE],
+)
 def test_set_device_state_fd_error_or_fd(
     vhost_session: Session, vhost_measurements: dict[str, float]
 ) -> None:
@@ -276,7 +289,27 @@ def set_device_state_fd_after_stop(session: Session) -> Transfer:
     return set_device_state_fd(session, SAVE)
 
 
-@case("VU-DS-2", level=MUST, requires=[P.DEVICE_STATE])
+@case(
+    "VU-DS-2",
+    title="State transfer is a pipe, checked after",
+    family="device-state",
+    level=MUST,
+    clause=f"{RST} Migrating back-end state",
+    quote=(
+        "The nature of the channel is implementation-defined, but it must generally behave like "
+        "a pipe: The writing end will write all the data it has into it, signalling the end of "
+        "data by closing its end.\n"
+        "The reading end must read all of this data (until encountering the end of file) and "
+        "process it.\n"
+        "The value returned indicates success or error; 0 is success, any non-zero value is an "
+        "error."
+    ),
+    requirement=(
+        "The state is written to / read from the transfer fd until EOF, and CHECK_DEVICE_STATE "
+        "then reports success."
+    ),
+    requires=[ProtocolFeature.DEVICE_STATE],
+)
 def test_state_transfer_is_a_pipe_checked_after(
     vhost_target: BackendTarget,
     vhost_target_factory: Callable[[str], BackendTarget],

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from vhost_conformance.frontend.accounting import AccountingFinding, Ledger
 from vhost_conformance.frontend.channel import Channel
 from vhost_conformance.frontend.migration import harvest_all, reconnect, stop_like_qemu
+from vhost_conformance.frontend.protocol import ProtocolFeature
+from vhost_conformance.suites.clauses import RST
 from vhost_conformance.suites.drivers import (
     SessionFactory,
     require_command,
@@ -38,7 +40,7 @@ from vhost_conformance.suites.drivers.migration import (
     watch_quiet,
 )
 from vhost_conformance.suites.drivers.recovery import out_of_order_recovery
-from vhost_conformance.suites.model import MUST, CaseFailed, case
+from vhost_conformance.suites.model import MUST, SHOULD, CaseFailed, case
 from vhost_conformance.suites.target import BackendTarget, SlowIoUnsupported
 
 
@@ -66,7 +68,21 @@ def _maybe_slow(target: BackendTarget) -> Iterator[bool]:
             context.__exit__(None, None, None)
 
 
-@case("VU-DBL-1", level=MUST)
+@case(
+    "VU-DBL-1",
+    title="No double completion across stop and restart",
+    family="double-submission",
+    level=MUST,
+    clause=f"{RST} Front-end message types: GET_VRING_BASE / SET_VRING_BASE",
+    quote=(
+        "By default, the back-end must complete all inflight I/O requests for the specified "
+        "vring before stopping it."
+    ),
+    requirement=(
+        "Across GET_VRING_BASE, SET_VRING_BASE and restart on one back-end, every request tag "
+        "completes exactly once."
+    ),
+)
 def test_no_double_completion_across_stop_and_restart(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -92,7 +108,31 @@ def test_no_double_completion_across_stop_and_restart(
         fail_on(ledger.findings(), "requests across GET_VRING_BASE and a restart")
 
 
-@case("VU-DBL-2", level=MUST)
+@case(
+    "VU-DBL-2",
+    title="Exactly once across in-flight migration",
+    family="double-submission",
+    level=MUST,
+    clause=f"{RST} Inflight I/O tracking",
+    quote=(
+        "By default, the back-end must complete all inflight I/O requests for the specified "
+        "vring before stopping it.\n"
+        "If the VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT protocol feature has been "
+        "negotiated, the back-end may suspend in-flight I/O requests and record them as "
+        "described in Inflight I/O tracking instead of completing them before stopping the "
+        "vring.\n"
+        "When VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD protocol feature has been successfully "
+        "negotiated, this message is submitted by the front-end to send the shared inflight "
+        "buffer back to the back-end so that the back-end could get inflight I/O after a crash "
+        "or restart."
+    ),
+    requirement=(
+        "With bit 20, each request completes exactly once across source and destination: never "
+        "on both."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.GET_VRING_BASE_INFLIGHT],
+    needs=["slow-io"],
+)
 def test_exactly_once_across_inflight_migration(
     vhost_target: BackendTarget,
     vhost_target_factory: Callable[[str], BackendTarget],
@@ -108,7 +148,30 @@ def test_exactly_once_across_inflight_migration(
     fail_on(findings, "requests held across an in-flight migration")
 
 
-@case("VU-DBL-3", level=MUST)
+@case(
+    "VU-DBL-3",
+    title="Exactly once across a crash",
+    family="double-submission",
+    level=SHOULD,
+    clause=f"{RST} Inflight I/O tracking",
+    quote=(
+        "To track inflight I/O, the queue region should be processed as follows:\n"
+        "When VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD protocol feature has been successfully "
+        "negotiated, this message is submitted by the front-end to send the shared inflight "
+        "buffer back to the back-end so that the back-end could get inflight I/O after a crash "
+        "or restart.\n"
+        "If the value of used_idx does not match the idx value of used ring (means the inflight "
+        "field of DescStateSplit entries in last batch may be incorrect), Subtract the value of "
+        "used_idx from the idx value of used ring to get last batch size of DescStateSplit "
+        "entries"
+    ),
+    requirement=(
+        "Killing the back-end with K requests outstanding, restarting and reconnecting completes "
+        "each of them exactly once."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD],
+    needs=["command", "slow-io"],
+)
 def test_exactly_once_across_a_crash(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -141,7 +204,25 @@ def test_exactly_once_across_a_crash(
     out_of_order_recovery(target, make_session)
 
 
-@case("VU-DBL-4", level=MUST)
+@case(
+    "VU-DBL-4",
+    title="Completed requests are not resubmitted",
+    family="double-submission",
+    level=SHOULD,
+    clause=f"{RST} Inflight I/O tracking",
+    quote=(
+        "To track inflight I/O, the queue region should be processed as follows:\n"
+        "If the value of used_idx does not match the idx value of used ring (means the inflight "
+        "field of DescStateSplit entries in last batch may be incorrect), Subtract the value of "
+        "used_idx from the idx value of used ring to get last batch size of DescStateSplit "
+        "entries"
+    ),
+    requirement=(
+        "A request already in the used ring on the source is not completed again on the "
+        "destination or after a reconnect."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD],
+)
 def test_completed_requests_are_not_resubmitted(
     vhost_target: BackendTarget,
     vhost_target_factory: Callable[[str], BackendTarget],

@@ -46,6 +46,7 @@ from vhost_conformance.frontend.protocol import (
     ProtocolFeature,
     VringState,
 )
+from vhost_conformance.suites.clauses import RST
 from vhost_conformance.suites.drivers import capacity_of, pattern, wait_all
 from vhost_conformance.suites.drivers.hostile import (
     RAM_SIZE,
@@ -597,7 +598,17 @@ def run_machine(
     return dict(machine.counts)
 
 
-@case("VU-FUZZ-1", level=MUST)
+@case(
+    "VU-FUZZ-1",
+    title="Fuzzed start sequences",
+    family="fuzz",
+    level=MUST,
+    clause=f"{RST} Communication",
+    requirement=(
+        "Any order and subset of the start-up messages (hypothesis) never crashes or hangs the "
+        "back-end."
+    ),
+)
 def test_fuzzed_message_sequences(
     vhost_target: BackendTarget,
     vhost_capabilities: Capabilities,

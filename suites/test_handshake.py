@@ -27,6 +27,8 @@ from vhost_conformance.frontend.protocol import (
     has,
 )
 from vhost_conformance.frontend.sequences import GET_CONFIG_LEN, agree_protocol
+from vhost_conformance.reports.model import Tier
+from vhost_conformance.suites.clauses import QEMU_FLAGS, RST, VIRTIO
 from vhost_conformance.suites.model import (
     MUST,
     SHOULD,
@@ -130,7 +132,15 @@ def get_config(channel: Channel, offset: int, size: int, *, timeout: float) -> C
 # --------------------------------------------------------------------------- header
 
 
-@case("VU-HDR-1", level=MUST)
+@case(
+    "VU-HDR-1",
+    title="Replies carry version 1",
+    family="handshake",
+    level=MUST,
+    clause=f"{RST} Message specification: Header",
+    quote="Lower 2 bits are the version (currently 0x01)",
+    requirement="Every reply from the back-end has 0x1 in flags bits 0-1.",
+)
 def test_replies_carry_version_1(vhost_channel: Channel, vhost_timeout: float) -> None:
     """Every reply from the back-end has 0x1 in flags bits 0-1."""
     for request in (R.GET_FEATURES, R.GET_FEATURES):
@@ -143,7 +153,18 @@ def test_replies_carry_version_1(vhost_channel: Channel, vhost_timeout: float) -
             )
 
 
-@case("VU-HDR-2", level=MUST)
+@case(
+    "VU-HDR-2",
+    title="Reply flags are exactly 0x5",
+    family="handshake",
+    level=MUST,
+    clause=f"{RST} Message specification: Header",
+    quote="Bit 2 is the reply flag - needs to be sent on each reply from the back-end",
+    requirement=(
+        "Every reply sets REPLY (bit 2) and version 1 and no other flag bit, NEED_REPLY included."
+    ),
+    ambiguity=QEMU_FLAGS,
+)
 def test_reply_flags_are_exactly_0x5(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -161,7 +182,22 @@ def test_reply_flags_are_exactly_0x5(
             )
 
 
-@case("VU-HDR-3", level=MUST)
+@case(
+    "VU-HDR-3",
+    title="Replies answer the request they reply to",
+    family="handshake",
+    level=MUST,
+    clause=f"{RST} Message specification: Header",
+    quote="Most of the requests don’t require replies, except for the following requests:",
+    requirement=(
+        "A reply carries the request id of the request it answers and the payload size of that "
+        "reply's layout."
+    ),
+    ambiguity=(
+        "the spec implies it; QEMU 11.1.3 rejects a reply whose request id differs or whose size "
+        "is not the layout's"
+    ),
+)
 def test_replies_answer_their_request(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -176,7 +212,18 @@ def test_replies_answer_their_request(
         ask_u64(vhost_channel, R.GET_MAX_MEM_SLOTS, timeout=vhost_timeout)
 
 
-@case("VU-HDR-4", level=MUST)
+@case(
+    "VU-HDR-4",
+    title="Integers in host-native byte order",
+    family="handshake",
+    level=MUST,
+    clause=f"{RST} Message specification (byte order note)",
+    quote="All numbers are in the machine native byte order.",
+    requirement=(
+        "Feature words and indices in replies are in the host's native byte order (VERSION_1 "
+        "appears at bit 32 of GET_FEATURES)."
+    ),
+)
 def test_integers_are_host_native(vhost_channel: Channel, vhost_timeout: float) -> None:
     """Feature words are native-endian: VERSION_1 / bit 30 show where they belong."""
     reply = ask(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
@@ -198,7 +245,24 @@ def test_integers_are_host_native(vhost_channel: Channel, vhost_timeout: float) 
 # --------------------------------------------------------------------------- features
 
 
-@case("VU-FEAT-1", level=MUST, requires=[VirtioFeature.PROTOCOL_FEATURES])
+@case(
+    "VU-FEAT-1",
+    title="Protocol features negotiable before SET_FEATURES",
+    family="handshake",
+    level=MUST,
+    clause=f"{RST} Front-end message types: GET_PROTOCOL_FEATURES / SET_PROTOCOL_FEATURES",
+    quote=(
+        "Feature bit VHOST_USER_F_PROTOCOL_FEATURES signals back-end support for "
+        "VHOST_USER_GET_PROTOCOL_FEATURES and VHOST_USER_SET_PROTOCOL_FEATURES.\n"
+        "Back-ends that report VHOST_USER_F_PROTOCOL_FEATURES must support this message even "
+        "before VHOST_USER_SET_FEATURES was called."
+    ),
+    requirement=(
+        "A back-end offering bit 30 answers GET_PROTOCOL_FEATURES and accepts "
+        "SET_PROTOCOL_FEATURES before any SET_FEATURES."
+    ),
+    requires=[VirtioFeature.PROTOCOL_FEATURES],
+)
 def test_protocol_features_before_set_features(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -208,7 +272,22 @@ def test_protocol_features_before_set_features(
     ask_u64(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
 
 
-@case("VU-FEAT-3", level=SHOULD, requires=[P.INBAND_NOTIFICATIONS])
+@case(
+    "VU-FEAT-3",
+    title="In-band notifications need BACKEND_REQ and REPLY_ACK",
+    family="handshake",
+    level=SHOULD,
+    clause=f"{RST} In-band notifications",
+    quote=(
+        "It is also considered an error to negotiate this feature without also negotiating "
+        "VHOST_USER_PROTOCOL_F_BACKEND_REQ and VHOST_USER_PROTOCOL_F_REPLY_ACK"
+    ),
+    requirement=(
+        "A back-end offering INBAND_NOTIFICATIONS closes the connection when it is negotiated "
+        "without BACKEND_REQ and REPLY_ACK."
+    ),
+    requires=[ProtocolFeature.INBAND_NOTIFICATIONS],
+)
 def test_inband_notifications_need_backend_req_and_reply_ack(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -224,7 +303,18 @@ def test_inband_notifications_need_backend_req_and_reply_ack(
     )
 
 
-@case("VU-FEAT-4", level=MUST)
+@case(
+    "VU-FEAT-4",
+    title="GET_VRING_BASE_INFLIGHT only with INFLIGHT_SHMFD",
+    family="handshake",
+    level=MUST,
+    clause=f"{RST} Protocol features; Front-end message types: GET_VRING_BASE",
+    quote=(
+        "The VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT protocol feature must only be "
+        "negotiated if VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD is also negotiated."
+    ),
+    requirement="A back-end that offers protocol bit 20 also offers bit 12.",
+)
 def test_bit_20_only_with_bit_12(vhost_capabilities: Capabilities) -> None:
     """A back-end offering GET_VRING_BASE_INFLIGHT (20) also offers INFLIGHT_SHMFD (12)."""
     if vhost_capabilities.offers(P.GET_VRING_BASE_INFLIGHT) and not vhost_capabilities.offers(
@@ -237,7 +327,25 @@ def test_bit_20_only_with_bit_12(vhost_capabilities: Capabilities) -> None:
         )
 
 
-@case("VU-FEAT-5", level=MUST, requires=[VirtioFeature.PROTOCOL_FEATURES])
+@case(
+    "VU-FEAT-5",
+    title="A blk back-end offers CONFIG",
+    family="handshake",
+    level=MUST,
+    tier=Tier.INTEROP,
+    clause=f"{RST} Protocol features: CONFIG",
+    source=(
+        "hw/virtio/vhost-user.c vhost_user_backend_init: a device that expects CONFIG "
+        "(vhost-user-blk does) refuses a back-end without it: “vhost-user device expecting "
+        "VHOST_USER_PROTOCOL_F_CONFIG but the vhost-user backend does not support it.”"
+    ),
+    requirement="A vhost-user-blk back-end offers protocol feature CONFIG (bit 9).",
+    requires=[VirtioFeature.PROTOCOL_FEATURES],
+    ambiguity=(
+        "the spec does not require CONFIG; QEMU 11.1.3's vhost-user-blk refuses to initialise "
+        "without it (vhost_user_backend_init), so a blk back-end is useless to QEMU without it"
+    ),
+)
 def test_blk_backend_offers_config(vhost_capabilities: Capabilities) -> None:
     """A vhost-user-blk back-end offers protocol feature CONFIG (QEMU refuses it otherwise)."""
     if not vhost_capabilities.offers(P.CONFIG):
@@ -248,7 +356,27 @@ def test_blk_backend_offers_config(vhost_capabilities: Capabilities) -> None:
         )
 
 
-@case("VU-FEAT-6", level=MUST, requires=[VirtioFeature.IOMMU_PLATFORM])
+@case(
+    "VU-FEAT-6",
+    title="IOMMU_PLATFORM comes with BACKEND_REQ and REPLY_ACK",
+    family="handshake",
+    level=MUST,
+    tier=Tier.INTEROP,
+    clause=f"{RST} IOMMU support",
+    source=(
+        "hw/virtio/vhost-user.c vhost_user_backend_init: with VIRTIO_F_IOMMU_PLATFORM QEMU "
+        "11.1.3 refuses a back-end lacking BACKEND_REQ or REPLY_ACK: “IOMMU support requires "
+        "reply-ack and backend-req protocol features.”"
+    ),
+    requirement=(
+        "A back-end offering VIRTIO_F_IOMMU_PLATFORM also offers BACKEND_REQ and REPLY_ACK."
+    ),
+    requires=[VirtioFeature.IOMMU_PLATFORM],
+    ambiguity=(
+        "stated as QEMU's init check (it fails otherwise); the IOTLB miss path needs the "
+        "back-end channel and acks"
+    ),
+)
 def test_iommu_platform_comes_with_backend_req_and_reply_ack(
     vhost_capabilities: Capabilities,
 ) -> None:
@@ -262,7 +390,27 @@ def test_iommu_platform_comes_with_backend_req_and_reply_ack(
         )
 
 
-@case("VU-FEAT-8", level=SHOULD)
+@case(
+    "VU-FEAT-8",
+    title="GET_FEATURES is constant on a connection",
+    family="handshake",
+    level=SHOULD,
+    tier=Tier.INTEROP,
+    clause=f"{RST} Front-end message types: GET_FEATURES",
+    source=(
+        "hw/virtio/vhost-user.c vhost_user_backend_init and hw/virtio/vhost.c vhost_dev_init: "
+        "QEMU 11.1.3 reads GET_FEATURES at connect and again after a reconnect and keeps the "
+        "first answer as what the device offers (QEMU-TRACES.md (a), (d)); the spec does not say "
+        "the value is constant"
+    ),
+    requirement=(
+        "GET_FEATURES returns the same value before SET_OWNER, after it, and after SET_FEATURES."
+    ),
+    ambiguity=(
+        "not stated; QEMU 11.1.3 reads it twice at init and again as a barrier after "
+        "SET_VRING_ENABLE"
+    ),
+)
 def test_get_features_is_constant(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -280,7 +428,22 @@ def test_get_features_is_constant(
         )
 
 
-@case("VU-FEAT-9", level=MUST, requires=[VirtioFeature.PROTOCOL_FEATURES])
+@case(
+    "VU-FEAT-9",
+    title="A subset of the offered protocol features is accepted",
+    family="handshake",
+    level=MUST,
+    clause=f"{RST} Protocol features",
+    quote=(
+        "Back-ends that report VHOST_USER_F_PROTOCOL_FEATURES must support this message even "
+        "before VHOST_USER_SET_FEATURES was called."
+    ),
+    requirement=(
+        "SET_PROTOCOL_FEATURES with a subset of the offer (as QEMU strips bits it does not use) "
+        "is accepted and the session works."
+    ),
+    requires=[VirtioFeature.PROTOCOL_FEATURES],
+)
 def test_subset_of_protocol_features_accepted(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -292,7 +455,15 @@ def test_subset_of_protocol_features_accepted(
     ask_u64(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
 
 
-@case("VU-FEAT-10", level=SHOULD)
+@case(
+    "VU-FEAT-10",
+    title="VERSION_1 offered",
+    family="handshake",
+    level=MUST,
+    clause=f"{VIRTIO} 6.2 Device Requirements: Reserved Feature Bits",
+    quote="A device MUST offer VIRTIO_F_VERSION_1.",
+    requirement="A vhost-user-blk back-end offers VIRTIO_F_VERSION_1 (a modern device).",
+)
 def test_version_1_offered(vhost_capabilities: Capabilities) -> None:
     """A vhost-user-blk back-end offers VIRTIO_F_VERSION_1."""
     if not vhost_capabilities.offers(VirtioFeature.VERSION_1):
@@ -326,7 +497,24 @@ def test_flush_offered_with_config_wce(vhost_capabilities: Capabilities) -> None
 # --------------------------------------------------------------------------- REPLY_ACK
 
 
-@case("VU-ACK-1", level=MUST, requires=[P.REPLY_ACK])
+@case(
+    "VU-ACK-1",
+    title="REPLY_ACK: one u64 ack per NEED_REPLY request",
+    family="handshake",
+    level=MUST,
+    clause=f"{RST} REPLY_ACK",
+    quote=(
+        "This indicates that the back-end MUST respond with a Payload VhostUserMsg indicating "
+        "success or failure.\n"
+        "The payload should be set to zero on success or non-zero on failure, unless the message "
+        "already has an explicit reply body."
+    ),
+    requirement=(
+        "With REPLY_ACK negotiated, a request without a reply of its own sent with NEED_REPLY "
+        "gets exactly one u64 reply, 0 on success."
+    ),
+    requires=[ProtocolFeature.REPLY_ACK],
+)
 def test_need_reply_gets_one_ack(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -343,7 +531,23 @@ def test_need_reply_gets_one_ack(
     expect_reply_to(reply, R.GET_FEATURES, size=8)
 
 
-@case("VU-ACK-2", level=MUST, requires=[P.REPLY_ACK])
+@case(
+    "VU-ACK-2",
+    title="REPLY_ACK: defined replies unchanged by NEED_REPLY",
+    family="handshake",
+    level=MUST,
+    clause=f"{RST} REPLY_ACK",
+    quote=(
+        "For the message types that already solicit a reply from the back-end, the presence of "
+        "VHOST_USER_PROTOCOL_F_REPLY_ACK or need_reply bit being set brings no behavioural "
+        "change."
+    ),
+    requirement=(
+        "A request that has a reply of its own gets exactly that reply, once, whether or not "
+        "NEED_REPLY is set."
+    ),
+    requires=[ProtocolFeature.REPLY_ACK],
+)
 def test_need_reply_does_not_change_defined_replies(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -362,7 +566,29 @@ def test_need_reply_does_not_change_defined_replies(
         )
 
 
-@case("VU-ACK-3", level=SHOULD)
+@case(
+    "VU-ACK-3",
+    title="No ack without REPLY_ACK negotiated",
+    family="handshake",
+    level=SHOULD,
+    tier=Tier.INTEROP,
+    clause=f"{RST} REPLY_ACK",
+    source=(
+        "hw/virtio/vhost-user.c process_message_reply / vhost_user_read_header: QEMU 11.1.3 sets "
+        "NEED_REPLY only with REPLY_ACK negotiated and reads a reply only where it asked for "
+        "one; an unasked reply is read as the answer to its next request and rejected (wrong "
+        "request id). The spec (“Most of the requests don’t require replies”) says nothing for "
+        "NEED_REPLY without REPLY_ACK"
+    ),
+    requirement=(
+        "With REPLY_ACK not negotiated, NEED_REPLY on a request without a reply of its own "
+        "produces no reply."
+    ),
+    ambiguity=(
+        "the spec defines acks only when REPLY_ACK is negotiated; an unasked ack desynchronises "
+        "QEMU's reply reading"
+    ),
+)
 def test_no_ack_without_reply_ack(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -383,7 +609,22 @@ def test_no_ack_without_reply_ack(
     expect_reply_to(reply, R.GET_FEATURES, size=8)
 
 
-@case("VU-ACK-4", level=SHOULD, requires=[P.REPLY_ACK])
+@case(
+    "VU-ACK-4",
+    title="Rejected requests are acked non-zero",
+    family="handshake",
+    level=SHOULD,
+    clause=f"{RST} REPLY_ACK",
+    quote=(
+        "The payload should be set to zero on success or non-zero on failure, unless the message "
+        "already has an explicit reply body."
+    ),
+    requirement=(
+        "A request the back-end rejects (a vring index it does not have), sent with NEED_REPLY, "
+        "is acked with a non-zero u64 rather than 0."
+    ),
+    requires=[ProtocolFeature.REPLY_ACK],
+)
 def test_rejected_request_is_acked_non_zero(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -406,7 +647,22 @@ def test_rejected_request_is_acked_non_zero(
         raise CaseNonStrict(f"SET_VRING_NUM for vring {bogus} (of {queues}) was acked 0 (success)")
 
 
-@case("VU-MQ-1", level=MUST, requires=[P.MQ])
+@case(
+    "VU-MQ-1",
+    title="GET_QUEUE_NUM answers the number of queues",
+    family="handshake",
+    level=MUST,
+    clause=f"{RST} Multiple queue support",
+    quote=(
+        "The max number of queues the back-end supports can be queried with message "
+        "VHOST_USER_GET_QUEUE_NUM."
+    ),
+    requirement=(
+        "With MQ offered, GET_QUEUE_NUM returns at least 1, and the blk config's num_queues does "
+        "not exceed it."
+    ),
+    requires=[ProtocolFeature.MQ],
+)
 def test_get_queue_num(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -427,7 +683,24 @@ def test_get_queue_num(
 # --------------------------------------------------------------------------- config space
 
 
-@case("VU-CFG-1", level=MUST, requires=[P.CONFIG])
+@case(
+    "VU-CFG-1",
+    title="GET_CONFIG reply size equals the request's",
+    family="config",
+    level=MUST,
+    clause=f"{RST} Front-end message types: GET_CONFIG",
+    quote=(
+        "When VHOST_USER_PROTOCOL_F_CONFIG is negotiated, this message is submitted by the "
+        "vhost-user front-end to fetch the contents of the virtio device configuration space, "
+        "vhost-user back-end’s payload size MUST match the front-end’s request, vhost-user "
+        "back-end uses zero length of payload to indicate an error to the vhost-user front-end."
+    ),
+    requirement=(
+        "GET_CONFIG is answered with the offset and size of the request and exactly size bytes "
+        "of config (size 0 only to signal an error)."
+    ),
+    requires=[ProtocolFeature.CONFIG],
+)
 def test_get_config_reply_size(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -437,7 +710,21 @@ def test_get_config_reply_size(
         get_config(vhost_channel, 0, size, timeout=vhost_timeout)
 
 
-@case("VU-CFG-6", level=SHOULD, requires=[P.CONFIG])
+@case(
+    "VU-CFG-6",
+    title="GET_CONFIG honours the offset",
+    family="config",
+    level=SHOULD,
+    clause=f"{RST} Front-end message types: GET_CONFIG",
+    quote="offset: a 32-bit offset of virtio device’s configuration space",
+    requirement="A GET_CONFIG at a non-zero offset returns the config bytes at that offset.",
+    requires=[ProtocolFeature.CONFIG],
+    ambiguity=(
+        "the payload names an offset into the config space, but QEMU 11.1.3 always reads from "
+        "offset 0 and libvhost-user and rte_vhost were seen to ignore the offset: a back-end "
+        "that ignores it is non-strict"
+    ),
+)
 def test_get_config_honours_the_offset(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -464,7 +751,23 @@ def _capacity(channel: Channel, timeout: float) -> int:
     return int(capacity)
 
 
-@case("VU-CFG-2", level=MUST, requires=[P.CONFIG])
+@case(
+    "VU-CFG-2",
+    title="Read-only config fields are not written",
+    family="config",
+    level=MUST,
+    clause=f"{RST} Front-end message types: SET_CONFIG",
+    quote=(
+        "The vhost-user back-end must check the flags field, and back-ends MUST NOT accept "
+        "SET_CONFIG for read-only configuration space fields unless the live migration bit is "
+        "set."
+    ),
+    requirement=(
+        "SET_CONFIG of capacity (read-only) with flags 0 is rejected or ignored: GET_CONFIG "
+        "still shows the old value."
+    ),
+    requires=[ProtocolFeature.CONFIG],
+)
 def test_read_only_config_not_written(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -487,7 +790,22 @@ def test_read_only_config_not_written(
         )
 
 
-@case("VU-CFG-3", level=SHOULD, requires=[P.CONFIG])
+@case(
+    "VU-CFG-3",
+    title="Capacity matches the disk",
+    family="config",
+    level=SHOULD,
+    tier=Tier.INTEROP,
+    clause=f"{VIRTIO} Block Device: Device configuration layout",
+    source=(
+        "hw/block/vhost-user-blk.c vhost_user_blk_realize: QEMU 11.1.3 reads the config by "
+        "GET_CONFIG and the guest sees its capacity as the disk size; VIRTIO 1.3 5.2.4 only "
+        "defines capacity as “in 512-byte sectors”, it cannot know the disk behind it"
+    ),
+    requirement="The config's capacity is the disk size in 512-byte sectors.",
+    requires=[ProtocolFeature.CONFIG],
+    needs=["command"],
+)
 def test_capacity_matches_disk(
     vhost_channel: Channel,
     vhost_target: BackendTarget,
@@ -504,7 +822,25 @@ def test_capacity_matches_disk(
         raise CaseNonStrict(f"capacity {capacity} sectors, the disk has {expected}")
 
 
-@case("VU-CFG-4", level=MUST, requires=[P.CONFIG, BlkFeature.CONFIG_WCE])
+@case(
+    "VU-CFG-4",
+    title="Writeback cache toggle",
+    family="config",
+    level=MUST,
+    tier=Tier.INTEROP,
+    clause=f"{VIRTIO} Block Device: Device configuration layout (wce)",
+    source=(
+        "hw/block/vhost-user-blk.c vhost_user_blk_set_config: QEMU 11.1.3 writes wce with "
+        "SET_CONFIG (offset of wce, 1 byte, VHOST_SET_CONFIG_TYPE_FRONTEND) when the guest "
+        "toggles the cache mode; VIRTIO 1.3 5.2.5 describes the field, it states no device "
+        "requirement"
+    ),
+    requirement=(
+        "With CONFIG_WCE offered, SET_CONFIG of wce (offset 32, 1 byte) as QEMU sends it is "
+        "accepted and read back."
+    ),
+    requires=[ProtocolFeature.CONFIG, BlkFeature.CONFIG_WCE],
+)
 def test_writeback_cache_toggle(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -528,7 +864,25 @@ def test_writeback_cache_toggle(
         raise CaseFailed("wce after SET_CONFIG", expected=wanted, seen=after)
 
 
-@case("VU-CFG-5", level=MUST, requires=[P.CONFIG])
+@case(
+    "VU-CFG-5",
+    title="Config fields exist for offered features",
+    family="config",
+    level=MUST,
+    tier=Tier.INTEROP,
+    clause=f"{VIRTIO} Block Device: Device configuration layout",
+    source=(
+        "hw/block/vhost-user-blk.c vhost_user_blk_realize / virtio_blk config: QEMU 11.1.3 "
+        "passes the back-end's config to the guest unchanged, and a guest driver (VIRTIO 1.3 "
+        "5.2.5.1 driver requirements) relies on seg_max, blk_size and the discard/write-zeroes "
+        "limits of offered features"
+    ),
+    requirement=(
+        "Fields gated by offered blk features (seg_max, blk_size, discard and write-zeroes "
+        "limits) are non-zero where the spec requires it."
+    ),
+    requires=[ProtocolFeature.CONFIG],
+)
 def test_config_fields_of_offered_features(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -558,7 +912,29 @@ def test_config_fields_of_offered_features(
 # --------------------------------------------------------------------------- the program
 
 
-@case("VU-BACKEND-1", level=SHOULD, needs=["command"])
+@case(
+    "VU-BACKEND-1",
+    title="Exits on SIGTERM, does not daemonize",
+    family="program",
+    level=SHOULD,
+    clause=f"{RST} Backend program conventions",
+    quote=(
+        "However, it is a good idea to follow the conventions listed here when possible.\n"
+        "The back-end program must not daemonize itself, but it may be daemonized by the "
+        "management layer.\n"
+        "The back-end program must end (as quickly and cleanly as possible) when the SIGTERM "
+        "signal is received."
+    ),
+    requirement=(
+        "The back-end program stays in the foreground as the process we started and exits on "
+        "SIGTERM."
+    ),
+    needs=["command"],
+    ambiguity=(
+        "the section is advisory as a whole ('a good idea to follow when possible') while its "
+        "sentences say 'must': a violation is non-strict"
+    ),
+)
 def test_exits_on_sigterm(vhost_target: BackendTarget) -> None:
     """The program stays in the foreground and exits on SIGTERM."""
     import signal
@@ -575,7 +951,26 @@ def test_exits_on_sigterm(vhost_target: BackendTarget) -> None:
         raise CaseNonStrict("the back-end did not exit within 5 s of SIGTERM")
 
 
-@case("VU-BACKEND-2", level=SHOULD, needs=["command"])
+@case(
+    "VU-BACKEND-2",
+    title="--print-capabilities",
+    family="program",
+    level=SHOULD,
+    clause=f"{RST} Backend program conventions",
+    quote=(
+        "However, it is a good idea to follow the conventions listed here when possible.\n"
+        "Output to stdout the back-end capabilities in JSON format, and then exit successfully."
+    ),
+    requirement=(
+        "The program prints its capabilities as JSON with type 'block' on --print-capabilities "
+        "and exits 0."
+    ),
+    needs=["command"],
+    ambiguity=(
+        "the section is advisory as a whole ('a good idea to follow when possible') while its "
+        "sentences say 'must': a violation is non-strict"
+    ),
+)
 def test_print_capabilities(vhost_target: BackendTarget) -> None:
     """--print-capabilities prints JSON with the device's type (the profile's device_type
     when it names one) on stdout and exits 0."""

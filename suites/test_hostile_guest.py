@@ -44,6 +44,7 @@ from vhost_conformance.frontend.virtqueue import (
     PackedVirtqueue,
     SplitVirtqueue,
 )
+from vhost_conformance.suites.clauses import RST, VIRTIO
 from vhost_conformance.suites.drivers.hostile import (
     DEFAULT_EXAMPLES,
     EXAMPLES_ENV,
@@ -677,14 +678,39 @@ LAYOUTS = pytest.mark.parametrize("layout", ["split", "packed"])
 SPLIT_ONLY = pytest.mark.parametrize("layout", ["split"])
 
 
-@case("VU-HOST-1", level=MUST)
+@case(
+    "VU-HOST-1",
+    title="Descriptor loop",
+    family="hostile-guest",
+    level=MUST,
+    clause=f"{VIRTIO} Split Virtqueues: The Virtqueue Descriptor Table",
+    requirement=(
+        "A descriptor chain that loops is refused (error status, device broken or ignored), with "
+        "no crash or hang."
+    ),
+)
 @SPLIT_ONLY
 def test_descriptor_loop(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """A looping chain is refused (error, needs reset, close or ignore), no crash or hang."""
     hostile_shapes(layout)
 
 
-@case("VU-HOST-2", level=MUST)
+@case(
+    "VU-HOST-2",
+    title="Chain longer than the queue",
+    family="hostile-guest",
+    level=MUST,
+    clause=f"{VIRTIO} Split Virtqueues",
+    requirement=(
+        "A chain of more descriptors than the queue size (split: through an indirect table; "
+        "packed: wrapping the ring) gets an error, a stopped queue, a closed connection or is "
+        "served, never a crash or hang."
+    ),
+    ambiguity=(
+        "VIRTIO 1.3 forbids the driver such chains but does not say what the device does; QEMU's "
+        "own virtqueue serves an indirect table of any length, so serving it passes"
+    ),
+)
 @LAYOUTS
 def test_chain_longer_than_queue(
     layout: str, vhost_capabilities: Capabilities, hostile_shapes: Callable[[str], None]
@@ -698,63 +724,148 @@ def test_chain_longer_than_queue(
     hostile_shapes(layout)
 
 
-@case("VU-HOST-3", level=MUST, requires=[VirtioFeature.RING_INDIRECT_DESC])
+@case(
+    "VU-HOST-3",
+    title="Indirect inside indirect",
+    family="hostile-guest",
+    level=MUST,
+    clause=f"{VIRTIO} Split Virtqueues: Indirect Descriptors",
+    requirement="An indirect table holding an INDIRECT descriptor is refused without a crash.",
+    requires=[VirtioFeature.RING_INDIRECT_DESC],
+)
 @LAYOUTS
 def test_indirect_inside_indirect(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """An INDIRECT descriptor inside an indirect table is refused without a crash."""
     hostile_shapes(layout)
 
 
-@case("VU-HOST-4", level=MUST)
+@case(
+    "VU-HOST-4",
+    title="next out of range",
+    family="hostile-guest",
+    level=MUST,
+    clause=f"{VIRTIO} Split Virtqueues",
+    requirement="A descriptor whose next index is beyond the table is refused without a crash.",
+)
 @SPLIT_ONLY
 def test_next_out_of_range(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """A next index beyond the table is refused without a crash."""
     hostile_shapes(layout)
 
 
-@case("VU-HOST-5", level=MUST)
+@case(
+    "VU-HOST-5",
+    title="Buffers outside guest memory",
+    family="hostile-guest",
+    level=MUST,
+    clause=f"{RST} Memory region description",
+    requirement=(
+        "A buffer that crosses a region's end or lies at an unmapped GPA is refused; no host "
+        "memory is read or written."
+    ),
+)
 @LAYOUTS
 def test_buffers_outside_guest_memory(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """Buffers crossing a region's end or at unmapped GPAs are refused."""
     hostile_shapes(layout)
 
 
-@case("VU-HOST-6", level=MUST)
+@case(
+    "VU-HOST-6",
+    title="avail->idx jumps past the queue size",
+    family="hostile-guest",
+    level=MUST,
+    clause=f"{VIRTIO} Split Virtqueues: The Virtqueue Available Ring",
+    requirement=(
+        "An avail->idx more than queue size ahead of the last one is refused without a crash or "
+        "hang."
+    ),
+)
 @SPLIT_ONLY
 def test_avail_idx_jump(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """avail->idx more than queue size ahead is refused without crash or hang."""
     hostile_shapes(layout)
 
 
-@case("VU-HOST-7", level=MUST)
+@case(
+    "VU-HOST-7",
+    title="Wrong buffer directions",
+    family="hostile-guest",
+    level=MUST,
+    clause=f"{VIRTIO} Block Device: Device Operation",
+    requirement=(
+        "A device-writable header or a device-readable status byte gets an error or is ignored; "
+        "nothing is written to the read-only buffer."
+    ),
+)
 @LAYOUTS
 def test_wrong_buffer_directions(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """A writable header or a readable status: error or ignored; readable buffers untouched."""
     hostile_shapes(layout)
 
 
-@case("VU-HOST-8", level=MUST)
+@case(
+    "VU-HOST-8",
+    title="Head index beyond the queue",
+    family="hostile-guest",
+    level=MUST,
+    clause=f"{VIRTIO} Split Virtqueues: The Virtqueue Available Ring",
+    requirement=(
+        "An avail entry naming a head at or beyond the queue size is refused without a crash."
+    ),
+)
 @LAYOUTS
 def test_head_beyond_queue(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """A head (split) or buffer id (packed) at or beyond the queue size: no crash."""
     hostile_shapes(layout)
 
 
-@case("VU-HOST-9", level=MUST)
+@case(
+    "VU-HOST-9",
+    title="Flood of submissions",
+    family="hostile-guest",
+    level=MUST,
+    clause=f"{VIRTIO} Split Virtqueues",
+    requirement=(
+        "Making available and kicking far more requests than the queue holds, without waiting, "
+        "leaves the back-end alive and correct."
+    ),
+)
 @SPLIT_ONLY
 def test_flood_of_submissions(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """A head made available again while in flight, and a kick storm: alive and correct."""
     hostile_shapes(layout)
 
 
-@case("VU-HOST-10", level=MUST, requires=[VirtioFeature.RING_INDIRECT_DESC])
+@case(
+    "VU-HOST-10",
+    title="Bad indirect table length",
+    family="hostile-guest",
+    level=MUST,
+    clause=f"{VIRTIO} Split Virtqueues: Indirect Descriptors",
+    requirement=(
+        "An indirect descriptor whose len is 0 or not a multiple of 16, or that also has NEXT, "
+        "is refused without a crash or hang."
+    ),
+    requires=[VirtioFeature.RING_INDIRECT_DESC],
+)
 @LAYOUTS
 def test_bad_indirect_length(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """An indirect table of length 0 or not a multiple of 16 is refused without a crash."""
     hostile_shapes(layout)
 
 
-@case("VU-HOST-11", level=MUST)
+@case(
+    "VU-HOST-11",
+    title="Zero-length buffers",
+    family="hostile-guest",
+    level=MUST,
+    clause=f"{VIRTIO} Block Device: Device Operation",
+    requirement=(
+        "A zero-length header, data or status buffer gets an error status, a completion, a "
+        "stopped queue or a closed connection, never a crash or hang."
+    ),
+)
 @LAYOUTS
 def test_zero_length_buffers(layout: str, hostile_shapes: Callable[[str], None]) -> None:
     """Zero-length header, data or status buffers: an error or a completion, no crash."""
@@ -890,7 +1001,17 @@ def fuzz_descriptor_chains(rig: Rig, examples: int, layouts: Sequence[str]) -> i
     return ran
 
 
-@case("VU-FUZZ-2", level=MUST)
+@case(
+    "VU-FUZZ-2",
+    title="Fuzzed descriptor chains",
+    family="fuzz",
+    level=MUST,
+    clause=f"{VIRTIO} Split Virtqueues",
+    requirement=(
+        "Arbitrary descriptor chains (loops, lengths, flags, addresses) never crash or hang the "
+        "back-end."
+    ),
+)
 def test_fuzzed_descriptor_chains(
     vhost_target: BackendTarget,
     vhost_capabilities: Capabilities,

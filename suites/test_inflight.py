@@ -31,6 +31,8 @@ from vhost_conformance.frontend.protocol import (
     VirtioFeature,
     has,
 )
+from vhost_conformance.reports.model import Tier
+from vhost_conformance.suites.clauses import INFLIGHT_24, RST
 from vhost_conformance.suites.drivers import (
     InflightTracker,
     SessionFactory,
@@ -46,7 +48,7 @@ from vhost_conformance.suites.drivers import (
     wait_popped,
 )
 from vhost_conformance.suites.drivers.recovery import out_of_order_recovery
-from vhost_conformance.suites.model import MUST, CaseFailed, Unsupported, case
+from vhost_conformance.suites.model import MUST, SHOULD, CaseFailed, Unsupported, case
 from vhost_conformance.suites.target import BackendTarget, Capabilities, CommandTarget
 
 F = FrontendRequest
@@ -72,7 +74,24 @@ def _popped_index(session: Session) -> int | None:
     return event if event == vq.published_idx else None  # type: ignore[attr-defined]
 
 
-@case("VU-INF-1", level=MUST)
+@case(
+    "VU-INF-1",
+    title="GET_INFLIGHT_FD returns a region",
+    family="inflight",
+    level=MUST,
+    clause=f"{RST} Front-end message types: GET_INFLIGHT_FD",
+    quote=(
+        "To solve this problem, the back-end need to allocate an extra buffer to store this "
+        "information of inflight descriptors and share it with front-end for persistent.\n"
+        "The shared buffer will be used to track inflight I/O by back-end."
+    ),
+    requirement=(
+        "GET_INFLIGHT_FD returns one fd with an mmap_size of at least num_queues x (16 + 16 x "
+        "queue_size) (split), or size 0 and no fd."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD],
+    ambiguity=INFLIGHT_24,
+)
 def test_get_inflight_fd_returns_a_region(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -104,7 +123,25 @@ def test_get_inflight_fd_returns_a_region(
             os.close(fd)
 
 
-@case("VU-INF-2", level=MUST)
+@case(
+    "VU-INF-2",
+    title="SET_INFLIGHT_FD as QEMU sends it",
+    family="inflight",
+    level=MUST,
+    clause=f"{RST} Front-end message types: SET_INFLIGHT_FD",
+    quote=(
+        "When VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD protocol feature has been successfully "
+        "negotiated, this message is submitted by the front-end to send the shared inflight "
+        "buffer back to the back-end so that the back-end could get inflight I/O after a crash "
+        "or restart."
+    ),
+    requirement=(
+        "SET_INFLIGHT_FD with one fd and QEMU 11.1.3's 24-byte payload is accepted and the "
+        "region used."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD],
+    ambiguity=INFLIGHT_24,
+)
 def test_set_inflight_fd_as_qemu_sends_it(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -127,7 +164,19 @@ def test_set_inflight_fd_as_qemu_sends_it(
                          expected=1, seen=parsed.queues[0].version)
 
 
-@case("VU-INF-4", level=MUST)
+@case(
+    "VU-INF-4",
+    title="Fresh regions are initialised to version 1",
+    family="inflight",
+    level=MUST,
+    clause=f"{RST} Inflight I/O tracking",
+    quote="The version of this region. It's 1 currently.",
+    requirement=(
+        "A zeroed region (version 0) is set to version 1 with desc_num = queue size once the "
+        "ring starts."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD],
+)
 def test_fresh_region_is_initialised(vhost_session: Session) -> None:
     """A zeroed region is set to version 1 with desc_num = queue size once the ring starts."""
     do_io(vhost_session, 1, kinds=("read",))
@@ -139,7 +188,23 @@ def test_fresh_region_is_initialised(vhost_session: Session) -> None:
                              seen=(queue.version, queue.desc_num))
 
 
-@case("VU-INF-6", level=MUST)
+@case(
+    "VU-INF-6",
+    title="Per-queue region layout",
+    family="inflight",
+    level=MUST,
+    clause=f"{RST} Inflight I/O tracking",
+    quote="The size of DescStateSplit array. It's equal to the virtqueue size.",
+    requirement=(
+        "Each queue's header has version 1 and desc_num equal to the queue size, at a stride of "
+        "mmap_size / num_queues."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD],
+    ambiguity=(
+        "the spec does not fix the per-queue stride (64-byte aligned in some back-ends, 16 + 16 "
+        "x Q in others): we derive it from mmap_size / num_queues"
+    ),
+)
 def test_per_queue_region_layout(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, make_session: SessionFactory
 ) -> None:
@@ -165,7 +230,19 @@ def test_per_queue_region_layout(
     fail_on_findings(findings, "region layout")
 
 
-@case("VU-INF-7", level=MUST)
+@case(
+    "VU-INF-7",
+    title="Region follows every pop and completion",
+    family="inflight",
+    level=SHOULD,
+    clause=f"{RST} Inflight I/O tracking",
+    quote="To track inflight I/O, the queue region should be processed as follows:",
+    requirement=(
+        "inflight is 1 with a fresh counter for each taken head and 0 after its completion; "
+        "used_idx follows used->idx."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD],
+)
 def test_region_follows_pops_and_completions(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -249,7 +326,27 @@ def _resubmission(vhost_target: BackendTarget, make_session: SessionFactory, n: 
                              seen=f"{len(late)} more")
 
 
-@case("VU-INF-5", level=MUST)
+@case(
+    "VU-INF-5",
+    title="Resubmission in counter order",
+    family="inflight",
+    level=SHOULD,
+    clause=f"{RST} Inflight I/O tracking",
+    quote=(
+        "To track inflight I/O, the queue region should be processed as follows:\n"
+        "If the value of used_idx does not match the idx value of used ring (means the inflight "
+        "field of DescStateSplit entries in last batch may be incorrect), Subtract the value of "
+        "used_idx from the idx value of used ring to get last batch size of DescStateSplit "
+        "entries\n"
+        "Resubmit inflight DescStateSplit entries in order of their counter value"
+    ),
+    requirement=(
+        "After a restart, entries marked in flight are resubmitted in increasing counter order, "
+        "once the last batch is fixed up when used_idx differs from used->idx."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD],
+    needs=["command"],
+)
 def test_resubmission_after_restart(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -259,7 +356,23 @@ def test_resubmission_after_restart(
     out_of_order_recovery(vhost_target, make_session)
 
 
-@case("VU-INF-8", level=MUST)
+@case(
+    "VU-INF-8",
+    title="Head 0 is resubmitted too",
+    family="inflight",
+    level=SHOULD,
+    clause=f"{RST} Inflight I/O tracking",
+    quote=(
+        "To track inflight I/O, the queue region should be processed as follows:\n"
+        "Resubmit inflight DescStateSplit entries in order of their counter value"
+    ),
+    requirement=(
+        "After a restart with head 0 in flight and used_idx 0, head 0 is resubmitted like any "
+        "other."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD],
+    needs=["command"],
+)
 def test_head_0_is_resubmitted(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """With head 0 in flight and used_idx 0, head 0 is resubmitted like any other."""
     _resubmission(vhost_target, make_session, 1)
@@ -269,7 +382,19 @@ def _raw(request: int, payload: bytes) -> bytes:
     return struct.pack("<III", request, 1, len(payload)) + payload
 
 
-@case("VU-INF-9", level=MUST)
+@case(
+    "VU-INF-9",
+    title="Wrong in-flight payload sizes are refused safely",
+    family="inflight",
+    level=MUST,
+    tier=Tier.ROBUSTNESS,
+    clause=f"{RST} Front-end message types: GET_INFLIGHT_FD / SET_INFLIGHT_FD",
+    requirement=(
+        "GET/SET_INFLIGHT_FD with a short, empty or oversized payload gets an error or a closed "
+        "connection, never a crash; a new connection works."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD],
+)
 def test_wrong_inflight_payload_sizes(
     vhost_target: BackendTarget, make_session: SessionFactory, vhost_timeout: float
 ) -> None:
@@ -306,7 +431,26 @@ def test_wrong_inflight_payload_sizes(
     do_io(session, 1)
 
 
-@case("VU-INF-10", level=MUST)
+@case(
+    "VU-INF-10",
+    title="SET_INFLIGHT_FD twice",
+    family="inflight",
+    level=MUST,
+    clause=f"{RST} Front-end message types: SET_INFLIGHT_FD",
+    quote=(
+        "When VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD protocol feature has been successfully "
+        "negotiated, this message is submitted by the front-end to send the shared inflight "
+        "buffer back to the back-end so that the back-end could get inflight I/O after a crash "
+        "or restart."
+    ),
+    requirement=(
+        "A second SET_INFLIGHT_FD (a new region of the size GET_INFLIGHT_FD gave) replaces the "
+        "first without leaking the old mapping's fd or crashing."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD],
+    needs=["command"],
+    leak=True,
+)
 def test_set_inflight_fd_twice(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """A second SET_INFLIGHT_FD (a new region) replaces the first without leaking.
 
@@ -350,7 +494,22 @@ def test_set_inflight_fd_twice(vhost_target: BackendTarget, make_session: Sessio
         first.close()
 
 
-@case("VU-INF-11", level=MUST)
+@case(
+    "VU-INF-11",
+    title="Packed in-flight region",
+    family="inflight",
+    level=SHOULD,
+    clause=f"{RST} Inflight I/O tracking (packed)",
+    quote=(
+        "For packed virtqueue, queue region can be implemented as:\n"
+        "To track inflight I/O, the queue region should be processed as follows:"
+    ),
+    requirement=(
+        "With RING_PACKED, the packed region's free list, old_* fields and counters follow the "
+        "rules, and a restart resubmits in counter order."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD, VirtioFeature.RING_PACKED],
+)
 def test_packed_region(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """With RING_PACKED, the packed region marks the taken buffers and clears them, and a
     restart resubmits what was in flight, each request completing once."""
@@ -373,7 +532,24 @@ def test_packed_region(vhost_target: BackendTarget, make_session: SessionFactory
         _resubmission(vhost_target, make_session, 2, packed=True)
 
 
-@case("VU-INF-12", level=MUST)
+@case(
+    "VU-INF-12",
+    title="In-flight region kept across reconnect",
+    family="inflight",
+    level=MUST,
+    clause=f"{RST} Front-end message types: SET_INFLIGHT_FD",
+    quote=(
+        "When VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD protocol feature has been successfully "
+        "negotiated, this message is submitted by the front-end to send the shared inflight "
+        "buffer back to the back-end so that the back-end could get inflight I/O after a crash "
+        "or restart."
+    ),
+    requirement=(
+        "On a new connection given the old region by SET_INFLIGHT_FD (no GET_INFLIGHT_FD), as "
+        "QEMU does after a reconnect, pending heads are resubmitted."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD],
+)
 def test_region_kept_across_reconnect(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:

@@ -34,6 +34,7 @@ from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.inflight import DescStateSplit, Finding, InflightRegion
 from vhost_conformance.frontend.memory import GuestMemory
 from vhost_conformance.frontend.protocol import ProtocolFeature, VirtioFeature
+from vhost_conformance.suites.clauses import RST
 from vhost_conformance.suites.drivers import (
     GUEST_MEMORY,
     InflightTracker,
@@ -329,7 +330,18 @@ def fuzz_inflight_bounds(target: BackendTarget, timeout: float, layouts: Sequenc
     return ran, seen
 
 
-@case("VU-FUZZ-4", level=MUST, requires=[P.INFLIGHT_SHMFD])
+@case(
+    "VU-FUZZ-4",
+    title="In-flight counters stay in bounds",
+    family="fuzz",
+    level=MUST,
+    clause=f"{RST} Inflight I/O tracking",
+    requirement=(
+        "Under random submission and completion order the region's counters stay increasing and "
+        "its entries match the outstanding heads."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD],
+)
 def test_inflight_counters_stay_in_bounds(
     vhost_target: BackendTarget,
     vhost_capabilities: Capabilities,

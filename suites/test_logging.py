@@ -16,13 +16,15 @@ import pytest
 from vhost_conformance.frontend.blk import SECTOR_SIZE, BlkRequest
 from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.memory import LOG_PAGE_SIZE, DirtyLog
+from vhost_conformance.frontend.protocol import ProtocolFeature, VirtioFeature
+from vhost_conformance.suites.clauses import RST
 from vhost_conformance.suites.drivers import (
     expect_status,
     pattern,
     stop_now,
     wait_all,
 )
-from vhost_conformance.suites.model import MUST, CaseFailed, case
+from vhost_conformance.suites.model import MUST, SHOULD, CaseFailed, case
 
 
 @pytest.fixture
@@ -58,7 +60,24 @@ def _written_pages(session: Session, requests: list[BlkRequest]) -> dict[int, st
     return pages
 
 
-@case("VU-LOG-1", level=MUST)
+@case(
+    "VU-LOG-1",
+    title="Dirty log of used-ring writes",
+    family="migration",
+    level=SHOULD,
+    clause=f"{RST} Migration",
+    quote=(
+        "All the modifications to memory pointed by vring “descriptor” should be marked.\n"
+        "Modifications to “used” vring should be marked if VHOST_VRING_F_LOG is part of ring’s "
+        "flags.\n"
+        "Log starts at the supplied offset in the supplied file descriptor."
+    ),
+    requirement=(
+        "With LOG_ALL and a shared log, every used-ring write and data-buffer write sets its 4 "
+        "KiB page's bit."
+    ),
+    requires=[ProtocolFeature.LOG_SHMFD, VirtioFeature.LOG_ALL],
+)
 def test_every_device_write_is_logged(vhost_session: Session, dirty_log: DirtyLog) -> None:
     """With LOG_ALL and a shared log, every used-ring and data-buffer write is marked."""
     session = vhost_session
@@ -115,7 +134,16 @@ def _used_ring_logged_at_log_guest_addr(session: Session) -> None:
         log.close()
 
 
-@case("VU-LOG-2", level=MUST)
+@case(
+    "VU-LOG-2",
+    title="No log updates after the source stops",
+    family="migration",
+    level=MUST,
+    clause=f"{RST} Migration",
+    quote="No further update must be done before rings are restarted.",
+    requirement="After GET_VRING_BASE on the source the dirty log does not change.",
+    requires=[ProtocolFeature.LOG_SHMFD, VirtioFeature.LOG_ALL],
+)
 def test_no_log_updates_after_stop(vhost_session: Session, dirty_log: DirtyLog) -> None:
     """After GET_VRING_BASE on the source the dirty log does not change."""
     session = vhost_session

@@ -40,6 +40,8 @@ from vhost_conformance.frontend.protocol import (
     has,
 )
 from vhost_conformance.frontend.sequences import agree_protocol
+from vhost_conformance.reports.model import Tier
+from vhost_conformance.suites.clauses import RST
 from vhost_conformance.suites.drivers.hostile import (
     RAM_SIZE,
     BackendCrashed,
@@ -269,7 +271,17 @@ def _crashed_after(target: BackendTarget, what: str) -> None:
 # --------------------------------------------------------------------------- header and sizes
 
 
-@case("VU-MAL-1", level=MUST)
+@case(
+    "VU-MAL-1",
+    title="Unknown request id",
+    family="malformed",
+    level=MUST,
+    clause=f"{RST} Communication",
+    requirement=(
+        "A request id the back-end does not know gets an error or a closed connection, never a "
+        "crash; a new connection works."
+    ),
+)
 def test_unknown_request_ids(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -320,7 +332,17 @@ def _wrong_sizes() -> list[tuple[str, bytes, int]]:
     ]
 
 
-@case("VU-MAL-2", level=MUST)
+@case(
+    "VU-MAL-2",
+    title="Payload size not the layout's",
+    family="malformed",
+    level=MUST,
+    clause=f"{RST} Message specification",
+    requirement=(
+        "A request whose size does not match its layout (e.g. SET_VRING_NUM with 4 bytes) is "
+        "refused without a crash."
+    ),
+)
 def test_wrong_payload_sizes(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -335,7 +357,17 @@ def test_wrong_payload_sizes(
     print("VU-MAL-2: " + "; ".join(seen))
 
 
-@case("VU-MAL-3", level=MUST)
+@case(
+    "VU-MAL-3",
+    title="Header size beyond any payload",
+    family="malformed",
+    level=MUST,
+    clause=f"{RST} Message specification: Header",
+    requirement=(
+        "A header announcing more payload than any message has makes the back-end close or "
+        "refuse, without a crash."
+    ),
+)
 def test_size_beyond_any_payload(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -366,7 +398,14 @@ def test_size_beyond_any_payload(
     print("VU-MAL-3: " + "; ".join(seen))
 
 
-@case("VU-MAL-4", level=SHOULD)
+@case(
+    "VU-MAL-4",
+    title="Wrong version bits",
+    family="malformed",
+    level=SHOULD,
+    clause=f"{RST} Message specification: Header",
+    requirement="A request with version bits other than 1 is refused.",
+)
 def test_wrong_version_bits(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -397,7 +436,17 @@ def test_wrong_version_bits(
 # --------------------------------------------------------------------------- fds
 
 
-@case("VU-MAL-5", level=MUST)
+@case(
+    "VU-MAL-5",
+    title="SET_MEM_TABLE fds do not match regions",
+    family="malformed",
+    level=MUST,
+    clause=f"{RST} Front-end message types: SET_MEM_TABLE",
+    requirement=(
+        "SET_MEM_TABLE with fewer or more fds than regions, or more than 8 regions, is refused "
+        "without a crash or leak."
+    ),
+)
 def test_mem_table_fds_do_not_match(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -435,7 +484,19 @@ def _require_pid(target: BackendTarget) -> int:
     return count
 
 
-@case("VU-MAL-6", level=MUST, needs=["command"])
+@case(
+    "VU-MAL-6",
+    title="Surplus fds are not leaked",
+    family="malformed",
+    level=MUST,
+    clause=f"{RST} Communication",
+    requirement=(
+        "1,000 messages carrying fds they should not leave the back-end's open fd count bounded "
+        "(CVE-2022-0669)."
+    ),
+    needs=["command"],
+    leak=True,
+)
 def test_surplus_fds_are_not_leaked(
     vhost_target: BackendTarget,
     vhost_capabilities: Capabilities,
@@ -485,7 +546,18 @@ def test_surplus_fds_are_not_leaked(
     works_afterwards(vhost_target, vhost_capabilities, vhost_timeout)
 
 
-@case("VU-MAL-12", level=MUST)
+@case(
+    "VU-MAL-12",
+    title="Missing fds",
+    family="malformed",
+    level=MUST,
+    clause=f"{RST} Communication",
+    requirement=(
+        "A message that must carry an fd (SET_VRING_KICK/CALL/ERR without the NOFD bit, "
+        "ADD_MEM_REG, SET_INFLIGHT_FD, SET_BACKEND_REQ_FD, SET_LOG_BASE) sent without one is "
+        "refused without a crash."
+    ),
+)
 def test_missing_fds(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -530,7 +602,16 @@ def test_missing_fds(
 # --------------------------------------------------------------------------- rings and config
 
 
-@case("VU-MAL-7", level=SHOULD)
+@case(
+    "VU-MAL-7",
+    title="Bad ring sizes",
+    family="malformed",
+    level=SHOULD,
+    clause=f"{RST} Front-end message types: SET_VRING_NUM",
+    requirement=(
+        "SET_VRING_NUM with 0, a size beyond 32768, or (split) not a power of 2 is refused."
+    ),
+)
 def test_bad_ring_sizes(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -560,7 +641,17 @@ def test_bad_ring_sizes(
         raise CaseNonStrict("SET_VRING_NUM with size " + ", ".join(accepted) + " acked 0 (success)")
 
 
-@case("VU-MAL-8", level=MUST)
+@case(
+    "VU-MAL-8",
+    title="Vring index out of range",
+    family="malformed",
+    level=MUST,
+    clause=f"{RST} Front-end message types",
+    requirement=(
+        "SET_VRING_* and GET_VRING_BASE naming a queue the back-end does not have are refused "
+        "without a crash."
+    ),
+)
 def test_vring_index_out_of_range(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -596,7 +687,17 @@ def test_vring_index_out_of_range(
     print("VU-MAL-8: " + "; ".join(seen))
 
 
-@case("VU-MAL-9", level=MUST)
+@case(
+    "VU-MAL-9",
+    title="Truncated message, then close",
+    family="malformed",
+    level=MUST,
+    clause=f"{RST} Communication",
+    requirement=(
+        "A header followed by part of its payload and a close leaves the back-end alive for a "
+        "new connection."
+    ),
+)
 def test_truncated_message_then_close(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -619,7 +720,18 @@ def test_truncated_message_then_close(
     fds_bounded(vhost_target, before, "truncated messages")
 
 
-@case("VU-MAL-10", level=MUST, requires=[P.CONFIG])
+@case(
+    "VU-MAL-10",
+    title="GET_CONFIG beyond the config space",
+    family="malformed",
+    level=MUST,
+    clause=f"{RST} Front-end message types: GET_CONFIG",
+    requirement=(
+        "GET_CONFIG with size over 256 or offset+size past the config gets a size-0 error reply "
+        "or a refusal, without a crash."
+    ),
+    requires=[ProtocolFeature.CONFIG],
+)
 def test_get_config_beyond_config_space(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -652,7 +764,17 @@ def test_get_config_beyond_config_space(
     print("VU-MAL-10: " + "; ".join(seen))
 
 
-@case("VU-MAL-11", level=MUST)
+@case(
+    "VU-MAL-11",
+    title="Requests for features not negotiated",
+    family="malformed",
+    level=MUST,
+    clause=f"{RST} Protocol features",
+    requirement=(
+        "GET_INFLIGHT_FD, GET_CONFIG or ADD_MEM_REG sent without their protocol feature "
+        "negotiated are refused without a crash."
+    ),
+)
 def test_requests_for_features_not_negotiated(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -680,7 +802,18 @@ def test_requests_for_features_not_negotiated(
 # --------------------------------------------------------------------------- in-flight
 
 
-@case("VU-MAL-13", level=MUST, requires=[P.INFLIGHT_SHMFD])
+@case(
+    "VU-MAL-13",
+    title="GET_INFLIGHT_FD with a short payload",
+    family="malformed",
+    level=MUST,
+    clause=f"{RST} Front-end message types: GET_INFLIGHT_FD",
+    requirement=(
+        "GET_INFLIGHT_FD or SET_INFLIGHT_FD with no payload or a truncated one gets an error or "
+        "a closed connection, never a crash; a new connection works."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD],
+)
 def test_inflight_messages_with_short_payloads(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -734,7 +867,21 @@ def _maps_named(target: BackendTarget, name: str) -> int | None:
         return None
 
 
-@case("VU-MAL-14", level=MUST, requires=[P.INFLIGHT_SHMFD], needs=["command"])
+@case(
+    "VU-MAL-14",
+    title="SET_INFLIGHT_FD twice, two regions",
+    family="malformed",
+    level=MUST,
+    clause=f"{RST} Inflight I/O tracking",
+    requirement=(
+        "Repeated SET_INFLIGHT_FD alternating two regions (each of the size GET_INFLIGHT_FD "
+        "gave) leaks no fd or mapping and the last region is the one the back-end tracks "
+        "requests in."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD],
+    needs=["command"],
+    leak=True,
+)
 def test_set_inflight_fd_twice(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -808,7 +955,17 @@ def test_set_inflight_fd_twice(
 # --------------------------------------------------------------------------- ordering
 
 
-@case("VU-MAL-15", level=MUST)
+@case(
+    "VU-MAL-15",
+    title="Messages before SET_OWNER",
+    family="malformed",
+    level=MUST,
+    clause=f"{RST} Front-end message types: SET_OWNER",
+    requirement=(
+        "Session messages (SET_FEATURES, memory, SET_VRING_*) sent before SET_OWNER are refused "
+        "or accepted, never a crash; a new connection works."
+    ),
+)
 def test_messages_before_set_owner(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -903,7 +1060,26 @@ def _need_reply_session(
     return session, memory, channel
 
 
-@case("VU-MAL-16", level=MUST, requires=[P.REPLY_ACK])
+@case(
+    "VU-MAL-16",
+    title="NEED_REPLY on every start-up message",
+    family="malformed",
+    level=MUST,
+    tier=Tier.CONFORMANCE,
+    clause=f"{RST} REPLY_ACK",
+    quote=(
+        "This indicates that the back-end MUST respond with a Payload VhostUserMsg indicating "
+        "success or failure.\n"
+        "For the message types that already solicit a reply from the back-end, the presence of "
+        "VHOST_USER_PROTOCOL_F_REPLY_ACK or need_reply bit being set brings no behavioural "
+        "change."
+    ),
+    requirement=(
+        "With REPLY_ACK negotiated, NEED_REPLY on every message of QEMU's start-up sequence "
+        "yields exactly one reply per message: its defined reply, or else one u64 ack."
+    ),
+    requires=[ProtocolFeature.REPLY_ACK],
+)
 def test_need_reply_on_every_message(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -924,7 +1100,28 @@ def test_need_reply_on_every_message(
     )
 
 
-@case("VU-MAL-17", level=SHOULD)
+@case(
+    "VU-MAL-17",
+    title="NEED_REPLY without REPLY_ACK on every message",
+    family="malformed",
+    level=SHOULD,
+    tier=Tier.INTEROP,
+    clause=f"{RST} REPLY_ACK",
+    source=(
+        "hw/virtio/vhost-user.c process_message_reply / vhost_user_read_header: QEMU 11.1.3 sets "
+        "NEED_REPLY only with REPLY_ACK negotiated and reads a reply only where it asked for "
+        "one; an unasked reply is read as the answer to its next request and rejected (wrong "
+        "request id)"
+    ),
+    requirement=(
+        "With REPLY_ACK not negotiated, NEED_REPLY on every message of QEMU's start-up sequence "
+        "yields the defined replies only, no ack."
+    ),
+    ambiguity=(
+        "the spec gives need_reply a meaning only with REPLY_ACK; an unasked ack desynchronises "
+        "QEMU's reply reading"
+    ),
+)
 def test_need_reply_without_reply_ack(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -979,7 +1176,18 @@ def _start_up(target: BackendTarget, timeout: float, limit: int) -> int:
         memory.close()
 
 
-@case("VU-FUZZ-3", level=SHOULD)
+@case(
+    "VU-FUZZ-3",
+    title="Disconnect at every message boundary",
+    family="fuzz",
+    level=SHOULD,
+    clause=f"{RST} Communication",
+    requirement=(
+        "Disconnecting after any message of the start-up sequence leaves a back-end that a new "
+        "connection brings to a working state."
+    ),
+    ambiguity="reconnection is not required by the spec; QEMU relies on it",
+)
 def test_disconnect_at_every_message_boundary(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
@@ -1008,7 +1216,20 @@ def test_disconnect_at_every_message_boundary(
 # --------------------------------------------------------------------------- REM_MEM_REG
 
 
-@case("VU-FD-4", level=MUST, requires=[P.CONFIGURE_MEM_SLOTS], needs=["command"])
+@case(
+    "VU-FD-4",
+    title="REM_MEM_REG fds are closed",
+    family="memory",
+    level=MUST,
+    clause=f"{RST} Front-end message types: REM_MEM_REG",
+    quote="If a file descriptor is passed, the back-end MUST close it without using it otherwise.",
+    requirement=(
+        "An fd sent with REM_MEM_REG is accepted or refused but closed: the back-end's fd count "
+        "does not grow."
+    ),
+    requires=[ProtocolFeature.CONFIGURE_MEM_SLOTS],
+    needs=["command"],
+)
 def test_rem_mem_reg_fd_is_closed(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:

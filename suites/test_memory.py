@@ -19,6 +19,7 @@ from vhost_conformance.frontend.protocol import (
     ProtocolFeature,
     SingleMemoryRegion,
 )
+from vhost_conformance.suites.clauses import RST
 from vhost_conformance.suites.drivers import (
     SessionFactory,
     do_io,
@@ -74,7 +75,21 @@ def _all_regions(session: Session, base_sector: int) -> None:
         _round_trip(session, region, regions[(i + 1) % len(regions)], base_sector + 8 * i, i)
 
 
-@case("VU-FD-2", level=MUST)
+@case(
+    "VU-FD-2",
+    title="SET_MEM_TABLE: one fd per region, up to 8",
+    family="memory",
+    level=MUST,
+    clause=f"{RST} Front-end message types: SET_MEM_TABLE",
+    quote=(
+        "Sets the memory map regions on the back-end so it can translate the vring addresses.\n"
+        "Guest addresses map to the vhost memory region containing that guest address."
+    ),
+    requirement=(
+        "SET_MEM_TABLE with 1 to 8 regions and one fd each is accepted and the memory is used "
+        "for I/O."
+    ),
+)
 def test_set_mem_table_up_to_8_regions(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -89,7 +104,21 @@ def test_set_mem_table_up_to_8_regions(
         session.close()
 
 
-@case("VU-MEM-4", level=MUST)
+@case(
+    "VU-MEM-4",
+    title="Regions with mmap_offset, GPA != HVA, holes",
+    family="memory",
+    level=MUST,
+    clause=f"{RST} Memory region description",
+    quote=(
+        "User addresses map to the vhost memory region containing that user address.\n"
+        "Guest addresses map to the vhost memory region containing that guest address."
+    ),
+    requirement=(
+        "Data written at a GPA in a region with non-zero mmap_offset, a user address unlike its "
+        "GPA and gaps between regions reads back right."
+    ),
+)
 def test_regions_with_offsets_and_holes(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -102,13 +131,43 @@ def test_regions_with_offsets_and_holes(
     _all_regions(session, 4096)
 
 
-@case("VU-MEM-7", level=MUST)
+@case(
+    "VU-MEM-7",
+    title="ADD_MEM_REG as QEMU 11.1.3 sends it",
+    family="memory",
+    level=MUST,
+    clause=f"{RST} Front-end message types: ADD_MEM_REG",
+    quote=(
+        "The message payload contains a memory region descriptor struct, describing a region of "
+        "guest memory which the back-end device must map in."
+    ),
+    requirement=(
+        "With CONFIGURE_MEM_SLOTS, a start that sends ADD_MEM_REG (NEED_REPLY) instead of "
+        "SET_MEM_TABLE works."
+    ),
+    requires=[ProtocolFeature.CONFIGURE_MEM_SLOTS],
+)
 def test_add_mem_reg_as_qemu_sends_it(vhost_session: Session) -> None:
     """A start with ADD_MEM_REG (NEED_REPLY) instead of SET_MEM_TABLE works."""
     do_io(vhost_session, 2)
 
 
-@case("VU-MEM-5", level=MUST)
+@case(
+    "VU-MEM-5",
+    title="Memory slots beyond 8",
+    family="memory",
+    level=MUST,
+    clause=f"{RST} Front-end message types: GET_MAX_MEM_SLOTS / ADD_MEM_REG",
+    quote=(
+        "The message payload contains a memory region descriptor struct, describing a region of "
+        "guest memory which the back-end device must map in."
+    ),
+    requirement=(
+        "8 regions by SET_MEM_TABLE, a 9th by ADD_MEM_REG, then up to GET_MAX_MEM_SLOTS regions "
+        "are accepted and usable."
+    ),
+    requires=[ProtocolFeature.CONFIGURE_MEM_SLOTS],
+)
 def test_memory_slots_beyond_8(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -138,7 +197,22 @@ def test_memory_slots_beyond_8(
     _round_trip(session, last, first, 300, 3)
 
 
-@case("VU-MEM-6", level=MUST)
+@case(
+    "VU-MEM-6",
+    title="REM_MEM_REG of a region in use",
+    family="memory",
+    level=MUST,
+    clause=f"{RST} Front-end message types: REM_MEM_REG",
+    quote=(
+        "The message payload contains a memory region descriptor struct, describing a region of "
+        "guest memory which the back-end device must unmap."
+    ),
+    requirement=(
+        "Removing a region a queued descriptor still points into ends in an error status or a "
+        "safe completion, never a crash."
+    ),
+    requires=[ProtocolFeature.CONFIGURE_MEM_SLOTS],
+)
 def test_rem_mem_reg_of_a_region_in_use(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -185,7 +259,24 @@ def test_rem_mem_reg_of_a_region_in_use(
                          "connection", seen="OK")
 
 
-@case("VU-MEM-2", level=MUST)
+@case(
+    "VU-MEM-2",
+    title="GPA_ADDRESSES: guest-physical ring addresses",
+    family="memory",
+    level=MUST,
+    clause=f"{RST} Memory region description; Vring address description",
+    quote=(
+        "Otherwise, when VHOST_USER_PROTOCOL_F_GPA_ADDRESSES is negotiated, the ring addresses "
+        "are guest physical addresses for frontend messages.\n"
+        "When VHOST_USER_PROTOCOL_F_GPA_ADDRESSES is negotiated, this field contain guest "
+        "physical address instead and must duplicate guest address field."
+    ),
+    requirement=(
+        "With GPA_ADDRESSES negotiated, regions whose user address duplicates the guest address "
+        "and ring addresses given as GPAs work."
+    ),
+    requires=[ProtocolFeature.GPA_ADDRESSES],
+)
 def test_gpa_addresses(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """With GPA_ADDRESSES, user address = guest address and ring addresses as GPAs work."""
     memory = GuestMemory()
@@ -199,7 +290,23 @@ def test_gpa_addresses(vhost_target: BackendTarget, make_session: SessionFactory
     do_io(session, 2)
 
 
-@case("VU-FD-3", level=MUST)
+@case(
+    "VU-FD-3",
+    title="Back-end channel fds only with BACKEND_SEND_FD",
+    family="memory",
+    level=MUST,
+    clause=f"{RST} Back-end communication",
+    quote=(
+        "If VHOST_USER_PROTOCOL_F_BACKEND_SEND_FD protocol feature is negotiated, back-end can "
+        "send file descriptors (at most 8 descriptors in each message) to front-end via "
+        "ancillary data using this fd communication channel."
+    ),
+    requirement=(
+        "Messages on the back-end channel carry at most 8 fds, and fds only if BACKEND_SEND_FD "
+        "was negotiated."
+    ),
+    requires=[ProtocolFeature.BACKEND_REQ],
+)
 def test_backend_channel_fds(vhost_session: Session) -> None:
     """Back-end channel messages carry at most 8 fds, and only with BACKEND_SEND_FD."""
     do_io(vhost_session, 4)

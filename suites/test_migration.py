@@ -26,6 +26,8 @@ from vhost_conformance.frontend.protocol import (
     ProtocolFeature,
     VirtioFeature,
 )
+from vhost_conformance.reports.model import Tier
+from vhost_conformance.suites.clauses import MAY_SUSPEND, RST
 from vhost_conformance.suites.drivers import (
     SessionFactory,
     do_io,
@@ -48,7 +50,31 @@ from vhost_conformance.suites.target import BackendTarget
 P = ProtocolFeature
 
 #: Per-request latency of the slow disk and how many requests are held in flight.
-@case("VU-MIG-3", level=MUST)
+@case(
+    "VU-MIG-3",
+    title="Destination resubmits the migrated in-flight requests",
+    family="migration",
+    level=MUST,
+    clause=f"{RST} Inflight I/O tracking; Front-end message types: GET_VRING_BASE",
+    quote=(
+        "By default, the back-end must complete all inflight I/O requests for the specified "
+        "vring before stopping it.\n"
+        "If the VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT protocol feature has been "
+        "negotiated, the back-end may suspend in-flight I/O requests and record them as "
+        "described in Inflight I/O tracking instead of completing them before stopping the "
+        "vring.\n"
+        "When VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD protocol feature has been successfully "
+        "negotiated, this message is submitted by the front-end to send the shared inflight "
+        "buffer back to the back-end so that the back-end could get inflight I/O after a crash "
+        "or restart."
+    ),
+    requirement=(
+        "A destination given the migrated region by SET_INFLIGHT_FD and the migrated "
+        "SET_VRING_BASE completes every suspended request once."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.GET_VRING_BASE_INFLIGHT],
+    needs=["slow-io"],
+)
 def test_destination_resubmits_inflight_requests(
     vhost_target: BackendTarget,
     vhost_target_factory: Callable[[str], BackendTarget],
@@ -68,7 +94,27 @@ def test_destination_resubmits_inflight_requests(
                          "region and no GET_INFLIGHT_FD", seen=", ".join(sent[-20:]))
 
 
-@case("VU-MIG-4", level=MUST)
+@case(
+    "VU-MIG-4",
+    title="Source region equals the front-end's model",
+    family="migration",
+    level=MUST,
+    clause=f"{RST} Inflight I/O tracking",
+    quote=(
+        "By default, the back-end must complete all inflight I/O requests for the specified "
+        "vring before stopping it.\n"
+        "If the VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT protocol feature has been "
+        "negotiated, the back-end may suspend in-flight I/O requests and record them as "
+        "described in Inflight I/O tracking instead of completing them before stopping the vring."
+    ),
+    requirement=(
+        "After a no-drain GET_VRING_BASE, the region's bytes equal the front-end's model of what "
+        "is in flight."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.GET_VRING_BASE_INFLIGHT],
+    needs=["slow-io"],
+    ambiguity=MAY_SUSPEND,
+)
 def test_source_region_equals_model(
     vhost_target: BackendTarget,
     vhost_target_factory: Callable[[str], BackendTarget],
@@ -84,7 +130,22 @@ def test_source_region_equals_model(
     fail_on(result.region_findings, "the source's region after GET_VRING_BASE")
 
 
-@case("VU-MIG-5", level=MUST)
+@case(
+    "VU-MIG-5",
+    title="Drain migration keeps the data",
+    family="migration",
+    level=MUST,
+    clause=f"{RST} Migration",
+    quote=(
+        "By default, the back-end must complete all inflight I/O requests for the specified "
+        "vring before stopping it."
+    ),
+    requirement=(
+        "Data written through the source before a drained stop reads back through a destination "
+        "on the same disk."
+    ),
+    needs=["shared-disk"],
+)
 def test_drained_migration_keeps_data(
     vhost_target: BackendTarget,
     vhost_target_factory: Callable[[str], BackendTarget],
@@ -112,7 +173,24 @@ def test_drained_migration_keeps_data(
     fail_on(ledger.findings(), "writes read back through the destination")
 
 
-@case("VU-MIG-8", level=INFO)
+@case(
+    "VU-MIG-8",
+    title="Stop latency and downtime, drain vs no-drain",
+    family="migration",
+    level=INFO,
+    tier=Tier.INTEROP,
+    clause=f"{RST} Front-end message types: GET_VRING_BASE",
+    source=(
+        "QEMU-TRACES.md (b) and (e): the stop sequence and in-flight migration QEMU 11.1.3 runs "
+        "(inflight-migration=on/off); measured, not judged"
+    ),
+    requirement=(
+        "Measured, not judged: the GET_VRING_BASE round trip and the migration downtime with "
+        "requests held on a slow disk, draining and (with bit 20) suspending; every held request "
+        "still completes once."
+    ),
+    needs=["slow-io"],
+)
 def test_stop_latency_and_downtime_drain_vs_no_drain(
     vhost_target: BackendTarget,
     vhost_target_factory: Callable[[str], BackendTarget],
@@ -155,7 +233,19 @@ def test_stop_latency_and_downtime_drain_vs_no_drain(
             vhost_measurements["drain.stop_ms"] / vhost_measurements["no_drain.stop_ms"])
 
 
-@case("VU-MIG-6", level=MUST, requires=[P.LOG_SHMFD])
+@case(
+    "VU-MIG-6",
+    title="SET_LOG_BASE is answered",
+    family="migration",
+    level=MUST,
+    clause=f"{RST} Front-end message types: SET_LOG_BASE",
+    quote="Log starts at the supplied offset in the supplied file descriptor.",
+    requirement=(
+        "With LOG_SHMFD, SET_LOG_BASE with the 16-byte log description and one fd gets its reply "
+        "(payload N/A in the spec: any size) before the deadline."
+    ),
+    requires=[ProtocolFeature.LOG_SHMFD],
+)
 def test_set_log_base_is_answered(
     vhost_session: Session, vhost_measurements: dict[str, float]
 ) -> None:
@@ -200,7 +290,22 @@ def test_set_log_base_is_answered(
 _LOG_START = ("SET_LOG_BASE", "SET_FEATURES", "SET_VRING_ADDR")
 
 
-@case("VU-MIG-7", level=MUST, requires=[P.LOG_SHMFD, P.REPLY_ACK, VirtioFeature.LOG_ALL])
+@case(
+    "VU-MIG-7",
+    title="Migration sequence of QEMU 11.1.3",
+    family="migration",
+    level=MUST,
+    clause=f"{RST} Migration",
+    quote=(
+        "While processing the rings (whether they are enabled or not), the back-end must support "
+        "changing some configuration aspects on the fly."
+    ),
+    requirement=(
+        "SET_LOG_BASE, SET_FEATURES(+LOG_ALL) and SET_VRING_ADDR(F_LOG) mid-session, as QEMU "
+        "11.1.3 sends them with NEED_REPLY, are each acked and I/O continues."
+    ),
+    requires=[ProtocolFeature.LOG_SHMFD, ProtocolFeature.REPLY_ACK, VirtioFeature.LOG_ALL],
+)
 def test_qemu_11_1_migration_sequence(vhost_session: Session) -> None:
     """In a running session with I/O done, QEMU 11.1.3's logging start: SET_LOG_BASE (+memfd,
     u64 reply), SET_FEATURES(+LOG_ALL) [NEED_REPLY], SET_VRING_ADDR(F_LOG, log_guest_addr)

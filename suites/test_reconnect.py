@@ -18,6 +18,8 @@ from vhost_conformance.frontend.accounting import Ledger
 from vhost_conformance.frontend.channel import Channel
 from vhost_conformance.frontend.migration import reconnect, stop_like_qemu
 from vhost_conformance.frontend.protocol import U64, FrontendRequest, ProtocolFeature
+from vhost_conformance.reports.model import Tier
+from vhost_conformance.suites.clauses import RST
 from vhost_conformance.suites.drivers import (
     SessionFactory,
     close_session,
@@ -53,7 +55,24 @@ def _alive_and_serving(target: BackendTarget, make_session: SessionFactory, what
     stop_like_qemu(s)
 
 
-@case("VU-RECON-1", level=SHOULD)
+@case(
+    "VU-RECON-1",
+    title="A new connection after the front-end leaves",
+    family="reconnect",
+    level=SHOULD,
+    tier=Tier.INTEROP,
+    clause=f"{RST} Communication",
+    source=(
+        "QEMU-TRACES.md (d) reconnect; hw/block/vhost-user-blk.c (reconnect on "
+        "CHR_EVENT_CLOSED/OPENED): the spec says only “An optional reconnection mechanism can be "
+        "implemented.”"
+    ),
+    requirement=(
+        "After the front-end closes the socket, the back-end accepts a new connection and "
+        "reaches a working state."
+    ),
+    ambiguity="not stated; QEMU 11.1.3 reconnects (reconnect-ms) and relies on it",
+)
 def test_new_connection_after_the_front_end_leaves(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -66,7 +85,27 @@ def test_new_connection_after_the_front_end_leaves(
     _alive_and_serving(vhost_target, make_session, "the front-end left")
 
 
-@case("VU-RECON-2", level=MUST)
+@case(
+    "VU-RECON-2",
+    title="Reconnect with SET_VRING_BASE = used idx",
+    family="reconnect",
+    level=SHOULD,
+    clause=f"{RST} Inflight I/O tracking",
+    quote=(
+        "To track inflight I/O, the queue region should be processed as follows:\n"
+        "When VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD protocol feature has been successfully "
+        "negotiated, this message is submitted by the front-end to send the shared inflight "
+        "buffer back to the back-end so that the back-end could get inflight I/O after a crash "
+        "or restart.\n"
+        "Resubmit inflight DescStateSplit entries in order of their counter value"
+    ),
+    requirement=(
+        "After a crash, a new back-end given the old region and SET_VRING_BASE = used->idx "
+        "(QEMU's fallback) resubmits and completes what was pending."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD],
+    needs=["command"],
+)
 def test_reconnect_after_crash_resubmits_pending(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -110,7 +149,22 @@ def test_reconnect_after_crash_resubmits_pending(
         out_of_order_recovery(target, make_session)
 
 
-@case("VU-RECON-3", level=MUST)
+@case(
+    "VU-RECON-3",
+    title="QEMU 7.2 message order",
+    family="reconnect",
+    level=MUST,
+    tier=Tier.INTEROP,
+    clause=f"{RST} Ring states",
+    source=(
+        "QEMU-TRACES.md corrections and the qemu-7.2 profile (suites/profiles, "
+        'frontend/sequences.py SEQUENCES["qemu-7.2"]): the start and stop order QEMU 7.2 sends, '
+        "which the spec does not fix"
+    ),
+    requirement=(
+        "The start and stop sequences of QEMU 7.2 (profile qemu-7.2) work like those of 11.1."
+    ),
+)
 def test_qemu_7_2_message_order(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -126,7 +180,18 @@ def test_qemu_7_2_message_order(
     stop_like_qemu(s)
 
 
-@case("VU-RECON-4", level=MUST)
+@case(
+    "VU-RECON-4",
+    title="Front-end vanishes mid-request",
+    family="reconnect",
+    level=MUST,
+    tier=Tier.ROBUSTNESS,
+    clause=f"{RST} Communication",
+    requirement=(
+        "Closing the socket with requests in flight leaves the back-end alive and able to serve "
+        "a new connection."
+    ),
+)
 def test_front_end_vanishes_mid_request(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -149,7 +214,20 @@ def test_front_end_vanishes_mid_request(
         _alive_and_serving(vhost_target, make_session, "the front-end vanished mid-request")
 
 
-@case("VU-RST-1", level=SHOULD)
+@case(
+    "VU-RST-1",
+    title="RESET_OWNER is harmless",
+    family="reconnect",
+    level=SHOULD,
+    clause=f"{RST} Front-end message types: RESET_OWNER",
+    quote=(
+        "It is recommended that back-ends either ignore this message, or use it to disable all "
+        "rings."
+    ),
+    requirement=(
+        "RESET_OWNER is ignored or disables all rings; the back-end stays alive and answers."
+    ),
+)
 def test_reset_owner_is_harmless(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:

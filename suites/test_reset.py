@@ -19,6 +19,7 @@ import time
 from vhost_conformance.frontend.channel import BackendNack
 from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.protocol import U64, FrontendRequest, ProtocolFeature
+from vhost_conformance.suites.clauses import RST
 from vhost_conformance.suites.drivers import do_io, expect_status, wait_all
 from vhost_conformance.suites.model import MUST, CaseFailed, case
 
@@ -38,7 +39,23 @@ def reset_device(session: Session) -> None:
     session.mark_stopped()
 
 
-@case("VU-RST-2", level=MUST, requires=[P.RESET_DEVICE])
+@case(
+    "VU-RST-2",
+    title="RESET_DEVICE resets to the initial state",
+    family="reconnect",
+    level=MUST,
+    clause=f"{RST} Front-end message types: RESET_DEVICE",
+    quote=(
+        "Ask the vhost user back-end to disable all rings and reset all internal device state to "
+        "the initial state, ready to be reinitialized.\n"
+        "The back-end retains ownership of the device throughout the reset operation."
+    ),
+    requirement=(
+        "With RESET_DEVICE negotiated, it disables all rings and resets device state while "
+        "keeping ownership."
+    ),
+    requires=[ProtocolFeature.RESET_DEVICE],
+)
 def test_reset_device_resets_to_the_initial_state(vhost_session: Session) -> None:
     """RESET_DEVICE on a started device: rings stop serving, status reads 0, and the start
     sequence without SET_OWNER on the same connection brings the device back (the request

@@ -15,6 +15,7 @@ from vhost_conformance.frontend.blk import BlkRequest
 from vhost_conformance.frontend.channel import BackendHang
 from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.protocol import FrontendRequest, VirtioFeature
+from vhost_conformance.suites.clauses import RST, VIRTIO
 from vhost_conformance.suites.drivers import (
     SessionFactory,
     do_io,
@@ -57,7 +58,19 @@ def _untouched(session: Session, request: BlkRequest, when: str) -> None:
                          seen=session.memory.read(request.status_gpa, 1).hex())
 
 
-@case("VU-RING-1", level=MUST)
+@case(
+    "VU-RING-1",
+    title="Rings start stopped and disabled",
+    family="rings",
+    level=MUST,
+    clause=f"{RST} Ring states",
+    quote=(
+        "Each ring is initialized in a stopped and disabled state.\n"
+        "While a ring is stopped, the back-end must not process the ring at all, regardless of "
+        "whether it is enabled or disabled."
+    ),
+    requirement="A request made available before SET_VRING_KICK is not processed.",
+)
 def test_rings_start_stopped(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """A request made available before SET_VRING_KICK is not processed."""
     session = make_session(vhost_target, start=False)
@@ -69,7 +82,21 @@ def test_rings_start_stopped(vhost_target: BackendTarget, make_session: SessionF
     expect_status(wait_all(session, [request]), what="read made available before the start")
 
 
-@case("VU-RING-2", level=MUST)
+@case(
+    "VU-RING-2",
+    title="A stopped ring is not processed",
+    family="rings",
+    level=MUST,
+    clause=f"{RST} Ring states",
+    quote=(
+        "While a ring is stopped, the back-end must not process the ring at all, regardless of "
+        "whether it is enabled or disabled."
+    ),
+    requirement=(
+        "After GET_VRING_BASE, requests made available and kicked are not processed until the "
+        "ring is started again."
+    ),
+)
 def test_stopped_ring_is_not_processed(vhost_session: Session) -> None:
     """After GET_VRING_BASE, requests made available and kicked are not processed until the
     ring is started again."""
@@ -84,7 +111,22 @@ def test_stopped_ring_is_not_processed(vhost_session: Session) -> None:
     expect_status(wait_all(session, [request]), what="read made available while stopped")
 
 
-@case("VU-RING-3", level=MUST)
+@case(
+    "VU-RING-3",
+    title="Started but disabled rings have no side effects",
+    family="rings",
+    level=MUST,
+    clause=f"{RST} Ring states",
+    quote=(
+        "started and disabled: The back-end must process the ring without causing any side "
+        "effects."
+    ),
+    requirement="A started ring disabled by SET_VRING_ENABLE 0 writes nothing a guest can see.",
+    ambiguity=(
+        "'processed without side effects' is written for net; for blk we require no used-ring "
+        "writes and no disk writes"
+    ),
+)
 def test_started_disabled_ring_has_no_side_effects(vhost_session: Session) -> None:
     """A started ring disabled by SET_VRING_ENABLE 0 writes nothing a guest can see."""
     session = vhost_session
@@ -105,7 +147,22 @@ def test_started_disabled_ring_has_no_side_effects(vhost_session: Session) -> No
     expect_status(wait_all(session, [request]), what="write after SET_VRING_ENABLE 1")
 
 
-@case("VU-RING-4", level=MUST)
+@case(
+    "VU-RING-4",
+    title="Without bit 30 rings are enabled at once",
+    family="rings",
+    level=MUST,
+    clause=f"{RST} Ring states",
+    quote=(
+        "In addition, upon receiving a VHOST_USER_SET_FEATURES message from the front-end "
+        "without VHOST_USER_F_PROTOCOL_FEATURES set, the back-end must enable all rings "
+        "immediately."
+    ),
+    requirement=(
+        "After SET_FEATURES without VHOST_USER_F_PROTOCOL_FEATURES the rings are enabled: I/O "
+        "works with no SET_VRING_ENABLE."
+    ),
+)
 def test_without_bit_30_rings_are_enabled(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -116,7 +173,22 @@ def test_without_bit_30_rings_are_enabled(
     do_io(session, 2)
 
 
-@case("VU-RING-5", level=SHOULD)
+@case(
+    "VU-RING-5",
+    title="A ring starts on SET_VRING_KICK",
+    family="rings",
+    level=SHOULD,
+    clause=f"{RST} Ring states",
+    quote="Back-ends SHOULD NOT rely on receiving a kick after VHOST_USER_SET_VRING_KICK.",
+    requirement=(
+        "A request already available when SET_VRING_KICK arrives is processed without an "
+        "injected kick."
+    ),
+    ambiguity=(
+        "older text started rings on the first kick; 11.1.3 starts them on SET_VRING_KICK and "
+        "says back-ends SHOULD NOT rely on the injected kick"
+    ),
+)
 def test_ring_starts_on_set_vring_kick(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -140,7 +212,23 @@ def test_ring_starts_on_set_vring_kick(
     expect_status(done, what="read available at SET_VRING_KICK")
 
 
-@case("VU-RING-7", level=MUST)
+@case(
+    "VU-RING-7",
+    title="A kick before SET_VRING_ENABLE is not lost",
+    family="rings",
+    level=MUST,
+    clause=f"{RST} Ring states",
+    quote=(
+        "started and disabled: The back-end must process the ring without causing any side "
+        "effects.\n"
+        "started and enabled: The back-end must process the ring normally, i.e. process all "
+        "requests and execute them."
+    ),
+    requirement=(
+        "A request kicked while the ring is started but disabled completes after "
+        "SET_VRING_ENABLE 1 with no second kick."
+    ),
+)
 def test_kick_before_enable_is_not_lost(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -161,7 +249,22 @@ def test_kick_before_enable_is_not_lost(
     expect_status(done, what="read kicked before SET_VRING_ENABLE 1")
 
 
-@case("VU-RING-8", level=MUST)
+@case(
+    "VU-RING-8",
+    title="used->idx is read at start, not latched early",
+    family="rings",
+    level=MUST,
+    clause=f"{RST} Ring states",
+    quote=(
+        "For a split virtqueue, sets only the next descriptor index to process in the Available "
+        "Ring. The device is supposed to read the next index in the Used Ring from the "
+        "respective vring structure in guest memory."
+    ),
+    requirement=(
+        "When the front-end zeroes used->idx after SET_VRING_ADDR and before the first kick, the "
+        "first completion lands in used slot 0."
+    ),
+)
 def test_used_idx_is_read_at_start(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -182,7 +285,22 @@ def test_used_idx_is_read_at_start(
                          seen=vq.used_idx_in_memory())
 
 
-@case("VU-RING-9", level=MUST, requires=[V.RING_PACKED])
+@case(
+    "VU-RING-9",
+    title="Packed ring I/O",
+    family="rings",
+    level=MUST,
+    clause=f"{VIRTIO} 2.8.18 Packed Virtqueues: Scatter-Gather Support",
+    quote=(
+        "The device MUST use descriptors in a list chained by the VIRTQ_DESC_F_NEXT flag in the "
+        "same order that they were made available by the driver."
+    ),
+    requirement=(
+        "With RING_PACKED negotiated, reads and writes complete with the used flags and ids the "
+        "packed layout prescribes."
+    ),
+    requires=[VirtioFeature.RING_PACKED],
+)
 def test_packed_ring_io(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """With RING_PACKED, reads and writes complete with the packed layout's used flags."""
     session = make_session(vhost_target, packed=True)
@@ -200,7 +318,26 @@ def test_packed_ring_io(vhost_target: BackendTarget, make_session: SessionFactor
         raise CaseFailed("packed ring", expected="no violation", seen=str(violations[0]))
 
 
-@case("VU-RING-10", level=MUST, requires=[V.RING_EVENT_IDX])
+@case(
+    "VU-RING-10",
+    title="EVENT_IDX notification suppression",
+    family="rings",
+    level=MUST,
+    clause=(
+        f"{VIRTIO} "
+        "2.7.7.2 Split Virtqueues: Used Buffer Notification Suppression (VIRTIO_F_EVENT_IDX: a "
+        "notification when the used index reaches used_event)"
+    ),
+    quote=(
+        "the device MUST send a notification\n"
+        "Otherwise the device SHOULD NOT send a notification."
+    ),
+    requirement=(
+        "With RING_EVENT_IDX negotiated, the back-end signals the call fd exactly when "
+        "used_event asks for it."
+    ),
+    requires=[VirtioFeature.RING_EVENT_IDX],
+)
 def test_event_idx_suppression(vhost_session: Session) -> None:
     """With EVENT_IDX, the back-end signals the call fd exactly when used_event asks."""
     session = vhost_session
@@ -241,14 +378,40 @@ def _wait_used_in_memory(session: Session, idx: int) -> None:
     time.sleep(0.03)  # a notification follows the used->idx write
 
 
-@case("VU-RING-11", level=MUST, requires=[V.RING_INDIRECT_DESC])
+@case(
+    "VU-RING-11",
+    title="Indirect descriptors",
+    family="rings",
+    level=MUST,
+    clause=f"{VIRTIO} 2.7.5.3.2 Split Virtqueues: Indirect Descriptors",
+    quote=(
+        "The device MUST handle the case of zero or more normal chained descriptors followed by "
+        "a single descriptor with flags&VIRTQ_DESC_F_INDIRECT."
+    ),
+    requirement=(
+        "With RING_INDIRECT_DESC negotiated, a request described by an indirect table completes "
+        "like a direct one."
+    ),
+    requires=[VirtioFeature.RING_INDIRECT_DESC],
+)
 def test_indirect_descriptors(vhost_session: Session) -> None:
     """A request described by an indirect table completes like a direct one."""
     write_read_verify(vhost_session, 128, pattern(50, 4096), segments=4, indirect=True)
     write_read_verify(vhost_session, 160, pattern(51, 512), indirect=True)
 
 
-@case("VU-RING-12", level=SHOULD)
+@case(
+    "VU-RING-12",
+    title="NO_INTERRUPT honoured without EVENT_IDX",
+    family="rings",
+    level=SHOULD,
+    clause=f"{VIRTIO} 2.7.7.2 Split Virtqueues: Used Buffer Notification Suppression",
+    quote="If flags is 1, the device SHOULD NOT send a notification.",
+    requirement=(
+        "Without EVENT_IDX, avail->flags NO_INTERRUPT suppresses call signals (NOTIFY_ON_EMPTY "
+        "aside)."
+    ),
+)
 def test_no_interrupt_without_event_idx(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:

@@ -26,6 +26,7 @@ from vhost_conformance.frontend.protocol import (
     split_packed_base,
 )
 from vhost_conformance.frontend.virtqueue import PackedVirtqueue
+from vhost_conformance.suites.clauses import MAY_SUSPEND, RST, SUSPENDED_DMA
 from vhost_conformance.suites.drivers import (
     COMPLETES_AFTER_REPLY,
     InflightTracker,
@@ -72,7 +73,22 @@ def _expect_base(seen: int, expected: int, what: str, *, split: bool = False) ->
 # --------------------------------------------------------------------------- GET_VRING_BASE
 
 
-@case("VU-GVB-1", level=MUST)
+@case(
+    "VU-GVB-1",
+    title="GET_VRING_BASE returns the next avail index",
+    family="stop-drain",
+    level=MUST,
+    clause=f"{RST} Front-end message types: GET_VRING_BASE",
+    quote=(
+        "Stops the vring and returns the current descriptor index or indices:\n"
+        "For a split virtqueue, returns only the 16-bit next descriptor index to process in the "
+        "Available Ring."
+    ),
+    requirement=(
+        "After N requests were taken, GET_VRING_BASE returns N (split: 16 bits of num) and stops "
+        "the ring."
+    ),
+)
 def test_get_vring_base_returns_next_avail_index(vhost_session: Session) -> None:
     """After N requests were taken, GET_VRING_BASE returns N and stops the ring."""
     do_io(vhost_session, 3)  # 6 requests, each completed
@@ -82,7 +98,22 @@ def test_get_vring_base_returns_next_avail_index(vhost_session: Session) -> None
                  split=not vhost_session.packed)
 
 
-@case("VU-GVB-7", level=MUST)
+@case(
+    "VU-GVB-7",
+    title="GET_VRING_BASE reply is 8 bytes",
+    family="stop-drain",
+    level=MUST,
+    clause=f"{RST} Front-end message types: GET_VRING_BASE",
+    quote=(
+        "Stops the vring and returns the current descriptor index or indices:\n"
+        "For a split virtqueue, returns only the 16-bit next descriptor index to process in the "
+        "Available Ring."
+    ),
+    requirement=(
+        "The GET_VRING_BASE reply has the request's id and exactly an 8-byte vring state payload "
+        "for the asked index."
+    ),
+)
 def test_get_vring_base_reply_is_8_bytes(vhost_session: Session, vhost_timeout: float) -> None:
     """The reply has the request's id and an 8-byte vring state for the asked index."""
     do_io(vhost_session, 1, kinds=("read",))
@@ -106,7 +137,24 @@ def test_get_vring_base_reply_is_8_bytes(vhost_session: Session, vhost_timeout: 
     _expect_base(state.num, 1, "after one completed request", split=not vhost_session.packed)
 
 
-@case("VU-GVB-8", level=MUST)
+@case(
+    "VU-GVB-8",
+    title="A second GET_VRING_BASE and a restart agree",
+    family="stop-drain",
+    level=MUST,
+    clause=f"{RST} Front-end message types: GET_VRING_BASE / SET_VRING_BASE",
+    quote=(
+        "Rings are started with VHOST_USER_SET_VRING_KICK (or VHOST_USER_VRING_KICK if "
+        "VHOST_USER_PROTOCOL_F_INBAND_NOTIFICATIONS is negotiated) and stopped with "
+        "VHOST_USER_GET_VRING_BASE.\n"
+        "For a split virtqueue, returns only the 16-bit next descriptor index to process in the "
+        "Available Ring."
+    ),
+    requirement=(
+        "A second GET_VRING_BASE returns the same index, and after SET_VRING_BASE with it and a "
+        "restart I/O resumes at that slot."
+    ),
+)
 def test_second_get_vring_base_and_restart_agree(vhost_session: Session) -> None:
     """A second GET_VRING_BASE returns the same index; SET_VRING_BASE with it resumes there."""
     do_io(vhost_session, 2)
@@ -123,7 +171,22 @@ def test_second_get_vring_base_and_restart_agree(vhost_session: Session) -> None
         )
 
 
-@case("VU-GVB-10", level=MUST, requires=[VirtioFeature.RING_PACKED])
+@case(
+    "VU-GVB-10",
+    title="Packed GET_VRING_BASE carries both indices",
+    family="stop-drain",
+    level=MUST,
+    clause=f"{RST} Front-end message types: GET_VRING_BASE (packed)",
+    quote=(
+        "For a packed virtqueue, neither index is explicitly available to read from memory, so "
+        "both indices (as maintained by the device) are returned."
+    ),
+    requirement=(
+        "With RING_PACKED, GET_VRING_BASE returns the avail and used indices and both wrap "
+        "counters."
+    ),
+    requires=[VirtioFeature.RING_PACKED],
+)
 def test_packed_get_vring_base_carries_both_indices(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -152,7 +215,21 @@ def test_packed_get_vring_base_carries_both_indices(
         )
 
 
-@case("VU-GVB-11", level=MUST)
+@case(
+    "VU-GVB-11",
+    title="Stop order of QEMU 11.1.3",
+    family="stop-drain",
+    level=MUST,
+    clause=f"{RST} Ring states",
+    quote=(
+        "Stops the vring and returns the current descriptor index or indices:\n"
+        "Signal the back-end to enable or disable corresponding vring."
+    ),
+    requirement=(
+        "SET_VRING_ENABLE 0 then GET_VRING_BASE num 0, as QEMU 11.1.3 stops a device, is "
+        "answered for every ring."
+    ),
+)
 def test_qemu_stop_order_is_answered_for_every_ring(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, make_session: SessionFactory
 ) -> None:
@@ -170,7 +247,22 @@ def test_qemu_stop_order_is_answered_for_every_ring(
         _expect_base(seen, want, f"of queue {index}")
 
 
-@case("VU-SVB-1", level=MUST)
+@case(
+    "VU-SVB-1",
+    title="SET_VRING_BASE sets only the next avail index",
+    family="rings",
+    level=MUST,
+    clause=f"{RST} Front-end message types: SET_VRING_BASE",
+    quote=(
+        "For a split virtqueue, sets only the next descriptor index to process in the Available "
+        "Ring. The device is supposed to read the next index in the Used Ring from the "
+        "respective vring structure in guest memory."
+    ),
+    requirement=(
+        "After SET_VRING_BASE n the back-end takes the next request from avail slot n and "
+        "continues used->idx from guest memory."
+    ),
+)
 def test_set_vring_base_sets_only_next_avail_index(vhost_session: Session) -> None:
     """After SET_VRING_BASE n the back-end takes slot n next and continues used->idx."""
     session = vhost_session
@@ -211,7 +303,22 @@ def test_set_vring_base_sets_only_next_avail_index(vhost_session: Session) -> No
 # --------------------------------------------------------------------------- drain
 
 
-@case("VU-GVB-3", level=MUST)
+@case(
+    "VU-GVB-3",
+    title="GET_VRING_BASE drains in-flight I/O",
+    family="stop-drain",
+    level=MUST,
+    clause=f"{RST} Front-end message types: GET_VRING_BASE",
+    quote=(
+        "By default, the back-end must complete all inflight I/O requests for the specified "
+        "vring before stopping it."
+    ),
+    requirement=(
+        "Without bit 20 negotiated, the reply comes only after every request taken from the ring "
+        "has completed."
+    ),
+    needs=["slow-io"],
+)
 def test_get_vring_base_drains_in_flight_io(
     vhost_target: BackendTarget, make_session: SessionFactory, vhost_measurements: dict[str, float],
     vhost_measure: Callable[..., None],
@@ -246,7 +353,25 @@ def test_get_vring_base_drains_in_flight_io(
             )
 
 
-@case("VU-GVB-4", level=MAY)
+@case(
+    "VU-GVB-4",
+    title="With bit 20 in-flight I/O may be suspended",
+    family="stop-drain",
+    level=MAY,
+    clause=f"{RST} Front-end message types: GET_VRING_BASE; Inflight I/O tracking",
+    quote=(
+        "If the VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT protocol feature has been "
+        "negotiated, the back-end may suspend in-flight I/O requests and record them as "
+        "described in Inflight I/O tracking instead of completing them before stopping the vring."
+    ),
+    requirement=(
+        "With bit 20 negotiated, a back-end that replies before its requests complete marks "
+        "exactly those heads in flight in the region."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.GET_VRING_BASE_INFLIGHT],
+    needs=["slow-io"],
+    ambiguity=MAY_SUSPEND,
+)
 def test_bit_20_suspend_marks_exactly_the_outstanding_heads(
     vhost_target: BackendTarget, make_session: SessionFactory, vhost_measurements: dict[str, float],
     vhost_measure: Callable[..., None],
@@ -271,7 +396,24 @@ def test_bit_20_suspend_marks_exactly_the_outstanding_heads(
 # --------------------------------------------------------------------------- suspended
 
 
-@case("VU-GVB-5", level=MUST)
+@case(
+    "VU-GVB-5",
+    title="Suspended device: no writes, no signals, still answers",
+    family="stop-drain",
+    level=MUST,
+    clause=f"{RST} Suspended device state",
+    quote=(
+        "While all vrings are stopped, the device is suspended. In addition to not processing "
+        "any vring (because they are stopped), the device must:\n"
+        "not write to any guest memory regions, not send any notifications to the guest, not "
+        "send any messages to the front-end, still process and reply to messages from the "
+        "front-end."
+    ),
+    requirement=(
+        "Once every ring is stopped, the back-end writes no guest memory, signals nothing, and "
+        "still answers front-end messages."
+    ),
+)
 def test_suspended_device_writes_nothing_and_answers(
     vhost_session: Session, vhost_timeout: float
 ) -> None:
@@ -310,7 +452,25 @@ def _still_answers(session: Session, base: int, timeout: float) -> None:
     _expect_base(again, base, "asked again while suspended")
 
 
-@case("VU-SUSP-1")
+@case(
+    "VU-SUSP-1",
+    title="No guest memory writes while suspended",
+    family="suspended",
+    level=MUST,
+    clause=f"{RST} Suspended device state",
+    quote=(
+        "While all vrings are stopped, the device is suspended. In addition to not processing "
+        "any vring (because they are stopped), the device must:\n"
+        "not write to any guest memory regions, not send any notifications to the guest, not "
+        "send any messages to the front-end, still process and reply to messages from the "
+        "front-end."
+    ),
+    requirement=(
+        "Guest memory snapshotted at the last GET_VRING_BASE reply is unchanged after the slow "
+        "disk's latency has passed."
+    ),
+    needs=["slow-io"],
+)
 def test_no_guest_memory_writes_while_suspended(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -346,7 +506,22 @@ def _whose(session: Session, gpa: int, requests: list[BlkRequest]) -> str:
     return ""
 
 
-@case("VU-SUSP-2")
+@case(
+    "VU-SUSP-2",
+    title="No call signals while suspended",
+    family="suspended",
+    level=MUST,
+    clause=f"{RST} Suspended device state",
+    quote=(
+        "While all vrings are stopped, the device is suspended. In addition to not processing "
+        "any vring (because they are stopped), the device must:\n"
+        "not write to any guest memory regions, not send any notifications to the guest, not "
+        "send any messages to the front-end, still process and reply to messages from the "
+        "front-end."
+    ),
+    requirement="No call eventfd is signalled after the last GET_VRING_BASE reply.",
+    needs=["slow-io"],
+)
 def test_no_call_signals_while_suspended(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -364,7 +539,22 @@ def test_no_call_signals_while_suspended(
             )
 
 
-@case("VU-SUSP-3", requires=[P.BACKEND_REQ])
+@case(
+    "VU-SUSP-3",
+    title="No back-end channel messages while suspended",
+    family="suspended",
+    level=MUST,
+    clause=f"{RST} Suspended device state",
+    quote=(
+        "While all vrings are stopped, the device is suspended. In addition to not processing "
+        "any vring (because they are stopped), the device must:\n"
+        "not write to any guest memory regions, not send any notifications to the guest, not "
+        "send any messages to the front-end, still process and reply to messages from the "
+        "front-end."
+    ),
+    requirement="Nothing arrives on the back-end channel after the last GET_VRING_BASE reply.",
+    requires=[ProtocolFeature.BACKEND_REQ],
+)
 def test_no_backend_messages_while_suspended(vhost_session: Session) -> None:
     """Nothing arrives on the back-end channel after the last GET_VRING_BASE reply."""
     session = vhost_session
@@ -388,7 +578,21 @@ def test_no_backend_messages_while_suspended(vhost_session: Session) -> None:
     session.queues[0].blk.abandon(late.tag)
 
 
-@case("VU-SUSP-4")
+@case(
+    "VU-SUSP-4",
+    title="Front-end messages answered while suspended",
+    family="suspended",
+    level=MUST,
+    clause=f"{RST} Suspended device state",
+    quote=(
+        "While all vrings are stopped, the device is suspended. In addition to not processing "
+        "any vring (because they are stopped), the device must:\n"
+        "not write to any guest memory regions, not send any notifications to the guest, not "
+        "send any messages to the front-end, still process and reply to messages from the "
+        "front-end."
+    ),
+    requirement="While suspended, GET_FEATURES, GET_CONFIG and GET_VRING_BASE are still answered.",
+)
 def test_messages_answered_while_suspended(vhost_session: Session, vhost_timeout: float) -> None:
     """While suspended, GET_FEATURES, GET_CONFIG and GET_VRING_BASE are still answered."""
     do_io(vhost_session, 1)
@@ -396,7 +600,27 @@ def test_messages_answered_while_suspended(vhost_session: Session, vhost_timeout
     _still_answers(vhost_session, stopped.bases[0], vhost_timeout)
 
 
-@case("VU-SUSP-5")
+@case(
+    "VU-SUSP-5",
+    title="No late DMA after a no-drain stop",
+    family="suspended",
+    level=MUST,
+    clause=f"{RST} Suspended device state",
+    quote=(
+        "While all vrings are stopped, the device is suspended. In addition to not processing "
+        "any vring (because they are stopped), the device must:\n"
+        "not write to any guest memory regions, not send any notifications to the guest, not "
+        "send any messages to the front-end, still process and reply to messages from the "
+        "front-end."
+    ),
+    requirement=(
+        "With bit 20, data buffers of requests left in flight are not written after the "
+        "GET_VRING_BASE reply."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.GET_VRING_BASE_INFLIGHT],
+    needs=["slow-io"],
+    ambiguity=SUSPENDED_DMA,
+)
 def test_no_late_dma_after_a_no_drain_stop(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
@@ -421,7 +645,27 @@ def test_no_late_dma_after_a_no_drain_stop(
             )
 
 
-@case("VU-GVB-9")
+@case(
+    "VU-GVB-9",
+    title="Late completions after GET_VRING_BASE are silent",
+    family="stop-drain",
+    level=MUST,
+    clause=f"{RST} Suspended device state",
+    quote=(
+        "While all vrings are stopped, the device is suspended. In addition to not processing "
+        "any vring (because they are stopped), the device must:\n"
+        "not write to any guest memory regions, not send any notifications to the guest, not "
+        "send any messages to the front-end, still process and reply to messages from the "
+        "front-end."
+    ),
+    requirement=(
+        "Completions of I/O still running when the ring stopped write nothing and signal "
+        "nothing, even after the call fd was closed."
+    ),
+    requires=[ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.GET_VRING_BASE_INFLIGHT],
+    needs=["slow-io"],
+    ambiguity=SUSPENDED_DMA,
+)
 def test_late_completions_are_silent(
     vhost_target: BackendTarget, make_session: SessionFactory, vhost_timeout: float
 ) -> None:

@@ -11,7 +11,7 @@ from vhost_conformance.frontend.channel import (
 )
 from vhost_conformance.frontend.protocol import BlkFeature, ProtocolFeature, VirtioFeature
 from vhost_conformance.reports.model import Level, Verdict
-from vhost_conformance.suites.catalogue import CATALOGUE
+from vhost_conformance.suites import catalogue
 from vhost_conformance.suites.model import (
     MARKER,
     MUST,
@@ -52,33 +52,61 @@ def test_case_validates_its_metadata() -> None:
     assert sorted(["VU-GVB-10", "VU-GVB-2"], key=sort_key) == ["VU-GVB-2", "VU-GVB-10"]
 
 
-def test_case_decorator_attaches_the_catalogue_entry_and_a_marker() -> None:
-    @case("VU-GVB-3", level=MUST)
+_PLANNED = Case(
+    "VU-GVB-99",
+    "a planned case",
+    "stop-drain",
+    Level.MUST,
+    "vhost-user.rst (QEMU 11.1.3) Ring states",
+    "r.",
+    requires=(ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.GET_VRING_BASE_INFLIGHT),
+)
+
+
+def test_case_decorator_attaches_the_record_and_a_marker() -> None:
+    @case(
+        "VU-VENDOR-3",
+        title="t",
+        family="stop-drain",
+        level=MUST,
+        clause="vhost-user.rst (QEMU 11.1.3) Ring states",
+        quote="q",
+        requirement="r.",
+    )
     def scenario() -> None:
         """Not run."""
 
     meta = case_of(scenario)
-    assert meta is CATALOGUE["VU-GVB-3"]
+    assert meta is not None and meta.id == "VU-VENDOR-3" and meta.quote == "q"
+    assert meta.tier.value == "conformance"
     marks = [m for m in getattr(scenario, "pytestmark", []) if m.name == MARKER]
-    assert [m.args for m in marks] == [("VU-GVB-3",)]
+    assert [m.args for m in marks] == [("VU-VENDOR-3",)]
 
 
-def test_case_keywords_must_agree_with_the_catalogue() -> None:
+def test_case_keywords_must_agree_with_the_catalogue(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(catalogue.CATALOGUE, "VU-GVB-99", _PLANNED)
+    assert resolve("VU-GVB-99", level=MUST) is _PLANNED
     with pytest.raises(
         CatalogueMismatch, match=r"level is .*SHOULD.* here but .*MUST.* in the catalogue"
     ):
-        resolve("VU-GVB-3", level=Level.SHOULD)
+        resolve("VU-GVB-99", level=Level.SHOULD)
     with pytest.raises(CatalogueMismatch, match="requires"):
-        resolve("VU-GVB-4", requires=[ProtocolFeature.INFLIGHT_SHMFD])
+        resolve("VU-GVB-99", requires=[ProtocolFeature.INFLIGHT_SHMFD])
     with pytest.raises(CatalogueMismatch, match="unknown keyword 'colour'"):
-        resolve("VU-GVB-3", colour="blue")
+        resolve("VU-GVB-99", colour="blue")
     with pytest.raises(CatalogueMismatch, match="not applicable"):
         resolve("VU-SHM-1")
-    assert resolve(
-        "VU-GVB-4",
-        requires=[ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.GET_VRING_BASE_INFLIGHT],
-    )
-
+    with pytest.raises(CatalogueMismatch, match="one source of truth"):
+        resolve(
+            "VU-GVB-99",
+            title="t",
+            family="stop-drain",
+            level=MUST,
+            clause="c",
+            requirement="r.",
+        )
+    with pytest.raises(CatalogueMismatch, match="must give title"):
+        resolve("VU-GVB-98")
 
 def test_vendor_cases_give_their_own_metadata() -> None:
     with pytest.raises(
@@ -97,12 +125,15 @@ def test_vendor_cases_give_their_own_metadata() -> None:
     assert meta.level is Level.SHOULD and meta.requires == (BlkFeature.DISCARD,)
 
 
+_RECORD = dict(title="t", family="handshake", level=MUST, clause="c", quote="q", requirement="r.")
+
+
 def test_defined_cases_rejects_two_functions_for_one_id() -> None:
-    @case("VU-HDR-1")
+    @case("VU-HDR-1", **_RECORD)
     def one() -> None:
         """Not run."""
 
-    @case("VU-HDR-1")
+    @case("VU-HDR-1", **_RECORD)
     def two() -> None:
         """Not run."""
 
