@@ -182,7 +182,9 @@ def test_qemu_system_reset(request: pytest.FixtureRequest, vhost_target: Backend
     clause="vhost-user.rst (QEMU 11.1.3) Inflight I/O tracking",
     source="QEMU-TRACES.md (d); hw/block/vhost-user-blk.c vhost_user_blk_event (reconnect)",
     requirement="A back-end restarted after SIGKILL with requests in flight completes the guest's I/O with correct data once QEMU (reconnect-ms) hands the in-flight region back.",
-    needs=["command"],
+    # shared-disk: what the killed instance wrote must survive the restart (a RAM disk's
+    # contents do not, and the guest's read-back would fail for that reason alone)
+    needs=["command", "shared-disk"],
 )
 def test_qemu_backend_killed_and_restarted(request: pytest.FixtureRequest,
                                            vhost_target: BackendTarget,
