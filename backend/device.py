@@ -459,6 +459,8 @@ class Device:
         if not self._has_protocol(ProtocolFeature.STATUS):
             raise RequestError("GET_STATUS without STATUS negotiated")
         status = self.status
+        if self.faults.on("status-not-kept"):
+            status &= ~0x4  # DRIVER_OK lost
         if any(q.broken for q in self.queues):
             status |= STATUS_DEVICE_NEEDS_RESET
         self._reply(msg.request, U64(status).encode())

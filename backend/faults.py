@@ -67,6 +67,7 @@ MISBEHAVIOURS: dict[str, str] = {
     "features-change": "the second and later GET_FEATURES replies drop EVENT_IDX (bit 29)",
     "wce-without-flush": "offer VIRTIO_BLK_F_CONFIG_WCE without VIRTIO_BLK_F_FLUSH",
     "used-flags-garbage": "used->flags set to 2 (only 0 or 1 are allowed; 0 with EVENT_IDX)",
+    "status-not-kept": "GET_STATUS drops DRIVER_OK (0x4) from the status SET_STATUS wrote",
     "capacity-ignored": "reads and writes past the capacity complete with OK (nothing done)",
     "write-at-close": "with bit 20, suspended WRITEs reach the disk when the connection closes "
     "(after a migration: over the destination's newer data)",

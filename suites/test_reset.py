@@ -98,3 +98,34 @@ def test_reset_device_resets_to_the_initial_state(vhost_session: Session) -> Non
     # the earlier writes read back (checked against the model), and new I/O works
     do_io(s, 2, kinds=("read",))
     do_io(s, 2, sector=4096)
+
+
+@case(
+    "VU-RST-3",
+    title="GET_STATUS reads back what SET_STATUS wrote",
+    family="reconnect",
+    level=MUST,
+    clause="vhost-user.rst (QEMU 11.1.3) Front-end message types: VHOST_USER_GET_STATUS, "
+    "VHOST_USER_SET_STATUS",
+    quote="When the VHOST_USER_PROTOCOL_F_STATUS protocol feature has been successfully "
+    "negotiated, this message is submitted by the front-end to query the back-end for its "
+    "device status as defined in the Virtio specification.",
+    requirement="With STATUS negotiated, GET_STATUS after QEMU 11.1.3's start (SET_STATUS 0xF) "
+    "and after I/O returns 0xF: the status the front-end set, no bit lost or added.",
+    requires=[P.STATUS],
+)
+def test_get_status_reads_back(vhost_session: Session) -> None:
+    """GET_STATUS after the start and after I/O equals the last SET_STATUS value."""
+    s = vhost_session
+    written = s.negotiated.status
+    if not written:
+        raise CaseFailed("the start's SET_STATUS (QEMU-TRACES correction 12)",
+                         expected="sent (status 0xf)", seen="not sent")
+    for when in ("after the start", "after I/O"):
+        if when == "after I/O":
+            do_io(s, 1)
+        reply = s.call(F.GET_STATUS)
+        status = None if reply is None else U64.decode(reply.payload).value
+        if status != written:
+            raise CaseFailed(f"GET_STATUS {when}", expected=f"{written:#x} (the last SET_STATUS)",
+                             seen=None if status is None else f"{status:#x}")

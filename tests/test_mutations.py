@@ -43,6 +43,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "capacity-ignored": ("VU-BLK-4",),
     "wce-without-flush": ("VU-FEAT-11",),
     "used-flags-garbage": ("VU-RING-13",),
+    "status-not-kept": ("VU-RST-3",),
 }
 
 #: knobs no case catches yet (the weak rows of SPEC-AUDIT section 8): may only shrink.
