@@ -338,6 +338,9 @@ def run_shape(rig: Rig, shape: Shape, *, packed: bool) -> Outcome:
                         expected="unchanged",
                         seen=f"{len(changed)} byte(s) changed, the first at offset {first}: "
                         f"{before[slot][first]:#04x} -> {after[first]:#04x}",
+                        # VIRTIO 1.3 2.7.5.1 "A device MUST NOT write to a device-readable
+                        # buffer": a conformance MUST even on hostile input (gates)
+                        finding_level=MUST,
                     )
     except (BackendClosed, OSError) as exc:
         rig.check_alive()
@@ -648,7 +651,7 @@ def _named(
             behaviour=exc.behaviour,
             finding_level=exc.finding_level,
         )
-    return type(exc)(f"{layout} ring, {name}: {exc.reason}")
+    return type(exc)(f"{layout} ring, {name}: {exc.reason}", finding_level=exc.finding_level)
 
 
 @pytest.fixture
