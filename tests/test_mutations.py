@@ -46,6 +46,10 @@ KILLS: dict[str, tuple[str, ...]] = {
     "status-not-kept": ("VU-RST-3",),
 }
 
+#: knobs that act only on requests held on the slow disk (100 ms) at the stop: retried once
+#: for the cases they missed (measured: SUSP-1/-2/-5 passed under load average 7 on 2 cores)
+TIMED: frozenset[str] = frozenset({"complete-after-suspend"})
+
 #: knobs no case catches yet (the weak rows of SPEC-AUDIT section 8): may only shrink.
 #: Measured: the whole stop/in-flight/reconnect/logging/migration selection passes with each.
 UNCAUGHT: dict[str, str] = {}
@@ -223,6 +227,13 @@ def test_knob_makes_its_cases_fail(knob: str, tmp_path: pathlib.Path) -> None:
     """With the knob on, every case of its clause reports a failure."""
     verdicts = _run(tmp_path, knob, KILLS[knob])
     missed = {c: verdicts.get(c, "missing") for c in KILLS[knob] if verdicts.get(c) not in CAUGHT}
+    if missed and knob in TIMED:
+        # the knob's state needs requests still on the slow disk at the stop: on a loaded
+        # machine they may all have completed first (nothing suspended, the case rightly
+        # passes); one more run of the cases it missed
+        (tmp_path / "again").mkdir()
+        again = _run(tmp_path / "again", knob, tuple(missed))
+        missed = {c: again.get(c, "missing") for c in missed if again.get(c) not in CAUGHT}
     assert not missed, f"--misbehave {knob} went unnoticed by {missed}"
 
 
