@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 from vhost_conformance.peers.provision import cache_dir
 
-SELECTION = "test_replies_carry_version_1 or test_get_queue_num or test_get_config_reply_size"
+SELECTION = (
+    "test_replies_carry_version_1 or test_get_queue_num or test_get_config_reply_size"
+    " or test_flush_offered_with_config_wce"
+)
 #: profile -> (the file provisioning leaves in the cache, device type)
 PROFILES = {
     "dpdk-testpmd": ("bin/dpdk-testpmd-vhost", "net"),
@@ -44,3 +47,6 @@ def test_control_plane_verdicts(profile: str, tmp_path: Path) -> None:
     config = [c for c in cases.values() if c["family"] == "config"]
     assert config and all(c["verdict"] == "unsupported" for c in config), config
     assert all(f"{kind} device" in c["reason"] for c in config), config
+    # a handshake-family case about virtio-blk's feature bits is blk-only too
+    flush = cases["VU-FEAT-11"]
+    assert flush["verdict"] == "unsupported" and f"{kind} device" in flush["reason"], flush
