@@ -297,12 +297,14 @@ class CaseResult:
     def blocking(self) -> bool:
         """True when this result fails the gate even without --strict.
 
-        Whatever the tier: a MUST-level finding (``finding_level``) with fail/hang/crash/
-        error/disallowed disconnect. Conformance: the same on a MUST case. Robustness:
+        Whatever the tier and level: a crash (the process died). Whatever the tier: a
+        MUST-level finding (``finding_level``) with fail/hang/crash/error/disallowed disconnect. Conformance: the same on a MUST case. Robustness:
         crash or hang at any level, and fail of a case that measures a leak (``leak``). Interop: nothing else (reported; gates under --strict).
         """
         if not self.bad:
             return False
+        if self.verdict is Verdict.CRASH:
+            return True  # the process died, whatever the case's tier or level: QEMU loses the device
         if self.finding_level is Level.MUST and self.verdict in _GATE_BLOCKING:
             return True
         if self.tier is Tier.CONFORMANCE:

@@ -1,8 +1,8 @@
 """Tiers (issue 9 item 2): what gates, per tier, and ``--vhost-tier`` selecting cases.
 
 Gate rules (docs/report-schema.md "Tiers and the gate"): conformance MUST fail/hang/crash/
-error/disallowed disconnect; robustness crash/hang at any level; interop never without
---strict; a MUST-level finding (``finding_level``) in any tier; --strict adds every bad
+error/disallowed disconnect; robustness crash/hang at any level; a crash in any tier at any
+level; interop otherwise never without --strict; a MUST-level finding (``finding_level``) in any tier; --strict adds every bad
 verdict."""
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ def _result(tier: Tier, level: Level, verdict: Verdict, **extra: object) -> Case
         (Tier.ROBUSTNESS, Level.INFO, Verdict.HANG, True),
         (Tier.ROBUSTNESS, Level.MUST, Verdict.PASS, False),
         (Tier.INTEROP, Level.MUST, Verdict.FAIL, False),
-        (Tier.INTEROP, Level.MUST, Verdict.CRASH, False),
+        (Tier.INTEROP, Level.MUST, Verdict.CRASH, True),
+        (Tier.INTEROP, Level.INFO, Verdict.CRASH, True),
+        (Tier.CONFORMANCE, Level.SHOULD, Verdict.CRASH, True),
+        (Tier.CONFORMANCE, Level.SHOULD, Verdict.HANG, False),
     ],
 )
 def test_gate_per_tier(tier: Tier, level: Level, verdict: Verdict, blocking: bool) -> None:
