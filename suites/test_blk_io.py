@@ -53,13 +53,19 @@ def _one(session: Session, request_type: int, **raw: object) -> tuple[int, int, 
     title="Write, then read back",
     family="blk-io",
     level=MUST,
-    clause=f"{VIRTIO} Block Device: Device Operation",
+    clause=f"{VIRTIO} 5.2.6 Block Device: Device Operation",
     quote=(
-        "started and enabled: The back-end must process the ring normally, i.e. process all "
-        "requests and execute them."
+        "VIRTIO_BLK_T_IN requests populate data with the contents of sectors read from the block "
+        "device (in multiples of 512 bytes).\n"
+        "VIRTIO_BLK_T_OUT requests write the contents of data to the block device (in multiples "
+        "of 512 bytes)."
     ),
     requirement=(
         "Data written with VIRTIO_BLK_T_OUT reads back unchanged with VIRTIO_BLK_T_IN, status OK."
+    ),
+    ambiguity=(
+        "the quoted sentences define IN and OUT and carry no MUST; no VIRTIO 1.3 sentence says "
+        "in so many words that a read returns the data last written: the MUST level is ours"
     ),
 )
 def test_write_then_read_back(vhost_session: Session) -> None:
@@ -79,10 +85,16 @@ def test_write_then_read_back(vhost_session: Session) -> None:
     level=MUST,
     clause=f"{VIRTIO} 5.2.6.2 Block Device: Device Operation: Device Requirements",
     quote=(
-        "the device MUST ensure that stable writes are committed to it, before reporting "
-        "completion of the write (cases 1 and 2) or the flush (case 3)"
+        "If the device is backed by persistent storage, the device MUST ensure that stable "
+        "writes are committed to it, before reporting completion of the write (cases 1 and 2) "
+        "or the flush (case 3)."
     ),
     requirement="With FLUSH offered, VIRTIO_BLK_T_FLUSH completes with status OK.",
+    ambiguity=(
+        "the case sees only the flush's status: whether stable writes reached persistent "
+        "storage is not observable here, and no VIRTIO 1.3 sentence requires status OK for a "
+        "flush (a back-end failing its storage may answer IOERR)"
+    ),
     requires=[BlkFeature.FLUSH],
 )
 def test_flush_completes_ok(vhost_session: Session) -> None:
@@ -99,10 +111,14 @@ def test_flush_completes_ok(vhost_session: Session) -> None:
     quote=(
         "The final status byte is written by the device: either VIRTIO_BLK_S_OK for success, "
         "VIRTIO_BLK_S_IOERR for device or driver error or VIRTIO_BLK_S_UNSUPP for a request "
-        "unsupported by device."
+        "unsupported by device:"
     ),
     requirement=(
         "A request of a type the device does not implement completes with VIRTIO_BLK_S_UNSUPP."
+    ),
+    ambiguity=(
+        "the quoted sentence names UNSUPP for a request unsupported by device but carries no "
+        "MUST: the MUST level is ours"
     ),
 )
 def test_unknown_type_is_unsupp(vhost_session: Session) -> None:
@@ -129,9 +145,11 @@ ZONE_TYPES = {15: "ZONE_APPEND", 16: "ZONE_REPORT", 18: "ZONE_OPEN", 20: "ZONE_C
     title="ZONE_* requests are UNSUPP without ZONED",
     family="blk-io",
     level=MUST,
-    clause="VIRTIO 1.3 5.2.6.2 Block Device: Device Operation (device requirements)",
+    clause=f"{VIRTIO} 5.2.6.2 Block Device: Device Operation: Device Requirements",
     quote="If the VIRTIO_BLK_F_ZONED feature is not negotiated, the device MUST reject "
-    "VIRTIO_BLK_T_ZONE_* ... requests with VIRTIO_BLK_S_UNSUPP status.",
+    "VIRTIO_BLK_T_ZONE_REPORT, VIRTIO_BLK_T_ZONE_OPEN, VIRTIO_BLK_T_ZONE_CLOSE, "
+    "VIRTIO_BLK_T_ZONE_FINISH, VIRTIO_BLK_T_ZONE_APPEND, VIRTIO_BLK_T_ZONE_RESET and "
+    "VIRTIO_BLK_T_ZONE_RESET_ALL requests with VIRTIO_BLK_S_UNSUPP status.",
     requirement="Without VIRTIO_BLK_F_ZONED acked (QEMU 11.1.3's vhost-user-blk never acks "
     "it), each zone request type completes with VIRTIO_BLK_S_UNSUPP and the device goes on.",
 )
@@ -165,10 +183,15 @@ def test_zone_requests_are_unsupp(vhost_session: Session) -> None:
     quote=(
         "The final status byte is written by the device: either VIRTIO_BLK_S_OK for success, "
         "VIRTIO_BLK_S_IOERR for device or driver error or VIRTIO_BLK_S_UNSUPP for a request "
-        "unsupported by device."
+        "unsupported by device:"
     ),
     requirement=(
         "A read or write past the capacity completes with VIRTIO_BLK_S_IOERR and touches nothing."
+    ),
+    ambiguity=(
+        "VIRTIO 1.3 5.2.6.1 forbids only the driver such a request (\"A driver MUST NOT submit "
+        "a request which would cause a read or write beyond capacity.\"); IOERR as \"device or "
+        "driver error\" and touching nothing are ours: the quoted sentence carries no MUST"
     ),
 )
 def test_io_beyond_capacity_fails(vhost_session: Session) -> None:
@@ -208,6 +231,9 @@ def test_io_beyond_capacity_fails(vhost_session: Session) -> None:
     clause=f"{VIRTIO} 5.2.6 Block Device: Device Operation (VIRTIO_BLK_T_GET_ID)",
     quote="The device ID string is a NUL-padded ASCII string up to 20 bytes long.",
     requirement="VIRTIO_BLK_T_GET_ID fills at most 20 bytes and completes OK or UNSUPP.",
+    ambiguity=(
+        "the quoted sentence is a definition without a normative word; the SHOULD level is ours"
+    ),
 )
 def test_get_id(vhost_session: Session) -> None:
     """VIRTIO_BLK_T_GET_ID fills at most 20 bytes and completes OK or UNSUPP.
@@ -235,11 +261,16 @@ def test_get_id(vhost_session: Session) -> None:
     quote=(
         "The final status byte is written by the device: either VIRTIO_BLK_S_OK for success, "
         "VIRTIO_BLK_S_IOERR for device or driver error or VIRTIO_BLK_S_UNSUPP for a request "
-        "unsupported by device."
+        "unsupported by device:"
     ),
     requirement=(
         "With DISCARD offered, a discard within max_discard_sectors completes OK; one beyond it "
         "is rejected."
+    ),
+    ambiguity=(
+        "the quoted sentence carries no MUST; VIRTIO 1.3 bounds only the driver (max_discard_seg "
+        "segments) and says nothing of a device's answer to a segment beyond "
+        "max_discard_sectors: rejecting it (IOERR or UNSUPP) is ours"
     ),
     requires=[BlkFeature.DISCARD],
 )
@@ -286,7 +317,8 @@ def test_discard(vhost_session: Session) -> None:
     clause=f"{VIRTIO} 5.2.6.2 Block Device: Device Operation: Device Requirements",
     quote=(
         "After a write zeroes command is completed, reads of the specified ranges of sectors "
-        "MUST return zeroes. This is true independent of whether unmap was set or clear."
+        "MUST return zeroes.\n"
+        "This is true independent of whether unmap was set or clear."
     ),
     requirement="With WRITE_ZEROES offered, the range reads back as zeroes.",
     requires=[BlkFeature.WRITE_ZEROES],

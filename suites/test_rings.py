@@ -329,7 +329,8 @@ def test_packed_ring_io(vhost_target: BackendTarget, make_session: SessionFactor
         "notification when the used index reaches used_event)"
     ),
     quote=(
-        "the device MUST send a notification\n"
+        "If the idx field in the used ring (which determined where that descriptor index was "
+        "placed) was equal to used_event, the device MUST send a notification.\n"
         "Otherwise the device SHOULD NOT send a notification."
     ),
     requirement=(
@@ -445,8 +446,11 @@ def test_no_interrupt_without_event_idx(
     title="used->flags is 0 or 1 (0 with EVENT_IDX)",
     family="rings",
     level=MUST,
-    clause="VIRTIO 1.3 2.7.10.2 Available Buffer Notification Suppression (device requirements)",
-    quote="The device MUST set flags to 0 or 1. ... The device MUST set flags to 0.",
+    clause=(
+        f"{VIRTIO} 2.7.10.2 Split Virtqueues: Available Buffer Notification Suppression: "
+        "Device Requirements"
+    ),
+    quote="The device MUST set flags to 0 or 1.\nThe device MUST set flags to 0.",
     requirement="On a split ring the device keeps used->flags at 0 or 1 without "
     "VIRTIO_F_EVENT_IDX, and at 0 with it (the same section's second device requirement), "
     "after the start and after I/O.",
