@@ -15,7 +15,12 @@ from vhost_conformance.frontend.blk import (
 )
 from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.protocol import BlkFeature, ProtocolFeature
-from vhost_conformance.suites.clauses import RST, VIRTIO
+from vhost_conformance.suites.clauses import (
+    MULTIQUEUE_GET_QUEUE_NUM_QUOTE,
+    RING_STARTED_ENABLED_QUOTE,
+    RST,
+    VIRTIO,
+)
 from vhost_conformance.suites.drivers import (
     IoError,
     SessionFactory,
@@ -398,12 +403,7 @@ def test_read_only_device_refuses_writes(
     family="blk-io",
     level=MUST,
     clause=f"{RST} Multiple queue support",
-    quote=(
-        "started and enabled: The back-end must process the ring normally, i.e. process all "
-        "requests and execute them.\n"
-        "The max number of queues the back-end supports can be queried with message "
-        "VHOST_USER_GET_QUEUE_NUM."
-    ),
+    quote="\n".join((RING_STARTED_ENABLED_QUOTE, MULTIQUEUE_GET_QUEUE_NUM_QUOTE)),
     requirement="With several queues, requests on each queue complete on that queue.",
     requires=[ProtocolFeature.MQ, BlkFeature.MQ],
 )

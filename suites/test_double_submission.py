@@ -20,7 +20,14 @@ from vhost_conformance.frontend.accounting import AccountingFinding, Ledger
 from vhost_conformance.frontend.channel import Channel
 from vhost_conformance.frontend.migration import harvest_all, reconnect, stop_like_qemu
 from vhost_conformance.frontend.protocol import ProtocolFeature
-from vhost_conformance.suites.clauses import RST
+from vhost_conformance.suites.clauses import (
+    GET_VRING_BASE_DRAIN_QUOTE,
+    GET_VRING_BASE_INFLIGHT_QUOTE,
+    INFLIGHT_TRACKING_QUOTE,
+    INFLIGHT_USED_IDX_QUOTE,
+    RST,
+    SET_INFLIGHT_FD_QUOTE,
+)
 from vhost_conformance.suites.drivers import (
     SessionFactory,
     require_command,
@@ -74,10 +81,7 @@ def _maybe_slow(target: BackendTarget) -> Iterator[bool]:
     family="double-submission",
     level=MUST,
     clause=f"{RST} Front-end message types: GET_VRING_BASE / SET_VRING_BASE",
-    quote=(
-        "By default, the back-end must complete all inflight I/O requests for the specified "
-        "vring before stopping it."
-    ),
+    quote=GET_VRING_BASE_DRAIN_QUOTE,
     requirement=(
         "Across GET_VRING_BASE, SET_VRING_BASE and restart on one back-end, every request tag "
         "completes exactly once."
@@ -114,17 +118,12 @@ def test_no_double_completion_across_stop_and_restart(
     family="double-submission",
     level=MUST,
     clause=f"{RST} Inflight I/O tracking",
-    quote=(
-        "By default, the back-end must complete all inflight I/O requests for the specified "
-        "vring before stopping it.\n"
-        "If the VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT protocol feature has been "
-        "negotiated, the back-end may suspend in-flight I/O requests and record them as "
-        "described in Inflight I/O tracking instead of completing them before stopping the "
-        "vring.\n"
-        "When VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD protocol feature has been successfully "
-        "negotiated, this message is submitted by the front-end to send the shared inflight "
-        "buffer back to the back-end so that the back-end could get inflight I/O after a crash "
-        "or restart."
+    quote="\n".join(
+        (
+            GET_VRING_BASE_DRAIN_QUOTE,
+            GET_VRING_BASE_INFLIGHT_QUOTE,
+            SET_INFLIGHT_FD_QUOTE,
+        )
     ),
     requirement=(
         "With bit 20, each request completes exactly once across source and destination: never "
@@ -154,17 +153,7 @@ def test_exactly_once_across_inflight_migration(
     family="double-submission",
     level=SHOULD,
     clause=f"{RST} Inflight I/O tracking",
-    quote=(
-        "To track inflight I/O, the queue region should be processed as follows:\n"
-        "When VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD protocol feature has been successfully "
-        "negotiated, this message is submitted by the front-end to send the shared inflight "
-        "buffer back to the back-end so that the back-end could get inflight I/O after a crash "
-        "or restart.\n"
-        "If the value of used_idx does not match the idx value of used ring (means the inflight "
-        "field of DescStateSplit entries in last batch may be incorrect), Subtract the value of "
-        "used_idx from the idx value of used ring to get last batch size of DescStateSplit "
-        "entries"
-    ),
+    quote="\n".join((INFLIGHT_TRACKING_QUOTE, SET_INFLIGHT_FD_QUOTE, INFLIGHT_USED_IDX_QUOTE)),
     requirement=(
         "Killing the back-end with K requests outstanding, restarting and reconnecting completes "
         "each of them exactly once."
@@ -210,13 +199,7 @@ def test_exactly_once_across_a_crash(
     family="double-submission",
     level=SHOULD,
     clause=f"{RST} Inflight I/O tracking",
-    quote=(
-        "To track inflight I/O, the queue region should be processed as follows:\n"
-        "If the value of used_idx does not match the idx value of used ring (means the inflight "
-        "field of DescStateSplit entries in last batch may be incorrect), Subtract the value of "
-        "used_idx from the idx value of used ring to get last batch size of DescStateSplit "
-        "entries"
-    ),
+    quote="\n".join((INFLIGHT_TRACKING_QUOTE, INFLIGHT_USED_IDX_QUOTE)),
     requirement=(
         "A request already in the used ring on the source is not completed again on the "
         "destination or after a reconnect."

@@ -28,7 +28,18 @@ from vhost_conformance.frontend.protocol import (
 )
 from vhost_conformance.frontend.sequences import GET_CONFIG_LEN, agree_protocol
 from vhost_conformance.reports.model import Tier
-from vhost_conformance.suites.clauses import QEMU_FLAGS, RST, VIRTIO
+from vhost_conformance.suites.clauses import (
+    ADVISORY_CONVENTIONS,
+    BACKEND_CONVENTIONS_QUOTE,
+    GET_PROTOCOL_FEATURES_QUOTE,
+    MULTIQUEUE_GET_QUEUE_NUM_QUOTE,
+    QEMU_FLAGS,
+    REPLY_ACK_PAYLOAD_QUOTE,
+    REPLY_ACK_RESPOND_QUOTE,
+    REPLY_ACK_SOLICITED_QUOTE,
+    RST,
+    VIRTIO,
+)
 from vhost_conformance.suites.model import (
     MUST,
     SHOULD,
@@ -251,11 +262,12 @@ def test_integers_are_host_native(vhost_channel: Channel, vhost_timeout: float) 
     family="handshake",
     level=MUST,
     clause=f"{RST} Front-end message types: GET_PROTOCOL_FEATURES / SET_PROTOCOL_FEATURES",
-    quote=(
-        "Feature bit VHOST_USER_F_PROTOCOL_FEATURES signals back-end support for "
-        "VHOST_USER_GET_PROTOCOL_FEATURES and VHOST_USER_SET_PROTOCOL_FEATURES.\n"
-        "Back-ends that report VHOST_USER_F_PROTOCOL_FEATURES must support this message even "
-        "before VHOST_USER_SET_FEATURES was called."
+    quote="\n".join(
+        (
+            "Feature bit VHOST_USER_F_PROTOCOL_FEATURES signals back-end support for "
+            "VHOST_USER_GET_PROTOCOL_FEATURES and VHOST_USER_SET_PROTOCOL_FEATURES.",
+            GET_PROTOCOL_FEATURES_QUOTE,
+        )
     ),
     requirement=(
         "A back-end offering bit 30 answers GET_PROTOCOL_FEATURES and accepts "
@@ -434,10 +446,7 @@ def test_get_features_is_constant(
     family="handshake",
     level=MUST,
     clause=f"{RST} Protocol features",
-    quote=(
-        "Back-ends that report VHOST_USER_F_PROTOCOL_FEATURES must support this message even "
-        "before VHOST_USER_SET_FEATURES was called."
-    ),
+    quote=GET_PROTOCOL_FEATURES_QUOTE,
     requirement=(
         "SET_PROTOCOL_FEATURES with a subset of the offer (as QEMU strips bits it does not use) "
         "is accepted and the session works."
@@ -503,12 +512,7 @@ def test_flush_offered_with_config_wce(vhost_capabilities: Capabilities) -> None
     family="handshake",
     level=MUST,
     clause=f"{RST} REPLY_ACK",
-    quote=(
-        "This indicates that the back-end MUST respond with a Payload VhostUserMsg indicating "
-        "success or failure.\n"
-        "The payload should be set to zero on success or non-zero on failure, unless the message "
-        "already has an explicit reply body."
-    ),
+    quote="\n".join((REPLY_ACK_RESPOND_QUOTE, REPLY_ACK_PAYLOAD_QUOTE)),
     requirement=(
         "With REPLY_ACK negotiated, a request without a reply of its own sent with NEED_REPLY "
         "gets exactly one u64 reply, 0 on success."
@@ -537,11 +541,7 @@ def test_need_reply_gets_one_ack(
     family="handshake",
     level=MUST,
     clause=f"{RST} REPLY_ACK",
-    quote=(
-        "For the message types that already solicit a reply from the back-end, the presence of "
-        "VHOST_USER_PROTOCOL_F_REPLY_ACK or need_reply bit being set brings no behavioural "
-        "change."
-    ),
+    quote=REPLY_ACK_SOLICITED_QUOTE,
     requirement=(
         "A request that has a reply of its own gets exactly that reply, once, whether or not "
         "NEED_REPLY is set."
@@ -615,10 +615,7 @@ def test_no_ack_without_reply_ack(
     family="handshake",
     level=SHOULD,
     clause=f"{RST} REPLY_ACK",
-    quote=(
-        "The payload should be set to zero on success or non-zero on failure, unless the message "
-        "already has an explicit reply body."
-    ),
+    quote=REPLY_ACK_PAYLOAD_QUOTE,
     requirement=(
         "A request the back-end rejects (a vring index it does not have), sent with NEED_REPLY, "
         "is acked with a non-zero u64 rather than 0."
@@ -653,10 +650,7 @@ def test_rejected_request_is_acked_non_zero(
     family="handshake",
     level=MUST,
     clause=f"{RST} Multiple queue support",
-    quote=(
-        "The max number of queues the back-end supports can be queried with message "
-        "VHOST_USER_GET_QUEUE_NUM."
-    ),
+    quote=MULTIQUEUE_GET_QUEUE_NUM_QUOTE,
     requirement=(
         "With MQ offered, GET_QUEUE_NUM returns at least 1, and the blk config's num_queues does "
         "not exceed it."
@@ -918,22 +912,21 @@ def test_config_fields_of_offered_features(
     family="program",
     level=SHOULD,
     clause=f"{RST} Backend program conventions",
-    quote=(
-        "However, it is a good idea to follow the conventions listed here when possible.\n"
-        "The back-end program must not daemonize itself, but it may be daemonized by the "
-        "management layer.\n"
-        "The back-end program must end (as quickly and cleanly as possible) when the SIGTERM "
-        "signal is received."
+    quote="\n".join(
+        (
+            BACKEND_CONVENTIONS_QUOTE,
+            "The back-end program must not daemonize itself, but it may be daemonized by the "
+            "management layer.",
+            "The back-end program must end (as quickly and cleanly as possible) when the SIGTERM "
+            "signal is received.",
+        )
     ),
     requirement=(
         "The back-end program stays in the foreground as the process we started and exits on "
         "SIGTERM."
     ),
     needs=["command"],
-    ambiguity=(
-        "the section is advisory as a whole ('a good idea to follow when possible') while its "
-        "sentences say 'must': a violation is non-strict"
-    ),
+    ambiguity=ADVISORY_CONVENTIONS,
 )
 def test_exits_on_sigterm(vhost_target: BackendTarget) -> None:
     """The program stays in the foreground and exits on SIGTERM."""
@@ -957,19 +950,19 @@ def test_exits_on_sigterm(vhost_target: BackendTarget) -> None:
     family="program",
     level=SHOULD,
     clause=f"{RST} Backend program conventions",
-    quote=(
-        "However, it is a good idea to follow the conventions listed here when possible.\n"
-        "Output to stdout the back-end capabilities in JSON format, and then exit successfully."
+    quote="\n".join(
+        (
+            BACKEND_CONVENTIONS_QUOTE,
+            "Output to stdout the back-end capabilities in JSON format, and then exit "
+            "successfully.",
+        )
     ),
     requirement=(
         "The program prints its capabilities as JSON with type 'block' on --print-capabilities "
         "and exits 0."
     ),
     needs=["command"],
-    ambiguity=(
-        "the section is advisory as a whole ('a good idea to follow when possible') while its "
-        "sentences say 'must': a violation is non-strict"
-    ),
+    ambiguity=ADVISORY_CONVENTIONS,
 )
 def test_print_capabilities(vhost_target: BackendTarget) -> None:
     """--print-capabilities prints JSON with the device's type (the profile's device_type

@@ -32,7 +32,14 @@ from vhost_conformance.frontend.protocol import (
     has,
 )
 from vhost_conformance.reports.model import Tier
-from vhost_conformance.suites.clauses import INFLIGHT_24, RST
+from vhost_conformance.suites.clauses import (
+    INFLIGHT_24,
+    INFLIGHT_RESUBMIT_QUOTE,
+    INFLIGHT_TRACKING_QUOTE,
+    INFLIGHT_USED_IDX_QUOTE,
+    RST,
+    SET_INFLIGHT_FD_QUOTE,
+)
 from vhost_conformance.suites.drivers import (
     InflightTracker,
     SessionFactory,
@@ -129,12 +136,7 @@ def test_get_inflight_fd_returns_a_region(
     family="inflight",
     level=MUST,
     clause=f"{RST} Front-end message types: SET_INFLIGHT_FD",
-    quote=(
-        "When VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD protocol feature has been successfully "
-        "negotiated, this message is submitted by the front-end to send the shared inflight "
-        "buffer back to the back-end so that the back-end could get inflight I/O after a crash "
-        "or restart."
-    ),
+    quote=SET_INFLIGHT_FD_QUOTE,
     requirement=(
         "SET_INFLIGHT_FD with one fd and QEMU 11.1.3's 24-byte payload is accepted and the "
         "region used."
@@ -236,7 +238,7 @@ def test_per_queue_region_layout(
     family="inflight",
     level=SHOULD,
     clause=f"{RST} Inflight I/O tracking",
-    quote="To track inflight I/O, the queue region should be processed as follows:",
+    quote=INFLIGHT_TRACKING_QUOTE,
     requirement=(
         "inflight is 1 with a fresh counter for each taken head and 0 after its completion; "
         "used_idx follows used->idx."
@@ -332,14 +334,7 @@ def _resubmission(vhost_target: BackendTarget, make_session: SessionFactory, n: 
     family="inflight",
     level=SHOULD,
     clause=f"{RST} Inflight I/O tracking",
-    quote=(
-        "To track inflight I/O, the queue region should be processed as follows:\n"
-        "If the value of used_idx does not match the idx value of used ring (means the inflight "
-        "field of DescStateSplit entries in last batch may be incorrect), Subtract the value of "
-        "used_idx from the idx value of used ring to get last batch size of DescStateSplit "
-        "entries\n"
-        "Resubmit inflight DescStateSplit entries in order of their counter value"
-    ),
+    quote="\n".join((INFLIGHT_TRACKING_QUOTE, INFLIGHT_USED_IDX_QUOTE, INFLIGHT_RESUBMIT_QUOTE)),
     requirement=(
         "After a restart, entries marked in flight are resubmitted in increasing counter order, "
         "once the last batch is fixed up when used_idx differs from used->idx."
@@ -362,10 +357,7 @@ def test_resubmission_after_restart(
     family="inflight",
     level=SHOULD,
     clause=f"{RST} Inflight I/O tracking",
-    quote=(
-        "To track inflight I/O, the queue region should be processed as follows:\n"
-        "Resubmit inflight DescStateSplit entries in order of their counter value"
-    ),
+    quote="\n".join((INFLIGHT_TRACKING_QUOTE, INFLIGHT_RESUBMIT_QUOTE)),
     requirement=(
         "After a restart with head 0 in flight and used_idx 0, head 0 is resubmitted like any "
         "other."
@@ -437,12 +429,7 @@ def test_wrong_inflight_payload_sizes(
     family="inflight",
     level=MUST,
     clause=f"{RST} Front-end message types: SET_INFLIGHT_FD",
-    quote=(
-        "When VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD protocol feature has been successfully "
-        "negotiated, this message is submitted by the front-end to send the shared inflight "
-        "buffer back to the back-end so that the back-end could get inflight I/O after a crash "
-        "or restart."
-    ),
+    quote=SET_INFLIGHT_FD_QUOTE,
     requirement=(
         "A second SET_INFLIGHT_FD (a new region of the size GET_INFLIGHT_FD gave) replaces the "
         "first without leaking the old mapping's fd or crashing."
@@ -500,9 +487,11 @@ def test_set_inflight_fd_twice(vhost_target: BackendTarget, make_session: Sessio
     family="inflight",
     level=SHOULD,
     clause=f"{RST} Inflight I/O tracking (packed)",
-    quote=(
-        "For packed virtqueue, queue region can be implemented as:\n"
-        "To track inflight I/O, the queue region should be processed as follows:"
+    quote="\n".join(
+        (
+            "For packed virtqueue, queue region can be implemented as:",
+            INFLIGHT_TRACKING_QUOTE,
+        )
     ),
     requirement=(
         "With RING_PACKED, the packed region's free list, old_* fields and counters follow the "
@@ -538,12 +527,7 @@ def test_packed_region(vhost_target: BackendTarget, make_session: SessionFactory
     family="inflight",
     level=MUST,
     clause=f"{RST} Front-end message types: SET_INFLIGHT_FD",
-    quote=(
-        "When VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD protocol feature has been successfully "
-        "negotiated, this message is submitted by the front-end to send the shared inflight "
-        "buffer back to the back-end so that the back-end could get inflight I/O after a crash "
-        "or restart."
-    ),
+    quote=SET_INFLIGHT_FD_QUOTE,
     requirement=(
         "On a new connection given the old region by SET_INFLIGHT_FD (no GET_INFLIGHT_FD), as "
         "QEMU does after a reconnect, pending heads are resubmitted."

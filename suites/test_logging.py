@@ -17,7 +17,7 @@ from vhost_conformance.frontend.blk import SECTOR_SIZE, BlkRequest
 from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.memory import LOG_PAGE_SIZE, DirtyLog
 from vhost_conformance.frontend.protocol import ProtocolFeature, VirtioFeature
-from vhost_conformance.suites.clauses import RST
+from vhost_conformance.suites.clauses import MIGRATION_LOG_QUOTE, RST
 from vhost_conformance.suites.drivers import (
     expect_status,
     pattern,
@@ -66,11 +66,13 @@ def _written_pages(session: Session, requests: list[BlkRequest]) -> dict[int, st
     family="migration",
     level=SHOULD,
     clause=f"{RST} Migration",
-    quote=(
-        "All the modifications to memory pointed by vring “descriptor” should be marked.\n"
-        "Modifications to “used” vring should be marked if VHOST_VRING_F_LOG is part of ring’s "
-        "flags.\n"
-        "Log starts at the supplied offset in the supplied file descriptor."
+    quote="\n".join(
+        (
+            "All the modifications to memory pointed by vring “descriptor” should be marked.",
+            "Modifications to “used” vring should be marked if VHOST_VRING_F_LOG is part of "
+            "ring’s flags.",
+            MIGRATION_LOG_QUOTE,
+        )
     ),
     requirement=(
         "With LOG_ALL and a shared log, every used-ring write and data-buffer write sets its 4 "

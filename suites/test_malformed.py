@@ -41,7 +41,7 @@ from vhost_conformance.frontend.protocol import (
 )
 from vhost_conformance.frontend.sequences import agree_protocol
 from vhost_conformance.reports.model import Tier
-from vhost_conformance.suites.clauses import RST
+from vhost_conformance.suites.clauses import REPLY_ACK_RESPOND_QUOTE, REPLY_ACK_SOLICITED_QUOTE, RST
 from vhost_conformance.suites.drivers.hostile import (
     RAM_SIZE,
     BackendCrashed,
@@ -1067,13 +1067,7 @@ def _need_reply_session(
     level=MUST,
     tier=Tier.CONFORMANCE,
     clause=f"{RST} REPLY_ACK",
-    quote=(
-        "This indicates that the back-end MUST respond with a Payload VhostUserMsg indicating "
-        "success or failure.\n"
-        "For the message types that already solicit a reply from the back-end, the presence of "
-        "VHOST_USER_PROTOCOL_F_REPLY_ACK or need_reply bit being set brings no behavioural "
-        "change."
-    ),
+    quote="\n".join((REPLY_ACK_RESPOND_QUOTE, REPLY_ACK_SOLICITED_QUOTE)),
     requirement=(
         "With REPLY_ACK negotiated, NEED_REPLY on every message of QEMU's start-up sequence "
         "yields exactly one reply per message: its defined reply, or else one u64 ack."

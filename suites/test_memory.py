@@ -19,7 +19,7 @@ from vhost_conformance.frontend.protocol import (
     ProtocolFeature,
     SingleMemoryRegion,
 )
-from vhost_conformance.suites.clauses import RST
+from vhost_conformance.suites.clauses import ADD_MEM_REG_QUOTE, MEMORY_REGION_MAP_QUOTE, RST
 from vhost_conformance.suites.drivers import (
     SessionFactory,
     do_io,
@@ -81,9 +81,11 @@ def _all_regions(session: Session, base_sector: int) -> None:
     family="memory",
     level=MUST,
     clause=f"{RST} Front-end message types: SET_MEM_TABLE",
-    quote=(
-        "Sets the memory map regions on the back-end so it can translate the vring addresses.\n"
-        "Guest addresses map to the vhost memory region containing that guest address."
+    quote="\n".join(
+        (
+            "Sets the memory map regions on the back-end so it can translate the vring addresses.",
+            MEMORY_REGION_MAP_QUOTE,
+        )
     ),
     requirement=(
         "SET_MEM_TABLE with 1 to 8 regions and one fd each is accepted and the memory is used "
@@ -110,9 +112,11 @@ def test_set_mem_table_up_to_8_regions(
     family="memory",
     level=MUST,
     clause=f"{RST} Memory region description",
-    quote=(
-        "User addresses map to the vhost memory region containing that user address.\n"
-        "Guest addresses map to the vhost memory region containing that guest address."
+    quote="\n".join(
+        (
+            "User addresses map to the vhost memory region containing that user address.",
+            MEMORY_REGION_MAP_QUOTE,
+        )
     ),
     requirement=(
         "Data written at a GPA in a region with non-zero mmap_offset, a user address unlike its "
@@ -137,10 +141,7 @@ def test_regions_with_offsets_and_holes(
     family="memory",
     level=MUST,
     clause=f"{RST} Front-end message types: ADD_MEM_REG",
-    quote=(
-        "The message payload contains a memory region descriptor struct, describing a region of "
-        "guest memory which the back-end device must map in."
-    ),
+    quote=ADD_MEM_REG_QUOTE,
     requirement=(
         "With CONFIGURE_MEM_SLOTS, a start that sends ADD_MEM_REG (NEED_REPLY) instead of "
         "SET_MEM_TABLE works."
@@ -158,10 +159,7 @@ def test_add_mem_reg_as_qemu_sends_it(vhost_session: Session) -> None:
     family="memory",
     level=MUST,
     clause=f"{RST} Front-end message types: GET_MAX_MEM_SLOTS / ADD_MEM_REG",
-    quote=(
-        "The message payload contains a memory region descriptor struct, describing a region of "
-        "guest memory which the back-end device must map in."
-    ),
+    quote=ADD_MEM_REG_QUOTE,
     requirement=(
         "8 regions by SET_MEM_TABLE, a 9th by ADD_MEM_REG, then up to GET_MAX_MEM_SLOTS regions "
         "are accepted and usable."

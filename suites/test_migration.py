@@ -27,7 +27,14 @@ from vhost_conformance.frontend.protocol import (
     VirtioFeature,
 )
 from vhost_conformance.reports.model import Tier
-from vhost_conformance.suites.clauses import MAY_SUSPEND, RST
+from vhost_conformance.suites.clauses import (
+    GET_VRING_BASE_DRAIN_QUOTE,
+    GET_VRING_BASE_INFLIGHT_QUOTE,
+    MAY_SUSPEND,
+    MIGRATION_LOG_QUOTE,
+    RST,
+    SET_INFLIGHT_FD_QUOTE,
+)
 from vhost_conformance.suites.drivers import (
     SessionFactory,
     do_io,
@@ -56,17 +63,12 @@ P = ProtocolFeature
     family="migration",
     level=MUST,
     clause=f"{RST} Inflight I/O tracking; Front-end message types: GET_VRING_BASE",
-    quote=(
-        "By default, the back-end must complete all inflight I/O requests for the specified "
-        "vring before stopping it.\n"
-        "If the VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT protocol feature has been "
-        "negotiated, the back-end may suspend in-flight I/O requests and record them as "
-        "described in Inflight I/O tracking instead of completing them before stopping the "
-        "vring.\n"
-        "When VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD protocol feature has been successfully "
-        "negotiated, this message is submitted by the front-end to send the shared inflight "
-        "buffer back to the back-end so that the back-end could get inflight I/O after a crash "
-        "or restart."
+    quote="\n".join(
+        (
+            GET_VRING_BASE_DRAIN_QUOTE,
+            GET_VRING_BASE_INFLIGHT_QUOTE,
+            SET_INFLIGHT_FD_QUOTE,
+        )
     ),
     requirement=(
         "A destination given the migrated region by SET_INFLIGHT_FD and the migrated "
@@ -100,13 +102,7 @@ def test_destination_resubmits_inflight_requests(
     family="migration",
     level=MUST,
     clause=f"{RST} Inflight I/O tracking",
-    quote=(
-        "By default, the back-end must complete all inflight I/O requests for the specified "
-        "vring before stopping it.\n"
-        "If the VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT protocol feature has been "
-        "negotiated, the back-end may suspend in-flight I/O requests and record them as "
-        "described in Inflight I/O tracking instead of completing them before stopping the vring."
-    ),
+    quote="\n".join((GET_VRING_BASE_DRAIN_QUOTE, GET_VRING_BASE_INFLIGHT_QUOTE)),
     requirement=(
         "After a no-drain GET_VRING_BASE, the region's bytes equal the front-end's model of what "
         "is in flight."
@@ -136,10 +132,7 @@ def test_source_region_equals_model(
     family="migration",
     level=MUST,
     clause=f"{RST} Migration",
-    quote=(
-        "By default, the back-end must complete all inflight I/O requests for the specified "
-        "vring before stopping it."
-    ),
+    quote=GET_VRING_BASE_DRAIN_QUOTE,
     requirement=(
         "Data written through the source before a drained stop reads back through a destination "
         "on the same disk."
@@ -239,7 +232,7 @@ def test_stop_latency_and_downtime_drain_vs_no_drain(
     family="migration",
     level=MUST,
     clause=f"{RST} Front-end message types: SET_LOG_BASE",
-    quote="Log starts at the supplied offset in the supplied file descriptor.",
+    quote=MIGRATION_LOG_QUOTE,
     requirement=(
         "With LOG_SHMFD, SET_LOG_BASE with the 16-byte log description and one fd gets its reply "
         "(payload N/A in the spec: any size) before the deadline."

@@ -19,7 +19,12 @@ from vhost_conformance.frontend.channel import Channel
 from vhost_conformance.frontend.migration import reconnect, stop_like_qemu
 from vhost_conformance.frontend.protocol import U64, FrontendRequest, ProtocolFeature
 from vhost_conformance.reports.model import Tier
-from vhost_conformance.suites.clauses import RST
+from vhost_conformance.suites.clauses import (
+    INFLIGHT_RESUBMIT_QUOTE,
+    INFLIGHT_TRACKING_QUOTE,
+    RST,
+    SET_INFLIGHT_FD_QUOTE,
+)
 from vhost_conformance.suites.drivers import (
     SessionFactory,
     close_session,
@@ -91,14 +96,7 @@ def test_new_connection_after_the_front_end_leaves(
     family="reconnect",
     level=SHOULD,
     clause=f"{RST} Inflight I/O tracking",
-    quote=(
-        "To track inflight I/O, the queue region should be processed as follows:\n"
-        "When VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD protocol feature has been successfully "
-        "negotiated, this message is submitted by the front-end to send the shared inflight "
-        "buffer back to the back-end so that the back-end could get inflight I/O after a crash "
-        "or restart.\n"
-        "Resubmit inflight DescStateSplit entries in order of their counter value"
-    ),
+    quote="\n".join((INFLIGHT_TRACKING_QUOTE, SET_INFLIGHT_FD_QUOTE, INFLIGHT_RESUBMIT_QUOTE)),
     requirement=(
         "After a crash, a new back-end given the old region and SET_VRING_BASE = used->idx "
         "(QEMU's fallback) resubmits and completes what was pending."

@@ -15,7 +15,14 @@ from vhost_conformance.frontend.blk import BlkRequest
 from vhost_conformance.frontend.channel import BackendHang
 from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.protocol import FrontendRequest, VirtioFeature
-from vhost_conformance.suites.clauses import RST, VIRTIO
+from vhost_conformance.suites.clauses import (
+    RING_STARTED_DISABLED_QUOTE,
+    RING_STARTED_ENABLED_QUOTE,
+    RING_STOPPED_QUOTE,
+    RST,
+    SET_VRING_BASE_SPLIT_QUOTE,
+    VIRTIO,
+)
 from vhost_conformance.suites.drivers import (
     SessionFactory,
     do_io,
@@ -64,10 +71,11 @@ def _untouched(session: Session, request: BlkRequest, when: str) -> None:
     family="rings",
     level=MUST,
     clause=f"{RST} Ring states",
-    quote=(
-        "Each ring is initialized in a stopped and disabled state.\n"
-        "While a ring is stopped, the back-end must not process the ring at all, regardless of "
-        "whether it is enabled or disabled."
+    quote="\n".join(
+        (
+            "Each ring is initialized in a stopped and disabled state.",
+            RING_STOPPED_QUOTE,
+        )
     ),
     requirement="A request made available before SET_VRING_KICK is not processed.",
 )
@@ -88,10 +96,7 @@ def test_rings_start_stopped(vhost_target: BackendTarget, make_session: SessionF
     family="rings",
     level=MUST,
     clause=f"{RST} Ring states",
-    quote=(
-        "While a ring is stopped, the back-end must not process the ring at all, regardless of "
-        "whether it is enabled or disabled."
-    ),
+    quote=RING_STOPPED_QUOTE,
     requirement=(
         "After GET_VRING_BASE, requests made available and kicked are not processed until the "
         "ring is started again."
@@ -117,10 +122,7 @@ def test_stopped_ring_is_not_processed(vhost_session: Session) -> None:
     family="rings",
     level=MUST,
     clause=f"{RST} Ring states",
-    quote=(
-        "started and disabled: The back-end must process the ring without causing any side "
-        "effects."
-    ),
+    quote=RING_STARTED_DISABLED_QUOTE,
     requirement="A started ring disabled by SET_VRING_ENABLE 0 writes nothing a guest can see.",
     ambiguity=(
         "'processed without side effects' is written for net; for blk we require no used-ring "
@@ -218,12 +220,7 @@ def test_ring_starts_on_set_vring_kick(
     family="rings",
     level=MUST,
     clause=f"{RST} Ring states",
-    quote=(
-        "started and disabled: The back-end must process the ring without causing any side "
-        "effects.\n"
-        "started and enabled: The back-end must process the ring normally, i.e. process all "
-        "requests and execute them."
-    ),
+    quote="\n".join((RING_STARTED_DISABLED_QUOTE, RING_STARTED_ENABLED_QUOTE)),
     requirement=(
         "A request kicked while the ring is started but disabled completes after "
         "SET_VRING_ENABLE 1 with no second kick."
@@ -255,11 +252,7 @@ def test_kick_before_enable_is_not_lost(
     family="rings",
     level=MUST,
     clause=f"{RST} Ring states",
-    quote=(
-        "For a split virtqueue, sets only the next descriptor index to process in the Available "
-        "Ring. The device is supposed to read the next index in the Used Ring from the "
-        "respective vring structure in guest memory."
-    ),
+    quote=SET_VRING_BASE_SPLIT_QUOTE,
     requirement=(
         "When the front-end zeroes used->idx after SET_VRING_ADDR and before the first kick, the "
         "first completion lands in used slot 0."

@@ -26,7 +26,17 @@ from vhost_conformance.frontend.protocol import (
     split_packed_base,
 )
 from vhost_conformance.frontend.virtqueue import PackedVirtqueue
-from vhost_conformance.suites.clauses import MAY_SUSPEND, RST, SUSPENDED_DMA
+from vhost_conformance.suites.clauses import (
+    GET_VRING_BASE_DRAIN_QUOTE,
+    GET_VRING_BASE_INFLIGHT_QUOTE,
+    GET_VRING_BASE_SPLIT_QUOTE,
+    GET_VRING_BASE_STOPS_QUOTE,
+    MAY_SUSPEND,
+    RST,
+    SET_VRING_BASE_SPLIT_QUOTE,
+    SUSPENDED_DMA,
+    SUSPENDED_STATE_QUOTE,
+)
 from vhost_conformance.suites.drivers import (
     COMPLETES_AFTER_REPLY,
     InflightTracker,
@@ -79,11 +89,7 @@ def _expect_base(seen: int, expected: int, what: str, *, split: bool = False) ->
     family="stop-drain",
     level=MUST,
     clause=f"{RST} Front-end message types: GET_VRING_BASE",
-    quote=(
-        "Stops the vring and returns the current descriptor index or indices:\n"
-        "For a split virtqueue, returns only the 16-bit next descriptor index to process in the "
-        "Available Ring."
-    ),
+    quote="\n".join((GET_VRING_BASE_STOPS_QUOTE, GET_VRING_BASE_SPLIT_QUOTE)),
     requirement=(
         "After N requests were taken, GET_VRING_BASE returns N (split: 16 bits of num) and stops "
         "the ring."
@@ -104,11 +110,7 @@ def test_get_vring_base_returns_next_avail_index(vhost_session: Session) -> None
     family="stop-drain",
     level=MUST,
     clause=f"{RST} Front-end message types: GET_VRING_BASE",
-    quote=(
-        "Stops the vring and returns the current descriptor index or indices:\n"
-        "For a split virtqueue, returns only the 16-bit next descriptor index to process in the "
-        "Available Ring."
-    ),
+    quote="\n".join((GET_VRING_BASE_STOPS_QUOTE, GET_VRING_BASE_SPLIT_QUOTE)),
     requirement=(
         "The GET_VRING_BASE reply has the request's id and exactly an 8-byte vring state payload "
         "for the asked index."
@@ -143,12 +145,13 @@ def test_get_vring_base_reply_is_8_bytes(vhost_session: Session, vhost_timeout: 
     family="stop-drain",
     level=MUST,
     clause=f"{RST} Front-end message types: GET_VRING_BASE / SET_VRING_BASE",
-    quote=(
-        "Rings are started with VHOST_USER_SET_VRING_KICK (or VHOST_USER_VRING_KICK if "
-        "VHOST_USER_PROTOCOL_F_INBAND_NOTIFICATIONS is negotiated) and stopped with "
-        "VHOST_USER_GET_VRING_BASE.\n"
-        "For a split virtqueue, returns only the 16-bit next descriptor index to process in the "
-        "Available Ring."
+    quote="\n".join(
+        (
+            "Rings are started with VHOST_USER_SET_VRING_KICK (or VHOST_USER_VRING_KICK if "
+            "VHOST_USER_PROTOCOL_F_INBAND_NOTIFICATIONS is negotiated) and stopped with "
+            "VHOST_USER_GET_VRING_BASE.",
+            GET_VRING_BASE_SPLIT_QUOTE,
+        )
     ),
     requirement=(
         "A second GET_VRING_BASE returns the same index, and after SET_VRING_BASE with it and a "
@@ -221,9 +224,11 @@ def test_packed_get_vring_base_carries_both_indices(
     family="stop-drain",
     level=MUST,
     clause=f"{RST} Ring states",
-    quote=(
-        "Stops the vring and returns the current descriptor index or indices:\n"
-        "Signal the back-end to enable or disable corresponding vring."
+    quote="\n".join(
+        (
+            GET_VRING_BASE_STOPS_QUOTE,
+            "Signal the back-end to enable or disable corresponding vring.",
+        )
     ),
     requirement=(
         "SET_VRING_ENABLE 0 then GET_VRING_BASE num 0, as QEMU 11.1.3 stops a device, is "
@@ -253,11 +258,7 @@ def test_qemu_stop_order_is_answered_for_every_ring(
     family="rings",
     level=MUST,
     clause=f"{RST} Front-end message types: SET_VRING_BASE",
-    quote=(
-        "For a split virtqueue, sets only the next descriptor index to process in the Available "
-        "Ring. The device is supposed to read the next index in the Used Ring from the "
-        "respective vring structure in guest memory."
-    ),
+    quote=SET_VRING_BASE_SPLIT_QUOTE,
     requirement=(
         "After SET_VRING_BASE n the back-end takes the next request from avail slot n and "
         "continues used->idx from guest memory."
@@ -309,10 +310,7 @@ def test_set_vring_base_sets_only_next_avail_index(vhost_session: Session) -> No
     family="stop-drain",
     level=MUST,
     clause=f"{RST} Front-end message types: GET_VRING_BASE",
-    quote=(
-        "By default, the back-end must complete all inflight I/O requests for the specified "
-        "vring before stopping it."
-    ),
+    quote=GET_VRING_BASE_DRAIN_QUOTE,
     requirement=(
         "Without bit 20 negotiated, the reply comes only after every request taken from the ring "
         "has completed."
@@ -359,11 +357,7 @@ def test_get_vring_base_drains_in_flight_io(
     family="stop-drain",
     level=MAY,
     clause=f"{RST} Front-end message types: GET_VRING_BASE; Inflight I/O tracking",
-    quote=(
-        "If the VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT protocol feature has been "
-        "negotiated, the back-end may suspend in-flight I/O requests and record them as "
-        "described in Inflight I/O tracking instead of completing them before stopping the vring."
-    ),
+    quote=GET_VRING_BASE_INFLIGHT_QUOTE,
     requirement=(
         "With bit 20 negotiated, a back-end that replies before its requests complete marks "
         "exactly those heads in flight in the region."
@@ -402,13 +396,7 @@ def test_bit_20_suspend_marks_exactly_the_outstanding_heads(
     family="stop-drain",
     level=MUST,
     clause=f"{RST} Suspended device state",
-    quote=(
-        "While all vrings are stopped, the device is suspended. In addition to not processing "
-        "any vring (because they are stopped), the device must:\n"
-        "not write to any guest memory regions, not send any notifications to the guest, not "
-        "send any messages to the front-end, still process and reply to messages from the "
-        "front-end."
-    ),
+    quote=SUSPENDED_STATE_QUOTE,
     requirement=(
         "Once every ring is stopped, the back-end writes no guest memory, signals nothing, and "
         "still answers front-end messages."
@@ -458,13 +446,7 @@ def _still_answers(session: Session, base: int, timeout: float) -> None:
     family="suspended",
     level=MUST,
     clause=f"{RST} Suspended device state",
-    quote=(
-        "While all vrings are stopped, the device is suspended. In addition to not processing "
-        "any vring (because they are stopped), the device must:\n"
-        "not write to any guest memory regions, not send any notifications to the guest, not "
-        "send any messages to the front-end, still process and reply to messages from the "
-        "front-end."
-    ),
+    quote=SUSPENDED_STATE_QUOTE,
     requirement=(
         "Guest memory snapshotted at the last GET_VRING_BASE reply is unchanged after the slow "
         "disk's latency has passed."
@@ -512,13 +494,7 @@ def _whose(session: Session, gpa: int, requests: list[BlkRequest]) -> str:
     family="suspended",
     level=MUST,
     clause=f"{RST} Suspended device state",
-    quote=(
-        "While all vrings are stopped, the device is suspended. In addition to not processing "
-        "any vring (because they are stopped), the device must:\n"
-        "not write to any guest memory regions, not send any notifications to the guest, not "
-        "send any messages to the front-end, still process and reply to messages from the "
-        "front-end."
-    ),
+    quote=SUSPENDED_STATE_QUOTE,
     requirement="No call eventfd is signalled after the last GET_VRING_BASE reply.",
     needs=["slow-io"],
 )
@@ -545,13 +521,7 @@ def test_no_call_signals_while_suspended(
     family="suspended",
     level=MUST,
     clause=f"{RST} Suspended device state",
-    quote=(
-        "While all vrings are stopped, the device is suspended. In addition to not processing "
-        "any vring (because they are stopped), the device must:\n"
-        "not write to any guest memory regions, not send any notifications to the guest, not "
-        "send any messages to the front-end, still process and reply to messages from the "
-        "front-end."
-    ),
+    quote=SUSPENDED_STATE_QUOTE,
     requirement="Nothing arrives on the back-end channel after the last GET_VRING_BASE reply.",
     requires=[ProtocolFeature.BACKEND_REQ],
 )
@@ -584,13 +554,7 @@ def test_no_backend_messages_while_suspended(vhost_session: Session) -> None:
     family="suspended",
     level=MUST,
     clause=f"{RST} Suspended device state",
-    quote=(
-        "While all vrings are stopped, the device is suspended. In addition to not processing "
-        "any vring (because they are stopped), the device must:\n"
-        "not write to any guest memory regions, not send any notifications to the guest, not "
-        "send any messages to the front-end, still process and reply to messages from the "
-        "front-end."
-    ),
+    quote=SUSPENDED_STATE_QUOTE,
     requirement="While suspended, GET_FEATURES, GET_CONFIG and GET_VRING_BASE are still answered.",
 )
 def test_messages_answered_while_suspended(vhost_session: Session, vhost_timeout: float) -> None:
@@ -606,13 +570,7 @@ def test_messages_answered_while_suspended(vhost_session: Session, vhost_timeout
     family="suspended",
     level=MUST,
     clause=f"{RST} Suspended device state",
-    quote=(
-        "While all vrings are stopped, the device is suspended. In addition to not processing "
-        "any vring (because they are stopped), the device must:\n"
-        "not write to any guest memory regions, not send any notifications to the guest, not "
-        "send any messages to the front-end, still process and reply to messages from the "
-        "front-end."
-    ),
+    quote=SUSPENDED_STATE_QUOTE,
     requirement=(
         "With bit 20, data buffers of requests left in flight are not written after the "
         "GET_VRING_BASE reply."
@@ -651,13 +609,7 @@ def test_no_late_dma_after_a_no_drain_stop(
     family="stop-drain",
     level=MUST,
     clause=f"{RST} Suspended device state",
-    quote=(
-        "While all vrings are stopped, the device is suspended. In addition to not processing "
-        "any vring (because they are stopped), the device must:\n"
-        "not write to any guest memory regions, not send any notifications to the guest, not "
-        "send any messages to the front-end, still process and reply to messages from the "
-        "front-end."
-    ),
+    quote=SUSPENDED_STATE_QUOTE,
     requirement=(
         "Completions of I/O still running when the ring stopped write nothing and signal "
         "nothing, even after the call fd was closed."

@@ -21,6 +21,7 @@ from vhost_conformance.frontend.migration import reconnect
 from vhost_conformance.frontend.protocol import ProtocolFeature as P
 from vhost_conformance.reports.model import Tier
 from vhost_conformance.suites.catalogue import RST
+from vhost_conformance.suites.clauses import GET_VRING_BASE_DRAIN_QUOTE
 from vhost_conformance.suites.drivers import (
     COMPLETES_AFTER_REPLY,
     SessionFactory,
@@ -52,10 +53,6 @@ from vhost_conformance.suites.watched import WatchedDisk
 #: per-request latency of the held writes, and how many are held
 LATENCY_MS = 150
 HELD = 4
-
-_DRAIN_QUOTE = ("By default, the back-end must complete all inflight I/O requests for the "
-                "specified vring before stopping it.")
-
 
 def _late_writes(
     target: BackendTarget, make_session: SessionFactory, measurements: dict[str, float],
@@ -97,7 +94,7 @@ def _late_writes(
     title="No disk write after a draining GET_VRING_BASE reply",
     family="suspended", level=MUST, tier=Tier.CONFORMANCE,
     clause=f"{RST} Front-end message types: GET_VRING_BASE",
-    quote=_DRAIN_QUOTE,
+    quote=GET_VRING_BASE_DRAIN_QUOTE,
     requirement="Without bit 20, every held WRITE reaches the disk before the GET_VRING_BASE "
     "reply (watched disk journal); none after it.",
 )
