@@ -133,3 +133,8 @@ SET_VRING_BASE_SPLIT_QUOTE = (
     "The device is supposed to read the next index in the Used Ring from the respective vring "
     "structure in guest memory."
 )
+#: vhost-user.rst GET_VRING_BASE and SET_INFLIGHT_FD: the three sentences an in-flight
+#: migration case quotes together.
+INFLIGHT_MIGRATION_QUOTE = "\n".join(
+    (GET_VRING_BASE_DRAIN_QUOTE, GET_VRING_BASE_INFLIGHT_QUOTE, SET_INFLIGHT_FD_QUOTE)
+)

@@ -22,7 +22,7 @@ from vhost_conformance.frontend.migration import harvest_all, reconnect, stop_li
 from vhost_conformance.frontend.protocol import ProtocolFeature
 from vhost_conformance.suites.clauses import (
     GET_VRING_BASE_DRAIN_QUOTE,
-    GET_VRING_BASE_INFLIGHT_QUOTE,
+    INFLIGHT_MIGRATION_QUOTE,
     INFLIGHT_TRACKING_QUOTE,
     INFLIGHT_USED_IDX_QUOTE,
     RST,
@@ -118,13 +118,7 @@ def test_no_double_completion_across_stop_and_restart(
     family="double-submission",
     level=MUST,
     clause=f"{RST} Inflight I/O tracking",
-    quote="\n".join(
-        (
-            GET_VRING_BASE_DRAIN_QUOTE,
-            GET_VRING_BASE_INFLIGHT_QUOTE,
-            SET_INFLIGHT_FD_QUOTE,
-        )
-    ),
+    quote=INFLIGHT_MIGRATION_QUOTE,
     requirement=(
         "With bit 20, each request completes exactly once across source and destination: never "
         "on both."

@@ -30,10 +30,10 @@ from vhost_conformance.reports.model import Tier
 from vhost_conformance.suites.clauses import (
     GET_VRING_BASE_DRAIN_QUOTE,
     GET_VRING_BASE_INFLIGHT_QUOTE,
+    INFLIGHT_MIGRATION_QUOTE,
     MAY_SUSPEND,
     MIGRATION_LOG_QUOTE,
     RST,
-    SET_INFLIGHT_FD_QUOTE,
 )
 from vhost_conformance.suites.drivers import (
     SessionFactory,
@@ -63,13 +63,7 @@ P = ProtocolFeature
     family="migration",
     level=MUST,
     clause=f"{RST} Inflight I/O tracking; Front-end message types: GET_VRING_BASE",
-    quote="\n".join(
-        (
-            GET_VRING_BASE_DRAIN_QUOTE,
-            GET_VRING_BASE_INFLIGHT_QUOTE,
-            SET_INFLIGHT_FD_QUOTE,
-        )
-    ),
+    quote=INFLIGHT_MIGRATION_QUOTE,
     requirement=(
         "A destination given the migrated region by SET_INFLIGHT_FD and the migrated "
         "SET_VRING_BASE completes every suspended request once."
