@@ -12,12 +12,10 @@ used-ring or status-byte write after the reply as a completion on the source.
 from __future__ import annotations
 
 import contextlib
-import signal
 import time
 from collections.abc import Callable, Iterator
 
 from vhost_conformance.frontend.accounting import AccountingFinding, Ledger
-from vhost_conformance.frontend.channel import Channel
 from vhost_conformance.frontend.migration import harvest_all, reconnect, stop_like_qemu
 from vhost_conformance.frontend.protocol import ProtocolFeature
 from vhost_conformance.suites.clauses import (
@@ -43,6 +41,7 @@ from vhost_conformance.suites.drivers.migration import (
     harvest_until,
     held_migration,
     migrate_to,
+    sigkill_and_restart,
     submit_tracked,
     watch_quiet,
 )
@@ -167,11 +166,7 @@ def test_exactly_once_across_a_crash(
         ledger = Ledger()
         held = submit_tracked(s, ledger, HELD)
         wait_popped(s, 0, settle=LATENCY_MS / 2000)
-        target.send_signal(signal.SIGKILL)
-        if target.wait_exit(s.timeout) is None:
-            raise CaseFailed("the back-end after SIGKILL", expected="dead", seen="still running")
-        target.start()
-        channel = Channel(target.connect_socket(s.timeout), trace=s.channel.trace)
+        channel = sigkill_and_restart(target, s)
         rec = reconnect(s, channel, ledger=ledger, hop="restart")
         timeout = s.timeout + LATENCY_MS / 1000
         fail_on_missing(harvest_until(s, ledger, held, timeout), ledger, "the restarted back-end",

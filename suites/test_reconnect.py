@@ -15,7 +15,6 @@ import signal
 import time
 
 from vhost_conformance.frontend.accounting import Ledger
-from vhost_conformance.frontend.channel import Channel
 from vhost_conformance.frontend.migration import reconnect, stop_like_qemu
 from vhost_conformance.frontend.protocol import U64, FrontendRequest, ProtocolFeature
 from vhost_conformance.reports.model import Tier
@@ -38,6 +37,7 @@ from vhost_conformance.suites.drivers.migration import (
     fail_on,
     fail_on_missing,
     harvest_until,
+    sigkill_and_restart,
     submit_tracked,
     watch_quiet,
 )
@@ -125,11 +125,7 @@ def test_reconnect_after_crash_resubmits_pending(
         held = submit_tracked(s, ledger, HELD)
         if slow:
             wait_popped(s, 0, settle=LATENCY_MS / 2000)
-        target.send_signal(signal.SIGKILL)
-        if target.wait_exit(s.timeout) is None:
-            raise CaseFailed("the back-end after SIGKILL", expected="dead", seen="still running")
-        target.start()
-        channel = Channel(target.connect_socket(s.timeout), trace=s.channel.trace)
+        channel = sigkill_and_restart(target, s)
         entries_before = len(s.channel.trace.entries())
         rec = reconnect(s, channel, ledger=ledger, hop="restart")
         timeout = s.timeout + LATENCY_MS / 1000

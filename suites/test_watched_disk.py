@@ -10,13 +10,11 @@ that suspended host I/O be cancelled, the author's server does not really cancel
 from __future__ import annotations
 
 import hashlib
-import signal
 import time
 from collections.abc import Callable
 
 from vhost_conformance.frontend.accounting import Ledger
 from vhost_conformance.frontend.blk import SECTOR_SIZE, BlkRequest
-from vhost_conformance.frontend.channel import Channel
 from vhost_conformance.frontend.migration import reconnect
 from vhost_conformance.frontend.protocol import ProtocolFeature as P
 from vhost_conformance.reports.model import Tier
@@ -37,6 +35,7 @@ from vhost_conformance.suites.drivers.migration import (
     destination_target,
     harvest_until,
     migrate_to,
+    sigkill_and_restart,
     submit_tracked,
 )
 from vhost_conformance.suites.drivers.watched import (
@@ -277,11 +276,7 @@ def test_executions_across_a_kill_and_reconnect(
         ledger = Ledger()
         held = submit_tracked(s, ledger, HELD, kinds=("write",), sector=2048)
         wait_popped(s, 0, settle=LATENCY_MS / 2000)
-        target.send_signal(signal.SIGKILL)
-        if target.wait_exit(s.timeout) is None:
-            raise CaseFailed("the back-end after SIGKILL", expected="dead", seen="still running")
-        target.start()
-        channel = Channel(target.connect_socket(s.timeout), trace=s.channel.trace)
+        channel = sigkill_and_restart(target, s)
         reconnect(s, channel, ledger=ledger, hop="restart")
         missing = harvest_until(s, ledger, held, s.timeout + LATENCY_MS / 1000)
         time.sleep(2 * LATENCY_MS / 1000)

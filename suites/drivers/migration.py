@@ -4,6 +4,7 @@ from test_migration.py): destination targets, tracked submission and harvest, th
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -71,6 +72,16 @@ def submit_tracked(session: Session, ledger: Ledger, n: int, *, queue: int = 0,
         out.append(request)
     session.submit(queue)
     return out
+
+
+def sigkill_and_restart(target: CommandTarget, session: Session) -> Channel:
+    """SIGKILL the back-end, wait for its death, start a new instance and connect to it: the
+    new channel records into the session's wire trace (give it to ``reconnect``)."""
+    target.send_signal(signal.SIGKILL)
+    if target.wait_exit(session.timeout) is None:
+        raise CaseFailed("the back-end after SIGKILL", expected="dead", seen="still running")
+    target.start()
+    return Channel(target.connect_socket(session.timeout), trace=session.channel.trace)
 
 
 def harvest_until(session: Session, ledger: Ledger, requests: Iterable[BlkRequest],
