@@ -905,18 +905,19 @@ class BackendChannel:
 
     def _handle(self, message: Message) -> None:
         self.trace.record("be->fe", "backend", message)
-        with self._lock:
-            self._messages.append(message)
-            self._lock.notify_all()
         lo, hi = expected_fd_count(
             BACKEND_FD_EXPECTATIONS.get(BackendRequest(message.request), FdRule.NONE),
             message.payload,
         )
+        # the violation is recorded before the message: whoever waits for the message sees it
         if not lo <= len(message.fds) <= hi:
             self._record_error(BackendViolation(
                 "fds on back-end request", request_name=message.name("backend"),
                 expected=f"{lo}..{hi}", seen=len(message.fds),
             ))
+        with self._lock:
+            self._messages.append(message)
+            self._lock.notify_all()
         reply: BackendReply | None = None
         handler = self._handler
         if handler is not None:
