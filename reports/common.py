@@ -177,7 +177,8 @@ def exit_status_text(status: int) -> str:
 
 def case_details(case: CaseResult) -> list[tuple[str, str]]:
     """(label, text) pairs every rendering shows for a case besides its reason: the exit
-    status, the case it follows from, the finding's level, the command that re-runs it."""
+    status, the case it follows from, the finding's level, whether real QEMU confirmed it, the
+    command that re-runs it."""
     out: list[tuple[str, str]] = []
     if case.exit_status is not None:
         out.append(("exit status", exit_status_text(case.exit_status)))
@@ -195,9 +196,22 @@ def case_details(case: CaseResult) -> list[tuple[str, str]]:
         out.append(("see", f"follows from {case.see} (same observed behaviour, counted there)"))
     if case.finding_level is not None and case.gate_level is not case.level:
         out.append(("finding level", f"{case.gate_level.value} (gated as such)"))
+    if case.qemu_confirmed is not None:
+        out.append(("confirmed by QEMU", qemu_confirmed_text(case)))
     if case.rerun:
         out.append(("re-run", case.rerun))
     return out
+
+
+def qemu_confirmed_text(case: CaseResult) -> str:
+    """Whether real QEMU 11.1.3 confirmed this failing emulated case, and by which VU-QEMU
+    case: ``yes (VU-QEMU-2)``, ``not reachable``, ``not run (VU-QEMU-6; run --qemu)``."""
+    value = case.qemu_confirmed or ""
+    if case.qemu_case is None:
+        return value if value != "not run" else "not run (run --qemu)"
+    if value == "not run":
+        return f"not run ({case.qemu_case}; run --qemu)"
+    return f"{value} ({case.qemu_case})"
 
 
 def level_text(case: CaseResult) -> str:

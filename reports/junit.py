@@ -101,6 +101,8 @@ def _testcase(parent: ET.Element, case: CaseResult, kind: str) -> None:
         ("deviation", case.deviation),
         ("parameters", params or None),
         ("verdict_shown", verdict_text(case) if verdict_text(case) != case.verdict.value else None),
+        ("qemu_case", case.qemu_case),
+        ("qemu_confirmed", case.qemu_confirmed),
         *((f"{k.replace(' ', '_').replace('-', '_')}", v) for k, v in case_details(case)),
     ):
         if value is not None:

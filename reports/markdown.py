@@ -1,7 +1,8 @@
 """summary.md: a short Markdown summary for a CI step summary (GitHub, GitLab, Forgejo).
 
 Counts per verdict, the cases that fail the gate with clause and reason, the other
-problems (non-strict, xpass), and the run-wide measurements. Text from back-ends is
+problems (non-strict, xpass), per failing emulated case whether real QEMU confirmed it, and
+the run-wide measurements. Text from back-ends is
 escaped: Markdown markup and raw HTML both come out literally.
 """
 
@@ -130,6 +131,14 @@ def render(report: Report) -> str:
             ["id", "title", "deviation", "reason"],
             [[md(c.id, 80), md(c.title, 120), md(c.deviation), md(c.reason)] for c in xfail],
         )
+    confirmed = [c for c in report.cases if c.qemu_confirmed is not None]
+    if confirmed:
+        lines += ["", f"### Findings held against real QEMU 11.1.3 ({len(confirmed)})", ""]
+        lines += table(
+            ["id", "verdict", "VU-QEMU case", "confirmed by QEMU"],
+            _capped([[md(c.id, 80), md(verdict_text(c), 80), md(c.qemu_case or "\u2014", 80),
+                      md(c.qemu_confirmed, 40)] for c in confirmed], 4),
+        )  # fmt: skip
     if report.measurements:
         lines += ["", "### Measurements", ""]
         lines += table(

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
-SCHEMA_VERSION = "2.1"
+SCHEMA_VERSION = "2.2"
 # Readers accept any 2.x (minor versions only add optional keys) and 1.x (a subset of 2.0:
 # no disconnect/flaky verdicts, no see/rerun/finding_level/exit_status/allowed keys).
 _SCHEMA_MAJOR = "2"
@@ -214,6 +214,19 @@ class _Reader:
 _E = TypeVar("_E", bound=enum.StrEnum)
 
 
+#: The values of a case's ``qemu_confirmed`` (docs/report-schema.md).
+QEMU_CONFIRMED = ("yes", "no", "not reachable", "not run")
+
+
+def _qemu_confirmed(r: _Reader, where: str) -> str | None:
+    value = r.get_opt_str("qemu_confirmed")
+    if value is not None and value not in QEMU_CONFIRMED:
+        raise ReportFormatError(
+            f"{where}.qemu_confirmed: {value!r} is not one of {', '.join(QEMU_CONFIRMED)}"
+        )
+    return value
+
+
 # --- the model -------------------------------------------------------------------------
 
 
@@ -236,7 +249,9 @@ class CaseResult:
     failure (results sharing one are counted once, see ``see``). ``tier`` says what the
     verdict rests on (:class:`Tier`), ``quote`` the spec sentence(s) a conformance case
     enforces, ``source`` the QEMU source or trace an interop case follows, ``leak`` that the
-    case measures a leak (a robustness ``fail`` then gates).
+    case measures a leak (a robustness ``fail`` then gates). ``qemu_case`` names the VU-QEMU
+    case whose scenario reaches this failing emulated case's, ``qemu_confirmed`` whether real
+    QEMU 11.1.3 confirmed it (:data:`QEMU_CONFIRMED`; suites/qemu_confirm.py).
     """
 
     id: str
@@ -263,8 +278,12 @@ class CaseResult:
     quote: str | None = None
     source: str | None = None
     leak: bool = False
+    qemu_case: str | None = None
+    qemu_confirmed: str | None = None
 
     def __post_init__(self) -> None:
+        if self.qemu_confirmed is not None and self.qemu_confirmed not in QEMU_CONFIRMED:
+            raise ValueError(f"qemu_confirmed {self.qemu_confirmed!r}: not one of {QEMU_CONFIRMED}")
         # Accept plain strings from callers; store the enums.
         object.__setattr__(self, "level", Level(self.level))
         object.__setattr__(self, "tier", Tier(self.tier))
@@ -345,6 +364,8 @@ class CaseResult:
             "quote": self.quote,
             "source": self.source,
             "leak": self.leak,
+            "qemu_case": self.qemu_case,
+            "qemu_confirmed": self.qemu_confirmed,
         }
 
     @classmethod
@@ -395,6 +416,8 @@ class CaseResult:
             quote=r.get_opt_str("quote"),
             source=r.get_opt_str("source"),
             leak=r.get_bool("leak", False),
+            qemu_case=r.get_opt_str("qemu_case"),
+            qemu_confirmed=_qemu_confirmed(r, where),
         )
 
 

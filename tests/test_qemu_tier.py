@@ -65,3 +65,54 @@ def test_fidelity_against_real_qemu(tmp_path: pathlib.Path, backend: str) -> Non
     measured = result["measurements"]
     assert measured["fidelity_boot_differences"] == 0 and measured["fidelity_boot_messages"] > 30
     assert any(e["name"] == "GET_VRING_BASE" for e in result["trace"]), "QEMU's trace reported"
+
+
+def _knob_profile(tmp_path: pathlib.Path, knob: str) -> pathlib.Path:
+    """The reference profile with ``--misbehave knob`` on its commands."""
+    reference = pathlib.Path(__file__).resolve().parents[1] / "suites" / "profiles" / "reference.toml"
+    text = reference.read_text().replace('--disk {disk}"', f'--disk {{disk}} --misbehave {knob}"')
+    path = tmp_path / f"{knob}.toml"
+    path.write_text(text)
+    return path
+
+
+def _run_cases(tmp_path: pathlib.Path, profile: pathlib.Path, *cases: str) -> dict[str, dict[str, object]]:
+    report = tmp_path / "report"
+    args = [sys.executable, "-m", "vhost_conformance.cli", "run", "--profile", str(profile),
+            "--no-preflight", "-n", "0", "--report", str(report)]  # fmt: skip
+    for case_id in cases:
+        args += ["--case", case_id]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    path = report / "report.json"
+    assert path.exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
+    return {c["id"]: c for c in json.loads(path.read_text())["cases"]}
+
+
+@pytest.mark.slow
+def test_finding_not_run_without_the_tier(tmp_path: pathlib.Path) -> None:
+    """``--misbehave wrong-reply-flags`` fails VU-HDR-2; without the qemu tier in the run its
+    report entry names VU-QEMU-1 and says ``not run`` (no QEMU is started: ~3 s)."""
+    cases = _run_cases(tmp_path, _knob_profile(tmp_path, "wrong-reply-flags"), "VU-HDR-2")
+    hdr2 = cases["VU-HDR-2"]
+    assert hdr2["verdict"] == "fail", hdr2["reason"]
+    assert (hdr2["qemu_case"], hdr2["qemu_confirmed"]) == ("VU-QEMU-1", "not run")
+
+
+@pytest.mark.peer("qemu-11.1")
+@pytest.mark.slow
+def test_finding_confirmed_by_real_qemu(tmp_path: pathlib.Path) -> None:
+    """The same finding with VU-QEMU-1 in the run (one guest boot): QEMU 11.1.3's replies go
+    through the same validator, VU-QEMU-1 fails, and VU-HDR-2 says ``yes``."""
+    from vhost_conformance.peers.provision import PeerUnavailable, peer_path
+
+    for name in ("qemu-system-x86_64-11.1", "guest-kernel", "guest-initrd"):
+        try:
+            peer_path(name)
+        except PeerUnavailable as exc:
+            pytest.skip(str(exc))
+    cases = _run_cases(tmp_path, _knob_profile(tmp_path, "wrong-reply-flags"),
+                       "VU-HDR-2", "VU-QEMU-1")  # fmt: skip
+    assert cases["VU-QEMU-1"]["verdict"] == "fail", cases["VU-QEMU-1"]["reason"]
+    hdr2 = cases["VU-HDR-2"]
+    assert (hdr2["qemu_case"], hdr2["qemu_confirmed"]) == ("VU-QEMU-1", "yes")
+    assert cases["VU-QEMU-1"]["qemu_confirmed"] is None
