@@ -67,6 +67,8 @@ COMMAND_PLACEHOLDERS = frozenset(
 )
 #: Extra placeholders allowed only in ``[slow_io]`` templates.
 SLOW_IO_PLACEHOLDERS = frozenset({"latency_ms", "latency_ns"})
+#: The extra placeholder of ``queues_args``.
+QUEUES_PLACEHOLDERS = frozenset({"queues"})
 
 DEFAULT_START_TIMEOUT = 15.0
 DEFAULT_STOP_TIMEOUT = 5.0
@@ -200,6 +202,9 @@ class Profile:
     #: block (suites.device_type). Only the control-plane families run on a type other than
     #: block (see CONTROL_PLANE_FAMILIES).
     device_type: str | None = None
+    #: Appended to the command to run the back-end with ``{queues}`` queues (the qemu tier's
+    #: VU-QEMU-3 on a back-end whose default command runs one); None: no such option.
+    queues_args: str | None = None
 
     def __post_init__(self) -> None:
         if self.socket_mode not in ("listen", "connect"):
@@ -244,6 +249,9 @@ class Profile:
                 COMMAND_PLACEHOLDERS,
                 f"profile {self.name!r}: print_capabilities",
             )
+        if self.queues_args is not None:
+            check_template(self.queues_args, COMMAND_PLACEHOLDERS | QUEUES_PLACEHOLDERS,
+                           f"profile {self.name!r}: queues_args")  # fmt: skip
         for text, what in (
             (self.slow_io.args, "slow_io.args"),
             (self.slow_io.command, "slow_io.command"),
@@ -295,6 +303,7 @@ _PROFILE_KEYS = frozenset(
         "prestart",
         "one_connection",
         "device_type",
+        "queues_args",
     }
 )
 
@@ -347,6 +356,7 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
     print_caps = typed("print_capabilities", str, None)
     connect_cmd = typed("connect_command", str, None)
     device_type = typed("device_type", str, None)
+    queues_args = typed("queues_args", str, None)
     prestart = data.get("prestart", 0)
     if isinstance(prestart, bool) or not isinstance(prestart, int):
         raise UsageError(f"profile {source}: prestart must be int, got {type(prestart).__name__}")
@@ -367,6 +377,7 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
         prestart=prestart,
         one_connection=bool(typed("one_connection", bool, False)),
         device_type=device_type if isinstance(device_type, str) else None,
+        queues_args=queues_args if isinstance(queues_args, str) else None,
     )
 
 
@@ -572,6 +583,7 @@ class CommandTarget:
         self._process: Supervised | None = None
         self._listener: socket.socket | None = None
         self._latency_ms: int | None = None
+        self._queues: int | None = None
         #: the watched disk the back-end runs on (inside :meth:`watched_disk`), else None
         self.watched: WatchedDisk | None = None
         self._exit_status: int | None = None
@@ -630,6 +642,9 @@ class CommandTarget:
                 template = slow.command
             elif slow.args is not None:
                 template = f"{template} {slow.args}"
+        if self._queues is not None and self.profile.queues_args is not None:
+            values["queues"] = str(self._queues)
+            template = f"{template} {self.profile.queues_args}"
         return render_command(template, values)
 
     def print_capabilities_argv(self) -> list[str] | None:
@@ -903,6 +918,21 @@ class CommandTarget:
                 # does not wait for a start it never uses)
                 self.stop()
                 self.launch()
+
+    @contextlib.contextmanager
+    def queues(self, count: int) -> Iterator[None]:
+        """Run the back-end with ``count`` queues inside the context (the profile's
+        ``queues_args``; restarts it), back to its normal command after."""
+        if self.profile.queues_args is None:
+            raise TargetError(f"back-end {self.name!r}: the profile has no queues_args")
+        self._queues = count
+        try:
+            self.restart()
+            yield
+        finally:
+            self._queues = None
+            self.stop()
+            self.launch()
 
     @property
     def capabilities(self) -> Capabilities:

@@ -116,3 +116,29 @@ def test_finding_confirmed_by_real_qemu(tmp_path: pathlib.Path) -> None:
     hdr2 = cases["VU-HDR-2"]
     assert (hdr2["qemu_case"], hdr2["qemu_confirmed"]) == ("VU-QEMU-1", "yes")
     assert cases["VU-QEMU-1"]["qemu_confirmed"] is None
+
+
+def test_profile_queues_args(tmp_path: pathlib.Path) -> None:
+    """``queues_args`` (VU-QEMU-3 on a one-queue profile): appended with ``{queues}`` inside
+    ``CommandTarget.queues``, gone after; an unknown placeholder is refused at load."""
+    from vhost_conformance.suites.target import (
+        CommandTarget,
+        UsageError,
+        load_profile,
+        profile_from_mapping,
+    )
+
+    profile = load_profile("reference")
+    assert profile.queues_args == "--queues {queues}"
+    target = CommandTarget(profile, tmp_path / "t")
+    try:
+        target.start()
+        assert "--queues" not in (target.argv() or [])
+        with target.queues(2):
+            assert (target.argv() or [])[-2:] == ["--queues", "2"]
+            assert target.alive()
+        assert "--queues" not in (target.argv() or [])
+    finally:
+        target.stop()
+    with pytest.raises(UsageError, match="queues_args"):
+        profile_from_mapping({"command": "x {socket}", "queues_args": "--q {nqueues}"}, "p", "p")
