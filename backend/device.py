@@ -282,6 +282,8 @@ class Device:
         self._timers: list[Request] = []
         self._seq = 0
         self._get_features_count = 0
+        #: --misbehave keep-rem-mem-reg-fd: fds kept open until the connection ends
+        self._kept_fds: list[int] = []
         self.closed = False
 
     # ------------------------------------------------------------------ helpers
@@ -537,14 +539,15 @@ class Device:
     def _on_set_mem_table(self, msg: Message, payload: object, fds: list[int]) -> None:
         assert isinstance(payload, MemoryTable)
         self.memory.clear()
+        share = self.faults.on("regions-share-first-fd")
         try:
             for region, fd in zip(payload.regions, fds, strict=True):
                 self.memory.add(
-                    fd,
+                    fds[0] if share else fd,
                     region.guest_phys_addr,
                     region.memory_size,
                     region.userspace_addr,
-                    region.mmap_offset,
+                    self._mmap_offset(region.mmap_offset),
                 )
         except GuestMemoryError as exc:
             self.memory.clear()
@@ -556,9 +559,15 @@ class Device:
         if not self._has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
             raise RequestError("ADD_MEM_REG without CONFIGURE_MEM_SLOTS negotiated")
         r = payload.region
+        if self.faults.on("mem-slots-overstated") and len(self.memory.regions) >= 16:
+            raise RequestError("ADD_MEM_REG: --misbehave mem-slots-overstated: 16 regions")
         try:
             self.memory.add(
-                fds[0], r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset
+                fds[0],
+                r.guest_phys_addr,
+                r.memory_size,
+                r.userspace_addr,
+                self._mmap_offset(r.mmap_offset),
             )
         except GuestMemoryError as exc:
             raise RequestError(f"ADD_MEM_REG: {exc}") from None
@@ -569,11 +578,24 @@ class Device:
         if not self._has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
             raise RequestError("REM_MEM_REG without CONFIGURE_MEM_SLOTS negotiated")
         r = payload.region
+        if fds and self.faults.on("keep-rem-mem-reg-fd"):
+            self._kept_fds.append(os.dup(fds[0]))
+        if self.faults.on("rem-mem-reg-by-offset") and not any(
+            m.guest_phys_addr == r.guest_phys_addr and m.mmap_offset == r.mmap_offset
+            for m in self.memory.regions
+        ):
+            raise RequestError(f"REM_MEM_REG: no region with mmap_offset {r.mmap_offset:#x}")
+        if self.faults.on("rem-mem-reg-keeps-map"):
+            return
         try:
             self.memory.remove(r.guest_phys_addr, r.memory_size, r.userspace_addr)
         except GuestMemoryError as exc:
             raise RequestError(f"REM_MEM_REG: {exc}") from None
         self._refresh_rings()
+
+    def _mmap_offset(self, mmap_offset: int) -> int:
+        """The fd offset a region is mapped from (0 with --misbehave ignore-mmap-offset)."""
+        return 0 if self.faults.on("ignore-mmap-offset") else mmap_offset
 
     def _on_set_log_base(self, msg: Message, payload: object, fds: list[int]) -> None:
         assert isinstance(payload, LogBase)

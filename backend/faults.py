@@ -73,6 +73,16 @@ MISBEHAVIOURS: dict[str, str] = {
     "(after a migration: over the destination's newer data)",
     "write-after-suspend": "with bit 20, suspended WRITEs still reach the disk 0.1 s after the "
     "reply (not cancelled; no guest memory write, no completion)",
+    # mut-new: memory, fds, notifications
+    "rem-mem-reg-by-offset": "REM_MEM_REG matches the mmap offset too: a region named with "
+    "another mmap_offset is refused (the spec: the mmap offset is ignored)",
+    "rem-mem-reg-keeps-map": "REM_MEM_REG is acked but the region stays mapped and in use",
+    "ignore-mmap-offset": "memory regions are mapped from offset 0 of their fd (mmap_offset "
+    "ignored)",
+    "regions-share-first-fd": "SET_MEM_TABLE maps every region from the first region's fd",
+    "mem-slots-overstated": "ADD_MEM_REG refused beyond 16 regions while GET_MAX_MEM_SLOTS "
+    "announces more",
+    "keep-rem-mem-reg-fd": "an fd sent with REM_MEM_REG is kept open (leaked), not closed",
 }
 
 

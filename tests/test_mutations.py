@@ -44,6 +44,13 @@ KILLS: dict[str, tuple[str, ...]] = {
     "wce-without-flush": ("VU-FEAT-11",),
     "used-flags-garbage": ("VU-RING-13",),
     "status-not-kept": ("VU-RST-3",),
+    # mut-new: memory, fds, notifications
+    "rem-mem-reg-by-offset": ("VU-MEM-8",),
+    "rem-mem-reg-keeps-map": ("VU-MEM-6", "VU-MEM-8"),
+    "ignore-mmap-offset": ("VU-MEM-4", "VU-MEM-7"),
+    "regions-share-first-fd": ("VU-FD-2", "VU-MEM-4"),
+    "mem-slots-overstated": ("VU-MEM-5",),
+    "keep-rem-mem-reg-fd": ("VU-FD-4",),
 }
 
 #: knobs that act only on requests held on the slow disk (100 ms) at the stop: retried once
@@ -87,9 +94,7 @@ UNMUTATED: frozenset[str] = frozenset(
         "VU-DISK-3",
         "VU-DS-1",
         "VU-DS-2",
-        "VU-FD-2",
         "VU-FD-3",
-        "VU-FD-4",
         "VU-FEAT-1",
         "VU-FEAT-3",
         "VU-FEAT-4",
@@ -146,10 +151,6 @@ UNMUTATED: frozenset[str] = frozenset(
         "VU-MAL-16",
         "VU-MAL-17",
         "VU-MEM-2",
-        "VU-MEM-4",
-        "VU-MEM-5",
-        "VU-MEM-6",
-        "VU-MEM-7",
         "VU-MIG-5",
         "VU-MIG-6",
         "VU-MIG-7",
