@@ -76,6 +76,10 @@ STATUS_FEATURES_OK = 0x08
 STATUS_DEVICE_NEEDS_RESET = 0x40
 #: Largest queue size (VIRTIO 1.2: 32768).
 MAX_QUEUE_SIZE = 32768
+#: Seconds between two looks at the avail ring of a ring in polling mode (SET_VRING_KICK
+#: with the NOFD bit).
+POLL_INTERVAL = 0.005
+
 #: Memory slots we offer (GET_MAX_MEM_SLOTS), as QEMU's libvhost-user.
 MAX_MEM_SLOTS = 509
 
@@ -230,6 +234,8 @@ class VirtQueue:
     #: a GET_VRING_BASE waiting for the drain to finish
     stop_pending: bool = False
     kicked: bool = False
+    #: SET_VRING_KICK came with the NOFD bit: the avail ring is polled, no kick fd
+    polled: bool = False
 
     @property
     def runnable(self) -> bool:
@@ -805,6 +811,7 @@ class Device:
         log.info("vring %d stopped at avail index %#x", q.index, self._base_of(q))
         q.started = False
         q.stop_pending = False
+        q.polled = False
         q.resubmit.clear()
         if q.kick_fd >= 0:
             if self.watcher is not None:
@@ -829,20 +836,26 @@ class Device:
 
     def _on_set_vring_kick(self, msg: Message, payload: object, fds: list[int]) -> None:
         q, fd = self._vring_fd(payload, fds, "SET_VRING_KICK")
-        if fd < 0:
-            raise RequestError("SET_VRING_KICK without an fd: polling mode is not supported")
-        if q.kick_fd >= 0:
-            if self.watcher is not None:
-                self.watcher.unwatch(q.kick_fd)
-            _close(q.kick_fd)
-        q.kick_fd = fd
-        if self.watcher is not None:
-            self.watcher.watch(fd, q.index)
+        # NOFD (bit 8): "polling should be used instead of waiting for the kick": the avail
+        # ring is looked at every POLL_INTERVAL seconds while the ring runs.
+        if fd < 0 and self.faults.on("ignore-nofd"):
+            q.polled = False  # keeps the old kick fd (if any): a NOFD ring is never served
+        else:
+            if q.kick_fd >= 0:
+                if self.watcher is not None:
+                    self.watcher.unwatch(q.kick_fd)
+                _close(q.kick_fd)
+            q.kick_fd = fd
+            q.polled = fd < 0
+            if fd >= 0 and self.watcher is not None:
+                self.watcher.watch(fd, q.index)
         if not q.started:
             self._start(q)
 
     def _on_set_vring_call(self, msg: Message, payload: object, fds: list[int]) -> None:
         q, fd = self._vring_fd(payload, fds, "SET_VRING_CALL")
+        if fd < 0 and self.faults.on("ignore-nofd"):
+            return  # keeps signalling the call fd the front-end replaced
         if q.call_fd >= 0:
             _close(q.call_fd)
         q.call_fd = fd
@@ -1006,6 +1019,7 @@ class Device:
             if fd >= 0:
                 _close(fd)
         q.kick_fd = q.call_fd = q.err_fd = -1
+        q.polled = False
 
     # ------------------------------------------------------------------ I/O
 
@@ -1248,6 +1262,8 @@ class Device:
         if now is None:
             now = self.clock()
         for q in self.queues:
+            if q.polled:
+                q.kicked = True  # polling mode: look at the avail ring every turn
             if not q.runnable or not q.kicked or q.ring is None:
                 continue
             q.kicked = False
@@ -1277,12 +1293,15 @@ class Device:
         due = [self._timers[0].deadline] if self._timers else []
         due += [when for when, _ in self._late_calls]
         due += [w[0] for w in self._late_writes]
+        if any(q.polled and q.runnable for q in self.queues):
+            due.append(self.clock() + POLL_INTERVAL)
         return min(due) if due else None
 
     @property
     def has_work(self) -> bool:
-        """A ring was kicked and may have requests to take."""
-        return any(q.kicked and q.runnable for q in self.queues)
+        """A ring was kicked and may have requests to take (a polled ring waits for its
+        next look: :meth:`next_deadline`)."""
+        return any(q.kicked and q.runnable and not q.polled for q in self.queues)
 
     # ------------------------------------------------------------------ back-end channel
 

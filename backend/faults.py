@@ -83,6 +83,8 @@ MISBEHAVIOURS: dict[str, str] = {
     "mem-slots-overstated": "ADD_MEM_REG refused beyond 16 regions while GET_MAX_MEM_SLOTS "
     "announces more",
     "keep-rem-mem-reg-fd": "an fd sent with REM_MEM_REG is kept open (leaked), not closed",
+    "ignore-nofd": "the NOFD bit of SET_VRING_KICK/CALL is accepted and ignored: a NOFD ring "
+    "is never polled, the replaced call fd is still signalled",
 }
 
 

@@ -51,6 +51,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "regions-share-first-fd": ("VU-FD-2", "VU-MEM-4"),
     "mem-slots-overstated": ("VU-MEM-5",),
     "keep-rem-mem-reg-fd": ("VU-FD-4",),
+    "ignore-nofd": ("VU-POLL-1", "VU-POLL-2"),
 }
 
 #: knobs that act only on requests held on the slow disk (100 ms) at the stop: retried once
