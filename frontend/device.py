@@ -42,6 +42,7 @@ from vhost_conformance.frontend.protocol import (
 from vhost_conformance.frontend.sequences import (
     GET_CONFIG_LEN,
     SEQUENCES,
+    STATUS_FEATURES_OK,
     Run,
     Steps,
     agree_protocol,
@@ -480,6 +481,10 @@ class Session:
         ask for others (``log_guest_addrs``: one per queue)."""
         self.call(F.SET_LOG_BASE, LogBase(mmap_size, mmap_offset), fds=[log_fd])
         self.set_features(self.negotiated.acked_features | (1 << VirtioFeature.LOG_ALL))
+        # QEMU 11.1.3's vhost_user_set_features re-adds FEATURES_OK (GET_STATUS; SET_STATUS
+        # only when the bit is missing), after the LOG_ALL SET_FEATURES too (proxy trace of
+        # VU-QEMU-7: SET_LOG_BASE, SET_FEATURES 0x9, GET_STATUS, SET_VRING_ADDR 0x9)
+        self._status(STATUS_FEATURES_OK)
         for q in self.queues:
             addr = q.vq.vring_addr()
             used_gpa = self.memory.uaddr_to_gpa(addr.used_user_addr)

@@ -34,9 +34,12 @@ from vhost_conformance.suites.drivers.migration import destination_target
 from vhost_conformance.suites.drivers.qemu import (
     GUEST_DEADLINE,
     check_fidelity,
+    compare_traces,
+    emulated_migration,
     qemu_run,
     qmp,
     settle,
+    settled_trace,
     slow_same_disk,
     wait_iteration,
 )
@@ -196,10 +199,12 @@ def test_qemu_system_reset(request: pytest.FixtureRequest, vhost_target: Backend
 )
 def test_qemu_backend_killed_and_restarted(request: pytest.FixtureRequest,
                                            vhost_target: BackendTarget,
+                                           vhost_target_factory: Callable[[str], BackendTarget],
                                            vhost_measurements: dict[str, float]) -> None:  # fmt: skip
     """SIGKILL of the back-end while the guest does I/O, then a restart on the same disk: QEMU
     (``reconnect-ms=500``) reconnects, hands the in-flight region back, and the guest's rounds
-    complete with correct data (a request lost in the kill hangs the guest: ``hang``)."""
+    complete with correct data (a request lost in the kill hangs the guest: ``hang``). The
+    fidelity check holds the emulated kill and reconnect against QEMU's two connections."""
     assert isinstance(vhost_target, CommandTarget)
     # slow I/O keeps requests in flight, where the profile slows the same disk (a profile
     # whose slow variant is another command, e.g. qsd's null-co, would lose the guest's data)
@@ -243,6 +248,10 @@ def test_qemu_backend_killed_and_restarted(request: pytest.FixtureRequest,
                      if e.direction == "fe->be" and e.note == "connection 2"]  # fmt: skip
         if "SET_INFLIGHT_FD" in run.names() and "SET_INFLIGHT_FD" not in reconnect:
             raise RuntimeError("QEMU reconnected without handing the in-flight region back")
+        status = run.guest.process.wait(10)  # the power-off's stop ends QEMU's trace
+        if status != 0:
+            raise CaseFailed("QEMU's exit after the guest powered off", expected="0", seen=status)
+        check_fidelity(run, vhost_target_factory, "reconnect", vhost_measurements)
 
 
 
@@ -266,7 +275,8 @@ def test_qemu_live_migration(request: pytest.FixtureRequest, vhost_target: Backe
     """Two QEMUs (the destination ``-incoming defer``), one back-end instance each on one disk.
     The migration is throttled until the guest runs its rounds (and, where the region shows
     it, until a request is in flight), then the switch-over is forced; the guest must pass on
-    the destination. QEMU's downtime (query-migrate) is measured, on and off side by side."""
+    the destination. QEMU's downtime (query-migrate) is measured, on and off side by side.
+    Fidelity: the emulated migration's source and destination sequences against QEMU's."""
     on = inflight == "on"
     if on:  # QEMU negotiates bit 20 only when the back-end offers it and INFLIGHT_SHMFD
         missing = vhost_capabilities.missing([P.INFLIGHT_SHMFD, P.GET_VRING_BASE_INFLIGHT])
@@ -307,7 +317,14 @@ def test_qemu_live_migration(request: pytest.FixtureRequest, vhost_target: Backe
             vhost_measure("qemu_migration_downtime_ms", float(downtime),
                           inflight_migration=inflight, slow_source=slow)  # fmt: skip
         src.check_replies()
+        # fidelity: the emulated migration's source against QEMU's (complete at switch-over)
+        mine_src, mine_dst = emulated_migration(vhost_target_factory, inflight=on,
+                                                memory_mb=loop["memory_mb"])  # type: ignore[arg-type]  # fmt: skip
+        compare_traces(mine_src, settled_trace(src, len(mine_src)), "migration_source",
+                       vhost_measurements)  # fmt: skip
         dst.expect_pass()
+        compare_traces(mine_dst, dst.proxy.trace.entries(), "migration_destination",
+                       vhost_measurements)  # fmt: skip
 
 
 @case(

@@ -39,12 +39,27 @@ def test_qemu_tier_runs_only_when_asked(
         assert any("::test_reset_device" in item for item in items), items
 
 
+#: The fidelity scenarios each VU-QEMU case checks (frontend/fidelity.py, measurements
+#: ``fidelity_<scenario>_differences``); per back-end the cases CI runs: on qsd-11.1 not
+#: VU-QEMU-7 (inflight-migration=on is unsupported, and =off hangs on the destination for
+#: the guest's 90 s deadline: qsd does not drain, docs/FINDINGS.md).
+FIDELITY_CASES: dict[str, tuple[str, ...]] = {
+    "VU-QEMU-1": ("boot",),
+    "VU-QEMU-6": ("reconnect",),
+    "VU-QEMU-7": ("migration_source", "migration_destination"),
+}
+FIDELITY_RUNS = {"reference": ("VU-QEMU-1", "VU-QEMU-6", "VU-QEMU-7"),
+                 "qsd-11.1": ("VU-QEMU-1", "VU-QEMU-6")}  # fmt: skip
+
+
 @pytest.mark.peer("qemu-11.1")
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "qsd-11.1"])
 def test_fidelity_against_real_qemu(tmp_path: pathlib.Path, backend: str) -> None:
-    """VU-QEMU-1 (one guest boot, ~15 s): the guest passes and the emulated connect, start,
-    I/O and stop sequence equals QEMU 11.1.3's on the same back-end (0 differences)."""
+    """VU-QEMU-1 (boot), VU-QEMU-6 (kill and reconnect) and on the reference VU-QEMU-7 (live
+    migration, inflight-migration on and off: source and destination): each passes and the
+    emulated sequence of each scenario equals QEMU 11.1.3's on the same back-end (0
+    differences). Reference ~45 s, qsd-11.1 ~30 s."""
     from vhost_conformance.peers.provision import PeerUnavailable, peer_path
 
     for name in ("qemu-system-x86_64-11.1", "guest-kernel", "guest-initrd",
@@ -54,17 +69,25 @@ def test_fidelity_against_real_qemu(tmp_path: pathlib.Path, backend: str) -> Non
         except PeerUnavailable as exc:
             pytest.skip(str(exc))
     report = tmp_path / "report"
-    proc = subprocess.run(
-        [sys.executable, "-m", "vhost_conformance.cli", "run", "--backend", backend,
-         "--case", "VU-QEMU-1", "-n", "0", "--report", str(report)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+    args = [sys.executable, "-m", "vhost_conformance.cli", "run", "--backend", backend,
+            "-n", "0", "--report", str(report)]  # fmt: skip
+    for case_id in FIDELITY_RUNS[backend]:
+        args += ["--case", case_id]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     data = json.loads((report / "report.json").read_text())
-    (result,) = data["cases"]
-    assert result["verdict"] == "pass", (result["reason"], proc.stdout[-2000:])
-    measured = result["measurements"]
-    assert measured["fidelity_boot_differences"] == 0 and measured["fidelity_boot_messages"] > 30
-    assert any(e["name"] == "GET_VRING_BASE" for e in result["trace"]), "QEMU's trace reported"
+    seen = set()
+    for result in data["cases"]:
+        seen.add(result["id"])
+        where = f"{result['id']} {result['parameters']}"
+        assert result["verdict"] == "pass", (where, result["reason"], proc.stdout[-2000:])
+        measured = result["measurements"]
+        for scenario in FIDELITY_CASES[result["id"]]:
+            assert measured[f"fidelity_{scenario}_differences"] == 0, (where, scenario)
+            assert measured[f"fidelity_{scenario}_messages"] > 30, (where, scenario)
+        assert any(e["name"] == "GET_VRING_BASE" for e in result["trace"]), "QEMU's trace reported"
+    assert seen == set(FIDELITY_RUNS[backend])
+    if backend == "reference":
+        assert sum(r["id"] == "VU-QEMU-7" for r in data["cases"]) == 2, "inflight on and off"
 
 
 def _knob_profile(tmp_path: pathlib.Path, knob: str) -> pathlib.Path:

@@ -16,17 +16,19 @@ import contextlib
 import os
 import pathlib
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
-from vhost_conformance.frontend.channel import Channel, TraceEntry
+from vhost_conformance.frontend.channel import Channel, TraceEntry, WireTrace
 from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.fidelity import differences
 from vhost_conformance.frontend.inflight import parse_region
-from vhost_conformance.frontend.memory import GuestMemory
+from vhost_conformance.frontend.memory import DirtyLog, GuestMemory
+from vhost_conformance.frontend.migration import migrate, prepare_destination
 from vhost_conformance.frontend.proxy import RecordingProxy
 from vhost_conformance.peers.process import PeerProcessError
 from vhost_conformance.peers.provision import PeerUnavailable, peer_path
@@ -38,6 +40,7 @@ from vhost_conformance.peers.qemu import (
     start_qemu,
 )
 from vhost_conformance.suites.drivers import do_io
+from vhost_conformance.suites.drivers.migration import destination_target
 from vhost_conformance.suites.model import CaseFailed, CaseHang, Unsupported
 from vhost_conformance.suites.plugin import register_trace
 from vhost_conformance.suites.target import (
@@ -231,21 +234,25 @@ def settle(seconds: float) -> None:
 
 #: The emulated scenarios the fidelity check replays: each is a list of steps on a Session
 #: configured as QEMU 11.1.3's vhost-user-blk-pci device is by default (one queue of 128,
-#: inflight-migration off, 256 MiB of guest RAM in one region).
+#: inflight-migration off, 256 MiB of guest RAM in one region). ``kill-restart``: SIGKILL of
+#: the back-end, a restart, and QEMU's reconnect (``Session.reattach``: the init messages
+#: without GET_CONFIG, the kept region, SET_VRING_BASE = used idx).
 FIDELITY_SCENARIOS: dict[str, tuple[str, ...]] = {
     "boot": ("connect", "start", "io", "stop"),
     "stop-cont": ("connect", "start", "io", "stop", "start", "io", "stop"),
+    "reconnect": ("connect", "start", "io", "kill-restart", "io", "stop"),
 }
 
 
 def emulated_trace(make_target: Callable[[str], BackendTarget], scenario: str,
                    timeout: float = 5.0) -> list[TraceEntry]:  # fmt: skip
     """Run ``scenario`` with the emulated front-end on a fresh instance of the back-end under
-    test; its wire trace."""
+    test; its wire trace (every connection of it, in order)."""
     target = make_target(f"fidelity-{scenario}")
+    trace = WireTrace()
     with GuestMemory.simple(256 << 20, regions=1) as memory:
-        session = Session(Channel(target.connect_socket(timeout)), memory, queue_size=128,
-                          inflight_migration=False, timeout=timeout)  # fmt: skip
+        session = Session(Channel(target.connect_socket(timeout), trace=trace), memory,
+                          queue_size=128, inflight_migration=False, timeout=timeout)  # fmt: skip
         try:
             for step in FIDELITY_SCENARIOS[scenario]:
                 if step == "connect":
@@ -256,17 +263,56 @@ def emulated_trace(make_target: Callable[[str], BackendTarget], scenario: str,
                     do_io(session, 2)
                 elif step == "stop":
                     session.stop()
+                elif step == "kill-restart":
+                    _kill_and_restart(target, timeout)
+                    session.reattach(Channel(target.connect_socket(timeout), trace=trace))
         finally:
-            session.channel.close()
-    return session.channel.trace.entries()
+            session.close()
+    return trace.entries()
 
 
-def check_fidelity(run: QemuRun, make_target: Callable[[str], BackendTarget], scenario: str,
+def _kill_and_restart(target: BackendTarget, timeout: float) -> None:
+    if not isinstance(target, CommandTarget):
+        raise Unsupported("the reconnect fidelity check", "the suite does not run this back-end")
+    target.send_signal(signal.SIGKILL)
+    if target.wait_exit(10) is None:
+        raise RuntimeError("the back-end did not die within 10 s of SIGKILL")
+    target.restart()
+
+
+def emulated_migration(make_target: Callable[[str], BackendTarget], *, inflight: bool,
+                       memory_mb: int, timeout: float = 5.0
+                       ) -> tuple[list[TraceEntry], list[TraceEntry]]:  # fmt: skip
+    """The emulated live migration as VU-QEMU-7 makes QEMU do it: the source connects, starts,
+    does I/O, gets a dirty log (SET_LOG_BASE, LOG_ALL, logged rings) and stops at the
+    switch-over (frontend/migration.migrate); the destination, realized before, starts with
+    the source's bases (and, with ``inflight``, its region), does I/O and stops. Returns the
+    (source, destination) traces."""
+    source_target = make_target("fidelity-src")
+    destination = destination_target(source_target, make_target)
+    with contextlib.ExitStack() as stack:
+        memory = stack.enter_context(GuestMemory.simple(memory_mb << 20, regions=1))
+        src = Session(Channel(source_target.connect_socket(timeout)), memory, queue_size=128,
+                      inflight_migration=inflight, timeout=timeout)  # fmt: skip
+        stack.callback(src.close)
+        src.connect()
+        src.start()
+        do_io(src, 2)
+        dst = prepare_destination(src, Channel(destination.connect_socket(timeout)))
+        stack.callback(dst.close)
+        log = stack.enter_context(contextlib.closing(DirtyLog.for_memory(memory)))
+        src.set_log_base(log.fd, log.mmap_size)
+        result = migrate(src, dst)
+        stack.callback(result.source_ram.close)
+        do_io(dst, 2)
+        dst.stop()
+        return src.channel.trace.entries(), dst.channel.trace.entries()
+
+
+def compare_traces(emulated: list[TraceEntry], real: list[TraceEntry], scenario: str,
                    measurements: dict[str, float] | None = None) -> None:  # fmt: skip
-    """The emulated ``scenario`` against the proxy's trace of QEMU: a difference is a defect
-    of the suite (``error``), listed with where the sequences part."""
-    real = run.proxy.trace.entries()
-    emulated = emulated_trace(make_target, scenario)
+    """``emulated`` against ``real`` (frontend/fidelity.py): the counts go to
+    ``measurements``; a difference raises :class:`FidelityError` (verdict ``error``)."""
     found = differences(emulated, real)
     if measurements is not None:
         measurements[f"fidelity_{scenario}_messages"] = len(real)
@@ -276,6 +322,26 @@ def check_fidelity(run: QemuRun, make_target: Callable[[str], BackendTarget], sc
             f"the emulated front-end's {scenario} sequence differs from QEMU 11.1.3's on this "
             "back-end (a suite defect):\n" + "\n".join(found)
         )
+
+
+def check_fidelity(run: QemuRun, make_target: Callable[[str], BackendTarget], scenario: str,
+                   measurements: dict[str, float] | None = None) -> None:  # fmt: skip
+    """The emulated ``scenario`` against the proxy's trace of QEMU: a difference is a defect
+    of the suite (``error``), listed with where the sequences part."""
+    compare_traces(emulated_trace(make_target, scenario), run.proxy.trace.entries(), scenario,
+                   measurements)  # fmt: skip
+
+
+def settled_trace(run: QemuRun, at_least: int, timeout: float = 10.0) -> list[TraceEntry]:
+    """The proxy's trace once it holds ``at_least`` messages (or the deadline passed: what it
+    holds then; the comparison reports what is missing). The proxy records on its own
+    thread, a little after QEMU sent."""
+    deadline = time.monotonic() + timeout
+    entries = run.proxy.trace.entries()
+    while len(entries) < at_least and time.monotonic() < deadline:
+        time.sleep(0.05)
+        entries = run.proxy.trace.entries()
+    return entries
 
 
 class FidelityError(RuntimeError):
