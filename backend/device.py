@@ -262,7 +262,16 @@ class Device:
         self.offered_features = options.virtio_features()
         if self.faults.on("wce-without-flush"):
             self.offered_features &= ~(1 << BlkFeature.FLUSH)
+        if self.faults.on("no-version-1"):
+            self.offered_features &= ~(1 << VirtioFeature.VERSION_1)
         self.offered_protocol = options.protocol_features()
+        if self.faults.on("bit20-without-bit12"):
+            self.offered_protocol |= _bit(ProtocolFeature.GET_VRING_BASE_INFLIGHT)
+            self.offered_protocol &= ~_bit(ProtocolFeature.INFLIGHT_SHMFD)
+        if self.faults.on("no-config-feature"):
+            self.offered_protocol &= ~_bit(ProtocolFeature.CONFIG)
+        #: SET_FEATURES seen on this connection (--misbehave protocol-features-need-set-features)
+        self._features_set = False
         self.features = 0
         self.protocol_features = 0
         self.owner = False
@@ -321,6 +330,8 @@ class Device:
         data = encode_reply(request, payload)
         if self.faults.on("wrong-reply-flags"):
             data = data[:4] + struct.pack("<I", 0x1) + data[8:]
+        if self.faults.on("reply-version-0"):
+            data = data[:4] + struct.pack("<I", 0x4) + data[8:]
         self.outbox.append((data, fds or []))
 
     def _queue(self, index: int) -> VirtQueue:
@@ -380,7 +391,11 @@ class Device:
                             .encode())
                 return
             raise ConnectionFatal(f"{exc}") from None
-        if self._acks(msg):
+        if self._acks(msg) or (
+            self.faults.on("need-reply-extra-ack")
+            and msg.flags & FLAG_NEED_REPLY
+            and self._has_protocol(ProtocolFeature.REPLY_ACK)
+        ):
             self._reply(msg.request, U64(0).encode())
 
     def _acks(self, msg: Message) -> bool:
@@ -398,6 +413,9 @@ class Device:
         self._get_features_count += 1
         if self.faults.on("features-change") and self._get_features_count > 1:
             value &= ~(1 << VirtioFeature.RING_EVENT_IDX)
+        if self.faults.on("features-byte-swapped"):
+            value |= 1 << 24  # NOTIFY_ON_EMPTY, as qemu-storage-daemon 11.1.3 offers it
+            value = int.from_bytes(value.to_bytes(8, "little"), "big")
         self._reply(msg.request, U64(value).encode())
 
     def _on_set_features(self, msg: Message, payload: object, fds: list[int]) -> None:
@@ -407,6 +425,11 @@ class Device:
         if extra:
             raise RequestError(f"SET_FEATURES: bits {extra:#x} were not offered")
         self.features = value
+        self._features_set = True
+        if self.faults.on("set-features-drops-protocol") and not has(
+            value, VirtioFeature.PROTOCOL_FEATURES
+        ):
+            self.protocol_features = 0
         for q in self.queues:
             if q.ring is not None:
                 q.ring.event_idx = self._has_feature(VirtioFeature.RING_EVENT_IDX)
@@ -426,13 +449,20 @@ class Device:
         extra = value & ~self.offered_protocol
         if extra:
             raise RequestError(f"SET_PROTOCOL_FEATURES: bits {extra:#x} were not offered")
-        if has(value, ProtocolFeature.GET_VRING_BASE_INFLIGHT) and not has(
-            value, ProtocolFeature.INFLIGHT_SHMFD
+        if self.faults.on("protocol-subset-refused") and value != self.offered_protocol:
+            raise ConnectionFatal("SET_PROTOCOL_FEATURES: not the whole offer (misbehaving)")
+        if (
+            has(value, ProtocolFeature.GET_VRING_BASE_INFLIGHT)
+            and not has(value, ProtocolFeature.INFLIGHT_SHMFD)
+            and not self.faults.on("accept-bit20-without-bit12")
         ):
             # vhost-user.rst GET_VRING_BASE: bit 20 only together with INFLIGHT_SHMFD.
             raise RequestError(
                 "SET_PROTOCOL_FEATURES: GET_VRING_BASE_INFLIGHT without INFLIGHT_SHMFD"
             )
+        if self.faults.on("protocol-features-need-set-features") and not self._features_set:
+            log.warning("SET_PROTOCOL_FEATURES before SET_FEATURES: ignored (misbehaving)")
+            return
         self.protocol_features = value
 
     def _on_set_owner(self, msg: Message, payload: object, fds: list[int]) -> None:
@@ -442,11 +472,15 @@ class Device:
 
     def _on_reset_owner(self, msg: Message, payload: object, fds: list[int]) -> None:
         # Deprecated; vhost-user.rst: ignore it or treat it as "disable all rings".
+        if self.faults.on("reset-owner-closes"):
+            raise ConnectionFatal("RESET_OWNER (misbehaving: closing)")
         self._reset_rings()
 
     def _on_reset_device(self, msg: Message, payload: object, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.RESET_DEVICE):
             raise RequestError("RESET_DEVICE without RESET_DEVICE negotiated")
+        if self.faults.on("reset-device-keeps-rings"):
+            return
         self._reset_rings()
         self.features = 0
         self.status = 0
@@ -458,7 +492,8 @@ class Device:
         self.queues = [VirtQueue(i) for i in range(len(self.queues))]
 
     def _on_get_queue_num(self, msg: Message, payload: object, fds: list[int]) -> None:
-        self._reply(msg.request, U64(len(self.queues)).encode())
+        reply_id = R.GET_FEATURES if self.faults.on("queue-num-reply-id") else msg.request
+        self._reply(reply_id, U64(len(self.queues)).encode())
 
     def _on_get_max_mem_slots(self, msg: Message, payload: object, fds: list[int]) -> None:
         self._reply(msg.request, U64(self.options.max_mem_slots).encode())
@@ -490,11 +525,33 @@ class Device:
 
     # -- config space
 
+    def _config_bytes(self) -> bytes:
+        """The config space as GET_CONFIG shows it (the misbehaviour knobs bend it)."""
+        data = bytearray(self.config.encode())
+        if self.faults.on("capacity-short"):
+            struct.pack_into("<Q", data, 0, max(0, self.config.capacity - 1))
+        if self.faults.on("config-zero-limit"):
+            struct.pack_into("<I", data, 40, 0)  # max_discard_seg
+        if self.faults.on("config-padding-garbage"):
+            data[33] = 0xA5  # unused0
+            data[57:60] = b"\xa5\xa5\xa5"  # unused1
+        if self.faults.on("config-num-queues-high"):
+            struct.pack_into("<H", data, 34, len(self.queues) + 1)
+        return bytes(data)
+
     def _on_get_config(self, msg: Message, payload: object, fds: list[int]) -> None:
         assert isinstance(payload, Config)
-        if not self._has_protocol(ProtocolFeature.CONFIG) or (
-            payload.offset + payload.size > blk.CONFIG_SIZE or payload.size == 0
+        beyond = payload.offset + payload.size > blk.CONFIG_SIZE
+        if (
+            beyond
+            and self.faults.on("config-out-of-range-bytes")
+            and self._has_protocol(ProtocolFeature.CONFIG)
+            and 0 < payload.size <= 256
         ):
+            self._reply(msg.request, Config(payload.offset, payload.size, payload.flags,
+                                            bytes(payload.size)).encode())
+            return
+        if not self._has_protocol(ProtocolFeature.CONFIG) or beyond or payload.size == 0:
             # vhost-user.rst GET_CONFIG: a reply of size 0 tells the front-end it failed.
             log.error(
                 "GET_CONFIG offset %d size %d outside the %d-byte config space "
@@ -505,7 +562,8 @@ class Device:
             )
             self._reply(msg.request, b"")
             return
-        data = self.config.encode()[payload.offset : payload.offset + payload.size]
+        start = 0 if self.faults.on("config-offset-ignored") else payload.offset
+        data = self._config_bytes()[start : start + payload.size]
         if self.faults.on("short-config-reply") and payload.size <= 8:
             # the header still says payload.size: one byte of config missing on the wire
             head = struct.pack("<III", payload.offset, payload.size, payload.flags)
@@ -523,6 +581,9 @@ class Device:
                 f"SET_CONFIG: bytes {payload.offset}..{end} outside the config space"
             )
         writes_wce_only = payload.offset == blk.WCE_OFFSET and payload.size == 1
+        if self.faults.on("config-readonly-writable") and payload.offset == 0 and payload.size >= 8:
+            (self.config.capacity,) = struct.unpack_from("<Q", payload.data, 0)
+            return
         if payload.flags != Config.FLAG_MIGRATION and not writes_wce_only:
             # vhost-user.rst SET_CONFIG: read-only fields only with the migration flag.
             raise RequestError(
@@ -533,7 +594,8 @@ class Device:
             wce = payload.data[blk.WCE_OFFSET - payload.offset]
             if wce > 1:
                 raise RequestError(f"SET_CONFIG: wce {wce} (must be 0 or 1)")
-            self.config.wce = wce
+            if not self.faults.on("wce-not-kept"):
+                self.config.wce = wce
 
     # -- memory
 

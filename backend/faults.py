@@ -85,6 +85,35 @@ MISBEHAVIOURS: dict[str, str] = {
     "keep-rem-mem-reg-fd": "an fd sent with REM_MEM_REG is kept open (leaked), not closed",
     "ignore-nofd": "the NOFD bit of SET_VRING_KICK/CALL is accepted and ignored: a NOFD ring "
     "is never polled, the replaced call fd is still signalled",
+    # mut-basic (issue 10): handshake, features, config, blk I/O, ring states, reset
+    "reply-version-0": "replies carry version 0 in flags bits 0-1 (flags 0x4)",
+    "queue-num-reply-id": "the GET_QUEUE_NUM reply carries the request id of GET_FEATURES (1)",
+    "features-byte-swapped": "GET_FEATURES answered byte-swapped, offering NOTIFY_ON_EMPTY "
+    "(bit 24) as qemu-storage-daemon 11.1.3 does (swapped, bit 24 lands on bit 32)",
+    "protocol-features-need-set-features": "SET_PROTOCOL_FEATURES before any SET_FEATURES is "
+    "taken without effect (no protocol feature negotiated, REPLY_ACK included)",
+    "bit20-without-bit12": "offer GET_VRING_BASE_INFLIGHT (20) without INFLIGHT_SHMFD (12)",
+    "accept-bit20-without-bit12": "SET_PROTOCOL_FEATURES with bit 20 and without bit 12 is "
+    "accepted (acked 0)",
+    "no-config-feature": "protocol feature CONFIG (bit 9) not offered",
+    "protocol-subset-refused": "SET_PROTOCOL_FEATURES of less than the whole offer closes the "
+    "connection",
+    "no-version-1": "VIRTIO_F_VERSION_1 (bit 32) not offered",
+    "need-reply-extra-ack": "a request with a reply of its own sent with NEED_REPLY gets a u64 0 "
+    "ack after its reply",
+    "set-features-drops-protocol": "SET_FEATURES without bit 30 forgets the negotiated protocol "
+    "features (REPLY_ACK acks stop)",
+    "config-readonly-writable": "SET_CONFIG with flags 0 writes capacity (read-only)",
+    "capacity-short": "the config's capacity is one sector less than the disk",
+    "wce-not-kept": "SET_CONFIG of wce is acked but the writeback field keeps its value",
+    "config-zero-limit": "config max_discard_seg 0 although DISCARD is offered",
+    "config-padding-garbage": "config padding bytes unused0 (33) and unused1 (57-59) are 0xa5",
+    "config-offset-ignored": "GET_CONFIG at an offset returns the bytes from offset 0",
+    "config-out-of-range-bytes": "GET_CONFIG past the config space answered with as many zero "
+    "bytes as asked, not with a size-0 reply",
+    "reset-owner-closes": "RESET_OWNER closes the connection",
+    "reset-device-keeps-rings": "RESET_DEVICE is acked but the rings keep running",
+    "config-num-queues-high": "config num_queues is one more than GET_QUEUE_NUM",
 }
 
 

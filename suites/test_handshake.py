@@ -231,26 +231,36 @@ def test_replies_answer_their_request(
     clause=f"{RST} Message specification (byte order note)",
     quote="All numbers are in the machine native byte order.",
     requirement=(
-        "Feature words and indices in replies are in the host's native byte order (VERSION_1 "
-        "appears at bit 32 of GET_FEATURES)."
+        "Feature words and indices in replies are in the host's native byte order: GET_FEATURES "
+        "read natively shows at least as many of the landmarks VERSION_1 (bit 32) and "
+        "PROTOCOL_FEATURES (bit 30) as the same word byte-swapped."
     ),
 )
 def test_integers_are_host_native(vhost_channel: Channel, vhost_timeout: float) -> None:
-    """Feature words are native-endian: VERSION_1 / bit 30 show where they belong."""
+    """Feature words are native-endian: both landmark bits (VERSION_1, bit 30) are counted in
+    the word read natively and byte-swapped; the swapped reading must not show more of them.
+    (Either landmark alone is not enough: qemu-storage-daemon 11.1.3's offer 0x175007e44
+    byte-swapped still shows bit 32, from its NOTIFY_ON_EMPTY bit 24.)"""
     reply = ask(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
     expect_reply_to(reply, R.GET_FEATURES, size=8)
     (native,) = struct.unpack("=Q", reply.payload)
-    (swapped,) = struct.unpack("<Q" if struct.pack("=H", 1) == b"\x00\x01" else ">Q", reply.payload)
-    landmarks = (1 << VirtioFeature.VERSION_1) | (1 << VirtioFeature.PROTOCOL_FEATURES)
-    if native & landmarks:
-        return
-    if swapped & landmarks:
+    swapped = int.from_bytes(native.to_bytes(8, "little"), "big")
+    landmarks = (VirtioFeature.VERSION_1, VirtioFeature.PROTOCOL_FEATURES)
+
+    def count(word: int) -> int:
+        return sum(word >> bit & 1 for bit in landmarks)
+
+    if count(swapped) > count(native):
         raise CaseFailed(
-            "GET_FEATURES byte order", expected="host-native", seen=f"byte-swapped ({swapped:#x})"
+            "GET_FEATURES byte order (landmarks VERSION_1 bit 32, PROTOCOL_FEATURES bit 30)",
+            expected="host-native",
+            seen=f"byte-swapped: {native:#x} read natively shows {count(native)} of them, "
+            f"{swapped:#x} (swapped) shows {count(swapped)}",
         )
-    raise Unsupported(
-        "VERSION_1 or PROTOCOL_FEATURES", "no landmark bit to judge the byte order by"
-    )
+    if not count(native):
+        raise Unsupported(
+            "VERSION_1 or PROTOCOL_FEATURES", "no landmark bit to judge the byte order by"
+        )
 
 
 # --------------------------------------------------------------------------- features
@@ -278,10 +288,25 @@ def test_integers_are_host_native(vhost_channel: Channel, vhost_timeout: float) 
 def test_protocol_features_before_set_features(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
-    """With bit 30 offered, GET/SET_PROTOCOL_FEATURES work before any SET_FEATURES."""
-    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
-    # the connection is still served after SET_PROTOCOL_FEATURES
-    ask_u64(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+    """With bit 30 offered, GET/SET_PROTOCOL_FEATURES work before any SET_FEATURES, and the
+    protocol features set then are in force (REPLY_ACK acks a NEED_REPLY SET_OWNER)."""
+    chosen = negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    if not has(chosen, P.REPLY_ACK):
+        # the connection is still served after SET_PROTOCOL_FEATURES
+        ask_u64(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+        return
+    vhost_channel.send(R.SET_OWNER, need_reply=True)
+    reply = ask(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+    if reply.request != R.SET_OWNER:
+        raise CaseFailed(
+            "SET_OWNER with NEED_REPLY after SET_PROTOCOL_FEATURES (REPLY_ACK) before any "
+            "SET_FEATURES",
+            expected="a u64 ack (the protocol features set are in force)",
+            seen=f"no ack: the next message answers {reply.request}",
+        )
+    expect_reply_to(reply, R.SET_OWNER, size=8)
+    expect_reply_to(vhost_channel.recv(vhost_timeout, awaiting="GET_FEATURES"), R.GET_FEATURES,
+                    size=8)
 
 
 @case(
@@ -325,18 +350,50 @@ def test_inband_notifications_need_backend_req_and_reply_ack(
         "The VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT protocol feature must only be "
         "negotiated if VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD is also negotiated."
     ),
-    requirement="A back-end that offers protocol bit 20 also offers bit 12.",
+    requirement=(
+        "A back-end that offers protocol bit 20 also offers bit 12, and refuses (a non-zero "
+        "REPLY_ACK or a close) a SET_PROTOCOL_FEATURES that sets bit 20 without bit 12."
+    ),
+    ambiguity=(
+        "the sentence binds both sides; the back-end's share is to offer the pair together and "
+        "not to take bit 20 alone: with REPLY_ACK in the same SET_PROTOCOL_FEATURES and "
+        "NEED_REPLY set, an ack 0 (or no ack while the connection goes on) is taken as accepted"
+    ),
 )
-def test_bit_20_only_with_bit_12(vhost_capabilities: Capabilities) -> None:
-    """A back-end offering GET_VRING_BASE_INFLIGHT (20) also offers INFLIGHT_SHMFD (12)."""
-    if vhost_capabilities.offers(P.GET_VRING_BASE_INFLIGHT) and not vhost_capabilities.offers(
-        P.INFLIGHT_SHMFD
-    ):
+def test_bit_20_only_with_bit_12(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """Bit 20 offered only with bit 12; SET_PROTOCOL_FEATURES(20 without 12) is refused."""
+    if not vhost_capabilities.offers(P.GET_VRING_BASE_INFLIGHT):
+        return
+    if not vhost_capabilities.offers(P.INFLIGHT_SHMFD):
         raise CaseFailed(
             "protocol features offered",
             expected="bit 12 (INFLIGHT_SHMFD) with bit 20",
             seen=f"{vhost_capabilities.protocol_features:#x} (bit 20 without bit 12)",
         )
+    if not vhost_capabilities.offers(P.REPLY_ACK):
+        return  # no way to see a refusal short of a close; the offer was judged
+    ask_u64(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+    ask_u64(vhost_channel, R.GET_PROTOCOL_FEATURES, timeout=vhost_timeout)
+    wrong = vhost_capabilities.protocol_features & ~bits_of(P.INFLIGHT_SHMFD)
+    try:
+        vhost_channel.send(R.SET_PROTOCOL_FEATURES, U64(wrong), need_reply=True)
+        reply = ask(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+    except BackendClosed:
+        return  # refused by closing (vhost-user.rst "Communication")
+    if reply.request == R.SET_PROTOCOL_FEATURES:
+        expect_reply_to(reply, R.SET_PROTOCOL_FEATURES, size=8)
+        if U64.decode(reply.payload).value != 0:
+            return  # refused
+        seen = "acked 0 (accepted)"
+    else:
+        seen = "no ack and the connection goes on (accepted)"
+    raise CaseFailed(
+        f"SET_PROTOCOL_FEATURES {wrong:#x} (bit 20 without bit 12, NEED_REPLY)",
+        expected="a non-zero ack or a close",
+        seen=seen,
+    )
 
 
 @case(
@@ -512,10 +569,17 @@ def test_flush_offered_with_config_wce(vhost_capabilities: Capabilities) -> None
     family="handshake",
     level=MUST,
     clause=f"{RST} REPLY_ACK",
-    quote="\n".join((REPLY_ACK_RESPOND_QUOTE, REPLY_ACK_PAYLOAD_QUOTE)),
+    quote="\n".join(
+        (
+            REPLY_ACK_RESPOND_QUOTE,
+            REPLY_ACK_PAYLOAD_QUOTE,
+            "It does not need to be acknowledged by VHOST_USER_SET_FEATURES.",
+        )
+    ),
     requirement=(
         "With REPLY_ACK negotiated, a request without a reply of its own sent with NEED_REPLY "
-        "gets exactly one u64 reply, 0 on success."
+        "gets exactly one u64 reply, 0 on success; still after a SET_FEATURES without bit 30 "
+        "(protocol features do not need to be acknowledged by SET_FEATURES)."
     ),
     requires=[ProtocolFeature.REPLY_ACK],
 )
@@ -533,6 +597,23 @@ def test_need_reply_gets_one_ack(
     # exactly one: the next message must answer the next request
     reply = ask(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
     expect_reply_to(reply, R.GET_FEATURES, size=8)
+    # vhost-user.rst GET_PROTOCOL_FEATURES: "It does not need to be acknowledged by
+    # VHOST_USER_SET_FEATURES." REPLY_ACK stays negotiated after a SET_FEATURES without bit 30.
+    features = vhost_capabilities.features & ~(
+        (1 << VirtioFeature.PROTOCOL_FEATURES) | (1 << VirtioFeature.LOG_ALL)
+    )
+    vhost_channel.send(R.SET_FEATURES, U64(features))
+    vhost_channel.send(R.SET_VRING_NUM, VringState(0, 128), need_reply=True)
+    reply = ask(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+    if reply.request != R.SET_VRING_NUM:
+        raise CaseFailed(
+            "SET_VRING_NUM with NEED_REPLY after SET_FEATURES without bit 30",
+            expected="a u64 ack (REPLY_ACK still negotiated)",
+            seen=f"no ack: the next message answers {reply.request}",
+        )
+    expect_reply_to(reply, R.SET_VRING_NUM, size=8)
+    expect_reply_to(vhost_channel.recv(vhost_timeout, awaiting="GET_FEATURES"), R.GET_FEATURES,
+                    size=8)
 
 
 @case(
@@ -691,17 +772,40 @@ def test_get_queue_num(
     ),
     requirement=(
         "GET_CONFIG is answered with the offset and size of the request and exactly size bytes "
-        "of config (size 0 only to signal an error)."
+        "of config (size 0 only to signal an error); a GET_CONFIG of 200 bytes from offset 0, "
+        "more than any virtio-blk config space holds, gets the size-0 error reply (or a close), "
+        "not bytes."
     ),
     requires=[ProtocolFeature.CONFIG],
+    ambiguity=(
+        "the spec does not say which requests are errors; one larger than the device's config "
+        "space (VIRTIO 1.3 struct virtio_blk_config is 96 bytes with every optional field) can "
+        "only be one, and the sentence names the size-0 reply as how an error is told. The "
+        "size is what is judged, not the offset: qemu-storage-daemon and DPDK's vhost_blk "
+        "ignore the offset (VU-CFG-6)"
+    ),
 )
 def test_get_config_reply_size(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
-    """GET_CONFIG is answered with the request's offset and size and exactly size bytes."""
+    """GET_CONFIG is answered with the request's offset and size and exactly size bytes; one
+    larger than the config space gets a size-0 reply."""
     negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
     for size in (config_size(vhost_capabilities), 8):
         get_config(vhost_channel, 0, size, timeout=vhost_timeout)
+    try:
+        reply = ask(vhost_channel, R.GET_CONFIG, Config.request(0, 200), timeout=vhost_timeout)
+    except BackendClosed:
+        return  # a refusal by closing (vhost-user.rst "Communication")
+    expect_reply_to(reply, R.GET_CONFIG)
+    if len(reply.payload) > Config.HEAD_SIZE:
+        config = Config.decode(reply.payload)
+        if config.size:
+            raise CaseFailed(
+                "GET_CONFIG(offset 0, size 200), larger than any virtio-blk config space",
+                expected="a reply of size 0 (the error) or a close",
+                seen=f"size {config.size}, {len(config.data)} bytes",
+            )
 
 
 @case(
@@ -767,6 +871,9 @@ def test_read_only_config_not_written(
 ) -> None:
     """SET_CONFIG of capacity with flags 0 leaves capacity as it was."""
     negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    # after SET_OWNER, as QEMU sends SET_CONFIG: a back-end refusing every request before
+    # SET_OWNER would otherwise pass without judging the read-only rule
+    vhost_channel.send(R.SET_OWNER)
     before = _capacity(vhost_channel, vhost_timeout)
     write = Config(0, 8, 0, struct.pack("<Q", before + 8))
     acked = has(vhost_channel.protocol_features, P.REPLY_ACK)
@@ -901,6 +1008,44 @@ def test_config_fields_of_offered_features(
                 )
             if name == "blk_size" and (value < 512 or value & (value - 1)):
                 raise CaseFailed("config blk_size", expected="a power of 2 >= 512", seen=value)
+
+
+@case(
+    "VU-CFG-7",
+    title="Config padding bytes are zero",
+    family="config",
+    level=MUST,
+    clause=f"{VIRTIO} 5.2.5.2 Block Device: Device Initialization (device requirements)",
+    quote="The device MUST initialize padding bytes unused0 and unused1 to 0.",
+    requirement=(
+        "GET_CONFIG shows unused0 (offset 33) as 0, and unused1 (offsets 57-59) as 0 when a "
+        "60-byte read is answered."
+    ),
+    requires=[ProtocolFeature.CONFIG],
+    ambiguity=(
+        "QEMU 11.1.3 reads 57 bytes, so unused1 is read by a 60-byte GET_CONFIG of our own; a "
+        "back-end whose config ends before byte 60 answers it with size 0 and only unused0 is "
+        "judged"
+    ),
+)
+def test_config_padding_is_zero(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """unused0 (33) and unused1 (57..59) of the virtio-blk config read 0."""
+    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    data = get_config(vhost_channel, 0, config_size(vhost_capabilities), timeout=vhost_timeout).data
+    padding = {"unused0": data[33:34]}
+    reply = ask(vhost_channel, R.GET_CONFIG, Config.request(0, 60), timeout=vhost_timeout)
+    expect_reply_to(reply, R.GET_CONFIG)
+    if len(reply.payload) >= Config.HEAD_SIZE + 60:
+        padding["unused1"] = Config.decode(reply.payload).data[57:60]
+    wrong = {name: raw.hex() for name, raw in padding.items() if any(raw)}
+    if wrong:
+        raise CaseFailed(
+            "virtio-blk config padding",
+            expected="0 in " + " and ".join(padding),
+            seen=", ".join(f"{name} {value}" for name, value in wrong.items()),
+        )
 
 
 # --------------------------------------------------------------------------- the program
