@@ -236,6 +236,8 @@ class VirtQueue:
     kicked: bool = False
     #: SET_VRING_KICK came with the NOFD bit: the avail ring is polled, no kick fd
     polled: bool = False
+    #: --misbehave serve-stopped-ring: stopped by GET_VRING_BASE, still served
+    serve_stopped: bool = False
 
     @property
     def runnable(self) -> bool:
@@ -264,6 +266,8 @@ class Device:
             self.offered_features &= ~(1 << BlkFeature.FLUSH)
         if self.faults.on("no-version-1"):
             self.offered_features &= ~(1 << VirtioFeature.VERSION_1)
+        if self.faults.on("flush-no-sync"):
+            disk.sync = False
         self.offered_protocol = options.protocol_features()
         if self.faults.on("bit20-without-bit12"):
             self.offered_protocol |= _bit(ProtocolFeature.GET_VRING_BASE_INFLIGHT)
@@ -294,6 +298,10 @@ class Device:
         self._late_writes: list[tuple[float, int, bytes]] = []
         #: --misbehave write-at-close: (byte offset, data) to reach the disk at close()
         self._close_writes: list[tuple[int, bytes]] = []
+        #: --misbehave log-after-stop: when to set every bit of the dirty log
+        self._late_logs: list[float] = []
+        #: every ring was stopped by GET_VRING_BASE and none started since
+        self._all_stopped = False
         self._timers: list[Request] = []
         self._seq = 0
         self._get_features_count = 0
@@ -367,6 +375,10 @@ class Device:
         name = request.name
         if msg.is_reply:
             raise ConnectionFatal(f"{name}: REPLY flag set on a request (flags {msg.flags:#x})")
+        if (self.faults.on("inflight-bad-size-crash")
+                and request in (FrontendRequest.GET_INFLIGHT_FD, FrontendRequest.SET_INFLIGHT_FD)
+                and len(msg.payload) not in (Inflight.SIZE, Inflight.PACKED_SIZE)):
+            self.faults.crash(f"{name} with a {len(msg.payload)}-byte payload")
         low, high = expected_fd_count(FD_EXPECTATIONS[request], msg.payload)
         try:
             if not low <= len(fds) <= high:
@@ -409,6 +421,9 @@ class Device:
     # -- features and ownership
 
     def _on_get_features(self, msg: Message, payload: object, fds: list[int]) -> None:
+        if self.faults.on("mute-while-suspended") and self._all_stopped:
+            log.warning("misbehaving: GET_FEATURES while suspended left unanswered")
+            return
         value = self.offered_features
         self._get_features_count += 1
         if self.faults.on("features-change") and self._get_features_count > 1:
@@ -676,6 +691,8 @@ class Device:
         if self.dirty_log is not None:
             self.dirty_log.close()
         self.dirty_log = new_log
+        if self.faults.on("no-log-base-reply"):
+            return
         # With LOG_SHMFD the back-end replies (u64 0) once the log is mapped (QEMU-TRACES 3).
         self._reply(msg.request, U64(0).encode())
 
@@ -708,7 +725,10 @@ class Device:
         except OSError:
             _close(fd)
             raise
-        reply = Inflight(size, 0, payload.num_queues, payload.queue_size)
+        told = size
+        if self.faults.on("inflight-short-mmap"):
+            told = queue_region_size(payload.queue_size, self.packed) * payload.num_queues - 16
+        reply = Inflight(told, 0, payload.num_queues, payload.queue_size)
         self._reply(msg.request, reply.encode(), [fd])
 
     def _on_set_inflight_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
@@ -810,6 +830,8 @@ class Device:
             q.last_avail_idx = payload.num
 
     def _base_of(self, q: VirtQueue) -> int:
+        if self.faults.on("base-of-ring-0") and q.index != 0:
+            return self._base_of(self.queues[0])
         if self.faults.on("base-is-used-idx"):
             if self.packed:
                 return packed_base(q.used_idx, q.used_wrap, q.used_idx, q.used_wrap)
@@ -875,7 +897,11 @@ class Device:
         q.stop_pending = False
         q.polled = False
         q.resubmit.clear()
-        if q.kick_fd >= 0:
+        self._all_stopped = self.suspended
+        if self.faults.on("log-after-stop") and self.dirty_log is not None:
+            self._late_logs.append(self.clock() + 0.2)
+        q.serve_stopped = self.faults.on("serve-stopped-ring")
+        if q.kick_fd >= 0 and not q.serve_stopped:
             if self.watcher is not None:
                 self.watcher.unwatch(q.kick_fd)
             _close(q.kick_fd)
@@ -974,6 +1000,8 @@ class Device:
         """SET_VRING_KICK starts the ring (vhost-user.rst "Ring states"): read used->idx,
         run the in-flight recovery ("When reconnecting") and queue the resubmissions."""
         q.started = True
+        q.serve_stopped = False
+        self._all_stopped = False
         q.broken = None
         q.pending.clear()
         q.done.clear()
@@ -1003,8 +1031,11 @@ class Device:
 
     def _recover_split(self, q: VirtQueue, ring: SplitRing, region: SplitInflight) -> None:
         fresh = region.version == 0
-        heads, q.counter = region.recover(q.used_idx)
+        heads, q.counter = region.recover(
+            q.used_idx, fix_last_batch=not self.faults.on("skip-last-batch-fixup"))
         if fresh:
+            if self.faults.on("inflight-no-version"):
+                region.forget_version()
             return
         if self.faults.on("ignore-inflight"):
             log.warning("vring %d: misbehaving: ignoring in-flight heads %s", q.index, heads)
@@ -1038,6 +1069,8 @@ class Device:
     def _recover_packed(self, q: VirtQueue, ring: PackedRing, region: PackedInflight) -> None:
         if region.version == 0:
             region.initialize(q.used_idx, q.used_wrap)
+            if self.faults.on("inflight-no-version"):
+                region.forget_version()
             q.counter = 1
             return
         chains, q.counter, q.used_idx, q.used_wrap = region.recover(ring.flags_at)
@@ -1258,7 +1291,7 @@ class Device:
             self._log_used(q, 0, 2)
         self.faults.reach("after-used-idx", len(batch))
         if region is not None:
-            region.clear_batch(heads, q.used_idx)
+            region.clear_batch([] if self.faults.on("inflight-keep-marks") else heads, q.used_idx)
         self.faults.reach("after-region-update", len(batch))
         if ring.should_notify(old, q.used_idx):
             _signal(q.call_fd)
@@ -1287,7 +1320,7 @@ class Device:
         ring.write_used_flags(*first)
         self.faults.reach("after-used-idx", len(batch))
         if region is not None:
-            region.clear_batch(entries)
+            region.clear_batch([] if self.faults.on("inflight-keep-marks") else entries)
         self.faults.reach("after-region-update", len(batch))
         if ring.should_notify(old, q.used_idx, q.used_wrap):
             _signal(q.call_fd)
@@ -1326,7 +1359,8 @@ class Device:
         for q in self.queues:
             if q.polled:
                 q.kicked = True  # polling mode: look at the avail ring every turn
-            if not q.runnable or not q.kicked or q.ring is None:
+            serve = q.runnable or (q.serve_stopped and q.broken is None)
+            if not serve or not q.kicked or q.ring is None:
                 continue
             q.kicked = False
             while q.resubmit:
@@ -1339,6 +1373,11 @@ class Device:
             self._late_calls.remove(late)
             _signal(late[1])
             _close(late[1])
+        for when in [t for t in self._late_logs if t <= now]:
+            self._late_logs.remove(when)
+            if self.dirty_log is not None:
+                log.warning("misbehaving: every dirty log bit set after the stop")
+                self.dirty_log.mark_all()
         for due in [w for w in self._late_writes if w[0] <= now]:
             self._late_writes.remove(due)
             self.disk.write_from(due[1], [memoryview(due[2])])
@@ -1357,13 +1396,15 @@ class Device:
         due += [w[0] for w in self._late_writes]
         if any(q.polled and q.runnable for q in self.queues):
             due.append(self.clock() + POLL_INTERVAL)
+        due += self._late_logs
         return min(due) if due else None
 
     @property
     def has_work(self) -> bool:
         """A ring was kicked and may have requests to take (a polled ring waits for its
         next look: :meth:`next_deadline`)."""
-        return any(q.kicked and q.runnable and not q.polled for q in self.queues)
+        return any(q.kicked and (q.runnable or q.serve_stopped) and not q.polled
+                   for q in self.queues)
 
     # ------------------------------------------------------------------ back-end channel
 

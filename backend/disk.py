@@ -42,6 +42,8 @@ class Disk:
         self.read_only = read_only
         self.name = name
         self.is_ram = is_ram
+        #: whether :meth:`flush` really syncs (the misbehaviour ``flush-no-sync`` clears it)
+        self.sync = True
 
     @classmethod
     def open_file(cls, path: str, *, read_only: bool = False) -> Disk:
@@ -120,8 +122,9 @@ class Disk:
         self.write_zeroes(offset, length)
 
     def flush(self) -> None:
-        """Make completed writes durable (fdatasync; nothing to do for a RAM disk)."""
-        if not self.is_ram and not self.read_only:
+        """Make completed writes durable (fdatasync; nothing to do for a RAM disk, or with
+        the misbehaviour ``flush-no-sync``: :attr:`sync` False)."""
+        if not self.is_ram and not self.read_only and self.sync:
             os.fdatasync(self.fd)
 
     def close(self) -> None:

@@ -114,6 +114,28 @@ MISBEHAVIOURS: dict[str, str] = {
     "reset-owner-closes": "RESET_OWNER closes the connection",
     "reset-device-keeps-rings": "RESET_DEVICE is acked but the rings keep running",
     "config-num-queues-high": "config num_queues is one more than GET_QUEUE_NUM",
+    # mut-stop (issue 10): stop, suspended state, in-flight region, logging, reconnect
+    "inflight-no-version": "the in-flight region is never given version 1 (its header stays 0; "
+    "the marks are kept all the same)",
+    "inflight-keep-marks": "completed heads stay marked in flight (inflight 1) in the region; "
+    "used_idx is updated",
+    "inflight-short-mmap": "GET_INFLIGHT_FD replies an mmap_size 16 bytes short of "
+    "num_queues x (16 + 16 x queue size) (split)",
+    "inflight-bad-size-crash": "a GET_INFLIGHT_FD or SET_INFLIGHT_FD payload that is not 24 "
+    "bytes kills the back-end",
+    "serve-stopped-ring": "a ring stopped by GET_VRING_BASE keeps its kick fd and still serves "
+    "what the driver makes available",
+    "mute-while-suspended": "once GET_VRING_BASE has stopped every ring, GET_FEATURES gets no "
+    "reply (until a ring starts again)",
+    "base-of-ring-0": "GET_VRING_BASE of any ring answers ring 0's next avail index",
+    "log-after-stop": "0.2 s after a GET_VRING_BASE reply, every bit of the dirty log is set "
+    "(a late log write; guest memory untouched)",
+    "exit-on-disconnect": "the back-end exits when the front-end closes the connection",
+    "no-log-base-reply": "SET_LOG_BASE gets no reply (with LOG_SHMFD it must have one)",
+    "flush-no-sync": "FLUSH completes with OK without syncing the disk",
+    "skip-last-batch-fixup": "on restart, a last batch that reached used->idx but not the "
+    "region (used_idx behind) stays in flight: resubmitted (\"Inflight I/O tracking\" split "
+    "reconnect rule)",
 }
 
 
@@ -156,6 +178,13 @@ class Faults:
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
             os._exit(137)  # not reached
+
+    def crash(self, why: str) -> None:
+        """Die now as a crash does (SIGKILL to ourselves), saying why on stderr."""
+        sys.stderr.write(f"vhost-conformance-backend: misbehaving: crash: {why}\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(137)  # not reached
 
     def on(self, name: str) -> bool:
         """Whether misbehaviour ``name`` is switched on."""

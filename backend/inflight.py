@@ -133,6 +133,10 @@ class SplitInflight:
         self._set16(14, used_idx)
         self._set16(8, INFLIGHT_VERSION)
 
+    def forget_version(self) -> None:
+        """version = 0 (the misbehaviour ``inflight-no-version``)."""
+        self._set16(8, 0)
+
     # "When receiving available buffers from the driver"
     def mark_popped(self, head: int, counter: int) -> None:
         """desc[head].counter = counter; desc[head].inflight = 1 (in that order)."""
@@ -156,11 +160,14 @@ class SplitInflight:
             self.buf[self._desc(head)] = 0
         self._set16(14, used_idx)
 
-    def recover(self, ring_used_idx: int) -> tuple[list[int], int]:
+    def recover(self, ring_used_idx: int, *, fix_last_batch: bool = True
+                ) -> tuple[list[int], int]:
         """Reconnect rules for a region set by SET_INFLIGHT_FD, at ring start.
 
         Returns (heads to resubmit in increasing counter order, next counter value).
-        A version-0 region is initialised and yields nothing.
+        A version-0 region is initialised and yields nothing. ``fix_last_batch`` False (the
+        misbehaviour ``skip-last-batch-fixup``) leaves a last batch that reached the used
+        ring marked in flight.
         """
         if self.version == 0:
             self.initialize(ring_used_idx)
@@ -172,7 +179,7 @@ class SplitInflight:
                 f"split in-flight region desc_num {self.header_desc_num}, "
                 f"expected the queue size {self.desc_num}"
             )
-        if self.used_idx != ring_used_idx:
+        if self.used_idx != ring_used_idx and fix_last_batch:
             # The last batch reached the used ring but not the region: its entries are
             # not in flight any more; the list starts at last_batch_head.
             batch = (ring_used_idx - self.used_idx) & 0xFFFF
@@ -297,6 +304,10 @@ class PackedInflight:
         self.buf[self.offset + 20] = int(used_wrap)
         self.buf[self.offset + 21] = int(used_wrap)
         self._set16(8, INFLIGHT_VERSION)
+
+    def forget_version(self) -> None:
+        """version = 0 (the misbehaviour ``inflight-no-version``)."""
+        self._set16(8, 0)
 
     # "When receiving available buffers from the driver"
     def record_chain(self, descs: list[PackedDescCopy], counter: int) -> int:

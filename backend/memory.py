@@ -245,6 +245,10 @@ class DirtyLog:
                 return  # outside the log the front-end gave: nothing to mark
             mm[byte] = mm[byte] | (1 << (page % 8))
 
+    def mark_all(self) -> None:
+        """Set every bit of the log (the misbehaviour ``log-after-stop``)."""
+        self._mm[self._offset : self._offset + self.size] = b"\xff" * self.size
+
     def close(self) -> None:
         """Unmap the log."""
         _close_map(self._mm)

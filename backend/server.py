@@ -116,7 +116,10 @@ class Server:
             self.sel.unregister(self.conn)
             self.conn.close()
             self.conn = None
-        if self.listen_sock is not None:
+        if self.faults.on("exit-on-disconnect"):
+            log.warning("misbehaving: exiting with the connection")
+            self._stop = True
+        elif self.listen_sock is not None:
             self.sel.register(self.listen_sock, selectors.EVENT_READ, ("listen", 0))
         else:
             self._stop = True

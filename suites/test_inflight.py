@@ -54,7 +54,7 @@ from vhost_conformance.suites.drivers import (
     wait_all,
     wait_popped,
 )
-from vhost_conformance.suites.drivers.recovery import out_of_order_recovery
+from vhost_conformance.suites.drivers.recovery import mid_update_recovery, out_of_order_recovery
 from vhost_conformance.suites.model import MUST, SHOULD, CaseFailed, Unsupported, case
 from vhost_conformance.suites.target import BackendTarget, Capabilities, CommandTarget
 
@@ -347,8 +347,18 @@ def test_resubmission_after_restart(
 ) -> None:
     """After a restart, exactly the entries still in flight are resubmitted, in counter order,
     and complete once: with out-of-order completion before the kill (used->idx past the
-    in-flight heads) and counter order different from head order."""
-    out_of_order_recovery(vhost_target, make_session)
+    in-flight heads) and counter order different from head order; then with a crash between
+    the used->idx update and the region update (the last batch still marked, used_idx behind
+    used->idx): that batch is fixed up, not resubmitted."""
+    try:
+        out_of_order_recovery(vhost_target, make_session)
+    except Unsupported as exc:  # no slow I/O (DPDK): the crash mid-update is judged anyway
+        skipped: Unsupported | None = exc
+    else:
+        skipped = None
+    mid_update_recovery(vhost_target, make_session)
+    if skipped is not None:
+        raise skipped
 
 
 @case(

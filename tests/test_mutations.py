@@ -74,6 +74,19 @@ KILLS: dict[str, tuple[str, ...]] = {
     "reset-owner-closes": ("VU-RST-1",),
     "reset-device-keeps-rings": ("VU-RST-2",),
     "config-num-queues-high": ("VU-MQ-1",),
+    # mut-stop (issue 10): stop, suspended state, in-flight region, logging, reconnect
+    "inflight-no-version": ("VU-INF-2", "VU-INF-4", "VU-INF-6", "VU-INF-10"),
+    "inflight-keep-marks": ("VU-INF-7", "VU-INF-11"),
+    "inflight-short-mmap": ("VU-INF-1",),
+    "inflight-bad-size-crash": ("VU-INF-9",),
+    "serve-stopped-ring": ("VU-GVB-5",),
+    "mute-while-suspended": ("VU-SUSP-4",),
+    "base-of-ring-0": ("VU-GVB-11",),
+    "log-after-stop": ("VU-LOG-2",),
+    "exit-on-disconnect": ("VU-RECON-1", "VU-RECON-4"),
+    "no-log-base-reply": ("VU-MIG-6", "VU-MIG-7"),
+    "flush-no-sync": ("VU-DISK-3",),
+    "skip-last-batch-fixup": ("VU-DBL-4", "VU-INF-5"),
 }
 
 #: knobs that act only on requests held on the slow disk (100 ms) at the stop: retried once
@@ -107,8 +120,6 @@ UNMUTATED: frozenset[str] = frozenset(
         "VU-QEMU-6",
         "VU-QEMU-7",
         "VU-QEMU-8",
-        "VU-DBL-4",
-        "VU-DISK-3",
         "VU-DS-1",
         "VU-DS-2",
         "VU-FD-3",
@@ -121,9 +132,7 @@ UNMUTATED: frozenset[str] = frozenset(
         "VU-FUZZ-2",
         "VU-FUZZ-3",
         "VU-FUZZ-4",
-        "VU-GVB-5",
         "VU-GVB-10",
-        "VU-GVB-11",
         "VU-HOST-1",
         "VU-HOST-2",
         "VU-HOST-3",
@@ -135,16 +144,7 @@ UNMUTATED: frozenset[str] = frozenset(
         "VU-HOST-9",
         "VU-HOST-10",
         "VU-HOST-11",
-        "VU-INF-1",
-        "VU-INF-2",
-        "VU-INF-4",
-        "VU-INF-6",
-        "VU-INF-7",
-        "VU-INF-9",
-        "VU-INF-10",
-        "VU-INF-11",
         "VU-INF-12",
-        "VU-LOG-2",
         "VU-MAL-1",
         "VU-MAL-2",
         "VU-MAL-3",
@@ -164,10 +164,6 @@ UNMUTATED: frozenset[str] = frozenset(
         "VU-MAL-17",
         "VU-MEM-2",
         "VU-MIG-5",
-        "VU-MIG-6",
-        "VU-MIG-7",
-        "VU-RECON-1",
-        "VU-RECON-4",
         "VU-RING-1",
         "VU-RING-3",
         "VU-RING-4",
@@ -179,13 +175,12 @@ UNMUTATED: frozenset[str] = frozenset(
         "VU-RING-11",
         "VU-RING-12",
         "VU-SUSP-3",
-        "VU-SUSP-4",
     }
 )
 
 #: verdicts that count as "the case caught the misbehaviour" (hang: a missing ack is seen as
 #: the reply that never comes, no-reply-ack)
-CAUGHT = {"fail", "non-strict", "error", "disconnect", "hang"}
+CAUGHT = {"fail", "non-strict", "error", "disconnect", "hang", "crash"}
 
 REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "suites" / "profiles" / "reference.toml"
 

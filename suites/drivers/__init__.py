@@ -36,7 +36,7 @@ import os
 import struct
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -700,15 +700,19 @@ class Stopped:
     requests: list[BlkRequest]
 
 
-def stop_now(session: Session, requests: Sequence[BlkRequest] = ()) -> Stopped:
+def stop_now(session: Session, requests: Sequence[BlkRequest] = (),
+             *, at_reply: Callable[[], object] | None = None) -> Stopped:
     """QEMU's stop (frontend.sequences: SET_VRING_ENABLE 0 per queue, GET_VRING_BASE per
     queue, SET_STATUS 0 when the profile sends it), the GET_VRING_BASE step timed; guest
     memory is snapshotted right after the last reply and every call eventfd drained, before
-    SET_STATUS 0."""
+    SET_STATUS 0. ``at_reply`` runs first thing after the last reply (before the snapshot,
+    which takes a while for a large guest memory)."""
     session.run_stop(begin="SET_VRING_ENABLE 0", until="SET_VRING_ENABLE 0")
     started = time.monotonic()
     bases = session.run_stop(begin="GET_VRING_BASE", until="GET_VRING_BASE")
     elapsed = time.monotonic() - started
+    if at_reply is not None:
+        at_reply()
     used = [q.vq.used_idx_in_memory() for q in session.queues]
     snapshot = session.memory.snapshot()
     for q in session.queues:

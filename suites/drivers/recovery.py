@@ -4,7 +4,9 @@ in-flight, double-submission and reconnect families."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import struct
 import time
 
 from vhost_conformance.frontend.blk import SECTOR_SIZE
@@ -118,4 +120,102 @@ def out_of_order_recovery(vhost_target: BackendTarget, make_session: SessionFact
             expect_status(tracker.wait(0, 1), what="GET_ID after the resubmission")
         except BackendHang as exc:
             raise CaseFailed("a GET_ID at avail index 4 after the resubmission",
+                             expected="completed", seen=str(exc)) from None
+
+
+def mid_update_recovery(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
+    """A crash in the middle of a completion, built on purpose: after the kill the front-end
+    writes into the region the state a back-end leaves when it dies between increasing
+    used->idx and clearing the batch (vhost-user.rst "Inflight I/O tracking", "When
+    supplying used buffers to the driver" steps 4-6: used->idx written, inflight and used_idx
+    not). The restart must fix the last batch up ("If the value of used_idx does not match the
+    idx value of used ring ... Clear the inflight field of DescStateSplit entries in last
+    batch") and resubmit exactly the heads still in flight, nothing of that batch.
+
+    avail: [0] write W (slow; only with slow I/O), then two GET_IDs (fast: both complete while
+    W waits on the disk; two reads without slow I/O). After the kill those two become the last
+    batch: inflight 1 again, linked from last_batch_head through desc.next, the region's
+    used_idx 2 behind used->idx. A back-end that skips the fix-up resubmits both (completed
+    twice) or loses its place in the ring; one that follows the rule resubmits W alone
+    (nothing without slow I/O), and a read made available afterwards completes."""
+    command = require_command(vhost_target)
+    slow = contextlib.ExitStack()
+    try:
+        slow.enter_context(slow_disk(vhost_target, OOO_LATENCY_MS))
+        held = True
+    except Unsupported:
+        held = False
+    with slow:
+        session = make_session(vhost_target, model=False)
+        tracker = InflightTracker(session)
+        blk = session.queues[0].blk
+        writes = tracker.submit([blk.write(32, pattern(72, 8 * SECTOR_SIZE))] if held else [])
+        # GET_ID does not reach the disk: fast while W waits on it; without slow I/O two reads
+        # (DPDK's vhost_blk answers GET_ID with IOERR)
+        ids = tracker.submit([blk.get_id(), blk.get_id()] if held
+                             else [blk.read(64, 8), blk.read(72, 8)])
+        session.submit(0)
+        try:
+            early = tracker.wait(0, 2, timeout=OOO_LATENCY_MS / 2000 if held else None)
+        except BackendHang:
+            if not held:
+                raise
+            raise Unsupported("out-of-order completion",
+                              "two GET_IDs after a slow write did not complete first") from None
+        if {c.tag for c in early} != {r.tag for r in ids}:
+            raise Unsupported("out-of-order completion",
+                              "the slow write completed before the GET_IDs")
+        expect_status(early, what="GET_ID" if held else "read")
+        vq = session.queues[0].vq
+        used_idx = vq.used_idx_in_memory()
+        queue = tracker.region().queues[0]
+        held_heads = [w.head for w in writes]
+        if not set(held_heads) <= set(queue.inflight_heads()):
+            raise CaseFailed("heads marked in flight before the kill (write W held on the disk)",
+                             expected=f"{held_heads} among them", seen=queue.inflight_heads())
+        command.send_signal(signal.SIGKILL)
+        command.wait_exit(5.0)
+        if (used_idx - 2) & 0xFFFF or (vq.used_idx_in_memory() - used_idx) & 0xFFFF:
+            raise Unsupported("out-of-order completion",
+                              f"the write completed before the kill ({OOO_LATENCY_MS} ms "
+                              "latency was not enough on this machine)")
+        # the batch in used-ring order: first, then second (last_batch_head = second)
+        by_tag = {r.tag: r.head for r in ids}
+        first, second = (by_tag[c.tag] for c in early)
+        region = session.inflight
+        assert region is not None
+        entries = {e.index: e.offset for e in queue.entries}
+        behind = (used_idx - 2) & 0xFFFF
+        region.map[entries[first]] = 1
+        region.map[entries[second]] = 1
+        struct.pack_into("<H", region.map, entries[second] + 6, first)
+        struct.pack_into("<H", region.map, queue.offset + 12, second)
+        struct.pack_into("<H", region.map, queue.offset + 14, behind)
+        command.start()
+        make_session.reconnect(session, command)
+        state = (f"region after the kill: heads {first} and {second} (both completed, in the "
+                 f"used ring) marked as the last batch from last_batch_head {second}, used_idx "
+                 f"{behind}, used->idx {used_idx}; in flight: heads {held_heads or 'none'}")
+        try:
+            done = tracker.wait(0, len(writes), timeout=session.timeout + OOO_LATENCY_MS / 1000)
+        except BackendHang as exc:
+            raise CaseFailed(state, expected="W resubmitted and completed after the reconnect",
+                             seen=str(exc)) from None
+        time.sleep(0.3)
+        done += tracker.reap(0)
+        violations = vq.violations
+        if violations:
+            raise CaseFailed(state, expected="the last batch fixed up: neither of its requests "
+                             "completed again", seen=str(violations[0]))
+        if [c.tag for c in done] != [w.tag for w in writes]:
+            raise CaseFailed(state, expected=f"{'W completed once, ' if held else ''}nothing "
+                             "else", seen=f"{len(done)} completion(s)")
+        expect_status(done, what="resubmitted write")
+        # the ring goes on at avail index used->idx + in flight
+        tracker.submit([blk.read(80, 8)])
+        session.submit(0)
+        try:
+            expect_status(tracker.wait(0, 1), what="read after the recovery")
+        except BackendHang as exc:
+            raise CaseFailed(f"a read made available after the recovery ({state})",
                              expected="completed", seen=str(exc)) from None
