@@ -141,6 +141,15 @@ def request_type(mem: GuestMemory, readable: list[tuple[int, int]]) -> int | Non
     return rtype
 
 
+def segment_flags(mem: GuestMemory, readable: list[tuple[int, int]]) -> int | None:
+    """The flags of the first discard/write-zeroes segment, None when there is none."""
+    data = _gather(mem, _skip(readable, OUTHDR_SIZE), SEGMENT_SIZE)
+    if len(data) < SEGMENT_SIZE:
+        return None
+    flags: int = _SEGMENT.unpack(data)[2]
+    return flags
+
+
 def write_payload(mem: GuestMemory, readable: list[tuple[int, int]]) -> tuple[int, bytes] | None:
     """(byte offset, data) of a WRITE (T_OUT) request, None for any other request."""
     header = _gather(mem, readable, OUTHDR_SIZE)

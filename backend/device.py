@@ -1212,13 +1212,37 @@ class Device:
             self.faults.reach("after-pop")
             self._submit(self._new_request(q, chain, head), now)
 
+    def _misbehave_before(self, req: Request) -> bool:
+        """``write-segments-lost`` (the chain loses data descriptors) and
+        ``write-zeroes-unmap-noop`` (completed OK without touching the disk): True when the
+        request is done."""
+        if not self.faults.misbehave & {"write-segments-lost", "write-zeroes-unmap-noop"}:
+            return False
+        chain = req.chain
+        rtype = blk.request_type(self.memory, chain.readable)
+        if (self.faults.on("write-segments-lost") and rtype == blk.T_OUT
+                and len(chain.readable) > 2 and chain.readable[0][1] == blk.OUTHDR_SIZE):
+            # the header (one 16-byte descriptor) and the first data descriptor only
+            chain.readable = chain.readable[:2]
+        if (self.faults.on("write-zeroes-unmap-noop") and rtype == blk.T_WRITE_ZEROES
+                and chain.status_gpa is not None):
+            segment = blk.segment_flags(self.memory, chain.readable)
+            if segment is not None and segment & blk.WRITE_ZEROES_F_UNMAP:
+                blk.write_status(self.memory, chain.status_gpa, blk.S_OK)
+                self.mark_dirty(chain.status_gpa, 1)
+                req.status, req.written = blk.S_OK, 1
+                return True
+        return False
+
     def _execute(self, req: Request) -> None:
         """Run a request against the disk and guest memory (the status byte included)."""
         q = req.queue
         chain = req.chain
         req.executed = True
         try:
-            if chain.error is not None:
+            if chain.error is None and self._misbehave_before(req):
+                pass
+            elif chain.error is not None:
                 log.error("vring %d head %d: %s: IOERR", q.index, chain.head, chain.error)
                 status_gpa = chain.status_gpa
                 assert status_gpa is not None
@@ -1260,10 +1284,21 @@ class Device:
         lie = (self.faults.on("unknown-type-ok") and outcome.status == blk.S_UNSUPP
                and not known) or (
             self.faults.on("capacity-ignored") and outcome.status == blk.S_IOERR
-            and rtype in (blk.T_IN, blk.T_OUT) and "capacity" in outcome.note)
+            and rtype in (blk.T_IN, blk.T_OUT) and "capacity" in outcome.note) or (
+            self.faults.on("discard-limit-ignored") and outcome.status == blk.S_IOERR
+            and rtype == blk.T_DISCARD and "max" in outcome.note) or (
+            self.faults.on("segment-flags-ignored") and outcome.status == blk.S_UNSUPP
+            and rtype in (blk.T_DISCARD, blk.T_WRITE_ZEROES)) or (
+            self.faults.on("read-only-writes") and outcome.status == blk.S_IOERR
+            and rtype == blk.T_OUT and "read-only" in outcome.note)
         if lie and req.chain.status_gpa is not None:
             blk.write_status(self.memory, req.chain.status_gpa, blk.S_OK)
             req.status = blk.S_OK
+        fail = (self.faults.on("flush-ioerr") and rtype == blk.T_FLUSH) or (
+            self.faults.on("get-id-ioerr") and rtype == blk.T_GET_ID)
+        if fail and req.chain.status_gpa is not None:
+            blk.write_status(self.memory, req.chain.status_gpa, blk.S_IOERR)
+            req.status, req.written = blk.S_IOERR, 1
 
     def _log_used(self, q: VirtQueue, offset: int, length: int) -> None:
         """Log a write to the used ring (vhost-user.rst "Migration": with
@@ -1361,6 +1396,8 @@ class Device:
                 q.kicked = True  # polling mode: look at the avail ring every turn
             serve = q.runnable or (q.serve_stopped and q.broken is None)
             if not serve or not q.kicked or q.ring is None:
+                continue
+            if q.index > 0 and self.faults.on("second-queue-ignored"):
                 continue
             q.kicked = False
             while q.resubmit:

@@ -136,6 +136,19 @@ MISBEHAVIOURS: dict[str, str] = {
     "skip-last-batch-fixup": "on restart, a last batch that reached used->idx but not the "
     "region (used_idx behind) stays in flight: resubmitted (\"Inflight I/O tracking\" split "
     "reconnect rule)",
+    "write-segments-lost": "a WRITE whose data spans several descriptors takes only the first "
+    "data descriptor",
+    "flush-ioerr": "FLUSH completes with IOERR",
+    "get-id-ioerr": "GET_ID completes with IOERR",
+    "discard-limit-ignored": "a discard beyond max_discard_sectors completes with OK (nothing "
+    "done)",
+    "write-zeroes-unmap-noop": "a WRITE_ZEROES with the unmap flag completes with OK and leaves "
+    "the range as it was",
+    "segment-flags-ignored": "discard/write-zeroes segments with unknown flags, or a discard "
+    "with unmap, complete with OK (nothing done), not UNSUPP",
+    "read-only-writes": "on a read-only device (--read-only) a WRITE completes with OK (nothing "
+    "written)",
+    "second-queue-ignored": "queues other than queue 0 are never served",
 }
 
 

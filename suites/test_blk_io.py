@@ -32,7 +32,14 @@ from vhost_conformance.suites.drivers import (
     wait_all,
     write_read_verify,
 )
-from vhost_conformance.suites.model import MUST, SHOULD, CaseFailed, CaseNonStrict, case
+from vhost_conformance.suites.model import (
+    MUST,
+    SHOULD,
+    CaseFailed,
+    CaseNonStrict,
+    Unsupported,
+    case,
+)
 from vhost_conformance.suites.target import BackendTarget, Capabilities
 
 #: A request type no virtio-blk revision defines (VIRTIO 1.3 5.2.6: types are 0..26).
@@ -325,25 +332,74 @@ def test_discard(vhost_session: Session) -> None:
         "MUST return zeroes.\n"
         "This is true independent of whether unmap was set or clear."
     ),
-    requirement="With WRITE_ZEROES offered, the range reads back as zeroes.",
+    requirement=(
+        "With WRITE_ZEROES offered, the range reads back as zeroes, with the unmap flag clear "
+        "and with it set."
+    ),
     requires=[BlkFeature.WRITE_ZEROES],
 )
 def test_write_zeroes(vhost_session: Session) -> None:
-    """With WRITE_ZEROES offered, the range reads back as zeroes."""
+    """With WRITE_ZEROES offered, the range reads back as zeroes (unmap clear, then set)."""
     blk = vhost_session.queues[0].blk
-    write_read_verify(vhost_session, 4096, pattern(5, 16 * SECTOR_SIZE))
-    request = blk.write_zeroes([(4100, 8)])
-    vhost_session.submit(0)
-    expect_status(wait_all(vhost_session, [request]), what="write-zeroes")
-    read = blk.read(4096, 16)
-    vhost_session.submit(0)
-    (done,) = wait_all(vhost_session, [read])
-    expect_status([done], what="read after write-zeroes")
-    data = done.data or b""
-    if data[4 * SECTOR_SIZE : 12 * SECTOR_SIZE] != bytes(8 * SECTOR_SIZE):
-        raise CaseFailed(
-            "sectors 4100..4107 after WRITE_ZEROES", expected="zeroes", seen="other bytes"
-        )
+    for base, unmap in ((4096, False), (4160, True)):
+        write_read_verify(vhost_session, base, pattern(5 + unmap, 16 * SECTOR_SIZE))
+        request = blk.write_zeroes([(base + 4, 8)], unmap=unmap)
+        vhost_session.submit(0)
+        flag = "unmap set" if unmap else "unmap clear"
+        expect_status(wait_all(vhost_session, [request]), what=f"write-zeroes ({flag})")
+        read = blk.read(base, 16)
+        vhost_session.submit(0)
+        (done,) = wait_all(vhost_session, [read])
+        expect_status([done], what=f"read after write-zeroes ({flag})")
+        data = done.data or b""
+        if data[4 * SECTOR_SIZE : 12 * SECTOR_SIZE] != bytes(8 * SECTOR_SIZE):
+            raise CaseFailed(
+                f"sectors {base + 4}..{base + 11} after WRITE_ZEROES ({flag})",
+                expected="zeroes",
+                seen="other bytes",
+            )
+
+
+@case(
+    "VU-BLK-11",
+    title="Unknown segment flags are UNSUPP",
+    family="blk-io",
+    level=MUST,
+    clause=f"{VIRTIO} 5.2.6.2 Block Device: Device Operation: Device Requirements",
+    quote=(
+        "The device MUST set the status byte to VIRTIO_BLK_S_UNSUPP for discard, secure erase "
+        "and write zeroes commands if any unknown flag is set.\n"
+        "Furthermore, the device MUST set the status byte to VIRTIO_BLK_S_UNSUPP for discard "
+        "commands if the unmap flag is set."
+    ),
+    requirement=(
+        "A DISCARD or WRITE_ZEROES segment with an unknown flag (bit 1), and a DISCARD with the "
+        "unmap flag, complete with VIRTIO_BLK_S_UNSUPP; each command judged when its feature "
+        "is negotiated."
+    ),
+)
+def test_unknown_segment_flags_are_unsupp(vhost_session: Session) -> None:
+    """Discard with flags 2 or 1 (unmap), write zeroes with flags 2: UNSUPP each."""
+    acked = vhost_session.negotiated.acked_features
+    shapes = []
+    if acked >> BlkFeature.DISCARD & 1:
+        shapes += [(BlkRequestType.DISCARD, 2, "DISCARD, unknown flag bit 1"),
+                   (BlkRequestType.DISCARD, 1, "DISCARD, unmap flag")]
+    if acked >> BlkFeature.WRITE_ZEROES & 1:
+        shapes.append((BlkRequestType.WRITE_ZEROES, 2, "WRITE_ZEROES, unknown flag bit 1"))
+    if not shapes:
+        raise Unsupported([BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES])
+    wrong = []
+    for rtype, flags, what in shapes:
+        segment = (6144).to_bytes(8, "little") + (8).to_bytes(4, "little") + flags.to_bytes(
+            4, "little")
+        status, _, _ = _one(vhost_session, rtype, out_data=segment)
+        if status != BlkStatus.UNSUPP:
+            wrong.append(f"{what}: {status}")
+    if wrong:
+        raise CaseFailed("status of discard/write-zeroes segments with flags they may not carry",
+                         expected="VIRTIO_BLK_S_UNSUPP (2) for each", seen="; ".join(wrong))
+    do_io(vhost_session, 1)
 
 
 @case(

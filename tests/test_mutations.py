@@ -87,6 +87,15 @@ KILLS: dict[str, tuple[str, ...]] = {
     "no-log-base-reply": ("VU-MIG-6", "VU-MIG-7"),
     "flush-no-sync": ("VU-DISK-3",),
     "skip-last-batch-fixup": ("VU-DBL-4", "VU-INF-5"),
+    # mut-basic: blk I/O
+    "write-segments-lost": ("VU-BLK-1",),
+    "flush-ioerr": ("VU-BLK-2",),
+    "get-id-ioerr": ("VU-BLK-5",),
+    "discard-limit-ignored": ("VU-BLK-6",),
+    "write-zeroes-unmap-noop": ("VU-BLK-7",),
+    "segment-flags-ignored": ("VU-BLK-11",),
+    "read-only-writes": ("VU-BLK-8",),
+    "second-queue-ignored": ("VU-BLK-9",),
 }
 
 #: knobs that act only on requests held on the slow disk (100 ms) at the stop: retried once
@@ -102,13 +111,6 @@ UNMUTATED: frozenset[str] = frozenset(
     {
         "VU-BACKEND-1",
         "VU-BACKEND-2",
-        "VU-BLK-1",
-        "VU-BLK-2",
-        "VU-BLK-5",
-        "VU-BLK-6",
-        "VU-BLK-7",
-        "VU-BLK-8",
-        "VU-BLK-9",
         # the qemu tier beyond VU-QEMU-1 (each a guest boot): wrong-reply-flags would break
         # every one at QEMU's first reply, which VU-QEMU-1 shows already; ignore-inflight does
         # not break VU-QEMU-6 (measured: QEMU restarts the ring at used->idx after a lost
