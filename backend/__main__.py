@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not offer GET_VRING_BASE_INFLIGHT (protocol bit 20)",
     )
+    p.add_argument(
+        "--no-skip-drain",
+        action="store_true",
+        help="do not offer GET_VRING_BASE_SKIP_DRAIN (protocol bit 23, a post-11.1 proposal; "
+        "offered with bit 20 by default: QEMU 11.1.3 masks it off)",
+    )
     p.add_argument("--no-packed", action="store_true", help="do not offer VIRTIO_F_RING_PACKED")
     p.add_argument(
         "--crash-at",
@@ -123,6 +129,7 @@ def _options(args: argparse.Namespace) -> tuple[BackendOptions, Faults]:
         blk_size=bs,
         latency=args.latency / 1000.0,
         inflight_migration=not args.no_inflight_migration,
+        skip_drain=not args.no_skip_drain,
         packed=not args.no_packed,
     )
     return options, Faults(point, count, args.fail_rate, args.seed, misbehave)

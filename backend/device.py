@@ -129,6 +129,9 @@ class BackendOptions:
     blk_size: int = 512
     latency: float = 0.0
     inflight_migration: bool = True
+    #: offer bit 23 GET_VRING_BASE_SKIP_DRAIN (a post-11.1 proposal) with bit 20; harmless to
+    #: QEMU 11.1.3, which masks bits >= 23 off (docs/SPEC-NOTES.md "qemu-next")
+    skip_drain: bool = True
     packed: bool = True
     max_mem_slots: int = MAX_MEM_SLOTS
     device_id: bytes = b"vhost-conformance"
@@ -175,6 +178,8 @@ class BackendOptions:
         ]
         if self.inflight_migration:
             bits.append(P.GET_VRING_BASE_INFLIGHT)
+            if self.skip_drain:
+                bits.append(P.GET_VRING_BASE_SKIP_DRAIN)
         value = 0
         for b in bits:
             value |= _bit(b)
@@ -233,6 +238,8 @@ class VirtQueue:
     resubmit: list[Request] = field(default_factory=list)
     #: a GET_VRING_BASE waiting for the drain to finish
     stop_pending: bool = False
+    #: the request the stop answers (GET_VRING_BASE, or the proposal's SKIP_DRAIN)
+    stop_request: int = FrontendRequest.GET_VRING_BASE
     kicked: bool = False
     #: SET_VRING_KICK came with the NOFD bit: the avail ring is polled, no kick fd
     polled: bool = False
@@ -276,6 +283,9 @@ class Device:
             self.offered_protocol &= ~_bit(ProtocolFeature.CONFIG)
         #: SET_FEATURES seen on this connection (--misbehave protocol-features-need-set-features)
         self._features_set = False
+        if self.faults.on("offer-skip-drain-alone"):
+            self.offered_protocol &= ~_bit(ProtocolFeature.GET_VRING_BASE_INFLIGHT)
+            self.offered_protocol |= _bit(ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN)
         self.features = 0
         self.protocol_features = 0
         self.owner = False
@@ -478,6 +488,15 @@ class Device:
         if self.faults.on("protocol-features-need-set-features") and not self._features_set:
             log.warning("SET_PROTOCOL_FEATURES before SET_FEATURES: ignored (misbehaving)")
             return
+        if has(value, ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN) and not (
+            has(value, ProtocolFeature.GET_VRING_BASE_INFLIGHT)
+            and has(value, ProtocolFeature.INFLIGHT_SHMFD)
+        ) and not self.faults.on("offer-skip-drain-alone"):
+            # the proposal's GET_VRING_BASE_SKIP_DRAIN: "must only be negotiated if both
+            # VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT and ..._INFLIGHT_SHMFD" are
+            raise RequestError(
+                "SET_PROTOCOL_FEATURES: GET_VRING_BASE_SKIP_DRAIN without bits 20 and 12"
+            )
         self.protocol_features = value
 
     def _on_set_owner(self, msg: Message, payload: object, fds: list[int]) -> None:
@@ -841,19 +860,37 @@ class Device:
         return q.last_avail_idx & 0xFFFF
 
     def _on_get_vring_base(self, msg: Message, payload: object, fds: list[int]) -> None:
+        # With bit 23 agreed the front-end follows the proposal, where GET_VRING_BASE always
+        # drains and only message 45 suspends; with bit 20 alone, 11.1.3's "may suspend".
+        self._get_vring_base(msg, payload, suspend=self._has_protocol(
+            ProtocolFeature.GET_VRING_BASE_INFLIGHT) and not self._has_protocol(
+            ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN))
+
+    def _on_get_vring_base_skip_drain(self, msg: Message, payload: object,
+                                      fds: list[int]) -> None:
+        # The proposal (p-b-o/qemu-ci vhost-user.rst b82b5c8c547f): "requires the
+        # VHOST_USER_PROTOCOL_F_GET_VRING_BASE_SKIP_DRAIN protocol feature to be negotiated";
+        # "the back-end must immediately suspend all in-flight I/O requests and record them".
+        if not self._has_protocol(ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN):
+            raise RequestError("GET_VRING_BASE_SKIP_DRAIN without bit 23 negotiated")
+        self._get_vring_base(msg, payload, suspend=not self.faults.on("skip-drain-drains"))
+
+    def _get_vring_base(self, msg: Message, payload: object, *, suspend: bool) -> None:
+        """GET_VRING_BASE and the proposal's GET_VRING_BASE_SKIP_DRAIN: stop the ring,
+        draining it unless ``suspend`` (requests then stay in flight in the region)."""
         assert isinstance(payload, VringState)
+        what = FrontendRequest(msg.request).name
         q = self._queue(payload.index)
         if payload.num != 0:
-            log.warning("GET_VRING_BASE(%d) with reserved num %d (must be 0)", q.index, payload.num)
+            log.warning("%s(%d) with reserved num %d (must be 0)", what, q.index, payload.num)
         if q.stop_pending:
-            raise RequestError(f"GET_VRING_BASE({q.index}) while one is already draining")
+            raise RequestError(f"{what}({q.index}) while one is already draining")
+        q.stop_request = msg.request
         if not q.started:
-            self._reply(msg.request, VringState(q.index, self._base_of(q)).encode())
+            self._reply(self._stop_reply_id(q), VringState(q.index, self._base_of(q)).encode())
             return
         self.flush()
-        suspend = (
-            self._has_protocol(ProtocolFeature.GET_VRING_BASE_INFLIGHT) and q.inflight is not None
-        )
+        suspend = suspend and q.inflight is not None
         if suspend or not q.pending:
             if q.pending:
                 # Bit 20: leave them in flight in the region; none touched guest memory yet.
@@ -890,6 +927,15 @@ class Device:
                 "GET_VRING_BASE(%d): draining %d in-flight request(s)", q.index, len(q.pending)
             )
             q.stop_pending = True
+            if q.broken is not None:
+                self.flush()  # a broken ring completes nothing more: answered at once
+
+    def _stop_reply_id(self, q: VirtQueue) -> int:
+        """The request id the stop's reply carries (misbehaviour: GET_VRING_BASE's for 45)."""
+        if (q.stop_request == FrontendRequest.GET_VRING_BASE_SKIP_DRAIN
+                and self.faults.on("skip-drain-reply-id")):
+            return FrontendRequest.GET_VRING_BASE
+        return q.stop_request
 
     def _stop(self, q: VirtQueue) -> None:
         log.info("vring %d stopped at avail index %#x", q.index, self._base_of(q))
@@ -909,7 +955,7 @@ class Device:
         base = self._base_of(q)
         if not self.packed and self.faults.on("base-reserved-bits"):
             base |= 0xA5A50000
-        self._reply(FrontendRequest.GET_VRING_BASE, VringState(q.index, base).encode())
+        self._reply(self._stop_reply_id(q), VringState(q.index, base).encode())
         if self.faults.on("call-after-stop") and q.call_fd >= 0:
             # late enough that the front-end has drained the call fd after the reply
             # (a copy: the front-end may replace the call fd meanwhile, as QEMU does)
@@ -1249,6 +1295,8 @@ class Device:
                 blk.write_status(self.memory, status_gpa, blk.S_IOERR)
                 self.mark_dirty(status_gpa, 1)
                 req.status, req.written = blk.S_IOERR, 1
+            elif self._held_back_write(req):
+                pass
             else:
                 outcome = blk.execute(
                     self.disk,
@@ -1276,6 +1324,21 @@ class Device:
             return
         self.faults.reach("after-data")
         q.done.append(req)
+
+    def _held_back_write(self, req: Request) -> bool:
+        """``flush-before-writes``: a WRITE completes OK at once while its data reaches the
+        disk only 0.5 s later (a write-back cache no FLUSH waits for). Whether it did so."""
+        if not self.faults.on("flush-before-writes"):
+            return False
+        chain = req.chain
+        payload = blk.write_payload(self.memory, chain.readable)
+        if payload is None or chain.status_gpa is None:
+            return False
+        self._late_writes.append((self.clock() + 0.5, *payload))
+        blk.write_status(self.memory, chain.status_gpa, blk.S_OK)
+        self.mark_dirty(chain.status_gpa, 1)
+        req.status, req.written = blk.S_OK, 1
+        return True
 
     def _misbehave_status(self, req: Request, outcome: blk.Outcome) -> None:
         """``unknown-type-ok`` and ``capacity-ignored``: report OK where the request failed."""

@@ -149,6 +149,14 @@ MISBEHAVIOURS: dict[str, str] = {
     "read-only-writes": "on a read-only device (--read-only) a WRITE completes with OK (nothing "
     "written)",
     "second-queue-ignored": "queues other than queue 0 are never served",
+    "flush-before-writes": "WRITEs complete at once, their data reaches the disk 0.5 s later: "
+    "a FLUSH completes before earlier completed writes are on the disk",
+    "skip-drain-drains": "GET_VRING_BASE_SKIP_DRAIN (proposal, message 45) drains like "
+    "GET_VRING_BASE instead of suspending",
+    "skip-drain-reply-id": "the GET_VRING_BASE_SKIP_DRAIN reply carries request id 11 "
+    "(GET_VRING_BASE's), not 45",
+    "offer-skip-drain-alone": "offer bit 23 GET_VRING_BASE_SKIP_DRAIN without bit 20 (and "
+    "accept it agreed alone)",
 }
 
 

@@ -2,7 +2,8 @@
 
 The message order follows what QEMU 11.1.3 sends to a vhost-user-blk back-end (recorded in
 shared/docs/QEMU-TRACES.md, scenarios (a)-(e); SPEC-DIGEST 4.1-4.4) as the profile
-``qemu-11.1``; ``qemu-7.2`` replays the older order (no kick injection, no STATUS messages).
+``qemu-11.1``; ``qemu-7.2`` replays the older order (no kick injection, no STATUS messages);
+``qemu-next`` tracks a proposal (protocol bit 23, GET_VRING_BASE_SKIP_DRAIN: frontend.sequences).
 
 A :class:`Session` owns the vring eventfds and the in-flight region it received (it keeps
 the region across reconnects, as QEMU does: SPEC-DIGEST 4.5); guest memory and the channel
@@ -86,13 +87,26 @@ class Profile:
     use_status: bool
     #: GET_CONFIG at connect (only at realize; a reconnect does not send it).
     config_len: int
+    #: knows protocol bit 23 and message 45, GET_VRING_BASE_SKIP_DRAIN (not a release).
+    skip_drain: bool = False
+    #: what an unreleased profile follows (None: a QEMU release as traced).
+    proposal: str | None = None
 
+
+#: The proposal the ``qemu-next`` profile follows (docs/SPEC-NOTES.md "qemu-next").
+QEMU_NEXT_SOURCE = (
+    "PROPOSAL, not a QEMU release: p-b-o/qemu-ci docs/interop/vhost-user.rst "
+    "b82b5c8c547fb49b30f60e2b3e8cae565cbf6e66 (bit 23 GET_VRING_BASE_SKIP_DRAIN, message 45); "
+    "mst/qemu next 1276e6c85dcc, e58f08ccbbe5, c2f4030c42da (2026-09-11)"
+)
 
 PROFILES: dict[str, Profile] = {
     "qemu-11.1": Profile("qemu-11.1", inject_kick=True, use_status=True,
                          config_len=GET_CONFIG_LEN),
     "qemu-7.2": Profile("qemu-7.2", inject_kick=False, use_status=False,
                         config_len=GET_CONFIG_LEN),
+    "qemu-next": Profile("qemu-next", inject_kick=True, use_status=True,
+                         config_len=GET_CONFIG_LEN, skip_drain=True, proposal=QEMU_NEXT_SOURCE),
 }
 
 
@@ -237,6 +251,12 @@ class Session:
         """True when protocol feature ``bit`` was negotiated."""
         return has(self.negotiated.protocol_features, bit)
 
+    @property
+    def skip_drain_agreed(self) -> bool:
+        """Bit 23 (GET_VRING_BASE_SKIP_DRAIN, the ``qemu-next`` proposal) negotiated."""
+        return self.profile.skip_drain and self.has_protocol(
+            ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN)
+
     # ------------------------------------------------------------------ connect
     def connect(self, *, realize: bool = True) -> Negotiated:
         """vhost_dev_init: the init messages (SPEC-DIGEST 4.1; QEMU-TRACES (a), (d)).
@@ -248,7 +268,8 @@ class Session:
         if has(n.features, VirtioFeature.PROTOCOL_FEATURES):
             offered = self._u64(F.GET_PROTOCOL_FEATURES)
             n.protocol_features_offered = offered
-            agreed = agree_protocol(offered, inflight_migration=self.inflight_migration)
+            agreed = agree_protocol(offered, inflight_migration=self.inflight_migration,
+                                    skip_drain=self.profile.skip_drain)
             self.call(F.SET_PROTOCOL_FEATURES, U64(agreed))
             n.protocol_features = agreed
             self.channel.protocol_features = agreed
@@ -439,20 +460,23 @@ class Session:
                   fds=[region.fd])
 
     # ------------------------------------------------------------------ stop
-    def stop(self) -> list[int]:
+    def stop(self, *, skip_drain: bool = False) -> list[int]:
         """vhost_user_blk_stop: SET_VRING_ENABLE 0 per queue, GET_VRING_BASE per queue,
-        SET_STATUS 0. Returns the GET_VRING_BASE ``num`` of each queue."""
-        return self.run_stop()
+        SET_STATUS 0. Returns the GET_VRING_BASE ``num`` of each queue. ``skip_drain``: a
+        ``qemu-next`` stop sends GET_VRING_BASE_SKIP_DRAIN instead where bit 23 was agreed."""
+        return self.run_stop(skip_drain=skip_drain)
 
     def run_stop(self, *, begin: str | None = None, until: str | None = None,
-                 without: Sequence[str] = ()) -> list[int]:
+                 without: Sequence[str] = (), skip_drain: bool = False) -> list[int]:
         """Run the profile's stop sequence or part of it; returns the GET_VRING_BASE ``num``
         of each queue it asked. The session is no longer started afterwards."""
         seq = self.sequences[1]
         steps = seq.select(begin=begin, until=until, without=without)
         if not self.started and begin is None:
             raise SessionError("stop() on a session that is not started")
-        run = Run()
+        if skip_drain and not self.profile.skip_drain:
+            raise SessionError(f"profile {self.profile.name} has no GET_VRING_BASE_SKIP_DRAIN")
+        run = Run(skip_drain=skip_drain)
         seq.run(self, run, steps)
         self.started = False
         return run.bases
@@ -467,6 +491,17 @@ class Session:
     def get_vring_base(self, index: int) -> int:
         """GET_VRING_BASE(index, num=0): stops the ring, returns the next avail index."""
         reply = self.call(F.GET_VRING_BASE, VringState(index, 0))
+        assert reply is not None
+        state = VringState.decode(reply.payload)
+        self.queues[index].started = False
+        return state.num
+
+    def get_vring_base_skip_drain(self, index: int) -> int:
+        """GET_VRING_BASE_SKIP_DRAIN(index, num=0), message 45 of the ``qemu-next`` proposal:
+        stops the ring without drain, returns the next avail index like GET_VRING_BASE."""
+        if not self.profile.skip_drain:
+            raise SessionError(f"profile {self.profile.name} has no GET_VRING_BASE_SKIP_DRAIN")
+        reply = self.call(F.GET_VRING_BASE_SKIP_DRAIN, VringState(index, 0))
         assert reply is not None
         state = VringState.decode(reply.payload)
         self.queues[index].started = False

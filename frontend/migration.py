@@ -130,9 +130,15 @@ def stop_like_qemu(session: Session, *, on_last_reply: Callable[[], None] | None
     rtts: list[float] = []
     if before_get_vring_base is not None:
         before_get_vring_base()
+    # qemu-next (a proposal): the switch-over with inflight-migration on sends message 45
+    # where bit 23 was agreed (vhost-user-blk c2f4030c42da), and only that may suspend
+    skip = session.inflight_migration and session.skip_drain_agreed
     for q in session.queues:
         t = time.monotonic()
-        bases.append(session.get_vring_base(q.index))
+        if skip:
+            bases.append(session.get_vring_base_skip_drain(q.index))
+        else:
+            bases.append(session.get_vring_base(q.index))
         rtts.append(time.monotonic() - t)
     replied_at = time.monotonic()
     if on_last_reply is not None:
@@ -141,8 +147,9 @@ def stop_like_qemu(session: Session, *, on_last_reply: Callable[[], None] | None
         session.call(FrontendRequest.SET_STATUS, U64(0))
         session.negotiated.status = 0
     session.mark_stopped()
-    return StopResult(bases, rtts, time.monotonic() - t0,
-                      session.has_protocol(ProtocolFeature.GET_VRING_BASE_INFLIGHT), replied_at)
+    suspend_allowed = (skip if session.profile.skip_drain
+                       else session.has_protocol(ProtocolFeature.GET_VRING_BASE_INFLIGHT))
+    return StopResult(bases, rtts, time.monotonic() - t0, suspend_allowed, replied_at)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -176,6 +176,11 @@ class FrontendRequest(enum.IntEnum):
     SET_DEVICE_STATE_FD = 42
     CHECK_DEVICE_STATE = 43
     GET_SHMEM_CONFIG = 44
+    # Not in QEMU 11.1.3: the GET_VRING_BASE_SKIP_DRAIN proposal (protocol bit 23), as the
+    # newest indexed vhost-user.rst has it (p-b-o/qemu-ci docs/interop/vhost-user.rst
+    # b82b5c8c547f; mst's next branch 1276e6c85dcc). Only the ``qemu-next`` front-end profile
+    # sends it. yc-libvhost-server PR #48 uses id 44 for it, which 11.1.3 gives GET_SHMEM_CONFIG.
+    GET_VRING_BASE_SKIP_DRAIN = 45
 
 
 class BackendRequest(enum.IntEnum):
@@ -194,7 +199,7 @@ class BackendRequest(enum.IntEnum):
 
 
 class ProtocolFeature(enum.IntEnum):
-    """VHOST_USER_PROTOCOL_F_* bit numbers (QEMU 11.1: 0..22)."""
+    """VHOST_USER_PROTOCOL_F_* bit numbers (QEMU 11.1: 0..22; 23 is the post-11.1 proposal)."""
 
     MQ = 0
     LOG_SHMFD = 1
@@ -222,6 +227,9 @@ class ProtocolFeature(enum.IntEnum):
     # The 11.1.3 feature table spells bit 22 VHOST_USER_PROTOCOL_F_SHMEM_MAP (SPEC-DIGEST
     # "Version note"); an alias, so ProtocolFeature(22).name stays "SHMEM".
     SHMEM_MAP = 22
+    # Not in QEMU 11.1.3 (it masks bits >= 23 off): the proposal's bit for message 45, "must
+    # only be negotiated if both" bits 20 and 12 are (p-b-o/qemu-ci vhost-user.rst b82b5c8c547f).
+    GET_VRING_BASE_SKIP_DRAIN = 23
 
 
 class VirtioFeature(enum.IntEnum):
@@ -1041,6 +1049,7 @@ REQUEST_PAYLOAD: dict[FrontendRequest, type | None] = {
     _F.SET_DEVICE_STATE_FD: DeviceStateTransfer,
     _F.CHECK_DEVICE_STATE: None,
     _F.GET_SHMEM_CONFIG: None,
+    _F.GET_VRING_BASE_SKIP_DRAIN: VringState,
 }
 
 #: The defined reply body of each request (absent = no defined reply; a reply to such a
@@ -1064,6 +1073,8 @@ REPLY_PAYLOAD: dict[FrontendRequest, type | None] = {
     _F.SET_DEVICE_STATE_FD: U64,
     _F.CHECK_DEVICE_STATE: U64,
     _F.GET_SHMEM_CONFIG: ShmemConfig,
+    # "Identical to VHOST_USER_GET_VRING_BASE" (the proposal's text): the same reply
+    _F.GET_VRING_BASE_SKIP_DRAIN: VringState,
 }
 
 #: The payload a back-end sends with each back-end request (None = empty payload).

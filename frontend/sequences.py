@@ -13,6 +13,16 @@ without GET_CONFIG, then the start sequence with the kept region).
 
 Sources: shared/docs/QEMU-TRACES.md (a)-(e) and corrections 2, 5, 12 (QEMU 11.1.3 as
 recorded); ``qemu-7.2`` has no kick injection and no STATUS messages.
+
+``qemu-next`` TRACKS A PROPOSAL, not a release: QEMU 11.1.3's sequences plus protocol bit 23
+``GET_VRING_BASE_SKIP_DRAIN`` and message 45 as the newest indexed vhost-user.rst has them
+(p-b-o/qemu-ci docs/interop/vhost-user.rst b82b5c8c547fb49b30f60e2b3e8cae565cbf6e66) and mst's
+next branch queued them (1276e6c85dcc "vhost-user: add GET_VRING_BASE_SKIP_DRAIN message",
+e58f08ccbbe5, c2f4030c42da; p-b-o/qemu-ci hw/virtio/vhost.c 1040dc581d92
+do_vhost_virtqueue_stop: ``skip_drain`` sends message 45 in place of GET_VRING_BASE, per
+queue). A stop asked with ``skip_drain`` (QEMU: inflight-migration on and the run state
+FINISH_MIGRATE) sends GET_VRING_BASE_SKIP_DRAIN where bit 23 was agreed; every other stop
+sends GET_VRING_BASE, which in that text always drains. docs/SPEC-NOTES.md "qemu-next".
 """
 
 from __future__ import annotations
@@ -47,6 +57,9 @@ STATUS_ALL = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FEAT
 #: it masks the back-end's offer with this (SPEC-DIGEST 3.1 "QEMU front-end negotiation").
 QEMU_PROTOCOL_MASK = (1 << 23) - 1
 
+#: What the ``qemu-next`` profile knows beyond :data:`QEMU_PROTOCOL_MASK`: bit 23 (proposal).
+SKIP_DRAIN_BIT = 1 << ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN
+
 #: config_len QEMU 11.1.3's vhost-user-blk asks with GET_CONFIG: its discard and write-zeroes
 #: properties are on by default, so the size table (hw/block/virtio-blk-common.c) gives 57
 #: whatever the back-end offers (QEMU-TRACES (a) and correction 6). The session and the
@@ -55,18 +68,28 @@ GET_CONFIG_LEN = 57
 
 
 def agree_protocol(offered: int, *, inflight_migration: bool = True,
-                   wanted: int | None = None) -> int:
+                   wanted: int | None = None, skip_drain: bool = False) -> int:
     """The protocol features QEMU 11.1.3 sends with SET_PROTOCOL_FEATURES for ``offered``:
     the offer masked with what QEMU knows, XEN_MMAP dropped, bit 20 only with
     inflight-migration=on and bit 12 offered (hw/virtio/vhost-user.c
     vhost_user_backend_init; QEMU-TRACES (b)). ``wanted`` masks the result further (a case
-    that negotiates a subset)."""
-    agreed = offered & QEMU_PROTOCOL_MASK
+    that negotiates a subset).
+
+    ``skip_drain`` (the ``qemu-next`` profile) knows bit 23 too and agrees it only with bits
+    20 and 12 agreed ("must only be negotiated if both ... are also negotiated", the
+    proposal's text). [INFERRED] that its gate is the same inflight-migration rule as bit
+    20's: the series' vhost-user.c negotiation is not in the index."""
+    mask = QEMU_PROTOCOL_MASK | (SKIP_DRAIN_BIT if skip_drain else 0)
+    agreed = offered & mask
     agreed &= ~(1 << ProtocolFeature.XEN_MMAP)
     if not (inflight_migration and has(offered, ProtocolFeature.INFLIGHT_SHMFD)):
         agreed &= ~(1 << ProtocolFeature.GET_VRING_BASE_INFLIGHT)
+    if not has(agreed, ProtocolFeature.GET_VRING_BASE_INFLIGHT):
+        agreed &= ~SKIP_DRAIN_BIT
     if wanted is not None:
         agreed &= wanted
+        if not has(agreed, ProtocolFeature.GET_VRING_BASE_INFLIGHT):
+            agreed &= ~SKIP_DRAIN_BIT
     return agreed
 
 
@@ -83,6 +106,8 @@ class Run:
     features: int = 0
     vring_bases: Sequence[int] | None = None
     bases: list[int] = field(default_factory=list)
+    #: stop without drain (QEMU: a migration's switch-over with inflight-migration on)
+    skip_drain: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +240,10 @@ def _disable(session: Session, _run: Run, _q: Queue | None) -> None:
 
 def _get_vring_base(session: Session, run: Run, q: Queue | None) -> None:
     assert q is not None
-    run.bases.append(session.get_vring_base(q.index))
+    if run.skip_drain and session.skip_drain_agreed:
+        run.bases.append(session.get_vring_base_skip_drain(q.index))
+    else:
+        run.bases.append(session.get_vring_base(q.index))
 
 
 def _reset_status(session: Session, _run: Run, _q: Queue | None) -> None:
@@ -264,4 +292,6 @@ def _sequences(*, status: bool, inject_kick: bool) -> ProfileSequences:
 SEQUENCES: dict[str, ProfileSequences] = {
     "qemu-11.1": _sequences(status=True, inject_kick=True),
     "qemu-7.2": _sequences(status=False, inject_kick=False),
+    # the proposal: 11.1.3's order; the GET_VRING_BASE step sends message 45 when asked
+    "qemu-next": _sequences(status=True, inject_kick=True),
 }

@@ -292,7 +292,7 @@ def test_unknown_request_ids(
         link,
         [
             ("id 0", raw(0), 0),
-            ("id 45 (GET_VRING_BASE_SKIP_DRAIN, post-11.1)", raw(45, bytes(8)), 0),
+            ("id 45 (GET_VRING_BASE_SKIP_DRAIN, bit 23 not agreed)", raw(45, bytes(8)), 0),
             ("id 99 with NEED_REPLY", raw(99, flags=0x9), 0),
             ("id 0x7fffffff", raw(0x7FFF_FFFF, bytes(8)), 0),
             ("id 0xffffffff with an fd", raw(0xFFFF_FFFF), 1),

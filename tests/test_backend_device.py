@@ -194,7 +194,7 @@ def test_offers(h: Harness) -> None:
         assert features >> bit & 1, bit
     assert not features >> 5 & 1  # RO only with --read-only
     proto = U64.decode(h.send(F.GET_PROTOCOL_FEATURES)[0].payload).value
-    assert proto == sum(1 << b for b in (0, 1, 3, 5, 9, 12, 13, 15, 16, 20))
+    assert proto == sum(1 << b for b in (0, 1, 3, 5, 9, 12, 13, 15, 16, 20, 23))
 
 
 def test_reply_ack_exactly_as_the_spec(h: Harness) -> None:
@@ -379,10 +379,14 @@ def test_latency_holds_and_drain_defers_the_reply() -> None:
         h.close()
 
 
+#: what the reference back-end offers, as an 11.1.3 front-end agrees it (bit 23 masked off)
+_UPTO_BIT_20 = sum(1 << b for b in (0, 1, 3, 5, 9, 12, 13, 15, 16, 20))
+
+
 def test_bit20_suspends_and_marks_region() -> None:
     h = Harness(latency=0.5)
     try:
-        h.connect()
+        h.connect(protocol=_UPTO_BIT_20)
         h.start()
         head, _status = h.request(0, 0, in_len=512)
         h.run()
@@ -403,6 +407,61 @@ def test_bit20_suspends_and_marks_region() -> None:
         h.dev.turn(h.now)
         assert h.vq.used_idx_in_memory() == 1 and h.used(0)[0] == head
         assert os.pread(h.inflight_fd, 1, 16 + 16 * head) == b"\x00"
+    finally:
+        h.close()
+
+
+def test_skip_drain_suspends_records_and_replies_as_45() -> None:
+    """The proposal's GET_VRING_BASE_SKIP_DRAIN (bit 23, message 45): suspend at once,
+    record in the region, reply like GET_VRING_BASE under its own id."""
+    h = Harness(latency=0.5)
+    try:
+        h.connect(protocol=_UPTO_BIT_20 | 1 << ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN)
+        h.start()
+        head, _status = h.request(0, 0, in_len=512)
+        h.run()
+        reply = h.send(F.GET_VRING_BASE_SKIP_DRAIN, VringState(0, 0))
+        assert [(r.request, r.flags) for r in reply] == [(F.GET_VRING_BASE_SKIP_DRAIN, 5)]
+        assert VringState.decode(reply[0].payload) == VringState(0, 1)
+        assert os.pread(h.inflight_fd, 1, 16 + 16 * head) == b"\x01"
+        h.now = 1.0
+        h.dev.turn(h.now)
+        assert h.vq.used_idx_in_memory() == 0  # suspended: no late write
+    finally:
+        h.close()
+
+
+def test_with_bit_23_get_vring_base_drains() -> None:
+    """Bit 23 agreed: the front-end follows the proposal, where only message 45 suspends."""
+    h = Harness(latency=0.5)
+    try:
+        h.connect()
+        h.start()
+        h.request(0, 0, in_len=512)
+        h.run()
+        assert h.send(F.GET_VRING_BASE, VringState(0, 0)) == []  # draining
+        h.now = 0.6
+        h.dev.turn(h.now)
+        replies = h.take_replies()
+        assert [r.request for r in replies] == [F.GET_VRING_BASE]
+        assert h.vq.used_idx_in_memory() == 1
+    finally:
+        h.close()
+
+
+def test_skip_drain_needs_bit_23_and_bit_23_needs_20_and_12() -> None:
+    h = Harness()
+    try:
+        h.connect(protocol=_UPTO_BIT_20)
+        h.start()
+        with pytest.raises(ConnectionFatal, match="without bit 23"):
+            h.send(F.GET_VRING_BASE_SKIP_DRAIN, VringState(0, 0))
+    finally:
+        h.close()
+    h = Harness()
+    try:
+        with pytest.raises(ConnectionFatal, match="without bits 20 and 12"):
+            h.send(F.SET_PROTOCOL_FEATURES, U64(1 << 12 | 1 << 23))
     finally:
         h.close()
 

@@ -58,14 +58,16 @@ def test_constants() -> None:
 
 
 def test_enum_values() -> None:
-    assert [r.value for r in p.FrontendRequest] == list(range(1, 45))
+    assert [r.value for r in p.FrontendRequest] == list(range(1, 46))
+    assert p.FrontendRequest.GET_VRING_BASE_SKIP_DRAIN.value == 45  # the post-11.1 proposal
     assert p.FrontendRequest.SET_BACKEND_REQ_FD.value == 21
     assert p.FrontendRequest.GET_INFLIGHT_FD.value == 31
     assert p.FrontendRequest.SET_INFLIGHT_FD.value == 32
     assert p.FrontendRequest.GET_SHMEM_CONFIG.value == 44
     assert [r.value for r in p.BackendRequest] == list(range(1, 11))
     assert p.BackendRequest.SHMEM_UNMAP.value == 10
-    assert [f.value for f in p.ProtocolFeature] == list(range(23))
+    assert [f.value for f in p.ProtocolFeature] == list(range(24))
+    assert p.ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN.value == 23  # the post-11.1 proposal
     assert p.ProtocolFeature.INFLIGHT_SHMFD.value == 12
     assert p.ProtocolFeature.GET_VRING_BASE_INFLIGHT.value == 20
     assert p.ProtocolFeature(22).name == "SHMEM"
@@ -352,7 +354,7 @@ def test_message_decoded_errors_name_message() -> None:
         p.Message(p.FrontendRequest.GET_VRING_BASE, 0x5, bytes(4)).decoded()
     assert info.value.request_name == "GET_VRING_BASE reply"
     with pytest.raises(p.UnknownRequest):
-        p.Message(45, 0x1, b"").decoded()
+        p.Message(46, 0x1, b"").decoded()
     with pytest.raises(p.UnknownRequest):
         p.Message(11, 0x1, b"").decoded(channel="backend")
 
@@ -451,10 +453,10 @@ def test_parser_incomplete_and_pending() -> None:
 
 def test_parser_rejects_bad_headers() -> None:
     parser = p.MessageParser()
-    parser.feed(p.Header(45, 1, 0).encode())
+    parser.feed(p.Header(46, 1, 0).encode())
     with pytest.raises(p.UnknownRequest) as info:
         parser.next_message()
-    assert info.value.seen == 45 and "1..44" in str(info.value)
+    assert info.value.seen == 46 and "1..45" in str(info.value)
 
     parser = p.MessageParser()
     parser.feed(p.Header(8, 0x2, 8).encode())

@@ -56,3 +56,26 @@ def test_agree_protocol_is_qemus_rule() -> None:
     assert not agree_protocol(with_12, inflight_migration=False) & (1 << P.GET_VRING_BASE_INFLIGHT)
     assert agree_protocol(with_12, wanted=1 << P.INFLIGHT_SHMFD) == 1 << P.INFLIGHT_SHMFD
     assert agree_protocol(QEMU_PROTOCOL_MASK + 1) == 0
+
+
+def test_qemu_next_tracks_the_skip_drain_proposal() -> None:
+    """qemu-next (a proposal, not a release): 11.1.3's order; bit 23 known and agreed only
+    with bits 20 and 12; the default profile stays qemu-11.1 and masks bit 23 off."""
+    from vhost_conformance.frontend.device import Session
+
+    assert PROFILES["qemu-next"].skip_drain and PROFILES["qemu-next"].proposal
+    assert not PROFILES["qemu-11.1"].skip_drain and PROFILES["qemu-11.1"].proposal is None
+    assert SEQUENCES["qemu-next"].stop.names == SEQUENCES["qemu-11.1"].stop.names
+    assert SEQUENCES["qemu-next"].start.names == SEQUENCES["qemu-11.1"].start.names
+    assert Session.__init__.__kwdefaults__["profile"] == "qemu-11.1"
+    full = sum(1 << b for b in (P.REPLY_ACK, P.INFLIGHT_SHMFD, P.GET_VRING_BASE_INFLIGHT,
+                                P.GET_VRING_BASE_SKIP_DRAIN))
+    bit23 = 1 << P.GET_VRING_BASE_SKIP_DRAIN
+    assert not agree_protocol(full) & bit23  # 11.1.3 does not know it
+    assert agree_protocol(full, skip_drain=True) == full
+    assert not agree_protocol(full, skip_drain=True, inflight_migration=False) & bit23
+    without_20 = full & ~(1 << P.GET_VRING_BASE_INFLIGHT)
+    assert not agree_protocol(without_20, skip_drain=True) & bit23
+    without_12 = full & ~(1 << P.INFLIGHT_SHMFD)
+    assert not agree_protocol(without_12, skip_drain=True) & bit23
+    assert not agree_protocol(full, skip_drain=True, wanted=full & ~(1 << 20)) & bit23

@@ -96,6 +96,11 @@ KILLS: dict[str, tuple[str, ...]] = {
     "segment-flags-ignored": ("VU-BLK-11",),
     "read-only-writes": ("VU-BLK-8",),
     "second-queue-ignored": ("VU-BLK-9",),
+    "flush-before-writes": ("VU-DISK-3",),
+    # the qemu-next proposal (bit 23, message 45): suites/test_skip_drain.py
+    "skip-drain-drains": ("VU-SKIP-2",),
+    "skip-drain-reply-id": ("VU-SKIP-3",),
+    "offer-skip-drain-alone": ("VU-SKIP-1",),
 }
 
 #: knobs that act only on requests held on the slow disk (100 ms) at the stop: retried once

@@ -698,18 +698,23 @@ class Stopped:
     used_idx_at_reply: list[int]
     snapshot: MemorySnapshot
     requests: list[BlkRequest]
+    #: used->idx per queue right before the first GET_VRING_BASE(_SKIP_DRAIN) was sent
+    used_idx_before: list[int] = dataclasses.field(default_factory=list)
 
 
-def stop_now(session: Session, requests: Sequence[BlkRequest] = (),
-             *, at_reply: Callable[[], object] | None = None) -> Stopped:
+def stop_now(session: Session, requests: Sequence[BlkRequest] = (), *,
+             at_reply: Callable[[], object] | None = None, skip_drain: bool = False) -> Stopped:
     """QEMU's stop (frontend.sequences: SET_VRING_ENABLE 0 per queue, GET_VRING_BASE per
     queue, SET_STATUS 0 when the profile sends it), the GET_VRING_BASE step timed; guest
     memory is snapshotted right after the last reply and every call eventfd drained, before
     SET_STATUS 0. ``at_reply`` runs first thing after the last reply (before the snapshot,
-    which takes a while for a large guest memory)."""
+    which takes a while for a large guest memory). ``skip_drain``: the ``qemu-next`` stop
+    with GET_VRING_BASE_SKIP_DRAIN."""
     session.run_stop(begin="SET_VRING_ENABLE 0", until="SET_VRING_ENABLE 0")
+    before = [q.vq.used_idx_in_memory() for q in session.queues]
     started = time.monotonic()
-    bases = session.run_stop(begin="GET_VRING_BASE", until="GET_VRING_BASE")
+    bases = session.run_stop(begin="GET_VRING_BASE", until="GET_VRING_BASE",
+                             skip_drain=skip_drain)
     elapsed = time.monotonic() - started
     if at_reply is not None:
         at_reply()
@@ -719,7 +724,7 @@ def stop_now(session: Session, requests: Sequence[BlkRequest] = (),
         session.drain_call(q.index)
     if "SET_STATUS 0" in session.sequences[1].names:
         session.run_stop(begin="SET_STATUS 0")
-    return Stopped(bases, elapsed, used, snapshot, list(requests))
+    return Stopped(bases, elapsed, used, snapshot, list(requests), before)
 
 
 class InflightTracker:
