@@ -89,6 +89,11 @@ def test_catalogue_is_large_and_ids_are_well_formed() -> None:
         assert CASE_ID.match(case_id), case_id
         assert case.family in FAMILIES
         assert case.requirement.endswith("."), f"{case_id}: the requirement is one sentence"
+        if case.clause.startswith("vhost-user.rst (post-11.1 proposal)"):
+            # the qemu-next cases (suites/test_skip_drain.py): not 11.1.3 text, so interop
+            # with the proposal cited as their source
+            assert case.tier.value == "interop" and case.source, case_id
+            continue
         assert case.clause.startswith(("vhost-user.rst (QEMU 11.1.3)", "VIRTIO 1.3")), case_id
 
 
