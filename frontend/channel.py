@@ -26,6 +26,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Self
 
+from vhost_conformance.frontend.errors import BackendClosed as BackendClosed
+from vhost_conformance.frontend.errors import BackendError as BackendError
+from vhost_conformance.frontend.errors import BackendHang as BackendHang
+from vhost_conformance.frontend.errors import BackendNack as BackendNack
+from vhost_conformance.frontend.errors import BackendViolation as BackendViolation
+from vhost_conformance.frontend.errors import FrontendUsageError as FrontendUsageError
 from vhost_conformance.frontend.protocol import (
     BACKEND_FD_EXPECTATIONS,
     FD_EXPECTATIONS,
@@ -46,7 +52,6 @@ from vhost_conformance.frontend.protocol import (
     Message,
     MessageParser,
     Payload,
-    ProtocolError,
     ProtocolFeature,
     ShmemConfig,
     VirtioFeature,
@@ -75,54 +80,7 @@ _SCM_MAX_FD = 253
 # Errors
 
 
-class FrontendUsageError(Exception):
-    """The library was used in a way the protocol cannot express (our bug, not the peer's)."""
-
-
-class BackendError(ProtocolError):
-    """The back-end did something wrong (or nothing): ``request_name`` names the request."""
-
-    def __init__(self, message: str, *, request_name: str | None = None) -> None:
-        self.request_name = request_name
-        super().__init__(f"{request_name}: {message}" if request_name else message)
-
-
-class BackendHang(BackendError):
-    """A deadline passed while waiting for the back-end."""
-
-    def __init__(self, what: str, *, request_name: str | None, timeout: float) -> None:
-        self.timeout = timeout
-        super().__init__(f"{what} within {timeout:.3f} s", request_name=request_name)
-
-
-class BackendClosed(BackendError):
-    """The back-end closed the connection (EOF, ECONNRESET, EPIPE)."""
-
-
-class BackendViolation(BackendError):
-    """A reply or message that breaks the protocol: ``expected`` vs ``seen``."""
-
-    def __init__(
-        self,
-        what: str,
-        *,
-        request_name: str | None,
-        expected: object,
-        seen: object,
-    ) -> None:
-        self.what = what
-        self.expected = expected
-        self.seen = seen
-        super().__init__(f"{what}: expected {expected}, seen {seen}", request_name=request_name)
-
-
-class BackendNack(BackendError):
-    """A REPLY_ACK reply with a nonzero status (QEMU: -EIO)."""
-
-    def __init__(self, *, request_name: str, status: int) -> None:
-        self.status = status
-        super().__init__(f"back-end answered REPLY_ACK status {status:#x} (failure)",
-                         request_name=request_name)
+# The errors live in frontend/errors.py (misuse vs the back-end's fault); named here too.
 
 
 # --------------------------------------------------------------------------------------

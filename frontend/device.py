@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from vhost_conformance.frontend.blk import BlkDriver, ModelDisk
 from vhost_conformance.frontend.channel import BackendChannel, Channel
+from vhost_conformance.frontend.errors import MisuseError
 from vhost_conformance.frontend.memory import GuestMemory
 from vhost_conformance.frontend.protocol import (
     U64,
@@ -110,7 +111,7 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-class SessionError(Exception):
+class SessionError(MisuseError):
     """Misuse of the session API (a bug in the caller, not in the back-end)."""
 
 

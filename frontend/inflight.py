@@ -29,6 +29,8 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from vhost_conformance.frontend.errors import MisuseError
+
 __all__ = [
     "DESC_PACKED_SIZE",
     "DESC_SPLIT_SIZE",
@@ -83,7 +85,7 @@ class InflightLayoutError(ValueError):
     """A buffer cannot hold the region asked for (sizes do not fit)."""
 
 
-class InflightModelError(ValueError):
+class InflightModelError(ValueError, MisuseError):
     """The model was fed something impossible (misuse of the library, or an impossible event)."""
 
 

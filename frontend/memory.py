@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from vhost_conformance.frontend.barrier import Shm, compare_buffers
+from vhost_conformance.frontend.errors import MisuseError
 from vhost_conformance.frontend.protocol import MemoryRegion
 
 __all__ = [
@@ -46,7 +47,7 @@ _F_SEAL_GROW = getattr(fcntl, "F_SEAL_GROW", 0x0004)
 _F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
 
 
-class MemoryAccessError(ValueError):
+class MemoryAccessError(ValueError, MisuseError):
     """A guest-physical access the front-end library was asked to make is not inside one region."""
 
 

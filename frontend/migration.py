@@ -46,6 +46,7 @@ from vhost_conformance.frontend.accounting import (
 )
 from vhost_conformance.frontend.channel import Channel
 from vhost_conformance.frontend.device import InflightHandle, Queue, Session
+from vhost_conformance.frontend.errors import MisuseError
 from vhost_conformance.frontend.inflight import InflightLayoutError, InflightRegion, parse_region
 from vhost_conformance.frontend.memory import GuestMemory, MemorySnapshot
 from vhost_conformance.frontend.protocol import (
@@ -88,7 +89,7 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
                        ctypes.c_int, ctypes.c_long]
 
 
-class MigrationError(Exception):
+class MigrationError(MisuseError):
     """The orchestration itself could not proceed (misuse, or the host refused a mapping)."""
 
 

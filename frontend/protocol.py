@@ -21,6 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, Self
 
+from vhost_conformance.frontend.errors import MisuseError
+from vhost_conformance.frontend.errors import ProtocolError as ProtocolError
+
 # --------------------------------------------------------------------------------------
 # Framing constants (vhost-user.rst "Header"; QEMU vhost-user.c VHOST_USER_*_MASK)
 
@@ -56,8 +59,6 @@ VRING_IDX_MASK = 0xFF
 # Errors
 
 
-class ProtocolError(Exception):
-    """Base of every error about what was (or would be) on the wire."""
 
 
 class MalformedMessage(ProtocolError):
@@ -121,7 +122,7 @@ class UnknownRequest(MalformedMessage):
     """A header whose request id is not in the table of the channel it arrived on."""
 
 
-class EncodeError(ValueError):
+class EncodeError(ValueError, MisuseError):
     """A value that does not fit its field when encoding (misuse, not a peer's fault)."""
 
 

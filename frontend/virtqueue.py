@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from vhost_conformance.frontend.errors import MisuseError
 from vhost_conformance.frontend.memory import GuestMemory
 from vhost_conformance.frontend.protocol import VringAddr
 
@@ -60,7 +61,7 @@ _USED_ELEM = struct.Struct("<II")  # id, len
 _U16 = struct.Struct("<H")
 
 
-class VirtqueueError(Exception):
+class VirtqueueError(MisuseError):
     """The library was misused (queue full, bad arguments): not the back-end's fault."""
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
-SCHEMA_VERSION = "2.2"
+SCHEMA_VERSION = "2.3"
 # Readers accept any 2.x (minor versions only add optional keys) and 1.x (a subset of 2.0:
 # no disconnect/flaky verdicts, no see/rerun/finding_level/exit_status/allowed keys).
 _SCHEMA_MAJOR = "2"
@@ -251,7 +251,9 @@ class CaseResult:
     enforces, ``source`` the QEMU source or trace an interop case follows, ``leak`` that the
     case measures a leak (a robustness ``fail`` then gates). ``qemu_case`` names the VU-QEMU
     case whose scenario reaches this failing emulated case's, ``qemu_confirmed`` whether real
-    QEMU 11.1.3 confirmed it (:data:`QEMU_CONFIRMED`; suites/qemu_confirm.py).
+    QEMU 11.1.3 confirmed it (:data:`QEMU_CONFIRMED`; suites/qemu_confirm.py). ``expected``
+    and ``seen``: of a ``fail`` or ``non-strict`` whose violation record has them
+    (suites.model.Violation), what the clause required and what the back-end did.
     """
 
     id: str
@@ -280,6 +282,8 @@ class CaseResult:
     leak: bool = False
     qemu_case: str | None = None
     qemu_confirmed: str | None = None
+    expected: str | None = None
+    seen: str | None = None
 
     def __post_init__(self) -> None:
         if self.qemu_confirmed is not None and self.qemu_confirmed not in QEMU_CONFIRMED:
@@ -366,6 +370,8 @@ class CaseResult:
             "leak": self.leak,
             "qemu_case": self.qemu_case,
             "qemu_confirmed": self.qemu_confirmed,
+            "expected": self.expected,
+            "seen": self.seen,
         }
 
     @classmethod
@@ -418,6 +424,8 @@ class CaseResult:
             leak=r.get_bool("leak", False),
             qemu_case=r.get_opt_str("qemu_case"),
             qemu_confirmed=_qemu_confirmed(r, where),
+            expected=r.get_opt_str("expected"),
+            seen=r.get_opt_str("seen"),
         )
 
 

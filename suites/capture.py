@@ -13,7 +13,15 @@ from typing import Any
 import pytest
 from vhost_conformance.frontend.channel import BackendClosed, Channel
 from vhost_conformance.reports.model import CaseResult, KnownDeviations, Level, Verdict
-from vhost_conformance.suites.model import MARKER, Case, Classified, case_of, classify, resolve
+from vhost_conformance.suites.model import (
+    MARKER,
+    Case,
+    Classified,
+    case_of,
+    classify,
+    resolve,
+    violation_of,
+)
 from vhost_conformance.suites.target import BackendTarget, CommandTarget, TargetError
 
 #: The family of the qemu tier (VU-QEMU-*), deselected unless --vhost-qemu asks for it.
@@ -220,6 +228,8 @@ class Judge:
         ):
             # the verdict names what was violated: a SHOULD case's failure is non-strict
             classified = replace(classified, verdict=Verdict.NON_STRICT)
+        if classified.verdict in (Verdict.FAIL, Verdict.NON_STRICT):
+            classified = replace(classified, violation=violation_of(state.case, exc))
         if classified.verdict is Verdict.HANG and classified.log_tail is None:
             return replace(classified, log_tail=log_tail)
         return classified
@@ -326,6 +336,8 @@ class Judge:
             trace=trace,
             deviation=deviation,
             log_tail=verdict.log_tail,
+            expected=None if verdict.violation is None else verdict.violation.expected,
+            seen=None if verdict.violation is None else verdict.violation.seen,
             exit_status=verdict.exit_status if final is Verdict.CRASH else None,
             allowed=verdict.allowed,
             finding_level=verdict.finding_level,

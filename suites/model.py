@@ -49,6 +49,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
+from vhost_conformance.frontend.errors import (
+    BackendClosed,
+    BackendHang,
+    BackendNack,
+    BackendViolation,
+    MisuseError,
+)
 from vhost_conformance.frontend.protocol import BlkFeature, ProtocolFeature, VirtioFeature
 from vhost_conformance.reports.model import Level, Tier, Verdict
 from vhost_conformance.suites.target import (
@@ -309,8 +316,52 @@ def require(capabilities: Capabilities, *features: Feature) -> None:
 
 
 @dataclass(frozen=True)
+class Violation:
+    """The one record of a back-end's fault a case found: the case, the clause and level it
+    was judged under, what was expected and what was seen, and what was wrong. Made from a
+    case's :class:`CaseFailed`/:class:`CaseNonStrict` and from the front-end's
+    ``BackendViolation``/``BackendNack`` alike (:func:`violation_of`)."""
+
+    case_id: str
+    clause: str
+    level: Level
+    what: str
+    expected: str | None = None
+    seen: str | None = None
+
+
+def violation_of(case: Case, exc: BaseException) -> Violation | None:
+    """The violation record of ``exc`` raised by ``case``, or None when ``exc`` is not a
+    back-end's fault the case judged (a hang, a close, a misuse, the suite's own error)."""
+    expected: object = None
+    seen: object = None
+    level = case.level
+    if isinstance(exc, CaseFailed | CaseNonStrict):
+        what = exc.reason
+        if isinstance(exc, CaseFailed):
+            expected, seen = exc.expected, exc.seen
+        level = exc.finding_level or level
+    elif isinstance(exc, BackendViolation):
+        what = str(exc)
+        expected, seen = exc.expected, exc.seen
+    elif isinstance(exc, BackendNack):
+        what, expected, seen = str(exc), "REPLY_ACK status 0", f"status {exc.status:#x}"
+    else:
+        return None
+    return Violation(
+        case.id,
+        case.clause,
+        level,
+        what,
+        None if expected is None else str(expected),
+        None if seen is None else str(seen),
+    )
+
+
+@dataclass(frozen=True)
 class Classified:
-    """An exception turned into a verdict, a reason, and what the back-end left behind."""
+    """An exception turned into a verdict, a reason, and what the back-end left behind
+    (``violation``: the record of the back-end's fault, on a fail or non-strict)."""
 
     verdict: Verdict
     reason: str
@@ -319,26 +370,7 @@ class Classified:
     behaviour: str | None = None
     finding_level: Level | None = None
     allowed: bool = False
-
-
-def _frontend_errors() -> dict[str, tuple[type[BaseException], ...]]:
-    """The front-end channel's error classes, by role (empty while the channel is missing)."""
-    try:
-        from vhost_conformance.frontend import channel
-    except ImportError:  # pragma: no cover - the channel lands with the front-end
-        return {}
-    roles = {
-        "hang": "BackendHang",
-        "closed": "BackendClosed",
-        "violation": "BackendViolation",
-        "nack": "BackendNack",
-    }
-    found: dict[str, tuple[type[BaseException], ...]] = {}
-    for role, name in roles.items():
-        cls = getattr(channel, name, None)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            found[role] = (cls,)
-    return found
+    violation: Violation | None = None
 
 
 def classify(
@@ -380,9 +412,8 @@ def classify(
         return Classified(Verdict.ERROR, f"usage error: {exc}")
     if isinstance(exc, pytest.skip.Exception):
         return Classified(Verdict.SKIP, str(getattr(exc, "msg", exc)))
-    errors = _frontend_errors()
     text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, errors.get("closed", ())) or died:
+    if isinstance(exc, BackendClosed) or died:
         if died:
             return Classified(Verdict.CRASH, text + crash_details, exit_status, log_tail)
         return Classified(
@@ -391,10 +422,12 @@ def classify(
             None,
             log_tail,
         )
-    if isinstance(exc, errors.get("hang", ())):
+    if isinstance(exc, BackendHang):
         return Classified(Verdict.HANG, text, None, log_tail)
-    if isinstance(exc, errors.get("violation", ()) + errors.get("nack", ())):
+    if isinstance(exc, BackendViolation | BackendNack):
         return Classified(Verdict.FAIL, text)
+    if isinstance(exc, MisuseError):
+        return Classified(Verdict.ERROR, f"the suite failed (it misused its library): {text}")
     return Classified(Verdict.ERROR, f"the suite failed: {text}")
 
 

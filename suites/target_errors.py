@@ -3,12 +3,14 @@ not be started, reached or stopped, or a profile is wrong."""
 
 from __future__ import annotations
 
+from vhost_conformance.frontend.errors import MisuseError
+
 
 class TargetError(Exception):
     """The back-end under test could not be started, reached or stopped."""
 
 
-class UsageError(TargetError):
+class UsageError(TargetError, MisuseError):
     """A profile or command template is wrong (the user's mistake, not the back-end's)."""
 
 

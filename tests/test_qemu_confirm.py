@@ -14,6 +14,7 @@ import pytest
 from vhost_conformance.reports import html, junit, markdown
 from vhost_conformance.reports.model import (
     QEMU_CONFIRMED,
+    SCHEMA_VERSION,
     BackendInfo,
     CaseResult,
     Report,
@@ -119,7 +120,7 @@ def test_round_trip_and_schema(tmp_path: pathlib.Path) -> None:
     report = _report()
     path = report.save(tmp_path / "report.json")
     data = json.loads(path.read_text())
-    assert data["schema_version"] == "2.2"
+    assert data["schema_version"] == SCHEMA_VERSION
     ring9 = data["cases"][0]
     assert (ring9["qemu_case"], ring9["qemu_confirmed"]) == ("VU-QEMU-2", "yes")
     assert Report.load(path).to_json() == report.to_json()

@@ -278,6 +278,8 @@ def test_handshake_suite_fails_bad_reply_flags(pytester: pytest.Pytester) -> Non
     cases = _report(report)
     assert cases["VU-HDR-2"]["verdict"] == "fail"
     assert "expected 0x5, seen 0xd" in str(cases["VU-HDR-2"]["reason"])
+    # the violation record reaches the report: what was expected and what was seen
+    assert (cases["VU-HDR-2"]["expected"], cases["VU-HDR-2"]["seen"]) == ("0x5", "0xd")
     assert cases["VU-HDR-1"]["verdict"] == "pass", "version bits of 0xd are still 1"
     result.assert_outcomes(passed=2, failed=1)
 
