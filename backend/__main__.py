@@ -103,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _program_knobs(args: argparse.Namespace, argv: Sequence[str]) -> frozenset[str]:
+    """The --misbehave knobs that break the program conventions (vhost-user.rst "Backend
+    program conventions"), applied to the command line before anything else."""
+    try:
+        knobs = parse_misbehave(args.misbehave)
+    except ValueError as exc:
+        raise _UsageError(f"--misbehave: {exc}") from None
+    if "no-fd-option" in knobs and args.fd is not None:
+        raise _UsageError("unrecognized arguments: --fd")
+    if "socket-path-equals-unknown" in knobs and any(
+        a.startswith("--socket-path=") for a in argv
+    ):
+        raise _UsageError("unrecognized arguments: --socket-path=... (only --socket-path PATH)")
+    return knobs
+
+
 def _options(args: argparse.Namespace) -> tuple[BackendOptions, Faults]:
     if not 1 <= args.queues <= 256:
         raise _UsageError(f"--queues {args.queues}: must be 1..256")
@@ -168,11 +184,15 @@ def _listen_socket(args: argparse.Namespace) -> socket.socket | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the back-end; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        knobs = _program_knobs(args, argv)
         if args.print_capabilities:
             print(json.dumps(CAPABILITIES, indent=2))
-            return 0
+            if "print-capabilities-serves" not in knobs:
+                return 0
+            sys.stdout.flush()
         if args.socket_path is None and args.fd is None and args.connect is None:
             raise _UsageError("one of --socket-path, --fd or --connect is required")
         if args.disk is None and args.ram_disk is None:
@@ -185,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else Disk.ram(parse_size(args.ram_disk), read_only=args.read_only)
             )
         except (DiskError, ValueError) as exc:
+            if "init-failure-exit-0" in knobs:
+                print(f"vhost-conformance-backend: {exc}", file=sys.stderr)
+                return 0
             raise _UsageError(str(exc)) from None
         try:
             _setup_logging(args)

@@ -157,6 +157,12 @@ MISBEHAVIOURS: dict[str, str] = {
     "(GET_VRING_BASE's), not 45",
     "offer-skip-drain-alone": "offer bit 23 GET_VRING_BASE_SKIP_DRAIN without bit 20 (and "
     "accept it agreed alone)",
+    "socket-path-equals-unknown": "the program refuses --socket-path=PATH (only --socket-path "
+    "PATH is understood)",
+    "no-fd-option": "the program refuses --fd=FDNUM as an unknown option",
+    "init-failure-exit-0": "the program exits with status 0 when its disk cannot be opened",
+    "print-capabilities-serves": "with --print-capabilities and a socket option the program "
+    "prints its capabilities and then serves the socket anyway",
 }
 
 

@@ -65,6 +65,7 @@ class Supervised(TerminatesOnExit):
         cwd: pathlib.Path | None = None,
         env: Mapping[str, str] | None = None,
         name: str | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.argv = [str(a) for a in argv]
         self.log_path = pathlib.Path(log_path)
@@ -83,6 +84,7 @@ class Supervised(TerminatesOnExit):
                 env=None if env is None else dict(env),
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=tuple(pass_fds),
             )
         self.pid = self._popen.pid
         self.started = time.monotonic()

@@ -164,6 +164,16 @@ class Profile:
     #: Appended to the command to run the back-end with ``{queues}`` queues (the qemu tier's
     #: VU-QEMU-3 on a back-end whose default command runs one); None: no such option.
     queues_args: str | None = None
+    #: vhost-user.rst "Backend program conventions" (the VU-BACKEND-3.. cases): the back-end
+    #: program's command line without its socket option; the cases append
+    #: ``--socket-path=PATH`` or ``--fd=FDNUM``. None: see ``program_unsupported``.
+    program_command: str | None = None
+    #: Why the cases of the program conventions cannot run on this back-end (e.g. it is not a
+    #: program following them); used when ``program_command`` is None.
+    program_unsupported: str | None = None
+    #: What ``--fd=FDNUM`` hands the program: a ``listening`` Unix socket (libvhost-user's
+    #: contrib vhost-user-blk, virtiofsd) or one ``connected`` end of a socket pair.
+    program_fd: str = "listening"
 
     def __post_init__(self) -> None:
         if self.socket_mode not in ("listen", "connect"):
@@ -207,6 +217,14 @@ class Profile:
                 self.print_capabilities,
                 COMMAND_PLACEHOLDERS,
                 f"profile {self.name!r}: print_capabilities",
+            )
+        if self.program_command is not None:
+            check_template(self.program_command, COMMAND_PLACEHOLDERS,
+                           f"profile {self.name!r}: program_command")  # fmt: skip
+        if self.program_fd not in ("listening", "connected"):
+            raise UsageError(
+                f"profile {self.name!r}: program_fd must be 'listening' or 'connected', "
+                f"got {self.program_fd!r}"
             )
         if self.queues_args is not None:
             check_template(self.queues_args, COMMAND_PLACEHOLDERS | QUEUES_PLACEHOLDERS,
@@ -263,6 +281,9 @@ _PROFILE_KEYS = frozenset(
         "one_connection",
         "device_type",
         "queues_args",
+        "program_command",
+        "program_unsupported",
+        "program_fd",
     }
 )
 
@@ -316,6 +337,8 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
     connect_cmd = typed("connect_command", str, None)
     device_type = typed("device_type", str, None)
     queues_args = typed("queues_args", str, None)
+    program_cmd = typed("program_command", str, None)
+    program_unsupported = typed("program_unsupported", str, None)
     prestart = data.get("prestart", 0)
     if isinstance(prestart, bool) or not isinstance(prestart, int):
         raise UsageError(f"profile {source}: prestart must be int, got {type(prestart).__name__}")
@@ -337,6 +360,11 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
         one_connection=bool(typed("one_connection", bool, False)),
         device_type=device_type if isinstance(device_type, str) else None,
         queues_args=queues_args if isinstance(queues_args, str) else None,
+        program_command=program_cmd if isinstance(program_cmd, str) else None,
+        program_unsupported=(
+            program_unsupported if isinstance(program_unsupported, str) else None
+        ),
+        program_fd=str(typed("program_fd", str, "listening")),
     )
 
 
@@ -353,6 +381,7 @@ CONTROL_PLANE_FAMILIES = frozenset({"handshake", "memory", "malformed", "program
 BLK_REQUEST_CASES = frozenset({
     "VU-FEAT-11",  # VIRTIO 1.3 5.2.5.2: virtio-blk's FLUSH/CONFIG_WCE bits
     "VU-FEAT-5", "VU-FD-2", "VU-FD-3", "VU-FD-4", "VU-MEM-4", "VU-MEM-5", "VU-MEM-6", "VU-MEM-7",
+    "VU-MEM-8",
     "VU-MAL-17",
     "VU-MAL-1", "VU-MAL-2", "VU-MAL-3", "VU-MAL-4", "VU-MAL-5", "VU-MAL-6", "VU-MAL-7",
     "VU-MAL-8", "VU-MAL-9", "VU-MAL-11", "VU-MAL-12", "VU-MAL-15", "VU-MAL-16",

@@ -101,6 +101,10 @@ KILLS: dict[str, tuple[str, ...]] = {
     "skip-drain-drains": ("VU-SKIP-2",),
     "skip-drain-reply-id": ("VU-SKIP-3",),
     "offer-skip-drain-alone": ("VU-SKIP-1",),
+    "socket-path-equals-unknown": ("VU-BACKEND-3",),
+    "no-fd-option": ("VU-BACKEND-4",),
+    "init-failure-exit-0": ("VU-BACKEND-5",),
+    "print-capabilities-serves": ("VU-BACKEND-6",),
 }
 
 #: knobs that act only on requests held on the slow disk (100 ms) at the stop: retried once
@@ -197,7 +201,8 @@ def _profile(tmp: pathlib.Path, knob: str | None) -> pathlib.Path:
     text = REFERENCE.read_text()
     if knob is not None:
         text = text.replace('--disk {disk}"', f'--disk {{disk}} --misbehave {knob}"')
-        assert text.count(f"--misbehave {knob}") == 2, "reference.toml commands changed shape"
+        # command, connect_command and program_command
+        assert text.count(f"--misbehave {knob}") == 3, "reference.toml commands changed shape"
     path = tmp / f"{knob or 'plain'}.toml"
     path.write_text(text)
     return path
