@@ -30,6 +30,7 @@ from vhost_conformance.backend import blk
 from vhost_conformance.backend.disk import Disk
 from vhost_conformance.backend.faults import Faults
 from vhost_conformance.backend.inflight import (
+    Buffer,
     InflightError,
     PackedDescCopy,
     PackedInflight,
@@ -527,7 +528,8 @@ class Device:
 
     def _on_get_queue_num(self, msg: Message, payload: object, fds: list[int]) -> None:
         reply_id = R.GET_FEATURES if self.faults.on("queue-num-reply-id") else msg.request
-        self._reply(reply_id, U64(len(self.queues)).encode())
+        fewer = 1 if self.faults.on("queue-num-understated") else 0
+        self._reply(reply_id, U64(len(self.queues) - fewer).encode())
 
     def _on_get_max_mem_slots(self, msg: Message, payload: object, fds: list[int]) -> None:
         self._reply(msg.request, U64(self.options.max_mem_slots).encode())
@@ -1075,6 +1077,12 @@ class Device:
         except (InflightError, RingError, GuestMemoryError) as exc:
             self._break(q, f"in-flight recovery: {exc}")
 
+    def _misbehave_desc_num(self, buf: Buffer, offset: int, desc_num: int) -> None:
+        """``region-desc-num-wrong``: the fresh region's header says one entry fewer (both
+        layouts keep desc_num as u16 at byte 10 of the queue's region)."""
+        if self.faults.on("region-desc-num-wrong"):
+            struct.pack_into("<H", buf, offset + 10, (desc_num - 1) & 0xFFFF)
+
     def _recover_split(self, q: VirtQueue, ring: SplitRing, region: SplitInflight) -> None:
         fresh = region.version == 0
         heads, q.counter = region.recover(
@@ -1082,6 +1090,7 @@ class Device:
         if fresh:
             if self.faults.on("inflight-no-version"):
                 region.forget_version()
+            self._misbehave_desc_num(region.buf, region.offset, region.desc_num)
             return
         if self.faults.on("ignore-inflight"):
             log.warning("vring %d: misbehaving: ignoring in-flight heads %s", q.index, heads)
@@ -1117,6 +1126,7 @@ class Device:
             region.initialize(q.used_idx, q.used_wrap)
             if self.faults.on("inflight-no-version"):
                 region.forget_version()
+            self._misbehave_desc_num(region.buf, region.offset, region.desc_num)
             q.counter = 1
             return
         chains, q.counter, q.used_idx, q.used_wrap = region.recover(ring.flags_at)
@@ -1318,6 +1328,7 @@ class Device:
                     )
                 req.status, req.written = outcome.status, outcome.written
                 self._misbehave_status(req, outcome)
+                self._misbehave_data(req, outcome)
         except GuestMemoryError as exc:
             # The status byte went away (REM_MEM_REG under a queued request).
             self._break(q, f"head {chain.head}: {exc}")
@@ -1362,6 +1373,24 @@ class Device:
         if fail and req.chain.status_gpa is not None:
             blk.write_status(self.memory, req.chain.status_gpa, blk.S_IOERR)
             req.status, req.written = blk.S_IOERR, 1
+
+    def _misbehave_data(self, req: Request, outcome: blk.Outcome) -> None:
+        """``packed-read-no-data``: a read on a packed ring leaves zeros where the disk's
+        bytes belong (the status byte, the last writable byte, keeps its OK)."""
+        if not (self.packed and self.faults.on("packed-read-no-data")):
+            return
+        if outcome.status != blk.S_OK:
+            return
+        if blk.request_type(self.memory, req.chain.readable) != blk.T_IN:
+            return
+        left = sum(n for _g, n in req.chain.writable) - 1
+        for gpa, n in req.chain.writable:
+            k = min(n, left)
+            if k <= 0:
+                break
+            for mm, off, seg in self.memory.gpa_segments(gpa, k):
+                mm[off : off + seg] = bytes(seg)
+            left -= k
 
     def _log_used(self, q: VirtQueue, offset: int, length: int) -> None:
         """Log a write to the used ring (vhost-user.rst "Migration": with

@@ -163,6 +163,12 @@ MISBEHAVIOURS: dict[str, str] = {
     "init-failure-exit-0": "the program exits with status 0 when its disk cannot be opened",
     "print-capabilities-serves": "with --print-capabilities and a socket option the program "
     "prints its capabilities and then serves the socket anyway",
+    "packed-read-no-data": "on a packed ring, reads complete OK with zeroed data (the disk's "
+    "bytes never reach the guest's buffers)",
+    "queue-num-understated": "GET_QUEUE_NUM answers one queue fewer than the device has (0 "
+    "with one queue)",
+    "region-desc-num-wrong": "a fresh in-flight region is initialised with desc_num one less "
+    "than the queue size",
 }
 
 

@@ -105,6 +105,11 @@ KILLS: dict[str, tuple[str, ...]] = {
     "no-fd-option": ("VU-BACKEND-4",),
     "init-failure-exit-0": ("VU-BACKEND-5",),
     "print-capabilities-serves": ("VU-BACKEND-6",),
+    # qemu-tier (issue 11): the qemu tier's scenarios, each a guest boot that fails fast
+    # (~10-15 s: a compare FAIL or QEMU refusing the device, never the guest's hang deadline)
+    "packed-read-no-data": ("VU-RING-9", "VU-QEMU-2"),
+    "queue-num-understated": ("VU-MQ-1", "VU-QEMU-3"),
+    "region-desc-num-wrong": ("VU-INF-4", "VU-INF-6", "VU-QEMU-8"),
 }
 
 #: knobs that act only on requests held on the slow disk (100 ms) at the stop: retried once
@@ -120,17 +125,17 @@ UNMUTATED: frozenset[str] = frozenset(
     {
         "VU-BACKEND-1",
         "VU-BACKEND-2",
-        # the qemu tier beyond VU-QEMU-1 (each a guest boot): wrong-reply-flags would break
-        # every one at QEMU's first reply, which VU-QEMU-1 shows already; ignore-inflight does
-        # not break VU-QEMU-6 (measured: QEMU restarts the ring at used->idx after a lost
-        # connection, so an in-order request in flight is served again from the ring anyway)
-        "VU-QEMU-2",
-        "VU-QEMU-3",
+        # the qemu tier's stop/cont, reset, kill and migration (each a guest boot): the knobs
+        # that break these scenarios under real QEMU make the guest hang (its 90 s deadline,
+        # too dear for CI: early-drain-reply hangs VU-QEMU-7[off] as qsd does), or QEMU
+        # does not trip over them (measured: ignore-inflight leaves VU-QEMU-6 passing, QEMU
+        # restarts the ring at used->idx; base-reserved-bits leaves VU-QEMU-4 passing, QEMU
+        # keeps the low 16 bits); wrong-reply-flags breaks every one at QEMU's first reply,
+        # which VU-QEMU-1 shows already
         "VU-QEMU-4",
         "VU-QEMU-5",
         "VU-QEMU-6",
         "VU-QEMU-7",
-        "VU-QEMU-8",
         "VU-DS-1",
         "VU-DS-2",
         "VU-FD-3",
@@ -181,7 +186,6 @@ UNMUTATED: frozenset[str] = frozenset(
         "VU-RING-5",
         "VU-RING-7",
         "VU-RING-8",
-        "VU-RING-9",
         "VU-RING-10",
         "VU-RING-11",
         "VU-RING-12",
