@@ -642,6 +642,8 @@ class Device:
 
     def _on_set_mem_table(self, msg: Message, payload: object, fds: list[int]) -> None:
         assert isinstance(payload, MemoryTable)
+        if self.faults.on("set-mem-table-refused"):
+            raise RequestError("SET_MEM_TABLE: --misbehave set-mem-table-refused")
         self.memory.clear()
         share = self.faults.on("regions-share-first-fd")
         try:

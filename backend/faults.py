@@ -169,6 +169,8 @@ MISBEHAVIOURS: dict[str, str] = {
     "with one queue)",
     "region-desc-num-wrong": "a fresh in-flight region is initialised with desc_num one less "
     "than the queue size",
+    "set-mem-table-refused": "SET_MEM_TABLE is refused: only ADD_MEM_REG maps memory (a "
+    "back-end written for front-ends with CONFIGURE_MEM_SLOTS)",
 }
 
 

@@ -94,6 +94,13 @@ def add_options(parser: pytest.Parser) -> None:
         help="run only cases of these tiers (conformance, interop, robustness; repeatable)",
     )
     group.addoption(
+        "--vhost-set-mem-table",
+        action="store_true",
+        default=False,
+        help="front-end as QEMU 11.1.3 is without CONFIGURE_MEM_SLOTS: memory goes by "
+        "SET_MEM_TABLE even where the back-end offers the bit; cases needing it: unsupported",
+    )
+    group.addoption(
         "--vhost-qemu",
         action="store_true",
         default=False,

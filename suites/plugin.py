@@ -21,6 +21,9 @@ Options (group "vhost-conformance"):
 ``--vhost-known-deviations F``  TOML/JSON list of expected failures (``[[deviation]] id, reason``)
 ``--vhost-timeout S``           deadline of each reply (default 5 s)
 ``--vhost-qemu``                also the qemu tier (VU-QEMU-*, real QEMU 11.1.3; off by default)
+``--vhost-set-mem-table``       a front-end without CONFIGURE_MEM_SLOTS (QEMU 11.1.3 then sends
+                                SET_MEM_TABLE, not ADD_MEM_REG): every session's memory goes
+                                by SET_MEM_TABLE; cases that need the bit end unsupported
 ``--vhost-case-timeout S``      deadline of a whole case (default 120 s) -> ``hang``
 
 Fixtures for case code and for vendors' own tests:
@@ -62,6 +65,7 @@ from typing import Any
 
 import pytest
 from vhost_conformance.frontend.channel import observe_traces
+from vhost_conformance.frontend.protocol import ProtocolFeature
 from vhost_conformance.reports.model import (
     CaseResult,
     KnownDeviations,
@@ -161,6 +165,12 @@ class VhostRun:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.strict = bool(option(config, "vhost_strict"))
+        #: --vhost-set-mem-table: no session negotiates CONFIGURE_MEM_SLOTS (QEMU-TRACES 4)
+        self.set_mem_table = bool(option(config, "vhost_set_mem_table"))
+        if self.set_mem_table:
+            from vhost_conformance.frontend import sequences
+
+            sequences.QEMU_PROTOCOL_MASK &= ~(1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
         self.timeout = float(option(config, "vhost_timeout"))
         self.case_timeout = float(option(config, "vhost_case_timeout"))
         report_dir = option(config, "vhost_report")
@@ -314,6 +324,12 @@ class VhostRun:
             missing = meta.missing(self.factory().capabilities())
             if missing:
                 raise Unsupported(missing)
+            if self.set_mem_table and ProtocolFeature.CONFIGURE_MEM_SLOTS in meta.requires:
+                raise Unsupported(
+                    "CONFIGURE_MEM_SLOTS (bit 15) negotiated",
+                    "this run drives the back-end as a front-end without the bit "
+                    "(--vhost-set-mem-table)",
+                )
 
     def _check_device_type(self, meta: Case) -> None:
         kind = self.factory().device_type().name if self.profile is not None else "block"

@@ -110,6 +110,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "packed-read-no-data": ("VU-RING-9", "VU-QEMU-2"),
     "queue-num-understated": ("VU-MQ-1", "VU-QEMU-3"),
     "region-desc-num-wrong": ("VU-INF-4", "VU-INF-6", "VU-QEMU-8"),
+    "set-mem-table-refused": ("VU-FD-2", "VU-MEM-4", "VU-MEM-5"),
 }
 
 #: knobs that act only on requests held on the slow disk (100 ms) at the stop: retried once
@@ -212,8 +213,10 @@ def _profile(tmp: pathlib.Path, knob: str | None) -> pathlib.Path:
     return path
 
 
-def _run(tmp: pathlib.Path, knob: str | None, cases: tuple[str, ...]) -> dict[str, str]:
-    """Run ``cases`` against the (misbehaving) reference back-end; case id -> verdict."""
+def _run(tmp: pathlib.Path, knob: str | None, cases: tuple[str, ...],
+         extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Run ``cases`` against the (misbehaving) reference back-end (``extra``: more options
+    of ``run``); case id -> verdict."""
     report = tmp / f"report-{knob or 'plain'}"
     args = [
         sys.executable,
@@ -227,6 +230,7 @@ def _run(tmp: pathlib.Path, knob: str | None, cases: tuple[str, ...]) -> dict[st
         "0",
         "--report",
         str(report),
+        *extra,
     ]
     for case_id in cases:
         args += ["--case", case_id]
@@ -285,3 +289,20 @@ def test_unmutated_list_only_shrinks() -> None:
     assert not grown, f"MUST/SHOULD cases with no mutation test (add a knob): {grown}"
     stale = sorted(UNMUTATED - without)
     assert not stale, f"remove from UNMUTATED (covered now, or gone): {stale}"
+
+
+#: one case of each family that sends memory in every session (blk I/O, logging, reconnect):
+#: run with ``--set-mem-table`` (a front-end without CONFIGURE_MEM_SLOTS: QEMU-TRACES 4)
+SET_MEM_TABLE_CASES = ("VU-BLK-1", "VU-LOG-1", "VU-RECON-2")
+
+
+def test_set_mem_table_run(tmp_path: pathlib.Path) -> None:
+    """``run --set-mem-table``: the families' sessions send SET_MEM_TABLE (a back-end that
+    refuses it fails them; the plain one passes them), and a case needing CONFIGURE_MEM_SLOTS
+    ends unsupported."""
+    switch = ("--set-mem-table",)
+    plain = _run(tmp_path, None, (*SET_MEM_TABLE_CASES, "VU-MEM-7"), switch)
+    assert plain == {**dict.fromkeys(SET_MEM_TABLE_CASES, "pass"), "VU-MEM-7": "unsupported"}
+    refused = _run(tmp_path, "set-mem-table-refused", SET_MEM_TABLE_CASES, switch)
+    missed = {c: v for c, v in refused.items() if v not in CAUGHT}
+    assert not missed and len(refused) == len(SET_MEM_TABLE_CASES), refused

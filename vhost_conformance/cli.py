@@ -190,6 +190,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         pytest_args.append("--vhost-strict")
     if args.qemu:
         pytest_args.append("--vhost-qemu")
+    if args.set_mem_table:
+        pytest_args.append("--vhost-set-mem-table")
     if args.known_deviations:
         pytest_args += ["--vhost-known-deviations", args.known_deviations]
     if args.k:
@@ -414,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--qemu", action="store_true",
                      help="also run the qemu tier (VU-QEMU-*: real QEMU 11.1.3 boots a guest on the "
                      "back-end; ~10-30 s a case under TCG)")
+    run.add_argument("--set-mem-table", action="store_true",
+                     help="drive the back-end as QEMU 11.1.3 does without CONFIGURE_MEM_SLOTS: "
+                     "memory by SET_MEM_TABLE (cases that need the bit: unsupported)")
     run.add_argument("--known-deviations", metavar="FILE",
                      help="TOML/JSON list of known deviations (expected failures)")
     run.add_argument("--timeout", type=float, default=5.0, metavar="S",
