@@ -29,6 +29,7 @@ from vhost_conformance.suites.drivers import (
     stop_now,
     wait_popped,
 )
+from vhost_conformance.suites.drivers.migration import fail_on, held_migration
 from vhost_conformance.suites.model import MUST, CaseFailed, case
 from vhost_conformance.suites.target import BackendTarget, Capabilities
 
@@ -191,3 +192,38 @@ def test_skip_drain_is_answered_like_get_vring_base(
                          expected=f"the request left on the stopped ring (tag {late.tag}) done",
                          seen=f"{len(completed)} completion(s)")
     do_io(session, 1, kinds=("read",), sector=4000)
+
+
+@case(
+    "VU-SKIP-4",
+    title="An in-flight migration whose switch-over sends GET_VRING_BASE_SKIP_DRAIN (proposal)",
+    family="migration", level=MUST, tier=Tier.INTEROP,
+    clause=f"{SECTION}; Inflight I/O tracking",
+    source=f"{QEMU_NEXT_SOURCE}; c2f4030c42da 'vhost-user-blk: use GET_VRING_BASE_SKIP_DRAIN "
+    "when inflight-migration is on' (the switch-over's stop; p-b-o/qemu-ci hw/virtio/vhost.c "
+    "1040dc581d92 do_vhost_virtqueue_stop sends it per queue); the destination resubmits the "
+    "recorded requests as with bit 20 (QEMU 11.1.3 hw/block/vhost-user-blk.c inflight subsection)",
+    requirement="With the qemu-next front-end, the source is stopped by GET_VRING_BASE_SKIP_DRAIN "
+    "(no GET_VRING_BASE) and every request held at the switch-over completes once, on the "
+    "destination or on the source before the reply.",
+    requires=SKIP_DRAIN_BITS,
+    needs=["slow-io"],
+)
+def test_skip_drain_migration_completes_every_request_once(
+    vhost_target: BackendTarget, vhost_target_factory: Callable[[str], BackendTarget],
+    make_session: SessionFactory, vhost_measurements: dict[str, float],
+) -> None:
+    """VU-MIG-3 with the qemu-next switch-over: reads held on the slow disk, message 45 at
+    the stop, the destination given the migrated region."""
+    result, ledger, _ = held_migration(vhost_target, vhost_target_factory, make_session,
+                                       kinds=("read",), measurements=vhost_measurements,
+                                       profile="qemu-next")
+    sent = [e.name for e in result.source.channel.trace.entries() if e.direction == "fe->be"]
+    stops = [n for n in sent if n.startswith("GET_VRING_BASE")]
+    if not result.source.skip_drain_agreed or stops != ["GET_VRING_BASE_SKIP_DRAIN"]:
+        raise CaseFailed("the qemu-next switch-over on the source",
+                         expected="bit 23 agreed and one GET_VRING_BASE_SKIP_DRAIN",
+                         seen=f"protocol {result.source.negotiated.protocol_features:#x}, "
+                         f"stop messages {stops}")
+    fail_on([f for f in ledger.findings() if f.kind != "status"],
+            "requests held across the qemu-next migration")

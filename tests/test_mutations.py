@@ -22,6 +22,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "skip-used-idx-fixup": ("VU-INF-5", "VU-INF-8", "VU-RECON-2"),
     "ignore-inflight": (
         "VU-DBL-1", "VU-DBL-2", "VU-DBL-3", "VU-INF-5", "VU-MIG-3", "VU-MIG-4", "VU-RECON-2",
+        "VU-SKIP-4",
     ),
     "resubmit-head-order": ("VU-DBL-3", "VU-INF-5", "VU-RECON-2"),
     "base-is-used-idx": ("VU-GVB-4",),

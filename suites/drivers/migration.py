@@ -166,16 +166,19 @@ def held_migration(
     kinds: Sequence[str] = ("write", "read"),
     inflight_migration: bool = True,
     measurements: dict[str, float] | None = None,
+    profile: str = "qemu-11.1",
 ) -> tuple[MigrationResult, Ledger, list[BlkRequest]]:
     """Slow disk on source and destination, :data:`HELD` requests in flight, migration; every
     held request harvested, extras watched for, the suspended-state comparison done. Requests
     that never complete fail the case, naming what the source wrote after its reply (a
     completion there is one the destination never sees). Data is not judged: a profile's slow
     variant need not keep data (qemu-storage-daemon's is a null driver). Returns the result,
-    the ledger and the held requests."""
+    the ledger and the held requests. ``profile``: the front-end profile of both sides
+    (``qemu-next``: the switch-over sends GET_VRING_BASE_SKIP_DRAIN where bit 23 was agreed)."""
     destination = destination_target(vhost_target, vhost_target_factory)
     with slow_pair(vhost_target, destination):
-        source = make_session(vhost_target, inflight_migration=inflight_migration, model=False)
+        source = make_session(vhost_target, inflight_migration=inflight_migration, model=False,
+                              profile=profile)
         ledger = Ledger()
         held = submit_tracked(source, ledger, HELD, kinds=kinds)
         wait_popped(source, 0, settle=LATENCY_MS / 2000)
