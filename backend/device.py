@@ -847,6 +847,8 @@ class Device:
             raise RequestError(f"SET_VRING_BASE on started vring {q.index}")
         if self.packed:
             q.last_avail_idx, q.avail_wrap, q.used_idx, q.used_wrap = split_packed_base(payload.num)
+            if self.faults.on("packed-base-wrap-ignored"):
+                q.avail_wrap = q.used_wrap = True
         else:
             if payload.num > 0xFFFF:
                 raise RequestError(f"SET_VRING_BASE: {payload.num:#x} has reserved bits 16-31 set")
@@ -860,6 +862,8 @@ class Device:
                 return packed_base(q.used_idx, q.used_wrap, q.used_idx, q.used_wrap)
             return q.used_idx & 0xFFFF
         if self.packed:
+            if self.faults.on("packed-base-used-half-avail"):
+                return packed_base(q.last_avail_idx, q.avail_wrap, q.last_avail_idx, q.avail_wrap)
             return packed_base(q.last_avail_idx, q.avail_wrap, q.used_idx, q.used_wrap)
         return q.last_avail_idx & 0xFFFF
 

@@ -171,6 +171,10 @@ MISBEHAVIOURS: dict[str, str] = {
     "than the queue size",
     "set-mem-table-refused": "SET_MEM_TABLE is refused: only ADD_MEM_REG maps memory (a "
     "back-end written for front-ends with CONFIGURE_MEM_SLOTS)",
+    "packed-base-wrap-ignored": "SET_VRING_BASE on a packed ring ignores both wrap counters "
+    "(bits 15 and 31 taken as 1)",
+    "packed-base-used-half-avail": "GET_VRING_BASE on a packed ring returns the avail index and "
+    "wrap counter in the used half too",
 }
 
 

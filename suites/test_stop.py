@@ -180,43 +180,112 @@ def test_second_get_vring_base_and_restart_agree(vhost_session: Session) -> None
     title="Packed GET_VRING_BASE carries both indices",
     family="stop-drain",
     level=MUST,
-    clause=f"{RST} Front-end message types: GET_VRING_BASE (packed)",
-    quote=(
-        "For a packed virtqueue, neither index is explicitly available to read from memory, so "
-        "both indices (as maintained by the device) are returned."
+    clause=f"{RST} Front-end message types: GET_VRING_BASE / SET_VRING_BASE (packed)",
+    quote="\n".join(
+        (
+            "For a packed virtqueue, neither index is explicitly available to read from memory, "
+            "so both indices (as maintained by the device) are returned.",
+            "For a packed virtqueue, both indices are supplied, as they are not explicitly "
+            "available in memory.",
+        )
     ),
     requirement=(
         "With RING_PACKED, GET_VRING_BASE returns the avail and used indices and both wrap "
-        "counters."
+        "counters (different halves while requests are suspended with bit 20), and SET_VRING_BASE "
+        "with both, at a position after a wrap, restarts the ring there."
     ),
     requires=[VirtioFeature.RING_PACKED],
 )
 def test_packed_get_vring_base_carries_both_indices(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
-    """With RING_PACKED, GET_VRING_BASE returns both indices and both wrap counters."""
-    session = make_session(vhost_target, packed=True)
+    """With RING_PACKED, GET_VRING_BASE returns both indices and both wrap counters: after
+    the ring wrapped (wrap counters 0), and, with bit 20 and slow I/O, with two requests
+    suspended (the used half behind the avail half); the ring restarted at the returned
+    position (SET_VRING_BASE with both indices) carries I/O again."""
+    # no in-flight region here: a back-end restores its indices from a region when it has one,
+    # and the restart is to show that SET_VRING_BASE's own value is used
+    session = make_session(vhost_target, packed=True, inflight_migration=False,
+                           strip_protocol=[P.INFLIGHT_SHMFD])
+    vq = session.queues[0].vq
+    assert isinstance(vq, PackedVirtqueue)
+    rounds = 0
     try:
-        do_io(session, 3)
+        # until both wrap counters flipped (how many rounds depends on the descriptor layout)
+        while (vq.avail_wrap_counter or vq.used_wrap_counter) and rounds <= vq.size:
+            do_io(session, 1, sector=8 * (rounds % 64))
+            rounds += 1
+        do_io(session, 1)  # and off index 0
+        rounds += 1
     except BackendHang as exc:
         # no I/O on a packed ring at all: VU-RING-9's behaviour, counted there
         raise CaseHang(f"packed-ring I/O before the stop did not complete: {exc}",
                        behaviour="no-io-on-packed-ring") from None
+    base = stop_now(session).bases[0]
+    _expect_packed_base(vq, base, f"after {2 * rounds} requests (the ring wrapped)")
+    session.start(vring_bases=[base])
+    try:
+        do_io(session, 1, sector=2048)
+    except BackendHang as exc:
+        raise CaseFailed(f"I/O after SET_VRING_BASE {base:#x} (packed, both wrap counters 0)",
+                         expected="completed at the restarted position", seen=str(exc)) from None
+    session.stop()
+    if not (make_session.capabilities.offers(P.INFLIGHT_SHMFD)
+            and make_session.capabilities.offers(P.GET_VRING_BASE_INFLIGHT)):
+        return
+    try:
+        context = slow_disk(vhost_target, LATENCY_MS)
+        context.__enter__()
+    except Unsupported:
+        return
+    try:
+        _packed_suspended_base(vhost_target, make_session)
+    finally:
+        context.__exit__(None, None, None)
+
+
+def _expect_packed_base(vq: PackedVirtqueue, base: int, what: str) -> None:
+    """The base must be the driver-side model's (avail idx, wrap, used idx, wrap)."""
+    expected = (vq.next_avail_idx, bool(vq.avail_wrap_counter), vq.last_used_idx,
+                bool(vq.used_wrap_counter))
+    seen = split_packed_base(base)
+    if seen != expected:
+        raise CaseFailed(f"packed GET_VRING_BASE (avail idx, avail wrap, used idx, used wrap) "
+                         f"{what}", expected=expected, seen=seen)
+
+
+def _packed_suspended_base(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
+    """Bit 20: two reads held on the slow disk and marked in the region, stop: the used half
+    stays where the completions stopped (a back-end that drained shows them completed, and its
+    used half is judged after reaping them); restart there: both complete, once."""
+    session = make_session(vhost_target, packed=True, inflight_migration=True, model=False)
+    tracker = InflightTracker(session)
+    do_io(session, 1)  # the ring off its initial position
+    requests = tracker.submit(pending_io(session, HELD, sector=512))
+    deadline = time.monotonic() + 1.0
+    while len(tracker.region().queues[0].inflight_heads()) < HELD:
+        if time.monotonic() > deadline:
+            return  # not both taken in time on this machine: nothing to judge
+        time.sleep(0.01)
+    stopped = stop_now(session, requests)
+    tracker.reap(0)  # completions written before the reply (a back-end that drained)
     vq = session.queues[0].vq
     assert isinstance(vq, PackedVirtqueue)
-    expected = (
-        vq.next_avail_idx,
-        bool(vq.avail_wrap_counter),
-        vq.last_used_idx,
-        bool(vq.used_wrap_counter),
-    )
-    seen = split_packed_base(stop_now(session).bases[0])
-    if seen != expected:
-        raise CaseFailed(
-            "packed GET_VRING_BASE (avail idx, avail wrap, used idx, used wrap)",
-            expected=expected,
-            seen=seen,
-        )
+    outstanding = HELD - len(tracker.completions)
+    _expect_packed_base(vq, stopped.bases[0],
+                        f"with {outstanding} of {HELD} held reads still in flight at the reply")
+    session.start(vring_bases=stopped.bases)
+    try:
+        tracker.wait(0, outstanding, timeout=session.timeout + LATENCY_MS * HELD / 1000)
+    except BackendHang as exc:
+        raise CaseFailed(f"the {outstanding} suspended read(s) after SET_VRING_BASE "
+                         f"{stopped.bases[0]:#x} (packed) and the restart",
+                         expected="resubmitted from the region and completed",
+                         seen=str(exc)) from None
+    time.sleep(0.1)
+    if tracker.reap(0) or vq.violations:
+        raise CaseFailed("used ring after the restart", expected="each held read once",
+                         seen=str(vq.violations[0]) if vq.violations else "more completions")
 
 
 @case(

@@ -112,6 +112,8 @@ KILLS: dict[str, tuple[str, ...]] = {
     "queue-num-understated": ("VU-MQ-1", "VU-QEMU-3"),
     "region-desc-num-wrong": ("VU-INF-4", "VU-INF-6", "VU-QEMU-8"),
     "set-mem-table-refused": ("VU-FD-2", "VU-MEM-4", "VU-MEM-5"),
+    "packed-base-wrap-ignored": ("VU-GVB-10",),
+    "packed-base-used-half-avail": ("VU-GVB-10",),
 }
 
 #: knobs that act only on requests held on the slow disk (100 ms) at the stop: retried once
@@ -152,7 +154,6 @@ UNMUTATED: frozenset[str] = frozenset(
         "VU-FUZZ-2",
         "VU-FUZZ-3",
         "VU-FUZZ-4",
-        "VU-GVB-10",
         "VU-HOST-1",
         "VU-HOST-2",
         "VU-HOST-3",
