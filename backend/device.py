@@ -1548,7 +1548,8 @@ class Device:
         re-reading the disk size. Not while suspended. Returns whether it was sent."""
         self.disk.size = os.fstat(self.disk.fd).st_size
         self.config.capacity = self.disk.capacity_sectors
-        if self.backend_fd < 0 or not self._has_protocol(ProtocolFeature.CONFIG) or self.suspended:
+        suspended = self.suspended and not self.faults.on("config-change-while-suspended")
+        if self.backend_fd < 0 or not self._has_protocol(ProtocolFeature.CONFIG) or suspended:
             return False
         data = Header(BackendRequest.CONFIG_CHANGE_MSG, VERSION, 0).encode()
         try:

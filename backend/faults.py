@@ -175,6 +175,8 @@ MISBEHAVIOURS: dict[str, str] = {
     "(bits 15 and 31 taken as 1)",
     "packed-base-used-half-avail": "GET_VRING_BASE on a packed ring returns the avail index and "
     "wrap counter in the used half too",
+    "config-change-while-suspended": "a disk resize (SIGUSR1) sends BACKEND_CONFIG_CHANGE_MSG "
+    "while every ring is stopped, too",
 }
 
 

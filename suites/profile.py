@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import string
 import tomllib
 from collections.abc import Mapping
@@ -174,6 +175,10 @@ class Profile:
     #: What ``--fd=FDNUM`` hands the program: a ``listening`` Unix socket (libvhost-user's
     #: contrib vhost-user-blk, virtiofsd) or one ``connected`` end of a socket pair.
     program_fd: str = "listening"
+    #: The signal (a name such as ``SIGUSR1``) after which the back-end re-reads the size of
+    #: ``{disk}`` and tells the front-end (BACKEND_CONFIG_CHANGE_MSG): how a case provokes a
+    #: back-end message (VU-SUSP-3). None: the suite cannot make the back-end send one.
+    resize_signal: str | None = None
 
     def __post_init__(self) -> None:
         if self.socket_mode not in ("listen", "connect"):
@@ -226,6 +231,11 @@ class Profile:
                 f"profile {self.name!r}: program_fd must be 'listening' or 'connected', "
                 f"got {self.program_fd!r}"
             )
+        if self.resize_signal is not None and not (
+                self.resize_signal.startswith("SIG")
+                and isinstance(getattr(signal, self.resize_signal, None), signal.Signals)):
+            raise UsageError(f"profile {self.name!r}: resize_signal {self.resize_signal!r} is "
+                             "not a signal name (e.g. SIGUSR1)")
         if self.queues_args is not None:
             check_template(self.queues_args, COMMAND_PLACEHOLDERS | QUEUES_PLACEHOLDERS,
                            f"profile {self.name!r}: queues_args")  # fmt: skip
@@ -284,6 +294,7 @@ _PROFILE_KEYS = frozenset(
         "program_command",
         "program_unsupported",
         "program_fd",
+        "resize_signal",
     }
 )
 
@@ -339,6 +350,7 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
     queues_args = typed("queues_args", str, None)
     program_cmd = typed("program_command", str, None)
     program_unsupported = typed("program_unsupported", str, None)
+    resize_signal = typed("resize_signal", str, None)
     prestart = data.get("prestart", 0)
     if isinstance(prestart, bool) or not isinstance(prestart, int):
         raise UsageError(f"profile {source}: prestart must be int, got {type(prestart).__name__}")
@@ -365,6 +377,7 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
             program_unsupported if isinstance(program_unsupported, str) else None
         ),
         program_fd=str(typed("program_fd", str, "listening")),
+        resize_signal=resize_signal if isinstance(resize_signal, str) else None,
     )
 
 

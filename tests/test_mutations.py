@@ -114,6 +114,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "set-mem-table-refused": ("VU-FD-2", "VU-MEM-4", "VU-MEM-5"),
     "packed-base-wrap-ignored": ("VU-GVB-10",),
     "packed-base-used-half-avail": ("VU-GVB-10",),
+    "config-change-while-suspended": ("VU-SUSP-3",),
 }
 
 #: knobs that act only on requests held on the slow disk (100 ms) at the stop: retried once
@@ -194,7 +195,6 @@ UNMUTATED: frozenset[str] = frozenset(
         "VU-RING-10",
         "VU-RING-11",
         "VU-RING-12",
-        "VU-SUSP-3",
     }
 )
 

@@ -458,3 +458,14 @@ def test_slow_io_route_knob_watched_disk_or_none() -> None:
     assert profile_from_mapping(chosen, "p", "t").slow_io_route() == "disk"
     with pytest.raises(UsageError):
         profile_from_mapping({**plain, "slow_io": {"via": "tmpfs"}}, "p", "t")
+
+
+def test_profile_resize_signal() -> None:
+    """``resize_signal`` (VU-SUSP-3 provokes a BACKEND_CONFIG_CHANGE_MSG with it) is a signal
+    name; the reference profile names SIGUSR1; anything else is a usage error."""
+    from vhost_conformance.suites.target import UsageError, load_profile, profile_from_mapping
+
+    assert load_profile("reference").resize_signal == "SIGUSR1"
+    assert profile_from_mapping({"command": "x {socket}"}, "p", "t").resize_signal is None
+    with pytest.raises(UsageError, match="resize_signal"):
+        profile_from_mapping({"command": "x {socket}", "resize_signal": "USR1"}, "p", "t")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import struct
 import time
 import weakref
@@ -620,6 +621,23 @@ def fd_count(target: BackendTarget) -> int | None:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return None
+
+
+def provoke_config_change(target: BackendTarget) -> str | None:
+    """Grow the disk image by 1 MiB and send the profile's ``resize_signal`` (the back-end
+    re-reads the size and sends BACKEND_CONFIG_CHANGE_MSG). Returns None when it was done,
+    else why the suite cannot provoke a back-end message here."""
+    if not isinstance(target, CommandTarget) or target.profile.command is None:
+        return "the suite does not run this back-end itself"
+    name = target.profile.resize_signal
+    if name is None:
+        return f"profile {target.profile.name!r} names no resize_signal"
+    disk = target.values.get("disk")
+    if disk is None or not os.path.isfile(disk):
+        return "no disk image file to grow"
+    os.truncate(disk, os.path.getsize(disk) + (1 << 20))
+    target.send_signal(getattr(signal, name))
+    return None
 
 
 def require_command(target: BackendTarget) -> CommandTarget:
