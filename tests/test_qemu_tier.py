@@ -99,7 +99,8 @@ def _knob_profile(tmp_path: pathlib.Path, knob: str) -> pathlib.Path:
     return path
 
 
-def _run_cases(tmp_path: pathlib.Path, profile: pathlib.Path, *cases: str) -> dict[str, dict[str, object]]:
+def _run_cases(tmp_path: pathlib.Path, profile: pathlib.Path, *cases: str,
+               stdout: list[str] | None = None) -> dict[str, dict[str, object]]:  # fmt: skip
     report = tmp_path / "report"
     args = [sys.executable, "-m", "vhost_conformance.cli", "run", "--profile", str(profile),
             "--no-preflight", "-n", "0", "--report", str(report)]  # fmt: skip
@@ -108,6 +109,8 @@ def _run_cases(tmp_path: pathlib.Path, profile: pathlib.Path, *cases: str) -> di
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     path = report / "report.json"
     assert path.exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
+    if stdout is not None:
+        stdout.append(proc.stdout)
     return {c["id"]: c for c in json.loads(path.read_text())["cases"]}
 
 
@@ -115,10 +118,14 @@ def _run_cases(tmp_path: pathlib.Path, profile: pathlib.Path, *cases: str) -> di
 def test_finding_not_run_without_the_tier(tmp_path: pathlib.Path) -> None:
     """``--misbehave wrong-reply-flags`` fails VU-HDR-2; without the qemu tier in the run its
     report entry names VU-QEMU-1 and says ``not run`` (no QEMU is started: ~3 s)."""
-    cases = _run_cases(tmp_path, _knob_profile(tmp_path, "wrong-reply-flags"), "VU-HDR-2")
+    out: list[str] = []
+    cases = _run_cases(tmp_path, _knob_profile(tmp_path, "wrong-reply-flags"), "VU-HDR-2",
+                       stdout=out)  # fmt: skip
     hdr2 = cases["VU-HDR-2"]
     assert hdr2["verdict"] == "fail", hdr2["reason"]
     assert (hdr2["qemu_case"], hdr2["qemu_confirmed"]) == ("VU-QEMU-1", "not run")
+    assert "findings held against real QEMU 11.1.3: 1 not run" in out[0], out[0]
+    assert "qemu tier:" not in out[0]
 
 
 @pytest.mark.peer("qemu-11.1")
@@ -133,8 +140,10 @@ def test_finding_confirmed_by_real_qemu(tmp_path: pathlib.Path) -> None:
             peer_path(name)
         except PeerUnavailable as exc:
             pytest.skip(str(exc))
+    out: list[str] = []
     cases = _run_cases(tmp_path, _knob_profile(tmp_path, "wrong-reply-flags"),
-                       "VU-HDR-2", "VU-QEMU-1")  # fmt: skip
+                       "VU-HDR-2", "VU-QEMU-1", stdout=out)  # fmt: skip
+    assert "qemu tier: 1 cases in" in out[0] and "real QEMU 11.1.3: 1 yes" in out[0], out[0]
     assert cases["VU-QEMU-1"]["verdict"] == "fail", cases["VU-QEMU-1"]["reason"]
     hdr2 = cases["VU-HDR-2"]
     assert (hdr2["qemu_case"], hdr2["qemu_confirmed"]) == ("VU-QEMU-1", "yes")

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -223,6 +224,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()) if n)
     print(f"vhost-conformance: {len(report.cases)} cases against {report.backend.name}: "
           f"{summary}; report in {report_dir}")
+    qemu = [c for c in report.cases if c.family == "qemu"]
+    if qemu:  # the tier's budget: 4 minutes on 2 cores against the reference back-end
+        print(f"vhost-conformance: qemu tier: {len(qemu)} cases in "
+              f"{sum(c.duration_s for c in qemu):.0f} s")
+    held = Counter(c.qemu_confirmed for c in report.cases if c.qemu_confirmed is not None)
+    if held:
+        print("vhost-conformance: findings held against real QEMU 11.1.3: "
+              + ", ".join(f"{n} {what}" for what, n in sorted(held.items())))
     return report.gate(args.strict)
 
 
