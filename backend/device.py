@@ -316,6 +316,8 @@ class Device:
         self._timers: list[Request] = []
         self._seq = 0
         self._get_features_count = 0
+        #: --misbehave iotlb-msg-without-iommu: the one IOTLB miss was sent
+        self._iotlb_sent = False
         #: --misbehave keep-rem-mem-reg-fd: fds kept open until the connection ends
         self._kept_fds: list[int] = []
         self.closed = False
@@ -1498,6 +1500,8 @@ class Device:
             if q.index > 0 and self.faults.on("second-queue-ignored"):
                 continue
             q.kicked = False
+            if self.faults.on("iotlb-msg-without-iommu") and not self._iotlb_sent:
+                self._iotlb_sent = self._send_iotlb_miss(q)
             while q.resubmit:
                 self._submit(q.resubmit.pop(0), now)
             if isinstance(q.ring, SplitRing):
@@ -1542,6 +1546,20 @@ class Device:
                    for q in self.queues)
 
     # ------------------------------------------------------------------ back-end channel
+
+    def _send_iotlb_miss(self, q: VirtQueue) -> bool:
+        """--misbehave iotlb-msg-without-iommu: a BACKEND_IOTLB_MSG miss (type 1) for the
+        ring's descriptor table, though VIRTIO_F_IOMMU_PLATFORM was not negotiated."""
+        if self.backend_fd < 0:
+            return False
+        payload = struct.pack("<QQQBB6x", q.desc_uva, 4096, 0, 1, 1)  # iova, size, uaddr, RO, MISS
+        data = Header(BackendRequest.IOTLB_MSG, VERSION, len(payload)).encode() + payload
+        try:
+            os.write(self.backend_fd, data)
+        except OSError as exc:
+            log.error("BACKEND_IOTLB_MSG not sent: %s", exc)
+            return False
+        return True
 
     def send_config_change(self) -> bool:
         """Tell the front-end the config space changed (BACKEND_CONFIG_CHANGE_MSG), after

@@ -177,6 +177,8 @@ MISBEHAVIOURS: dict[str, str] = {
     "wrap counter in the used half too",
     "config-change-while-suspended": "a disk resize (SIGUSR1) sends BACKEND_CONFIG_CHANGE_MSG "
     "while every ring is stopped, too",
+    "iotlb-msg-without-iommu": "a BACKEND_IOTLB_MSG miss on the back-end channel at the first "
+    "kick, though VIRTIO_F_IOMMU_PLATFORM was not negotiated",
 }
 
 

@@ -394,7 +394,7 @@ CONTROL_PLANE_FAMILIES = frozenset({"handshake", "memory", "malformed", "program
 BLK_REQUEST_CASES = frozenset({
     "VU-FEAT-11",  # VIRTIO 1.3 5.2.5.2: virtio-blk's FLUSH/CONFIG_WCE bits
     "VU-FEAT-5", "VU-FD-2", "VU-FD-3", "VU-FD-4", "VU-MEM-4", "VU-MEM-5", "VU-MEM-6", "VU-MEM-7",
-    "VU-MEM-8",
+    "VU-MEM-8", "VU-IOMMU-1",
     "VU-MAL-17",
     "VU-MAL-1", "VU-MAL-2", "VU-MAL-3", "VU-MAL-4", "VU-MAL-5", "VU-MAL-6", "VU-MAL-7",
     "VU-MAL-8", "VU-MAL-9", "VU-MAL-11", "VU-MAL-12", "VU-MAL-15", "VU-MAL-16",

@@ -115,6 +115,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "packed-base-wrap-ignored": ("VU-GVB-10",),
     "packed-base-used-half-avail": ("VU-GVB-10",),
     "config-change-while-suspended": ("VU-SUSP-3",),
+    "iotlb-msg-without-iommu": ("VU-IOMMU-1",),
 }
 
 #: knobs that act only on requests held on the slow disk (100 ms) at the stop: retried once
