@@ -189,6 +189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         knobs = _program_knobs(args, argv)
         if args.print_capabilities:
+            try:
+                bent = "capabilities-not-json" in parse_misbehave(args.misbehave)
+            except ValueError as exc:
+                raise _UsageError(f"--misbehave: {exc}") from None
+            if bent:
+                print("vhost-conformance-backend: a block device (read-only, blk-file)")
+                return 0
             print(json.dumps(CAPABILITIES, indent=2))
             if "print-capabilities-serves" not in knobs:
                 return 0
@@ -225,11 +232,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         server = Server(options, disk, faults, listen_sock=listen, connect_path=args.connect)
 
+        ignored: list[int] = []
+
         def on_signal(signum: int, frame: FrameType | None) -> None:
             if signum == signal.SIGUSR1:
                 if server.device is not None:
                     server.device.send_config_change()
                 return
+            if signum == signal.SIGTERM and faults.on("ignore-sigterm") and not ignored:
+                ignored.append(signum)  # the first one: a second SIGTERM ends the program
+                return
+            faults.stopping = True
             server.request_stop()
 
         signal.signal(signal.SIGTERM, on_signal)

@@ -20,6 +20,7 @@ import contextlib
 import heapq
 import logging
 import os
+import signal
 import struct
 import time
 from collections.abc import Callable
@@ -95,6 +96,23 @@ _BEFORE_OWNER = {
     R.SET_OWNER,
     R.GET_CONFIG,
     R.GET_STATUS,
+}
+
+
+#: Requests that exist only with a protocol feature (crash-on-unexpected-request dies on them
+#: without it).
+_GATED = {
+    R.GET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
+    R.SET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
+    R.GET_CONFIG: ProtocolFeature.CONFIG,
+    R.SET_CONFIG: ProtocolFeature.CONFIG,
+    R.ADD_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    R.REM_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    R.GET_MAX_MEM_SLOTS: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    R.GET_STATUS: ProtocolFeature.STATUS,
+    R.SET_STATUS: ProtocolFeature.STATUS,
+    R.SET_BACKEND_REQ_FD: ProtocolFeature.BACKEND_REQ,
+    R.SET_LOG_BASE: ProtocolFeature.LOG_SHMFD,
 }
 
 
@@ -292,6 +310,11 @@ class Device:
         self.owner = False
         self.status = 0
         self.memory = GuestMemory(options.max_mem_slots)
+        if isinstance(self.faults.carried, GuestMemory):
+            # keep-regions-on-early-close: the regions of the connection before
+            self.memory, self.faults.carried = self.faults.carried, None
+        #: a ring was started on this connection (keep-regions-on-early-close)
+        self.ever_started = False
         self.dirty_log: DirtyLog | None = None
         self.backend_fd = -1
         self.inflight_mm: object | None = None
@@ -357,6 +380,8 @@ class Device:
 
     def _queue(self, index: int) -> VirtQueue:
         if not 0 <= index < len(self.queues):
+            if self.faults.on("crash-on-bad-vring-index"):
+                self.faults.die("crash-on-bad-vring-index", f"vring index {index}")
             raise RequestError(f"vring index {index} out of range (device has {len(self.queues)})")
         return self.queues[index]
 
@@ -384,6 +409,10 @@ class Device:
         try:
             request = FrontendRequest(msg.request)
         except ValueError:
+            if self.faults.on("crash-on-unexpected-request"):
+                self.faults.die(
+                    "crash-on-unexpected-request", f"unknown request {msg.request}", signal.SIGABRT
+                )
             raise ConnectionFatal(f"unknown request id {msg.request}") from None
         name = request.name
         if msg.is_reply:
@@ -394,6 +423,7 @@ class Device:
             self.faults.crash(f"{name} with a {len(msg.payload)}-byte payload")
         low, high = expected_fd_count(FD_EXPECTATIONS[request], msg.payload)
         try:
+            self._misbehave_on_request(request, msg, fds, low, high)
             if not low <= len(fds) <= high:
                 raise RequestError(
                     f"{name}: carries {len(fds)} fds, expected "
@@ -407,6 +437,8 @@ class Device:
             try:
                 payload = msg.decoded()
             except MalformedMessage as exc:
+                if self.faults.on("trust-payload-size"):
+                    self.faults.die("trust-payload-size", str(exc))
                 raise RequestError(str(exc)) from None
             handler(msg, payload, fds)
         except RequestError as exc:
@@ -422,6 +454,36 @@ class Device:
             and self._has_protocol(ProtocolFeature.REPLY_ACK)
         ):
             self._reply(msg.request, U64(0).encode())
+
+    def _misbehave_on_request(
+        self, request: FrontendRequest, msg: Message, fds: list[int], low: int, high: int
+    ) -> None:
+        """The robustness knobs that act on a request before it is checked: die on it, or
+        keep its surplus fds (leak-surplus-fds: they leave ``fds``, nobody closes them)."""
+        faults = self.faults
+        if faults.on("crash-on-unexpected-request"):
+            gate = _GATED.get(request)
+            why = None
+            if not self.owner and request not in _BEFORE_OWNER:
+                why = f"{request.name} before SET_OWNER"
+            elif gate is not None and not self._has_protocol(gate):
+                why = f"{request.name} without {gate.name}"
+            if why is not None:
+                faults.die("crash-on-unexpected-request", why, signal.SIGABRT)
+        if faults.on("crash-on-bad-fd-count"):
+            regions = (
+                struct.unpack_from("<I", msg.payload)[0]
+                if request == R.SET_MEM_TABLE and len(msg.payload) >= 4
+                else 0
+            )
+            if len(fds) < low or regions > 8:
+                faults.die(
+                    "crash-on-bad-fd-count",
+                    f"{request.name} with {len(fds)} fds ({regions} regions), needs {low}",
+                )
+        if faults.on("leak-surplus-fds") and len(fds) > high:
+            while len(fds) > high:
+                faults.leaked.append(fds.pop())
 
     def _acks(self, msg: Message) -> bool:
         """Whether ``msg`` gets a REPLY_ACK (the misbehaviour knobs bend the rule)."""
@@ -779,6 +841,12 @@ class Device:
             )
         except (OSError, ValueError, OverflowError) as exc:
             raise RequestError(f"SET_INFLIGHT_FD: cannot map the region: {exc}") from None
+        if self.faults.on("leak-inflight-regions") and self.inflight_mm is not None:
+            # the earlier region stays mapped, its fd open, for the process's life
+            self.faults.leaked.append(self.inflight_mm)
+            self.inflight_mm = None
+        if self.faults.on("leak-inflight-regions"):
+            self.faults.leaked.append(os.dup(fds[0]))
         self._drop_inflight()
         self.inflight_mm = mm
         self.inflight_info = payload
@@ -823,7 +891,8 @@ class Device:
         num = payload.num
         if q.started:
             raise RequestError(f"SET_VRING_NUM on started vring {q.index}")
-        if not 1 <= num <= MAX_QUEUE_SIZE or (not self.packed and num & (num - 1)):
+        bad = not 1 <= num <= MAX_QUEUE_SIZE or (not self.packed and num & (num - 1))
+        if bad and not self.faults.on("accept-any-ring-size"):
             raise RequestError(f"SET_VRING_NUM: size {num} invalid (split: power of 2 <= 32768)")
         q.num = num
 
@@ -897,6 +966,8 @@ class Device:
             raise RequestError(f"{what}({q.index}) while one is already draining")
         q.stop_request = msg.request
         if not q.started:
+            if self.faults.on("crash-on-stop-before-start"):
+                self.faults.die("crash-on-stop-before-start", f"GET_VRING_BASE({q.index})")
             self._reply(self._stop_reply_id(q), VringState(q.index, self._base_of(q)).encode())
             return
         self.flush()
@@ -1037,6 +1108,7 @@ class Device:
                     q.used_uva,
                     indirect=indirect,
                     event_idx=event_idx,
+                    faults=self.faults,
                 )
             else:
                 q.ring = SplitRing(
@@ -1047,6 +1119,7 @@ class Device:
                     q.used_uva,
                     indirect=indirect,
                     event_idx=event_idx,
+                    faults=self.faults,
                 )
         except RingError as exc:
             q.ring = None
@@ -1058,6 +1131,7 @@ class Device:
         q.started = True
         q.serve_stopped = False
         self._all_stopped = False
+        self.ever_started = True
         q.broken = None
         q.pending.clear()
         q.done.clear()
@@ -1216,6 +1290,8 @@ class Device:
         avail = ring.avail_idx()
         count = (avail - q.last_avail_idx) & 0xFFFF
         if count > q.num:
+            if self.faults.on("trust-avail-ring"):
+                self.faults.die("trust-avail-ring", f"{count} heads available", signal.SIGABRT)
             self._break(
                 q,
                 f"avail->idx {avail} is {count} ahead of last_avail_idx "
@@ -1230,13 +1306,18 @@ class Device:
                 self._break(q, f"head {head} at avail slot {q.last_avail_idx}: {chain.fatal}")
                 return False
             if head in inflight_heads:
+                if self.faults.on("trust-avail-ring"):
+                    self.faults.die(
+                        "trust-avail-ring", f"head {head} available twice", signal.SIGABRT
+                    )
                 self._break(q, f"head {head} made available again while still in flight")
                 return False
             q.last_avail_idx = (q.last_avail_idx + 1) & 0xFFFF
             inflight_heads.add(head)
             if isinstance(q.inflight, SplitInflight):
                 q.inflight.mark_popped(head, q.counter)
-            q.counter += 1
+            if not self.faults.on("inflight-counter-stuck"):
+                q.counter += 1
             self.faults.reach("after-pop")
             self._submit(self._new_request(q, chain, head), now)
         if ring.event_idx:
@@ -1272,7 +1353,8 @@ class Device:
                 except InflightError as exc:
                     self._break(q, str(exc))
                     return
-            q.counter += 1
+            if not self.faults.on("inflight-counter-stuck"):
+                q.counter += 1
             self.faults.reach("after-pop")
             self._submit(self._new_request(q, chain, head), now)
 
@@ -1604,7 +1686,14 @@ class Device:
         if self.dirty_log is not None:
             self.dirty_log.close()
             self.dirty_log = None
-        self.memory.clear()
+        if (
+            self.faults.on("keep-regions-on-early-close")
+            and not self.ever_started
+            and self.memory.regions
+        ):
+            self.faults.carried = self.memory  # still mapped: the next connection gets them
+        else:
+            self.memory.clear()
         if self.backend_fd >= 0:
             _close(self.backend_fd)
             self.backend_fd = -1

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
 CRASH_POINTS = (
@@ -179,6 +181,43 @@ MISBEHAVIOURS: dict[str, str] = {
     "while every ring is stopped, too",
     "iotlb-msg-without-iommu": "a BACKEND_IOTLB_MSG miss on the back-end channel at the first "
     "kick, though VIRTIO_F_IOMMU_PLATFORM was not negotiated",
+    # robustness (mut-robust): the process dies (SIGSEGV/SIGABRT), stops answering or keeps
+    # fds/mappings on exactly the hostile input a case sends
+    "crash-on-unexpected-request": "SIGABRT on a request it has no business handling now: an "
+    "unknown id, a feature-gated request without its protocol feature, a session request "
+    "before SET_OWNER",
+    "trust-payload-size": "SIGSEGV on a payload whose size does not fit its request's layout "
+    "(shorter: read past it; longer than the layout or the 2056-byte union: copied over it)",
+    "spin-on-partial-message": "a message cut short by EOF is waited for forever: the process "
+    "stops serving anyone",
+    "crash-on-bad-fd-count": "SIGSEGV on a message carrying fewer fds than it needs (or a "
+    "SET_MEM_TABLE of more than 8 regions)",
+    "leak-surplus-fds": "fds a message carries beyond what it needs are kept open (CVE-2022-0669), "
+    "the message served",
+    "leak-inflight-regions": "SET_INFLIGHT_FD keeps the earlier region's mapping and fd",
+    "crash-on-bad-vring-index": "SIGSEGV on a vring index the device does not have",
+    "ignore-version-bits": "requests with version bits other than 1 are served",
+    "accept-any-ring-size": "SET_VRING_NUM of any size is accepted (0, > 32768, not a power of 2)",
+    "crash-on-stop-before-start": "SIGSEGV on GET_VRING_BASE of a ring not started (the ring "
+    "pointer is not set up yet)",
+    "keep-regions-on-early-close": "memory regions of a connection that ended before any ring "
+    "started stay mapped and are carried into the next connection",
+    "inflight-counter-stuck": "the in-flight region's global counter is not increased: every "
+    "request gets the same counter",
+    "chain-overflow": "SIGSEGV when a chain has more descriptors than the queue size (a loop, a "
+    "long indirect table, a wrapping packed chain): a fixed queue-size array overflows",
+    "unchecked-indirect": "SIGSEGV on an indirect descriptor inside an indirect table, of length "
+    "0 or not a multiple of 16, or with NEXT",
+    "unchecked-desc-index": "SIGSEGV on a head, next index or packed buffer id at or beyond the "
+    "queue size",
+    "unchecked-gpa": "SIGSEGV on a buffer, indirect table or status byte outside guest memory",
+    "trust-avail-ring": "SIGABRT when avail->idx is more than the queue size ahead or a head is "
+    "made available while in flight",
+    "write-readable-status": "the status byte goes to the chain's last descriptor whether or "
+    "not it is device-writable",
+    "crash-on-zero-length": "SIGSEGV on a zero-length buffer",
+    "ignore-sigterm": "the first SIGTERM is ignored (the program ends on a second one)",
+    "capabilities-not-json": "--print-capabilities prints a line of text, not JSON",
 }
 
 
@@ -203,6 +242,12 @@ class Faults:
     seed: int = 0
     misbehave: frozenset[str] = frozenset()
     reached: int = 0
+    #: set by the SIGTERM/SIGINT handler: ends a :meth:`hang`
+    stopping: bool = False
+    #: fds and mappings the leak knobs keep for the process's life
+    leaked: list[object] = field(default_factory=list)
+    #: keep-regions-on-early-close: the memory an early-closed connection left mapped
+    carried: object | None = None
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -228,6 +273,25 @@ class Faults:
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
         os._exit(137)  # not reached
+
+    def die(self, name: str, what: str, sig: int = signal.SIGSEGV) -> None:
+        """Misbehaviour ``name`` (switched on) kills the process with ``sig`` over ``what``:
+        what a C back-end does when it trusts that input (no core file)."""
+        sys.stderr.write(f"vhost-conformance-backend: misbehaving ({name}): {what}: dying\n")
+        sys.stderr.flush()
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)  # not reached
+
+    def hang(self, name: str, what: str) -> None:
+        """Misbehaviour ``name`` stops the process serving anyone (it waits for ``what``
+        forever) until SIGTERM/SIGINT, then exits 0."""
+        sys.stderr.write(f"vhost-conformance-backend: misbehaving ({name}): {what}: waiting\n")
+        sys.stderr.flush()
+        while not self.stopping:
+            time.sleep(0.05)
+        raise SystemExit(0)
 
     def on(self, name: str) -> bool:
         """Whether misbehaviour ``name`` is switched on."""

@@ -15,13 +15,21 @@ import contextlib
 import logging
 import os
 import selectors
+import signal
 import socket
 import time
 
 from vhost_conformance.backend.device import BackendOptions, ConnectionFatal, Device
 from vhost_conformance.backend.disk import Disk
 from vhost_conformance.backend.faults import Faults
-from vhost_conformance.frontend.protocol import MalformedMessage, MessageParser, request_name
+from vhost_conformance.frontend.protocol import (
+    MAX_PAYLOAD_SIZE,
+    Header,
+    MalformedMessage,
+    MessageParser,
+    UnknownRequest,
+    request_name,
+)
 
 log = logging.getLogger("vhost_conformance.backend")
 
@@ -95,7 +103,9 @@ class Server:
         conn.settimeout(SEND_TIMEOUT)
         self.conn = conn
         self.device = Device(self.options, self.disk, self.faults, _Watcher(self.sel))
-        self.parser = MessageParser("main")
+        self.parser = MessageParser(
+            "main", any_version=self.faults.on("ignore-version-bits")
+        )
         self.connections += 1
         self.sel.register(conn, selectors.EVENT_READ, ("conn", 0))
         if self.listen_sock is not None:
@@ -147,6 +157,11 @@ class Server:
             self._drop("ancillary data truncated (MSG_CTRUNC)")
             return
         if not data:
+            if self.parser.pending_bytes and self.faults.on("spin-on-partial-message"):
+                self.faults.hang(
+                    "spin-on-partial-message",
+                    f"the rest of a message ({self.parser.pending_bytes} bytes so far) after EOF",
+                )
             for fd in fds:
                 _close(fd)
             self._drop("end of file")
@@ -156,6 +171,7 @@ class Server:
             try:
                 msg = self.parser.next_message()
             except MalformedMessage as exc:
+                self._misbehave_on_header(exc)
                 log.error("malformed message: %s", exc)
                 self._drop(f"malformed message: {exc}")
                 return
@@ -180,6 +196,16 @@ class Server:
                 self._drop(f"internal error: {exc!r}")
                 return
             self._send_outbox()
+
+    def _misbehave_on_header(self, exc: MalformedMessage) -> None:
+        """crash-on-unexpected-request / trust-payload-size: die on the header the parser
+        refused (an unknown id; a size beyond the payload union)."""
+        if isinstance(exc, UnknownRequest) and self.faults.on("crash-on-unexpected-request"):
+            self.faults.die("crash-on-unexpected-request", str(exc), signal.SIGABRT)
+        if self.faults.on("trust-payload-size") and self.parser is not None:
+            raw = self.parser.buffered(12)
+            if len(raw) == 12 and Header.decode(raw).size > MAX_PAYLOAD_SIZE:
+                self.faults.die("trust-payload-size", f"header size {Header.decode(raw).size}")
 
     def _send_outbox(self) -> None:
         device, conn = self.device, self.conn

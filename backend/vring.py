@@ -16,6 +16,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vhost_conformance.backend.faults import Faults
 from vhost_conformance.backend.memory import GuestMemory, GuestMemoryError, full_barrier
 
 DESC_F_NEXT = 1
@@ -82,21 +83,30 @@ def _walk(
     table_size: int,
     indirect_ok: bool,
     packed: bool,
+    faults: Faults,
+    queue_size: int,
 ) -> None:
     """Follow descriptors from ``first`` of a table of ``table_size`` entries, filling
-    ``chain`` (buffers, fatal/error). ``read_desc(i)`` -> (addr, len, flags, next)."""
+    ``chain`` (buffers, fatal/error). ``read_desc(i)`` -> (addr, len, flags, next).
+    ``faults``: the robustness knobs that die on what this walk refuses."""
     reader = read_desc
     idx = first
     count = 0
+    total = 0
     in_indirect = False
     limit = table_size
     seen_write = False
     indirect_mm: tuple[mmap.mmap, int] | None = None
     while True:
         if idx >= limit:
+            if faults.on("unchecked-desc-index"):
+                faults.die("unchecked-desc-index", f"descriptor {idx} of a table of {limit}")
             chain.fatal = f"descriptor index {idx} outside a table of {limit}"
             return
         count += 1
+        total += 1
+        if total > queue_size and faults.on("chain-overflow"):
+            faults.die("chain-overflow", f"descriptor {total} of a queue of {queue_size}")
         if count > limit:
             chain.fatal = f"descriptor chain longer than its table of {limit} (a loop?)"
             return
@@ -110,6 +120,13 @@ def _walk(
         else:
             addr, length, flags, nxt = reader(idx)
         if flags & DESC_F_INDIRECT:
+            if faults.on("unchecked-indirect") and (
+                in_indirect
+                or (flags & DESC_F_NEXT and not packed)
+                or length == 0
+                or length % DESC_SIZE
+            ):
+                faults.die("unchecked-indirect", f"indirect descriptor len {length} flags {flags:#x}")
             if in_indirect:
                 chain.fatal = "indirect descriptor inside an indirect table"
                 return
@@ -125,6 +142,8 @@ def _walk(
             try:
                 indirect_mm = mem.gpa(addr, length)
             except GuestMemoryError as exc:
+                if faults.on("unchecked-gpa"):
+                    faults.die("unchecked-gpa", f"indirect table: {exc}")
                 chain.fatal = f"indirect table: {exc}"
                 return
             in_indirect = True
@@ -132,17 +151,22 @@ def _walk(
             idx = 0
             count = 0
             continue
-        if flags & DESC_F_WRITE:
+        if length == 0 and faults.on("crash-on-zero-length"):
+            faults.die("crash-on-zero-length", f"descriptor {idx}")
+        last = not flags & DESC_F_NEXT if not (packed and in_indirect) else idx + 1 >= limit
+        if flags & DESC_F_WRITE or (last and faults.on("write-readable-status")):
             seen_write = True
             chain.writable.append((addr, length))
         else:
             if seen_write and chain.error is None:
                 chain.error = "device-readable descriptor after a device-writable one"
             chain.readable.append((addr, length))
-        if chain.error is None:
+        if chain.error is None or faults.on("unchecked-gpa"):
             try:
                 mem.gpa_segments(addr, length)
             except GuestMemoryError as exc:
+                if faults.on("unchecked-gpa"):
+                    faults.die("unchecked-gpa", f"buffer: {exc}")
                 chain.error = f"buffer: {exc}"
         if packed and in_indirect:
             # Packed indirect tables are used sequentially, all entries (VIRTIO 1.2 2.8.7).
@@ -155,7 +179,7 @@ def _walk(
         idx = nxt
 
 
-def _finish(chain: Chain, mem: GuestMemory) -> None:
+def _finish(chain: Chain, mem: GuestMemory, faults: Faults) -> None:
     """A chain can be completed only with a mapped status byte (the last byte of the last
     device-writable buffer); without one it is fatal, with one a request error means IOERR."""
     if chain.fatal:
@@ -168,6 +192,8 @@ def _finish(chain: Chain, mem: GuestMemory) -> None:
         try:
             mem.gpa(status, 1)
         except GuestMemoryError as exc:
+            if faults.on("unchecked-gpa"):
+                faults.die("unchecked-gpa", f"status byte: {exc}")
             problem = f"status byte: {exc}"
     if problem is not None:
         chain.fatal = f"{chain.error}; and {problem}" if chain.error else problem
@@ -186,11 +212,13 @@ class SplitRing:
         *,
         indirect: bool,
         event_idx: bool,
+        faults: Faults | None = None,
     ) -> None:
         self.mem = mem
         self.num = num
         self.indirect = indirect
         self.event_idx = event_idx
+        self.faults = faults or Faults()
         try:
             self.desc_mm, self.desc_off = mem.uva(desc_uva, DESC_SIZE * num)
             self.avail_mm, self.avail_off = mem.uva(avail_uva, 6 + 2 * num)
@@ -228,10 +256,22 @@ class SplitRing:
         """Read and validate the chain starting at descriptor ``head``."""
         chain = Chain(head, buffer_id=head)
         if head >= self.num:
+            if self.faults.on("unchecked-desc-index"):
+                self.faults.die("unchecked-desc-index", f"head {head} of a queue of {self.num}")
             chain.fatal = f"head {head} outside the queue of size {self.num}"
             return chain
-        _walk(chain, self.mem, self._read_desc, head, self.num, self.indirect, packed=False)
-        _finish(chain, self.mem)
+        _walk(
+            chain,
+            self.mem,
+            self._read_desc,
+            head,
+            self.num,
+            self.indirect,
+            packed=False,
+            faults=self.faults,
+            queue_size=self.num,
+        )
+        _finish(chain, self.mem, self.faults)
         return chain
 
     def write_used(self, used_idx: int, head: int, length: int) -> int:
@@ -276,11 +316,13 @@ class PackedRing:
         *,
         indirect: bool,
         event_idx: bool,
+        faults: Faults | None = None,
     ) -> None:
         self.mem = mem
         self.num = num
         self.indirect = indirect
         self.event_idx = event_idx
+        self.faults = faults or Faults()
         try:
             self.desc_mm, self.desc_off = mem.uva(desc_uva, DESC_SIZE * num)
             self.drv_mm, self.drv_off = mem.uva(driver_event_uva, 4)
@@ -310,6 +352,8 @@ class PackedRing:
         i, w = idx, wrap
         while True:
             if len(descs) >= self.num:
+                if self.faults.on("chain-overflow"):
+                    self.faults.die("chain-overflow", f"packed chain past {self.num} entries")
                 chain.fatal = f"packed chain longer than the queue size {self.num}"
                 return chain
             if descs and not self.is_available(i, w):
@@ -332,6 +376,8 @@ class PackedRing:
         chain.ndescs = len(descs)
         chain.buffer_id = descs[-1][2]
         chain.ring_descs = list(descs)
+        if chain.buffer_id >= self.num and self.faults.on("unchecked-desc-index"):
+            self.faults.die("unchecked-desc-index", f"buffer id {chain.buffer_id} of {self.num}")
         if any(f & DESC_F_INDIRECT for _a, _l, _i, f in descs) and len(descs) != 1:
             chain.fatal = "packed indirect descriptor chained with others"
             return chain
@@ -340,8 +386,18 @@ class PackedRing:
             a, ln, _bid, fl = descs[k]
             return a, ln, fl, k + 1
 
-        _walk(chain, self.mem, read, 0, len(descs), self.indirect, packed=True)
-        _finish(chain, self.mem)
+        _walk(
+            chain,
+            self.mem,
+            read,
+            0,
+            len(descs),
+            self.indirect,
+            packed=True,
+            faults=self.faults,
+            queue_size=self.num,
+        )
+        _finish(chain, self.mem, self.faults)
         return chain
 
     def write_used(

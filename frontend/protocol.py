@@ -1354,8 +1354,12 @@ class MessageParser:
     header, then exactly one payload (as Channel does) never see a chunk span two messages.
     """
 
-    def __init__(self, channel: Literal["main", "backend"] = "main") -> None:
+    def __init__(
+        self, channel: Literal["main", "backend"] = "main", *, any_version: bool = False
+    ) -> None:
         self.channel: Literal["main", "backend"] = channel
+        #: accept any header version (the reference back-end's ignore-version-bits knob)
+        self.any_version = any_version
         self._buffer = bytearray()
         self._consumed = 0  # stream offset of _buffer[0]
         self._fed = 0  # stream offset after the last byte fed
@@ -1400,7 +1404,7 @@ class MessageParser:
                 expected=f"1..{max(table)}",
                 seen=header.request,
             ) from None
-        if header.version != VERSION:
+        if header.version != VERSION and not self.any_version:
             raise MalformedMessage(
                 "header version (flags bits 0-1)",
                 request_name=name,
@@ -1437,6 +1441,10 @@ class MessageParser:
                 keep.append(group)
         self._fd_groups = keep
         return Message(header.request, header.flags, payload, tuple(fds))
+
+    def buffered(self, n: int) -> bytes:
+        """The first ``n`` bytes fed and not yet returned (fewer when fewer are buffered)."""
+        return bytes(self._buffer[:n])
 
     def take_pending_fds(self) -> tuple[int, ...]:
         """Remove and return fds not attached to any message (e.g. at EOF), for closing."""

@@ -29,6 +29,7 @@ from vhost_conformance.suites.model import (
     CaseOutcome,
 )
 from vhost_conformance.suites.target import BackendTarget, Capabilities, CommandTarget
+from vhost_conformance.suites.target_errors import TargetError
 
 NEXT = VIRTQ_DESC_F_NEXT
 WRITE = VIRTQ_DESC_F_WRITE
@@ -301,7 +302,9 @@ class Rig:
                 session.start()
                 guest = Guest(memory, session, self.seq)
                 guest.good_io(self.timeout)
-            except (BackendClosed, BackendHang, OSError) as exc:
+            except (BackendClosed, BackendHang, OSError, TargetError) as exc:
+                # TargetError: the socket refused connections (a back-end restarted after a
+                # crash, dead again before it listened): the death is the verdict
                 if isinstance(self.target, CommandTarget) and self.hostile:
                     # a back-end dying of the previous shape may not be reapable yet
                     self.target.wait_exit(0.5)
