@@ -30,6 +30,7 @@ from vhost_conformance.suites.drivers import (
     wait_popped,
 )
 from vhost_conformance.suites.drivers.migration import fail_on, held_migration
+from vhost_conformance.suites.drivers.watched import late_writes
 from vhost_conformance.suites.model import MUST, CaseFailed, case
 from vhost_conformance.suites.target import BackendTarget, Capabilities
 
@@ -227,3 +228,24 @@ def test_skip_drain_migration_completes_every_request_once(
                          f"stop messages {stops}")
     fail_on([f for f in ledger.findings() if f.kind != "status"],
             "requests held across the qemu-next migration")
+
+
+@case(
+    "VU-SKIP-5",
+    title="No disk write after a GET_VRING_BASE_SKIP_DRAIN reply (proposal, watched disk)",
+    family="suspended", level=MUST, tier=Tier.INTEROP,
+    clause=f"{SECTION}; Suspended device state",
+    source=f"{QEMU_NEXT_SOURCE}: 'the back-end must immediately suspend all in-flight I/O "
+    "requests ... How to suspend an in-flight request depends on the implementation of the "
+    "back-end, but it typically can be done by aborting or cancelling the underlying I/O "
+    "request'; the destination resubmits what the source recorded (VU-DISK-2's reasoning)",
+    requirement="WRITEs held at a GET_VRING_BASE_SKIP_DRAIN stop do not reach the disk after "
+    "its reply (watched disk journal).",
+    requires=SKIP_DRAIN_BITS,
+)
+def test_no_disk_write_after_a_skip_drain_stop(
+    vhost_target: BackendTarget, make_session: SessionFactory,
+    vhost_measurements: dict[str, float],
+) -> None:
+    """VU-DISK-2 with message 45: whatever the back-end suspended must not land later."""
+    late_writes(vhost_target, make_session, vhost_measurements, bit20=True, skip_drain=True)

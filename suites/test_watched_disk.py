@@ -21,13 +21,11 @@ from vhost_conformance.reports.model import Tier
 from vhost_conformance.suites.catalogue import RST
 from vhost_conformance.suites.clauses import GET_VRING_BASE_DRAIN_QUOTE
 from vhost_conformance.suites.drivers import (
-    COMPLETES_AFTER_REPLY,
     SessionFactory,
     expect_status,
     pattern,
     pending_io,
     require_command,
-    stop_now,
     wait_all,
     wait_popped,
 )
@@ -39,53 +37,17 @@ from vhost_conformance.suites.drivers.migration import (
     submit_tracked,
 )
 from vhost_conformance.suites.drivers.watched import (
+    HELD,
+    LATENCY_MS,
     describe,
     executions,
     journaled_hold,
+    late_writes,
     overlaps,
-    writes_after,
 )
 from vhost_conformance.suites.model import INFO, MUST, CaseFailed, case
 from vhost_conformance.suites.target import BackendTarget
 from vhost_conformance.suites.watched import WatchedDisk
-
-#: per-request latency of the held writes, and how many are held
-LATENCY_MS = 150
-HELD = 4
-
-def _late_writes(
-    target: BackendTarget, make_session: SessionFactory, measurements: dict[str, float],
-    *, bit20: bool,
-) -> None:
-    """Hold :data:`HELD` WRITEs, stop, wait out the latency: no write of the source may reach
-    the disk after the last GET_VRING_BASE reply."""
-    with journaled_hold(target, LATENCY_MS) as disk:
-        session = make_session(target, inflight_migration=bit20, model=False)
-        held = []
-        for i in range(HELD):
-            # half a latency apart: the reply must wait for the last write, not the first
-            held += pending_io(session, 1, kind="write", sector=8 * i)
-            time.sleep(LATENCY_MS / 2000)
-        wait_popped(session, 0, settle=0.05)
-        stopped = stop_now(session, held)
-        replied = time.monotonic()  # just after the reply: a write past this is late
-        time.sleep(LATENCY_MS * HELD / 1000 + 0.3)
-        journal = disk.journal()
-        late = [e for e in writes_after(journal, replied) if any(overlaps(e, r) for r in held)]
-        counts = [executions(journal, r, hashlib.sha256(r.out_data).hexdigest()) for r in held]
-        measurements["stop_ms"] = round(stopped.elapsed * 1e3, 3)
-        measurements["late_writes"] = float(len(late))
-        measurements["held_executed_once"] = float(counts.count(1))
-        measurements["held_executed_never"] = float(counts.count(0))
-        measurements["held_executed_twice_or_more"] = float(sum(1 for c in counts if c > 1))
-        if late:
-            raise CaseFailed(
-                f"{len(late)} held write(s) reached the disk after the GET_VRING_BASE reply "
-                f"(bit 20 {'negotiated' if bit20 else 'not negotiated'}, {LATENCY_MS} ms disk)",
-                expected="no write of the source after its reply",
-                seen=describe(late, replied),
-                # without bit 20 a write after the reply is the stop without drain (VU-GVB-3)
-                behaviour=None if bit20 else COMPLETES_AFTER_REPLY)
 
 
 @case(
@@ -102,7 +64,7 @@ def test_no_disk_write_after_a_draining_stop(
     vhost_measurements: dict[str, float],
 ) -> None:
     """The drain: a write completed before the reply is on the disk before it."""
-    _late_writes(vhost_target, make_session, vhost_measurements, bit20=False)
+    late_writes(vhost_target, make_session, vhost_measurements, bit20=False)
 
 
 @case(
@@ -124,7 +86,7 @@ def test_no_disk_write_after_a_suspending_stop(
     vhost_measurements: dict[str, float],
 ) -> None:
     """Bit 20: whatever the back-end suspended must not land on the disk later."""
-    _late_writes(vhost_target, make_session, vhost_measurements, bit20=True)
+    late_writes(vhost_target, make_session, vhost_measurements, bit20=True)
 
 
 @case(

@@ -33,7 +33,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "complete-after-suspend": ("VU-GVB-9", "VU-SUSP-1", "VU-SUSP-2", "VU-SUSP-5"),
     "call-after-stop": ("VU-GVB-9",),
     "early-drain-reply": ("VU-DISK-1", "VU-GVB-3"),
-    "write-after-suspend": ("VU-DISK-2",),
+    "write-after-suspend": ("VU-DISK-2", "VU-SKIP-5"),
     "write-at-close": ("VU-DISK-4",),
     "no-log-used": ("VU-LOG-1",),
     "ack-zero-on-error": ("VU-ACK-4",),
