@@ -19,12 +19,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
+from vhost_conformance.frontend.blk_fast import SLOT_DATA_MAX, FastPath
 from vhost_conformance.frontend.memory import GuestMemory
 from vhost_conformance.frontend.virtqueue import (
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
-    PackedVirtqueue,
-    SplitVirtqueue,
     Virtqueue,
 )
 
@@ -47,11 +44,7 @@ SECTOR_SIZE = 512  # the header's sector unit, whatever blk_size says (VIRTIO 1.
 VIRTIO_BLK_ID_BYTES = 20
 VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
 _HEADER = struct.Struct("<IIQ")  # type, ioprio (reserved), sector
-_HEADER_STATUS = struct.Struct("<IIQB")  # the header, then the status byte at +16 (a slot)
-_SPLIT_TABLE_DESC = struct.Struct("<QIHH")  # addr, len, flags, next (VIRTIO 1.x 2.7.5)
-_PACKED_TABLE_DESC = struct.Struct("<QIHH")  # addr, len, id, flags (VIRTIO 1.x 2.8.13)
 #: data buffers up to this size stay with their request slot (allocated once, reused)
-SLOT_DATA_MAX = 64 * 1024
 _SEGMENT = struct.Struct("<QII")  # discard/write-zeroes/secure-erase: sector, num_sectors, flags
 
 
@@ -444,29 +437,6 @@ class BlkView(NamedTuple):
         return self.status == BlkStatus.OK and not self.mismatches
 
 
-class _SlotShape:
-    """What one request slot keeps between requests of the same shape (fast path): its data
-    buffer (allocated once), a view of it, and the image of its indirect table (header, data,
-    status descriptors) copied into the slot's table in one store."""
-
-    __slots__ = ("block", "capacity", "data_bufs", "image", "image_len", "in_bufs", "key",
-                 "ndesc", "out_bufs", "request", "view", "writable")
-
-    def __init__(self) -> None:
-        self.key = -1  # data bytes << 1 | device-writable data
-        self.block = -1  # GPA of the slot's data buffer, -1: none yet
-        self.capacity = 0
-        self.view: memoryview | None = None
-        self.image = b""
-        self.image_len = 0
-        self.ndesc = 0
-        self.writable = 0
-        self.out_bufs: tuple[tuple[int, int], ...] = ()
-        self.data_bufs: tuple[tuple[int, int], ...] = ()
-        self.in_bufs: tuple[tuple[int, int], ...] = ()
-        self.request: BlkRequest | None = None  # the fast-path request in the slot now
-
-
 class _Chunk:
     """One piece of guest memory with a sorted list of free ``(gpa, len)`` ranges."""
 
@@ -581,13 +551,10 @@ class BlkDriver:
         self._slots_view = memory.view(self._slots_gpa, 32 * vq.size)
         self._free_slots = list(range(vq.size - 1, -1, -1))
         self._arena = _Arena(memory, data_chunk)
-        # Fast path (one data buffer at most, status byte, indirect): per slot, a data buffer
-        # kept across requests and an indirect table of up to 3 descriptors, allocated on
-        # first use; the table is rewritten from a cached image for every request.
-        self._shapes: list[_SlotShape | None] = [None] * vq.size
-        self._tables_gpa = -1
-        self._tables_view: memoryview | None = None
-        self._has_add_indirect = isinstance(vq, (SplitVirtqueue, PackedVirtqueue))
+        # Fast path (one data buffer at most, status byte, indirect; frontend/blk_fast.py)
+        self._fast = FastPath(vq, memory, arena=self._arena, slots_gpa=self._slots_gpa,
+                              slots_view=self._slots_view, free_slots=self._free_slots,
+                              outstanding=self.outstanding, make_request=BlkRequest, tags=_tags)
 
     # -- building ---------------------------------------------------------------------------
 
@@ -609,145 +576,14 @@ class BlkDriver:
             bufs.append((gpa, n))
         return bufs
 
-    def _shape(self, slot: int, data_len: int, writable_data: bool) -> _SlotShape:
-        """Prepare ``slot`` for requests of ``data_len`` data bytes (device-writable or not):
-        its data buffer (kept; a bigger one replaces it), a view of it, the table image."""
-        vq = self.vq
-        if self._tables_view is None:
-            self._tables_gpa = self.memory.alloc(48 * vq.size, 16)
-            self._tables_view = self.memory.view(self._tables_gpa, 48 * vq.size)
-        shape = self._shapes[slot]
-        if shape is None:
-            shape = self._shapes[slot] = _SlotShape()
-        if data_len > shape.capacity:
-            if shape.block >= 0:
-                self._arena.free(shape.block)
-                shape.block, shape.capacity = -1, 0
-            capacity = (data_len + 511) // 512 * 512
-            shape.block = self._arena.alloc(capacity)
-            shape.capacity = capacity
-        header_gpa = self._slots_gpa + 32 * slot
-        descs: list[tuple[int, int, bool]] = [(header_gpa, 16, False)]
-        if data_len:
-            descs.append((shape.block, data_len, writable_data))
-            shape.view = self.memory.view(shape.block, data_len)
-        else:
-            shape.view = None
-        descs.append((header_gpa + 16, 1, True))
-        n = len(descs)
-        image = bytearray()
-        for i, (gpa, length, writable) in enumerate(descs):
-            if vq.packed:  # 2.8.13: a packed indirect table has no NEXT chaining
-                image += _PACKED_TABLE_DESC.pack(gpa, length, 0,
-                                                 VIRTQ_DESC_F_WRITE if writable else 0)
-            else:
-                flags = (VIRTQ_DESC_F_WRITE if writable else 0) | (
-                    VIRTQ_DESC_F_NEXT if i + 1 < n else 0)
-                image += _SPLIT_TABLE_DESC.pack(gpa, length, flags, i + 1)
-        shape.image = bytes(image)
-        shape.ndesc = n
-        shape.writable = 1 + (data_len if writable_data else 0)
-        data = ((shape.block, data_len),) if data_len else ()
-        shape.out_bufs = () if writable_data else data
-        shape.in_bufs = data if writable_data else ()
-        shape.image_len = len(shape.image)
-        shape.data_bufs = data
-        shape.key = data_len << 1 | writable_data
-        return shape
-
-    def _add_fast(self, type: int, sector: int, ioprio: int, out_data: bytes,
-                  in_len: int) -> BlkRequest:
-        """Header, at most one data buffer, status byte, as an indirect table kept per slot
-        (the same descriptors :meth:`raw` builds for that shape)."""
-        free_slots = self._free_slots
-        if not free_slots:
-            raise RuntimeError(f"vq {self.vq.index}: all {self.vq.size} request slots in use")
-        slot = free_slots.pop()
-        try:
-            data_len = len(out_data) or in_len
-            key = data_len << 1 | (in_len > 0)
-            shape = self._shapes[slot]
-            if shape is None or shape.key != key:
-                shape = self._shape(slot, data_len, in_len > 0)
-            slot_off = slot << 5
-            _HEADER_STATUS.pack_into(self._slots_view, slot_off, type, ioprio, sector, 0xFF)
-            if out_data:
-                shape.view[:] = out_data  # type: ignore[index]
-            table_off = 48 * slot
-            self._tables_view[table_off : table_off + shape.image_len] = shape.image  # type: ignore[index]
-            header_gpa = self._slots_gpa + slot_off
-            request = BlkRequest(
-                next(_tags), type, sector, -1, self.vq.index, header_gpa, header_gpa + 16,
-                list(shape.data_bufs), list(shape.in_bufs), out_data, data_len >> 9,
-                shape.writable, slot, [],
-            )
-            request.head = self.vq.add_indirect(  # type: ignore[attr-defined]
-                self._tables_gpa + table_off, shape.ndesc, shape.writable, request)
-        except BaseException:
-            free_slots.append(slot)
-            raise
-        shape.request = request
-        self.outstanding[request.tag] = request
-        return request
-
-    def _fast_ok(self, indirect: bool | None) -> bool:
-        # the per-slot path needs an indirect table the ring can take as one head
-        return bool(indirect or (indirect is None and self.vq.indirect)) and self._has_add_indirect
-
     def read_many(self, sectors: Iterable[int], nsectors: int) -> list[BlkRequest]:
         """VIRTIO_BLK_T_IN of ``nsectors`` sectors at each of ``sectors`` (the bulk form of
-        :meth:`read`: same requests, less work per request when each request slot keeps its
-        data buffer and indirect table; then all or none are added). Nothing is published."""
-        in_len = nsectors * SECTOR_SIZE
-        vq = self.vq
-        if not (0 < in_len <= SLOT_DATA_MAX and self._fast_ok(None)):
-            return [self.read(sector, nsectors) for sector in sectors]
+        :meth:`read`, through the fast path when it can take them: then all or none are
+        added). Nothing is published."""
         sectors = list(sectors)
-        count = len(sectors)
-        free_slots = self._free_slots
-        if count > len(free_slots):
-            raise RuntimeError(f"vq {vq.index}: {count} request slots asked, "
-                               f"{len(free_slots)} free (size {vq.size})")
-        if count > vq.free_count:
-            raise RuntimeError(f"vq {vq.index}: {count} requests, {vq.free_count} free "
-                               f"descriptors (size {vq.size})")
-        slots = free_slots[len(free_slots) - count :][::-1]
-        key = in_len << 1 | 1
-        shapes = self._shapes
-        for slot in slots:  # first use of a slot, or another shape before: prepare it
-            shape = shapes[slot]
-            if shape is None or shape.key != key:
-                self._shape(slot, in_len, True)
-        slots_view, tables_view = self._slots_view, self._tables_view
-        assert tables_view is not None
-        slots_gpa, tables_gpa = self._slots_gpa, self._tables_gpa
-        pack_into = _HEADER_STATUS.pack_into
-        index = vq.index
-        tags = _tags
-        requests: list[BlkRequest] = []
-        append = requests.append
-        tables: list[int] = []
-        append_table = tables.append
-        writable = in_len + 1
-        for slot, sector in zip(slots, sectors, strict=True):
-            shape = shapes[slot]
-            slot_off = slot << 5
-            pack_into(slots_view, slot_off, 0, 0, sector, 0xFF)
-            table_off = 48 * slot
-            tables_view[table_off : table_off + 48] = shape.image  # type: ignore[union-attr]
-            header_gpa = slots_gpa + slot_off
-            data_bufs = list(shape.data_bufs)  # type: ignore[union-attr]
-            request = BlkRequest(next(tags), 0, sector, -1, index, header_gpa, header_gpa + 16,
-                                 data_bufs, list(data_bufs), b"", nsectors, writable, slot, [])
-            shape.request = request  # type: ignore[union-attr]
-            append(request)
-            append_table(tables_gpa + table_off)
-        heads = vq.add_indirect_many(tables, 3, writable, requests)  # type: ignore[attr-defined]
-        del free_slots[len(free_slots) - count :]
-        outstanding = self.outstanding
-        for request, head in zip(requests, heads, strict=True):
-            request.head = head
-            outstanding[request.tag] = request
+        requests = self._fast.read_many(sectors, nsectors)
+        if requests is None:
+            return [self.read(sector, nsectors) for sector in sectors]
         return requests
 
     def raw(self, type: int, *, sector: int = 0, out_data: bytes = b"", in_len: int = 0,
@@ -758,8 +594,8 @@ class BlkDriver:
         the header device-writable, for hostile cases)."""
         if (status and not header_writable and (segments == 1 or not (out_data or in_len))
                 and not (out_data and in_len) and len(out_data) + in_len <= SLOT_DATA_MAX
-                and self._fast_ok(indirect)):
-            return self._add_fast(type, sector, ioprio, out_data, in_len)
+                and self._fast.ok(indirect)):
+            return self._fast.add(type, sector, ioprio, out_data, in_len)
         free_slots = self._free_slots
         if not free_slots:
             raise RuntimeError(f"vq {self.vq.index}: all {self.vq.size} request slots in use")
@@ -809,9 +645,8 @@ class BlkDriver:
              indirect: bool | None = None) -> BlkRequest:
         """VIRTIO_BLK_T_IN of ``nsectors`` sectors."""
         in_len = nsectors * SECTOR_SIZE
-        if (segments == 1 and 0 < in_len <= SLOT_DATA_MAX and self._has_add_indirect
-                and (indirect or (indirect is None and self.vq.indirect))):
-            return self._add_fast(BlkRequestType.IN, sector, 0, b"", in_len)
+        if segments == 1 and 0 < in_len <= SLOT_DATA_MAX and self._fast.ok(indirect):
+            return self._fast.add(BlkRequestType.IN, sector, 0, b"", in_len)
         return self.raw(BlkRequestType.IN, sector=sector, in_len=nsectors * SECTOR_SIZE,
                         segments=segments, indirect=indirect)
 
@@ -897,8 +732,7 @@ class BlkDriver:
         model = self.model
         outstanding_pop = self.outstanding.pop
         slots_view = self._slots_view
-        shapes = self._shapes
-        free_slots = self._free_slots
+        take_fast = self._fast.take
         new_view = tuple.__new__
         for token, length in used_entries:
             if type(token) is not BlkRequest and not isinstance(token, BlkRequest):
@@ -906,16 +740,9 @@ class BlkDriver:
             request = token
             if outstanding_pop(request.tag, None) is None:
                 continue
-            slot = request.slot
-            status = -1 if request.status_gpa is None else slots_view[(slot << 5) + 16]
-            shape = shapes[slot]
-            data: memoryview | None
-            if shape is not None and shape.request is request:
-                # fast path: the slot's own buffer, nothing to free
-                shape.request = None
-                data = shape.view if shape.in_bufs else None
-                free_slots.append(slot)
-            else:
+            status = -1 if request.status_gpa is None else slots_view[(request.slot << 5) + 16]
+            fast, data = take_fast(request)
+            if not fast:
                 data = self._data_view(request)
                 self._release(request)
             if model is None:
@@ -956,7 +783,7 @@ class BlkDriver:
 
     def _retained_bytes(self) -> int:
         """Bytes of data buffers kept by request slots (fast path) rather than the arena."""
-        return sum(shape.capacity for shape in self._shapes if shape is not None)
+        return self._fast.retained_bytes()
 
     def abandon(self, tag: int) -> BlkRequest | None:
         """Forget an outstanding request (its ring slot is lost, e.g. the back-end died); the

@@ -104,6 +104,17 @@ class Virtqueue(Protocol):
         the head (split) or buffer id (packed). Not visible to the device before ``publish``."""
         ...
 
+    def add_indirect(self, table_gpa: int, n: int, writable: int, token: object) -> int:
+        """Put a caller-built indirect table of ``n`` descriptors at ``table_gpa`` (its
+        device-writable descriptors adding up to ``writable`` bytes) in the ring as one
+        buffer; returns the head (split) or buffer id (packed)."""
+        ...
+
+    def add_indirect_many(self, tables: Sequence[int], n: int, writable: int,
+                          tokens: Sequence[object]) -> list[int]:
+        """:meth:`add_indirect` for each ``(table, token)`` pair, all or none."""
+        ...
+
     def publish(self) -> None:
         """Make every added buffer available to the device."""
         ...
@@ -133,6 +144,11 @@ class Virtqueue(Protocol):
 
     def set_no_interrupt(self, disable: bool) -> None:
         """Ask the device not to (or again to) send used-buffer notifications."""
+        ...
+
+    def set_used_event(self, idx: int) -> None:
+        """Write the driver's event position (split: used_event; packed: the driver event's
+        off_wrap with flags DESC): "notify me when the used position passes ``idx``"."""
         ...
 
     @property

@@ -344,7 +344,7 @@ def test_event_idx_suppression(vhost_session: Session) -> None:
     used = vq.used_idx
     session.drain_call(0)
     # used_event = used + 1: no signal when used->idx becomes used + 1, one at used + 2
-    vq.set_used_event(used + 1)  # type: ignore[attr-defined]
+    vq.set_used_event(used + 1)
     first = session.queues[0].blk.read(0, 1)
     session.submit(0)
     _wait_used_in_memory(session, used + 1)
