@@ -868,40 +868,28 @@ class InflightModel:
         self, queue: QueueRegion, used_idx: int | None, last_avail_idx: int | None
     ) -> list[Finding]:
         q = queue.queue
-        out: list[Finding] = []
         qm = self._queue(q)
         if used_idx is None:
             raise InflightModelError(f"queue {q}: no used_idx given")
-        submitted = qm.next_position
-        if last_avail_idx is not None:
-            # The back-end cannot have completed what it did not pop, nor popped what was
-            # never made available: completed <= popped <= submitted.
-            not_popped = (submitted - last_avail_idx) % _U16
-            if not_popped > len(qm.outstanding):
-                out.append(
-                    Finding(
-                        "last-avail-idx",
-                        q,
-                        queue.offset,
-                        "GET_VRING_BASE num (last_avail_idx)",
-                        f"between {len(qm.completed) % _U16} (completed) and {submitted % _U16} (submitted)",
-                        str(last_avail_idx),
-                    )
-                )
-                last_avail_idx = None
+        out, last_avail_idx = _check_last_avail(queue, qm, last_avail_idx)
         if queue.version == 0:
-            if qm.outstanding or qm.completed:
-                out.append(
-                    Finding(
-                        "version",
-                        q,
-                        _header_offset(queue, "version"),
-                        "version",
-                        "1 once the ring has been started and used",
-                        "0",
-                    )
-                )
-            return out
+            return out + _check_version(queue, qm)
+        region_used_idx, found = self._check_used_idx(queue, qm, used_idx)
+        out += found
+        exp = self.expectations(
+            q, region_used_idx=region_used_idx, used_idx=used_idx, last_avail_idx=last_avail_idx
+        )
+        if isinstance(queue, SplitQueueRegion) and exp.last_batch:
+            out += _check_last_batch(queue, exp.last_batch)
+        return out + _check_marks(queue, qm, exp, last_avail_idx)
+
+    def _check_used_idx(
+        self, queue: QueueRegion, qm: _QueueModel, used_idx: int
+    ) -> tuple[int, list[Finding]]:
+        """The used index the region's marks are judged at (split: the region header's copy,
+        when it is at most one batch behind used->idx), and the finding when it is not."""
+        q = queue.queue
+        out: list[Finding] = []
         region_used_idx = used_idx
         if isinstance(queue, SplitQueueRegion):
             # Packed regions commit through old_* fields instead; only split has this rule.
@@ -919,66 +907,116 @@ class InflightModel:
                 )
             else:
                 region_used_idx = queue.used_idx
-        exp = self.expectations(
-            q, region_used_idx=region_used_idx, used_idx=used_idx, last_avail_idx=last_avail_idx
-        )
-        if isinstance(queue, SplitQueueRegion) and exp.last_batch:
-            out += _check_last_batch(queue, exp.last_batch)
-        marked = {}
-        for e in queue.inflight_entries():
-            head = e.index if isinstance(e, DescStateSplit) else e.id
-            marked[head] = e
-        for head, tag in exp.must.items():
-            if head not in marked:
-                out.append(
-                    Finding(
-                        "must-be-inflight",
-                        q,
-                        _entry_offset(queue, head),
-                        f"desc[{head}].inflight",
-                        f"1 (request {tag!r} was popped and not completed)",
-                        "0",
-                    )
-                )
-        for head, e in marked.items():
-            if head in exp.must or head in exp.may:
-                continue
-            if head in qm.outstanding:
-                why = f"request {qm.outstanding[head].tag!r} was not popped (last_avail_idx {last_avail_idx})"
-            elif any(r.head == head for r in qm.completed):
-                why = "its request completed and the region's used_idx caught up"
-            else:
-                why = "never submitted as a head"
+        return region_used_idx, out
+
+
+def _check_last_avail(
+    queue: QueueRegion, qm: _QueueModel, last_avail_idx: int | None
+) -> tuple[list[Finding], int | None]:
+    """completed <= popped <= submitted for GET_VRING_BASE's num: the finding when not (the
+    num is then not used further: None)."""
+    q = queue.queue
+    out: list[Finding] = []
+    submitted = qm.next_position
+    if last_avail_idx is not None:
+        # The back-end cannot have completed what it did not pop, nor popped what was
+        # never made available: completed <= popped <= submitted.
+        not_popped = (submitted - last_avail_idx) % _U16
+        if not_popped > len(qm.outstanding):
             out.append(
                 Finding(
-                    "must-not-be-inflight",
-                    q,
-                    e.offset,
-                    f"desc[{e.index}].inflight",
-                    f"0 ({why})",
-                    "1",
-                )
-            )
-        ordered = [
-            h
-            for h in (
-                x.index if isinstance(x, DescStateSplit) else x.id for x in queue.inflight_entries()
-            )
-            if h in exp.must
-        ]
-        expected_order = [h for h in exp.order if h in marked]
-        if ordered != expected_order:
-            out.append(
-                Finding(
-                    "counter-order",
+                    "last-avail-idx",
                     q,
                     queue.offset,
-                    "counter order of in-flight heads",
-                    f"pop (avail) order {expected_order}",
-                    str(ordered),
+                    "GET_VRING_BASE num (last_avail_idx)",
+                    f"between {len(qm.completed) % _U16} (completed) and {submitted % _U16} (submitted)",
+                    str(last_avail_idx),
                 )
             )
-        return out
+            last_avail_idx = None
+    return out, last_avail_idx
+
+
+def _check_version(queue: QueueRegion, qm: _QueueModel) -> list[Finding]:
+    """A region at version 0 (the caller checked) although the ring was started and used."""
+    q = queue.queue
+    out: list[Finding] = []
+    if qm.outstanding or qm.completed:
+        out.append(
+            Finding(
+                "version",
+                q,
+                _header_offset(queue, "version"),
+                "version",
+                "1 once the ring has been started and used",
+                "0",
+            )
+        )
+    return out
+
+
+def _check_marks(
+    queue: QueueRegion, qm: _QueueModel, exp: Expectation, last_avail_idx: int | None
+) -> list[Finding]:
+    """The region's inflight marks against the expectation: every must-head marked, nothing
+    else marked, the marked must-heads in pop (counter) order."""
+    q = queue.queue
+    out: list[Finding] = []
+    marked = {}
+    for e in queue.inflight_entries():
+        head = e.index if isinstance(e, DescStateSplit) else e.id
+        marked[head] = e
+    for head, tag in exp.must.items():
+        if head not in marked:
+            out.append(
+                Finding(
+                    "must-be-inflight",
+                    q,
+                    _entry_offset(queue, head),
+                    f"desc[{head}].inflight",
+                    f"1 (request {tag!r} was popped and not completed)",
+                    "0",
+                )
+            )
+    for head, e in marked.items():
+        if head in exp.must or head in exp.may:
+            continue
+        if head in qm.outstanding:
+            why = f"request {qm.outstanding[head].tag!r} was not popped (last_avail_idx {last_avail_idx})"
+        elif any(r.head == head for r in qm.completed):
+            why = "its request completed and the region's used_idx caught up"
+        else:
+            why = "never submitted as a head"
+        out.append(
+            Finding(
+                "must-not-be-inflight",
+                q,
+                e.offset,
+                f"desc[{e.index}].inflight",
+                f"0 ({why})",
+                "1",
+            )
+        )
+    ordered = [
+        h
+        for h in (
+            x.index if isinstance(x, DescStateSplit) else x.id for x in queue.inflight_entries()
+        )
+        if h in exp.must
+    ]
+    expected_order = [h for h in exp.order if h in marked]
+    if ordered != expected_order:
+        out.append(
+            Finding(
+                "counter-order",
+                q,
+                queue.offset,
+                "counter order of in-flight heads",
+                f"pop (avail) order {expected_order}",
+                str(ordered),
+            )
+        )
+    return out
 
 
 def _check_last_batch(queue: SplitQueueRegion, last_batch: tuple[int, ...]) -> list[Finding]:

@@ -574,60 +574,8 @@ def read_stream(data: bytes | bytearray | memoryview, *, page_size: int | None =
                 raise VMStateError(start, "MIG_CMD_PACKAGED (postcopy package) is not supported")
             stream.commands.append((start, command, payload))
             continue
-        if kind in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
-            section_id = r.be32("section id")
-            idstr = r.counted_str("section idstr")
-            instance_id = r.be32("instance id")
-            version_id = r.be32("version id")
-        elif kind in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
-            section_id = r.be32("section id")
-            first = by_id.get(section_id)
-            if first is None:
-                raise VMStateError(
-                    start + 1, f"{SECTION_TYPE_NAMES[kind]} for unknown section id {section_id}"
-                )
-            idstr, instance_id, version_id = first.idstr, first.instance_id, first.version_id
-        else:
-            raise VMStateError(start, f"unknown section type 0x{kind:02x}")
-        body_start = r.pos
-        section = Section(
-            kind,
-            section_id,
-            idstr,
-            instance_id,
-            version_id,
-            start,
-            body_start,
-            body_start,
-            body_start,
-            False,
-            "",
-        )
-        if idstr == "ram" and kind != QEMU_VM_SECTION_FULL:
-            section.ram = _read_ram(
-                r, stream.page_size, ram_ctx, ignore_shared="x-ignore-shared" in stream.capabilities
-            )
-            section.body_end = r.pos
-            section.located_by = "parsed"
-        else:
-            entry = (
-                _vmdesc_entry(vmdesc, idstr, instance_id) if kind == QEMU_VM_SECTION_FULL else None
-            )
-            section.body_end, section.located_by = _find_body_end(
-                raw, body_start, section_id, entry, by_id
-            )
-            r.pos = section.body_end
-        if r.peek() == QEMU_VM_SECTION_FOOTER:
-            footer_at = r.pos
-            r.skip(1, "section footer")
-            seen_id = r.be32("section footer id")
-            if seen_id != section_id:
-                raise VMStateError(
-                    footer_at, f"section footer: expected section id {section_id}, seen {seen_id}"
-                )
-            section.has_footer = True
-        section.end = r.pos
-        by_id.setdefault(section_id, section)
+        section = _read_section(r, stream, kind, start, vmdesc, by_id, ram_ctx)
+        by_id.setdefault(section.section_id, section)
         stream.sections.append(section)
     # After EOF: nothing, or the JSON VM description ending the data.
     if r.pos == len(raw):
@@ -639,6 +587,75 @@ def read_stream(data: bytes | bytearray | memoryview, *, page_size: int | None =
         )
     stream.vmdesc, stream.vmdesc_offset = vmdesc, trailer[0]
     return stream
+
+
+def _read_section(
+    r: _Reader,
+    stream: Stream,
+    kind: int,
+    start: int,
+    vmdesc: Mapping[str, Any] | None,
+    by_id: dict[int, Section],
+    ram_ctx: _RamContext,
+) -> Section:
+    """One START/FULL/PART/END section whose type byte at ``start`` was read: its header (a
+    PART/END one names a section seen before), its body (RAM parsed, a device's located) and
+    its footer."""
+    raw = stream.data
+    if kind in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
+        section_id = r.be32("section id")
+        idstr = r.counted_str("section idstr")
+        instance_id = r.be32("instance id")
+        version_id = r.be32("version id")
+    elif kind in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
+        section_id = r.be32("section id")
+        first = by_id.get(section_id)
+        if first is None:
+            raise VMStateError(
+                start + 1, f"{SECTION_TYPE_NAMES[kind]} for unknown section id {section_id}"
+            )
+        idstr, instance_id, version_id = first.idstr, first.instance_id, first.version_id
+    else:
+        raise VMStateError(start, f"unknown section type 0x{kind:02x}")
+    body_start = r.pos
+    section = Section(
+        kind,
+        section_id,
+        idstr,
+        instance_id,
+        version_id,
+        start,
+        body_start,
+        body_start,
+        body_start,
+        False,
+        "",
+    )
+    if idstr == "ram" and kind != QEMU_VM_SECTION_FULL:
+        section.ram = _read_ram(
+            r, stream.page_size, ram_ctx, ignore_shared="x-ignore-shared" in stream.capabilities
+        )
+        section.body_end = r.pos
+        section.located_by = "parsed"
+    else:
+        entry = (
+            _vmdesc_entry(vmdesc, idstr, instance_id) if kind == QEMU_VM_SECTION_FULL else None
+        )
+        section.body_end, section.located_by = _find_body_end(
+            raw, body_start, section_id, entry, by_id
+        )
+        r.pos = section.body_end
+    if r.peek() == QEMU_VM_SECTION_FOOTER:
+        footer_at = r.pos
+        r.skip(1, "section footer")
+        seen_id = r.be32("section footer id")
+        if seen_id != section_id:
+            raise VMStateError(
+                footer_at, f"section footer: expected section id {section_id}, seen {seen_id}"
+            )
+        section.has_footer = True
+    section.end = r.pos
+    return section
 
 
 def _read_configuration(
