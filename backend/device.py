@@ -264,6 +264,10 @@ class VirtQueue:
     polled: bool = False
     #: --misbehave serve-stopped-ring: stopped by GET_VRING_BASE, still served
     serve_stopped: bool = False
+    #: --misbehave wait-for-first-kick: started, not looked at before a kick
+    deaf: bool = False
+    #: --misbehave used-idx-latched: used->idx as read at SET_VRING_ADDR
+    latched_used: int | None = None
 
     @property
     def runnable(self) -> bool:
@@ -325,6 +329,9 @@ class Device:
             num_queues=options.queues,
         )
         self.queues = [VirtQueue(i) for i in range(options.queues)]
+        if self.faults.on("rings-start-enabled"):
+            for q in self.queues:
+                q.enabled = True
         self.outbox: list[tuple[bytes, list[int]]] = []
         #: (when, call fd) of the misbehaviour call-after-stop
         self._late_calls: list[tuple[float, int]] = []
@@ -523,7 +530,9 @@ class Device:
         for q in self.queues:
             if q.ring is not None:
                 q.ring.event_idx = self._has_feature(VirtioFeature.RING_EVENT_IDX)
-        if not has(value, VirtioFeature.PROTOCOL_FEATURES):
+        if not has(value, VirtioFeature.PROTOCOL_FEATURES) and not self.faults.on(
+            "bit30-rings-disabled"
+        ):
             # vhost-user.rst "Ring states": without VHOST_USER_F_PROTOCOL_FEATURES the
             # rings are enabled at once.
             for q in self.queues:
@@ -907,6 +916,13 @@ class Device:
         q.used_uva = payload.used_user_addr
         q.log_guest_addr = payload.log_guest_addr
         q.addr_set = True
+        if self.faults.on("used-idx-latched") and not self.packed and q.num:
+            try:
+                latch = SplitRing(self.memory, q.num, q.desc_uva, q.avail_uva, q.used_uva,
+                                  indirect=False, event_idx=False)
+                q.latched_used = latch.used_idx()
+            except (RingError, GuestMemoryError):
+                q.latched_used = None
         if q.started:
             # QEMU re-sends the address with F_LOG on a running ring to start logging.
             self._build_ring(q)
@@ -1087,8 +1103,10 @@ class Device:
         if payload.num not in (0, 1):
             raise RequestError(f"SET_VRING_ENABLE({q.index}, {payload.num}): num must be 0 or 1")
         q.enabled = bool(payload.num)
-        if q.enabled:
+        if q.enabled and not self.faults.on("kick-lost-while-disabled"):
             q.kicked = True  # a kick that came while disabled must not be lost
+        if q.enabled and not q.started and self.faults.on("process-on-enable") and q.addr_set:
+            self._start(q)
 
     # ------------------------------------------------------------------ ring start/stop
 
@@ -1137,6 +1155,7 @@ class Device:
         q.done.clear()
         q.resubmit.clear()
         q.kicked = True
+        q.deaf = self.faults.on("wait-for-first-kick")
         self._build_ring(q)
         if q.ring is None:
             return
@@ -1150,6 +1169,8 @@ class Device:
             earlier = q.inflight is not None and q.inflight.version != 0
             if isinstance(q.ring, SplitRing):
                 q.used_idx = q.ring.used_idx()
+                if self.faults.on("used-idx-latched") and q.latched_used is not None:
+                    q.used_idx = q.latched_used
                 if isinstance(q.inflight, SplitInflight):
                     self._recover_split(q, q.ring, q.inflight)
             elif isinstance(q.ring, PackedRing) and isinstance(q.inflight, PackedInflight):
@@ -1259,7 +1280,27 @@ class Device:
     def kick(self, index: int) -> None:
         """The driver kicked queue ``index`` (the server read its eventfd)."""
         if 0 <= index < len(self.queues):
-            self.queues[index].kicked = True
+            q = self.queues[index]
+            q.deaf = False
+            if self.faults.on("disabled-ring-writes-disk") and q.started and not q.enabled:
+                self._prewrite(q)
+            q.kicked = True
+
+    def _prewrite(self, q: VirtQueue) -> None:
+        """--misbehave disabled-ring-writes-disk: the WRITEs made available on a started,
+        disabled ring go to the disk now (the ring itself is not touched)."""
+        ring = q.ring
+        if not isinstance(ring, SplitRing):
+            return
+        idx = q.last_avail_idx
+        while idx != ring.avail_idx():
+            chain = ring.read_chain(ring.avail_head(idx))
+            idx = (idx + 1) & 0xFFFF
+            if chain.fatal or chain.error:
+                continue
+            payload = blk.write_payload(self.memory, chain.readable)
+            if payload is not None:
+                self.disk.write_from(payload[0], [memoryview(payload[1])])
 
     def _new_request(self, q: VirtQueue, chain: Chain, head: int) -> Request:
         self._seq += 1
@@ -1305,6 +1346,8 @@ class Device:
             if chain.fatal:
                 self._break(q, f"head {head} at avail slot {q.last_avail_idx}: {chain.fatal}")
                 return False
+            if chain.indirect and chain.error is None and self.faults.on("indirect-ioerr"):
+                chain.error = "an indirect table (misbehaving: refused)"
             if head in inflight_heads:
                 if self.faults.on("trust-avail-ring"):
                     self.faults.die(
@@ -1510,7 +1553,7 @@ class Device:
         if region is not None:
             region.clear_batch([] if self.faults.on("inflight-keep-marks") else heads, q.used_idx)
         self.faults.reach("after-region-update", len(batch))
-        if ring.should_notify(old, q.used_idx):
+        if self._misbehave_notify(ring, old, q.used_idx):
             _signal(q.call_fd)
 
     def _complete_packed(self, q: VirtQueue, ring: PackedRing, batch: list[Request]) -> None:
@@ -1520,9 +1563,12 @@ class Device:
             region.link_batch(entries)
         old = q.used_idx
         first = (q.used_idx, q.used_wrap)
+        stuck = self.faults.on("packed-wrap-stuck")
+        if stuck:
+            first = (q.used_idx, True)
         for k, r in enumerate(batch):
             off = ring.write_used(
-                q.used_idx, r.chain.buffer_id, r.written, q.used_wrap, flags_too=k > 0
+                q.used_idx, r.chain.buffer_id, r.written, q.used_wrap or stuck, flags_too=k > 0
             )
             self._log_ring(ring, off)
             idx = q.used_idx + r.chain.ndescs
@@ -1541,6 +1587,16 @@ class Device:
         self.faults.reach("after-region-update", len(batch))
         if ring.should_notify(old, q.used_idx, q.used_wrap):
             _signal(q.call_fd)
+
+    def _misbehave_notify(self, ring: SplitRing, old: int, new: int) -> bool:
+        """Whether to signal the call fd after used entries [old, new): the ring's rule, bent
+        by ``event-idx-off-by-one`` and ``no-interrupt-ignored``."""
+        if ring.event_idx and self.faults.on("event-idx-off-by-one"):
+            event = ring.used_event()
+            return (new - event) & 0xFFFF <= (new - old - 1) & 0xFFFF
+        if not ring.event_idx and self.faults.on("no-interrupt-ignored"):
+            return True
+        return ring.should_notify(old, new)
 
     def _log_ring(self, ring: PackedRing, offset: int) -> None:
         if not self.logging or self.faults.on("no-log-used"):
@@ -1578,8 +1634,10 @@ class Device:
                 q.kicked = True  # polling mode: look at the avail ring every turn
             serve = q.runnable or (q.serve_stopped and q.broken is None)
             if not serve or not q.kicked or q.ring is None:
+                if q.started and not q.enabled and self.faults.on("kick-lost-while-disabled"):
+                    q.kicked = False  # dropped, not kept for SET_VRING_ENABLE 1
                 continue
-            if q.index > 0 and self.faults.on("second-queue-ignored"):
+            if q.deaf or (q.index > 0 and self.faults.on("second-queue-ignored")):
                 continue
             q.kicked = False
             if self.faults.on("iotlb-msg-without-iommu") and not self._iotlb_sent:

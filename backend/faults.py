@@ -218,6 +218,25 @@ MISBEHAVIOURS: dict[str, str] = {
     "crash-on-zero-length": "SIGSEGV on a zero-length buffer",
     "ignore-sigterm": "the first SIGTERM is ignored (the program ends on a second one)",
     "capabilities-not-json": "--print-capabilities prints a line of text, not JSON",
+    "process-on-enable": "SET_VRING_ENABLE 1 on a stopped ring starts it: the ring is "
+    "processed before SET_VRING_KICK",
+    "rings-start-enabled": "rings are initialized enabled (a started ring is processed before "
+    "any SET_VRING_ENABLE 1)",
+    "kick-lost-while-disabled": "a kick that comes while the ring is disabled is dropped (not "
+    "looked at on SET_VRING_ENABLE 1)",
+    "disabled-ring-writes-disk": "a WRITE kicked on a started, disabled ring reaches the disk "
+    "at once (guest memory untouched until SET_VRING_ENABLE 1)",
+    "bit30-rings-disabled": "SET_FEATURES without bit 30 leaves the rings disabled",
+    "wait-for-first-kick": "a ring started by SET_VRING_KICK is not looked at until the first "
+    "kick",
+    "used-idx-latched": "used->idx is read at SET_VRING_ADDR, not when the ring starts",
+    "packed-wrap-stuck": "packed used descriptors are written with the wrap counter of the "
+    "first lap (never flipped)",
+    "event-idx-off-by-one": "with EVENT_IDX, notify when used->idx reaches used_event (one "
+    "entry early), not when it passes it",
+    "indirect-ioerr": "requests described by an indirect table complete with IOERR",
+    "no-interrupt-ignored": "without EVENT_IDX, avail->flags NO_INTERRUPT is ignored (every "
+    "batch notified)",
 }
 
 

@@ -58,6 +58,8 @@ class Chain:
     buffer_id: int = 0
     fatal: str | None = None
     error: str | None = None
+    #: the buffers came from an indirect table
+    indirect: bool = False
     #: ring descriptors as read (packed in-flight tracking copies them), (addr, len, id, flags)
     ring_descs: list[tuple[int, int, int, int]] = field(default_factory=list)
 
@@ -147,6 +149,7 @@ def _walk(
                 chain.fatal = f"indirect table: {exc}"
                 return
             in_indirect = True
+            chain.indirect = True
             limit = length // DESC_SIZE
             idx = 0
             count = 0

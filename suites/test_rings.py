@@ -43,7 +43,8 @@ from vhost_conformance.suites.model import (
     Unsupported,
     case,
 )
-from vhost_conformance.suites.target import BackendTarget
+from vhost_conformance.suites.profile import template_fields
+from vhost_conformance.suites.target import BackendTarget, CommandTarget
 
 #: How long an untouched ring is watched for activity it must not have.
 QUIET = 0.2
@@ -52,17 +53,38 @@ V = VirtioFeature
 F = FrontendRequest
 
 
-def _untouched(session: Session, request: BlkRequest, when: str) -> None:
+#: A started ring that is not enabled served a request: VU-RING-3 owns it, VU-RING-7 follows.
+DISABLED_PROCESSED = "disabled-ring-processed"
+
+
+def _untouched(session: Session, request: BlkRequest, when: str,
+               behaviour: str | None = None) -> None:
     """``request`` was not processed: used->idx unchanged, its status byte not written."""
     time.sleep(QUIET)
     vq = session.queues[request.queue].vq
     if vq.used_idx_in_memory() != vq.used_idx:
         raise CaseFailed(f"used->idx {when}", expected=vq.used_idx,
-                         seen=vq.used_idx_in_memory())
+                         seen=vq.used_idx_in_memory(), behaviour=behaviour)
     if request.status_gpa is not None and session.memory.read(request.status_gpa, 1) != b"\xff":
         raise CaseFailed(f"status byte of a request made available {when}",
                          expected="untouched (0xff)",
-                         seen=session.memory.read(request.status_gpa, 1).hex())
+                         seen=session.memory.read(request.status_gpa, 1).hex(),
+                         behaviour=behaviour)
+
+
+def _disk_image(target: BackendTarget) -> str | None:
+    """The disk image file the back-end serves, when we run it on one (``{disk}``)."""
+    if not isinstance(target, CommandTarget) or target.profile.command is None:
+        return None
+    if "disk" not in template_fields(target.profile.command):
+        return None
+    return target.values["disk"]
+
+
+def _read_image(path: str, offset: int, length: int) -> bytes:
+    with open(path, "rb") as image:
+        image.seek(offset)
+        return image.read(length)
 
 
 @case(
@@ -77,15 +99,22 @@ def _untouched(session: Session, request: BlkRequest, when: str) -> None:
             RING_STOPPED_QUOTE,
         )
     ),
-    requirement="A request made available before SET_VRING_KICK is not processed.",
+    requirement=(
+        "A request made available before SET_VRING_KICK is not processed, neither while the "
+        "ring is stopped and disabled nor after SET_VRING_ENABLE 1 (stopped and enabled)."
+    ),
 )
 def test_rings_start_stopped(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
-    """A request made available before SET_VRING_KICK is not processed."""
+    """A request made available before SET_VRING_KICK is not processed, before and after
+    SET_VRING_ENABLE 1."""
     session = make_session(vhost_target, start=False)
     partial_start(session)
     request = session.queues[0].blk.read(0, 8)
     session.queues[0].vq.publish()
     _untouched(session, request, "before SET_VRING_KICK")
+    # stopped and enabled: still not processed ("regardless of whether it is enabled")
+    session.set_vring_enable(0, True)
+    _untouched(session, request, "after SET_VRING_ENABLE 1, before SET_VRING_KICK")
     kick_and_enable(session)
     expect_status(wait_all(session, [request]), what="read made available before the start")
 
@@ -112,6 +141,10 @@ def test_stopped_ring_is_not_processed(vhost_session: Session) -> None:
     session.queues[0].vq.publish()
     session.kick(0)
     _untouched(session, request, "after GET_VRING_BASE")
+    # stopped and enabled again (QEMU's stop disabled it first): still not processed
+    session.set_vring_enable(0, True)
+    session.kick(0)
+    _untouched(session, request, "after GET_VRING_BASE and SET_VRING_ENABLE 1")
     session.start(vring_bases=[base])
     expect_status(wait_all(session, [request]), what="read made available while stopped")
 
@@ -123,19 +156,28 @@ def test_stopped_ring_is_not_processed(vhost_session: Session) -> None:
     level=MUST,
     clause=f"{RST} Ring states",
     quote=RING_STARTED_DISABLED_QUOTE,
-    requirement="A started ring disabled by SET_VRING_ENABLE 0 writes nothing a guest can see.",
+    requirement=(
+        "A started ring disabled by SET_VRING_ENABLE 0 writes nothing a guest can see: no "
+        "guest memory, and (where we run it on a disk image) no disk write."
+    ),
     ambiguity=(
         "'processed without side effects' is written for net; for blk we require no used-ring "
         "writes and no disk writes"
     ),
 )
-def test_started_disabled_ring_has_no_side_effects(vhost_session: Session) -> None:
-    """A started ring disabled by SET_VRING_ENABLE 0 writes nothing a guest can see."""
+def test_started_disabled_ring_has_no_side_effects(
+    vhost_target: BackendTarget, vhost_session: Session
+) -> None:
+    """A started ring disabled by SET_VRING_ENABLE 0 writes nothing a guest can see: guest
+    memory and the disk image are unchanged after a WRITE is kicked."""
     session = vhost_session
     do_io(session, 1)
     session.set_vring_enable(0, False)
-    request = session.queues[0].blk.write(32, pattern(32, 4096))
+    data = pattern(32, 4096)
+    request = session.queues[0].blk.write(32, data)
     session.queues[0].vq.publish()
+    image = _disk_image(vhost_target)
+    on_disk = _read_image(image, 32 * 512, len(data)) if image else b""
     snapshot = session.memory.snapshot()
     session.kick(0)
     time.sleep(QUIET)
@@ -143,7 +185,13 @@ def test_started_disabled_ring_has_no_side_effects(vhost_session: Session) -> No
     if changed:
         raise CaseFailed("guest memory while the ring is started but disabled",
                          expected="unchanged",
-                         seen=f"written at GPA {changed[0][0]:#x} ({changed[0][1]} bytes)")
+                         seen=f"written at GPA {changed[0][0]:#x} ({changed[0][1]} bytes)",
+                         behaviour=DISABLED_PROCESSED)
+    if image and on_disk != data and _read_image(image, 32 * 512, len(data)) == data:
+        raise CaseFailed("the disk image while the ring is started but disabled",
+                         expected="sectors 32..39 unchanged",
+                         seen="the WRITE's data is on the disk (a side effect)",
+                         behaviour=DISABLED_PROCESSED)
     session.set_vring_enable(0, True)
     session.kick(0)
     expect_status(wait_all(session, [request]), what="write after SET_VRING_ENABLE 1")
@@ -220,10 +268,16 @@ def test_ring_starts_on_set_vring_kick(
     family="rings",
     level=MUST,
     clause=f"{RST} Ring states",
-    quote="\n".join((RING_STARTED_DISABLED_QUOTE, RING_STARTED_ENABLED_QUOTE)),
+    quote="\n".join(
+        (
+            "Each ring is initialized in a stopped and disabled state.",
+            RING_STARTED_DISABLED_QUOTE,
+            RING_STARTED_ENABLED_QUOTE,
+        )
+    ),
     requirement=(
-        "A request kicked while the ring is started but disabled completes after "
-        "SET_VRING_ENABLE 1 with no second kick."
+        "A request kicked while the ring is started but never enabled is not served then, and "
+        "completes after SET_VRING_ENABLE 1 with no second kick."
     ),
 )
 def test_kick_before_enable_is_not_lost(
@@ -236,7 +290,8 @@ def test_kick_before_enable_is_not_lost(
     request = session.queues[0].blk.read(0, 8)
     session.queues[0].vq.publish()
     session.kick(0)
-    time.sleep(0.05)
+    # started and never enabled: "Each ring is initialized in a stopped and disabled state"
+    _untouched(session, request, "on a started ring never enabled", behaviour=DISABLED_PROCESSED)
     session.set_vring_enable(0, True)
     try:
         done = wait_all(session, [request], timeout=2.0)

@@ -140,6 +140,18 @@ KILLS: dict[str, tuple[str, ...]] = {
     "crash-on-zero-length": ("VU-HOST-11",),
     "ignore-sigterm": ("VU-BACKEND-1",),
     "capabilities-not-json": ("VU-BACKEND-2",),
+    # mut-basic: ring states and layouts
+    "process-on-enable": ("VU-RING-1", "VU-RING-2"),
+    "rings-start-enabled": ("VU-RING-7",),
+    "kick-lost-while-disabled": ("VU-RING-7",),
+    "disabled-ring-writes-disk": ("VU-RING-3",),
+    "bit30-rings-disabled": ("VU-RING-4",),
+    "wait-for-first-kick": ("VU-RING-5",),
+    "used-idx-latched": ("VU-RING-8",),
+    "packed-wrap-stuck": ("VU-RING-9",),
+    "event-idx-off-by-one": ("VU-RING-10",),
+    "indirect-ioerr": ("VU-RING-11",),
+    "no-interrupt-ignored": ("VU-RING-12",),
 }
 
 #: robustness knobs: the verdict each of their cases must give (every instance: a case run
@@ -206,15 +218,6 @@ UNMUTATED: frozenset[str] = frozenset(
         "VU-MAL-10",
         "VU-MEM-2",
         "VU-MIG-5",
-        "VU-RING-1",
-        "VU-RING-3",
-        "VU-RING-4",
-        "VU-RING-5",
-        "VU-RING-7",
-        "VU-RING-8",
-        "VU-RING-10",
-        "VU-RING-11",
-        "VU-RING-12",
     }
 )
 
