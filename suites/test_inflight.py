@@ -547,7 +547,9 @@ def test_packed_region(vhost_target: BackendTarget, make_session: SessionFactory
 def test_region_kept_across_reconnect(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
-    """Given the old region on a new connection, pending heads are resubmitted."""
+    """Given the old region on a new connection, pending heads are resubmitted; also when
+    requests completed out of order before the reconnect (used->idx past the heads still in
+    flight, so SET_VRING_BASE = used->idx alone would serve the wrong slots)."""
     with slow_disk(vhost_target, LATENCY_MS):
         session = make_session(vhost_target, model=False)
         blk = session.queues[0].blk
@@ -564,3 +566,4 @@ def test_region_kept_across_reconnect(
             raise CaseFailed("used ring after the reconnect",
                              expected="each pending request completed exactly once",
                              seen=str(violations[0]) if violations else f"{len(late)} more")
+    out_of_order_recovery(vhost_target, make_session, kill=False)

@@ -31,9 +31,12 @@ from vhost_conformance.suites.target import BackendTarget
 OOO_LATENCY_MS = 700
 
 
-def out_of_order_recovery(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
+def out_of_order_recovery(vhost_target: BackendTarget, make_session: SessionFactory,
+                          *, kill: bool = True) -> None:
     """Out-of-order completion before the kill, then restart: exactly the heads still in
     flight are resubmitted, in counter order, which here differs from head order.
+    ``kill`` False: no kill, the front-end reconnects to the same back-end (the old
+    connection closed with A and B in flight), handing it the region by SET_INFLIGHT_FD.
 
     avail: [0] GET_ID (fast), [1] write A (slow), [2] write B (slow), [3] GET_ID (fast).
     GET_ID does not reach the disk (qemu-storage-daemon, reference back-end), so both complete
@@ -45,17 +48,21 @@ def out_of_order_recovery(vhost_target: BackendTarget, make_session: SessionFact
     A's and B's used entries: both have the same latency, so a back-end that resubmits in
     counter order completes A first.
     """
-    require_command(vhost_target)
+    if kill:
+        require_command(vhost_target)
     with slow_disk(vhost_target, OOO_LATENCY_MS):
         session = make_session(vhost_target, model=False)
         tracker = InflightTracker(session)
         held = _hold_out_of_order(session, tracker)
-        command = require_command(vhost_target)
-        command.send_signal(signal.SIGKILL)
-        command.wait_exit(5.0)
-        command.start()
-        make_session.reconnect(session, command)
-        _judge_resubmission(session, tracker, held)
+        if kill:
+            command = require_command(vhost_target)
+            command.send_signal(signal.SIGKILL)
+            command.wait_exit(5.0)
+            command.start()
+            make_session.reconnect(session, command)
+        else:
+            make_session.reconnect(session, vhost_target)
+        _judge_resubmission(session, tracker, held, "kill" if kill else "reconnect")
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,8 @@ def _hold_out_of_order(session: Session, tracker: InflightTracker) -> _Held:
     return _Held(first, second, write_a, write_b, blk)
 
 
-def _judge_resubmission(session: Session, tracker: InflightTracker, held: _Held) -> None:
+def _judge_resubmission(session: Session, tracker: InflightTracker, held: _Held,
+                        event: str = "kill") -> None:
     """After the reconnect: A and B resubmitted exactly once each, in counter order (A first),
     nothing else used, and the ring goes on from avail index 4."""
     first, second, write_a, write_b = held.first, held.second, held.write_a, held.write_b
@@ -115,7 +123,7 @@ def _judge_resubmission(session: Session, tracker: InflightTracker, held: _Held)
     except BackendHang as exc:
         raise CaseFailed(
             f"writes A (head {write_a.head}) and B (head {write_b.head}) in flight at the "
-            "kill, used->idx 2 past both (the GET_IDs completed out of order)",
+            f"{event}, used->idx 2 past both (the GET_IDs completed out of order)",
             expected="both resubmitted and completed after the reconnect", seen=str(exc),
         ) from None
     order = [c.tag for c in done]
