@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from vhost_conformance.backend import blk
+from vhost_conformance.backend import blk, device_state
 from vhost_conformance.backend.disk import Disk
 from vhost_conformance.backend.faults import Faults
 from vhost_conformance.backend.inflight import (
@@ -50,6 +50,7 @@ from vhost_conformance.frontend.protocol import (
     BackendRequest,
     BlkFeature,
     Config,
+    DeviceStateTransfer,
     FrontendRequest,
     Header,
     Inflight,
@@ -194,6 +195,7 @@ class BackendOptions:
             P.RESET_DEVICE,
             P.CONFIGURE_MEM_SLOTS,
             P.STATUS,
+            P.DEVICE_STATE,
         ]
         if self.inflight_migration:
             bits.append(P.GET_VRING_BASE_INFLIGHT)
@@ -343,6 +345,9 @@ class Device:
         self._late_logs: list[float] = []
         #: every ring was stopped by GET_VRING_BASE and none started since
         self._all_stopped = False
+        #: DEVICE_STATE: the load channel until CHECK_DEVICE_STATE reads it; the last result
+        self._state_load_fd = -1
+        self._state_result = 0
         self._timers: list[Request] = []
         self._seq = 0
         self._get_features_count = 0
@@ -791,6 +796,73 @@ class Device:
             return
         # With LOG_SHMFD the back-end replies (u64 0) once the log is mapped (QEMU-TRACES 3).
         self._reply(msg.request, U64(0).encode())
+
+    # -- back-end state (DEVICE_STATE)
+
+    def _on_set_device_state_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
+        """vhost-user.rst SET_DEVICE_STATE_FD: direction 0 save / 1 load, phase 0 "stopped"
+        (every ring stopped). We always use the front-end's channel (reply bit 8: no fd);
+        an error is reported with bit 8 set and no fd ("must not both indicate an error and
+        return a file descriptor")."""
+        assert isinstance(payload, DeviceStateTransfer)
+        if not self._has_protocol(ProtocolFeature.DEVICE_STATE):
+            raise RequestError("SET_DEVICE_STATE_FD without DEVICE_STATE negotiated")
+        nofd = 1 << 8
+        if self._state_load_fd >= 0:
+            _close(self._state_load_fd)
+            self._state_load_fd = -1
+        bad = None
+        if payload.direction not in (DeviceStateTransfer.DIRECTION_SAVE,
+                                     DeviceStateTransfer.DIRECTION_LOAD):
+            bad = f"direction {payload.direction}"
+        elif payload.phase != DeviceStateTransfer.PHASE_STOPPED:
+            bad = f"phase {payload.phase}"
+        elif not self.suspended:
+            bad = "a ring is started (phase stopped)"
+        if bad is not None:
+            log.error("SET_DEVICE_STATE_FD refused: %s", bad)
+            self._state_result = 1
+            if self.faults.on("device-state-error-with-fd"):
+                read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                _close(write_end)
+                # the server closes a reply's fds once sent
+                self._reply(msg.request, U64(1).encode(), [read_end])
+                return
+            self._reply(msg.request, U64(1 | nofd).encode())
+            return
+        fd = fds.pop()
+        if payload.direction == DeviceStateTransfer.DIRECTION_SAVE:
+            self._state_result = 0
+            self._reply(msg.request, U64(nofd).encode())
+            try:
+                device_state.write_all(fd, device_state.encode(self.features, self.config.wce))
+            except OSError as exc:
+                log.error("saving the device state: %s", exc)
+                self._state_result = 1
+            return
+        self._state_load_fd = fd
+        self._state_result = 1  # until CHECK_DEVICE_STATE has read and applied it
+        self._reply(msg.request, U64(nofd).encode())
+
+    def _on_check_device_state(self, msg: Message, payload: object, fds: list[int]) -> None:
+        """CHECK_DEVICE_STATE: 0 once the last transfer was written (save) or read to its end
+        and applied (load), 1 otherwise."""
+        if not self._has_protocol(ProtocolFeature.DEVICE_STATE):
+            raise RequestError("CHECK_DEVICE_STATE without DEVICE_STATE negotiated")
+        if self._state_load_fd >= 0:
+            fd, self._state_load_fd = self._state_load_fd, -1
+            try:
+                _features, wce = device_state.decode(device_state.read_until_eof(fd, 2.0))
+            except (device_state.StateError, OSError) as exc:
+                log.error("loading the device state: %s", exc)
+                self._state_result = 1
+            else:
+                self.config.wce = wce
+                self._state_result = 0
+        result = self._state_result
+        if self.faults.on("check-state-always-ok"):
+            result = 0
+        self._reply(msg.request, U64(result).encode())
 
     def _on_set_log_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
         # Accepted for completeness; this back-end never signals it (the fd is closed).
@@ -1725,6 +1797,9 @@ class Device:
         if self.closed:
             return
         self.closed = True
+        if self._state_load_fd >= 0:
+            _close(self._state_load_fd)
+            self._state_load_fd = -1
         for _, fd in self._late_calls:
             _close(fd)
         self._late_calls.clear()

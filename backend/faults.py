@@ -237,6 +237,10 @@ MISBEHAVIOURS: dict[str, str] = {
     "indirect-ioerr": "requests described by an indirect table complete with IOERR",
     "no-interrupt-ignored": "without EVENT_IDX, avail->flags NO_INTERRUPT is ignored (every "
     "batch notified)",
+    "device-state-error-with-fd": "a refused SET_DEVICE_STATE_FD (bad direction or phase, or a "
+    "ring still started) is answered with an error and an fd",
+    "check-state-always-ok": "CHECK_DEVICE_STATE answers 0 (success) even when the loaded "
+    "state could not be read",
 }
 
 

@@ -14,9 +14,11 @@ message types: SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE" and "Migrating back-end
 - the only phase is "stopped": the source's rings are stopped (after GET_VRING_BASE) and the
   destination has not started its rings yet.
 
-None of the back-ends the project runs offers DEVICE_STATE, so against them both cases end
-``unsupported`` naming the bit; tests/test_suites_device_state.py runs the scenario against
-a fake back-end that offers it, once behaving and once violating.
+Of the back-ends the project runs only the reference back-end offers DEVICE_STATE (its own
+small state: backend/device_state.py); against the others both cases end ``unsupported``
+naming the bit. tests/test_suites_device_state.py runs the scenario against a fake back-end
+that offers it, once behaving and once violating; the knobs device-state-error-with-fd and
+check-state-always-ok break the reference (tests/test_mutations.py).
 """
 
 from __future__ import annotations
@@ -262,8 +264,8 @@ def transfer_scenario(source: Session, open_destination: Callable[[], Session]) 
     clause=f"{RST} Front-end message types: SET_DEVICE_STATE_FD",
     quote="The back-end must not both indicate an error and return a file descriptor.",
     requirement=(
-        "The reply never reports an error and returns an fd at once; a returned fd is the one to "
-        "use."
+        "The reply never reports an error and returns an fd at once, also when the request is "
+        "refused (an undefined direction or phase); a returned fd is the one to use."
     ),
     requires=[ProtocolFeature.DEVICE_STATE],
 )
@@ -272,7 +274,9 @@ def test_set_device_state_fd_error_or_fd(
 ) -> None:
     """On a stopped source, SET_DEVICE_STATE_FD(save, stopped) is answered at once (before we
     read anything) with either success or an error without an fd; when it returns an fd the
-    state arrives on that fd, not on the front-end's pipe."""
+    state arrives on that fd, not on the front-end's pipe. Then the error path: direction 2
+    and phase 1 (neither defined) must not be answered with an error and an fd together
+    (``refused``: how many of the two the back-end refused)."""
     transfer = set_device_state_fd_after_stop(vhost_session)
     vhost_measurements["backend_channel"] = float(transfer.backend_channel)
     try:
@@ -280,6 +284,35 @@ def test_set_device_state_fd_error_or_fd(
     finally:
         transfer.close()
     vhost_measurements["state_bytes"] = float(len(state))
+    refused = [refused_without_fd(vhost_session, 2, STOPPED), refused_without_fd(vhost_session,
+                                                                               SAVE, 1)]
+    vhost_measurements["refused"] = float(sum(refused))
+
+
+def refused_without_fd(session: Session, direction: int, phase: int) -> bool:
+    """SET_DEVICE_STATE_FD with ``direction``/``phase`` (one of them undefined) and one end of
+    a new pipe: CaseFailed when an error comes with an fd; True when it was refused."""
+    what = f"SET_DEVICE_STATE_FD (direction {direction}, phase {phase})"
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        reply = session.channel.call(
+            F.SET_DEVICE_STATE_FD, DeviceStateTransfer(direction, phase), fds=[write_end],
+            timeout=session.timeout, close_surplus_fds=False)
+    finally:
+        os.close(write_end)
+        os.close(read_end)
+    if reply is None:  # pragma: no cover - SET_DEVICE_STATE_FD always has a reply body
+        raise CaseFailed(what, expected="a u64 reply", seen="none")
+    fds = list(reply.fds)
+    for fd in fds:
+        os.close(fd)
+    value = U64.decode(reply.payload).value
+    status = value & STATUS_MASK
+    if status and (not value & NOFD or fds):
+        raise CaseFailed(f"{what} reply: an error and an fd at once",
+                         expected="a nonzero status only with bit 8 set and no fd",
+                         seen=f"value {value:#x}, {len(fds)} fd(s)")
+    return bool(status)
 
 
 def set_device_state_fd_after_stop(session: Session) -> Transfer:
@@ -306,9 +339,17 @@ def set_device_state_fd_after_stop(session: Session) -> Transfer:
     ),
     requirement=(
         "The state is written to / read from the transfer fd until EOF, and CHECK_DEVICE_STATE "
-        "then reports success."
+        "then reports success; after loading bytes that are not a state the back-end saved it "
+        "reports an error."
     ),
     requires=[ProtocolFeature.DEVICE_STATE],
+    ambiguity=(
+        "the spec does not say how a back-end checks a loaded state (the format is its own); "
+        "a CHECK_DEVICE_STATE that answers 0 to bytes no back-end of its kind could have saved "
+        "(the saved state with every bit inverted) cannot report a failed transfer at all, so "
+        "the case asks for an error there (QEMU 11.1.3 fails the migration on a non-zero "
+        "answer)"
+    ),
 )
 def test_state_transfer_is_a_pipe_checked_after(
     vhost_target: BackendTarget,
@@ -321,5 +362,22 @@ def test_state_transfer_is_a_pipe_checked_after(
     source's vring bases."""
     source = make_session(vhost_target)
     target = destination_target(vhost_target, vhost_target_factory)
-    state = transfer_scenario(source, lambda: make_session(target, start=False))
+    destinations: list[Session] = []
+
+    def open_destination() -> Session:
+        destinations.append(make_session(target, start=False))
+        return destinations[-1]
+
+    state = transfer_scenario(source, open_destination)
     vhost_measurements["state_bytes"] = float(len(state))
+    destination = destinations[0]
+    destination.stop()
+    garbage = bytes(b ^ 0xFF for b in state) or b"\xff" * 16
+    transfer = set_device_state_fd(destination, LOAD)
+    write_state(transfer, garbage, destination.timeout)
+    reply = destination.call(F.CHECK_DEVICE_STATE)
+    value = None if reply is None else U64.decode(reply.payload).value
+    if value == 0:
+        raise CaseFailed(f"CHECK_DEVICE_STATE after loading {len(garbage)} bytes that are not a "
+                         "saved state (the saved state, every bit inverted)",
+                         expected="non-zero (an error)", seen="0 (success)")

@@ -194,7 +194,7 @@ def test_offers(h: Harness) -> None:
         assert features >> bit & 1, bit
     assert not features >> 5 & 1  # RO only with --read-only
     proto = U64.decode(h.send(F.GET_PROTOCOL_FEATURES)[0].payload).value
-    assert proto == sum(1 << b for b in (0, 1, 3, 5, 9, 12, 13, 15, 16, 20, 23))
+    assert proto == sum(1 << b for b in (0, 1, 3, 5, 9, 12, 13, 15, 16, 19, 20, 23))
 
 
 def test_reply_ack_exactly_as_the_spec(h: Harness) -> None:
@@ -684,3 +684,35 @@ def test_fail_rate_injects_ioerr_reproducibly() -> None:
             h.close()
     assert statuses[0] == statuses[1]
     assert set(statuses[0]) == {0, 1}
+
+
+def test_device_state_save_load_and_refusal(h: Harness) -> None:
+    """DEVICE_STATE (bit 19): save writes VCSTATE1 + JSON to the front-end's pipe and closes
+    it; a load of that state checks 0, a load of garbage checks 1; an undefined direction is
+    refused with bit 8 set and no fd (never an error and an fd at once)."""
+    from vhost_conformance.frontend.protocol import DeviceStateTransfer
+
+    h.connect()
+    nofd = 1 << 8
+    r, w = os.pipe()
+    reply = h.send(F.SET_DEVICE_STATE_FD, DeviceStateTransfer(0, 0), fds=(w,))[0]
+    os.close(w)
+    assert U64.decode(reply.payload).value == nofd and not reply.fds
+    state = os.read(r, 4096)
+    assert state.startswith(b"VCSTATE1") and os.read(r, 10) == b""
+    os.close(r)
+    assert U64.decode(h.send(F.CHECK_DEVICE_STATE)[0].payload).value == 0
+    for data, result in ((state, 0), (b"garbage", 1)):
+        r, w = os.pipe()
+        reply = h.send(F.SET_DEVICE_STATE_FD, DeviceStateTransfer(1, 0), fds=(r,))[0]
+        os.close(r)
+        assert U64.decode(reply.payload).value == nofd
+        os.write(w, data)
+        os.close(w)
+        assert U64.decode(h.send(F.CHECK_DEVICE_STATE)[0].payload).value == result
+    r, w = os.pipe()
+    reply = h.send(F.SET_DEVICE_STATE_FD, DeviceStateTransfer(2, 0), fds=(w,))[0]
+    os.close(r)
+    os.close(w)
+    value = U64.decode(reply.payload).value
+    assert value & 0xFF and value & nofd and not reply.fds

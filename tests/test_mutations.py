@@ -152,6 +152,9 @@ KILLS: dict[str, tuple[str, ...]] = {
     "event-idx-off-by-one": ("VU-RING-10",),
     "indirect-ioerr": ("VU-RING-11",),
     "no-interrupt-ignored": ("VU-RING-12",),
+    # mut-stop: device state
+    "device-state-error-with-fd": ("VU-DS-1",),
+    "check-state-always-ok": ("VU-DS-2",),
 }
 
 #: robustness knobs: the verdict each of their cases must give (every instance: a case run
@@ -206,8 +209,6 @@ UNMUTATED: frozenset[str] = frozenset(
         "VU-QEMU-5",
         "VU-QEMU-6",
         "VU-QEMU-7",
-        "VU-DS-1",
-        "VU-DS-2",
         "VU-FD-3",
         # VU-FEAT-3, VU-FEAT-6: the reference back-end offers neither INBAND_NOTIFICATIONS nor
         # IOMMU_PLATFORM, so the plain run is `unsupported`, not pass; a knob offering the bit
