@@ -1431,8 +1431,7 @@ class Device:
             inflight_heads.add(head)
             if isinstance(q.inflight, SplitInflight):
                 q.inflight.mark_popped(head, q.counter)
-            if not self.faults.on("inflight-counter-stuck"):
-                q.counter += 1
+            q.counter += 1
             self.faults.reach("after-pop")
             self._submit(self._new_request(q, chain, head), now)
         if ring.event_idx:
@@ -1468,8 +1467,7 @@ class Device:
                 except InflightError as exc:
                     self._break(q, str(exc))
                     return
-            if not self.faults.on("inflight-counter-stuck"):
-                q.counter += 1
+            q.counter += 1
             self.faults.reach("after-pop")
             self._submit(self._new_request(q, chain, head), now)
 

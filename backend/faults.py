@@ -202,8 +202,6 @@ MISBEHAVIOURS: dict[str, str] = {
     "pointer is not set up yet)",
     "keep-regions-on-early-close": "memory regions of a connection that ended before any ring "
     "started stay mapped and are carried into the next connection",
-    "inflight-counter-stuck": "the in-flight region's global counter is not increased: every "
-    "request gets the same counter",
     "chain-overflow": "SIGSEGV when a chain has more descriptors than the queue size (a loop, a "
     "long indirect table, a wrapping packed chain): a fixed queue-size array overflows",
     "unchecked-indirect": "SIGSEGV on an indirect descriptor inside an indirect table, of length "

@@ -67,6 +67,7 @@ from vhost_conformance.suites.model import (
     confirm_finding,
 )
 from vhost_conformance.suites.target import BackendTarget, Capabilities
+from vhost_conformance.suites.target_errors import TargetError
 
 F = FrontendRequest
 P = ProtocolFeature
@@ -240,7 +241,8 @@ class MessageMachine(RuleBasedStateMachine):
         except BackendHang as exc:
             rig.check_alive()
             raise CaseHang(f"init on a new connection: {exc}") from None
-        except (BackendClosed, OSError) as exc:
+        except (BackendClosed, OSError, TargetError) as exc:
+            # TargetError: the socket refuses connections, its back-end dead (a rule's doing)
             rig.check_alive()
             raise CaseFailed(f"init on a new connection failed: {exc}") from None
         if self.model is None:

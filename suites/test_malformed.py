@@ -931,6 +931,12 @@ def test_set_inflight_fd_twice(
         for i in range(20):
             session.set_inflight_fd(regions[i % 2])
         session.set_inflight_fd(regions[0])  # the last one given wins
+        # SET_INFLIGHT_FD has no reply: a request that has one (QEMU's GET_FEATURES barrier)
+        # makes sure all 21 were handled before anything is measured. Without it nothing
+        # waited for the back-end to read them: DPDK writes desc_num into each region it is
+        # given (lib/vhost vhost_user_set_inflight_fd), and when that write into regions[1]
+        # came after the copy below (a loaded machine) the case failed.
+        session.call(F.GET_FEATURES)
         fds_bounded(vhost_target, before, "21 SET_INFLIGHT_FD")
         maps_after = _maps_named(vhost_target, "vc-inflight-dst")
         if maps_before is not None and maps_after is not None and maps_after > maps_before + 2:

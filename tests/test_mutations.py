@@ -78,7 +78,10 @@ KILLS: dict[str, tuple[str, ...]] = {
     "config-num-queues-high": ("VU-MQ-1",),
     # mut-stop (issue 10): stop, suspended state, in-flight region, logging, reconnect
     "inflight-no-version": ("VU-INF-2", "VU-INF-4", "VU-INF-6", "VU-INF-10"),
-    "inflight-keep-marks": ("VU-INF-7", "VU-INF-11"),
+    # VU-FUZZ-4 (mut-robust): its end-of-example check sees the mark left (inflight-counter-
+    # stuck, tried first, was seen only when two requests were in flight at a look: on the
+    # replay on a fresh instance it was not, a `flaky`)
+    "inflight-keep-marks": ("VU-INF-7", "VU-INF-11", "VU-FUZZ-4"),
     "inflight-short-mmap": ("VU-INF-1",),
     "inflight-bad-size-crash": ("VU-INF-9",),
     "serve-stopped-ring": ("VU-GVB-5",),
@@ -129,7 +132,6 @@ KILLS: dict[str, tuple[str, ...]] = {
     "accept-any-ring-size": ("VU-MAL-7",),
     "crash-on-stop-before-start": ("VU-FUZZ-1",),
     "keep-regions-on-early-close": ("VU-FUZZ-3",),
-    "inflight-counter-stuck": ("VU-FUZZ-4",),
     "chain-overflow": ("VU-HOST-1", "VU-HOST-2"),
     "unchecked-indirect": ("VU-HOST-3", "VU-HOST-10"),
     "unchecked-desc-index": ("VU-HOST-4", "VU-HOST-8"),
@@ -173,7 +175,6 @@ ROBUST: dict[str, tuple[str, str | None]] = {
     "accept-any-ring-size": ("non-strict", "acked 0"),
     "crash-on-stop-before-start": ("crash", "signal 11"),
     "keep-regions-on-early-close": ("non-strict", "after a disconnect"),
-    "inflight-counter-stuck": ("fail", "counter"),
     "chain-overflow": ("crash", "signal 11"),
     "unchecked-indirect": ("crash", "signal 11"),
     "unchecked-desc-index": ("crash", "signal 11"),
