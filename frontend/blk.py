@@ -545,6 +545,9 @@ class BlkDriver:
         self.memory = memory
         self.model = model
         self.outstanding: dict[int, BlkRequest] = {}
+        #: completions a wait reaped for requests no one waited for yet, by tag: the next
+        #: wait for them takes them from here (``Session.wait_requests``)
+        self.unclaimed: dict[int, BlkCompletion] = {}
         self.mismatches: list[Mismatch] = []
         # One 32-byte slot per possible request: header at +0, status byte at +16.
         self._slots_gpa = memory.alloc(32 * vq.size, 64)

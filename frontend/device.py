@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from vhost_conformance.frontend.blk import BlkDriver, ModelDisk
+from vhost_conformance.frontend.blk import BlkCompletion, BlkDriver, BlkRequest, ModelDisk
 from vhost_conformance.frontend.channel import BackendChannel, Channel
-from vhost_conformance.frontend.errors import MisuseError
+from vhost_conformance.frontend.errors import BackendHang, MisuseError
 from vhost_conformance.frontend.memory import GuestMemory
 from vhost_conformance.frontend.protocol import (
     U64,
@@ -571,6 +571,42 @@ class Session:
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(q.call_fd)
         return got
+
+    def wait_requests(self, requests: Sequence[BlkRequest], *, timeout: float | None = None
+                      ) -> list[BlkCompletion]:
+        """Wait until every one of ``requests`` completed (any queue); their completions in the
+        order given. The one wait for requests: completions of other requests reaped meanwhile
+        are kept by their queue's driver (``BlkDriver.unclaimed``) for whoever waits for them
+        next. Raises ``BackendHang`` naming how many are missing at the deadline."""
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        wanted = {r.tag for r in requests}
+        done: dict[int, BlkCompletion] = {}
+        queues = sorted({r.queue for r in requests})
+        for index in queues:
+            unclaimed = self.queues[index].blk.unclaimed
+            done.update((t, unclaimed.pop(t)) for t in wanted if t in unclaimed)
+        while wanted - done.keys():
+            for index in queues:
+                q = self.queues[index]
+                still = [r for r in requests if r.queue == index and r.tag not in done]
+                if not still:
+                    continue
+                left = deadline - time.monotonic()
+                for completion in q.blk.complete(
+                    self.wait_used(index, len(still), timeout=max(0.0, min(left, 0.05)))
+                ):
+                    (done if completion.tag in wanted else q.blk.unclaimed)[completion.tag] = (
+                        completion
+                    )
+            if time.monotonic() >= deadline and wanted - done.keys():
+                missing = sorted(wanted - done.keys())
+                raise BackendHang(
+                    f"{len(missing)} of {len(wanted)} requests not completed (tags {missing[:8]})",
+                    request_name="virtio-blk I/O",
+                    timeout=limit,
+                )
+        return [done[r.tag] for r in requests]
 
     def reap_batch(self, index: int, at_least: int, *, timeout: float | None = None
                    ) -> list[tuple[object, int]]:

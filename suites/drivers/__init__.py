@@ -36,7 +36,6 @@ import os
 import signal
 import struct
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -437,40 +436,12 @@ def pattern(seed: int, size: int) -> bytes:
     return bytes(out[:size])
 
 
-#: Completions reaped while waiting for other requests, kept for whoever waits for them.
-_EARLY: weakref.WeakKeyDictionary[Session, dict[int, BlkCompletion]] = weakref.WeakKeyDictionary()
-
-
 def wait_all(
     session: Session, requests: Sequence[BlkRequest], *, timeout: float | None = None
 ) -> list[BlkCompletion]:
-    """Wait until every one of ``requests`` completed (any queue); their completions in the
-    order given. Raises ``BackendHang`` naming how many are missing at the deadline."""
-    limit = session.timeout if timeout is None else timeout
-    deadline = time.monotonic() + limit
-    wanted = {r.tag for r in requests}
-    early = _EARLY.setdefault(session, {})
-    done: dict[int, BlkCompletion] = {t: early.pop(t) for t in wanted if t in early}
-    queues = sorted({r.queue for r in requests})
-    while wanted - done.keys():
-        for index in queues:
-            q = session.queues[index]
-            still = [r for r in requests if r.queue == index and r.tag not in done]
-            if not still:
-                continue
-            left = deadline - time.monotonic()
-            for completion in q.blk.complete(
-                session.wait_used(index, len(still), timeout=max(0.0, min(left, 0.05)))
-            ):
-                (done if completion.tag in wanted else early)[completion.tag] = completion
-        if time.monotonic() >= deadline and wanted - done.keys():
-            missing = sorted(wanted - done.keys())
-            raise BackendHang(
-                f"{len(missing)} of {len(wanted)} requests not completed (tags {missing[:8]})",
-                request_name="virtio-blk I/O",
-                timeout=limit,
-            )
-    return [done[r.tag] for r in requests]
+    """Wait until every one of ``requests`` completed (any queue): ``Session.wait_requests``,
+    the front-end's one wait for requests."""
+    return session.wait_requests(requests, timeout=timeout)
 
 
 def expect_status(
