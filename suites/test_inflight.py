@@ -31,6 +31,7 @@ from vhost_conformance.frontend.protocol import (
     VirtioFeature,
     has,
 )
+from vhost_conformance.frontend.virtqueue import SplitVirtqueue
 from vhost_conformance.reports.model import Tier
 from vhost_conformance.suites.clauses import (
     INFLIGHT_24,
@@ -51,6 +52,7 @@ from vhost_conformance.suites.drivers import (
     require_command,
     restart_variant,
     slow_disk,
+    split_ring,
     wait_all,
     wait_popped,
 )
@@ -75,10 +77,11 @@ def _region_view(session: Session) -> InflightHandle:
 def _popped_index(session: Session) -> int | None:
     """The back-end's last_avail_idx when EVENT_IDX shows it (split), else None."""
     vq = session.queues[0].vq
-    if vq.packed or not has(session.negotiated.acked_features, VirtioFeature.RING_EVENT_IDX):
+    if not isinstance(vq, SplitVirtqueue) or not has(session.negotiated.acked_features,
+                                                     VirtioFeature.RING_EVENT_IDX):
         return None
-    event: int = vq.avail_event  # type: ignore[attr-defined]
-    return event if event == vq.published_idx else None  # type: ignore[attr-defined]
+    event = vq.avail_event
+    return event if event == vq.published_idx else None
 
 
 @case(
@@ -268,7 +271,7 @@ def test_region_follows_pops_and_completions(
             popped = _popped_index(session)
             fail_on_findings(tracker.findings([popped]), "region while 3 reads are in flight")
         tracker.wait(0, 3)
-        published: int = session.queues[0].vq.published_idx  # type: ignore[attr-defined]
+        published = split_ring(session).published_idx
         fail_on_findings(tracker.findings([published]), "region after every read completed")
         queue = tracker.region().queues[0]
         used = session.queues[0].vq.used_idx_in_memory()

@@ -25,6 +25,7 @@ from vhost_conformance.suites.drivers import (
     pattern,
     pending_io,
     slow_disk,
+    split_ring,
     stop_now,
     wait_all,
     wait_popped,
@@ -133,7 +134,7 @@ def _used_ring_logged_at_log_guest_addr(session: Session) -> None:
             raise CaseFailed(
                 f"dirty log (mmap_offset {log.mmap_offset}) bit of page {page}: log_guest_addr "
                 f"{spare:#x} of the used ring (used ring at GPA "
-                f"{session.queues[0].vq.used_gpa:#x})",  # type: ignore[attr-defined]
+                f"{split_ring(session).used_gpa:#x})",
                 expected="set (used->idx and a used element written)",
                 seen=f"clear ({len(dirty)} page(s) marked)")
         data = _written_pages(session, requests)

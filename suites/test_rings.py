@@ -30,6 +30,7 @@ from vhost_conformance.suites.drivers import (
     kick_and_enable,
     partial_start,
     pattern,
+    split_ring,
     stop_now,
     wait_all,
     write_read_verify,
@@ -319,7 +320,7 @@ def test_used_idx_is_read_at_start(
     """With used->idx zeroed after SET_VRING_ADDR, the first completion lands in slot 0."""
     session = make_session(vhost_target, start=False)
     vq = session.queues[0].vq
-    used_gpa: int = vq.used_gpa  # type: ignore[attr-defined]
+    used_gpa = split_ring(session).used_gpa
     session.memory.write(used_gpa + 2, (0x1337).to_bytes(2, "little"))
     partial_start(session, vring_bases=[0])
     session.call(F.GET_FEATURES)  # SET_VRING_ADDR has no reply: be sure it was handled
@@ -390,12 +391,12 @@ def test_packed_ring_io(vhost_target: BackendTarget, make_session: SessionFactor
 def test_event_idx_suppression(vhost_session: Session) -> None:
     """With EVENT_IDX, the back-end signals the call fd exactly when used_event asks."""
     session = vhost_session
-    vq = session.queues[0].vq
+    vq = split_ring(session)
     do_io(session, 1, kinds=("read",))
-    avail_event: int = vq.avail_event  # type: ignore[attr-defined]
-    if avail_event != vq.published_idx:  # type: ignore[attr-defined]
+    avail_event = vq.avail_event
+    if avail_event != vq.published_idx:
         raise CaseNonStrict(f"avail_event after the back-end took every request: expected "
-                            f"{vq.published_idx}, seen {avail_event}")  # type: ignore[attr-defined]
+                            f"{vq.published_idx}, seen {avail_event}")
     used = vq.used_idx
     session.drain_call(0)
     # used_event = used + 1: no signal when used->idx becomes used + 1, one at used + 2
@@ -505,14 +506,14 @@ def test_no_interrupt_without_event_idx(
 )
 def test_used_flags_values(vhost_session: Session) -> None:
     """used->flags read after the start and after I/O."""
-    vq = vhost_session.queues[0].vq
-    if vq.packed:
+    if vhost_session.packed:
         raise Unsupported("used->flags", "a packed ring has no used->flags field")
+    vq = split_ring(vhost_session)
     event_idx = vhost_session.negotiated.acked_features >> VirtioFeature.RING_EVENT_IDX & 1
     allowed = {0} if event_idx else {0, 1}
-    seen = [("after the start", vq.used_flags)]  # type: ignore[attr-defined]
+    seen = [("after the start", vq.used_flags)]
     do_io(vhost_session, 2)
-    seen.append(("after 4 completed requests", vq.used_flags))  # type: ignore[attr-defined]
+    seen.append(("after 4 completed requests", vq.used_flags))
     for when, flags in seen:
         if flags not in allowed:
             raise CaseFailed(

@@ -49,6 +49,7 @@ from vhost_conformance.suites.drivers import (
     provoke_config_change,
     restart_variant,
     slow_disk,
+    split_ring,
     stop_now,
     wait_popped,
 )
@@ -101,7 +102,7 @@ def _expect_base(seen: int, expected: int, what: str, *, split: bool = False) ->
 def test_get_vring_base_returns_next_avail_index(vhost_session: Session) -> None:
     """After N requests were taken, GET_VRING_BASE returns N and stops the ring."""
     do_io(vhost_session, 3)  # 6 requests, each completed
-    n = vhost_session.queues[0].vq.published_idx  # type: ignore[attr-defined]
+    n = split_ring(vhost_session).published_idx
     stopped = stop_now(vhost_session)
     _expect_base(stopped.bases[0], n, f"after {n} completed requests",
                  split=not vhost_session.packed)
@@ -324,7 +325,7 @@ def test_qemu_stop_order_is_answered_for_every_ring(
     session = make_session(vhost_target, num_queues=queues)
     for index in range(queues):
         do_io(session, 1 + 2 * index, queue=index, sector=512 * index)
-    expected = [q.vq.published_idx for q in session.queues]  # type: ignore[attr-defined]
+    expected = [split_ring(session, index).published_idx for index in range(queues)]
     bases = session.stop()
     for index, (seen, want) in enumerate(zip(bases, expected, strict=True)):
         _expect_base(seen, want, f"of queue {index}")
@@ -349,7 +350,7 @@ def test_set_vring_base_sets_only_next_avail_index(vhost_session: Session) -> No
     base = stop_now(session).bases[0]
     q = session.queues[0]
     vq = q.vq
-    used_gpa: int = vq.used_gpa  # type: ignore[attr-defined]
+    used_gpa = split_ring(session).used_gpa
     skipped = q.blk.read(100, 1)  # avail slot base: taken as done elsewhere (a migration)
     taken = q.blk.read(200, 1)  # avail slot base + 1
     vq.publish()

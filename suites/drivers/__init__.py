@@ -63,6 +63,7 @@ from vhost_conformance.frontend.protocol import (
     VirtioFeature,
     has,
 )
+from vhost_conformance.frontend.virtqueue import SplitVirtqueue
 from vhost_conformance.suites.model import CaseFailed, Unsupported
 from vhost_conformance.suites.plugin import register_trace
 from vhost_conformance.suites.target import (
@@ -436,6 +437,15 @@ def pattern(seed: int, size: int) -> bytes:
     return bytes(out[:size])
 
 
+def split_ring(session: Session, queue: int = 0) -> SplitVirtqueue:
+    """Queue ``queue``'s ring, for a case that reads split-only fields of it (used ring GPA,
+    avail_event, used->flags, the published avail->idx): Unsupported on a packed ring."""
+    vq = session.queues[queue].vq
+    if not isinstance(vq, SplitVirtqueue):
+        raise Unsupported("a split ring", "the case reads fields only a split ring has")
+    return vq
+
+
 def wait_all(
     session: Session, requests: Sequence[BlkRequest], *, timeout: float | None = None
 ) -> list[BlkCompletion]:
@@ -573,7 +583,7 @@ def wait_popped(session: Session, queue: int = 0, *, settle: float = 0.08) -> No
     deadline = time.monotonic() + settle
     watch = has(session.negotiated.acked_features, VirtioFeature.RING_EVENT_IDX) and not vq.packed
     while time.monotonic() < deadline:
-        if watch and getattr(vq, "avail_event", None) == vq.published_idx:  # type: ignore[attr-defined]
+        if watch and isinstance(vq, SplitVirtqueue) and vq.avail_event == vq.published_idx:
             return
         time.sleep(0.005)
 
