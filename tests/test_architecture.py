@@ -69,7 +69,6 @@ TABLES = {
 TO_SPLIT = {
     "backend/__main__.py:main",
     "backend/vring.py:_walk",
-    "vhost_conformance/cli.py:cmd_run",
 }
 
 

@@ -15,8 +15,12 @@ import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import vhost_conformance
+
+if TYPE_CHECKING:
+    from vhost_conformance.reports.model import Report
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -149,14 +153,11 @@ def preflight(profile) -> None:  # type: ignore[no-untyped-def]
         factory.close()
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Run the conformance suite against one back-end and write the report."""
-    import pytest
+def _prepare_report_dir(args: argparse.Namespace) -> Path:
+    """The report folder, made and checked writable (the caller's relative paths made absolute
+    first), the known-deviations file checked, an old report.json removed."""
+    from vhost_conformance.reports.model import KnownDeviations
 
-    from vhost_conformance.reports.model import KnownDeviations, Report
-
-    profile = _profile(args)  # validates the back-end options before anything starts
-    _check_tiers(args.tier or ())
     # The suite runs from the report folder (below): every path the caller gave relative to
     # their own directory is made absolute first, or pytest would look for it under the folder.
     report_dir = Path(args.report).absolute()
@@ -175,8 +176,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         except Exception as exc:
             raise CliError(f"known-deviations file {args.known_deviations}: {exc}") from None
     (report_dir / "report.json").unlink(missing_ok=True)
-    if not args.no_preflight:
-        preflight(profile)
+    return report_dir
+
+
+def _suite_args(args: argparse.Namespace, report_dir: Path) -> list[str]:
+    """The pytest command line of ``run``."""
     pytest_args = [
         "--pyargs", "vhost_conformance.suites",
         "-p", "no:cacheprovider",
@@ -205,6 +209,37 @@ def cmd_run(args: argparse.Namespace) -> int:
         pytest_args += ["-n", args.n]
     pytest_args += ["-q"] if not args.verbose else ["-v"]
     pytest_args += ["-rN", "--no-header", "-W", "ignore::pytest.PytestAssertRewriteWarning"]
+    return pytest_args
+
+
+def _print_summary(report: Report, report_dir: Path) -> None:
+    """The lines ``run`` prints after the suite: counts, the qemu tier's time, QEMU's word."""
+    counts = report.counts()
+    summary = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()) if n)
+    print(f"vhost-conformance: {len(report.cases)} cases against {report.backend.name}: "
+          f"{summary}; report in {report_dir}")
+    qemu = [c for c in report.cases if c.family == "qemu"]
+    if qemu:  # the tier's budget: 4 minutes on 2 cores against the reference back-end
+        print(f"vhost-conformance: qemu tier: {len(qemu)} cases in "
+              f"{sum(c.duration_s for c in qemu):.0f} s")
+    held = Counter(c.qemu_confirmed for c in report.cases if c.qemu_confirmed is not None)
+    if held:
+        print("vhost-conformance: findings held against real QEMU 11.1.3: "
+              + ", ".join(f"{n} {what}" for what, n in sorted(held.items())))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the conformance suite against one back-end and write the report."""
+    import pytest
+
+    from vhost_conformance.reports.model import Report
+
+    profile = _profile(args)  # validates the back-end options before anything starts
+    _check_tiers(args.tier or ())
+    report_dir = _prepare_report_dir(args)
+    if not args.no_preflight:
+        preflight(profile)
+    pytest_args = _suite_args(args, report_dir)
     # Run from the report folder so no project conftest or ini of the caller's cwd interferes.
     cwd = os.getcwd()
     try:
@@ -220,18 +255,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not report_file.exists():
         raise CliError(f"the suite wrote no {report_file}")
     report = Report.load(report_file)
-    counts = report.counts()
-    summary = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()) if n)
-    print(f"vhost-conformance: {len(report.cases)} cases against {report.backend.name}: "
-          f"{summary}; report in {report_dir}")
-    qemu = [c for c in report.cases if c.family == "qemu"]
-    if qemu:  # the tier's budget: 4 minutes on 2 cores against the reference back-end
-        print(f"vhost-conformance: qemu tier: {len(qemu)} cases in "
-              f"{sum(c.duration_s for c in qemu):.0f} s")
-    held = Counter(c.qemu_confirmed for c in report.cases if c.qemu_confirmed is not None)
-    if held:
-        print("vhost-conformance: findings held against real QEMU 11.1.3: "
-              + ", ".join(f"{n} {what}" for what, n in sorted(held.items())))
+    _print_summary(report, report_dir)
     return report.gate(args.strict)
 
 
