@@ -348,6 +348,9 @@ class Device:
         #: DEVICE_STATE: the load channel until CHECK_DEVICE_STATE reads it; the last result
         self._state_load_fd = -1
         self._state_result = 0
+        #: --misbehave stop-drops-unflushed-writes: (byte offset, old bytes) of every WRITE
+        #: completed since the last FLUSH, newest last
+        self._unflushed: list[tuple[int, bytes]] = []
         self._timers: list[Request] = []
         self._seq = 0
         self._get_features_count = 0
@@ -1113,6 +1116,8 @@ class Device:
         q.polled = False
         q.resubmit.clear()
         self._all_stopped = self.suspended
+        if self.faults.on("stop-drops-unflushed-writes"):
+            self._drop_unflushed()
         if self.faults.on("log-after-stop") and self.dirty_log is not None:
             self._late_logs.append(self.clock() + 0.2)
         q.serve_stopped = self.faults.on("serve-stopped-ring")
@@ -1498,6 +1503,8 @@ class Device:
         q = req.queue
         chain = req.chain
         req.executed = True
+        if self.faults.on("stop-drops-unflushed-writes") and chain.error is None:
+            self._remember_unflushed(chain)
         try:
             if chain.error is None and self._misbehave_before(req):
                 pass
@@ -1553,6 +1560,27 @@ class Device:
         self.mark_dirty(chain.status_gpa, 1)
         req.status, req.written = blk.S_OK, 1
         return True
+
+    def _remember_unflushed(self, chain: Chain) -> None:
+        """``stop-drops-unflushed-writes``: keep what a WRITE overwrites (a FLUSH forgets it)."""
+        rtype = blk.request_type(self.memory, chain.readable)
+        if rtype == blk.T_FLUSH:
+            self._unflushed.clear()
+            return
+        payload = blk.write_payload(self.memory, chain.readable)
+        if payload is None:
+            return
+        offset, data = payload
+        old = os.pread(self.disk.fd, len(data), offset) if offset >= 0 else b""
+        self._unflushed.append((offset, old))
+
+    def _drop_unflushed(self) -> None:
+        """``stop-drops-unflushed-writes``: undo, newest first, the WRITEs since the last FLUSH."""
+        while self._unflushed:
+            offset, old = self._unflushed.pop()
+            if old:
+                self.disk.write_from(offset, [memoryview(old)])
+        log.warning("misbehaving: unflushed writes dropped at the stop")
 
     def _misbehave_status(self, req: Request, outcome: blk.Outcome) -> None:
         """``unknown-type-ok`` and ``capacity-ignored``: report OK where the request failed."""

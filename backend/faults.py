@@ -235,6 +235,8 @@ MISBEHAVIOURS: dict[str, str] = {
     "indirect-ioerr": "requests described by an indirect table complete with IOERR",
     "no-interrupt-ignored": "without EVENT_IDX, avail->flags NO_INTERRUPT is ignored (every "
     "batch notified)",
+    "stop-drops-unflushed-writes": "GET_VRING_BASE undoes on the disk the WRITEs completed "
+    "since the last FLUSH (a volatile cache dropped at the stop)",
     "device-state-error-with-fd": "a refused SET_DEVICE_STATE_FD (bad direction or phase, or a "
     "ring still started) is answered with an error and an fd",
     "check-state-always-ok": "CHECK_DEVICE_STATE answers 0 (success) even when the loaded "

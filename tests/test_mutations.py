@@ -157,6 +157,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     # mut-stop: device state
     "device-state-error-with-fd": ("VU-DS-1",),
     "check-state-always-ok": ("VU-DS-2",),
+    "stop-drops-unflushed-writes": ("VU-MIG-5",),
 }
 
 #: robustness knobs: the verdict each of their cases must give (every instance: a case run
@@ -218,7 +219,6 @@ UNMUTATED: frozenset[str] = frozenset(
         "VU-FEAT-6",
         "VU-MAL-10",
         "VU-MEM-2",
-        "VU-MIG-5",
     }
 )
 
