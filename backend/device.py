@@ -40,6 +40,13 @@ from vhost_conformance.backend.inflight import (
     queue_region_stride,
 )
 from vhost_conformance.backend.memory import DirtyLog, GuestMemory, GuestMemoryError, full_barrier
+from vhost_conformance.backend.postcopy import (
+    UserfaultError,
+    mapping_address,
+    open_userfaultfd,
+    register,
+    unregister,
+)
 from vhost_conformance.backend.vring import Chain, PackedRing, RingError, SplitRing
 from vhost_conformance.frontend.protocol import (
     FD_EXPECTATIONS,
@@ -56,6 +63,7 @@ from vhost_conformance.frontend.protocol import (
     Inflight,
     LogBase,
     MalformedMessage,
+    MemoryRegion,
     MemoryTable,
     Message,
     ProtocolFeature,
@@ -196,6 +204,7 @@ class BackendOptions:
             P.CONFIGURE_MEM_SLOTS,
             P.STATUS,
             P.DEVICE_STATE,
+            P.PAGEFAULT,
         ]
         if self.inflight_migration:
             bits.append(P.GET_VRING_BASE_INFLIGHT)
@@ -354,6 +363,12 @@ class Device:
         self._timers: list[Request] = []
         self._seq = 0
         self._get_features_count = 0
+        #: postcopy (PAGEFAULT): our userfaultfd, whether the front-end listens, the ranges
+        #: registered, and whether a postcopy SET_MEM_TABLE waits for the front-end's ack
+        self.postcopy_ufd = -1
+        self.postcopy_listening = False
+        self._uffd_ranges: list[tuple[int, int]] = []
+        self._postcopy_ack_pending = False
         #: --misbehave iotlb-msg-without-iommu: the one IOTLB miss was sent
         self._iotlb_sent = False
         #: --misbehave keep-rem-mem-reg-fd: fds kept open until the connection ends
@@ -432,6 +447,9 @@ class Device:
         name = request.name
         if msg.is_reply:
             raise ConnectionFatal(f"{name}: REPLY flag set on a request (flags {msg.flags:#x})")
+        if self._postcopy_ack_pending and request == FrontendRequest.SET_MEM_TABLE:
+            self._postcopy_ack(msg)
+            return
         if (self.faults.on("inflight-bad-size-crash")
                 and request in (FrontendRequest.GET_INFLIGHT_FD, FrontendRequest.SET_INFLIGHT_FD)
                 and len(msg.payload) not in (Inflight.SIZE, Inflight.PACKED_SIZE)):
@@ -726,6 +744,7 @@ class Device:
         if self.faults.on("set-mem-table-refused"):
             raise RequestError("SET_MEM_TABLE: --misbehave set-mem-table-refused")
         self.memory.clear()
+        self._uffd_ranges.clear()  # unmapping unregistered them
         share = self.faults.on("regions-share-first-fd")
         try:
             for region, fd in zip(payload.regions, fds, strict=True):
@@ -740,11 +759,27 @@ class Device:
             self.memory.clear()
             raise RequestError(f"SET_MEM_TABLE: {exc}") from None
         self._refresh_rings()
+        if self.postcopy_listening:
+            # "SET_MEM_TABLE replies with the bases of the memory mapped regions"; the regions
+            # are registered once the front-end acks the reply (QEMU sends a SET_MEM_TABLE with
+            # u64 0: hw/virtio/vhost-user.c vhost_user_set_mem_table_postcopy)
+            if self.faults.on("postcopy-no-table-reply"):
+                return
+            bases = tuple(
+                MemoryRegion(r.guest_phys_addr, r.memory_size, mapping_address(r.mm),
+                             r.mmap_offset)
+                for r in self.memory.regions
+            )
+            self._reply(msg.request, MemoryTable(bases).encode())
+            self._postcopy_ack_pending = True
 
     def _on_add_mem_reg(self, msg: Message, payload: object, fds: list[int]) -> None:
         assert isinstance(payload, SingleMemoryRegion)
         if not self._has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
             raise RequestError("ADD_MEM_REG without CONFIGURE_MEM_SLOTS negotiated")
+        if self.postcopy_listening:
+            # postcopy ADD_MEM_REG (a reply with the base per region) is not implemented here
+            raise RequestError("ADD_MEM_REG in postcopy mode is not supported (SET_MEM_TABLE is)")
         r = payload.region
         if self.faults.on("mem-slots-overstated") and len(self.memory.regions) >= 16:
             raise RequestError("ADD_MEM_REG: --misbehave mem-slots-overstated: 16 regions")
@@ -783,6 +818,70 @@ class Device:
     def _mmap_offset(self, mmap_offset: int) -> int:
         """The fd offset a region is mapped from (0 with --misbehave ignore-mmap-offset)."""
         return 0 if self.faults.on("ignore-mmap-offset") else mmap_offset
+
+    # -- postcopy (vhost-user.rst "Migration": postcopy; POSTCOPY_ADVISE/LISTEN/END)
+
+    def _on_postcopy_advise(self, msg: Message, payload: object, fds: list[int]) -> None:
+        if not self._has_protocol(ProtocolFeature.PAGEFAULT):
+            raise RequestError("POSTCOPY_ADVISE without PAGEFAULT negotiated")
+        if self.faults.on("advise-no-userfaultfd"):
+            self._reply(msg.request, b"", fds=[os.eventfd(0, os.EFD_CLOEXEC)])
+            return
+        if self.postcopy_ufd < 0:
+            try:
+                self.postcopy_ufd = open_userfaultfd()
+            except UserfaultError as exc:
+                raise RequestError(f"POSTCOPY_ADVISE: {exc}") from None
+        self._reply(msg.request, b"", fds=[os.dup(self.postcopy_ufd)])
+
+    def _on_postcopy_listen(self, msg: Message, payload: object, fds: list[int]) -> None:
+        if not self._has_protocol(ProtocolFeature.PAGEFAULT):
+            raise RequestError("POSTCOPY_LISTEN without PAGEFAULT negotiated")
+        if self.postcopy_ufd < 0:
+            raise RequestError("POSTCOPY_LISTEN before POSTCOPY_ADVISE")
+        self.postcopy_listening = True
+        self._register_regions()
+
+    def _postcopy_ack(self, msg: Message) -> None:
+        """The front-end's ack of a postcopy SET_MEM_TABLE reply: register the regions."""
+        self._postcopy_ack_pending = False
+        for fd in msg.fds:
+            _close(fd)
+        if len(msg.payload) != 8 or int.from_bytes(msg.payload, "little") != 0:
+            log.error("postcopy SET_MEM_TABLE ack %s: regions not registered", msg.payload.hex())
+            return
+        self._register_regions()
+
+    def _register_regions(self) -> None:
+        """Register every mapped region (whole mapping) for missing-page faults."""
+        if self.faults.on("postcopy-no-register"):
+            return
+        for r in self.memory.regions:
+            span = (mapping_address(r.mm), len(r.mm))
+            if span in self._uffd_ranges:
+                continue
+            try:
+                register(self.postcopy_ufd, *span)
+            except UserfaultError as exc:
+                raise RequestError(f"postcopy: {exc}") from None
+            self._uffd_ranges.append(span)
+
+    def _on_postcopy_end(self, msg: Message, payload: object, fds: list[int]) -> None:
+        if not self._has_protocol(ProtocolFeature.PAGEFAULT):
+            raise RequestError("POSTCOPY_END without PAGEFAULT negotiated")
+        self.postcopy_listening = False
+        if not self.faults.on("postcopy-end-keeps-userfaultfd"):
+            self._close_userfaultfd()
+        self._reply(msg.request, U64(0).encode())
+
+    def _close_userfaultfd(self) -> None:
+        for span in self._uffd_ranges:
+            with contextlib.suppress(UserfaultError):
+                unregister(self.postcopy_ufd, *span)
+        self._uffd_ranges.clear()
+        if self.postcopy_ufd >= 0:
+            _close(self.postcopy_ufd)
+            self.postcopy_ufd = -1
 
     def _on_set_log_base(self, msg: Message, payload: object, fds: list[int]) -> None:
         assert isinstance(payload, LogBase)
@@ -1845,6 +1944,7 @@ class Device:
         if self.dirty_log is not None:
             self.dirty_log.close()
             self.dirty_log = None
+        self._close_userfaultfd()
         if (
             self.faults.on("keep-regions-on-early-close")
             and not self.ever_started

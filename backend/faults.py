@@ -241,6 +241,12 @@ MISBEHAVIOURS: dict[str, str] = {
     "ring still started) is answered with an error and an fd",
     "check-state-always-ok": "CHECK_DEVICE_STATE answers 0 (success) even when the loaded "
     "state could not be read",
+    "advise-no-userfaultfd": "POSTCOPY_ADVISE is answered with an eventfd, not a userfaultfd",
+    "postcopy-no-register": "after POSTCOPY_LISTEN the regions are never registered with the "
+    "userfaultfd",
+    "postcopy-no-table-reply": "SET_MEM_TABLE after POSTCOPY_LISTEN gets no reply with the bases",
+    "postcopy-end-keeps-userfaultfd": "POSTCOPY_END is answered 0 but the userfaultfd stays open "
+    "and the regions registered",
 }
 
 

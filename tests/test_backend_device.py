@@ -194,7 +194,7 @@ def test_offers(h: Harness) -> None:
         assert features >> bit & 1, bit
     assert not features >> 5 & 1  # RO only with --read-only
     proto = U64.decode(h.send(F.GET_PROTOCOL_FEATURES)[0].payload).value
-    assert proto == sum(1 << b for b in (0, 1, 3, 5, 9, 12, 13, 15, 16, 19, 20, 23))
+    assert proto == sum(1 << b for b in (0, 1, 3, 5, 8, 9, 12, 13, 15, 16, 19, 20, 23))
 
 
 def test_reply_ack_exactly_as_the_spec(h: Harness) -> None:

@@ -185,6 +185,10 @@ ROBUST: dict[str, tuple[str, str | None]] = {
     "crash-on-zero-length": ("crash", "signal 11"),
     "ignore-sigterm": ("non-strict", "SIGTERM"),
     "capabilities-not-json": ("non-strict", "not JSON"),
+    "advise-no-userfaultfd": ("VU-POSTCOPY-1",),
+    "postcopy-no-register": ("VU-POSTCOPY-2",),
+    "postcopy-no-table-reply": ("VU-POSTCOPY-2",),
+    "postcopy-end-keeps-userfaultfd": ("VU-POSTCOPY-3",),
 }
 
 #: knobs that act only on requests held on the slow disk (100 ms) at the stop: retried once
