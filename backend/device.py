@@ -41,6 +41,7 @@ from vhost_conformance.backend.inflight import (
 )
 from vhost_conformance.backend.memory import DirtyLog, GuestMemory, GuestMemoryError, full_barrier
 from vhost_conformance.backend.postcopy import (
+    Postcopy,
     UserfaultError,
     mapping_address,
     open_userfaultfd,
@@ -363,12 +364,8 @@ class Device:
         self._timers: list[Request] = []
         self._seq = 0
         self._get_features_count = 0
-        #: postcopy (PAGEFAULT): our userfaultfd, whether the front-end listens, the ranges
-        #: registered, and whether a postcopy SET_MEM_TABLE waits for the front-end's ack
-        self.postcopy_ufd = -1
-        self.postcopy_listening = False
-        self._uffd_ranges: list[tuple[int, int]] = []
-        self._postcopy_ack_pending = False
+        #: postcopy (PAGEFAULT): the userfaultfd and what was done with it
+        self.postcopy = Postcopy()
         #: --misbehave iotlb-msg-without-iommu: the one IOTLB miss was sent
         self._iotlb_sent = False
         #: --misbehave keep-rem-mem-reg-fd: fds kept open until the connection ends
@@ -447,7 +444,7 @@ class Device:
         name = request.name
         if msg.is_reply:
             raise ConnectionFatal(f"{name}: REPLY flag set on a request (flags {msg.flags:#x})")
-        if self._postcopy_ack_pending and request == FrontendRequest.SET_MEM_TABLE:
+        if self.postcopy.ack_pending and request == FrontendRequest.SET_MEM_TABLE:
             self._postcopy_ack(msg)
             return
         if (self.faults.on("inflight-bad-size-crash")
@@ -744,7 +741,7 @@ class Device:
         if self.faults.on("set-mem-table-refused"):
             raise RequestError("SET_MEM_TABLE: --misbehave set-mem-table-refused")
         self.memory.clear()
-        self._uffd_ranges.clear()  # unmapping unregistered them
+        self.postcopy.ranges.clear()  # unmapping unregistered them
         share = self.faults.on("regions-share-first-fd")
         try:
             for region, fd in zip(payload.regions, fds, strict=True):
@@ -759,7 +756,7 @@ class Device:
             self.memory.clear()
             raise RequestError(f"SET_MEM_TABLE: {exc}") from None
         self._refresh_rings()
-        if self.postcopy_listening:
+        if self.postcopy.listening:
             # "SET_MEM_TABLE replies with the bases of the memory mapped regions"; the regions
             # are registered once the front-end acks the reply (QEMU sends a SET_MEM_TABLE with
             # u64 0: hw/virtio/vhost-user.c vhost_user_set_mem_table_postcopy)
@@ -771,13 +768,13 @@ class Device:
                 for r in self.memory.regions
             )
             self._reply(msg.request, MemoryTable(bases).encode())
-            self._postcopy_ack_pending = True
+            self.postcopy.ack_pending = True
 
     def _on_add_mem_reg(self, msg: Message, payload: object, fds: list[int]) -> None:
         assert isinstance(payload, SingleMemoryRegion)
         if not self._has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
             raise RequestError("ADD_MEM_REG without CONFIGURE_MEM_SLOTS negotiated")
-        if self.postcopy_listening:
+        if self.postcopy.listening:
             # postcopy ADD_MEM_REG (a reply with the base per region) is not implemented here
             raise RequestError("ADD_MEM_REG in postcopy mode is not supported (SET_MEM_TABLE is)")
         r = payload.region
@@ -827,24 +824,24 @@ class Device:
         if self.faults.on("advise-no-userfaultfd"):
             self._reply(msg.request, b"", fds=[os.eventfd(0, os.EFD_CLOEXEC)])
             return
-        if self.postcopy_ufd < 0:
+        if self.postcopy.ufd < 0:
             try:
-                self.postcopy_ufd = open_userfaultfd()
+                self.postcopy.ufd = open_userfaultfd()
             except UserfaultError as exc:
                 raise RequestError(f"POSTCOPY_ADVISE: {exc}") from None
-        self._reply(msg.request, b"", fds=[os.dup(self.postcopy_ufd)])
+        self._reply(msg.request, b"", fds=[os.dup(self.postcopy.ufd)])
 
     def _on_postcopy_listen(self, msg: Message, payload: object, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.PAGEFAULT):
             raise RequestError("POSTCOPY_LISTEN without PAGEFAULT negotiated")
-        if self.postcopy_ufd < 0:
+        if self.postcopy.ufd < 0:
             raise RequestError("POSTCOPY_LISTEN before POSTCOPY_ADVISE")
-        self.postcopy_listening = True
+        self.postcopy.listening = True
         self._register_regions()
 
     def _postcopy_ack(self, msg: Message) -> None:
         """The front-end's ack of a postcopy SET_MEM_TABLE reply: register the regions."""
-        self._postcopy_ack_pending = False
+        self.postcopy.ack_pending = False
         for fd in msg.fds:
             _close(fd)
         if len(msg.payload) != 8 or int.from_bytes(msg.payload, "little") != 0:
@@ -858,30 +855,30 @@ class Device:
             return
         for r in self.memory.regions:
             span = (mapping_address(r.mm), len(r.mm))
-            if span in self._uffd_ranges:
+            if span in self.postcopy.ranges:
                 continue
             try:
-                register(self.postcopy_ufd, *span)
+                register(self.postcopy.ufd, *span)
             except UserfaultError as exc:
                 raise RequestError(f"postcopy: {exc}") from None
-            self._uffd_ranges.append(span)
+            self.postcopy.ranges.append(span)
 
     def _on_postcopy_end(self, msg: Message, payload: object, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.PAGEFAULT):
             raise RequestError("POSTCOPY_END without PAGEFAULT negotiated")
-        self.postcopy_listening = False
+        self.postcopy.listening = False
         if not self.faults.on("postcopy-end-keeps-userfaultfd"):
             self._close_userfaultfd()
         self._reply(msg.request, U64(0).encode())
 
     def _close_userfaultfd(self) -> None:
-        for span in self._uffd_ranges:
+        for span in self.postcopy.ranges:
             with contextlib.suppress(UserfaultError):
-                unregister(self.postcopy_ufd, *span)
-        self._uffd_ranges.clear()
-        if self.postcopy_ufd >= 0:
-            _close(self.postcopy_ufd)
-            self.postcopy_ufd = -1
+                unregister(self.postcopy.ufd, *span)
+        self.postcopy.ranges.clear()
+        if self.postcopy.ufd >= 0:
+            _close(self.postcopy.ufd)
+            self.postcopy.ufd = -1
 
     def _on_set_log_base(self, msg: Message, payload: object, fds: list[int]) -> None:
         assert isinstance(payload, LogBase)

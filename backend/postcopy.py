@@ -20,6 +20,7 @@ import fcntl
 import mmap
 import os
 import struct
+from dataclasses import dataclass, field
 
 _SYS_USERFAULTFD = 323  # x86-64
 _UFFD_API = 0xAA
@@ -35,6 +36,20 @@ _UFFDIO_UNREGISTER = _ioc(2, 0x01, 16)
 _MODE_MISSING = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(slots=True)
+class Postcopy:
+    """One connection's postcopy state."""
+
+    #: our userfaultfd (POSTCOPY_ADVISE), -1 before
+    ufd: int = -1
+    #: POSTCOPY_LISTEN came (until POSTCOPY_END)
+    listening: bool = False
+    #: (start, length) of the mappings registered with ``ufd``
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    #: a postcopy SET_MEM_TABLE reply waits for the front-end's ack
+    ack_pending: bool = False
 
 
 class UserfaultError(OSError):

@@ -120,6 +120,10 @@ KILLS: dict[str, tuple[str, ...]] = {
     "packed-base-used-half-avail": ("VU-GVB-10",),
     "config-change-while-suspended": ("VU-SUSP-3",),
     "iotlb-msg-without-iommu": ("VU-IOMMU-1",),
+    "advise-no-userfaultfd": ("VU-POSTCOPY-1",),
+    "postcopy-no-register": ("VU-POSTCOPY-2",),
+    "postcopy-no-table-reply": ("VU-POSTCOPY-2",),
+    "postcopy-end-keeps-userfaultfd": ("VU-POSTCOPY-3",),
     # robustness tier (mut-robust): each knob's verdict is pinned in ROBUST below
     "crash-on-unexpected-request": ("VU-MAL-1", "VU-MAL-11", "VU-MAL-15"),
     "trust-payload-size": ("VU-MAL-2", "VU-MAL-3", "VU-MAL-13"),
@@ -185,10 +189,6 @@ ROBUST: dict[str, tuple[str, str | None]] = {
     "crash-on-zero-length": ("crash", "signal 11"),
     "ignore-sigterm": ("non-strict", "SIGTERM"),
     "capabilities-not-json": ("non-strict", "not JSON"),
-    "advise-no-userfaultfd": ("VU-POSTCOPY-1",),
-    "postcopy-no-register": ("VU-POSTCOPY-2",),
-    "postcopy-no-table-reply": ("VU-POSTCOPY-2",),
-    "postcopy-end-keeps-userfaultfd": ("VU-POSTCOPY-3",),
 }
 
 #: knobs that act only on requests held on the slow disk (100 ms) at the stop: retried once
