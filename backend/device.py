@@ -364,11 +364,9 @@ class Device:
         self._timers: list[Request] = []
         self._seq = 0
         self._get_features_count = 0
-        #: postcopy (PAGEFAULT): the userfaultfd and what was done with it
-        self.postcopy = Postcopy()
-        #: --misbehave iotlb-msg-without-iommu: the one IOTLB miss was sent
+        self.postcopy = Postcopy()  # PAGEFAULT: the userfaultfd and what was done with it
+        #: --misbehave iotlb-msg-without-iommu: the miss was sent; keep-rem-mem-reg-fd: the fds
         self._iotlb_sent = False
-        #: --misbehave keep-rem-mem-reg-fd: fds kept open until the connection ends
         self._kept_fds: list[int] = []
         self.closed = False
 
