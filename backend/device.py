@@ -21,6 +21,7 @@ import heapq
 import logging
 import os
 import signal
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -1903,6 +1904,12 @@ class Device:
             return False
         data = Header(BackendRequest.CONFIG_CHANGE_MSG, VERSION, 0).encode()
         try:
+            if (self.faults.on("backend-msg-fd-without-send-fd")
+                    and not self._has_protocol(ProtocolFeature.BACKEND_SEND_FD)):
+                with socket.socket(fileno=os.dup(self.backend_fd)) as sock, open(
+                        os.devnull) as extra:
+                    socket.send_fds(sock, [data], [extra.fileno()])
+                return True
             os.write(self.backend_fd, data)
         except OSError as exc:
             log.error("BACKEND_CONFIG_CHANGE_MSG not sent: %s", exc)

@@ -242,6 +242,8 @@ MISBEHAVIOURS: dict[str, str] = {
     "check-state-always-ok": "CHECK_DEVICE_STATE answers 0 (success) even when the loaded "
     "state could not be read",
     "advise-no-userfaultfd": "POSTCOPY_ADVISE is answered with an eventfd, not a userfaultfd",
+    "backend-msg-fd-without-send-fd": "BACKEND_CONFIG_CHANGE_MSG carries an fd though "
+    "BACKEND_SEND_FD was not negotiated",
     "postcopy-no-register": "after POSTCOPY_LISTEN the regions are never registered with the "
     "userfaultfd",
     "postcopy-no-table-reply": "SET_MEM_TABLE after POSTCOPY_LISTEN gets no reply with the bases",

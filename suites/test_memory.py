@@ -28,6 +28,7 @@ from vhost_conformance.suites.drivers import (
     kick_and_enable,
     partial_start,
     pattern,
+    provoke_config_change,
     stop_now,
 )
 from vhost_conformance.suites.model import MUST, CaseFailed, Unsupported, case
@@ -317,19 +318,29 @@ def test_gpa_addresses(vhost_target: BackendTarget, make_session: SessionFactory
         "ancillary data using this fd communication channel."
     ),
     requirement=(
-        "Messages on the back-end channel carry at most 8 fds, and fds only if BACKEND_SEND_FD "
-        "was negotiated."
+        "Messages on the back-end channel (a disk resize provokes BACKEND_CONFIG_CHANGE_MSG) "
+        "carry at most 8 fds, and fds only if BACKEND_SEND_FD was negotiated."
     ),
     requires=[ProtocolFeature.BACKEND_REQ],
 )
-def test_backend_channel_fds(vhost_session: Session) -> None:
-    """Back-end channel messages carry at most 8 fds, and only with BACKEND_SEND_FD."""
+def test_backend_channel_fds(vhost_target: BackendTarget, vhost_session: Session) -> None:
+    """Back-end channel messages carry at most 8 fds, and only with BACKEND_SEND_FD; a disk
+    resize (the profile's ``resize_signal``) makes the back-end send one
+    (BACKEND_CONFIG_CHANGE_MSG), else the case has nothing to judge and ends unsupported."""
     do_io(vhost_session, 4)
-    stop_now(vhost_session)
     channel = vhost_session.backend_channel
     if channel is None:
         raise Unsupported(P.BACKEND_REQ, "no back-end channel was set up")
+    why = provoke_config_change(vhost_target) if vhost_session.has_protocol(P.CONFIG) else (
+        "CONFIG (protocol bit 9) not negotiated: no BACKEND_CONFIG_CHANGE_MSG")
+    deadline = time.monotonic() + 2.0
+    while why is None and not channel.messages() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop_now(vhost_session)
     send_fd = vhost_session.has_protocol(P.BACKEND_SEND_FD)
+    if not channel.messages():
+        raise Unsupported("a back-end message to judge",
+                          why or "a disk resize brought no BACKEND_CONFIG_CHANGE_MSG in 2 s")
     for message in channel.messages():
         if len(message.fds) > 8 or (message.fds and not send_fd):
             raise CaseFailed(f"back-end channel message {message.request} fds",
