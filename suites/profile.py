@@ -179,6 +179,10 @@ class Profile:
     #: ``{disk}`` and tells the front-end (BACKEND_CONFIG_CHANGE_MSG): how a case provokes a
     #: back-end message (VU-SUSP-3). None: the suite cannot make the back-end send one.
     resize_signal: str | None = None
+    #: Or: a QMP monitor socket of the back-end (a template: ``{workdir}/qmp.sock``) and the
+    #: block node to grow there with ``block_resize`` (qemu-storage-daemon).
+    resize_qmp: str | None = None
+    resize_node: str | None = None
 
     def __post_init__(self) -> None:
         if self.socket_mode not in ("listen", "connect"):
@@ -236,6 +240,11 @@ class Profile:
                 and isinstance(getattr(signal, self.resize_signal, None), signal.Signals)):
             raise UsageError(f"profile {self.name!r}: resize_signal {self.resize_signal!r} is "
                              "not a signal name (e.g. SIGUSR1)")
+        if self.resize_qmp is not None:
+            check_template(self.resize_qmp, COMMAND_PLACEHOLDERS,
+                           f"profile {self.name!r}: resize_qmp")  # fmt: skip
+            if not self.resize_node:
+                raise UsageError(f"profile {self.name!r}: resize_qmp needs resize_node")
         if self.queues_args is not None:
             check_template(self.queues_args, COMMAND_PLACEHOLDERS | QUEUES_PLACEHOLDERS,
                            f"profile {self.name!r}: queues_args")  # fmt: skip
@@ -295,6 +304,8 @@ _PROFILE_KEYS = frozenset(
         "program_unsupported",
         "program_fd",
         "resize_signal",
+        "resize_qmp",
+        "resize_node",
     }
 )
 
@@ -351,6 +362,8 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
     program_cmd = typed("program_command", str, None)
     program_unsupported = typed("program_unsupported", str, None)
     resize_signal = typed("resize_signal", str, None)
+    resize_qmp = typed("resize_qmp", str, None)
+    resize_node = typed("resize_node", str, None)
     prestart = data.get("prestart", 0)
     if isinstance(prestart, bool) or not isinstance(prestart, int):
         raise UsageError(f"profile {source}: prestart must be int, got {type(prestart).__name__}")
@@ -378,6 +391,8 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
         ),
         program_fd=str(typed("program_fd", str, "listening")),
         resize_signal=resize_signal if isinstance(resize_signal, str) else None,
+        resize_qmp=resize_qmp if isinstance(resize_qmp, str) else None,
+        resize_node=resize_node if isinstance(resize_node, str) else None,
     )
 
 

@@ -469,3 +469,16 @@ def test_profile_resize_signal() -> None:
     assert profile_from_mapping({"command": "x {socket}"}, "p", "t").resize_signal is None
     with pytest.raises(UsageError, match="resize_signal"):
         profile_from_mapping({"command": "x {socket}", "resize_signal": "USR1"}, "p", "t")
+
+
+def test_profile_resize_qmp() -> None:
+    """``resize_qmp`` (a QMP monitor socket template) needs ``resize_node``; the qsd profiles
+    name both and start the daemon with that monitor."""
+    from vhost_conformance.suites.target import UsageError, load_profile, profile_from_mapping
+
+    for name in ("qsd", "qsd-11.1"):
+        profile = load_profile(name)
+        assert profile.resize_qmp == "{workdir}/qmp.sock" and profile.resize_node == "f0"
+        assert profile.command is not None and "--monitor chardev=qmp0" in profile.command
+    with pytest.raises(UsageError, match="resize_node"):
+        profile_from_mapping({"command": "x {socket}", "resize_qmp": "{workdir}/q"}, "p", "t")

@@ -605,19 +605,53 @@ def fd_count(target: BackendTarget) -> int | None:
 
 
 def provoke_config_change(target: BackendTarget) -> str | None:
-    """Grow the disk image by 1 MiB and send the profile's ``resize_signal`` (the back-end
-    re-reads the size and sends BACKEND_CONFIG_CHANGE_MSG). Returns None when it was done,
-    else why the suite cannot provoke a back-end message here."""
+    """Grow the disk by 1 MiB the way the profile says, so that the back-end sends
+    BACKEND_CONFIG_CHANGE_MSG: the image file grown and the profile's ``resize_signal`` sent
+    (the reference back-end re-reads the size), or ``block_resize`` on the profile's QMP
+    monitor (``resize_qmp``, ``resize_node``: qemu-storage-daemon). Returns None when it was
+    done, else why the suite cannot provoke a back-end message here."""
     if not isinstance(target, CommandTarget) or target.profile.command is None:
         return "the suite does not run this back-end itself"
-    name = target.profile.resize_signal
-    if name is None:
-        return f"profile {target.profile.name!r} names no resize_signal"
+    profile = target.profile
     disk = target.values.get("disk")
     if disk is None or not os.path.isfile(disk):
         return "no disk image file to grow"
-    os.truncate(disk, os.path.getsize(disk) + (1 << 20))
-    target.send_signal(getattr(signal, name))
+    size = os.path.getsize(disk) + (1 << 20)
+    if profile.resize_signal is not None:
+        os.truncate(disk, size)
+        target.send_signal(getattr(signal, profile.resize_signal))
+        return None
+    if profile.resize_qmp is not None and profile.resize_node is not None:
+        path = profile.resize_qmp.format_map(target.values)
+        return qmp_block_resize(path, profile.resize_node, size)
+    return f"profile {profile.name!r} names no resize_signal or resize_qmp"
+
+
+def qmp_block_resize(path: str, node: str, size: int, timeout: float = 5.0) -> str | None:
+    """``block_resize`` of ``node`` to ``size`` bytes over the QMP socket at ``path``: None
+    when QMP returned success, else what went wrong."""
+    import json
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            stream = sock.makefile("rwb")
+            stream.readline()  # the greeting
+            for command in ({"execute": "qmp_capabilities"},
+                            {"execute": "block_resize",
+                             "arguments": {"node-name": node, "size": size}}):
+                stream.write(json.dumps(command).encode() + b"\n")
+                stream.flush()
+                while True:  # skip events
+                    answer = json.loads(stream.readline() or b"{}")
+                    if "event" not in answer:
+                        break
+                if "return" not in answer:
+                    return f"QMP {command['execute']}: {answer.get('error', answer)}"
+    except (OSError, ValueError) as exc:
+        return f"QMP monitor {path}: {exc}"
     return None
 
 
