@@ -373,3 +373,38 @@ def test_reap_batch_collects_at_least_the_batch(tmp_path: pathlib.Path, packed: 
             assert s.stop() == [q.vq.vring_base() if packed else 24]
         finally:
             s.close()
+
+
+def test_qemu_next_stop_sends_skip_drain_only_where_agreed(tmp_path: pathlib.Path) -> None:
+    """The qemu-next profile (a proposal): bit 23 agreed with the reference back-end, a
+    skip-drain stop sends GET_VRING_BASE_SKIP_DRAIN (id 45) per queue, a plain stop
+    GET_VRING_BASE; the qemu-11.1 profile masks bit 23 off and has no skip-drain stop."""
+    from vhost_conformance.frontend.device import SessionError
+
+    disk = create_raw_image(tmp_path / "disk.img", 1 << 20)
+    sock = tmp_path / "ref.sock"
+    with reference_backend(sock, disk), GuestMemory.simple(2 << 20) as memory:
+        s = Session(Channel.connect(sock, timeout=TIMEOUT), memory, profile="qemu-next",
+                    timeout=TIMEOUT)
+        try:
+            s.connect()
+            assert s.skip_drain_agreed
+            s.start()
+            s.stop(skip_drain=True)
+            s.start()
+            s.stop()
+            stops = [n for n, _ in _sent(s.channel.trace.entries()) if n.startswith("GET_VRING")]
+        finally:
+            s.close()
+        assert stops == ["GET_VRING_BASE_SKIP_DRAIN", "GET_VRING_BASE"]
+        s = Session(Channel.connect(sock, timeout=TIMEOUT), memory, timeout=TIMEOUT)
+        try:
+            s.connect()
+            assert not s.skip_drain_agreed
+            assert not has(s.negotiated.protocol_features, ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN)
+            s.start()
+            with pytest.raises(SessionError, match="no GET_VRING_BASE_SKIP_DRAIN"):
+                s.stop(skip_drain=True)
+            s.stop()
+        finally:
+            s.close()
