@@ -317,6 +317,8 @@ class Device:
             self.offered_protocol &= ~_bit(ProtocolFeature.INFLIGHT_SHMFD)
         if self.faults.on("no-config-feature"):
             self.offered_protocol &= ~_bit(ProtocolFeature.CONFIG)
+        if self.faults.on("no-mq-feature"):
+            self.offered_protocol &= ~_bit(ProtocolFeature.MQ)
         #: SET_FEATURES seen on this connection (--misbehave protocol-features-need-set-features)
         self._features_set = False
         if self.faults.on("offer-skip-drain-alone"):
@@ -645,6 +647,8 @@ class Device:
             raise RequestError("SET_STATUS without STATUS negotiated")
         if payload.value > 0xFF:
             raise RequestError(f"SET_STATUS: {payload.value:#x} is not a status byte")
+        if payload.value == 0 and self.faults.on("status-zero-ignored"):
+            return
         self.status = payload.value
 
     def _on_set_backend_req_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
@@ -1073,7 +1077,7 @@ class Device:
         bad = not 1 <= num <= MAX_QUEUE_SIZE or (not self.packed and num & (num - 1))
         if bad and not self.faults.on("accept-any-ring-size"):
             raise RequestError(f"SET_VRING_NUM: size {num} invalid (split: power of 2 <= 32768)")
-        q.num = num
+        q.num = 128 if self.faults.on("queue-size-128") else num
 
     def _on_set_vring_addr(self, msg: Message, payload: object, fds: list[int]) -> None:
         assert isinstance(payload, VringAddr)
@@ -1259,6 +1263,9 @@ class Device:
         q, fd = self._vring_fd(payload, fds, "SET_VRING_CALL")
         if fd < 0 and self.faults.on("ignore-nofd"):
             return  # keeps signalling the call fd the front-end replaced
+        if fd >= 0 and q.started and q.call_fd >= 0 and self.faults.on("call-swap-ignored"):
+            _close(fd)
+            return
         if q.call_fd >= 0:
             _close(q.call_fd)
         q.call_fd = fd
@@ -1274,6 +1281,8 @@ class Device:
         q = self._queue(payload.index)
         if payload.num not in (0, 1):
             raise RequestError(f"SET_VRING_ENABLE({q.index}, {payload.num}): num must be 0 or 1")
+        if not q.started and self.faults.on("stopped-ring-enable-ignored"):
+            return
         q.enabled = bool(payload.num)
         if q.enabled and not self.faults.on("kick-lost-while-disabled"):
             q.kicked = True  # a kick that came while disabled must not be lost
@@ -1733,7 +1742,7 @@ class Device:
             region.link_batch(heads)
         old = q.used_idx
         for r in batch:
-            off = ring.write_used(q.used_idx, r.head, r.written)
+            off = ring.write_used(q.used_idx, r.head, self._used_len(ring, q.used_idx, r))
             self._log_used(q, off, 8)
             q.used_idx = (q.used_idx + 1) & 0xFFFF
             self.faults.reach("after-used-elem")
@@ -1780,6 +1789,17 @@ class Device:
         self.faults.reach("after-region-update", len(batch))
         if ring.should_notify(old, q.used_idx, q.used_wrap):
             _signal(q.call_fd)
+
+    def _used_len(self, ring: SplitRing, used_idx: int, r: Request) -> int:
+        """The len of a split used element: bytes written, or what ``used-len-not-set`` and
+        ``write-len-4096`` put there instead."""
+        if self.faults.on("used-len-not-set"):
+            return ring.used_len(used_idx)
+        if self.faults.on("write-len-4096") and blk.request_type(
+            self.memory, r.chain.readable
+        ) == blk.T_OUT:
+            return 4096
+        return r.written
 
     def _misbehave_notify(self, ring: SplitRing, old: int, new: int) -> bool:
         """Whether to signal the call fd after used entries [old, new): the ring's rule, bent

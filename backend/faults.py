@@ -249,6 +249,18 @@ MISBEHAVIOURS: dict[str, str] = {
     "postcopy-no-table-reply": "SET_MEM_TABLE after POSTCOPY_LISTEN gets no reply with the bases",
     "postcopy-end-keeps-userfaultfd": "POSTCOPY_END is answered 0 but the userfaultfd stays open "
     "and the regions registered",
+    "stopped-ring-enable-ignored": "SET_VRING_ENABLE on a stopped ring is ignored (its enable "
+    "state is not tracked for the next start)",
+    "call-swap-ignored": "SET_VRING_CALL on a started ring is acked but the old call fd keeps "
+    "being signalled (the new one closed)",
+    "queue-size-128": "SET_VRING_NUM is taken as 128 whatever it says",
+    "used-len-not-set": "split used elements get their id but not their len (the slot's old "
+    "len stays)",
+    "write-len-4096": "the used len of a WRITE is 4096 (its device-writable part is the status "
+    "byte)",
+    "no-mq-feature": "protocol feature MQ (bit 0) not offered",
+    "status-zero-ignored": "SET_STATUS 0 (the reset QEMU's stop sends) leaves the status as it "
+    "was",
 }
 
 

@@ -284,6 +284,11 @@ class SplitRing:
         _U32X2.pack_into(self.used_mm, self.used_off + rel, head, length)
         return rel
 
+    def used_len(self, used_idx: int) -> int:
+        """The len field of used->ring[used_idx % num] as guest memory holds it."""
+        rel = 4 + 8 * (used_idx % self.num)
+        return int(_U32X2.unpack_from(self.used_mm, self.used_off + rel)[1])
+
     def set_used_idx(self, value: int) -> None:
         """used->idx = value (after the elements: x86 stores stay in order)."""
         _U16.pack_into(self.used_mm, self.used_off + 2, value & 0xFFFF)

@@ -20,7 +20,7 @@ from vhost_conformance.frontend.channel import BackendNack
 from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.protocol import U64, FrontendRequest, ProtocolFeature
 from vhost_conformance.suites.clauses import RST
-from vhost_conformance.suites.drivers import do_io, expect_status, wait_all
+from vhost_conformance.suites.drivers import do_io, expect_status, stop_now, wait_all
 from vhost_conformance.suites.model import MUST, CaseFailed, case
 
 F = FrontendRequest
@@ -109,10 +109,17 @@ def test_reset_device_resets_to_the_initial_state(vhost_session: Session) -> Non
     "VHOST_USER_SET_STATUS",
     quote="When the VHOST_USER_PROTOCOL_F_STATUS protocol feature has been successfully "
     "negotiated, this message is submitted by the front-end to query the back-end for its "
-    "device status as defined in the Virtio specification.",
+    "device status as defined in the Virtio specification.\n"
+    "When the VHOST_USER_PROTOCOL_F_STATUS protocol feature has been successfully "
+    "negotiated, this message is submitted by the front-end to notify the back-end with "
+    "updated device status as defined in the Virtio specification.",
     requirement="With STATUS negotiated, GET_STATUS after QEMU 11.1.3's start (SET_STATUS 0xF) "
-    "and after I/O returns 0xF: the status the front-end set, no bit lost or added.",
+    "and after I/O returns 0xF: the status the front-end set, no bit lost or added; after "
+    "QEMU's stop, whose last message is SET_STATUS 0 (a reset, VIRTIO 1.3 2.4), it returns 0.",
     requires=[P.STATUS],
+    ambiguity="SET_STATUS 0 is the virtio reset (VIRTIO 1.3 2.1: writing 0 to device status "
+    "resets the device; 2.4.1: the device reinitializes status to 0): the status read back "
+    "after it is 0",
 )
 def test_get_status_reads_back(vhost_session: Session) -> None:
     """GET_STATUS after the start and after I/O equals the last SET_STATUS value."""
@@ -129,3 +136,11 @@ def test_get_status_reads_back(vhost_session: Session) -> None:
         if status != written:
             raise CaseFailed(f"GET_STATUS {when}", expected=f"{written:#x} (the last SET_STATUS)",
                              seen=None if status is None else f"{status:#x}")
+    if "SET_STATUS 0" not in s.sequences[1].names:
+        return
+    stop_now(s)  # SET_VRING_ENABLE 0, GET_VRING_BASE, SET_STATUS 0 (QEMU 11.1.3's stop)
+    reply = s.call(F.GET_STATUS)
+    status = None if reply is None else U64.decode(reply.payload).value
+    if status != 0:
+        raise CaseFailed("GET_STATUS after QEMU's stop (SET_STATUS 0)", expected="0",
+                         seen=None if status is None else f"{status:#x}")

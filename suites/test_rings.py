@@ -9,12 +9,14 @@ act between two start messages it uses ``partial_start`` and ``kick_and_enable``
 
 from __future__ import annotations
 
+import os
+import select
 import time
 
 from vhost_conformance.frontend.blk import BlkRequest
 from vhost_conformance.frontend.channel import BackendHang
 from vhost_conformance.frontend.device import Session
-from vhost_conformance.frontend.protocol import FrontendRequest, VirtioFeature
+from vhost_conformance.frontend.protocol import U64, FrontendRequest, VirtioFeature
 from vhost_conformance.suites.clauses import (
     RING_STARTED_DISABLED_QUOTE,
     RING_STARTED_ENABLED_QUOTE,
@@ -25,11 +27,13 @@ from vhost_conformance.suites.clauses import (
 )
 from vhost_conformance.suites.drivers import (
     SessionFactory,
+    close_session,
     do_io,
     expect_status,
     kick_and_enable,
     partial_start,
     pattern,
+    pending_io,
     split_ring,
     stop_now,
     wait_all,
@@ -519,3 +523,193 @@ def test_used_flags_values(vhost_session: Session) -> None:
             raise CaseFailed(
                 f"used->flags {when} ({'with' if event_idx else 'without'} EVENT_IDX)",
                 expected=" or ".join(str(v) for v in sorted(allowed)), seen=f"{flags:#x}")
+
+
+@case(
+    "VU-RING-14",
+    title="The enable state of a stopped ring is kept for its start",
+    family="rings",
+    level=SHOULD,
+    clause=f"{RST} Ring states",
+    quote="\n".join(
+        (
+            RING_STOPPED_QUOTE,
+            "The enabled/disabled state should still be tracked, though, so it can come into "
+            "effect once the ring is started.",
+        )
+    ),
+    requirement=(
+        "SET_VRING_ENABLE sent while a ring is stopped takes effect when SET_VRING_KICK starts "
+        "it again: enabled then, the ring serves a request with no further SET_VRING_ENABLE; "
+        "disabled then, it serves nothing until SET_VRING_ENABLE 1."
+    ),
+    ambiguity=(
+        "the quoted must is the stopped-ring rule (VU-RING-1, VU-RING-2); this case judges the "
+        "sentence after it, a should"
+    ),
+)
+def test_stopped_ring_keeps_its_enable_state(vhost_session: Session) -> None:
+    """Enable 1 while stopped -> served after the restart; enable 0 while stopped -> not
+    served after the restart until SET_VRING_ENABLE 1."""
+    s = vhost_session
+    do_io(s, 1)
+    # QEMU's stop (SET_VRING_ENABLE 0, GET_VRING_BASE): stopped and disabled; enable it
+    base = stop_now(s).bases[0]
+    s.set_vring_enable(0, True)
+    partial_start(s, vring_bases=[base])
+    kick_and_enable(s, enable=False)
+    request = s.queues[0].blk.read(0, 8)
+    s.submit(0)
+    try:
+        done = wait_all(s, [request], timeout=2.0)
+    except BackendHang:
+        raise CaseNonStrict(
+            "SET_VRING_ENABLE 1 sent while the ring was stopped did not come into effect at "
+            "SET_VRING_KICK: a request was not served within 2 s of the restart"
+        ) from None
+    expect_status(done, what="read after a restart of a ring enabled while stopped")
+    # stopped while enabled (GET_VRING_BASE alone), disabled while stopped
+    base = s.get_vring_base(0)
+    s.mark_stopped()
+    s.set_vring_enable(0, False)
+    partial_start(s, vring_bases=[base])
+    kick_and_enable(s, enable=False)
+    request = s.queues[0].blk.read(8, 8)
+    s.queues[0].vq.publish()
+    s.kick(0)
+    try:
+        _untouched(s, request, "after a restart of a ring disabled while stopped",
+                   behaviour=DISABLED_PROCESSED)
+    except CaseFailed as exc:
+        raise CaseNonStrict(f"SET_VRING_ENABLE 0 sent while the ring was stopped did not "
+                            f"come into effect at SET_VRING_KICK: {exc.reason}",
+                            behaviour=DISABLED_PROCESSED) from None
+    s.set_vring_enable(0, True)
+    expect_status(wait_all(s, [request]), what="read after SET_VRING_ENABLE 1")
+
+
+@case(
+    "VU-RING-15",
+    title="Queue sizes 32 and 256",
+    family="rings",
+    level=MUST,
+    clause=f"{RST} Front-end message types: SET_VRING_NUM",
+    quote="Set the size of the queue.",
+    requirement=(
+        "With SET_VRING_NUM 32, and again with 256 (QEMU's queue-size property; 128 is its "
+        "default), more requests than the queue holds complete in turn, and a write reads back."
+    ),
+)
+def test_queue_sizes_32_and_256(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
+    """A lap and a bit of reads, and a write read back, on a split ring of 32 and of 256."""
+    for size in (32, 256):
+        session = make_session(vhost_target, queue_size=size)
+        try:
+            do_io(session, size + 8, kinds=("read",), nsectors=1)
+            write_read_verify(session, 512, pattern(60 + size, 4096))
+            # a used len beyond the writable bytes is VU-RING-17's to judge, not the size's
+            violations = [v for v in session.queues[0].vq.violations if "used len" not in str(v)]
+            if violations:
+                raise CaseFailed(f"used ring of a queue of {size}", expected="no violation",
+                                 seen=str(violations[0]))
+        finally:
+            close_session(session)
+
+
+@case(
+    "VU-RING-16",
+    title="SET_VRING_CALL on a running ring takes effect",
+    family="rings",
+    level=MUST,
+    clause=f"{RST} Ring states",
+    quote=(
+        "While processing the rings (whether they are enabled or not), the back-end must "
+        "support changing some configuration aspects on the fly."
+    ),
+    requirement=(
+        "A SET_VRING_CALL with a new eventfd on a started ring (as QEMU sends when it moves "
+        "the interrupt to an irqfd) is used for the next completion: the new fd is signalled."
+    ),
+    ambiguity=(
+        "'some configuration aspects' are not listed; the call fd is one QEMU 11.1.3 changes on "
+        "a running ring (vhost_virtqueue_mask), so a back-end must take it"
+    ),
+)
+def test_call_fd_swap_on_a_running_ring(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """Swap the call eventfd of a started ring (no EVENT_IDX, notifications on): the next
+    completion signals the new one."""
+    s = make_session(vhost_target, event_idx=False)
+    do_io(s, 1)
+    q = s.queues[0]
+    new = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    old = q.call_fd
+    try:
+        s.call(F.SET_VRING_CALL, U64(0), fds=[new], need_reply=s.reply_ack)
+        if not s.reply_ack:
+            s.call(F.GET_FEATURES)  # SET_VRING_CALL has no reply: be sure it was handled
+        q.call_fd = new
+        s.drain_call(0)
+        vq = q.vq
+        request = q.blk.read(0, 8)
+        s.submit(0)
+        deadline = time.monotonic() + s.timeout
+        while vq.used_idx_in_memory() == vq.used_idx:
+            if time.monotonic() > deadline:
+                raise BackendHang("a read after SET_VRING_CALL not completed",
+                                  request_name="virtio-blk I/O", timeout=s.timeout)
+            time.sleep(0.002)
+        ready, _, _ = select.select([new], [], [], 1.0)
+        signalled = bool(ready) and s.drain_call(0) > 0
+        expect_status(wait_all(s, [request]), what="read after SET_VRING_CALL")
+        if not signalled:
+            raise CaseFailed("the call eventfd given by SET_VRING_CALL on the running ring",
+                             expected="signalled for the next completion",
+                             seen="not signalled within 1 s (the old fd kept?)")
+    finally:
+        os.close(old)
+
+
+@case(
+    "VU-RING-17",
+    title="Used lengths never exceed what the device could write",
+    family="rings",
+    level=MUST,
+    clause=f"{VIRTIO} 2.7.8.2 Split Virtqueues: The Virtqueue Used Ring (device requirements)",
+    quote=(
+        "The device MUST set len prior to updating the used idx.\n"
+        "The device MUST write at least len bytes to descriptor, beginning at the first "
+        "device-writable buffer, prior to updating the used idx."
+    ),
+    requirement=(
+        "Over a full lap of reads (4097 device-writable bytes each) and then a full lap of "
+        "writes (1 device-writable byte: the status) in the same used slots, no used element "
+        "has a len above its chain's device-writable bytes."
+    ),
+    ambiguity=(
+        "the driver cannot see the order of two stores; a len left unset before used->idx "
+        "shows as the slot's stale len: the used elements are filled with len 0xffffffff "
+        "before the start (their content is the driver's until the device writes them), and "
+        "a lap of writes follows a lap of reads in the same slots"
+    ),
+)
+def test_used_lengths(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
+    """Used elements poisoned before the start; a lap of 8-sector reads, then a lap of
+    writes: no used len beyond the writable bytes."""
+    s = make_session(vhost_target, start=False)
+    vq = s.queues[0].vq
+    if vq.packed:
+        raise Unsupported("a split ring", "the case reads split used elements")
+    size = s.queue_size
+    used_gpa: int = vq.used_gpa  # type: ignore[attr-defined]
+    s.memory.write(used_gpa + 4, (b"\0\0\0\0" + b"\xff" * 4) * size)
+    s.start()
+    for kind in ("read", "write"):
+        for first in range(0, size, 16):
+            requests = pending_io(s, 16, kind=kind, sector=first * 8, nsectors=8)
+            expect_status(wait_all(s, requests), what=kind)
+        if vq.violations:
+            raise CaseFailed(f"used elements over a lap of {kind}s",
+                             expected="len <= the chain's device-writable bytes",
+                             seen=str(vq.violations[0]))

@@ -163,6 +163,13 @@ KILLS: dict[str, tuple[str, ...]] = {
     "device-state-error-with-fd": ("VU-DS-1",),
     "check-state-always-ok": ("VU-DS-2",),
     "stop-drops-unflushed-writes": ("VU-MIG-5",),
+    "stopped-ring-enable-ignored": ("VU-RING-14",),
+    "call-swap-ignored": ("VU-RING-16",),
+    "queue-size-128": ("VU-RING-15",),
+    "used-len-not-set": ("VU-RING-17",),
+    "write-len-4096": ("VU-RING-17",),
+    "no-mq-feature": ("VU-MQ-3",),
+    "status-zero-ignored": ("VU-RST-3",),
 }
 
 #: robustness knobs: the verdict each of their cases must give (every instance: a case run
