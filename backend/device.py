@@ -677,6 +677,8 @@ class Device:
     def _on_get_config(self, msg: Message, payload: object, fds: list[int]) -> None:
         assert isinstance(payload, Config)
         beyond = payload.offset + payload.size > blk.CONFIG_SIZE
+        if beyond and self.faults.on("trust-config-range"):
+            self.faults.die("trust-config-range", f"GET_CONFIG {payload.offset}+{payload.size}")
         if (
             beyond
             and self.faults.on("config-out-of-range-bytes")
@@ -712,6 +714,8 @@ class Device:
             raise RequestError("SET_CONFIG without CONFIG negotiated")
         end = payload.offset + payload.size
         if end > blk.CONFIG_SIZE:
+            if self.faults.on("trust-config-range"):
+                self.faults.die("trust-config-range", f"SET_CONFIG {payload.offset}+{payload.size}")
             raise RequestError(
                 f"SET_CONFIG: bytes {payload.offset}..{end} outside the config space"
             )

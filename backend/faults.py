@@ -216,6 +216,8 @@ MISBEHAVIOURS: dict[str, str] = {
     "crash-on-zero-length": "SIGSEGV on a zero-length buffer",
     "ignore-sigterm": "the first SIGTERM is ignored (the program ends on a second one)",
     "capabilities-not-json": "--print-capabilities prints a line of text, not JSON",
+    "trust-config-range": "SIGSEGV on a GET_CONFIG/SET_CONFIG whose offset + size lies past the "
+    "config space (copied from/to it unchecked)",
     "process-on-enable": "SET_VRING_ENABLE 1 on a stopped ring starts it: the ring is "
     "processed before SET_VRING_KICK",
     "rings-start-enabled": "rings are initialized enabled (a started ring is processed before "

@@ -147,6 +147,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "crash-on-zero-length": ("VU-HOST-11",),
     "ignore-sigterm": ("VU-BACKEND-1",),
     "capabilities-not-json": ("VU-BACKEND-2",),
+    "trust-config-range": ("VU-MAL-10",),
     # mut-basic: ring states and layouts
     "process-on-enable": ("VU-RING-1", "VU-RING-2"),
     "rings-start-enabled": ("VU-RING-7",),
@@ -197,6 +198,7 @@ ROBUST: dict[str, tuple[str, str | None]] = {
     "crash-on-zero-length": ("crash", "signal 11"),
     "ignore-sigterm": ("non-strict", "SIGTERM"),
     "capabilities-not-json": ("non-strict", "not JSON"),
+    "trust-config-range": ("crash", "signal 11"),
 }
 
 #: knobs that act only on requests held on the slow disk (100 ms) at the stop: retried once
@@ -228,7 +230,6 @@ UNMUTATED: frozenset[str] = frozenset(
         # wrongly would prove nothing the plain run can be compared with
         "VU-FEAT-3",
         "VU-FEAT-6",
-        "VU-MAL-10",
         # VU-MEM-2: GPA_ADDRESSES (bit 21) is offered by no peer and not by the reference
         # back-end (offering it would change every session's negotiation: QEMU 11.1.3 knows
         # the bit); the plain run is unsupported, so no knob can be compared with a pass
