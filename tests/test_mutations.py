@@ -230,10 +230,6 @@ UNMUTATED: frozenset[str] = frozenset(
         # wrongly would prove nothing the plain run can be compared with
         "VU-FEAT-3",
         "VU-FEAT-6",
-        # VU-MEM-2: GPA_ADDRESSES (bit 21) is offered by no peer and not by the reference
-        # back-end (offering it would change every session's negotiation: QEMU 11.1.3 knows
-        # the bit); the plain run is unsupported, so no knob can be compared with a pass
-        "VU-MAL-10",
         # VU-MEM-2: GPA_ADDRESSES (bit 21) is offered by no peer nor the reference back-end
         # (the plain run is unsupported), and with it a region's user address must duplicate
         # its guest address: a back-end translating ring addresses as user addresses instead
