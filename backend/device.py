@@ -1531,7 +1531,11 @@ class Device:
             if chain.fatal:
                 self._break(q, f"head {head} at avail slot {q.last_avail_idx}: {chain.fatal}")
                 return False
-            if chain.indirect and chain.error is None and self.faults.on("indirect-ioerr"):
+            if chain.indirect and chain.error is None and (
+                self.faults.on("indirect-ioerr")
+                or (chain.mixed and self.faults.on("indirect-after-direct-ioerr"))
+                or (chain.indirect_flags & 2 and self.faults.on("indirect-write-flag-honoured"))
+            ):
                 chain.error = "an indirect table (misbehaving: refused)"
             if head in inflight_heads:
                 if self.faults.on("trust-avail-ring"):

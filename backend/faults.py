@@ -263,6 +263,10 @@ MISBEHAVIOURS: dict[str, str] = {
     "no-mq-feature": "protocol feature MQ (bit 0) not offered",
     "status-zero-ignored": "SET_STATUS 0 (the reset QEMU's stop sends) leaves the status as it "
     "was",
+    "indirect-after-direct-ioerr": "a split chain of direct descriptors followed by an indirect "
+    "one completes with IOERR",
+    "indirect-write-flag-honoured": "an indirect descriptor with the WRITE flag set is refused "
+    "(IOERR): the flag is not ignored",
 }
 
 

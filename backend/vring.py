@@ -60,6 +60,10 @@ class Chain:
     error: str | None = None
     #: the buffers came from an indirect table
     indirect: bool = False
+    #: direct descriptors came before the indirect one
+    mixed: bool = False
+    #: the flags of the descriptor that referred to the indirect table
+    indirect_flags: int = 0
     #: ring descriptors as read (packed in-flight tracking copies them), (addr, len, id, flags)
     ring_descs: list[tuple[int, int, int, int]] = field(default_factory=list)
 
@@ -150,6 +154,8 @@ def _walk(
                 return
             in_indirect = True
             chain.indirect = True
+            chain.mixed = bool(chain.readable or chain.writable)
+            chain.indirect_flags = flags
             limit = length // DESC_SIZE
             idx = 0
             count = 0

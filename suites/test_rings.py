@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import select
+import struct
 import time
 
 from vhost_conformance.frontend.blk import BlkRequest
@@ -713,3 +714,88 @@ def test_used_lengths(vhost_target: BackendTarget, make_session: SessionFactory)
             raise CaseFailed(f"used elements over a lap of {kind}s",
                              expected="len <= the chain's device-writable bytes",
                              seen=str(vq.violations[0]))
+
+
+#: split descriptor flags (VIRTIO 1.3 2.7.5)
+_NEXT, _WRITE, _INDIRECT = 1, 2, 4
+
+
+def _mixed_chain(session: Session, kind: str, sector: int, data: bytes, scratch: int,
+                 indirect_flags: int) -> tuple[int, bytes]:
+    """One ``read``/``write`` of ``len(data)`` bytes laid out as a direct header descriptor
+    chained (NEXT) to one descriptor referring to an indirect table (data, status), its flags
+    ``indirect_flags``; waited for. Returns (status byte, the data buffer after it)."""
+    vq = session.queues[0].vq
+    header, table, buf, status = scratch, scratch + 64, scratch + 4096, scratch + 32
+    session.memory.write(header, struct.pack("<IIQ", 1 if kind == "write" else 0, 0, sector))
+    session.memory.write(status, b"\xff")
+    session.memory.write(buf, data if kind == "write" else bytes(len(data)))
+    data_flags = _NEXT | (0 if kind == "write" else _WRITE)
+    session.memory.write(table, struct.pack("<QIHH", buf, len(data), data_flags, 1)
+                         + struct.pack("<QIHH", status, 1, _WRITE, 0))
+    first, second = vq.take_descriptors(2)  # type: ignore[attr-defined]
+    vq.write_desc(first, header, 16, _NEXT, second)  # type: ignore[attr-defined]
+    vq.write_desc(second, table, 32, indirect_flags, 0)  # type: ignore[attr-defined]
+    token = object()
+    vq.push_avail(first, token, chain=[first, second],  # type: ignore[attr-defined]
+                  writable=1 if kind == "write" else len(data) + 1)
+    vq.publish()
+    session.kick(0)
+    deadline = time.monotonic() + session.timeout
+    while not any(t is token for t, _ in vq.reap()):
+        if time.monotonic() > deadline:
+            raise BackendHang(f"a {kind} laid out as direct + indirect descriptors",
+                              request_name="virtio-blk I/O", timeout=session.timeout)
+        time.sleep(0.002)
+    return session.memory.read(status, 1)[0], session.memory.read(buf, len(data))
+
+
+@case(
+    "VU-RING-18",
+    title="Direct descriptors followed by an indirect one",
+    family="rings",
+    level=MUST,
+    clause=f"{VIRTIO} 2.7.5.3.2 Split Virtqueues: Indirect Descriptors (device requirements)",
+    quote=(
+        "The device MUST ignore the write-only flag (flags&VIRTQ_DESC_F_WRITE) in the "
+        "descriptor that refers to an indirect table.\n"
+        "The device MUST handle the case of zero or more normal chained descriptors followed "
+        "by a single descriptor with flags&VIRTQ_DESC_F_INDIRECT."
+    ),
+    requirement=(
+        "With RING_INDIRECT_DESC negotiated, a write and a read whose header is a direct "
+        "descriptor chained to an indirect table (data and status) complete OK and the read "
+        "returns the data written; also when the descriptor referring to the table has the "
+        "WRITE flag set."
+    ),
+    requires=[VirtioFeature.RING_INDIRECT_DESC],
+)
+def test_direct_then_indirect_descriptors(
+    vhost_target: BackendTarget, make_session: SessionFactory
+) -> None:
+    """Header direct + NEXT, then an INDIRECT descriptor (flags 4, then 4|WRITE for the read):
+    the write and the read complete OK with the data."""
+    s = make_session(vhost_target)
+    if s.queues[0].vq.packed or not s.negotiated.acked_features >> (
+        VirtioFeature.RING_INDIRECT_DESC
+    ) & 1:
+        raise Unsupported(VirtioFeature.RING_INDIRECT_DESC)
+    do_io(s, 1)
+    scratch = s.memory.alloc(8192, 4096)
+    data = pattern(70, 4096)
+    for kind, flags, what in (("write", _INDIRECT, "flags INDIRECT"),
+                              ("read", _INDIRECT, "flags INDIRECT"),
+                              ("read", _INDIRECT | _WRITE, "flags INDIRECT|WRITE")):
+        status, seen = _mixed_chain(s, kind, 3072, data, scratch, flags)
+        if status != 0:
+            raise CaseFailed(f"status of a {kind}: a direct header, then an indirect table "
+                             f"referred to with {what}", expected="VIRTIO_BLK_S_OK (0)",
+                             seen=status)
+        if kind == "read" and seen != data:
+            raise CaseFailed(f"data of a read laid out direct + indirect ({what})",
+                             expected="the 4096 bytes written", seen="other bytes")
+    violations = s.queues[0].vq.violations
+    if violations:
+        raise CaseFailed("used ring after the direct + indirect chains", expected="no violation",
+                         seen=str(violations[0]))
+    do_io(s, 1, sector=3072)

@@ -171,6 +171,8 @@ KILLS: dict[str, tuple[str, ...]] = {
     "write-len-4096": ("VU-RING-17",),
     "no-mq-feature": ("VU-MQ-3",),
     "status-zero-ignored": ("VU-RST-3",),
+    "indirect-after-direct-ioerr": ("VU-RING-18",),
+    "indirect-write-flag-honoured": ("VU-RING-18",),
 }
 
 #: robustness knobs: the verdict each of their cases must give (every instance: a case run
