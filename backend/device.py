@@ -328,10 +328,7 @@ class Device:
         self.protocol_features = 0
         self.owner = False
         self.status = 0
-        self.memory = GuestMemory(options.max_mem_slots)
-        if isinstance(self.faults.carried, GuestMemory):
-            # keep-regions-on-early-close: the regions of the connection before
-            self.memory, self.faults.carried = self.faults.carried, None
+        self.memory = self._fresh_memory()
         #: a ring was started on this connection (keep-regions-on-early-close)
         self.ever_started = False
         self.dirty_log: DirtyLog | None = None
@@ -374,6 +371,14 @@ class Device:
         self.closed = False
 
     # ------------------------------------------------------------------ helpers
+
+    def _fresh_memory(self) -> GuestMemory:
+        """No regions yet; with keep-regions-on-early-close, those of the connection before
+        when it ended before any ring started."""
+        carried, self.faults.carried = self.faults.carried, None
+        if isinstance(carried, GuestMemory):
+            return carried
+        return GuestMemory(self.options.max_mem_slots)
 
     def _has_protocol(self, bit: int) -> bool:
         return has(self.protocol_features, bit)
