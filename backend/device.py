@@ -358,8 +358,7 @@ class Device:
         #: DEVICE_STATE: the load channel until CHECK_DEVICE_STATE reads it; the last result
         self._state_load_fd = -1
         self._state_result = 0
-        #: --misbehave stop-drops-unflushed-writes: (byte offset, old bytes) of every WRITE
-        #: completed since the last FLUSH, newest last
+        #: --misbehave stop-drops-unflushed-writes: (offset, old bytes) of WRITEs since a FLUSH
         self._unflushed: list[tuple[int, bytes]] = []
         self._timers: list[Request] = []
         self._seq = 0
@@ -1930,8 +1929,11 @@ class Device:
     def send_config_change(self) -> bool:
         """Tell the front-end the config space changed (BACKEND_CONFIG_CHANGE_MSG), after
         re-reading the disk size. Not while suspended. Returns whether it was sent."""
-        self.disk.size = os.fstat(self.disk.fd).st_size
-        self.config.capacity = self.disk.capacity_sectors
+        if self.faults.on("resize-not-announced"):
+            return False
+        if not self.faults.on("capacity-not-reread"):
+            self.disk.size = os.fstat(self.disk.fd).st_size
+            self.config.capacity = self.disk.capacity_sectors
         suspended = self.suspended and not self.faults.on("config-change-while-suspended")
         if self.backend_fd < 0 or not self._has_protocol(ProtocolFeature.CONFIG) or suspended:
             return False

@@ -237,6 +237,9 @@ MISBEHAVIOURS: dict[str, str] = {
     "indirect-ioerr": "requests described by an indirect table complete with IOERR",
     "no-interrupt-ignored": "without EVENT_IDX, avail->flags NO_INTERRUPT is ignored (every "
     "batch notified)",
+    "resize-not-announced": "a disk resize (SIGUSR1) is ignored: no BACKEND_CONFIG_CHANGE_MSG",
+    "capacity-not-reread": "a disk resize sends BACKEND_CONFIG_CHANGE_MSG but GET_CONFIG keeps "
+    "the old capacity",
     "stop-drops-unflushed-writes": "GET_VRING_BASE undoes on the disk the WRITEs completed "
     "since the last FLUSH (a volatile cache dropped at the stop)",
     "device-state-error-with-fd": "a refused SET_DEVICE_STATE_FD (bad direction or phase, or a "

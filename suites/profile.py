@@ -310,6 +310,10 @@ _PROFILE_KEYS = frozenset(
 )
 
 
+#: The profile's string keys saying how a disk resize is made (VU-SUSP-3, VU-CFG-8).
+_RESIZE_KEYS = ("resize_signal", "resize_qmp", "resize_node")
+
+
 def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> Profile:
     """Build a Profile from parsed TOML; unknown keys and wrong types are UsageErrors."""
     unknown = sorted(set(data) - _PROFILE_KEYS)
@@ -361,9 +365,7 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
     queues_args = typed("queues_args", str, None)
     program_cmd = typed("program_command", str, None)
     program_unsupported = typed("program_unsupported", str, None)
-    resize_signal = typed("resize_signal", str, None)
-    resize_qmp = typed("resize_qmp", str, None)
-    resize_node = typed("resize_node", str, None)
+    resize = {key: typed(key, str, None) for key in _RESIZE_KEYS}
     prestart = data.get("prestart", 0)
     if isinstance(prestart, bool) or not isinstance(prestart, int):
         raise UsageError(f"profile {source}: prestart must be int, got {type(prestart).__name__}")
@@ -390,9 +392,7 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
             program_unsupported if isinstance(program_unsupported, str) else None
         ),
         program_fd=str(typed("program_fd", str, "listening")),
-        resize_signal=resize_signal if isinstance(resize_signal, str) else None,
-        resize_qmp=resize_qmp if isinstance(resize_qmp, str) else None,
-        resize_node=resize_node if isinstance(resize_node, str) else None,
+        **{key: value if isinstance(value, str) else None for key, value in resize.items()},
     )
 
 

@@ -164,6 +164,8 @@ KILLS: dict[str, tuple[str, ...]] = {
     "device-state-error-with-fd": ("VU-DS-1",),
     "check-state-always-ok": ("VU-DS-2",),
     "stop-drops-unflushed-writes": ("VU-MIG-5",),
+    "resize-not-announced": ("VU-CFG-8",),
+    "capacity-not-reread": ("VU-CFG-8",),
     "stopped-ring-enable-ignored": ("VU-RING-14",),
     "call-swap-ignored": ("VU-RING-16",),
     "queue-size-128": ("VU-RING-15",),
