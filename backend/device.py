@@ -304,26 +304,11 @@ class Device:
         self.faults = faults or Faults()
         self.watcher = watcher
         self.clock = clock
-        self.offered_features = options.virtio_features()
-        if self.faults.on("wce-without-flush"):
-            self.offered_features &= ~(1 << BlkFeature.FLUSH)
-        if self.faults.on("no-version-1"):
-            self.offered_features &= ~(1 << VirtioFeature.VERSION_1)
+        self.offered_features, self.offered_protocol = self._offers(options)
         if self.faults.on("flush-no-sync"):
             disk.sync = False
-        self.offered_protocol = options.protocol_features()
-        if self.faults.on("bit20-without-bit12"):
-            self.offered_protocol |= _bit(ProtocolFeature.GET_VRING_BASE_INFLIGHT)
-            self.offered_protocol &= ~_bit(ProtocolFeature.INFLIGHT_SHMFD)
-        if self.faults.on("no-config-feature"):
-            self.offered_protocol &= ~_bit(ProtocolFeature.CONFIG)
-        if self.faults.on("no-mq-feature"):
-            self.offered_protocol &= ~_bit(ProtocolFeature.MQ)
         #: SET_FEATURES seen on this connection (--misbehave protocol-features-need-set-features)
         self._features_set = False
-        if self.faults.on("offer-skip-drain-alone"):
-            self.offered_protocol &= ~_bit(ProtocolFeature.GET_VRING_BASE_INFLIGHT)
-            self.offered_protocol |= _bit(ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN)
         self.features = 0
         self.protocol_features = 0
         self.owner = False
@@ -368,6 +353,26 @@ class Device:
         self._iotlb_sent = False
         self._kept_fds: list[int] = []
         self.closed = False
+
+    def _offers(self, options: BackendOptions) -> tuple[int, int]:
+        """The virtio and protocol feature bits offered (the misbehaviour knobs bend them)."""
+        features = options.virtio_features()
+        if self.faults.on("wce-without-flush"):
+            features &= ~(1 << BlkFeature.FLUSH)
+        if self.faults.on("no-version-1"):
+            features &= ~(1 << VirtioFeature.VERSION_1)
+        protocol = options.protocol_features()
+        if self.faults.on("bit20-without-bit12"):
+            protocol |= _bit(ProtocolFeature.GET_VRING_BASE_INFLIGHT)
+            protocol &= ~_bit(ProtocolFeature.INFLIGHT_SHMFD)
+        if self.faults.on("no-config-feature"):
+            protocol &= ~_bit(ProtocolFeature.CONFIG)
+        if self.faults.on("no-mq-feature"):
+            protocol &= ~_bit(ProtocolFeature.MQ)
+        if self.faults.on("offer-skip-drain-alone"):
+            protocol &= ~_bit(ProtocolFeature.GET_VRING_BASE_INFLIGHT)
+            protocol |= _bit(ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN)
+        return features, protocol
 
     # ------------------------------------------------------------------ helpers
 

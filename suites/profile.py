@@ -310,8 +310,11 @@ _PROFILE_KEYS = frozenset(
 )
 
 
-#: The profile's string keys saying how a disk resize is made (VU-SUSP-3, VU-CFG-8).
-_RESIZE_KEYS = ("resize_signal", "resize_qmp", "resize_node")
+#: Profile keys whose value is an optional string, each the Profile field of that name.
+_OPTIONAL_TEXT_KEYS = (
+    "command", "socket", "print_capabilities", "connect_command", "device_type", "queues_args",
+    "program_command", "program_unsupported", "resize_signal", "resize_qmp", "resize_node",
+)
 
 
 def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> Profile:
@@ -357,23 +360,17 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
         raise UsageError(f"profile {source}: disk_size must be an int or a string like '64M'")
     needs = typed("needs", list, [])
     assert isinstance(needs, list)
-    command = typed("command", str, None)
-    socket_path = typed("socket", str, None)
-    print_caps = typed("print_capabilities", str, None)
-    connect_cmd = typed("connect_command", str, None)
-    device_type = typed("device_type", str, None)
-    queues_args = typed("queues_args", str, None)
-    program_cmd = typed("program_command", str, None)
-    program_unsupported = typed("program_unsupported", str, None)
-    resize = {key: typed(key, str, None) for key in _RESIZE_KEYS}
+    # the optional text keys, each a Profile field of the same name (str or None)
+    texts: dict[str, str | None] = {}
+    for key in _OPTIONAL_TEXT_KEYS:
+        value = typed(key, str, None)
+        texts[key] = value if isinstance(value, str) else None
     prestart = data.get("prestart", 0)
     if isinstance(prestart, bool) or not isinstance(prestart, int):
         raise UsageError(f"profile {source}: prestart must be int, got {type(prestart).__name__}")
     return Profile(
         name=str(typed("name", str, name)),
-        command=command if isinstance(command, str) else None,
         socket_mode=str(typed("socket_mode", str, "listen")),  # type: ignore[arg-type]
-        socket=socket_path if isinstance(socket_path, str) else None,
         disk_size=parse_size(size_raw),
         slow_io=slow,
         shares_disk=bool(typed("shares_disk", bool, False)),
@@ -381,18 +378,10 @@ def profile_from_mapping(data: Mapping[str, object], name: str, source: str) -> 
         description=str(typed("description", str, "")),
         needs=tuple(str(n) for n in needs),
         source=source,
-        print_capabilities=print_caps if isinstance(print_caps, str) else None,
-        connect_command=connect_cmd if isinstance(connect_cmd, str) else None,
         prestart=prestart,
         one_connection=bool(typed("one_connection", bool, False)),
-        device_type=device_type if isinstance(device_type, str) else None,
-        queues_args=queues_args if isinstance(queues_args, str) else None,
-        program_command=program_cmd if isinstance(program_cmd, str) else None,
-        program_unsupported=(
-            program_unsupported if isinstance(program_unsupported, str) else None
-        ),
         program_fd=str(typed("program_fd", str, "listening")),
-        **{key: value if isinstance(value, str) else None for key, value in resize.items()},
+        **texts,
     )
 
 
