@@ -203,6 +203,7 @@ class Session:
         inflight_migration: bool = True,
         model: ModelDisk | None = None,
         timeout: float = 5.0,
+        device_type: str = "block",
     ) -> None:
         if profile not in PROFILES:
             raise SessionError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
@@ -217,6 +218,10 @@ class Session:
         self.inflight_migration = inflight_migration
         self.model = model
         self.timeout = timeout
+        #: the device type whose guest driver :meth:`driver_features` models: ``block`` acks
+        #: the virtio-blk bits a Linux guest acks; another type acks no device bit (its bit
+        #: numbers mean other features: VIRTIO 1.3 5.1.3, 5.11.3)
+        self.device_type = device_type
         self.negotiated = Negotiated()
         self.queues: list[Queue] = []
         self.inflight: InflightHandle | None = None
@@ -316,13 +321,15 @@ class Session:
             )
 
     def driver_features(self) -> int:
-        """The features a Linux guest would ack, plus bit 30 (QEMU re-adds it)."""
+        """The features a Linux guest would ack, plus bit 30 (QEMU re-adds it); device bits
+        only for a block device (``device_type``)."""
         offered = self.negotiated.features
         want = 0
-        for bit in GUEST_BLK_FEATURES:
-            want |= 1 << bit
-        if self.num_queues > 1:
-            want |= 1 << BlkFeature.MQ
+        if self.device_type == "block":
+            for bit in GUEST_BLK_FEATURES:
+                want |= 1 << bit
+            if self.num_queues > 1:
+                want |= 1 << BlkFeature.MQ
         want |= 1 << VirtioFeature.VERSION_1
         if self.indirect:
             want |= 1 << VirtioFeature.RING_INDIRECT_DESC

@@ -139,7 +139,9 @@ def write_report(
 def qemu_agreement(caps: Capabilities) -> tuple[int, int]:
     """What a QEMU 11.1.3-like session (``frontend.device.Session`` defaults: one split queue,
     EVENT_IDX, INDIRECT, inflight-migration=on) agrees with a back-end offering ``caps``:
-    (the virtio features of SET_FEATURES, the protocol features of SET_PROTOCOL_FEATURES)."""
+    (the virtio features of SET_FEATURES, the protocol features of SET_PROTOCOL_FEATURES).
+    The session models a virtio-blk guest: on another device type it acks transport bits only
+    (``Session.device_type``), not the blk bit numbers, which mean other features there."""
     import socket as _socket
 
     from vhost_conformance.frontend.device import Session
@@ -154,7 +156,7 @@ def qemu_agreement(caps: Capabilities) -> tuple[int, int]:
     theirs.close()
     channel = Channel(ours)
     try:
-        session = Session(channel, GuestMemory())
+        session = Session(channel, GuestMemory(), device_type=caps.device_type)
         session.negotiated.features = caps.features
         features = session.driver_features()
     finally:
