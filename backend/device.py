@@ -309,6 +309,11 @@ class Device:
             disk.sync = False
         #: SET_FEATURES seen on this connection (--misbehave protocol-features-need-set-features)
         self._features_set = False
+        #: --misbehave reset-owner-drops-disk: RESET_OWNER came, the rings still run
+        self._disk_dropped = False
+        if self.faults.on("offer-skip-drain-alone"):
+            self.offered_protocol &= ~_bit(ProtocolFeature.GET_VRING_BASE_INFLIGHT)
+            self.offered_protocol |= _bit(ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN)
         self.features = 0
         self.protocol_features = 0
         self.owner = False
@@ -615,6 +620,9 @@ class Device:
         # Deprecated; vhost-user.rst: ignore it or treat it as "disable all rings".
         if self.faults.on("reset-owner-closes"):
             raise ConnectionFatal("RESET_OWNER (misbehaving: closing)")
+        if self.faults.on("reset-owner-drops-disk"):
+            self._disk_dropped = True
+            return
         self._reset_rings()
 
     def _on_reset_device(self, msg: Message, payload: object, fds: list[int]) -> None:
@@ -1721,7 +1729,7 @@ class Device:
             blk.write_status(self.memory, req.chain.status_gpa, blk.S_OK)
             req.status = blk.S_OK
         fail = (self.faults.on("flush-ioerr") and rtype == blk.T_FLUSH) or (
-            self.faults.on("get-id-ioerr") and rtype == blk.T_GET_ID)
+            self.faults.on("get-id-ioerr") and rtype == blk.T_GET_ID) or self._disk_dropped
         if fail and req.chain.status_gpa is not None:
             blk.write_status(self.memory, req.chain.status_gpa, blk.S_IOERR)
             req.status, req.written = blk.S_IOERR, 1

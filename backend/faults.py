@@ -270,6 +270,8 @@ MISBEHAVIOURS: dict[str, str] = {
     "one completes with IOERR",
     "indirect-write-flag-honoured": "an indirect descriptor with the WRITE flag set is refused "
     "(IOERR): the flag is not ignored",
+    "reset-owner-drops-disk": "RESET_OWNER keeps the rings running but lets go of the disk: "
+    "every later request completes with IOERR",
 }
 
 

@@ -175,6 +175,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "status-zero-ignored": ("VU-RST-3",),
     "indirect-after-direct-ioerr": ("VU-RING-18",),
     "indirect-write-flag-honoured": ("VU-RING-18",),
+    "reset-owner-drops-disk": ("VU-RST-1",),
 }
 
 #: robustness knobs: the verdict each of their cases must give (every instance: a case run
