@@ -248,8 +248,10 @@ class SessionFactory:
         model: bool = True,
         **options: Any,
     ) -> Session:
-        """A connected (and started) session on ``target``; see :func:`open_session`."""
+        """A connected (and started) session on ``target``; see :func:`open_session`. Its
+        guest driver models the back-end's device type (``Session.device_type``)."""
         _gate(options, self.capabilities)
+        options.setdefault("device_type", self.capabilities.device_type)
         if memory is None:
             memory = self.memory(memory_size, regions=regions, mmap_offset=mmap_offset)
         session = open_session(
