@@ -1829,6 +1829,9 @@ class Device:
     def _misbehave_notify(self, ring: SplitRing, old: int, new: int) -> bool:
         """Whether to signal the call fd after used entries [old, new): the ring's rule, bent
         by ``event-idx-off-by-one`` and ``no-interrupt-ignored``."""
+        if (ring.event_idx and self.faults.on("event-idx-honours-no-interrupt")
+                and ring.avail_flags() & 1):
+            return False
         if ring.event_idx and self.faults.on("event-idx-off-by-one"):
             event = ring.used_event()
             return (new - event) & 0xFFFF <= (new - old - 1) & 0xFFFF

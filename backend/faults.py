@@ -272,6 +272,8 @@ MISBEHAVIOURS: dict[str, str] = {
     "(IOERR): the flag is not ignored",
     "reset-owner-drops-disk": "RESET_OWNER keeps the rings running but lets go of the disk: "
     "every later request completes with IOERR",
+    "event-idx-honours-no-interrupt": "with EVENT_IDX, avail->flags NO_INTERRUPT (bit 0) still "
+    "suppresses notifications",
 }
 
 

@@ -799,3 +799,39 @@ def test_direct_then_indirect_descriptors(
         raise CaseFailed("used ring after the direct + indirect chains", expected="no violation",
                          seen=str(violations[0]))
     do_io(s, 1, sector=3072)
+
+
+@case(
+    "VU-RING-19",
+    title="EVENT_IDX: the lower bit of avail->flags is ignored",
+    family="rings",
+    level=MUST,
+    clause=f"{VIRTIO} 2.7.7.2 Split Virtqueues: Used Buffer Notification Suppression",
+    quote="The device MUST ignore the lower bit of flags.",
+    requirement=(
+        "With RING_EVENT_IDX negotiated, avail->flags set to 1 (NO_INTERRUPT) does not suppress "
+        "the notification used_event asks for."
+    ),
+    requires=[VirtioFeature.RING_EVENT_IDX],
+)
+def test_event_idx_ignores_no_interrupt(vhost_session: Session) -> None:
+    """EVENT_IDX, avail->flags 1, used_event = used->idx: the next completion signals."""
+    s = vhost_session
+    vq = s.queues[0].vq
+    if vq.packed:
+        raise Unsupported("a split ring", "avail->flags is a split ring field")
+    do_io(s, 1, kinds=("read",))
+    vq.set_no_interrupt(True)
+    vq.set_used_event(vq.used_idx)
+    s.drain_call(0)
+    used = vq.used_idx
+    request = s.queues[0].blk.read(0, 1)
+    s.submit(0)
+    _wait_used_in_memory(s, used + 1)
+    signalled = s.drain_call(0)
+    expect_status(wait_all(s, [request]), what="read")
+    vq.set_no_interrupt(False)
+    if not signalled:
+        raise CaseFailed("call eventfd with EVENT_IDX, avail->flags 1 and used_event reached",
+                         expected="signalled (the lower bit of flags is ignored)",
+                         seen="not signalled")

@@ -176,6 +176,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "indirect-after-direct-ioerr": ("VU-RING-18",),
     "indirect-write-flag-honoured": ("VU-RING-18",),
     "reset-owner-drops-disk": ("VU-RST-1",),
+    "event-idx-honours-no-interrupt": ("VU-RING-19",),
 }
 
 #: robustness knobs: the verdict each of their cases must give (every instance: a case run
