@@ -561,6 +561,11 @@ class Device:
             raise RequestError(f"SET_FEATURES: bits {extra:#x} were not offered")
         self.features = value
         self._features_set = True
+        if (has(value, BlkFeature.CONFIG_WCE) and not has(value, BlkFeature.FLUSH)
+                and not self.faults.on("wce-kept-without-flush")):
+            # VIRTIO 1.3 5.2.5.2: "If VIRTIO_BLK_F_CONFIG_WCE is negotiated but
+            # VIRTIO_BLK_F_FLUSH is not, the device MUST initialize writeback to 0."
+            self.config.wce = 0
         if self.faults.on("set-features-drops-protocol") and not has(
             value, VirtioFeature.PROTOCOL_FEATURES
         ):

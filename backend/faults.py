@@ -274,6 +274,8 @@ MISBEHAVIOURS: dict[str, str] = {
     "every later request completes with IOERR",
     "event-idx-honours-no-interrupt": "with EVENT_IDX, avail->flags NO_INTERRUPT (bit 0) still "
     "suppresses notifications",
+    "wce-kept-without-flush": "SET_FEATURES with CONFIG_WCE and without FLUSH leaves writeback "
+    "at 1 (writeback mode)",
 }
 
 

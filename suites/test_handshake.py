@@ -1075,6 +1075,48 @@ def test_config_padding_is_zero(
         )
 
 
+@case(
+    "VU-CFG-9",
+    title="Writethrough when CONFIG_WCE comes without FLUSH",
+    family="config",
+    level=MUST,
+    clause=f"{VIRTIO} 5.2.5.2 Block Device: Device Initialization (device requirements)",
+    quote=(
+        "If VIRTIO_BLK_F_CONFIG_WCE is negotiated but VIRTIO_BLK_F_FLUSH is not, the device "
+        "MUST initialize writeback to 0."
+    ),
+    requirement=(
+        "After SET_FEATURES with VIRTIO_BLK_F_CONFIG_WCE and without VIRTIO_BLK_F_FLUSH (and "
+        "SET_STATUS FEATURES_OK where STATUS is negotiated), the config's writeback byte "
+        "(offset 32) reads 0."
+    ),
+    requires=[ProtocolFeature.CONFIG, BlkFeature.CONFIG_WCE],
+    ambiguity=(
+        "QEMU 11.1.3 passes the guest's feature choice on in SET_FEATURES; a guest acking "
+        "CONFIG_WCE without FLUSH (Linux acks both) is what the case plays"
+    ),
+)
+def test_writethrough_without_flush(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> None:
+    """SET_FEATURES with CONFIG_WCE, without FLUSH: writeback (offset 32) reads 0."""
+    chosen = negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    vhost_channel.send(R.SET_OWNER)
+    features = vhost_capabilities.features & ~(
+        (1 << VirtioFeature.LOG_ALL) | (1 << BlkFeature.FLUSH)
+    )
+    vhost_channel.send(R.SET_FEATURES, U64(features))
+    if has(chosen, P.STATUS):
+        vhost_channel.send(R.SET_STATUS, U64(0x0B))  # ACKNOWLEDGE | DRIVER | FEATURES_OK
+    writeback = get_config(vhost_channel, 0, 33, timeout=vhost_timeout).data[32]
+    if writeback != 0:
+        raise CaseFailed(
+            "config writeback after SET_FEATURES with CONFIG_WCE, without FLUSH",
+            expected="0 (writethrough)",
+            seen=writeback,
+        )
+
+
 # --------------------------------------------------------------------------- the program
 
 

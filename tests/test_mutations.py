@@ -177,6 +177,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "indirect-write-flag-honoured": ("VU-RING-18",),
     "reset-owner-drops-disk": ("VU-RST-1",),
     "event-idx-honours-no-interrupt": ("VU-RING-19",),
+    "wce-kept-without-flush": ("VU-CFG-9",),
 }
 
 #: robustness knobs: the verdict each of their cases must give (every instance: a case run
