@@ -877,6 +877,9 @@ class Device:
             log.error("postcopy SET_MEM_TABLE ack %s: regions not registered", msg.payload.hex())
             return
         self._register_regions()
+        if self.faults.on("postcopy-touches-memory"):
+            for r in self.memory.regions:
+                _ = r.mm[len(r.mm) - 1]  # faults: waits until the front-end provides the page
 
     def _register_regions(self) -> None:
         """Register every mapped region (whole mapping) for missing-page faults."""

@@ -249,6 +249,8 @@ MISBEHAVIOURS: dict[str, str] = {
     "advise-no-userfaultfd": "POSTCOPY_ADVISE is answered with an eventfd, not a userfaultfd",
     "backend-msg-fd-without-send-fd": "BACKEND_CONFIG_CHANGE_MSG carries an fd though "
     "BACKEND_SEND_FD was not negotiated",
+    "postcopy-touches-memory": "right after the postcopy SET_MEM_TABLE ack, read the last "
+    "byte of every region (a userfault the front-end must serve)",
     "postcopy-no-register": "after POSTCOPY_LISTEN the regions are never registered with the "
     "userfaultfd",
     "postcopy-no-table-reply": "SET_MEM_TABLE after POSTCOPY_LISTEN gets no reply with the bases",

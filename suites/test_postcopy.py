@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import time
 from collections.abc import Iterator
 
@@ -30,7 +29,7 @@ from vhost_conformance.frontend.protocol import (
 )
 from vhost_conformance.suites.clauses import RST
 from vhost_conformance.suites.drivers import SessionFactory
-from vhost_conformance.suites.drivers.postcopy import mappings_of, process_tree
+from vhost_conformance.suites.drivers.postcopy import mappings_of, next_fault, process_tree, wake
 from vhost_conformance.suites.model import MUST, CaseFailed, CaseNonStrict, Unsupported, case
 from vhost_conformance.suites.target import BackendTarget
 
@@ -75,9 +74,10 @@ def _advise(session: Session) -> int:
 
 
 @contextlib.contextmanager
-def _listening(session: Session) -> Iterator[tuple[int, list[int]]]:
+def _listening(session: Session) -> Iterator[tuple[int, list[int], list[int]]]:
     """ADVISE, LISTEN, SET_FEATURES, the postcopy SET_MEM_TABLE and its ack: yields the
-    userfaultfd and the bases the back-end replied (closes the userfaultfd at the end)."""
+    userfaultfd, the bases the back-end replied and the faults it took right after the ack
+    (served); closes the userfaultfd at the end."""
     uffd = _advise(session)
     try:
         session.call(F.POSTCOPY_LISTEN, need_reply=session.reply_ack)
@@ -107,8 +107,9 @@ def _listening(session: Session) -> Iterator[tuple[int, list[int]]]:
                                    for r in bases])
         # QEMU's ack of the bases (vhost_user_set_mem_table_postcopy: u64 0 = OK)
         session.channel.send_message(Message(int(F.SET_MEM_TABLE), VERSION, U64(0).encode()))
+        faults = _serve_faults(session, uffd, [r.userspace_addr for r in bases])
         session.call(F.GET_FEATURES)  # a barrier: the ack has been handled
-        yield uffd, [r.userspace_addr for r in bases]
+        yield uffd, [r.userspace_addr for r in bases], faults
     finally:
         with contextlib.suppress(OSError):
             os.close(uffd)
@@ -118,6 +119,20 @@ def _memfd_name(gpa: int) -> str:
     """The name of the suite's memfd of the region at ``gpa`` (frontend.memory: one memfd
     per region, ``guest-ram-<gpa>``), as smaps shows it."""
     return f"/memfd:guest-ram-{gpa:#x} "
+
+
+def _serve_faults(session: Session, uffd: int, bases: list[int]) -> list[int]:
+    """Faults the back-end takes within 0.3 s of the ack, each served as QEMU serves a shared
+    page (the page written on our side, then UFFDIO_WAKE): their addresses."""
+    faults: list[int] = []
+    while (address := next_fault(uffd, 0.3)) is not None and len(faults) < 64:
+        faults.append(address)
+        for region, base in zip(session.memory.regions, bases, strict=False):
+            if base <= address < base + region.mmap_offset + region.memory_size:
+                offset = max(0, address - base - region.mmap_offset) & ~0xFFF
+                session.memory.write(region.guest_phys_addr + offset, bytes(4096))
+        wake(uffd, address)
+    return faults
 
 
 def _pids(target: BackendTarget) -> list[int]:
@@ -179,8 +194,13 @@ def test_postcopy_listen_registers(
     """The postcopy SET_MEM_TABLE: bases replied, regions registered, nothing touched."""
     pids = _pids(vhost_target)
     session = _session(vhost_target, make_session)
-    with _listening(session) as (uffd, bases):
-        time.sleep(0.2)
+    with _listening(session) as (_uffd, bases, faults):
+        if faults:
+            raise CaseNonStrict(
+                f"{len(faults)} userfault event(s) right after the postcopy SET_MEM_TABLE ack "
+                f"(first at {faults[0]:#x}): the back-end accessed guest memory the front-end "
+                "has not provided yet"
+            )
         for region in session.memory.regions:
             name = _memfd_name(region.guest_phys_addr)
             maps = mappings_of(pids, name)
@@ -192,12 +212,6 @@ def test_postcopy_listen_registers(
                     expected="registered with the userfaultfd (smaps VmFlags um)",
                     seen=f"{len(unregistered)} of {len(maps)} not registered" if maps
                     else "not mapped")
-        pending = select.select([uffd], [], [], 0)[0]
-        if pending:
-            raise CaseNonStrict(
-                "a userfault event is pending right after the postcopy SET_MEM_TABLE: the "
-                "back-end accessed guest memory the front-end has not provided yet"
-            )
         mapped = {start for region in session.memory.regions
                   for start, _ in mappings_of(pids, _memfd_name(region.guest_phys_addr))}
         wrong = [base for base in bases if base not in mapped]
@@ -235,7 +249,7 @@ def test_postcopy_end(vhost_target: BackendTarget, make_session: SessionFactory)
     """POSTCOPY_END: reply 0, then the regions are no longer registered."""
     pids = _pids(vhost_target)
     session = _session(vhost_target, make_session)
-    with _listening(session) as _:
+    with _listening(session):
         reply = session.call(F.POSTCOPY_END)
         assert reply is not None
         value = U64.decode(reply.payload).value

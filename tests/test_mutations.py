@@ -125,6 +125,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "postcopy-no-table-reply": ("VU-POSTCOPY-2",),
     "postcopy-end-keeps-userfaultfd": ("VU-POSTCOPY-3",),
     "backend-msg-fd-without-send-fd": ("VU-FD-3",),
+    "postcopy-touches-memory": ("VU-POSTCOPY-2",),
     # robustness tier (mut-robust): each knob's verdict is pinned in ROBUST below
     "crash-on-unexpected-request": ("VU-MAL-1", "VU-MAL-11", "VU-MAL-15"),
     "trust-payload-size": ("VU-MAL-2", "VU-MAL-3", "VU-MAL-13"),

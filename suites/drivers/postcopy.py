@@ -6,8 +6,12 @@ as a child)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
+import select
+import struct
+import time
 
 _VMA = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")
 
@@ -74,3 +78,36 @@ def mappings_of(pids: list[int], name: str) -> list[tuple[int, str]]:
                 out.append((start, line.split(":", 1)[1].strip()))
                 start = None
     return out
+
+
+#: struct uffd_msg (include/uapi/linux/userfaultfd.h): 32 bytes, event at 0
+#: (UFFD_EVENT_PAGEFAULT 0x12), pagefault.address at 16
+_UFFD_MSG = struct.Struct("<B7xQQ8x")
+_UFFD_EVENT_PAGEFAULT = 0x12
+#: UFFDIO_WAKE = _IOR(0xAA, 0x02, struct uffdio_range {u64 start, len})
+_UFFDIO_WAKE = (2 << 30) | (16 << 16) | (0xAA << 8) | 0x02
+
+
+def next_fault(uffd: int, timeout: float) -> int | None:
+    """The address of the next page fault the back-end reports on ``uffd`` within
+    ``timeout`` seconds (None: none came)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([uffd], [], [], left)[0]:
+            return None
+        try:
+            data = os.read(uffd, _UFFD_MSG.size)
+        except BlockingIOError:
+            continue
+        if len(data) == _UFFD_MSG.size:
+            event, _flags, address = _UFFD_MSG.unpack(data)
+            if event == _UFFD_EVENT_PAGEFAULT:
+                return int(address)
+
+
+def wake(uffd: int, address: int, length: int = 4096) -> None:
+    """Wake whoever waits on the faulted page at ``address`` (the page is now there)."""
+    start = address & ~(length - 1)
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(uffd, _UFFDIO_WAKE, bytearray(struct.pack("<QQ", start, length)))
