@@ -1562,6 +1562,11 @@ class Device:
                 or (chain.indirect_flags & 2 and self.faults.on("indirect-write-flag-honoured"))
             ):
                 chain.error = "an indirect table (misbehaving: refused)"
+            if chain.error is None and self.faults.on("fixed-descriptor-layout") and (
+                not chain.readable or chain.readable[0][1] != blk.OUTHDR_SIZE
+                or not chain.writable or chain.writable[-1][1] != 1
+            ):
+                chain.error = "not one descriptor per header and status (misbehaving)"
             if head in inflight_heads:
                 if self.faults.on("trust-avail-ring"):
                     self.faults.die(

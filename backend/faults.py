@@ -278,6 +278,8 @@ MISBEHAVIOURS: dict[str, str] = {
     "suppresses notifications",
     "wce-kept-without-flush": "SET_FEATURES with CONFIG_WCE and without FLUSH leaves writeback "
     "at 1 (writeback mode)",
+    "fixed-descriptor-layout": "a split request whose header is not one 16-byte descriptor, or "
+    "whose status byte shares a descriptor, completes with IOERR",
 }
 
 

@@ -835,3 +835,78 @@ def test_event_idx_ignores_no_interrupt(vhost_session: Session) -> None:
         raise CaseFailed("call eventfd with EVENT_IDX, avail->flags 1 and used_event reached",
                          expected="signalled (the lower bit of flags is ignored)",
                          seen="not signalled")
+
+
+def _direct_chain(session: Session, buffers: list[tuple[int, int, bool]], writable: int) -> None:
+    """Make one chain of direct descriptors ``(gpa, len, device-writable)`` available, kick,
+    and wait until it is used."""
+    vq = session.queues[0].vq
+    heads = vq.take_descriptors(len(buffers))  # type: ignore[attr-defined]
+    for k, (gpa, length, write) in enumerate(buffers):
+        last = k == len(buffers) - 1
+        flags = (0 if last else _NEXT) | (_WRITE if write else 0)
+        nxt = 0 if last else heads[k + 1]
+        vq.write_desc(heads[k], gpa, length, flags, nxt)  # type: ignore[attr-defined]
+    token = object()
+    vq.push_avail(heads[0], token, chain=heads, writable=writable)  # type: ignore[attr-defined]
+    vq.publish()
+    session.kick(0)
+    deadline = time.monotonic() + session.timeout
+    while not any(t is token for t, _ in vq.reap()):
+        if time.monotonic() > deadline:
+            raise BackendHang("a request in an unusual descriptor arrangement",
+                              request_name="virtio-blk I/O", timeout=session.timeout)
+        time.sleep(0.002)
+
+
+@case(
+    "VU-RING-20",
+    title="Any arrangement of descriptors",
+    family="rings",
+    level=MUST,
+    clause=f"{VIRTIO} 2.7.4.1 Message Framing (device requirements)",
+    quote="The device MUST NOT make assumptions about the particular arrangement of descriptors.",
+    requirement=(
+        "A write whose 16-byte header is split over two descriptors (8 + 8), and a read whose "
+        "data and status byte share one device-writable descriptor, complete OK; the read "
+        "returns the data written."
+    ),
+    ambiguity=(
+        "VIRTIO_F_ANY_LAYOUT is implied by VIRTIO_F_VERSION_1, which every session negotiates; "
+        "the status is the last byte of the last device-writable buffer"
+    ),
+)
+def test_any_descriptor_arrangement(vhost_session: Session) -> None:
+    """Header 8 + 8 (write), data + status in one buffer (read)."""
+    s = vhost_session
+    if s.queues[0].vq.packed:
+        raise Unsupported("a split ring", "the case builds split descriptor chains")
+    do_io(s, 1)
+    scratch = s.memory.alloc(16384, 4096)
+    header, status, buf = scratch, scratch + 64, scratch + 4096
+    data = pattern(80, 4096)
+    s.memory.write(header, struct.pack("<IIQ", 1, 0, 3584))  # VIRTIO_BLK_T_OUT
+    s.memory.write(status, b"\xff")
+    s.memory.write(buf, data)
+    _direct_chain(s, [(header, 8, False), (header + 8, 8, False), (buf, 4096, False),
+                      (status, 1, True)], writable=1)
+    seen = s.memory.read(status, 1)[0]
+    if seen != 0:
+        raise CaseFailed("status of a write whose header is split over two descriptors (8 + 8)",
+                         expected="VIRTIO_BLK_S_OK (0)", seen=seen)
+    s.memory.write(header, struct.pack("<IIQ", 0, 0, 3584))  # VIRTIO_BLK_T_IN
+    merged = buf + 8192
+    s.memory.write(merged, b"\0" * 4096 + b"\xff")
+    _direct_chain(s, [(header, 16, False), (merged, 4097, True)], writable=4097)
+    seen = s.memory.read(merged + 4096, 1)[0]
+    if seen != 0:
+        raise CaseFailed("status of a read whose data and status byte share one descriptor",
+                         expected="VIRTIO_BLK_S_OK (0) in the last byte", seen=seen)
+    if s.memory.read(merged, 4096) != data:
+        raise CaseFailed("data of a read whose data and status share one descriptor",
+                         expected="the 4096 bytes written", seen="other bytes")
+    violations = s.queues[0].vq.violations
+    if violations:
+        raise CaseFailed("used ring after the unusual arrangements", expected="no violation",
+                         seen=str(violations[0]))
+    do_io(s, 1, sector=3584)

@@ -179,6 +179,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "reset-owner-drops-disk": ("VU-RST-1",),
     "event-idx-honours-no-interrupt": ("VU-RING-19",),
     "wce-kept-without-flush": ("VU-CFG-9",),
+    "fixed-descriptor-layout": ("VU-RING-20",),
 }
 
 #: robustness knobs: the verdict each of their cases must give (every instance: a case run
