@@ -49,6 +49,7 @@ from vhost_conformance.frontend.protocol import (
 from vhost_conformance.suites.clauses import RST
 from vhost_conformance.suites.drivers import capacity_of, pattern, wait_all
 from vhost_conformance.suites.drivers.hostile import (
+    DYING_GRACE,
     RAM_SIZE,
     Rig,
     ShrinkBudget,
@@ -189,7 +190,7 @@ class MessageMachine(RuleBasedStateMachine):
             self._close()
             raise _Closed from None
         except BackendHang as exc:
-            self.rig.check_alive()
+            self.rig.check_alive(grace=DYING_GRACE)
             raise CaseHang(f"{request.name} not answered: {exc}") from None
 
     def _do(self, step: Any) -> None:
@@ -239,11 +240,11 @@ class MessageMachine(RuleBasedStateMachine):
             self.session = Session(channel, self.memory, timeout=rig.timeout)
             self.session.connect()
         except BackendHang as exc:
-            rig.check_alive()
+            rig.check_alive(grace=DYING_GRACE)
             raise CaseHang(f"init on a new connection: {exc}") from None
         except (BackendClosed, OSError, TargetError) as exc:
             # TargetError: the socket refuses connections, its back-end dead (a rule's doing)
-            rig.check_alive()
+            rig.check_alive(grace=DYING_GRACE)
             raise CaseFailed(f"init on a new connection failed: {exc}") from None
         if self.model is None:
             type(self).model = ModelDisk(capacity_of(self.session))
@@ -491,7 +492,7 @@ class MessageMachine(RuleBasedStateMachine):
         try:
             done = wait_all(session, requests, timeout=self.rig.timeout)
         except BackendHang as exc:
-            self.rig.check_alive()
+            self.rig.check_alive(grace=DYING_GRACE)
             raise CaseHang(f"I/O on a ring started by valid messages: {exc}") from None
         for c in done:
             if c.status != 0 or c.mismatches:

@@ -47,6 +47,7 @@ from vhost_conformance.frontend.virtqueue import (
 from vhost_conformance.suites.clauses import RST, VIRTIO
 from vhost_conformance.suites.drivers.hostile import (
     DEFAULT_EXAMPLES,
+    DYING_GRACE,
     EXAMPLES_ENV,
     INDIRECT,
     NEXT,
@@ -343,10 +344,10 @@ def run_shape(rig: Rig, shape: Shape, *, packed: bool) -> Outcome:
                         finding_level=MUST,
                     )
     except (BackendClosed, OSError) as exc:
-        rig.check_alive()
+        rig.check_alive(grace=DYING_GRACE)
         raise CaseFailed(f"the back-end failed the example: {type(exc).__name__}: {exc}") from None
     except BackendHang as exc:
-        rig.check_alive()
+        rig.check_alive(grace=DYING_GRACE)
         if rig.restart:
             rig.target.restart()
         raise CaseHang(f"the back-end stopped answering after a hostile chain: {exc}") from None

@@ -67,6 +67,8 @@ def shrink_seconds() -> float:
 #: there), region 1 a small scratch area at a fixed GPA for hand-written chains, ending where
 #: nothing is mapped (so "past the region's end" and "unmapped" are well defined).
 RAM_SIZE = 4 << 20
+#: seconds an error path waits for a dying back-end's exit status (its sockets close first)
+DYING_GRACE = 1.0
 SCRATCH_GPA = 0x1000_0000
 SLOT = 4096
 SLOTS = ("hdr", "data", "status", "table0", "table1")
@@ -273,10 +275,14 @@ class Rig:
         #: hostile submissions so far (none: a failing fresh connection is not their fault)
         self.hostile = 0
 
-    def check_alive(self) -> None:
-        """Raise BackendCrashed (after restarting it, if allowed) when the back-end died."""
-        if isinstance(self.target, CommandTarget) and self.target.alive() is False:
-            self.target.wait_exit(0.5)
+    def check_alive(self, grace: float = 0.0) -> None:
+        """Raise BackendCrashed (after restarting it, if allowed) when the back-end died.
+
+        ``grace``: on an error path (a reset connection, a missing reply) the back-end may be
+        dying: its sockets close before its exit status can be reaped, so wait up to this long
+        for it to exit before calling it alive."""
+        if grace > 0 and isinstance(self.target, CommandTarget) and self.target.alive():
+            self.target.wait_exit(grace)
         death = died(self.target)
         if death is None:
             return
