@@ -41,6 +41,7 @@ from vhost_conformance.suites.drivers.qemu import (
     settle,
     settled_trace,
     slow_same_disk,
+    switchover_latency_ms,
     wait_iteration,
 )
 from vhost_conformance.suites.model import MUST, CaseFailed, Unsupported, case
@@ -283,7 +284,7 @@ def test_qemu_live_migration(request: pytest.FixtureRequest, vhost_target: Backe
         if missing:
             raise Unsupported(missing, "inflight-migration=on needs them")
     with contextlib.ExitStack() as stack:
-        slow = stack.enter_context(slow_same_disk(vhost_target, 300))
+        slow = stack.enter_context(slow_same_disk(vhost_target, switchover_latency_ms()))
         destination = destination_target(vhost_target, vhost_target_factory)
         loop = {"mode": "loop", "iters": 3 if slow else 40, "blocks": 2, "memory_mb": 96,
                 "inflight_migration": on}  # fmt: skip

@@ -52,6 +52,26 @@ from vhost_conformance.suites.target import (
 
 #: Seconds the guest gets to report once QEMU runs (TCG on a loaded 2-core machine).
 GUEST_DEADLINE = 90.0
+#: the source disk's latency (ms) at VU-QEMU-7's switch-over; 0 runs the migration without a
+#: slow disk (the switch-over then rarely finds a request in flight: a fidelity run)
+SWITCHOVER_LATENCY_ENV = "VHOST_CONFORMANCE_QEMU_SWITCHOVER_MS"
+SWITCHOVER_LATENCY_MS = 300
+
+
+def switchover_latency_ms() -> int:
+    """VU-QEMU-7's source disk latency: ``$VHOST_CONFORMANCE_QEMU_SWITCHOVER_MS`` or 300."""
+    raw = os.environ.get(SWITCHOVER_LATENCY_ENV, "").strip()
+    if not raw:
+        return SWITCHOVER_LATENCY_MS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise pytest.UsageError(
+            f"${SWITCHOVER_LATENCY_ENV} must be a whole number of milliseconds >= 0, got {raw!r}"
+        )
+    return value
 #: The peers the tier needs.
 QEMU_PEERS = ("qemu-system-x86_64-11.1", "guest-kernel", "guest-initrd")
 
@@ -353,8 +373,9 @@ def slow_same_disk(target: BackendTarget, latency_ms: int) -> Iterator[bool]:
     """Make ``target``'s I/O slow (requests stay in flight) without losing the guest's data:
     the profile's own knob when it slows the same disk (``slow_io.args``), else the watched
     disk (suites/watched.py) when the command uses ``{disk}`` (a knob that swaps the disk,
-    like qsd's null-co command, would lose the data). Yields whether the I/O is slow."""
-    if not isinstance(target, CommandTarget):
+    like qsd's null-co command, would lose the data). Yields whether the I/O is slow
+    (``latency_ms`` 0: never slow)."""
+    if not isinstance(target, CommandTarget) or latency_ms <= 0:
         yield False
         return
     profile = target.profile
