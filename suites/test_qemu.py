@@ -32,10 +32,10 @@ from vhost_conformance.peers.qemu import QMPFailure
 from vhost_conformance.reports.model import Tier
 from vhost_conformance.suites.drivers.migration import destination_target
 from vhost_conformance.suites.drivers.qemu import (
-    GUEST_DEADLINE,
     check_fidelity,
     compare_traces,
     emulated_migration,
+    guest_deadline,
     qemu_run,
     qmp,
     settle,
@@ -179,7 +179,7 @@ def test_qemu_system_reset(request: pytest.FixtureRequest, vhost_target: Backend
         wait_iteration(run, 1)
         starts = run.names().count("SET_VRING_KICK")
         qmp(run, "system_reset")
-        run.proxy.wait_for_message("SET_VRING_KICK", timeout=GUEST_DEADLINE, count=starts + 1)
+        run.proxy.wait_for_message("SET_VRING_KICK", timeout=guest_deadline(), count=starts + 1)
         run.expect_pass()
         if run.guest.serial().count("VC-GUEST: ITER 1") < 2:
             raise RuntimeError("the guest did not boot a second time after system_reset")
@@ -240,7 +240,7 @@ def test_qemu_backend_killed_and_restarted(request: pytest.FixtureRequest,
                              f"last lines:\n{run.qemu_tail(4)}\nback-end alive: "
                              f"{vhost_target.alive()}; its log:\n{vhost_target.log_tail(8)}"
                              ) from None  # fmt: skip
-        result = run.wait_result(GUEST_DEADLINE)
+        result = run.wait_result()
         run.check_replies()
         if not result.passed:
             raise CaseFailed("the guest's rounds across the back-end's kill and restart",

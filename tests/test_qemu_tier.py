@@ -206,3 +206,17 @@ def test_switchover_latency_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(SWITCHOVER_LATENCY_ENV, bad)
         with pytest.raises(pytest.UsageError, match=SWITCHOVER_LATENCY_ENV):
             switchover_latency_ms()
+
+
+def test_guest_deadline_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``$VHOST_CONFORMANCE_QEMU_GUEST_DEADLINE``: default 90 s, a positive number, else refused."""
+    from vhost_conformance.suites.drivers.qemu import GUEST_DEADLINE_ENV, guest_deadline
+
+    monkeypatch.delenv(GUEST_DEADLINE_ENV, raising=False)
+    assert guest_deadline() == 90.0
+    monkeypatch.setenv(GUEST_DEADLINE_ENV, "30")
+    assert guest_deadline() == 30.0
+    for bad in ("0", "-5", "soon"):
+        monkeypatch.setenv(GUEST_DEADLINE_ENV, bad)
+        with pytest.raises(pytest.UsageError, match=GUEST_DEADLINE_ENV):
+            guest_deadline()

@@ -52,10 +52,27 @@ from vhost_conformance.suites.target import (
 
 #: Seconds the guest gets to report once QEMU runs (TCG on a loaded 2-core machine).
 GUEST_DEADLINE = 90.0
+#: overrides GUEST_DEADLINE (seconds): the mutation tests, whose knobs make a guest hang,
+#: wait less for the verdict they expect
+GUEST_DEADLINE_ENV = "VHOST_CONFORMANCE_QEMU_GUEST_DEADLINE"
 #: the source disk's latency (ms) at VU-QEMU-7's switch-over; 0 runs the migration without a
 #: slow disk (the switch-over then rarely finds a request in flight: a fidelity run)
 SWITCHOVER_LATENCY_ENV = "VHOST_CONFORMANCE_QEMU_SWITCHOVER_MS"
 SWITCHOVER_LATENCY_MS = 300
+
+
+def guest_deadline() -> float:
+    """Seconds a guest gets to report: ``$VHOST_CONFORMANCE_QEMU_GUEST_DEADLINE`` or 90."""
+    raw = os.environ.get(GUEST_DEADLINE_ENV, "").strip()
+    if not raw:
+        return GUEST_DEADLINE
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise pytest.UsageError(f"${GUEST_DEADLINE_ENV} must be seconds > 0, got {raw!r}")
+    return value
 
 
 def switchover_latency_ms() -> int:
@@ -106,9 +123,10 @@ class QemuRun:
     disk: VhostUserBlkDisk
     notes: list[str] = field(default_factory=list)
 
-    def wait_result(self, timeout: float = GUEST_DEADLINE) -> GuestResult:
+    def wait_result(self, timeout: float | None = None) -> GuestResult:
         """The guest's verdict; ``CaseHang`` with the serial tail when it does not come while
         QEMU runs, ``CaseFailed`` when QEMU exits without one."""
+        timeout = guest_deadline() if timeout is None else timeout
         try:
             return self.guest.wait_for_result(timeout=timeout)
         except PeerProcessError:
@@ -125,9 +143,10 @@ class QemuRun:
                 f"lines:\n{self.qemu_tail()}",
             ) from None
 
-    def expect_pass(self, timeout: float = GUEST_DEADLINE) -> GuestResult:
+    def expect_pass(self, timeout: float | None = None) -> GuestResult:
         """Wait for the guest; fail unless it passed, QEMU exited 0 and every back-end reply
         QEMU saw passes the emulated channel's validator."""
+        timeout = guest_deadline() if timeout is None else timeout
         result = self.wait_result(timeout)
         self.check_replies()
         if not result.passed:
@@ -227,9 +246,10 @@ def qmp(run: QemuRun, command: str, **arguments: object) -> object:
         raise RuntimeError(f"QMP {command}: {exc}") from None
 
 
-def wait_iteration(run: QemuRun, iteration: int, timeout: float = GUEST_DEADLINE) -> None:
+def wait_iteration(run: QemuRun, iteration: int, timeout: float | None = None) -> None:
     """Wait until the guest reported loop round ``iteration``; a hang with the serial tail if
     it does not while QEMU runs."""
+    timeout = guest_deadline() if timeout is None else timeout
     try:
         run.guest.wait_for_iteration(iteration, timeout)
     except PeerProcessError:
