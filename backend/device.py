@@ -343,6 +343,10 @@ class Device:
         self._close_writes: list[tuple[int, bytes]] = []
         #: --misbehave log-after-stop: when to set every bit of the dirty log
         self._late_logs: list[float] = []
+        #: --misbehave packed-out-of-ring-order: (queue, entry, wrap) taken before their turn
+        self._ahead: set[tuple[int, int, bool]] = set()
+        #: --misbehave packed-used-len-late: queue -> (entry, len) still to be written
+        self._late_lens: dict[int, list[tuple[int, int]]] = {}
         #: every ring was stopped by GET_VRING_BASE and none started since
         self._all_stopped = False
         #: DEVICE_STATE: the load channel until CHECK_DEVICE_STATE reads it; the last result
@@ -1601,11 +1605,15 @@ class Device:
                 self._break(q, "more descriptors in flight than the queue size")
                 return
             outstanding += chain.ndescs
+            entry = (q.index, q.last_avail_idx, q.avail_wrap)
             idx = q.last_avail_idx + chain.ndescs
             if idx >= q.num:
                 idx -= q.num
                 q.avail_wrap = not q.avail_wrap
             q.last_avail_idx = idx
+            if entry in self._ahead:  # packed-out-of-ring-order took it already
+                self._ahead.discard(entry)
+                continue
             head = -1
             if isinstance(q.inflight, PackedInflight):
                 copies = [PackedDescCopy(a, ln, i, f) for a, ln, i, f in chain.ring_descs]
@@ -1617,6 +1625,37 @@ class Device:
             q.counter += 1
             self.faults.reach("after-pop")
             self._submit(self._new_request(q, chain, head), now)
+        if self.faults.on("packed-out-of-ring-order") and q.broken is None:
+            self._pop_ahead(q, ring, now)
+
+    def _pop_ahead(self, q: VirtQueue, ring: PackedRing, now: float) -> None:
+        """``packed-out-of-ring-order``: the entry at last_avail_idx is not available; walk
+        its chain by the NEXT flags as memory holds them and take the chain after it when that
+        one is available (once; it is skipped when the ring order reaches it)."""
+        i, w = q.last_avail_idx, q.avail_wrap
+        for _ in range(q.num):
+            more = ring.flags_at(i) & 1  # VIRTQ_DESC_F_NEXT
+            i += 1
+            if i == q.num:
+                i, w = 0, not w
+            if not more:
+                break
+        if (q.index, i, w) in self._ahead or not ring.is_available(i, w):
+            return
+        chain = ring.read_chain(i, w)
+        if chain.fatal:
+            return
+        log.warning("misbehaving: entry %d taken before entry %d", i, q.last_avail_idx)
+        self._ahead.add((q.index, i, w))
+        self._submit(self._new_request(q, chain, -1), now)
+
+    def _in_submission_order(self, q: VirtQueue, batch: list[Request]) -> list[Request]:
+        """``packed-used-submission-order``: of the executed requests, those taken before
+        every request still executing, in the order they were taken; the others wait."""
+        first_open = min((r.seq for r in q.pending.values() if not r.executed), default=None)
+        ready = [r for r in batch if first_open is None or r.seq < first_open]
+        q.done = [r for r in batch if not (first_open is None or r.seq < first_open)]
+        return sorted(ready, key=lambda r: r.seq)
 
     def _misbehave_before(self, req: Request) -> bool:
         """``write-segments-lost`` (the chain loses data descriptors) and
@@ -1806,9 +1845,17 @@ class Device:
         stuck = self.faults.on("packed-wrap-stuck")
         if stuck:
             first = (q.used_idx, True)
+        late = self.faults.on("packed-used-len-late")
+        if late:
+            # the previous batch's lens, written after its USED bits
+            for entry, length in self._late_lens.pop(q.index, []):
+                ring.write_used_len(entry, length)
         for k, r in enumerate(batch):
+            if late:
+                self._late_lens.setdefault(q.index, []).append((q.used_idx, r.written))
             off = ring.write_used(
-                q.used_idx, r.chain.buffer_id, r.written, q.used_wrap or stuck, flags_too=k > 0
+                q.used_idx, r.chain.buffer_id, 0 if late else r.written, q.used_wrap or stuck,
+                flags_too=k > 0,
             )
             self._log_ring(ring, off)
             idx = q.used_idx + r.chain.ndescs
@@ -1867,7 +1914,10 @@ class Device:
                 if isinstance(q.ring, SplitRing):
                     self._complete_split(q, q.ring, batch)
                 else:
-                    self._complete_packed(q, q.ring, batch)
+                    if self.faults.on("packed-used-submission-order"):
+                        batch = self._in_submission_order(q, batch)
+                    if batch:
+                        self._complete_packed(q, q.ring, batch)
                 for r in batch:
                     q.pending.pop(r.seq, None)
             early = self.faults.on("early-drain-reply") and len(q.pending) == 1

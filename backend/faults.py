@@ -280,6 +280,15 @@ MISBEHAVIOURS: dict[str, str] = {
     "at 1 (writeback mode)",
     "fixed-descriptor-layout": "a split request whose header is not one 16-byte descriptor, or "
     "whose status byte shares a descriptor, completes with IOERR",
+    # mut-basic: packed ring order and flags (VIRTIO 1.3 2.8.12, 2.8.15)
+    "packed-out-of-ring-order": "a packed entry that is not available does not stop the "
+    "device: the chain after it (found by the NEXT flags) is taken when it is available",
+    "packed-used-submission-order": "packed used descriptors are written in the order the "
+    "requests were taken, not in the order they completed (a fast one waits for a slow one)",
+    "packed-avail-ignores-wrap": "a packed entry is taken when its AVAIL and USED bits "
+    "differ, whatever the driver wrap counter (an AVAIL bit left unchanged is used)",
+    "packed-used-len-late": "a packed used descriptor is written with len 0 and its USED bit; "
+    "the len follows when the next batch completes",
 }
 
 

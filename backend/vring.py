@@ -357,6 +357,8 @@ class PackedRing:
         flags = self.flags_at(idx)
         avail = bool(flags & PACKED_DESC_F_AVAIL)
         used = bool(flags & PACKED_DESC_F_USED)
+        if self.faults.on("packed-avail-ignores-wrap"):
+            return avail != used
         return avail == wrap and used != wrap
 
     def read_chain(self, idx: int, wrap: bool) -> Chain:
@@ -425,6 +427,10 @@ class PackedRing:
         if flags_too:
             self.write_used_flags(idx, wrap)
         return DESC_SIZE * idx
+
+    def write_used_len(self, idx: int, length: int) -> None:
+        """Write the len field of ring entry ``idx`` alone."""
+        struct.pack_into("<I", self.desc_mm, self.desc_off + DESC_SIZE * idx + 8, length & 0xFFFFFFFF)
 
     def write_used_flags(self, idx: int, wrap: bool) -> None:
         """Mark entry ``idx`` used: AVAIL = USED = device wrap counter."""

@@ -826,9 +826,12 @@ class PackedVirtqueue(_DriverQueue):
         return [self.add_indirect(table, n, writable, token)
                 for table, token in zip(tables, tokens, strict=True)]
 
-    def publish(self) -> None:
+    def publish(self, *, hold_first: bool = False) -> None:
         """Expose the added buffers: after a write fence, store each pending head's flags, the
-        first one last, with release (2.8.21: the head's flags are written after the rest)."""
+        first one last, with release (2.8.21: the head's flags are written after the rest).
+        ``hold_first``: the first pending head stays unpublished (its descriptors written, its
+        flags not), so later buffers are available before it; the next :meth:`publish`
+        exposes it (for a case on the device's ring order, VIRTIO 1.3 2.8.12)."""
         pending = self._pending_heads
         if not pending:
             return
@@ -836,6 +839,9 @@ class PackedVirtqueue(_DriverQueue):
         shm.wmb()
         for off, flags in reversed(pending[1:]):
             shm.store16(base + off, flags)
+        if hold_first:
+            del pending[1:]
+            return
         off, flags = pending[0]
         shm.store16_release(base + off, flags)
         pending.clear()
@@ -943,6 +949,20 @@ class PackedVirtqueue(_DriverQueue):
             raise VirtqueueError(f"descriptor index {i} outside the ring (size {self.size})")
         _PACKED_DESC_BODY.pack_into(self._ring.mv, i * 16, addr, length, next)
         self._ring.shm.store16_release(self._ring.off + i * 16 + 14, flags)
+
+    def write_flags(self, i: int, flags: int) -> None:
+        """Store the flags of ring descriptor ``i`` alone (release), for a case that leaves a
+        written descriptor's AVAIL/USED bits at a value that does not make it available."""
+        if not 0 <= i < self.size:
+            raise VirtqueueError(f"descriptor index {i} outside the ring (size {self.size})")
+        self._ring.shm.store16_release(self._ring.off + i * 16 + 14, flags)
+
+    def ring_bytes(self, i: int) -> bytes:
+        """The 16 bytes of ring descriptor ``i`` as guest memory holds them now."""
+        if not 0 <= i < self.size:
+            raise VirtqueueError(f"descriptor index {i} outside the ring (size {self.size})")
+        self._ring.shm.mb()
+        return bytes(self._ring.mv[i * 16 : i * 16 + 16])
 
     def avail_flags(self) -> int:
         """AVAIL/USED bits that make a descriptor available in the driver's current wrap phase."""

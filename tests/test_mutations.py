@@ -185,6 +185,11 @@ KILLS: dict[str, tuple[str, ...]] = {
     "event-idx-honours-no-interrupt": ("VU-RING-19",),
     "wce-kept-without-flush": ("VU-CFG-9",),
     "fixed-descriptor-layout": ("VU-RING-20",),
+    # mut-basic: packed ring order and flags (VIRTIO 1.3 2.8.12, 2.8.15)
+    "packed-out-of-ring-order": ("VU-RING-21",),
+    "packed-used-submission-order": ("VU-RING-22",),
+    "packed-avail-ignores-wrap": ("VU-RING-23",),
+    "packed-used-len-late": ("VU-RING-24",),
 }
 
 #: robustness knobs: the verdict each of their cases must give (every instance: a case run
