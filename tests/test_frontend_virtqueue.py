@@ -534,6 +534,26 @@ def test_packed_raw_access(memory: GuestMemory) -> None:
     assert vq.next_avail_idx == 3 and vq.avail_wrap_counter == 0
 
 
+def test_packed_publish_hold_first_and_flags(memory: GuestMemory) -> None:
+    """publish(hold_first=True) exposes the later heads only; write_flags / ring_bytes touch
+    one entry's flags and read its 16 bytes."""
+    vq, dev = make("packed", memory, 8)
+    assert isinstance(vq, PackedVirtqueue) and isinstance(dev, PackedDevice)
+    vq.add([(0x3000, 16)], [(0x3100, 1)], "first")
+    vq.add([(0x3200, 16)], [(0x3300, 1)], "second")
+    vq.publish(hold_first=True)
+    assert struct.unpack_from("<H", vq.ring_bytes(0), 14)[0] == 0  # head 0 not written
+    assert struct.unpack_from("<H", vq.ring_bytes(2), 14)[0] & (1 << 7)  # head 2 available
+    vq.write_flags(0, 1)
+    assert vq.ring_bytes(0)[14:] == b"\x01\x00" and dev.pop() == []
+    vq.publish()  # the held head
+    assert [c.head for c in dev.pop()] == [0, 1]
+    with pytest.raises(VirtqueueError):
+        vq.write_flags(8, 0)
+    with pytest.raises(VirtqueueError):
+        vq.ring_bytes(-1)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_micro_benchmark_32_requests(memory: GuestMemory, kind: str,
                                      capsys: pytest.CaptureFixture[str]) -> None:
