@@ -279,6 +279,8 @@ class VirtQueue:
     serve_stopped: bool = False
     #: --misbehave wait-for-first-kick: started, not looked at before a kick
     deaf: bool = False
+    #: GET_VRING_BASE stopped this ring so many times on this connection
+    stops: int = 0
     #: --misbehave used-idx-latched: used->idx as read at SET_VRING_ADDR
     latched_used: int | None = None
 
@@ -1244,6 +1246,7 @@ class Device:
     def _stop(self, q: VirtQueue) -> None:
         log.info("vring %d stopped at avail index %#x", q.index, self._base_of(q))
         q.started = False
+        q.stops += 1
         q.stop_pending = False
         q.polled = False
         q.resubmit.clear()
@@ -1289,7 +1292,7 @@ class Device:
             q.polled = fd < 0
             if fd >= 0 and self.watcher is not None:
                 self.watcher.watch(fd, q.index)
-        if not q.started:
+        if not q.started and not (q.stops and self.faults.on("restart-kick-ignored")):
             self._start(q)
 
     def _on_set_vring_call(self, msg: Message, payload: object, fds: list[int]) -> None:

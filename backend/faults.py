@@ -289,6 +289,9 @@ MISBEHAVIOURS: dict[str, str] = {
     "differ, whatever the driver wrap counter (an AVAIL bit left unchanged is used)",
     "packed-used-len-late": "a packed used descriptor is written with len 0 and its USED bit; "
     "the len follows when the next batch completes",
+    # issue 10: the qemu tier's stop/cont and reset (VU-QEMU-4/5)
+    "restart-kick-ignored": "a ring stopped by GET_VRING_BASE is not started again by a later "
+    "SET_VRING_KICK on the same connection (the kick fd is kept, the ring stays stopped)",
 }
 
 
