@@ -8,6 +8,7 @@ MUST/SHOULD case needs a knob here, or an entry (and a reason to add one later).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -332,6 +333,21 @@ def test_every_knob_is_exercised() -> None:
     assert not set(KILLS) & set(UNCAUGHT)
     assert set(ROBUST) <= set(KILLS)
     assert set(KILLS) | set(UNCAUGHT) == set(MISBEHAVIOURS)
+
+
+def test_plain_runs_elsewhere_exist() -> None:
+    """Each case left out of the plain run is a case of the fidelity test's reference runs."""
+    spec = importlib.util.spec_from_file_location(
+        "_qemu_tier", pathlib.Path(__file__).with_name("test_qemu_tier.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    runs = module.FIDELITY_RUNS
+    for case_id, where in PLAIN_ELSEWHERE.items():
+        run = where.split("[", 1)[1].rstrip("]")
+        backend, cases, _ = runs[run]
+        assert backend == "reference" and case_id in cases, (case_id, where)
 
 
 @pytest.mark.parametrize("knob", sorted(KILLS))
