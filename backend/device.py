@@ -559,6 +559,16 @@ class Device:
             value = int.from_bytes(value.to_bytes(8, "little"), "big")
         self._reply(msg.request, U64(value).encode())
 
+    def _writethrough(self) -> bool:
+        """Whether a WRITE is made durable before it completes: writeback 0, or FLUSH not
+        negotiated (VIRTIO 1.3 5.2.6.2: a write becomes stable on completion when "neither
+        VIRTIO_BLK_F_CONFIG_WCE nor VIRTIO_BLK_F_FLUSH feature were negotiated, but
+        VIRTIO_BLK_F_FLUSH was offered by the device": the driver has no flush to ask for)."""
+        if self.config.wce == 0:
+            return True
+        return not has(self.features, BlkFeature.FLUSH) and not self.faults.on(
+            "writeback-without-flush")
+
     def _on_set_features(self, msg: Message, payload: object, fds: list[int]) -> None:
         assert isinstance(payload, U64)
         value = payload.value
@@ -1709,7 +1719,7 @@ class Device:
                     chain.writable,
                     self.mark_dirty,
                     device_id=self.options.device_id,
-                    writethrough=self.config.wce == 0,
+                    writethrough=self._writethrough(),
                     fail=self.faults.should_fail(),
                 )
                 if outcome.status != blk.S_OK:

@@ -292,6 +292,8 @@ MISBEHAVIOURS: dict[str, str] = {
     # issue 10: the qemu tier's stop/cont and reset (VU-QEMU-4/5)
     "restart-kick-ignored": "a ring stopped by GET_VRING_BASE is not started again by a later "
     "SET_VRING_KICK on the same connection (the kick fd is kept, the ring stays stopped)",
+    "writeback-without-flush": "with FLUSH not negotiated (nor CONFIG_WCE) WRITEs still complete "
+    "from the page cache, never made durable (no fdatasync)",
 }
 
 

@@ -516,6 +516,12 @@ class Session:
         return state.num
 
     # ------------------------------------------------------------------ logging
+    def set_writeback(self, value: int) -> None:
+        """The guest toggles the cache mode: SET_CONFIG of wce alone (offset 32, 1 byte, type
+        front-end), NEED_REPLY with REPLY_ACK (hw/block/vhost-user-blk.c
+        vhost_user_blk_set_config, hw/virtio/vhost-user.c vhost_user_set_config)."""
+        self.call(F.SET_CONFIG, Config(32, 1, 0, bytes([value])), need_reply=self.reply_ack)
+
     def set_log_base(self, log_fd: int, mmap_size: int, *, mmap_offset: int = 0,
                      log_guest_addrs: Sequence[int] | None = None) -> None:
         """SET_LOG_BASE (16-byte payload, one fd, u64 reply with LOG_SHMFD), then

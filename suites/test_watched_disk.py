@@ -13,13 +13,15 @@ import hashlib
 import time
 from collections.abc import Callable
 
+import pytest
 from vhost_conformance.frontend.accounting import Ledger
 from vhost_conformance.frontend.blk import SECTOR_SIZE, BlkRequest
 from vhost_conformance.frontend.migration import reconnect
+from vhost_conformance.frontend.protocol import BlkFeature
 from vhost_conformance.frontend.protocol import ProtocolFeature as P
 from vhost_conformance.reports.model import Tier
 from vhost_conformance.suites.catalogue import RST
-from vhost_conformance.suites.clauses import GET_VRING_BASE_DRAIN_QUOTE
+from vhost_conformance.suites.clauses import GET_VRING_BASE_DRAIN_QUOTE, VIRTIO
 from vhost_conformance.suites.drivers import (
     SessionFactory,
     expect_status,
@@ -45,8 +47,8 @@ from vhost_conformance.suites.drivers.watched import (
     late_writes,
     overlaps,
 )
-from vhost_conformance.suites.model import INFO, MUST, CaseFailed, case
-from vhost_conformance.suites.target import BackendTarget
+from vhost_conformance.suites.model import INFO, MUST, CaseFailed, Unsupported, case
+from vhost_conformance.suites.target import BackendTarget, Capabilities
 from vhost_conformance.suites.watched import WatchedDisk
 
 
@@ -248,3 +250,94 @@ def test_executions_across_a_kill_and_reconnect(
     vhost_measurements["held_executed_never"] = float(counts.count(0))
     vhost_measurements["held_executed_twice_or_more"] = float(sum(1 for c in counts if c > 1))
     vhost_measurements["held_completed_for_the_guest"] = float(len(held) - len(missing))
+
+
+#: VU-DISK-6's two ways to a write-through device (VIRTIO 1.3 5.2.6.2 "a write becomes
+#: stable once it is completed and ..." conditions 1 and 2)
+STABLE_MODES = ("no-flush", "writeback-0")
+STABLE_WRITES = 4
+
+
+@case(
+    "VU-DISK-6",
+    title="Stable writes: without a cache to flush, a completed WRITE is on the disk",
+    family="blk-io", level=MUST, tier=Tier.CONFORMANCE,
+    clause=f"{VIRTIO} 5.2.6.2 Block Device: Device Operation: Device Requirements",
+    quote=(
+        "If the device is backed by persistent storage, the device MUST ensure that stable "
+        "writes are committed to it, before reporting completion of the write (cases 1 and 2) "
+        "or the flush (case 3)."
+    ),
+    requirement="Case 1 (FLUSH offered, neither FLUSH nor CONFIG_WCE negotiated) and case 2 "
+    "(CONFIG_WCE negotiated, writeback 0 by SET_CONFIG): each WRITE reaches the disk and a "
+    "flush of the disk follows it before its completion is seen (watched disk journal).",
+    ambiguity="the spec's cases: 1 \"neither VIRTIO_BLK_F_CONFIG_WCE nor VIRTIO_BLK_F_FLUSH "
+    "feature were negotiated, but VIRTIO_BLK_F_FLUSH was offered by the device\"; 2 "
+    "\"VIRTIO_BLK_F_CONFIG_WCE was negotiated and the writeback field in configuration space "
+    "was 0\". Committed is read as: written and flushed (fsync/fdatasync of the image, or an "
+    "O_SYNC/O_DSYNC write, which the kernel follows with a flush the journal sees). A Linux "
+    "guest acks FLUSH whenever offered, so case 1 is a driver QEMU passes on, not Linux's",
+    requires=[BlkFeature.FLUSH],
+)
+@pytest.mark.parametrize("mode", STABLE_MODES)
+def test_stable_writes_are_committed_before_completion(
+    vhost_target: BackendTarget, make_session: SessionFactory,
+    vhost_capabilities: Capabilities, vhost_measurements: dict[str, float], mode: str,
+) -> None:
+    """One WRITE at a time: its journal entry and then a flush, both before its completion."""
+    features_off = 0
+    if mode == "no-flush":
+        features_off = (1 << BlkFeature.FLUSH) | (1 << BlkFeature.CONFIG_WCE)
+    else:
+        missing = vhost_capabilities.missing([BlkFeature.CONFIG_WCE, P.CONFIG])
+        if missing:
+            raise Unsupported(missing, "writeback 0 is set through SET_CONFIG of wce")
+    with journaled_hold(vhost_target, 20) as disk:
+        session = make_session(vhost_target, model=False, start=False)
+        session.start(features=session.driver_features() & ~features_off)
+        if mode == "writeback-0":
+            session.set_writeback(0)
+        blk = session.queues[0].blk
+        done: list[tuple[BlkRequest, float]] = []
+        for i in range(STABLE_WRITES):
+            write = blk.write(2048 + 16 * i, pattern(7_001 + i, 8 * SECTOR_SIZE))
+            session.submit(0)
+            expect_status(wait_all(session, [write]), what="write")
+            done.append((write, time.monotonic()))
+        _judge_stable(disk, done, vhost_measurements)
+
+
+def _judge_stable(disk: WatchedDisk, done: list[tuple[BlkRequest, float]],
+                  measurements: dict[str, float]) -> None:  # fmt: skip
+    journal = disk.journal()
+    unstable: list[str] = []
+    for write, completed in done:
+        landed = [e for e in journal if e.op == "write" and overlaps(e, write)
+                  and e.t1 <= completed]  # fmt: skip
+        if not landed:
+            unstable.append(f"sector {write.sector}: not on the disk at its completion")
+            continue
+        last = max(e.t1 for e in landed)
+        # the flush must begin once the write reached the file (a flush running alongside it
+        # need not cover it) and end before the completion was seen
+        flushed = [e for e in journal if e.op == "flush" and e.t0 >= last - 1e-4
+                   and e.t1 <= completed]  # fmt: skip
+        if not flushed:
+            after = [e for e in journal if e.op == "flush" and e.t0 >= last - 1e-4]
+            when = (f"the next flush arrived {(after[0].t0 - completed) * 1e3:+.1f} ms and "
+                    f"returned {(after[0].t1 - completed) * 1e3:+.1f} ms from the completion; "
+                    f"the write returned {(last - completed) * 1e3:+.1f} ms"
+                    if after else "no flush after it at all")  # fmt: skip
+            unstable.append(f"sector {write.sector}: written, not flushed before its "
+                            f"completion ({when})")  # fmt: skip
+    measurements["unstable_writes"] = float(len(unstable))
+    if unstable:
+        first = done[0][1]
+        shown = [*unstable, "journal (ms from the first completion): " + ", ".join(
+            f"{e.op} {e.offset // 512} {(e.t0 - first) * 1e3:+.1f}..{(e.t1 - first) * 1e3:+.1f}"
+            for e in journal if e.op in ("write", "flush"))
+            + "; completions " + ", ".join(f"{(t - first) * 1e3:+.1f}" for _, t in done)]
+        raise CaseFailed(
+            f"{len(unstable)} of {len(done)} completed WRITE(s) not committed to the disk when "
+            "their completion was reported", expected="each written and flushed before its "
+            "completion", seen="; ".join(shown))

@@ -74,7 +74,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "set-features-drops-protocol": ("VU-ACK-1",),
     "config-readonly-writable": ("VU-CFG-2",),
     "capacity-short": ("VU-CFG-3",),
-    "wce-not-kept": ("VU-CFG-4",),
+    "wce-not-kept": ("VU-CFG-4", "VU-DISK-6"),  # VU-DISK-6[writeback-0]: case 2
     "config-zero-limit": ("VU-CFG-5",),
     "config-padding-garbage": ("VU-CFG-7",),
     "config-offset-ignored": ("VU-CFG-6",),
@@ -195,6 +195,8 @@ KILLS: dict[str, tuple[str, ...]] = {
     # with the ring never restarted the guest hangs after cont (measured 2026-12-03: ITER 2
     # then nothing, 30 s deadline); emulated, VU-SVB-1's restart finds it
     "restart-kick-ignored": ("VU-SVB-1", "VU-QEMU-4"),
+    # VIRTIO 1.3 5.2.6.2 stable writes, case 1 (the watched disk's journal)
+    "writeback-without-flush": ("VU-DISK-6",),
 }
 
 #: robustness knobs: the verdict each of their cases must give (every instance: a case run
