@@ -294,6 +294,8 @@ MISBEHAVIOURS: dict[str, str] = {
     "SET_VRING_KICK on the same connection (the kick fd is kept, the ring stays stopped)",
     "writeback-without-flush": "with FLUSH not negotiated (nor CONFIG_WCE) WRITEs still complete "
     "from the page cache, never made durable (no fdatasync)",
+    "head-modulo": "a split avail entry naming a head at or beyond the queue size is taken "
+    "modulo the queue size (the chain of another descriptor is served)",
 }
 
 

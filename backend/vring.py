@@ -263,6 +263,8 @@ class SplitRing:
 
     def read_chain(self, head: int) -> Chain:
         """Read and validate the chain starting at descriptor ``head``."""
+        if head >= self.num and self.faults.on("head-modulo"):
+            head %= self.num  # the ring index mask applied to the head too
         chain = Chain(head, buffer_id=head)
         if head >= self.num:
             if self.faults.on("unchecked-desc-index"):

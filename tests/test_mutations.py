@@ -197,6 +197,8 @@ KILLS: dict[str, tuple[str, ...]] = {
     "restart-kick-ignored": ("VU-SVB-1", "VU-QEMU-4"),
     # VIRTIO 1.3 5.2.6.2 stable writes, case 1 (the watched disk's journal)
     "writeback-without-flush": ("VU-DISK-6",),
+    # VU-HOST-8 split: the head beyond the table served as head % size
+    "head-modulo": ("VU-HOST-8",),
 }
 
 #: robustness knobs: the verdict each of their cases must give (every instance: a case run
