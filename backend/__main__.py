@@ -188,18 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         knobs = _program_knobs(args, argv)
-        if args.print_capabilities:
-            try:
-                bent = "capabilities-not-json" in parse_misbehave(args.misbehave)
-            except ValueError as exc:
-                raise _UsageError(f"--misbehave: {exc}") from None
-            if bent:
-                print("vhost-conformance-backend: a block device (read-only, blk-file)")
-                return 0
-            print(json.dumps(CAPABILITIES, indent=2))
-            if "print-capabilities-serves" not in knobs:
-                return 0
-            sys.stdout.flush()
+        if args.print_capabilities and _print_capabilities(args, knobs):
+            return 0
         if args.socket_path is None and args.fd is None and args.connect is None:
             raise _UsageError("one of --socket-path, --fd or --connect is required")
         if args.disk is None and args.ram_disk is None:
@@ -232,23 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         server = Server(options, disk, faults, listen_sock=listen, connect_path=args.connect)
 
-        ignored: list[int] = []
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            if signum == signal.SIGUSR1:
-                if server.device is not None:
-                    server.device.send_config_change()
-                return
-            if signum == signal.SIGTERM and faults.on("ignore-sigterm") and not ignored:
-                ignored.append(signum)  # the first one: a second SIGTERM ends the program
-                return
-            faults.stopping = True
-            server.request_stop()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGUSR1, on_signal)
-        signal.set_wakeup_fd(server.wakeup_fd, warn_on_full_buffer=False)
+        _install_signals(server, faults)
         logging.getLogger("vhost_conformance.backend").info(
             "serving %s on %s (queues %d, latency %.1f ms, bit 20 %s)",
             disk.name,
@@ -272,6 +246,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     finally:
         disk.close()
+
+
+def _print_capabilities(args: argparse.Namespace, knobs: frozenset[str]) -> bool:
+    """``--print-capabilities``: print them (vhost-user.rst "Backend program conventions");
+    True when the program ends there (unless the print-capabilities-serves knob)."""
+    try:
+        bent = "capabilities-not-json" in parse_misbehave(args.misbehave)
+    except ValueError as exc:
+        raise _UsageError(f"--misbehave: {exc}") from None
+    if bent:
+        print("vhost-conformance-backend: a block device (read-only, blk-file)")
+        return True
+    print(json.dumps(CAPABILITIES, indent=2))
+    if "print-capabilities-serves" not in knobs:
+        return True
+    sys.stdout.flush()
+    return False
+
+
+def _install_signals(server: Server, faults: Faults) -> None:
+    """SIGTERM/SIGINT stop the server (the ignore-sigterm knob skips the first SIGTERM),
+    SIGUSR1 sends a config change; signals wake the server's loop."""
+    ignored: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGUSR1:
+            if server.device is not None:
+                server.device.send_config_change()
+            return
+        if signum == signal.SIGTERM and faults.on("ignore-sigterm") and not ignored:
+            ignored.append(signum)  # the first one: a second SIGTERM ends the program
+            return
+        faults.stopping = True
+        server.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR1, on_signal)
+    signal.set_wakeup_fd(server.wakeup_fd, warn_on_full_buffer=False)
 
 
 def _setup_logging(args: argparse.Namespace) -> None:

@@ -126,31 +126,9 @@ def _walk(
         else:
             addr, length, flags, nxt = reader(idx)
         if flags & DESC_F_INDIRECT:
-            if faults.on("unchecked-indirect") and (
-                in_indirect
-                or (flags & DESC_F_NEXT and not packed)
-                or length == 0
-                or length % DESC_SIZE
-            ):
-                faults.die("unchecked-indirect", f"indirect descriptor len {length} flags {flags:#x}")
-            if in_indirect:
-                chain.fatal = "indirect descriptor inside an indirect table"
-                return
-            if not indirect_ok:
-                chain.fatal = "indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC"
-                return
-            if flags & DESC_F_NEXT and not packed:
-                chain.fatal = "descriptor with both INDIRECT and NEXT"
-                return
-            if length == 0 or length % DESC_SIZE:
-                chain.fatal = f"indirect table length {length} is not a non-zero multiple of 16"
-                return
-            try:
-                indirect_mm = mem.gpa(addr, length)
-            except GuestMemoryError as exc:
-                if faults.on("unchecked-gpa"):
-                    faults.die("unchecked-gpa", f"indirect table: {exc}")
-                chain.fatal = f"indirect table: {exc}"
+            indirect_mm = _indirect_table(chain, mem, addr, length, flags, in_indirect=in_indirect,
+                                          indirect_ok=indirect_ok, packed=packed, faults=faults)  # fmt: skip
+            if indirect_mm is None:
                 return
             in_indirect = True
             chain.indirect = True
@@ -163,20 +141,8 @@ def _walk(
         if length == 0 and faults.on("crash-on-zero-length"):
             faults.die("crash-on-zero-length", f"descriptor {idx}")
         last = not flags & DESC_F_NEXT if not (packed and in_indirect) else idx + 1 >= limit
-        if flags & DESC_F_WRITE or (last and faults.on("write-readable-status")):
-            seen_write = True
-            chain.writable.append((addr, length))
-        else:
-            if seen_write and chain.error is None:
-                chain.error = "device-readable descriptor after a device-writable one"
-            chain.readable.append((addr, length))
-        if chain.error is None or faults.on("unchecked-gpa"):
-            try:
-                mem.gpa_segments(addr, length)
-            except GuestMemoryError as exc:
-                if faults.on("unchecked-gpa"):
-                    faults.die("unchecked-gpa", f"buffer: {exc}")
-                chain.error = f"buffer: {exc}"
+        seen_write = _add_buffer(chain, mem, addr, length, flags, last=last,
+                                 seen_write=seen_write, faults=faults)  # fmt: skip
         if packed and in_indirect:
             # Packed indirect tables are used sequentially, all entries (VIRTIO 1.2 2.8.7).
             if nxt >= limit:
@@ -186,6 +152,65 @@ def _walk(
         if not flags & DESC_F_NEXT:
             return
         idx = nxt
+
+
+def _indirect_table(
+    chain: Chain, mem: GuestMemory, addr: int, length: int, flags: int, *,
+    in_indirect: bool, indirect_ok: bool, packed: bool, faults: Faults,
+) -> tuple[mmap.mmap, int] | None:
+    """The mapping of the indirect table a descriptor names, or None with ``chain.fatal``
+    set when the descriptor may not name one (nested, not negotiated, with NEXT, a length
+    that is not a non-zero multiple of 16, outside guest memory)."""
+    if faults.on("unchecked-indirect") and (
+        in_indirect
+        or (flags & DESC_F_NEXT and not packed)
+        or length == 0
+        or length % DESC_SIZE
+    ):
+        faults.die("unchecked-indirect", f"indirect descriptor len {length} flags {flags:#x}")
+    if in_indirect:
+        chain.fatal = "indirect descriptor inside an indirect table"
+        return None
+    if not indirect_ok:
+        chain.fatal = "indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC"
+        return None
+    if flags & DESC_F_NEXT and not packed:
+        chain.fatal = "descriptor with both INDIRECT and NEXT"
+        return None
+    if length == 0 or length % DESC_SIZE:
+        chain.fatal = f"indirect table length {length} is not a non-zero multiple of 16"
+        return None
+    try:
+        return mem.gpa(addr, length)
+    except GuestMemoryError as exc:
+        if faults.on("unchecked-gpa"):
+            faults.die("unchecked-gpa", f"indirect table: {exc}")
+        chain.fatal = f"indirect table: {exc}"
+        return None
+
+
+def _add_buffer(
+    chain: Chain, mem: GuestMemory, addr: int, length: int, flags: int, *,
+    last: bool, seen_write: bool, faults: Faults,
+) -> bool:
+    """Append one buffer descriptor to ``chain`` (readable or writable; a readable one after
+    a writable one and a buffer outside guest memory set ``chain.error``); returns whether a
+    writable buffer has been seen."""
+    if flags & DESC_F_WRITE or (last and faults.on("write-readable-status")):
+        seen_write = True
+        chain.writable.append((addr, length))
+    else:
+        if seen_write and chain.error is None:
+            chain.error = "device-readable descriptor after a device-writable one"
+        chain.readable.append((addr, length))
+    if chain.error is None or faults.on("unchecked-gpa"):
+        try:
+            mem.gpa_segments(addr, length)
+        except GuestMemoryError as exc:
+            if faults.on("unchecked-gpa"):
+                faults.die("unchecked-gpa", f"buffer: {exc}")
+            chain.error = f"buffer: {exc}"
+    return seen_write
 
 
 def _finish(chain: Chain, mem: GuestMemory, faults: Faults) -> None:
