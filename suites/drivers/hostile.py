@@ -23,6 +23,7 @@ from vhost_conformance.frontend.virtqueue import (
     SplitVirtqueue,
 )
 from vhost_conformance.reports.model import Verdict
+from vhost_conformance.suites.drivers.settings import env_number
 from vhost_conformance.suites.model import (
     CaseFailed,
     CaseHang,
@@ -81,18 +82,7 @@ SAME_QUEUE_WAIT = 1.0
 
 def examples_setting(default: int = DEFAULT_EXAMPLES) -> int:
     """Examples per property-based case: ``$VHOST_CONFORMANCE_EXAMPLES`` or ``default``."""
-    raw = os.environ.get(EXAMPLES_ENV, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise pytest.UsageError(
-            f"${EXAMPLES_ENV} must be a positive integer, got {raw!r}"
-        ) from None
-    if value < 1:
-        raise pytest.UsageError(f"${EXAMPLES_ENV} must be a positive integer, got {raw!r}")
-    return value
+    return env_number(EXAMPLES_ENV, default, int, lambda v: v >= 1, "a positive integer")
 
 
 class Outcome(enum.Enum):

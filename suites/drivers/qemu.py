@@ -41,6 +41,7 @@ from vhost_conformance.peers.qemu import (
 )
 from vhost_conformance.suites.drivers import do_io
 from vhost_conformance.suites.drivers.migration import destination_target
+from vhost_conformance.suites.drivers.settings import env_number
 from vhost_conformance.suites.model import CaseFailed, CaseHang, Unsupported
 from vhost_conformance.suites.plugin import register_trace
 from vhost_conformance.suites.target import (
@@ -63,32 +64,15 @@ SWITCHOVER_LATENCY_MS = 300
 
 def guest_deadline() -> float:
     """Seconds a guest gets to report: ``$VHOST_CONFORMANCE_QEMU_GUEST_DEADLINE`` or 90."""
-    raw = os.environ.get(GUEST_DEADLINE_ENV, "").strip()
-    if not raw:
-        return GUEST_DEADLINE
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise pytest.UsageError(f"${GUEST_DEADLINE_ENV} must be seconds > 0, got {raw!r}")
-    return value
+    return env_number(GUEST_DEADLINE_ENV, GUEST_DEADLINE, float, lambda v: v > 0, "seconds > 0")
 
 
 def switchover_latency_ms() -> int:
     """VU-QEMU-7's source disk latency: ``$VHOST_CONFORMANCE_QEMU_SWITCHOVER_MS`` or 300."""
-    raw = os.environ.get(SWITCHOVER_LATENCY_ENV, "").strip()
-    if not raw:
-        return SWITCHOVER_LATENCY_MS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise pytest.UsageError(
-            f"${SWITCHOVER_LATENCY_ENV} must be a whole number of milliseconds >= 0, got {raw!r}"
-        )
-    return value
+    return env_number(SWITCHOVER_LATENCY_ENV, SWITCHOVER_LATENCY_MS, int, lambda v: v >= 0,
+                      "a whole number of milliseconds >= 0")  # fmt: skip
+
+
 #: The peers the tier needs.
 QEMU_PEERS = ("qemu-system-x86_64-11.1", "guest-kernel", "guest-initrd")
 
