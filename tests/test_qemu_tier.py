@@ -194,29 +194,26 @@ def test_profile_queues_args(tmp_path: pathlib.Path) -> None:
         profile_from_mapping({"command": "x {socket}", "queues_args": "--q {nqueues}"}, "p", "p")
 
 
-def test_switchover_latency_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``$VHOST_CONFORMANCE_QEMU_SWITCHOVER_MS``: default 300, 0 allowed, garbage refused."""
-    from vhost_conformance.suites.drivers.qemu import SWITCHOVER_LATENCY_ENV, switchover_latency_ms
+@pytest.mark.parametrize(
+    ("setting", "default", "good", "bad"),
+    [("switchover_latency_ms", 300, ("0", 0), ("-1", "fast", "1.5")),
+     ("guest_deadline", 90.0, ("30", 30.0), ("0", "-5", "soon"))],
+)  # fmt: skip
+def test_qemu_tier_settings(monkeypatch: pytest.MonkeyPatch, setting: str, default: float,
+                            good: tuple[str, float], bad: tuple[str, ...]) -> None:  # fmt: skip
+    """``$VHOST_CONFORMANCE_QEMU_SWITCHOVER_MS`` (default 300, 0 allowed) and
+    ``$VHOST_CONFORMANCE_QEMU_GUEST_DEADLINE`` (default 90 s, > 0): garbage is refused
+    naming the variable."""
+    from vhost_conformance.suites.drivers import qemu
 
-    monkeypatch.delenv(SWITCHOVER_LATENCY_ENV, raising=False)
-    assert switchover_latency_ms() == 300
-    monkeypatch.setenv(SWITCHOVER_LATENCY_ENV, "0")
-    assert switchover_latency_ms() == 0
-    for bad in ("-1", "fast", "1.5"):
-        monkeypatch.setenv(SWITCHOVER_LATENCY_ENV, bad)
-        with pytest.raises(pytest.UsageError, match=SWITCHOVER_LATENCY_ENV):
-            switchover_latency_ms()
-
-
-def test_guest_deadline_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``$VHOST_CONFORMANCE_QEMU_GUEST_DEADLINE``: default 90 s, a positive number, else refused."""
-    from vhost_conformance.suites.drivers.qemu import GUEST_DEADLINE_ENV, guest_deadline
-
-    monkeypatch.delenv(GUEST_DEADLINE_ENV, raising=False)
-    assert guest_deadline() == 90.0
-    monkeypatch.setenv(GUEST_DEADLINE_ENV, "30")
-    assert guest_deadline() == 30.0
-    for bad in ("0", "-5", "soon"):
-        monkeypatch.setenv(GUEST_DEADLINE_ENV, bad)
-        with pytest.raises(pytest.UsageError, match=GUEST_DEADLINE_ENV):
-            guest_deadline()
+    read = getattr(qemu, setting)
+    env = {"switchover_latency_ms": qemu.SWITCHOVER_LATENCY_ENV,
+           "guest_deadline": qemu.GUEST_DEADLINE_ENV}[setting]  # fmt: skip
+    monkeypatch.delenv(env, raising=False)
+    assert read() == default
+    monkeypatch.setenv(env, good[0])
+    assert read() == good[1]
+    for value in bad:
+        monkeypatch.setenv(env, value)
+        with pytest.raises(pytest.UsageError, match=env):
+            read()
