@@ -61,24 +61,16 @@ def _one(session: Session, request_type: int, **raw: object) -> tuple[int, int, 
 
 
 @case(
-    "VU-BLK-1",
-    title="Write, then read back",
-    family="blk-io",
-    level=MUST,
+    "VU-BLK-1", title="Write, then read back", family="blk-io", level=MUST,
     clause=f"{VIRTIO} 5.2.6 Block Device: Device Operation",
-    quote=(
-        "VIRTIO_BLK_T_IN requests populate data with the contents of sectors read from the block "
+    quote="VIRTIO_BLK_T_IN requests populate data with the contents of sectors read from the block "
         "device (in multiples of 512 bytes).\n"
         "VIRTIO_BLK_T_OUT requests write the contents of data to the block device (in multiples "
-        "of 512 bytes)."
-    ),
-    requirement=(
-        "Data written with VIRTIO_BLK_T_OUT reads back unchanged with VIRTIO_BLK_T_IN, status OK."
-    ),
-    ambiguity=(
-        "the quoted sentences define IN and OUT and carry no MUST; no VIRTIO 1.3 sentence says "
-        "in so many words that a read returns the data last written: the MUST level is ours"
-    ),
+        "of 512 bytes).",
+    requirement="Data written with VIRTIO_BLK_T_OUT reads back unchanged with VIRTIO_BLK_T_IN, "
+        "status OK.",
+    ambiguity="the quoted sentences define IN and OUT and carry no MUST; no VIRTIO 1.3 sentence "
+        "says in so many words that a read returns the data last written: the MUST level is ours",
 )
 def test_write_then_read_back(vhost_session: Session) -> None:
     """Data written with VIRTIO_BLK_T_OUT reads back unchanged with VIRTIO_BLK_T_IN."""
@@ -91,22 +83,15 @@ def test_write_then_read_back(vhost_session: Session) -> None:
 
 
 @case(
-    "VU-BLK-2",
-    title="FLUSH",
-    family="blk-io",
-    level=MUST,
+    "VU-BLK-2", title="FLUSH", family="blk-io", level=MUST,
     clause=f"{VIRTIO} 5.2.6.2 Block Device: Device Operation: Device Requirements",
-    quote=(
-        "If the device is backed by persistent storage, the device MUST ensure that stable "
-        "writes are committed to it, before reporting completion of the write (cases 1 and 2) "
-        "or the flush (case 3)."
-    ),
+    quote="If the device is backed by persistent storage, the device MUST ensure that stable "
+        "writes are committed to it, before reporting completion of the write (cases 1 and 2) or "
+        "the flush (case 3).",
     requirement="With FLUSH offered, VIRTIO_BLK_T_FLUSH completes with status OK.",
-    ambiguity=(
-        "the case sees only the flush's status: whether stable writes reached persistent "
+    ambiguity="the case sees only the flush's status: whether stable writes reached persistent "
         "storage is not observable here, and no VIRTIO 1.3 sentence requires status OK for a "
-        "flush (a back-end failing its storage may answer IOERR)"
-    ),
+        "flush (a back-end failing its storage may answer IOERR)",
     requires=[BlkFeature.FLUSH],
 )
 def test_flush_completes_ok(vhost_session: Session) -> None:
@@ -115,23 +100,15 @@ def test_flush_completes_ok(vhost_session: Session) -> None:
 
 
 @case(
-    "VU-BLK-3",
-    title="Unknown request types are UNSUPP",
-    family="blk-io",
-    level=MUST,
+    "VU-BLK-3", title="Unknown request types are UNSUPP", family="blk-io", level=MUST,
     clause=f"{VIRTIO} 5.2.6 Block Device: Device Operation",
-    quote=(
-        "The final status byte is written by the device: either VIRTIO_BLK_S_OK for success, "
+    quote="The final status byte is written by the device: either VIRTIO_BLK_S_OK for success, "
         "VIRTIO_BLK_S_IOERR for device or driver error or VIRTIO_BLK_S_UNSUPP for a request "
-        "unsupported by device:"
-    ),
-    requirement=(
-        "A request of a type the device does not implement completes with VIRTIO_BLK_S_UNSUPP."
-    ),
-    ambiguity=(
-        "the quoted sentence names UNSUPP for a request unsupported by device but carries no "
-        "MUST: the MUST level is ours"
-    ),
+        "unsupported by device:",
+    requirement="A request of a type the device does not implement completes with "
+        "VIRTIO_BLK_S_UNSUPP.",
+    ambiguity="the quoted sentence names UNSUPP for a request unsupported by device but carries "
+        "no MUST: the MUST level is ours",
 )
 def test_unknown_type_is_unsupp(vhost_session: Session) -> None:
     """A request of a type the device does not implement completes with UNSUPP."""
@@ -153,17 +130,14 @@ ZONE_TYPES = {15: "ZONE_APPEND", 16: "ZONE_REPORT", 18: "ZONE_OPEN", 20: "ZONE_C
 
 
 @case(
-    "VU-BLK-10",
-    title="ZONE_* requests are UNSUPP without ZONED",
-    family="blk-io",
-    level=MUST,
+    "VU-BLK-10", title="ZONE_* requests are UNSUPP without ZONED", family="blk-io", level=MUST,
     clause=f"{VIRTIO} 5.2.6.2 Block Device: Device Operation: Device Requirements",
     quote="If the VIRTIO_BLK_F_ZONED feature is not negotiated, the device MUST reject "
-    "VIRTIO_BLK_T_ZONE_REPORT, VIRTIO_BLK_T_ZONE_OPEN, VIRTIO_BLK_T_ZONE_CLOSE, "
-    "VIRTIO_BLK_T_ZONE_FINISH, VIRTIO_BLK_T_ZONE_APPEND, VIRTIO_BLK_T_ZONE_RESET and "
-    "VIRTIO_BLK_T_ZONE_RESET_ALL requests with VIRTIO_BLK_S_UNSUPP status.",
-    requirement="Without VIRTIO_BLK_F_ZONED acked (QEMU 11.1.3's vhost-user-blk never acks "
-    "it), each zone request type completes with VIRTIO_BLK_S_UNSUPP and the device goes on.",
+        "VIRTIO_BLK_T_ZONE_REPORT, VIRTIO_BLK_T_ZONE_OPEN, VIRTIO_BLK_T_ZONE_CLOSE, "
+        "VIRTIO_BLK_T_ZONE_FINISH, VIRTIO_BLK_T_ZONE_APPEND, VIRTIO_BLK_T_ZONE_RESET and "
+        "VIRTIO_BLK_T_ZONE_RESET_ALL requests with VIRTIO_BLK_S_UNSUPP status.",
+    requirement="Without VIRTIO_BLK_F_ZONED acked (QEMU 11.1.3's vhost-user-blk never acks it), "
+        "each zone request type completes with VIRTIO_BLK_S_UNSUPP and the device goes on.",
 )
 def test_zone_requests_are_unsupp(vhost_session: Session) -> None:
     """ZONE_APPEND, ZONE_REPORT, ZONE_OPEN/CLOSE/FINISH/RESET/RESET_ALL: UNSUPP each."""
@@ -187,24 +161,16 @@ def test_zone_requests_are_unsupp(vhost_session: Session) -> None:
 
 
 @case(
-    "VU-BLK-4",
-    title="I/O beyond capacity fails",
-    family="blk-io",
-    level=MUST,
+    "VU-BLK-4", title="I/O beyond capacity fails", family="blk-io", level=MUST,
     clause=f"{VIRTIO} 5.2.6 Block Device: Device Operation",
-    quote=(
-        "The final status byte is written by the device: either VIRTIO_BLK_S_OK for success, "
+    quote="The final status byte is written by the device: either VIRTIO_BLK_S_OK for success, "
         "VIRTIO_BLK_S_IOERR for device or driver error or VIRTIO_BLK_S_UNSUPP for a request "
-        "unsupported by device:"
-    ),
-    requirement=(
-        "A read or write past the capacity completes with VIRTIO_BLK_S_IOERR and touches nothing."
-    ),
-    ambiguity=(
-        "VIRTIO 1.3 5.2.6.1 forbids only the driver such a request (\"A driver MUST NOT submit "
+        "unsupported by device:",
+    requirement="A read or write past the capacity completes with VIRTIO_BLK_S_IOERR and touches "
+        "nothing.",
+    ambiguity="VIRTIO 1.3 5.2.6.1 forbids only the driver such a request (\"A driver MUST NOT submit "
         "a request which would cause a read or write beyond capacity.\"); IOERR as \"device or "
-        "driver error\" and touching nothing are ours: the quoted sentence carries no MUST"
-    ),
+        "driver error\" and touching nothing are ours: the quoted sentence carries no MUST",
 )
 def test_io_beyond_capacity_fails(vhost_session: Session) -> None:
     """A read or write past the capacity completes with IOERR and touches nothing."""
@@ -236,16 +202,12 @@ def test_io_beyond_capacity_fails(vhost_session: Session) -> None:
 
 
 @case(
-    "VU-BLK-5",
-    title="GET_ID",
-    family="blk-io",
-    level=SHOULD,
+    "VU-BLK-5", title="GET_ID", family="blk-io", level=SHOULD,
     clause=f"{VIRTIO} 5.2.6 Block Device: Device Operation (VIRTIO_BLK_T_GET_ID)",
     quote="The device ID string is a NUL-padded ASCII string up to 20 bytes long.",
     requirement="VIRTIO_BLK_T_GET_ID fills at most 20 bytes and completes OK or UNSUPP.",
-    ambiguity=(
-        "the quoted sentence is a definition without a normative word; the SHOULD level is ours"
-    ),
+    ambiguity="the quoted sentence is a definition without a normative word; the SHOULD level is "
+        "ours",
 )
 def test_get_id(vhost_session: Session) -> None:
     """VIRTIO_BLK_T_GET_ID fills at most 20 bytes and completes OK or UNSUPP.
@@ -265,25 +227,16 @@ def test_get_id(vhost_session: Session) -> None:
 
 
 @case(
-    "VU-BLK-6",
-    title="DISCARD",
-    family="blk-io",
-    level=MUST,
+    "VU-BLK-6", title="DISCARD", family="blk-io", level=MUST,
     clause=f"{VIRTIO} 5.2.6 Block Device: Device Operation (discard)",
-    quote=(
-        "The final status byte is written by the device: either VIRTIO_BLK_S_OK for success, "
+    quote="The final status byte is written by the device: either VIRTIO_BLK_S_OK for success, "
         "VIRTIO_BLK_S_IOERR for device or driver error or VIRTIO_BLK_S_UNSUPP for a request "
-        "unsupported by device:"
-    ),
-    requirement=(
-        "With DISCARD offered, a discard within max_discard_sectors completes OK; one beyond it "
-        "is rejected."
-    ),
-    ambiguity=(
-        "the quoted sentence carries no MUST; VIRTIO 1.3 bounds only the driver (max_discard_seg "
-        "segments) and says nothing of a device's answer to a segment beyond "
-        "max_discard_sectors: rejecting it (IOERR or UNSUPP) is ours"
-    ),
+        "unsupported by device:",
+    requirement="With DISCARD offered, a discard within max_discard_sectors completes OK; one "
+        "beyond it is rejected.",
+    ambiguity="the quoted sentence carries no MUST; VIRTIO 1.3 bounds only the driver "
+        "(max_discard_seg segments) and says nothing of a device's answer to a segment beyond "
+        "max_discard_sectors: rejecting it (IOERR or UNSUPP) is ours",
     requires=[BlkFeature.DISCARD],
 )
 def test_discard(vhost_session: Session) -> None:
@@ -322,20 +275,13 @@ def test_discard(vhost_session: Session) -> None:
 
 
 @case(
-    "VU-BLK-7",
-    title="WRITE_ZEROES",
-    family="blk-io",
-    level=MUST,
+    "VU-BLK-7", title="WRITE_ZEROES", family="blk-io", level=MUST,
     clause=f"{VIRTIO} 5.2.6.2 Block Device: Device Operation: Device Requirements",
-    quote=(
-        "After a write zeroes command is completed, reads of the specified ranges of sectors "
+    quote="After a write zeroes command is completed, reads of the specified ranges of sectors "
         "MUST return zeroes.\n"
-        "This is true independent of whether unmap was set or clear."
-    ),
-    requirement=(
-        "With WRITE_ZEROES offered, the range reads back as zeroes, with the unmap flag clear "
-        "and with it set."
-    ),
+        "This is true independent of whether unmap was set or clear.",
+    requirement="With WRITE_ZEROES offered, the range reads back as zeroes, with the unmap flag "
+        "clear and with it set.",
     requires=[BlkFeature.WRITE_ZEROES],
 )
 def test_write_zeroes(vhost_session: Session) -> None:
@@ -361,22 +307,15 @@ def test_write_zeroes(vhost_session: Session) -> None:
 
 
 @case(
-    "VU-BLK-11",
-    title="Unknown segment flags are UNSUPP",
-    family="blk-io",
-    level=MUST,
+    "VU-BLK-11", title="Unknown segment flags are UNSUPP", family="blk-io", level=MUST,
     clause=f"{VIRTIO} 5.2.6.2 Block Device: Device Operation: Device Requirements",
-    quote=(
-        "The device MUST set the status byte to VIRTIO_BLK_S_UNSUPP for discard, secure erase "
+    quote="The device MUST set the status byte to VIRTIO_BLK_S_UNSUPP for discard, secure erase "
         "and write zeroes commands if any unknown flag is set.\n"
         "Furthermore, the device MUST set the status byte to VIRTIO_BLK_S_UNSUPP for discard "
-        "commands if the unmap flag is set."
-    ),
-    requirement=(
-        "A DISCARD or WRITE_ZEROES segment with an unknown flag (bit 1), and a DISCARD with the "
-        "unmap flag, complete with VIRTIO_BLK_S_UNSUPP; each command judged when its feature "
-        "is negotiated."
-    ),
+        "commands if the unmap flag is set.",
+    requirement="A DISCARD or WRITE_ZEROES segment with an unknown flag (bit 1), and a DISCARD "
+        "with the unmap flag, complete with VIRTIO_BLK_S_UNSUPP; each command judged when its "
+        "feature is negotiated.",
 )
 def test_unknown_segment_flags_are_unsupp(vhost_session: Session) -> None:
     """Discard with flags 2 or 1 (unmap), write zeroes with flags 2: UNSUPP each."""
@@ -403,24 +342,15 @@ def test_unknown_segment_flags_are_unsupp(vhost_session: Session) -> None:
 
 
 @case(
-    "VU-BLK-8",
-    title="Read-only device refuses writes",
-    family="blk-io",
-    level=MUST,
+    "VU-BLK-8", title="Read-only device refuses writes", family="blk-io", level=MUST,
     clause=f"{VIRTIO} 5.2.6.2 Block Device: Device Operation: Device Requirements",
-    quote=(
-        "A device MUST set the status byte to VIRTIO_BLK_S_IOERR for a write request if the "
-        "VIRTIO_BLK_F_RO feature if offered, and MUST NOT write any data."
-    ),
-    requirement=(
-        "A device that offers RO (the profile's read-only variant) completes writes with "
-        "VIRTIO_BLK_S_IOERR and leaves the data unchanged."
-    ),
-    ambiguity=(
-        "the back-end under test does not offer RO by default: the case restarts it read-only "
-        "where the profile knows how (reference --read-only, qemu-storage-daemon writable=off) "
-        "and is unsupported elsewhere"
-    ),
+    quote="A device MUST set the status byte to VIRTIO_BLK_S_IOERR for a write request if the "
+        "VIRTIO_BLK_F_RO feature if offered, and MUST NOT write any data.",
+    requirement="A device that offers RO (the profile's read-only variant) completes writes with "
+        "VIRTIO_BLK_S_IOERR and leaves the data unchanged.",
+    ambiguity="the back-end under test does not offer RO by default: the case restarts it "
+        "read-only where the profile knows how (reference --read-only, qemu-storage-daemon "
+        "writable=off) and is unsupported elsewhere",
 )
 def test_read_only_device_refuses_writes(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -454,10 +384,7 @@ def test_read_only_device_refuses_writes(
 
 
 @case(
-    "VU-BLK-9",
-    title="I/O on every queue",
-    family="blk-io",
-    level=MUST,
+    "VU-BLK-9", title="I/O on every queue", family="blk-io", level=MUST,
     clause=f"{RST} Multiple queue support",
     quote="\n".join((RING_STARTED_ENABLED_QUOTE, MULTIQUEUE_GET_QUEUE_NUM_QUOTE)),
     requirement="With several queues, requests on each queue complete on that queue.",

@@ -30,29 +30,20 @@ ANNOUNCE_S = 2.0
 
 
 @case(
-    "VU-CFG-8",
-    title="A disk resize is announced and read back",
-    family="config",
-    level=SHOULD,
+    "VU-CFG-8", title="A disk resize is announced and read back", family="config", level=SHOULD,
     clause=f"{RST} Back-end message types: VHOST_USER_BACKEND_CONFIG_CHANGE_MSG",
-    quote=(
-        "When VHOST_USER_PROTOCOL_F_CONFIG is negotiated, vhost-user back-end sends such "
+    quote="When VHOST_USER_PROTOCOL_F_CONFIG is negotiated, vhost-user back-end sends such "
         "messages to notify that the virtio device’s configuration space has changed, for those "
-        "host devices which can support such feature, host driver can send "
-        "VHOST_USER_GET_CONFIG message to the back-end to get the latest content."
-    ),
-    requirement=(
-        "After the disk grows by 1 MiB, BACKEND_CONFIG_CHANGE_MSG arrives on the back-end "
-        "channel within 2 s, and GET_CONFIG then reports the new capacity (a wrong capacity is "
-        "a MUST-level finding)."
-    ),
+        "host devices which can support such feature, host driver can send VHOST_USER_GET_CONFIG "
+        "message to the back-end to get the latest content.",
+    requirement="After the disk grows by 1 MiB, BACKEND_CONFIG_CHANGE_MSG arrives on the back-end "
+        "channel within 2 s, and GET_CONFIG then reports the new capacity (a wrong capacity is a "
+        "MUST-level finding).",
     requires=[P.CONFIG, P.BACKEND_REQ],
-    ambiguity=(
-        "\"for those host devices which can support such feature\": a back-end need not notice "
+    ambiguity="\"for those host devices which can support such feature\": a back-end need not notice "
         "a resize at all, so a missing message is SHOULD-level (VIRTIO 1.3 5.2.6.2 makes the "
         "notification a SHOULD of the device too); once it announces one, GET_CONFIG must show "
-        "the new size"
-    ),
+        "the new size",
 )
 def test_disk_resize_is_announced_and_read_back(
     vhost_target: BackendTarget, make_session: SessionFactory

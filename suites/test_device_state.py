@@ -257,16 +257,11 @@ def transfer_scenario(source: Session, open_destination: Callable[[], Session]) 
 
 
 @case(
-    "VU-DS-1",
-    title="SET_DEVICE_STATE_FD: error or fd, not both",
-    family="device-state",
-    level=MUST,
+    "VU-DS-1", title="SET_DEVICE_STATE_FD: error or fd, not both", family="device-state", level=MUST,
     clause=f"{RST} Front-end message types: SET_DEVICE_STATE_FD",
     quote="The back-end must not both indicate an error and return a file descriptor.",
-    requirement=(
-        "The reply never reports an error and returns an fd at once, also when the request is "
-        "refused (an undefined direction or phase); a returned fd is the one to use."
-    ),
+    requirement="The reply never reports an error and returns an fd at once, also when the "
+        "request is refused (an undefined direction or phase); a returned fd is the one to use.",
     requires=[ProtocolFeature.DEVICE_STATE],
 )
 def test_set_device_state_fd_error_or_fd(
@@ -323,33 +318,24 @@ def set_device_state_fd_after_stop(session: Session) -> Transfer:
 
 
 @case(
-    "VU-DS-2",
-    title="State transfer is a pipe, checked after",
-    family="device-state",
-    level=MUST,
+    "VU-DS-2", title="State transfer is a pipe, checked after", family="device-state", level=MUST,
     clause=f"{RST} Migrating back-end state",
-    quote=(
-        "The nature of the channel is implementation-defined, but it must generally behave like "
+    quote="The nature of the channel is implementation-defined, but it must generally behave like "
         "a pipe: The writing end will write all the data it has into it, signalling the end of "
         "data by closing its end.\n"
         "The reading end must read all of this data (until encountering the end of file) and "
         "process it.\n"
         "The value returned indicates success or error; 0 is success, any non-zero value is an "
-        "error."
-    ),
-    requirement=(
-        "The state is written to / read from the transfer fd until EOF, and CHECK_DEVICE_STATE "
-        "then reports success; after loading bytes that are not a state the back-end saved it "
-        "reports an error."
-    ),
+        "error.",
+    requirement="The state is written to / read from the transfer fd until EOF, and "
+        "CHECK_DEVICE_STATE then reports success; after loading bytes that are not a state the "
+        "back-end saved it reports an error.",
     requires=[ProtocolFeature.DEVICE_STATE],
-    ambiguity=(
-        "the spec does not say how a back-end checks a loaded state (the format is its own); "
-        "a CHECK_DEVICE_STATE that answers 0 to bytes no back-end of its kind could have saved "
-        "(the saved state with every bit inverted) cannot report a failed transfer at all, so "
-        "the case asks for an error there (QEMU 11.1.3 fails the migration on a non-zero "
-        "answer)"
-    ),
+    ambiguity="the spec does not say how a back-end checks a loaded state (the format is its "
+        "own); a CHECK_DEVICE_STATE that answers 0 to bytes no back-end of its kind could have "
+        "saved (the saved state with every bit inverted) cannot report a failed transfer at all, "
+        "so the case asks for an error there (QEMU 11.1.3 fails the migration on a non-zero "
+        "answer)",
 )
 def test_state_transfer_is_a_pipe_checked_after(
     vhost_target: BackendTarget,

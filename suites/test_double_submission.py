@@ -75,16 +75,11 @@ def _maybe_slow(target: BackendTarget) -> Iterator[bool]:
 
 
 @case(
-    "VU-DBL-1",
-    title="No double completion across stop and restart",
-    family="double-submission",
-    level=MUST,
-    clause=f"{RST} Front-end message types: GET_VRING_BASE / SET_VRING_BASE",
+    "VU-DBL-1", title="No double completion across stop and restart", family="double-submission",
+    level=MUST, clause=f"{RST} Front-end message types: GET_VRING_BASE / SET_VRING_BASE",
     quote=GET_VRING_BASE_DRAIN_QUOTE,
-    requirement=(
-        "Across GET_VRING_BASE, SET_VRING_BASE and restart on one back-end, every request tag "
-        "completes exactly once."
-    ),
+    requirement="Across GET_VRING_BASE, SET_VRING_BASE and restart on one back-end, every request "
+        "tag completes exactly once.",
 )
 def test_no_double_completion_across_stop_and_restart(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -112,16 +107,10 @@ def test_no_double_completion_across_stop_and_restart(
 
 
 @case(
-    "VU-DBL-2",
-    title="Exactly once across in-flight migration",
-    family="double-submission",
-    level=MUST,
-    clause=f"{RST} Inflight I/O tracking",
-    quote=INFLIGHT_MIGRATION_QUOTE,
-    requirement=(
-        "With bit 20, each request completes exactly once across source and destination: never "
-        "on both."
-    ),
+    "VU-DBL-2", title="Exactly once across in-flight migration", family="double-submission",
+    level=MUST, clause=f"{RST} Inflight I/O tracking", quote=INFLIGHT_MIGRATION_QUOTE,
+    requirement="With bit 20, each request completes exactly once across source and destination: "
+        "never on both.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.GET_VRING_BASE_INFLIGHT],
     needs=["slow-io"],
 )
@@ -141,18 +130,12 @@ def test_exactly_once_across_inflight_migration(
 
 
 @case(
-    "VU-DBL-3",
-    title="Exactly once across a crash",
-    family="double-submission",
-    level=SHOULD,
+    "VU-DBL-3", title="Exactly once across a crash", family="double-submission", level=SHOULD,
     clause=f"{RST} Inflight I/O tracking",
     quote="\n".join((INFLIGHT_TRACKING_QUOTE, SET_INFLIGHT_FD_QUOTE, INFLIGHT_USED_IDX_QUOTE)),
-    requirement=(
-        "Killing the back-end with K requests outstanding, restarting and reconnecting completes "
-        "each of them exactly once."
-    ),
-    requires=[ProtocolFeature.INFLIGHT_SHMFD],
-    needs=["command", "slow-io"],
+    requirement="Killing the back-end with K requests outstanding, restarting and reconnecting "
+        "completes each of them exactly once.",
+    requires=[ProtocolFeature.INFLIGHT_SHMFD], needs=["command", "slow-io"],
 )
 def test_exactly_once_across_a_crash(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -183,16 +166,11 @@ def test_exactly_once_across_a_crash(
 
 
 @case(
-    "VU-DBL-4",
-    title="Completed requests are not resubmitted",
-    family="double-submission",
-    level=SHOULD,
-    clause=f"{RST} Inflight I/O tracking",
+    "VU-DBL-4", title="Completed requests are not resubmitted", family="double-submission",
+    level=SHOULD, clause=f"{RST} Inflight I/O tracking",
     quote="\n".join((INFLIGHT_TRACKING_QUOTE, INFLIGHT_USED_IDX_QUOTE)),
-    requirement=(
-        "A request already in the used ring on the source is not completed again on the "
-        "destination or after a reconnect."
-    ),
+    requirement="A request already in the used ring on the source is not completed again on the "
+        "destination or after a reconnect.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD],
 )
 def test_completed_requests_are_not_resubmitted(

@@ -602,15 +602,10 @@ def run_machine(
 
 
 @case(
-    "VU-FUZZ-1",
-    title="Fuzzed start sequences",
-    family="fuzz",
-    level=MUST,
+    "VU-FUZZ-1", title="Fuzzed start sequences", family="fuzz", level=MUST,
     clause=f"{RST} Communication",
-    requirement=(
-        "Any order and subset of the start-up messages (hypothesis) never crashes or hangs the "
-        "back-end."
-    ),
+    requirement="Any order and subset of the start-up messages (hypothesis) never crashes or "
+        "hangs the back-end.",
 )
 def test_fuzzed_message_sequences(
     vhost_target: BackendTarget,

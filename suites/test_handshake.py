@@ -144,10 +144,7 @@ def get_config(channel: Channel, offset: int, size: int, *, timeout: float) -> C
 
 
 @case(
-    "VU-HDR-1",
-    title="Replies carry version 1",
-    family="handshake",
-    level=MUST,
+    "VU-HDR-1", title="Replies carry version 1", family="handshake", level=MUST,
     clause=f"{RST} Message specification: Header",
     quote="Lower 2 bits are the version (currently 0x01)",
     requirement="Every reply from the back-end has 0x1 in flags bits 0-1.",
@@ -165,15 +162,11 @@ def test_replies_carry_version_1(vhost_channel: Channel, vhost_timeout: float) -
 
 
 @case(
-    "VU-HDR-2",
-    title="Reply flags are exactly 0x5",
-    family="handshake",
-    level=MUST,
+    "VU-HDR-2", title="Reply flags are exactly 0x5", family="handshake", level=MUST,
     clause=f"{RST} Message specification: Header",
     quote="Bit 2 is the reply flag - needs to be sent on each reply from the back-end",
-    requirement=(
-        "Every reply sets REPLY (bit 2) and version 1 and no other flag bit, NEED_REPLY included."
-    ),
+    requirement="Every reply sets REPLY (bit 2) and version 1 and no other flag bit, NEED_REPLY "
+        "included.",
     ambiguity=QEMU_FLAGS,
 )
 def test_reply_flags_are_exactly_0x5(
@@ -194,20 +187,13 @@ def test_reply_flags_are_exactly_0x5(
 
 
 @case(
-    "VU-HDR-3",
-    title="Replies answer the request they reply to",
-    family="handshake",
-    level=MUST,
+    "VU-HDR-3", title="Replies answer the request they reply to", family="handshake", level=MUST,
     clause=f"{RST} Message specification: Header",
     quote="Most of the requests don’t require replies, except for the following requests:",
-    requirement=(
-        "A reply carries the request id of the request it answers and the payload size of that "
-        "reply's layout."
-    ),
-    ambiguity=(
-        "the spec implies it; QEMU 11.1.3 rejects a reply whose request id differs or whose size "
-        "is not the layout's"
-    ),
+    requirement="A reply carries the request id of the request it answers and the payload size of "
+        "that reply's layout.",
+    ambiguity="the spec implies it; QEMU 11.1.3 rejects a reply whose request id differs or whose "
+        "size is not the layout's",
 )
 def test_replies_answer_their_request(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -224,17 +210,12 @@ def test_replies_answer_their_request(
 
 
 @case(
-    "VU-HDR-4",
-    title="Integers in host-native byte order",
-    family="handshake",
-    level=MUST,
+    "VU-HDR-4", title="Integers in host-native byte order", family="handshake", level=MUST,
     clause=f"{RST} Message specification (byte order note)",
     quote="All numbers are in the machine native byte order.",
-    requirement=(
-        "Feature words and indices in replies are in the host's native byte order: GET_FEATURES "
-        "read natively shows at least as many of the landmarks VERSION_1 (bit 32) and "
-        "PROTOCOL_FEATURES (bit 30) as the same word byte-swapped."
-    ),
+    requirement="Feature words and indices in replies are in the host's native byte order: "
+        "GET_FEATURES read natively shows at least as many of the landmarks VERSION_1 (bit 32) "
+        "and PROTOCOL_FEATURES (bit 30) as the same word byte-swapped.",
 )
 def test_integers_are_host_native(vhost_channel: Channel, vhost_timeout: float) -> None:
     """Feature words are native-endian: both landmark bits (VERSION_1, bit 30) are counted in
@@ -267,9 +248,7 @@ def test_integers_are_host_native(vhost_channel: Channel, vhost_timeout: float) 
 
 
 @case(
-    "VU-FEAT-1",
-    title="Protocol features negotiable before SET_FEATURES",
-    family="handshake",
+    "VU-FEAT-1", title="Protocol features negotiable before SET_FEATURES", family="handshake",
     level=MUST,
     clause=f"{RST} Front-end message types: GET_PROTOCOL_FEATURES / SET_PROTOCOL_FEATURES",
     quote="\n".join(
@@ -279,10 +258,8 @@ def test_integers_are_host_native(vhost_channel: Channel, vhost_timeout: float) 
             GET_PROTOCOL_FEATURES_QUOTE,
         )
     ),
-    requirement=(
-        "A back-end offering bit 30 answers GET_PROTOCOL_FEATURES and accepts "
-        "SET_PROTOCOL_FEATURES before any SET_FEATURES."
-    ),
+    requirement="A back-end offering bit 30 answers GET_PROTOCOL_FEATURES and accepts "
+        "SET_PROTOCOL_FEATURES before any SET_FEATURES.",
     requires=[VirtioFeature.PROTOCOL_FEATURES],
 )
 def test_protocol_features_before_set_features(
@@ -310,19 +287,12 @@ def test_protocol_features_before_set_features(
 
 
 @case(
-    "VU-FEAT-3",
-    title="In-band notifications need BACKEND_REQ and REPLY_ACK",
-    family="handshake",
-    level=SHOULD,
-    clause=f"{RST} In-band notifications",
-    quote=(
-        "It is also considered an error to negotiate this feature without also negotiating "
-        "VHOST_USER_PROTOCOL_F_BACKEND_REQ and VHOST_USER_PROTOCOL_F_REPLY_ACK"
-    ),
-    requirement=(
-        "A back-end offering INBAND_NOTIFICATIONS closes the connection when it is negotiated "
-        "without BACKEND_REQ and REPLY_ACK."
-    ),
+    "VU-FEAT-3", title="In-band notifications need BACKEND_REQ and REPLY_ACK", family="handshake",
+    level=SHOULD, clause=f"{RST} In-band notifications",
+    quote="It is also considered an error to negotiate this feature without also negotiating "
+        "VHOST_USER_PROTOCOL_F_BACKEND_REQ and VHOST_USER_PROTOCOL_F_REPLY_ACK",
+    requirement="A back-end offering INBAND_NOTIFICATIONS closes the connection when it is "
+        "negotiated without BACKEND_REQ and REPLY_ACK.",
     requires=[ProtocolFeature.INBAND_NOTIFICATIONS],
 )
 def test_inband_notifications_need_backend_req_and_reply_ack(
@@ -341,24 +311,15 @@ def test_inband_notifications_need_backend_req_and_reply_ack(
 
 
 @case(
-    "VU-FEAT-4",
-    title="GET_VRING_BASE_INFLIGHT only with INFLIGHT_SHMFD",
-    family="handshake",
-    level=MUST,
-    clause=f"{RST} Protocol features; Front-end message types: GET_VRING_BASE",
-    quote=(
-        "The VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT protocol feature must only be "
-        "negotiated if VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD is also negotiated."
-    ),
-    requirement=(
-        "A back-end that offers protocol bit 20 also offers bit 12, and refuses (a non-zero "
-        "REPLY_ACK or a close) a SET_PROTOCOL_FEATURES that sets bit 20 without bit 12."
-    ),
-    ambiguity=(
-        "the sentence binds both sides; the back-end's share is to offer the pair together and "
-        "not to take bit 20 alone: with REPLY_ACK in the same SET_PROTOCOL_FEATURES and "
-        "NEED_REPLY set, an ack 0 (or no ack while the connection goes on) is taken as accepted"
-    ),
+    "VU-FEAT-4", title="GET_VRING_BASE_INFLIGHT only with INFLIGHT_SHMFD", family="handshake",
+    level=MUST, clause=f"{RST} Protocol features; Front-end message types: GET_VRING_BASE",
+    quote="The VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT protocol feature must only be "
+        "negotiated if VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD is also negotiated.",
+    requirement="A back-end that offers protocol bit 20 also offers bit 12, and refuses (a "
+        "non-zero REPLY_ACK or a close) a SET_PROTOCOL_FEATURES that sets bit 20 without bit 12.",
+    ambiguity="the sentence binds both sides; the back-end's share is to offer the pair together "
+        "and not to take bit 20 alone: with REPLY_ACK in the same SET_PROTOCOL_FEATURES and "
+        "NEED_REPLY set, an ack 0 (or no ack while the connection goes on) is taken as accepted",
 )
 def test_bit_20_only_with_bit_12(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -401,23 +362,16 @@ def test_bit_20_only_with_bit_12(
 
 
 @case(
-    "VU-FEAT-5",
-    title="A blk back-end offers CONFIG",
-    family="handshake",
-    level=MUST,
-    tier=Tier.INTEROP,
-    clause=f"{RST} Protocol features: CONFIG",
-    source=(
-        "hw/virtio/vhost-user.c vhost_user_backend_init: a device that expects CONFIG "
+    "VU-FEAT-5", title="A blk back-end offers CONFIG", family="handshake", level=MUST,
+    tier=Tier.INTEROP, clause=f"{RST} Protocol features: CONFIG",
+    source="hw/virtio/vhost-user.c vhost_user_backend_init: a device that expects CONFIG "
         "(vhost-user-blk does) refuses a back-end without it: “vhost-user device expecting "
-        "VHOST_USER_PROTOCOL_F_CONFIG but the vhost-user backend does not support it.”"
-    ),
+        "VHOST_USER_PROTOCOL_F_CONFIG but the vhost-user backend does not support it.”",
     requirement="A vhost-user-blk back-end offers protocol feature CONFIG (bit 9).",
     requires=[VirtioFeature.PROTOCOL_FEATURES],
-    ambiguity=(
-        "the spec does not require CONFIG; QEMU 11.1.3's vhost-user-blk refuses to initialise "
-        "without it (vhost_user_backend_init), so a blk back-end is useless to QEMU without it"
-    ),
+    ambiguity="the spec does not require CONFIG; QEMU 11.1.3's vhost-user-blk refuses to "
+        "initialise without it (vhost_user_backend_init), so a blk back-end is useless to QEMU "
+        "without it",
 )
 def test_blk_backend_offers_config(vhost_capabilities: Capabilities) -> None:
     """A vhost-user-blk back-end offers protocol feature CONFIG (QEMU refuses it otherwise)."""
@@ -430,25 +384,16 @@ def test_blk_backend_offers_config(vhost_capabilities: Capabilities) -> None:
 
 
 @case(
-    "VU-FEAT-6",
-    title="IOMMU_PLATFORM comes with BACKEND_REQ and REPLY_ACK",
-    family="handshake",
-    level=MUST,
-    tier=Tier.INTEROP,
-    clause=f"{RST} IOMMU support",
-    source=(
-        "hw/virtio/vhost-user.c vhost_user_backend_init: with VIRTIO_F_IOMMU_PLATFORM QEMU "
+    "VU-FEAT-6", title="IOMMU_PLATFORM comes with BACKEND_REQ and REPLY_ACK", family="handshake",
+    level=MUST, tier=Tier.INTEROP, clause=f"{RST} IOMMU support",
+    source="hw/virtio/vhost-user.c vhost_user_backend_init: with VIRTIO_F_IOMMU_PLATFORM QEMU "
         "11.1.3 refuses a back-end lacking BACKEND_REQ or REPLY_ACK: “IOMMU support requires "
-        "reply-ack and backend-req protocol features.”"
-    ),
-    requirement=(
-        "A back-end offering VIRTIO_F_IOMMU_PLATFORM also offers BACKEND_REQ and REPLY_ACK."
-    ),
+        "reply-ack and backend-req protocol features.”",
+    requirement="A back-end offering VIRTIO_F_IOMMU_PLATFORM also offers BACKEND_REQ and "
+        "REPLY_ACK.",
     requires=[VirtioFeature.IOMMU_PLATFORM],
-    ambiguity=(
-        "stated as QEMU's init check (it fails otherwise); the IOTLB miss path needs the "
-        "back-end channel and acks"
-    ),
+    ambiguity="stated as QEMU's init check (it fails otherwise); the IOTLB miss path needs the "
+        "back-end channel and acks",
 )
 def test_iommu_platform_comes_with_backend_req_and_reply_ack(
     vhost_capabilities: Capabilities,
@@ -464,25 +409,16 @@ def test_iommu_platform_comes_with_backend_req_and_reply_ack(
 
 
 @case(
-    "VU-FEAT-8",
-    title="GET_FEATURES is constant on a connection",
-    family="handshake",
-    level=SHOULD,
-    tier=Tier.INTEROP,
-    clause=f"{RST} Front-end message types: GET_FEATURES",
-    source=(
-        "hw/virtio/vhost-user.c vhost_user_backend_init and hw/virtio/vhost.c vhost_dev_init: "
+    "VU-FEAT-8", title="GET_FEATURES is constant on a connection", family="handshake", level=SHOULD,
+    tier=Tier.INTEROP, clause=f"{RST} Front-end message types: GET_FEATURES",
+    source="hw/virtio/vhost-user.c vhost_user_backend_init and hw/virtio/vhost.c vhost_dev_init: "
         "QEMU 11.1.3 reads GET_FEATURES at connect and again after a reconnect and keeps the "
         "first answer as what the device offers (QEMU-TRACES.md (a), (d)); the spec does not say "
-        "the value is constant"
-    ),
-    requirement=(
-        "GET_FEATURES returns the same value before SET_OWNER, after it, and after SET_FEATURES."
-    ),
-    ambiguity=(
-        "not stated; QEMU 11.1.3 reads it twice at init and again as a barrier after "
-        "SET_VRING_ENABLE"
-    ),
+        "the value is constant",
+    requirement="GET_FEATURES returns the same value before SET_OWNER, after it, and after "
+        "SET_FEATURES.",
+    ambiguity="not stated; QEMU 11.1.3 reads it twice at init and again as a barrier after "
+        "SET_VRING_ENABLE",
 )
 def test_get_features_is_constant(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -502,16 +438,10 @@ def test_get_features_is_constant(
 
 
 @case(
-    "VU-FEAT-9",
-    title="A subset of the offered protocol features is accepted",
-    family="handshake",
-    level=MUST,
-    clause=f"{RST} Protocol features",
-    quote=GET_PROTOCOL_FEATURES_QUOTE,
-    requirement=(
-        "SET_PROTOCOL_FEATURES with a subset of the offer (as QEMU strips bits it does not use) "
-        "is accepted and the session works."
-    ),
+    "VU-FEAT-9", title="A subset of the offered protocol features is accepted", family="handshake",
+    level=MUST, clause=f"{RST} Protocol features", quote=GET_PROTOCOL_FEATURES_QUOTE,
+    requirement="SET_PROTOCOL_FEATURES with a subset of the offer (as QEMU strips bits it does "
+        "not use) is accepted and the session works.",
     requires=[VirtioFeature.PROTOCOL_FEATURES],
 )
 def test_subset_of_protocol_features_accepted(
@@ -526,10 +456,7 @@ def test_subset_of_protocol_features_accepted(
 
 
 @case(
-    "VU-FEAT-10",
-    title="VERSION_1 offered",
-    family="handshake",
-    level=MUST,
+    "VU-FEAT-10", title="VERSION_1 offered", family="handshake", level=MUST,
     clause=f"{VIRTIO} 6.2 Device Requirements: Reserved Feature Bits",
     quote="A device MUST offer VIRTIO_F_VERSION_1.",
     requirement="A vhost-user-blk back-end offers VIRTIO_F_VERSION_1 (a modern device).",
@@ -543,15 +470,12 @@ def test_version_1_offered(vhost_capabilities: Capabilities) -> None:
 
 
 @case(
-    "VU-FEAT-11",
-    title="FLUSH offered with CONFIG_WCE",
-    family="handshake",
-    level=MUST,
+    "VU-FEAT-11", title="FLUSH offered with CONFIG_WCE", family="handshake", level=MUST,
     clause="VIRTIO 1.3 5.2.5.2 Block Device: Device Initialization (device requirements)",
     quote="Devices SHOULD always offer VIRTIO_BLK_F_FLUSH, and MUST offer it if they offer "
-    "VIRTIO_BLK_F_CONFIG_WCE.",
+        "VIRTIO_BLK_F_CONFIG_WCE.",
     requirement="A back-end offering VIRTIO_BLK_F_CONFIG_WCE (bit 11) offers VIRTIO_BLK_F_FLUSH "
-    "(bit 9); one offering neither is non-strict (the SHOULD).",
+        "(bit 9); one offering neither is non-strict (the SHOULD).",
 )
 def test_flush_offered_with_config_wce(vhost_channel: Channel, vhost_timeout: float) -> None:
     """GET_FEATURES: CONFIG_WCE implies FLUSH; FLUSH is offered in any case (SHOULD). Asked
@@ -569,11 +493,8 @@ def test_flush_offered_with_config_wce(vhost_channel: Channel, vhost_timeout: fl
 
 
 @case(
-    "VU-ACK-1",
-    title="REPLY_ACK: one u64 ack per NEED_REPLY request",
-    family="handshake",
-    level=MUST,
-    clause=f"{RST} REPLY_ACK",
+    "VU-ACK-1", title="REPLY_ACK: one u64 ack per NEED_REPLY request", family="handshake",
+    level=MUST, clause=f"{RST} REPLY_ACK",
     quote="\n".join(
         (
             REPLY_ACK_RESPOND_QUOTE,
@@ -581,11 +502,9 @@ def test_flush_offered_with_config_wce(vhost_channel: Channel, vhost_timeout: fl
             "It does not need to be acknowledged by VHOST_USER_SET_FEATURES.",
         )
     ),
-    requirement=(
-        "With REPLY_ACK negotiated, a request without a reply of its own sent with NEED_REPLY "
-        "gets exactly one u64 reply, 0 on success; still after a SET_FEATURES without bit 30 "
-        "(protocol features do not need to be acknowledged by SET_FEATURES)."
-    ),
+    requirement="With REPLY_ACK negotiated, a request without a reply of its own sent with "
+        "NEED_REPLY gets exactly one u64 reply, 0 on success; still after a SET_FEATURES without "
+        "bit 30 (protocol features do not need to be acknowledged by SET_FEATURES).",
     requires=[ProtocolFeature.REPLY_ACK],
 )
 def test_need_reply_gets_one_ack(
@@ -622,16 +541,10 @@ def test_need_reply_gets_one_ack(
 
 
 @case(
-    "VU-ACK-2",
-    title="REPLY_ACK: defined replies unchanged by NEED_REPLY",
-    family="handshake",
-    level=MUST,
-    clause=f"{RST} REPLY_ACK",
-    quote=REPLY_ACK_SOLICITED_QUOTE,
-    requirement=(
-        "A request that has a reply of its own gets exactly that reply, once, whether or not "
-        "NEED_REPLY is set."
-    ),
+    "VU-ACK-2", title="REPLY_ACK: defined replies unchanged by NEED_REPLY", family="handshake",
+    level=MUST, clause=f"{RST} REPLY_ACK", quote=REPLY_ACK_SOLICITED_QUOTE,
+    requirement="A request that has a reply of its own gets exactly that reply, once, whether or "
+        "not NEED_REPLY is set.",
     requires=[ProtocolFeature.REPLY_ACK],
 )
 def test_need_reply_does_not_change_defined_replies(
@@ -653,27 +566,17 @@ def test_need_reply_does_not_change_defined_replies(
 
 
 @case(
-    "VU-ACK-3",
-    title="No ack without REPLY_ACK negotiated",
-    family="handshake",
-    level=SHOULD,
-    tier=Tier.INTEROP,
-    clause=f"{RST} REPLY_ACK",
-    source=(
-        "hw/virtio/vhost-user.c process_message_reply / vhost_user_read_header: QEMU 11.1.3 sets "
-        "NEED_REPLY only with REPLY_ACK negotiated and reads a reply only where it asked for "
+    "VU-ACK-3", title="No ack without REPLY_ACK negotiated", family="handshake", level=SHOULD,
+    tier=Tier.INTEROP, clause=f"{RST} REPLY_ACK",
+    source="hw/virtio/vhost-user.c process_message_reply / vhost_user_read_header: QEMU 11.1.3 "
+        "sets NEED_REPLY only with REPLY_ACK negotiated and reads a reply only where it asked for "
         "one; an unasked reply is read as the answer to its next request and rejected (wrong "
         "request id). The spec (“Most of the requests don’t require replies”) says nothing for "
-        "NEED_REPLY without REPLY_ACK"
-    ),
-    requirement=(
-        "With REPLY_ACK not negotiated, NEED_REPLY on a request without a reply of its own "
-        "produces no reply."
-    ),
-    ambiguity=(
-        "the spec defines acks only when REPLY_ACK is negotiated; an unasked ack desynchronises "
-        "QEMU's reply reading"
-    ),
+        "NEED_REPLY without REPLY_ACK",
+    requirement="With REPLY_ACK not negotiated, NEED_REPLY on a request without a reply of its "
+        "own produces no reply.",
+    ambiguity="the spec defines acks only when REPLY_ACK is negotiated; an unasked ack "
+        "desynchronises QEMU's reply reading",
 )
 def test_no_ack_without_reply_ack(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -696,16 +599,10 @@ def test_no_ack_without_reply_ack(
 
 
 @case(
-    "VU-ACK-4",
-    title="Rejected requests are acked non-zero",
-    family="handshake",
-    level=SHOULD,
-    clause=f"{RST} REPLY_ACK",
-    quote=REPLY_ACK_PAYLOAD_QUOTE,
-    requirement=(
-        "A request the back-end rejects (a vring index it does not have), sent with NEED_REPLY, "
-        "is acked with a non-zero u64 rather than 0."
-    ),
+    "VU-ACK-4", title="Rejected requests are acked non-zero", family="handshake", level=SHOULD,
+    clause=f"{RST} REPLY_ACK", quote=REPLY_ACK_PAYLOAD_QUOTE,
+    requirement="A request the back-end rejects (a vring index it does not have), sent with "
+        "NEED_REPLY, is acked with a non-zero u64 rather than 0.",
     requires=[ProtocolFeature.REPLY_ACK],
 )
 def test_rejected_request_is_acked_non_zero(
@@ -731,16 +628,10 @@ def test_rejected_request_is_acked_non_zero(
 
 
 @case(
-    "VU-MQ-1",
-    title="GET_QUEUE_NUM answers the number of queues",
-    family="handshake",
-    level=MUST,
-    clause=f"{RST} Multiple queue support",
-    quote=MULTIQUEUE_GET_QUEUE_NUM_QUOTE,
-    requirement=(
-        "With MQ offered, GET_QUEUE_NUM returns at least 1, and the blk config's num_queues does "
-        "not exceed it."
-    ),
+    "VU-MQ-1", title="GET_QUEUE_NUM answers the number of queues", family="handshake", level=MUST,
+    clause=f"{RST} Multiple queue support", quote=MULTIQUEUE_GET_QUEUE_NUM_QUOTE,
+    requirement="With MQ offered, GET_QUEUE_NUM returns at least 1, and the blk config's "
+        "num_queues does not exceed it.",
     requires=[ProtocolFeature.MQ],
 )
 def test_get_queue_num(
@@ -761,16 +652,11 @@ def test_get_queue_num(
 
 
 @case(
-    "VU-MQ-3",
-    title="MQ offered",
-    family="handshake",
-    level=SHOULD,
+    "VU-MQ-3", title="MQ offered", family="handshake", level=SHOULD,
     clause=f"{RST} Multiple queue support",
-    quote=(
-        "Back-ends should always implement the VHOST_USER_PROTOCOL_F_MQ protocol feature, even "
+    quote="Back-ends should always implement the VHOST_USER_PROTOCOL_F_MQ protocol feature, even "
         "for devices with a fixed number of virtqueues, since it is simple to implement and "
-        "offers a degree of introspection."
-    ),
+        "offers a degree of introspection.",
     requirement="A back-end offering bit 30 offers protocol feature MQ (bit 0).",
     requires=[VirtioFeature.PROTOCOL_FEATURES],
 )
@@ -786,31 +672,22 @@ def test_mq_offered(vhost_capabilities: Capabilities) -> None:
 
 
 @case(
-    "VU-CFG-1",
-    title="GET_CONFIG reply size equals the request's",
-    family="config",
-    level=MUST,
+    "VU-CFG-1", title="GET_CONFIG reply size equals the request's", family="config", level=MUST,
     clause=f"{RST} Front-end message types: GET_CONFIG",
-    quote=(
-        "When VHOST_USER_PROTOCOL_F_CONFIG is negotiated, this message is submitted by the "
+    quote="When VHOST_USER_PROTOCOL_F_CONFIG is negotiated, this message is submitted by the "
         "vhost-user front-end to fetch the contents of the virtio device configuration space, "
         "vhost-user back-end’s payload size MUST match the front-end’s request, vhost-user "
-        "back-end uses zero length of payload to indicate an error to the vhost-user front-end."
-    ),
-    requirement=(
-        "GET_CONFIG is answered with the offset and size of the request and exactly size bytes "
-        "of config (size 0 only to signal an error); a GET_CONFIG of 200 bytes from offset 0, "
-        "more than any virtio-blk config space holds, gets the size-0 error reply (or a close), "
-        "not bytes."
-    ),
+        "back-end uses zero length of payload to indicate an error to the vhost-user front-end.",
+    requirement="GET_CONFIG is answered with the offset and size of the request and exactly size "
+        "bytes of config (size 0 only to signal an error); a GET_CONFIG of 200 bytes from offset "
+        "0, more than any virtio-blk config space holds, gets the size-0 error reply (or a "
+        "close), not bytes.",
     requires=[ProtocolFeature.CONFIG],
-    ambiguity=(
-        "the spec does not say which requests are errors; one larger than the device's config "
-        "space (VIRTIO 1.3 struct virtio_blk_config is 96 bytes with every optional field) can "
-        "only be one, and the sentence names the size-0 reply as how an error is told. The "
-        "size is what is judged, not the offset: qemu-storage-daemon and DPDK's vhost_blk "
-        "ignore the offset (VU-CFG-6)"
-    ),
+    ambiguity="the spec does not say which requests are errors; one larger than the device's "
+        "config space (VIRTIO 1.3 struct virtio_blk_config is 96 bytes with every optional field) "
+        "can only be one, and the sentence names the size-0 reply as how an error is told. The "
+        "size is what is judged, not the offset: qemu-storage-daemon and DPDK's vhost_blk ignore "
+        "the offset (VU-CFG-6)",
 )
 def test_get_config_reply_size(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -836,19 +713,14 @@ def test_get_config_reply_size(
 
 
 @case(
-    "VU-CFG-6",
-    title="GET_CONFIG honours the offset",
-    family="config",
-    level=SHOULD,
+    "VU-CFG-6", title="GET_CONFIG honours the offset", family="config", level=SHOULD,
     clause=f"{RST} Front-end message types: GET_CONFIG",
     quote="offset: a 32-bit offset of virtio device’s configuration space",
     requirement="A GET_CONFIG at a non-zero offset returns the config bytes at that offset.",
     requires=[ProtocolFeature.CONFIG],
-    ambiguity=(
-        "the payload names an offset into the config space, but QEMU 11.1.3 always reads from "
-        "offset 0 and libvhost-user and rte_vhost were seen to ignore the offset: a back-end "
-        "that ignores it is non-strict"
-    ),
+    ambiguity="the payload names an offset into the config space, but QEMU 11.1.3 always reads "
+        "from offset 0 and libvhost-user and rte_vhost were seen to ignore the offset: a back-end "
+        "that ignores it is non-strict",
 )
 def test_get_config_honours_the_offset(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -877,20 +749,12 @@ def _capacity(channel: Channel, timeout: float) -> int:
 
 
 @case(
-    "VU-CFG-2",
-    title="Read-only config fields are not written",
-    family="config",
-    level=MUST,
+    "VU-CFG-2", title="Read-only config fields are not written", family="config", level=MUST,
     clause=f"{RST} Front-end message types: SET_CONFIG",
-    quote=(
-        "The vhost-user back-end must check the flags field, and back-ends MUST NOT accept "
-        "SET_CONFIG for read-only configuration space fields unless the live migration bit is "
-        "set."
-    ),
-    requirement=(
-        "SET_CONFIG of capacity (read-only) with flags 0 is rejected or ignored: GET_CONFIG "
-        "still shows the old value."
-    ),
+    quote="The vhost-user back-end must check the flags field, and back-ends MUST NOT accept "
+        "SET_CONFIG for read-only configuration space fields unless the live migration bit is set.",
+    requirement="SET_CONFIG of capacity (read-only) with flags 0 is rejected or ignored: "
+        "GET_CONFIG still shows the old value.",
     requires=[ProtocolFeature.CONFIG],
 )
 def test_read_only_config_not_written(
@@ -919,20 +783,13 @@ def test_read_only_config_not_written(
 
 
 @case(
-    "VU-CFG-3",
-    title="Capacity matches the disk",
-    family="config",
-    level=SHOULD,
-    tier=Tier.INTEROP,
+    "VU-CFG-3", title="Capacity matches the disk", family="config", level=SHOULD, tier=Tier.INTEROP,
     clause=f"{VIRTIO} Block Device: Device configuration layout",
-    source=(
-        "hw/block/vhost-user-blk.c vhost_user_blk_realize: QEMU 11.1.3 reads the config by "
+    source="hw/block/vhost-user-blk.c vhost_user_blk_realize: QEMU 11.1.3 reads the config by "
         "GET_CONFIG and the guest sees its capacity as the disk size; VIRTIO 1.3 5.2.4 only "
-        "defines capacity as “in 512-byte sectors”, it cannot know the disk behind it"
-    ),
+        "defines capacity as “in 512-byte sectors”, it cannot know the disk behind it",
     requirement="The config's capacity is the disk size in 512-byte sectors.",
-    requires=[ProtocolFeature.CONFIG],
-    needs=["command"],
+    requires=[ProtocolFeature.CONFIG], needs=["command"],
 )
 def test_capacity_matches_disk(
     vhost_channel: Channel,
@@ -951,22 +808,14 @@ def test_capacity_matches_disk(
 
 
 @case(
-    "VU-CFG-4",
-    title="Writeback cache toggle",
-    family="config",
-    level=MUST,
-    tier=Tier.INTEROP,
+    "VU-CFG-4", title="Writeback cache toggle", family="config", level=MUST, tier=Tier.INTEROP,
     clause=f"{VIRTIO} Block Device: Device configuration layout (wce)",
-    source=(
-        "hw/block/vhost-user-blk.c vhost_user_blk_set_config: QEMU 11.1.3 writes wce with "
+    source="hw/block/vhost-user-blk.c vhost_user_blk_set_config: QEMU 11.1.3 writes wce with "
         "SET_CONFIG (offset of wce, 1 byte, VHOST_SET_CONFIG_TYPE_FRONTEND) when the guest "
         "toggles the cache mode; VIRTIO 1.3 5.2.5 describes the field, it states no device "
-        "requirement"
-    ),
-    requirement=(
-        "With CONFIG_WCE offered, SET_CONFIG of wce (offset 32, 1 byte) as QEMU sends it is "
-        "accepted and read back."
-    ),
+        "requirement",
+    requirement="With CONFIG_WCE offered, SET_CONFIG of wce (offset 32, 1 byte) as QEMU sends it "
+        "is accepted and read back.",
     requires=[ProtocolFeature.CONFIG, BlkFeature.CONFIG_WCE],
 )
 def test_writeback_cache_toggle(
@@ -993,22 +842,14 @@ def test_writeback_cache_toggle(
 
 
 @case(
-    "VU-CFG-5",
-    title="Config fields exist for offered features",
-    family="config",
-    level=MUST,
-    tier=Tier.INTEROP,
-    clause=f"{VIRTIO} Block Device: Device configuration layout",
-    source=(
-        "hw/block/vhost-user-blk.c vhost_user_blk_realize / virtio_blk config: QEMU 11.1.3 "
+    "VU-CFG-5", title="Config fields exist for offered features", family="config", level=MUST,
+    tier=Tier.INTEROP, clause=f"{VIRTIO} Block Device: Device configuration layout",
+    source="hw/block/vhost-user-blk.c vhost_user_blk_realize / virtio_blk config: QEMU 11.1.3 "
         "passes the back-end's config to the guest unchanged, and a guest driver (VIRTIO 1.3 "
         "5.2.5.1 driver requirements) relies on seg_max, blk_size and the discard/write-zeroes "
-        "limits of offered features"
-    ),
-    requirement=(
-        "Fields gated by offered blk features (seg_max, blk_size, discard and write-zeroes "
-        "limits) are non-zero where the spec requires it."
-    ),
+        "limits of offered features",
+    requirement="Fields gated by offered blk features (seg_max, blk_size, discard and "
+        "write-zeroes limits) are non-zero where the spec requires it.",
     requires=[ProtocolFeature.CONFIG],
 )
 def test_config_fields_of_offered_features(
@@ -1038,22 +879,15 @@ def test_config_fields_of_offered_features(
 
 
 @case(
-    "VU-CFG-7",
-    title="Config padding bytes are zero",
-    family="config",
-    level=MUST,
+    "VU-CFG-7", title="Config padding bytes are zero", family="config", level=MUST,
     clause=f"{VIRTIO} 5.2.5.2 Block Device: Device Initialization (device requirements)",
     quote="The device MUST initialize padding bytes unused0 and unused1 to 0.",
-    requirement=(
-        "GET_CONFIG shows unused0 (offset 33) as 0, and unused1 (offsets 57-59) as 0 when a "
-        "60-byte read is answered."
-    ),
+    requirement="GET_CONFIG shows unused0 (offset 33) as 0, and unused1 (offsets 57-59) as 0 when "
+        "a 60-byte read is answered.",
     requires=[ProtocolFeature.CONFIG],
-    ambiguity=(
-        "QEMU 11.1.3 reads 57 bytes, so unused1 is read by a 60-byte GET_CONFIG of our own; a "
-        "back-end whose config ends before byte 60 answers it with size 0 and only unused0 is "
-        "judged"
-    ),
+    ambiguity="QEMU 11.1.3 reads 57 bytes, so unused1 is read by a 60-byte GET_CONFIG of our own; "
+        "a back-end whose config ends before byte 60 answers it with size 0 and only unused0 is "
+        "judged",
 )
 def test_config_padding_is_zero(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -1076,25 +910,16 @@ def test_config_padding_is_zero(
 
 
 @case(
-    "VU-CFG-9",
-    title="Writethrough when CONFIG_WCE comes without FLUSH",
-    family="config",
-    level=MUST,
-    clause=f"{VIRTIO} 5.2.5.2 Block Device: Device Initialization (device requirements)",
-    quote=(
-        "If VIRTIO_BLK_F_CONFIG_WCE is negotiated but VIRTIO_BLK_F_FLUSH is not, the device "
-        "MUST initialize writeback to 0."
-    ),
-    requirement=(
-        "After SET_FEATURES with VIRTIO_BLK_F_CONFIG_WCE and without VIRTIO_BLK_F_FLUSH (and "
-        "SET_STATUS FEATURES_OK where STATUS is negotiated), the config's writeback byte "
-        "(offset 32) reads 0."
-    ),
+    "VU-CFG-9", title="Writethrough when CONFIG_WCE comes without FLUSH", family="config",
+    level=MUST, clause=f"{VIRTIO} 5.2.5.2 Block Device: Device Initialization (device requirements)",
+    quote="If VIRTIO_BLK_F_CONFIG_WCE is negotiated but VIRTIO_BLK_F_FLUSH is not, the device "
+        "MUST initialize writeback to 0.",
+    requirement="After SET_FEATURES with VIRTIO_BLK_F_CONFIG_WCE and without VIRTIO_BLK_F_FLUSH "
+        "(and SET_STATUS FEATURES_OK where STATUS is negotiated), the config's writeback byte "
+        "(offset 32) reads 0.",
     requires=[ProtocolFeature.CONFIG, BlkFeature.CONFIG_WCE],
-    ambiguity=(
-        "QEMU 11.1.3 passes the guest's feature choice on in SET_FEATURES; a guest acking "
-        "CONFIG_WCE without FLUSH (Linux acks both) is what the case plays"
-    ),
+    ambiguity="QEMU 11.1.3 passes the guest's feature choice on in SET_FEATURES; a guest acking "
+        "CONFIG_WCE without FLUSH (Linux acks both) is what the case plays",
 )
 def test_writethrough_without_flush(
     vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -1121,10 +946,7 @@ def test_writethrough_without_flush(
 
 
 @case(
-    "VU-BACKEND-1",
-    title="Exits on SIGTERM, does not daemonize",
-    family="program",
-    level=SHOULD,
+    "VU-BACKEND-1", title="Exits on SIGTERM, does not daemonize", family="program", level=SHOULD,
     clause=f"{RST} Backend program conventions",
     quote="\n".join(
         (
@@ -1135,12 +957,9 @@ def test_writethrough_without_flush(
             "signal is received.",
         )
     ),
-    requirement=(
-        "The back-end program stays in the foreground as the process we started and exits on "
-        "SIGTERM."
-    ),
-    needs=["command"],
-    ambiguity=ADVISORY_CONVENTIONS,
+    requirement="The back-end program stays in the foreground as the process we started and exits "
+        "on SIGTERM.",
+    needs=["command"], ambiguity=ADVISORY_CONVENTIONS,
 )
 def test_exits_on_sigterm(vhost_target: BackendTarget) -> None:
     """The program stays in the foreground and exits on SIGTERM."""
@@ -1159,10 +978,7 @@ def test_exits_on_sigterm(vhost_target: BackendTarget) -> None:
 
 
 @case(
-    "VU-BACKEND-2",
-    title="--print-capabilities",
-    family="program",
-    level=SHOULD,
+    "VU-BACKEND-2", title="--print-capabilities", family="program", level=SHOULD,
     clause=f"{RST} Backend program conventions",
     quote="\n".join(
         (
@@ -1171,12 +987,9 @@ def test_exits_on_sigterm(vhost_target: BackendTarget) -> None:
             "successfully.",
         )
     ),
-    requirement=(
-        "The program prints its capabilities as JSON with type 'block' on --print-capabilities "
-        "and exits 0."
-    ),
-    needs=["command"],
-    ambiguity=ADVISORY_CONVENTIONS,
+    requirement="The program prints its capabilities as JSON with type 'block' on "
+        "--print-capabilities and exits 0.",
+    needs=["command"], ambiguity=ADVISORY_CONVENTIONS,
 )
 def test_print_capabilities(vhost_target: BackendTarget) -> None:
     """--print-capabilities prints JSON with the device's type (the profile's device_type

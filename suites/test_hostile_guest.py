@@ -702,15 +702,10 @@ SPLIT_ONLY = pytest.mark.parametrize("layout", ["split"])
 
 
 @case(
-    "VU-HOST-1",
-    title="Descriptor loop",
-    family="hostile-guest",
-    level=MUST,
+    "VU-HOST-1", title="Descriptor loop", family="hostile-guest", level=MUST,
     clause=f"{VIRTIO} Split Virtqueues: The Virtqueue Descriptor Table",
-    requirement=(
-        "A descriptor chain that loops is refused (error status, device broken or ignored), with "
-        "no crash or hang."
-    ),
+    requirement="A descriptor chain that loops is refused (error status, device broken or "
+        "ignored), with no crash or hang.",
 )
 @SPLIT_ONLY
 def test_descriptor_loop(layout: str, hostile_shapes: Callable[[str], None]) -> None:
@@ -719,20 +714,13 @@ def test_descriptor_loop(layout: str, hostile_shapes: Callable[[str], None]) -> 
 
 
 @case(
-    "VU-HOST-2",
-    title="Chain longer than the queue",
-    family="hostile-guest",
-    level=MUST,
+    "VU-HOST-2", title="Chain longer than the queue", family="hostile-guest", level=MUST,
     clause=f"{VIRTIO} Split Virtqueues",
-    requirement=(
-        "A chain of more descriptors than the queue size (split: through an indirect table; "
-        "packed: wrapping the ring) gets an error, a stopped queue, a closed connection or is "
-        "served, never a crash or hang."
-    ),
-    ambiguity=(
-        "VIRTIO 1.3 forbids the driver such chains but does not say what the device does; QEMU's "
-        "own virtqueue serves an indirect table of any length, so serving it passes"
-    ),
+    requirement="A chain of more descriptors than the queue size (split: through an indirect "
+        "table; packed: wrapping the ring) gets an error, a stopped queue, a closed connection or "
+        "is served, never a crash or hang.",
+    ambiguity="VIRTIO 1.3 forbids the driver such chains but does not say what the device does; "
+        "QEMU's own virtqueue serves an indirect table of any length, so serving it passes",
 )
 @LAYOUTS
 def test_chain_longer_than_queue(
@@ -748,10 +736,7 @@ def test_chain_longer_than_queue(
 
 
 @case(
-    "VU-HOST-3",
-    title="Indirect inside indirect",
-    family="hostile-guest",
-    level=MUST,
+    "VU-HOST-3", title="Indirect inside indirect", family="hostile-guest", level=MUST,
     clause=f"{VIRTIO} Split Virtqueues: Indirect Descriptors",
     requirement="An indirect table holding an INDIRECT descriptor is refused without a crash.",
     requires=[VirtioFeature.RING_INDIRECT_DESC],
@@ -763,10 +748,7 @@ def test_indirect_inside_indirect(layout: str, hostile_shapes: Callable[[str], N
 
 
 @case(
-    "VU-HOST-4",
-    title="next out of range",
-    family="hostile-guest",
-    level=MUST,
+    "VU-HOST-4", title="next out of range", family="hostile-guest", level=MUST,
     clause=f"{VIRTIO} Split Virtqueues",
     requirement="A descriptor whose next index is beyond the table is refused without a crash.",
 )
@@ -777,15 +759,10 @@ def test_next_out_of_range(layout: str, hostile_shapes: Callable[[str], None]) -
 
 
 @case(
-    "VU-HOST-5",
-    title="Buffers outside guest memory",
-    family="hostile-guest",
-    level=MUST,
+    "VU-HOST-5", title="Buffers outside guest memory", family="hostile-guest", level=MUST,
     clause=f"{RST} Memory region description",
-    requirement=(
-        "A buffer that crosses a region's end or lies at an unmapped GPA is refused; no host "
-        "memory is read or written."
-    ),
+    requirement="A buffer that crosses a region's end or lies at an unmapped GPA is refused; no "
+        "host memory is read or written.",
 )
 @LAYOUTS
 def test_buffers_outside_guest_memory(layout: str, hostile_shapes: Callable[[str], None]) -> None:
@@ -794,15 +771,10 @@ def test_buffers_outside_guest_memory(layout: str, hostile_shapes: Callable[[str
 
 
 @case(
-    "VU-HOST-6",
-    title="avail->idx jumps past the queue size",
-    family="hostile-guest",
-    level=MUST,
+    "VU-HOST-6", title="avail->idx jumps past the queue size", family="hostile-guest", level=MUST,
     clause=f"{VIRTIO} Split Virtqueues: The Virtqueue Available Ring",
-    requirement=(
-        "An avail->idx more than queue size ahead of the last one is refused without a crash or "
-        "hang."
-    ),
+    requirement="An avail->idx more than queue size ahead of the last one is refused without a "
+        "crash or hang.",
 )
 @SPLIT_ONLY
 def test_avail_idx_jump(layout: str, hostile_shapes: Callable[[str], None]) -> None:
@@ -811,15 +783,10 @@ def test_avail_idx_jump(layout: str, hostile_shapes: Callable[[str], None]) -> N
 
 
 @case(
-    "VU-HOST-7",
-    title="Wrong buffer directions",
-    family="hostile-guest",
-    level=MUST,
+    "VU-HOST-7", title="Wrong buffer directions", family="hostile-guest", level=MUST,
     clause=f"{VIRTIO} Block Device: Device Operation",
-    requirement=(
-        "A device-writable header or a device-readable status byte gets an error or is ignored; "
-        "nothing is written to the read-only buffer."
-    ),
+    requirement="A device-writable header or a device-readable status byte gets an error or is "
+        "ignored; nothing is written to the read-only buffer.",
 )
 @LAYOUTS
 def test_wrong_buffer_directions(layout: str, hostile_shapes: Callable[[str], None]) -> None:
@@ -828,23 +795,16 @@ def test_wrong_buffer_directions(layout: str, hostile_shapes: Callable[[str], No
 
 
 @case(
-    "VU-HOST-8",
-    title="Head index beyond the queue",
-    family="hostile-guest",
-    level=MUST,
+    "VU-HOST-8", title="Head index beyond the queue", family="hostile-guest", level=MUST,
     clause=f"{VIRTIO} Split Virtqueues: The Virtqueue Available Ring",
-    requirement=(
-        "An avail entry naming a head at or beyond the queue size is refused without a crash: "
-        "on a split ring nothing is used for it (no used entry; ignoring it, needing a reset "
-        "or closing are refusals); a packed buffer id beyond the queue is a tag and may be "
-        "completed."
-    ),
-    ambiguity=(
-        "VIRTIO 1.3 has no device sentence for an out-of-range head (the driver's side is "
-        "2.7.5: the table holds queue size descriptors); serving one means reading a "
-        "descriptor that does not exist or another head's chain, which is judged here as a "
-        "wrong answer (robustness: reported, gates with --strict)"
-    ),
+    requirement="An avail entry naming a head at or beyond the queue size is refused without a "
+        "crash: on a split ring nothing is used for it (no used entry; ignoring it, needing a "
+        "reset or closing are refusals); a packed buffer id beyond the queue is a tag and may be "
+        "completed.",
+    ambiguity="VIRTIO 1.3 has no device sentence for an out-of-range head (the driver's side is "
+        "2.7.5: the table holds queue size descriptors); serving one means reading a descriptor "
+        "that does not exist or another head's chain, which is judged here as a wrong answer "
+        "(robustness: reported, gates with --strict)",
 )
 @LAYOUTS
 def test_head_beyond_queue(layout: str, hostile_shapes: Callable[[str], None]) -> None:
@@ -853,15 +813,10 @@ def test_head_beyond_queue(layout: str, hostile_shapes: Callable[[str], None]) -
 
 
 @case(
-    "VU-HOST-9",
-    title="Flood of submissions",
-    family="hostile-guest",
-    level=MUST,
+    "VU-HOST-9", title="Flood of submissions", family="hostile-guest", level=MUST,
     clause=f"{VIRTIO} Split Virtqueues",
-    requirement=(
-        "Making available and kicking far more requests than the queue holds, without waiting, "
-        "leaves the back-end alive and correct."
-    ),
+    requirement="Making available and kicking far more requests than the queue holds, without "
+        "waiting, leaves the back-end alive and correct.",
 )
 @SPLIT_ONLY
 def test_flood_of_submissions(layout: str, hostile_shapes: Callable[[str], None]) -> None:
@@ -870,15 +825,10 @@ def test_flood_of_submissions(layout: str, hostile_shapes: Callable[[str], None]
 
 
 @case(
-    "VU-HOST-10",
-    title="Bad indirect table length",
-    family="hostile-guest",
-    level=MUST,
+    "VU-HOST-10", title="Bad indirect table length", family="hostile-guest", level=MUST,
     clause=f"{VIRTIO} Split Virtqueues: Indirect Descriptors",
-    requirement=(
-        "An indirect descriptor whose len is 0 or not a multiple of 16, or that also has NEXT, "
-        "is refused without a crash or hang."
-    ),
+    requirement="An indirect descriptor whose len is 0 or not a multiple of 16, or that also has "
+        "NEXT, is refused without a crash or hang.",
     requires=[VirtioFeature.RING_INDIRECT_DESC],
 )
 @LAYOUTS
@@ -888,15 +838,10 @@ def test_bad_indirect_length(layout: str, hostile_shapes: Callable[[str], None])
 
 
 @case(
-    "VU-HOST-11",
-    title="Zero-length buffers",
-    family="hostile-guest",
-    level=MUST,
+    "VU-HOST-11", title="Zero-length buffers", family="hostile-guest", level=MUST,
     clause=f"{VIRTIO} Block Device: Device Operation",
-    requirement=(
-        "A zero-length header, data or status buffer gets an error status, a completion, a "
-        "stopped queue or a closed connection, never a crash or hang."
-    ),
+    requirement="A zero-length header, data or status buffer gets an error status, a completion, "
+        "a stopped queue or a closed connection, never a crash or hang.",
 )
 @LAYOUTS
 def test_zero_length_buffers(layout: str, hostile_shapes: Callable[[str], None]) -> None:
@@ -1034,15 +979,10 @@ def fuzz_descriptor_chains(rig: Rig, examples: int, layouts: Sequence[str]) -> i
 
 
 @case(
-    "VU-FUZZ-2",
-    title="Fuzzed descriptor chains",
-    family="fuzz",
-    level=MUST,
+    "VU-FUZZ-2", title="Fuzzed descriptor chains", family="fuzz", level=MUST,
     clause=f"{VIRTIO} Split Virtqueues",
-    requirement=(
-        "Arbitrary descriptor chains (loops, lengths, flags, addresses) never crash or hang the "
-        "back-end."
-    ),
+    requirement="Arbitrary descriptor chains (loops, lengths, flags, addresses) never crash or "
+        "hang the back-end.",
 )
 def test_fuzzed_descriptor_chains(
     vhost_target: BackendTarget,

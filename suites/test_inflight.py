@@ -85,22 +85,14 @@ def _popped_index(session: Session) -> int | None:
 
 
 @case(
-    "VU-INF-1",
-    title="GET_INFLIGHT_FD returns a region",
-    family="inflight",
-    level=MUST,
+    "VU-INF-1", title="GET_INFLIGHT_FD returns a region", family="inflight", level=MUST,
     clause=f"{RST} Front-end message types: GET_INFLIGHT_FD",
-    quote=(
-        "To solve this problem, the back-end need to allocate an extra buffer to store this "
+    quote="To solve this problem, the back-end need to allocate an extra buffer to store this "
         "information of inflight descriptors and share it with front-end for persistent.\n"
-        "The shared buffer will be used to track inflight I/O by back-end."
-    ),
-    requirement=(
-        "GET_INFLIGHT_FD returns one fd with an mmap_size of at least num_queues x (16 + 16 x "
-        "queue_size) (split), or size 0 and no fd."
-    ),
-    requires=[ProtocolFeature.INFLIGHT_SHMFD],
-    ambiguity=INFLIGHT_24,
+        "The shared buffer will be used to track inflight I/O by back-end.",
+    requirement="GET_INFLIGHT_FD returns one fd with an mmap_size of at least num_queues x (16 + "
+        "16 x queue_size) (split), or size 0 and no fd.",
+    requires=[ProtocolFeature.INFLIGHT_SHMFD], ambiguity=INFLIGHT_24,
 )
 def test_get_inflight_fd_returns_a_region(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -134,18 +126,11 @@ def test_get_inflight_fd_returns_a_region(
 
 
 @case(
-    "VU-INF-2",
-    title="SET_INFLIGHT_FD as QEMU sends it",
-    family="inflight",
-    level=MUST,
-    clause=f"{RST} Front-end message types: SET_INFLIGHT_FD",
-    quote=SET_INFLIGHT_FD_QUOTE,
-    requirement=(
-        "SET_INFLIGHT_FD with one fd and QEMU 11.1.3's 24-byte payload is accepted and the "
-        "region used."
-    ),
-    requires=[ProtocolFeature.INFLIGHT_SHMFD],
-    ambiguity=INFLIGHT_24,
+    "VU-INF-2", title="SET_INFLIGHT_FD as QEMU sends it", family="inflight", level=MUST,
+    clause=f"{RST} Front-end message types: SET_INFLIGHT_FD", quote=SET_INFLIGHT_FD_QUOTE,
+    requirement="SET_INFLIGHT_FD with one fd and QEMU 11.1.3's 24-byte payload is accepted and "
+        "the region used.",
+    requires=[ProtocolFeature.INFLIGHT_SHMFD], ambiguity=INFLIGHT_24,
 )
 def test_set_inflight_fd_as_qemu_sends_it(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -170,16 +155,10 @@ def test_set_inflight_fd_as_qemu_sends_it(
 
 
 @case(
-    "VU-INF-4",
-    title="Fresh regions are initialised to version 1",
-    family="inflight",
-    level=MUST,
-    clause=f"{RST} Inflight I/O tracking",
-    quote="The version of this region. It's 1 currently.",
-    requirement=(
-        "A zeroed region (version 0) is set to version 1 with desc_num = queue size once the "
-        "ring starts."
-    ),
+    "VU-INF-4", title="Fresh regions are initialised to version 1", family="inflight", level=MUST,
+    clause=f"{RST} Inflight I/O tracking", quote="The version of this region. It's 1 currently.",
+    requirement="A zeroed region (version 0) is set to version 1 with desc_num = queue size once "
+        "the ring starts.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD],
 )
 def test_fresh_region_is_initialised(vhost_session: Session) -> None:
@@ -194,21 +173,14 @@ def test_fresh_region_is_initialised(vhost_session: Session) -> None:
 
 
 @case(
-    "VU-INF-6",
-    title="Per-queue region layout",
-    family="inflight",
-    level=MUST,
+    "VU-INF-6", title="Per-queue region layout", family="inflight", level=MUST,
     clause=f"{RST} Inflight I/O tracking",
     quote="The size of DescStateSplit array. It's equal to the virtqueue size.",
-    requirement=(
-        "Each queue's header has version 1 and desc_num equal to the queue size, at a stride of "
-        "mmap_size / num_queues."
-    ),
+    requirement="Each queue's header has version 1 and desc_num equal to the queue size, at a "
+        "stride of mmap_size / num_queues.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD],
-    ambiguity=(
-        "the spec does not fix the per-queue stride (64-byte aligned in some back-ends, 16 + 16 "
-        "x Q in others): we derive it from mmap_size / num_queues"
-    ),
+    ambiguity="the spec does not fix the per-queue stride (64-byte aligned in some back-ends, 16 "
+        "+ 16 x Q in others): we derive it from mmap_size / num_queues",
 )
 def test_per_queue_region_layout(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, make_session: SessionFactory
@@ -236,16 +208,10 @@ def test_per_queue_region_layout(
 
 
 @case(
-    "VU-INF-7",
-    title="Region follows every pop and completion",
-    family="inflight",
-    level=SHOULD,
-    clause=f"{RST} Inflight I/O tracking",
-    quote=INFLIGHT_TRACKING_QUOTE,
-    requirement=(
-        "inflight is 1 with a fresh counter for each taken head and 0 after its completion; "
-        "used_idx follows used->idx."
-    ),
+    "VU-INF-7", title="Region follows every pop and completion", family="inflight", level=SHOULD,
+    clause=f"{RST} Inflight I/O tracking", quote=INFLIGHT_TRACKING_QUOTE,
+    requirement="inflight is 1 with a fresh counter for each taken head and 0 after its "
+        "completion; used_idx follows used->idx.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD],
 )
 def test_region_follows_pops_and_completions(
@@ -332,18 +298,12 @@ def _resubmission(vhost_target: BackendTarget, make_session: SessionFactory, n: 
 
 
 @case(
-    "VU-INF-5",
-    title="Resubmission in counter order",
-    family="inflight",
-    level=SHOULD,
+    "VU-INF-5", title="Resubmission in counter order", family="inflight", level=SHOULD,
     clause=f"{RST} Inflight I/O tracking",
     quote="\n".join((INFLIGHT_TRACKING_QUOTE, INFLIGHT_USED_IDX_QUOTE, INFLIGHT_RESUBMIT_QUOTE)),
-    requirement=(
-        "After a restart, entries marked in flight are resubmitted in increasing counter order, "
-        "once the last batch is fixed up when used_idx differs from used->idx."
-    ),
-    requires=[ProtocolFeature.INFLIGHT_SHMFD],
-    needs=["command"],
+    requirement="After a restart, entries marked in flight are resubmitted in increasing counter "
+        "order, once the last batch is fixed up when used_idx differs from used->idx.",
+    requires=[ProtocolFeature.INFLIGHT_SHMFD], needs=["command"],
 )
 def test_resubmission_after_restart(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -365,18 +325,12 @@ def test_resubmission_after_restart(
 
 
 @case(
-    "VU-INF-8",
-    title="Head 0 is resubmitted too",
-    family="inflight",
-    level=SHOULD,
+    "VU-INF-8", title="Head 0 is resubmitted too", family="inflight", level=SHOULD,
     clause=f"{RST} Inflight I/O tracking",
     quote="\n".join((INFLIGHT_TRACKING_QUOTE, INFLIGHT_RESUBMIT_QUOTE)),
-    requirement=(
-        "After a restart with head 0 in flight and used_idx 0, head 0 is resubmitted like any "
-        "other."
-    ),
-    requires=[ProtocolFeature.INFLIGHT_SHMFD],
-    needs=["command"],
+    requirement="After a restart with head 0 in flight and used_idx 0, head 0 is resubmitted like "
+        "any other.",
+    requires=[ProtocolFeature.INFLIGHT_SHMFD], needs=["command"],
 )
 def test_head_0_is_resubmitted(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """With head 0 in flight and used_idx 0, head 0 is resubmitted like any other."""
@@ -388,16 +342,11 @@ def _raw(request: int, payload: bytes) -> bytes:
 
 
 @case(
-    "VU-INF-9",
-    title="Wrong in-flight payload sizes are refused safely",
-    family="inflight",
-    level=MUST,
-    tier=Tier.ROBUSTNESS,
+    "VU-INF-9", title="Wrong in-flight payload sizes are refused safely", family="inflight",
+    level=MUST, tier=Tier.ROBUSTNESS,
     clause=f"{RST} Front-end message types: GET_INFLIGHT_FD / SET_INFLIGHT_FD",
-    requirement=(
-        "GET/SET_INFLIGHT_FD with a short, empty or oversized payload gets an error or a closed "
-        "connection, never a crash; a new connection works."
-    ),
+    requirement="GET/SET_INFLIGHT_FD with a short, empty or oversized payload gets an error or a "
+        "closed connection, never a crash; a new connection works.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD],
 )
 def test_wrong_inflight_payload_sizes(
@@ -437,19 +386,11 @@ def test_wrong_inflight_payload_sizes(
 
 
 @case(
-    "VU-INF-10",
-    title="SET_INFLIGHT_FD twice",
-    family="inflight",
-    level=MUST,
-    clause=f"{RST} Front-end message types: SET_INFLIGHT_FD",
-    quote=SET_INFLIGHT_FD_QUOTE,
-    requirement=(
-        "A second SET_INFLIGHT_FD (a new region of the size GET_INFLIGHT_FD gave) replaces the "
-        "first without leaking the old mapping's fd or crashing."
-    ),
-    requires=[ProtocolFeature.INFLIGHT_SHMFD],
-    needs=["command"],
-    leak=True,
+    "VU-INF-10", title="SET_INFLIGHT_FD twice", family="inflight", level=MUST,
+    clause=f"{RST} Front-end message types: SET_INFLIGHT_FD", quote=SET_INFLIGHT_FD_QUOTE,
+    requirement="A second SET_INFLIGHT_FD (a new region of the size GET_INFLIGHT_FD gave) "
+        "replaces the first without leaking the old mapping's fd or crashing.",
+    requires=[ProtocolFeature.INFLIGHT_SHMFD], needs=["command"], leak=True,
 )
 def test_set_inflight_fd_twice(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """A second SET_INFLIGHT_FD (a new region) replaces the first without leaking.
@@ -495,10 +436,7 @@ def test_set_inflight_fd_twice(vhost_target: BackendTarget, make_session: Sessio
 
 
 @case(
-    "VU-INF-11",
-    title="Packed in-flight region",
-    family="inflight",
-    level=SHOULD,
+    "VU-INF-11", title="Packed in-flight region", family="inflight", level=SHOULD,
     clause=f"{RST} Inflight I/O tracking (packed)",
     quote="\n".join(
         (
@@ -506,10 +444,8 @@ def test_set_inflight_fd_twice(vhost_target: BackendTarget, make_session: Sessio
             INFLIGHT_TRACKING_QUOTE,
         )
     ),
-    requirement=(
-        "With RING_PACKED, the packed region's free list, old_* fields and counters follow the "
-        "rules, and a restart resubmits in counter order."
-    ),
+    requirement="With RING_PACKED, the packed region's free list, old_* fields and counters "
+        "follow the rules, and a restart resubmits in counter order.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD, VirtioFeature.RING_PACKED],
 )
 def test_packed_region(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
@@ -535,16 +471,10 @@ def test_packed_region(vhost_target: BackendTarget, make_session: SessionFactory
 
 
 @case(
-    "VU-INF-12",
-    title="In-flight region kept across reconnect",
-    family="inflight",
-    level=MUST,
-    clause=f"{RST} Front-end message types: SET_INFLIGHT_FD",
-    quote=SET_INFLIGHT_FD_QUOTE,
-    requirement=(
-        "On a new connection given the old region by SET_INFLIGHT_FD (no GET_INFLIGHT_FD), as "
-        "QEMU does after a reconnect, pending heads are resubmitted."
-    ),
+    "VU-INF-12", title="In-flight region kept across reconnect", family="inflight", level=MUST,
+    clause=f"{RST} Front-end message types: SET_INFLIGHT_FD", quote=SET_INFLIGHT_FD_QUOTE,
+    requirement="On a new connection given the old region by SET_INFLIGHT_FD (no "
+        "GET_INFLIGHT_FD), as QEMU does after a reconnect, pending heads are resubmitted.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD],
 )
 def test_region_kept_across_reconnect(

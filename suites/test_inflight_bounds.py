@@ -331,15 +331,10 @@ def fuzz_inflight_bounds(target: BackendTarget, timeout: float, layouts: Sequenc
 
 
 @case(
-    "VU-FUZZ-4",
-    title="In-flight counters stay in bounds",
-    family="fuzz",
-    level=MUST,
+    "VU-FUZZ-4", title="In-flight counters stay in bounds", family="fuzz", level=MUST,
     clause=f"{RST} Inflight I/O tracking",
-    requirement=(
-        "Under random submission and completion order the region's counters stay increasing and "
-        "its entries match the outstanding heads."
-    ),
+    requirement="Under random submission and completion order the region's counters stay "
+        "increasing and its entries match the outstanding heads.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD],
 )
 def test_inflight_counters_stay_in_bounds(

@@ -71,10 +71,7 @@ def _written_pages(session: Session, requests: list[BlkRequest]) -> dict[int, st
 
 
 @case(
-    "VU-LOG-1",
-    title="Dirty log of used-ring writes",
-    family="migration",
-    level=SHOULD,
+    "VU-LOG-1", title="Dirty log of used-ring writes", family="migration", level=SHOULD,
     clause=f"{RST} Migration",
     quote="\n".join(
         (
@@ -84,10 +81,8 @@ def _written_pages(session: Session, requests: list[BlkRequest]) -> dict[int, st
             MIGRATION_LOG_QUOTE,
         )
     ),
-    requirement=(
-        "With LOG_ALL and a shared log, every used-ring write and data-buffer write sets its 4 "
-        "KiB page's bit."
-    ),
+    requirement="With LOG_ALL and a shared log, every used-ring write and data-buffer write sets "
+        "its 4 KiB page's bit.",
     requires=[ProtocolFeature.LOG_SHMFD, VirtioFeature.LOG_ALL],
 )
 def test_every_device_write_is_logged(vhost_session: Session, dirty_log: DirtyLog) -> None:
@@ -147,17 +142,11 @@ def _used_ring_logged_at_log_guest_addr(session: Session) -> None:
 
 
 @case(
-    "VU-LOG-2",
-    title="No log updates after the source stops",
-    family="migration",
-    level=MUST,
-    clause=f"{RST} Migration",
-    quote="No further update must be done before rings are restarted.",
-    requirement=(
-        "After GET_VRING_BASE on the source the dirty log does not change: with requests held "
-        "in flight at the stop, the log as it was at the reply is unchanged after their disk "
-        "latency has passed."
-    ),
+    "VU-LOG-2", title="No log updates after the source stops", family="migration", level=MUST,
+    clause=f"{RST} Migration", quote="No further update must be done before rings are restarted.",
+    requirement="After GET_VRING_BASE on the source the dirty log does not change: with requests "
+        "held in flight at the stop, the log as it was at the reply is unchanged after their disk "
+        "latency has passed.",
     requires=[ProtocolFeature.LOG_SHMFD, VirtioFeature.LOG_ALL],
 )
 def test_no_log_updates_after_stop(

@@ -284,15 +284,10 @@ def _crashed_after(target: BackendTarget, what: str) -> None:
 
 
 @case(
-    "VU-MAL-1",
-    title="Unknown request id",
-    family="malformed",
-    level=MUST,
+    "VU-MAL-1", title="Unknown request id", family="malformed", level=MUST,
     clause=f"{RST} Communication",
-    requirement=(
-        "A request id the back-end does not know gets an error or a closed connection, never a "
-        "crash; a new connection works."
-    ),
+    requirement="A request id the back-end does not know gets an error or a closed connection, "
+        "never a crash; a new connection works.",
 )
 def test_unknown_request_ids(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -345,15 +340,10 @@ def _wrong_sizes() -> list[tuple[str, bytes, int]]:
 
 
 @case(
-    "VU-MAL-2",
-    title="Payload size not the layout's",
-    family="malformed",
-    level=MUST,
+    "VU-MAL-2", title="Payload size not the layout's", family="malformed", level=MUST,
     clause=f"{RST} Message specification",
-    requirement=(
-        "A request whose size does not match its layout (e.g. SET_VRING_NUM with 4 bytes) is "
-        "refused without a crash."
-    ),
+    requirement="A request whose size does not match its layout (e.g. SET_VRING_NUM with 4 bytes) "
+        "is refused without a crash.",
 )
 def test_wrong_payload_sizes(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -370,15 +360,10 @@ def test_wrong_payload_sizes(
 
 
 @case(
-    "VU-MAL-3",
-    title="Header size beyond any payload",
-    family="malformed",
-    level=MUST,
+    "VU-MAL-3", title="Header size beyond any payload", family="malformed", level=MUST,
     clause=f"{RST} Message specification: Header",
-    requirement=(
-        "A header announcing more payload than any message has makes the back-end close or "
-        "refuse, without a crash."
-    ),
+    requirement="A header announcing more payload than any message has makes the back-end close "
+        "or refuse, without a crash.",
 )
 def test_size_beyond_any_payload(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -411,10 +396,7 @@ def test_size_beyond_any_payload(
 
 
 @case(
-    "VU-MAL-4",
-    title="Wrong version bits",
-    family="malformed",
-    level=SHOULD,
+    "VU-MAL-4", title="Wrong version bits", family="malformed", level=SHOULD,
     clause=f"{RST} Message specification: Header",
     requirement="A request with version bits other than 1 is refused.",
 )
@@ -449,15 +431,10 @@ def test_wrong_version_bits(
 
 
 @case(
-    "VU-MAL-5",
-    title="SET_MEM_TABLE fds do not match regions",
-    family="malformed",
-    level=MUST,
+    "VU-MAL-5", title="SET_MEM_TABLE fds do not match regions", family="malformed", level=MUST,
     clause=f"{RST} Front-end message types: SET_MEM_TABLE",
-    requirement=(
-        "SET_MEM_TABLE with fewer or more fds than regions, or more than 8 regions, is refused "
-        "without a crash or leak."
-    ),
+    requirement="SET_MEM_TABLE with fewer or more fds than regions, or more than 8 regions, is "
+        "refused without a crash or leak.",
 )
 def test_mem_table_fds_do_not_match(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -497,17 +474,11 @@ def _require_pid(target: BackendTarget) -> int:
 
 
 @case(
-    "VU-MAL-6",
-    title="Surplus fds are not leaked",
-    family="malformed",
-    level=MUST,
+    "VU-MAL-6", title="Surplus fds are not leaked", family="malformed", level=MUST,
     clause=f"{RST} Communication",
-    requirement=(
-        "1,000 messages carrying fds they should not leave the back-end's open fd count bounded "
-        "(CVE-2022-0669)."
-    ),
-    needs=["command"],
-    leak=True,
+    requirement="1,000 messages carrying fds they should not leave the back-end's open fd count "
+        "bounded (CVE-2022-0669).",
+    needs=["command"], leak=True,
 )
 def test_surplus_fds_are_not_leaked(
     vhost_target: BackendTarget,
@@ -559,16 +530,10 @@ def test_surplus_fds_are_not_leaked(
 
 
 @case(
-    "VU-MAL-12",
-    title="Missing fds",
-    family="malformed",
-    level=MUST,
-    clause=f"{RST} Communication",
-    requirement=(
-        "A message that must carry an fd (SET_VRING_KICK/CALL/ERR without the NOFD bit, "
+    "VU-MAL-12", title="Missing fds", family="malformed", level=MUST, clause=f"{RST} Communication",
+    requirement="A message that must carry an fd (SET_VRING_KICK/CALL/ERR without the NOFD bit, "
         "ADD_MEM_REG, SET_INFLIGHT_FD, SET_BACKEND_REQ_FD, SET_LOG_BASE) sent without one is "
-        "refused without a crash."
-    ),
+        "refused without a crash.",
 )
 def test_missing_fds(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -615,14 +580,10 @@ def test_missing_fds(
 
 
 @case(
-    "VU-MAL-7",
-    title="Bad ring sizes",
-    family="malformed",
-    level=SHOULD,
+    "VU-MAL-7", title="Bad ring sizes", family="malformed", level=SHOULD,
     clause=f"{RST} Front-end message types: SET_VRING_NUM",
-    requirement=(
-        "SET_VRING_NUM with 0, a size beyond 32768, or (split) not a power of 2 is refused."
-    ),
+    requirement="SET_VRING_NUM with 0, a size beyond 32768, or (split) not a power of 2 is "
+        "refused.",
 )
 def test_bad_ring_sizes(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -654,15 +615,10 @@ def test_bad_ring_sizes(
 
 
 @case(
-    "VU-MAL-8",
-    title="Vring index out of range",
-    family="malformed",
-    level=MUST,
+    "VU-MAL-8", title="Vring index out of range", family="malformed", level=MUST,
     clause=f"{RST} Front-end message types",
-    requirement=(
-        "SET_VRING_* and GET_VRING_BASE naming a queue the back-end does not have are refused "
-        "without a crash."
-    ),
+    requirement="SET_VRING_* and GET_VRING_BASE naming a queue the back-end does not have are "
+        "refused without a crash.",
 )
 def test_vring_index_out_of_range(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -700,15 +656,10 @@ def test_vring_index_out_of_range(
 
 
 @case(
-    "VU-MAL-9",
-    title="Truncated message, then close",
-    family="malformed",
-    level=MUST,
+    "VU-MAL-9", title="Truncated message, then close", family="malformed", level=MUST,
     clause=f"{RST} Communication",
-    requirement=(
-        "A header followed by part of its payload and a close leaves the back-end alive for a "
-        "new connection."
-    ),
+    requirement="A header followed by part of its payload and a close leaves the back-end alive "
+        "for a new connection.",
 )
 def test_truncated_message_then_close(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -733,15 +684,10 @@ def test_truncated_message_then_close(
 
 
 @case(
-    "VU-MAL-10",
-    title="GET_CONFIG beyond the config space",
-    family="malformed",
-    level=MUST,
+    "VU-MAL-10", title="GET_CONFIG beyond the config space", family="malformed", level=MUST,
     clause=f"{RST} Front-end message types: GET_CONFIG",
-    requirement=(
-        "GET_CONFIG with size over 256 or offset+size past the config gets a size-0 error reply "
-        "or a refusal, without a crash."
-    ),
+    requirement="GET_CONFIG with size over 256 or offset+size past the config gets a size-0 error "
+        "reply or a refusal, without a crash.",
     requires=[ProtocolFeature.CONFIG],
 )
 def test_get_config_beyond_config_space(
@@ -777,15 +723,10 @@ def test_get_config_beyond_config_space(
 
 
 @case(
-    "VU-MAL-11",
-    title="Requests for features not negotiated",
-    family="malformed",
-    level=MUST,
+    "VU-MAL-11", title="Requests for features not negotiated", family="malformed", level=MUST,
     clause=f"{RST} Protocol features",
-    requirement=(
-        "GET_INFLIGHT_FD, GET_CONFIG or ADD_MEM_REG sent without their protocol feature "
-        "negotiated are refused without a crash."
-    ),
+    requirement="GET_INFLIGHT_FD, GET_CONFIG or ADD_MEM_REG sent without their protocol feature "
+        "negotiated are refused without a crash.",
 )
 def test_requests_for_features_not_negotiated(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -818,15 +759,10 @@ def test_requests_for_features_not_negotiated(
 
 
 @case(
-    "VU-MAL-13",
-    title="GET_INFLIGHT_FD with a short payload",
-    family="malformed",
-    level=MUST,
+    "VU-MAL-13", title="GET_INFLIGHT_FD with a short payload", family="malformed", level=MUST,
     clause=f"{RST} Front-end message types: GET_INFLIGHT_FD",
-    requirement=(
-        "GET_INFLIGHT_FD or SET_INFLIGHT_FD with no payload or a truncated one gets an error or "
-        "a closed connection, never a crash; a new connection works."
-    ),
+    requirement="GET_INFLIGHT_FD or SET_INFLIGHT_FD with no payload or a truncated one gets an "
+        "error or a closed connection, never a crash; a new connection works.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD],
 )
 def test_inflight_messages_with_short_payloads(
@@ -883,19 +819,12 @@ def _maps_named(target: BackendTarget, name: str) -> int | None:
 
 
 @case(
-    "VU-MAL-14",
-    title="SET_INFLIGHT_FD twice, two regions",
-    family="malformed",
-    level=MUST,
+    "VU-MAL-14", title="SET_INFLIGHT_FD twice, two regions", family="malformed", level=MUST,
     clause=f"{RST} Inflight I/O tracking",
-    requirement=(
-        "Repeated SET_INFLIGHT_FD alternating two regions (each of the size GET_INFLIGHT_FD "
-        "gave) leaks no fd or mapping and the last region is the one the back-end tracks "
-        "requests in."
-    ),
-    requires=[ProtocolFeature.INFLIGHT_SHMFD],
-    needs=["command"],
-    leak=True,
+    requirement="Repeated SET_INFLIGHT_FD alternating two regions (each of the size "
+        "GET_INFLIGHT_FD gave) leaks no fd or mapping and the last region is the one the back-end "
+        "tracks requests in.",
+    requires=[ProtocolFeature.INFLIGHT_SHMFD], needs=["command"], leak=True,
 )
 def test_set_inflight_fd_twice(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -977,15 +906,10 @@ def test_set_inflight_fd_twice(
 
 
 @case(
-    "VU-MAL-15",
-    title="Messages before SET_OWNER",
-    family="malformed",
-    level=MUST,
+    "VU-MAL-15", title="Messages before SET_OWNER", family="malformed", level=MUST,
     clause=f"{RST} Front-end message types: SET_OWNER",
-    requirement=(
-        "Session messages (SET_FEATURES, memory, SET_VRING_*) sent before SET_OWNER are refused "
-        "or accepted, never a crash; a new connection works."
-    ),
+    requirement="Session messages (SET_FEATURES, memory, SET_VRING_*) sent before SET_OWNER are "
+        "refused or accepted, never a crash; a new connection works.",
 )
 def test_messages_before_set_owner(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -1085,17 +1009,11 @@ def _need_reply_session(
 
 
 @case(
-    "VU-MAL-16",
-    title="NEED_REPLY on every start-up message",
-    family="malformed",
-    level=MUST,
-    tier=Tier.CONFORMANCE,
-    clause=f"{RST} REPLY_ACK",
+    "VU-MAL-16", title="NEED_REPLY on every start-up message", family="malformed", level=MUST,
+    tier=Tier.CONFORMANCE, clause=f"{RST} REPLY_ACK",
     quote="\n".join((REPLY_ACK_RESPOND_QUOTE, REPLY_ACK_SOLICITED_QUOTE)),
-    requirement=(
-        "With REPLY_ACK negotiated, NEED_REPLY on every message of QEMU's start-up sequence "
-        "yields exactly one reply per message: its defined reply, or else one u64 ack."
-    ),
+    requirement="With REPLY_ACK negotiated, NEED_REPLY on every message of QEMU's start-up "
+        "sequence yields exactly one reply per message: its defined reply, or else one u64 ack.",
     requires=[ProtocolFeature.REPLY_ACK],
 )
 def test_need_reply_on_every_message(
@@ -1119,26 +1037,16 @@ def test_need_reply_on_every_message(
 
 
 @case(
-    "VU-MAL-17",
-    title="NEED_REPLY without REPLY_ACK on every message",
-    family="malformed",
-    level=SHOULD,
-    tier=Tier.INTEROP,
-    clause=f"{RST} REPLY_ACK",
-    source=(
-        "hw/virtio/vhost-user.c process_message_reply / vhost_user_read_header: QEMU 11.1.3 sets "
-        "NEED_REPLY only with REPLY_ACK negotiated and reads a reply only where it asked for "
+    "VU-MAL-17", title="NEED_REPLY without REPLY_ACK on every message", family="malformed",
+    level=SHOULD, tier=Tier.INTEROP, clause=f"{RST} REPLY_ACK",
+    source="hw/virtio/vhost-user.c process_message_reply / vhost_user_read_header: QEMU 11.1.3 "
+        "sets NEED_REPLY only with REPLY_ACK negotiated and reads a reply only where it asked for "
         "one; an unasked reply is read as the answer to its next request and rejected (wrong "
-        "request id)"
-    ),
-    requirement=(
-        "With REPLY_ACK not negotiated, NEED_REPLY on every message of QEMU's start-up sequence "
-        "yields the defined replies only, no ack."
-    ),
-    ambiguity=(
-        "the spec gives need_reply a meaning only with REPLY_ACK; an unasked ack desynchronises "
-        "QEMU's reply reading"
-    ),
+        "request id)",
+    requirement="With REPLY_ACK not negotiated, NEED_REPLY on every message of QEMU's start-up "
+        "sequence yields the defined replies only, no ack.",
+    ambiguity="the spec gives need_reply a meaning only with REPLY_ACK; an unasked ack "
+        "desynchronises QEMU's reply reading",
 )
 def test_need_reply_without_reply_ack(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
@@ -1195,15 +1103,10 @@ def _start_up(target: BackendTarget, timeout: float, limit: int) -> int:
 
 
 @case(
-    "VU-FUZZ-3",
-    title="Disconnect at every message boundary",
-    family="fuzz",
-    level=SHOULD,
+    "VU-FUZZ-3", title="Disconnect at every message boundary", family="fuzz", level=SHOULD,
     clause=f"{RST} Communication",
-    requirement=(
-        "Disconnecting after any message of the start-up sequence leaves a back-end that a new "
-        "connection brings to a working state."
-    ),
+    requirement="Disconnecting after any message of the start-up sequence leaves a back-end that "
+        "a new connection brings to a working state.",
     ambiguity="reconnection is not required by the spec; QEMU relies on it",
 )
 def test_disconnect_at_every_message_boundary(
@@ -1241,18 +1144,12 @@ def test_disconnect_at_every_message_boundary(
 
 
 @case(
-    "VU-FD-4",
-    title="REM_MEM_REG fds are closed",
-    family="memory",
-    level=MUST,
+    "VU-FD-4", title="REM_MEM_REG fds are closed", family="memory", level=MUST,
     clause=f"{RST} Front-end message types: REM_MEM_REG",
     quote="If a file descriptor is passed, the back-end MUST close it without using it otherwise.",
-    requirement=(
-        "An fd sent with REM_MEM_REG is accepted or refused but closed: the back-end's fd count "
-        "does not grow."
-    ),
-    requires=[ProtocolFeature.CONFIGURE_MEM_SLOTS],
-    needs=["command"],
+    requirement="An fd sent with REM_MEM_REG is accepted or refused but closed: the back-end's fd "
+        "count does not grow.",
+    requires=[ProtocolFeature.CONFIGURE_MEM_SLOTS], needs=["command"],
 )
 def test_rem_mem_reg_fd_is_closed(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float

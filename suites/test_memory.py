@@ -78,10 +78,7 @@ def _all_regions(session: Session, base_sector: int) -> None:
 
 
 @case(
-    "VU-FD-2",
-    title="SET_MEM_TABLE: one fd per region, up to 8",
-    family="memory",
-    level=MUST,
+    "VU-FD-2", title="SET_MEM_TABLE: one fd per region, up to 8", family="memory", level=MUST,
     clause=f"{RST} Front-end message types: SET_MEM_TABLE",
     quote="\n".join(
         (
@@ -89,10 +86,8 @@ def _all_regions(session: Session, base_sector: int) -> None:
             MEMORY_REGION_MAP_QUOTE,
         )
     ),
-    requirement=(
-        "SET_MEM_TABLE with 1 to 8 regions and one fd each is accepted and the memory is used "
-        "for I/O."
-    ),
+    requirement="SET_MEM_TABLE with 1 to 8 regions and one fd each is accepted and the memory is "
+        "used for I/O.",
 )
 def test_set_mem_table_up_to_8_regions(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -109,10 +104,7 @@ def test_set_mem_table_up_to_8_regions(
 
 
 @case(
-    "VU-MEM-4",
-    title="Regions with mmap_offset, GPA != HVA, holes",
-    family="memory",
-    level=MUST,
+    "VU-MEM-4", title="Regions with mmap_offset, GPA != HVA, holes", family="memory", level=MUST,
     clause=f"{RST} Memory region description",
     quote="\n".join(
         (
@@ -120,11 +112,9 @@ def test_set_mem_table_up_to_8_regions(
             MEMORY_REGION_MAP_QUOTE,
         )
     ),
-    requirement=(
-        "Data written at a GPA in a region with non-zero mmap_offset, a user address unlike its "
-        "GPA and gaps between regions reads back right, with the regions sent by ADD_MEM_REG "
-        "(where CONFIGURE_MEM_SLOTS is offered) and by SET_MEM_TABLE."
-    ),
+    requirement="Data written at a GPA in a region with non-zero mmap_offset, a user address "
+        "unlike its GPA and gaps between regions reads back right, with the regions sent by "
+        "ADD_MEM_REG (where CONFIGURE_MEM_SLOTS is offered) and by SET_MEM_TABLE.",
 )
 def test_regions_with_offsets_and_holes(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -144,16 +134,10 @@ def test_regions_with_offsets_and_holes(
 
 
 @case(
-    "VU-MEM-7",
-    title="ADD_MEM_REG as QEMU 11.1.3 sends it",
-    family="memory",
-    level=MUST,
-    clause=f"{RST} Front-end message types: ADD_MEM_REG",
-    quote=ADD_MEM_REG_QUOTE,
-    requirement=(
-        "With CONFIGURE_MEM_SLOTS, a start that sends ADD_MEM_REG (NEED_REPLY) instead of "
-        "SET_MEM_TABLE works, also for a region with a non-zero mmap_offset."
-    ),
+    "VU-MEM-7", title="ADD_MEM_REG as QEMU 11.1.3 sends it", family="memory", level=MUST,
+    clause=f"{RST} Front-end message types: ADD_MEM_REG", quote=ADD_MEM_REG_QUOTE,
+    requirement="With CONFIGURE_MEM_SLOTS, a start that sends ADD_MEM_REG (NEED_REPLY) instead of "
+        "SET_MEM_TABLE works, also for a region with a non-zero mmap_offset.",
     requires=[ProtocolFeature.CONFIGURE_MEM_SLOTS],
 )
 def test_add_mem_reg_as_qemu_sends_it(
@@ -172,16 +156,11 @@ def test_add_mem_reg_as_qemu_sends_it(
 
 
 @case(
-    "VU-MEM-5",
-    title="Memory slots beyond 8",
-    family="memory",
-    level=MUST,
+    "VU-MEM-5", title="Memory slots beyond 8", family="memory", level=MUST,
     clause=f"{RST} Front-end message types: GET_MAX_MEM_SLOTS / ADD_MEM_REG",
     quote=ADD_MEM_REG_QUOTE,
-    requirement=(
-        "8 regions by SET_MEM_TABLE, a 9th by ADD_MEM_REG, then up to GET_MAX_MEM_SLOTS regions "
-        "are accepted and usable."
-    ),
+    requirement="8 regions by SET_MEM_TABLE, a 9th by ADD_MEM_REG, then up to GET_MAX_MEM_SLOTS "
+        "regions are accepted and usable.",
     requires=[ProtocolFeature.CONFIGURE_MEM_SLOTS],
 )
 def test_memory_slots_beyond_8(
@@ -214,19 +193,12 @@ def test_memory_slots_beyond_8(
 
 
 @case(
-    "VU-MEM-6",
-    title="REM_MEM_REG of a region in use",
-    family="memory",
-    level=MUST,
+    "VU-MEM-6", title="REM_MEM_REG of a region in use", family="memory", level=MUST,
     clause=f"{RST} Front-end message types: REM_MEM_REG",
-    quote=(
-        "The message payload contains a memory region descriptor struct, describing a region of "
-        "guest memory which the back-end device must unmap."
-    ),
-    requirement=(
-        "Removing a region a queued descriptor still points into ends in an error status or a "
-        "safe completion, never a crash."
-    ),
+    quote="The message payload contains a memory region descriptor struct, describing a region of "
+        "guest memory which the back-end device must unmap.",
+    requirement="Removing a region a queued descriptor still points into ends in an error status "
+        "or a safe completion, never a crash.",
     requires=[ProtocolFeature.CONFIGURE_MEM_SLOTS],
 )
 def test_rem_mem_reg_of_a_region_in_use(
@@ -276,21 +248,14 @@ def test_rem_mem_reg_of_a_region_in_use(
 
 
 @case(
-    "VU-MEM-2",
-    title="GPA_ADDRESSES: guest-physical ring addresses",
-    family="memory",
-    level=MUST,
+    "VU-MEM-2", title="GPA_ADDRESSES: guest-physical ring addresses", family="memory", level=MUST,
     clause=f"{RST} Memory region description; Vring address description",
-    quote=(
-        "Otherwise, when VHOST_USER_PROTOCOL_F_GPA_ADDRESSES is negotiated, the ring addresses "
+    quote="Otherwise, when VHOST_USER_PROTOCOL_F_GPA_ADDRESSES is negotiated, the ring addresses "
         "are guest physical addresses for frontend messages.\n"
         "When VHOST_USER_PROTOCOL_F_GPA_ADDRESSES is negotiated, this field contain guest "
-        "physical address instead and must duplicate guest address field."
-    ),
-    requirement=(
-        "With GPA_ADDRESSES negotiated, regions whose user address duplicates the guest address "
-        "and ring addresses given as GPAs work."
-    ),
+        "physical address instead and must duplicate guest address field.",
+    requirement="With GPA_ADDRESSES negotiated, regions whose user address duplicates the guest "
+        "address and ring addresses given as GPAs work.",
     requires=[ProtocolFeature.GPA_ADDRESSES],
 )
 def test_gpa_addresses(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
@@ -307,20 +272,14 @@ def test_gpa_addresses(vhost_target: BackendTarget, make_session: SessionFactory
 
 
 @case(
-    "VU-FD-3",
-    title="Back-end channel fds only with BACKEND_SEND_FD",
-    family="memory",
-    level=MUST,
+    "VU-FD-3", title="Back-end channel fds only with BACKEND_SEND_FD", family="memory", level=MUST,
     clause=f"{RST} Back-end communication",
-    quote=(
-        "If VHOST_USER_PROTOCOL_F_BACKEND_SEND_FD protocol feature is negotiated, back-end can "
-        "send file descriptors (at most 8 descriptors in each message) to front-end via "
-        "ancillary data using this fd communication channel."
-    ),
-    requirement=(
-        "Messages on the back-end channel (a disk resize provokes BACKEND_CONFIG_CHANGE_MSG) "
-        "carry at most 8 fds, and fds only if BACKEND_SEND_FD was negotiated."
-    ),
+    quote="If VHOST_USER_PROTOCOL_F_BACKEND_SEND_FD protocol feature is negotiated, back-end can "
+        "send file descriptors (at most 8 descriptors in each message) to front-end via ancillary "
+        "data using this fd communication channel.",
+    requirement="Messages on the back-end channel (a disk resize provokes "
+        "BACKEND_CONFIG_CHANGE_MSG) carry at most 8 fds, and fds only if BACKEND_SEND_FD was "
+        "negotiated.",
     requires=[ProtocolFeature.BACKEND_REQ],
 )
 def test_backend_channel_fds(vhost_target: BackendTarget, vhost_session: Session) -> None:
@@ -349,20 +308,13 @@ def test_backend_channel_fds(vhost_target: BackendTarget, vhost_session: Session
 
 
 @case(
-    "VU-MEM-8",
-    title="REM_MEM_REG ignores the mmap offset",
-    family="memory",
-    level=MUST,
+    "VU-MEM-8", title="REM_MEM_REG ignores the mmap offset", family="memory", level=MUST,
     clause=f"{RST} Front-end message types: REM_MEM_REG",
-    quote=(
-        "The memory region to be removed is identified by its guest address, user address and "
-        "size. The mmap offset is ignored."
-    ),
-    requirement=(
-        "REM_MEM_REG naming a region by its guest address, user address and size, with an "
+    quote="The memory region to be removed is identified by its guest address, user address and "
+        "size. The mmap offset is ignored.",
+    requirement="REM_MEM_REG naming a region by its guest address, user address and size, with an "
         "mmap_offset unlike the one ADD_MEM_REG gave, removes that region: it is acked 0 (with "
-        "REPLY_ACK), a new region at the same addresses is accepted, and I/O uses the new one."
-    ),
+        "REPLY_ACK), a new region at the same addresses is accepted, and I/O uses the new one.",
     requires=[ProtocolFeature.CONFIGURE_MEM_SLOTS],
 )
 def test_rem_mem_reg_ignores_mmap_offset(

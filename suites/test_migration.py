@@ -58,16 +58,11 @@ P = ProtocolFeature
 
 #: Per-request latency of the slow disk and how many requests are held in flight.
 @case(
-    "VU-MIG-3",
-    title="Destination resubmits the migrated in-flight requests",
-    family="migration",
-    level=MUST,
-    clause=f"{RST} Inflight I/O tracking; Front-end message types: GET_VRING_BASE",
+    "VU-MIG-3", title="Destination resubmits the migrated in-flight requests", family="migration",
+    level=MUST, clause=f"{RST} Inflight I/O tracking; Front-end message types: GET_VRING_BASE",
     quote=INFLIGHT_MIGRATION_QUOTE,
-    requirement=(
-        "A destination given the migrated region by SET_INFLIGHT_FD and the migrated "
-        "SET_VRING_BASE completes every suspended request once."
-    ),
+    requirement="A destination given the migrated region by SET_INFLIGHT_FD and the migrated "
+        "SET_VRING_BASE completes every suspended request once.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.GET_VRING_BASE_INFLIGHT],
     needs=["slow-io"],
 )
@@ -91,19 +86,13 @@ def test_destination_resubmits_inflight_requests(
 
 
 @case(
-    "VU-MIG-4",
-    title="Source region equals the front-end's model",
-    family="migration",
-    level=MUST,
+    "VU-MIG-4", title="Source region equals the front-end's model", family="migration", level=MUST,
     clause=f"{RST} Inflight I/O tracking",
     quote="\n".join((GET_VRING_BASE_DRAIN_QUOTE, GET_VRING_BASE_INFLIGHT_QUOTE)),
-    requirement=(
-        "After a no-drain GET_VRING_BASE, the region's bytes equal the front-end's model of what "
-        "is in flight."
-    ),
+    requirement="After a no-drain GET_VRING_BASE, the region's bytes equal the front-end's model "
+        "of what is in flight.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.GET_VRING_BASE_INFLIGHT],
-    needs=["slow-io"],
-    ambiguity=MAY_SUSPEND,
+    needs=["slow-io"], ambiguity=MAY_SUSPEND,
 )
 def test_source_region_equals_model(
     vhost_target: BackendTarget,
@@ -121,16 +110,10 @@ def test_source_region_equals_model(
 
 
 @case(
-    "VU-MIG-5",
-    title="Drain migration keeps the data",
-    family="migration",
-    level=MUST,
-    clause=f"{RST} Migration",
-    quote=GET_VRING_BASE_DRAIN_QUOTE,
-    requirement=(
-        "Data written through the source before a drained stop reads back through a destination "
-        "on the same disk."
-    ),
+    "VU-MIG-5", title="Drain migration keeps the data", family="migration", level=MUST,
+    clause=f"{RST} Migration", quote=GET_VRING_BASE_DRAIN_QUOTE,
+    requirement="Data written through the source before a drained stop reads back through a "
+        "destination on the same disk.",
     needs=["shared-disk"],
 )
 def test_drained_migration_keeps_data(
@@ -161,21 +144,13 @@ def test_drained_migration_keeps_data(
 
 
 @case(
-    "VU-MIG-8",
-    title="Stop latency and downtime, drain vs no-drain",
-    family="migration",
-    level=INFO,
-    tier=Tier.INTEROP,
-    clause=f"{RST} Front-end message types: GET_VRING_BASE",
-    source=(
-        "QEMU-TRACES.md (b) and (e): the stop sequence and in-flight migration QEMU 11.1.3 runs "
-        "(inflight-migration=on/off); measured, not judged"
-    ),
-    requirement=(
-        "Measured, not judged: the GET_VRING_BASE round trip and the migration downtime with "
-        "requests held on a slow disk, draining and (with bit 20) suspending; every held request "
-        "still completes once."
-    ),
+    "VU-MIG-8", title="Stop latency and downtime, drain vs no-drain", family="migration", level=INFO,
+    tier=Tier.INTEROP, clause=f"{RST} Front-end message types: GET_VRING_BASE",
+    source="QEMU-TRACES.md (b) and (e): the stop sequence and in-flight migration QEMU 11.1.3 "
+        "runs (inflight-migration=on/off); measured, not judged",
+    requirement="Measured, not judged: the GET_VRING_BASE round trip and the migration downtime "
+        "with requests held on a slow disk, draining and (with bit 20) suspending; every held "
+        "request still completes once.",
     needs=["slow-io"],
 )
 def test_stop_latency_and_downtime_drain_vs_no_drain(
@@ -221,16 +196,10 @@ def test_stop_latency_and_downtime_drain_vs_no_drain(
 
 
 @case(
-    "VU-MIG-6",
-    title="SET_LOG_BASE is answered",
-    family="migration",
-    level=MUST,
-    clause=f"{RST} Front-end message types: SET_LOG_BASE",
-    quote=MIGRATION_LOG_QUOTE,
-    requirement=(
-        "With LOG_SHMFD, SET_LOG_BASE with the 16-byte log description and one fd gets its reply "
-        "(payload N/A in the spec: any size) before the deadline."
-    ),
+    "VU-MIG-6", title="SET_LOG_BASE is answered", family="migration", level=MUST,
+    clause=f"{RST} Front-end message types: SET_LOG_BASE", quote=MIGRATION_LOG_QUOTE,
+    requirement="With LOG_SHMFD, SET_LOG_BASE with the 16-byte log description and one fd gets "
+        "its reply (payload N/A in the spec: any size) before the deadline.",
     requires=[ProtocolFeature.LOG_SHMFD],
 )
 def test_set_log_base_is_answered(
@@ -278,19 +247,12 @@ _LOG_START = ("SET_LOG_BASE", "SET_FEATURES", "SET_VRING_ADDR")
 
 
 @case(
-    "VU-MIG-7",
-    title="Migration sequence of QEMU 11.1.3",
-    family="migration",
-    level=MUST,
+    "VU-MIG-7", title="Migration sequence of QEMU 11.1.3", family="migration", level=MUST,
     clause=f"{RST} Migration",
-    quote=(
-        "While processing the rings (whether they are enabled or not), the back-end must support "
-        "changing some configuration aspects on the fly."
-    ),
-    requirement=(
-        "SET_LOG_BASE, SET_FEATURES(+LOG_ALL) and SET_VRING_ADDR(F_LOG) mid-session, as QEMU "
-        "11.1.3 sends them with NEED_REPLY, are each acked and I/O continues."
-    ),
+    quote="While processing the rings (whether they are enabled or not), the back-end must "
+        "support changing some configuration aspects on the fly.",
+    requirement="SET_LOG_BASE, SET_FEATURES(+LOG_ALL) and SET_VRING_ADDR(F_LOG) mid-session, as "
+        "QEMU 11.1.3 sends them with NEED_REPLY, are each acked and I/O continues.",
     requires=[ProtocolFeature.LOG_SHMFD, ProtocolFeature.REPLY_ACK, VirtioFeature.LOG_ALL],
 )
 def test_qemu_11_1_migration_sequence(vhost_session: Session) -> None:

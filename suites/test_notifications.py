@@ -59,21 +59,13 @@ def _send_nofd(session: Session, request: FrontendRequest, index: int) -> None:
 
 
 @case(
-    "VU-POLL-1",
-    title="SET_VRING_KICK with NOFD: the ring is polled",
-    family="rings",
-    level=SHOULD,
+    "VU-POLL-1", title="SET_VRING_KICK with NOFD: the ring is polled", family="rings", level=SHOULD,
     clause=f"{RST} Front-end message types: SET_VRING_KICK",
-    quote=(
-        "Bit 8 is the invalid FD flag. This flag is set when there is no file descriptor in the "
-        "ancillary data. This signals that polling should be used instead of waiting for the "
-        "kick."
-    ),
-    requirement=(
-        "After SET_VRING_KICK with bit 8 set and no fd (the ring starts on it), requests "
-        "published without any kick complete; or the message is refused with a non-zero "
-        "REPLY_ACK status."
-    ),
+    quote="Bit 8 is the invalid FD flag. This flag is set when there is no file descriptor in the "
+        "ancillary data. This signals that polling should be used instead of waiting for the kick.",
+    requirement="After SET_VRING_KICK with bit 8 set and no fd (the ring starts on it), requests "
+        "published without any kick complete; or the message is refused with a non-zero REPLY_ACK "
+        "status.",
     ambiguity=NOFD_AMBIGUITY,
 )
 def test_kick_nofd_polls(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
@@ -112,20 +104,13 @@ def _polled(session: Session, request: BlkRequest, round_: int) -> list[BlkCompl
 
 
 @case(
-    "VU-POLL-2",
-    title="SET_VRING_CALL with NOFD: no call fd, completions still come",
-    family="rings",
-    level=SHOULD,
-    clause=f"{RST} Front-end message types: SET_VRING_CALL",
-    quote=(
-        "Bit 8 is the invalid FD flag. This flag is set when there is no file descriptor in the "
-        "ancillary data. This signals that polling will be used instead of waiting for the call."
-    ),
-    requirement=(
-        "After SET_VRING_CALL with bit 8 set and no fd on a running ring, requests still "
-        "complete in the used ring and the call fd it replaced is not signalled any more; or "
-        "the message is refused with a non-zero REPLY_ACK status."
-    ),
+    "VU-POLL-2", title="SET_VRING_CALL with NOFD: no call fd, completions still come",
+    family="rings", level=SHOULD, clause=f"{RST} Front-end message types: SET_VRING_CALL",
+    quote="Bit 8 is the invalid FD flag. This flag is set when there is no file descriptor in the "
+        "ancillary data. This signals that polling will be used instead of waiting for the call.",
+    requirement="After SET_VRING_CALL with bit 8 set and no fd on a running ring, requests still "
+        "complete in the used ring and the call fd it replaced is not signalled any more; or the "
+        "message is refused with a non-zero REPLY_ACK status.",
     ambiguity=NOFD_AMBIGUITY,
 )
 def test_call_nofd_completes(vhost_target: BackendTarget, make_session: SessionFactory) -> None:

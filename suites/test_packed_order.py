@@ -91,26 +91,17 @@ def _untaken(session: Session, vq: PackedVirtqueue, slot: int, before: bytes,
 
 
 @case(
-    "VU-RING-21",
-    title="Packed descriptors are taken in ring order",
-    family="rings",
-    level=MUST,
+    "VU-RING-21", title="Packed descriptors are taken in ring order", family="rings", level=MUST,
     clause=f"{VIRTIO} 2.8.12 Packed Virtqueues (device requirements)",
-    quote=(
-        "The device MUST start processing driver descriptors in the order in which they "
-        "appear in the ring."
-    ),
-    requirement=(
-        "Two reads are written into the ring; the second one's head is made available, the "
-        "first one's is not yet (its flags carry NEXT, AVAIL and USED still 0). After a kick "
+    quote="The device MUST start processing driver descriptors in the order in which they appear "
+        "in the ring.",
+    requirement="Two reads are written into the ring; the second one's head is made available, "
+        "the first one's is not yet (its flags carry NEXT, AVAIL and USED still 0). After a kick "
         "the device takes neither: the second read's status byte and the first entry stay "
-        "untouched for 0.2 s. Once the first head is made available both complete OK."
-    ),
-    ambiguity=(
-        "the order of starting is judged where it is observable without timing: a device "
-        "that starts the second request while the first is not available started it out of "
-        "ring order"
-    ),
+        "untouched for 0.2 s. Once the first head is made available both complete OK.",
+    ambiguity="the order of starting is judged where it is observable without timing: a device "
+        "that starts the second request while the first is not available started it out of ring "
+        "order",
     requires=[VirtioFeature.RING_PACKED],
 )
 def test_packed_ring_order(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
@@ -135,26 +126,17 @@ def test_packed_ring_order(vhost_target: BackendTarget, make_session: SessionFac
 
 
 @case(
-    "VU-RING-22",
-    title="Packed used descriptors in completion order",
-    family="rings",
-    level=MUST,
+    "VU-RING-22", title="Packed used descriptors in completion order", family="rings", level=MUST,
     clause=f"{VIRTIO} 2.8.12 Packed Virtqueues (device requirements)",
-    quote=(
-        "The device MUST start writing device descriptors into the ring in the order in "
-        "which they complete."
-    ),
-    requirement=(
-        "On a slow disk (0.3 s per request) a WRITE and then a GET_ID (which needs no disk) "
-        "are made available together. Whichever status byte is written first, alone, marks "
-        "the request that completed first: the first used descriptor carries its buffer id."
-    ),
-    ambiguity=(
-        "the spec does not say when a request completes; the case takes the moment its status "
-        "byte, the last byte the device writes into the buffers, appears (QEMU 11.1.3's "
-        "libvhost-user pushes the used element after the status); two status bytes seen in "
-        "the same sample give no order: unsupported"
-    ),
+    quote="The device MUST start writing device descriptors into the ring in the order in which "
+        "they complete.",
+    requirement="On a slow disk (0.3 s per request) a WRITE and then a GET_ID (which needs no "
+        "disk) are made available together. Whichever status byte is written first, alone, marks "
+        "the request that completed first: the first used descriptor carries its buffer id.",
+    ambiguity="the spec does not say when a request completes; the case takes the moment its "
+        "status byte, the last byte the device writes into the buffers, appears (QEMU 11.1.3's "
+        "libvhost-user pushes the used element after the status); two status bytes seen in the "
+        "same sample give no order: unsupported",
     requires=[VirtioFeature.RING_PACKED],
 )
 def test_packed_used_in_completion_order(vhost_target: BackendTarget,
@@ -198,22 +180,16 @@ def test_packed_used_in_completion_order(vhost_target: BackendTarget,
 
 
 @case(
-    "VU-RING-23",
-    title="Packed descriptors without a changed AVAIL bit are not used",
-    family="rings",
-    level=MUST,
+    "VU-RING-23", title="Packed descriptors without a changed AVAIL bit are not used",
+    family="rings", level=MUST,
     clause=f"{VIRTIO} 2.8.15 The Virtqueue Descriptor Table (device requirements)",
-    quote=(
-        "A device MUST NOT use a descriptor unless it observes the VIRTQ_DESC_F_AVAIL bit in "
-        "its flags being changed (e.g. as compared to the initial zero value)."
-    ),
-    requirement=(
-        "A read is written at the next ring entry with head flags that do not make it "
+    quote="A device MUST NOT use a descriptor unless it observes the VIRTQ_DESC_F_AVAIL bit in "
+        "its flags being changed (e.g. as compared to the initial zero value).",
+    requirement="A read is written at the next ring entry with head flags that do not make it "
         "available: in the first lap USED set and AVAIL clear (the pattern of the other wrap "
-        "counter), after the ring wrapped AVAIL set with USED clear and with USED set (the "
-        "values the entry had in the first lap). After a kick the device takes none of them "
-        "(status byte and entry untouched for 0.2 s); made available, each completes OK."
-    ),
+        "counter), after the ring wrapped AVAIL set with USED clear and with USED set (the values "
+        "the entry had in the first lap). After a kick the device takes none of them (status byte "
+        "and entry untouched for 0.2 s); made available, each completes OK.",
     requires=[VirtioFeature.RING_PACKED],
 )
 def test_packed_stale_avail_bit(vhost_target: BackendTarget,
@@ -249,21 +225,15 @@ def test_packed_stale_avail_bit(vhost_target: BackendTarget,
 
 
 @case(
-    "VU-RING-24",
-    title="Packed used descriptors are not changed after their USED bit",
-    family="rings",
-    level=MUST,
+    "VU-RING-24", title="Packed used descriptors are not changed after their USED bit",
+    family="rings", level=MUST,
     clause=f"{VIRTIO} 2.8.15 The Virtqueue Descriptor Table (device requirements)",
-    quote=(
-        "A device MUST NOT change a descriptor after changing it's the VIRTQ_DESC_F_USED bit "
-        "in its flags."
-    ),
-    requirement=(
-        "Four requests (reads and writes) are made available one after the other, each once "
-        "the previous one's used descriptor appeared; each used descriptor's 16 bytes are "
-        "read when its USED bit flips and must stay the same through the later completions "
-        "and 0.2 s after the last (nothing is reaped or reused meanwhile)."
-    ),
+    quote="A device MUST NOT change a descriptor after changing it's the VIRTQ_DESC_F_USED bit in "
+        "its flags.",
+    requirement="Four requests (reads and writes) are made available one after the other, each "
+        "once the previous one's used descriptor appeared; each used descriptor's 16 bytes are "
+        "read when its USED bit flips and must stay the same through the later completions and "
+        "0.2 s after the last (nothing is reaped or reused meanwhile).",
     requires=[VirtioFeature.RING_PACKED],
 )
 def test_packed_used_descriptor_unchanged(vhost_target: BackendTarget,

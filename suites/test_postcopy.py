@@ -143,16 +143,10 @@ def _pids(target: BackendTarget) -> list[int]:
 
 
 @case(
-    "VU-POSTCOPY-1",
-    title="POSTCOPY_ADVISE: a userfaultfd",
-    family="migration",
-    level=MUST,
-    clause=f"{RST} Front-end message types: POSTCOPY_ADVISE",
-    quote=ADVISE_QUOTE,
-    requirement=(
-        "With PAGEFAULT negotiated, POSTCOPY_ADVISE is answered with exactly one fd, a "
-        "userfaultfd."
-    ),
+    "VU-POSTCOPY-1", title="POSTCOPY_ADVISE: a userfaultfd", family="migration", level=MUST,
+    clause=f"{RST} Front-end message types: POSTCOPY_ADVISE", quote=ADVISE_QUOTE,
+    requirement="With PAGEFAULT negotiated, POSTCOPY_ADVISE is answered with exactly one fd, a "
+        "userfaultfd.",
     requires=[ProtocolFeature.PAGEFAULT],
 )
 def test_postcopy_advise(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
@@ -161,10 +155,8 @@ def test_postcopy_advise(vhost_target: BackendTarget, make_session: SessionFacto
 
 
 @case(
-    "VU-POSTCOPY-2",
-    title="POSTCOPY_LISTEN: memory registered with the userfaultfd, not touched",
-    family="migration",
-    level=MUST,
+    "VU-POSTCOPY-2", title="POSTCOPY_LISTEN: memory registered with the userfaultfd, not touched",
+    family="migration", level=MUST,
     clause=f"{RST} Front-end message types: POSTCOPY_LISTEN; SET_MEM_TABLE; Migration",
     quote="\n".join(
         (
@@ -179,14 +171,11 @@ def test_postcopy_advise(vhost_target: BackendTarget, make_session: SessionFacto
             "that have yet to be received.",
         )
     ),
-    requirement=(
-        "After POSTCOPY_ADVISE and POSTCOPY_LISTEN, SET_MEM_TABLE is answered with the regions "
-        "and the back-end's bases; once acked, each region's mapping in the back-end is "
-        "registered for missing-page faults (smaps VmFlags um), and no fault event is pending "
-        "on the userfaultfd (the memory was not touched)."
-    ),
-    requires=[ProtocolFeature.PAGEFAULT],
-    needs=["command"],
+    requirement="After POSTCOPY_ADVISE and POSTCOPY_LISTEN, SET_MEM_TABLE is answered with the "
+        "regions and the back-end's bases; once acked, each region's mapping in the back-end is "
+        "registered for missing-page faults (smaps VmFlags um), and no fault event is pending on "
+        "the userfaultfd (the memory was not touched).",
+    requires=[ProtocolFeature.PAGEFAULT], needs=["command"],
 )
 def test_postcopy_listen_registers(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -226,11 +215,8 @@ def test_postcopy_listen_registers(
 
 
 @case(
-    "VU-POSTCOPY-3",
-    title="POSTCOPY_END: 0, the userfaultfd disabled",
-    family="migration",
-    level=MUST,
-    clause=f"{RST} Front-end message types: POSTCOPY_END",
+    "VU-POSTCOPY-3", title="POSTCOPY_END: 0, the userfaultfd disabled", family="migration",
+    level=MUST, clause=f"{RST} Front-end message types: POSTCOPY_END",
     quote="\n".join(
         (
             "The front-end advises that postcopy migration has now completed.  The back-end must "
@@ -238,12 +224,10 @@ def test_postcopy_listen_registers(
             "The value returned is an error indication; 0 is success.",
         )
     ),
-    requirement=(
-        "POSTCOPY_END after POSTCOPY_LISTEN is answered with u64 0, and once the front-end "
-        "closed its copy of the userfaultfd no region of the back-end is registered any more."
-    ),
-    requires=[ProtocolFeature.PAGEFAULT],
-    needs=["command"],
+    requirement="POSTCOPY_END after POSTCOPY_LISTEN is answered with u64 0, and once the "
+        "front-end closed its copy of the userfaultfd no region of the back-end is registered any "
+        "more.",
+    requires=[ProtocolFeature.PAGEFAULT], needs=["command"],
 )
 def test_postcopy_end(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """POSTCOPY_END: reply 0, then the regions are no longer registered."""

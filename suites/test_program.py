@@ -46,10 +46,7 @@ def _serves(sock: socket.socket, what: str) -> None:
 
 
 @case(
-    "VU-BACKEND-3",
-    title="--socket-path=PATH",
-    family="program",
-    level=SHOULD,
+    "VU-BACKEND-3", title="--socket-path=PATH", family="program", level=SHOULD,
     clause=f"{RST} Backend program conventions",
     quote="\n".join(
         (
@@ -58,12 +55,9 @@ def _serves(sock: socket.socket, what: str) -> None:
             "This option specify the location of the vhost-user Unix domain socket.",
         )
     ),
-    requirement=(
-        "The program started with --socket-path=PATH (the option spelled as the spec spells "
-        "it) listens on PATH and answers GET_FEATURES there."
-    ),
-    needs=["command"],
-    ambiguity=ADVISORY_CONVENTIONS,
+    requirement="The program started with --socket-path=PATH (the option spelled as the spec "
+        "spells it) listens on PATH and answers GET_FEATURES there.",
+    needs=["command"], ambiguity=ADVISORY_CONVENTIONS,
 )
 def test_socket_path_option(vhost_target: BackendTarget) -> None:
     """--socket-path=PATH: the program listens on PATH and answers there."""
@@ -81,10 +75,7 @@ def test_socket_path_option(vhost_target: BackendTarget) -> None:
 
 
 @case(
-    "VU-BACKEND-4",
-    title="--fd=FDNUM",
-    family="program",
-    level=SHOULD,
+    "VU-BACKEND-4", title="--fd=FDNUM", family="program", level=SHOULD,
     clause=f"{RST} Backend program conventions",
     quote="\n".join(
         (
@@ -94,16 +85,12 @@ def test_socket_path_option(vhost_target: BackendTarget) -> None:
             "socket as file descriptor FDNUM.",
         )
     ),
-    requirement=(
-        "The program started with --fd=FDNUM and the vhost-user socket as that fd serves the "
-        "vhost-user protocol on it (GET_FEATURES answered)."
-    ),
+    requirement="The program started with --fd=FDNUM and the vhost-user socket as that fd serves "
+        "the vhost-user protocol on it (GET_FEATURES answered).",
     needs=["command"],
-    ambiguity=(
-        ADVISORY_CONVENTIONS + "; 'the vhost-user socket' is not said to be listening or "
+    ambiguity=ADVISORY_CONVENTIONS + "; 'the vhost-user socket' is not said to be listening or "
         "connected: the profile's program_fd says which (libvhost-user's contrib "
-        "vhost-user-blk and virtiofsd take a listening socket, the default)"
-    ),
+        "vhost-user-blk and virtiofsd take a listening socket, the default)",
 )
 def test_fd_option(vhost_target: BackendTarget) -> None:
     """--fd=FDNUM: the program serves the socket it inherited as FDNUM."""
@@ -141,11 +128,8 @@ def test_fd_option(vhost_target: BackendTarget) -> None:
 
 
 @case(
-    "VU-BACKEND-5",
-    title="Initialization failure: early exit with status != 0",
-    family="program",
-    level=SHOULD,
-    clause=f"{RST} Backend program conventions",
+    "VU-BACKEND-5", title="Initialization failure: early exit with status != 0", family="program",
+    level=SHOULD, clause=f"{RST} Backend program conventions",
     quote="\n".join(
         (
             BACKEND_CONVENTIONS_QUOTE,
@@ -154,12 +138,9 @@ def test_fd_option(vhost_target: BackendTarget) -> None:
             "fail to start early and exit with a status != 0.",
         )
     ),
-    requirement=(
-        "The program started with a disk image that does not exist exits within 10 s with a "
-        "status other than 0."
-    ),
-    needs=["command"],
-    ambiguity=ADVISORY_CONVENTIONS,
+    requirement="The program started with a disk image that does not exist exits within 10 s with "
+        "a status other than 0.",
+    needs=["command"], ambiguity=ADVISORY_CONVENTIONS,
 )
 def test_init_failure_exit_status(vhost_target: BackendTarget) -> None:
     """A disk that cannot be opened: the program exits early, status != 0."""
@@ -186,11 +167,8 @@ def test_init_failure_exit_status(vhost_target: BackendTarget) -> None:
 
 
 @case(
-    "VU-BACKEND-6",
-    title="--print-capabilities with other options: no normal function",
-    family="program",
-    level=SHOULD,
-    clause=f"{RST} Backend program conventions",
+    "VU-BACKEND-6", title="--print-capabilities with other options: no normal function",
+    family="program", level=SHOULD, clause=f"{RST} Backend program conventions",
     quote="\n".join(
         (
             BACKEND_CONVENTIONS_QUOTE,
@@ -200,15 +178,11 @@ def test_init_failure_exit_status(vhost_target: BackendTarget) -> None:
             "perform its normal function.",
         )
     ),
-    requirement=(
-        "The program started with its normal options, --socket-path=PATH and "
-        "--print-capabilities prints JSON, exits 0 within 10 s and never listens on PATH."
-    ),
+    requirement="The program started with its normal options, --socket-path=PATH and "
+        "--print-capabilities prints JSON, exits 0 within 10 s and never listens on PATH.",
     needs=["command"],
-    ambiguity=(
-        ADVISORY_CONVENTIONS + "; 'other options' are taken to be the program's own (its "
-        "normal command line), not unknown ones"
-    ),
+    ambiguity=ADVISORY_CONVENTIONS + "; 'other options' are taken to be the program's own (its "
+        "normal command line), not unknown ones",
 )
 def test_print_capabilities_ignores_other_options(vhost_target: BackendTarget) -> None:
     """--print-capabilities among the normal options: JSON, exit 0, no socket."""

@@ -49,14 +49,12 @@ from vhost_conformance.suites.target import BackendTarget, Capabilities, Command
 
 
 @case(
-    "VU-QEMU-1",
-    title="QEMU 11.1.3 guest I/O on a split ring",
-    family="qemu",
-    level=MUST,
+    "VU-QEMU-1", title="QEMU 11.1.3 guest I/O on a split ring", family="qemu", level=MUST,
     tier=Tier.INTEROP,
     clause="VIRTIO 1.3 5.2 Block Device; vhost-user.rst (QEMU 11.1.3) Starting and stopping rings",
     source="QEMU-TRACES.md (a); hw/block/vhost-user-blk.c vhost_user_blk_start/stop",
-    requirement="Under real QEMU 11.1.3 the guest's writes read back identical with O_DIRECT, QEMU powers off cleanly, and every reply QEMU receives passes the reply validator.",
+    requirement="Under real QEMU 11.1.3 the guest's writes read back identical with O_DIRECT, "
+        "QEMU powers off cleanly, and every reply QEMU receives passes the reply validator.",
 )
 def test_qemu_split_io(request: pytest.FixtureRequest, vhost_target: BackendTarget,
                        vhost_target_factory: Callable[[str], BackendTarget],
@@ -73,12 +71,8 @@ def test_qemu_split_io(request: pytest.FixtureRequest, vhost_target: BackendTarg
 
 
 @case(
-    "VU-QEMU-2",
-    title="QEMU 11.1.3 guest I/O on a packed ring",
-    family="qemu",
-    level=MUST,
-    tier=Tier.INTEROP,
-    clause="VIRTIO 1.3 2.8 Packed Virtqueues",
+    "VU-QEMU-2", title="QEMU 11.1.3 guest I/O on a packed ring", family="qemu", level=MUST,
+    tier=Tier.INTEROP, clause="VIRTIO 1.3 2.8 Packed Virtqueues",
     source="QEMU-TRACES.md (b); hw/virtio/vhost.c vhost_virtqueue_start (packed base)",
     requirement="With packed=on the guest's writes read back identical under real QEMU 11.1.3.",
     requires=[V.RING_PACKED],
@@ -92,14 +86,11 @@ def test_qemu_packed_io(request: pytest.FixtureRequest, vhost_target: BackendTar
 
 
 @case(
-    "VU-QEMU-3",
-    title="QEMU 11.1.3 guest I/O on two queues",
-    family="qemu",
-    level=MUST,
-    tier=Tier.INTEROP,
-    clause="vhost-user.rst (QEMU 11.1.3) Multiple queue support",
+    "VU-QEMU-3", title="QEMU 11.1.3 guest I/O on two queues", family="qemu", level=MUST,
+    tier=Tier.INTEROP, clause="vhost-user.rst (QEMU 11.1.3) Multiple queue support",
     source="QEMU-TRACES.md (c); hw/block/vhost-user-blk.c num-queues",
-    requirement="With num-queues=2 and two vCPUs both vrings serve the guest's I/O correctly under real QEMU 11.1.3.",
+    requirement="With num-queues=2 and two vCPUs both vrings serve the guest's I/O correctly "
+        "under real QEMU 11.1.3.",
     requires=[B.MQ, P.MQ],
 )
 def test_qemu_two_queues(request: pytest.FixtureRequest, vhost_target: BackendTarget,
@@ -127,14 +118,13 @@ def test_qemu_two_queues(request: pytest.FixtureRequest, vhost_target: BackendTa
 
 
 @case(
-    "VU-QEMU-4",
-    title="QMP stop/cont during guest I/O",
-    family="qemu",
-    level=MUST,
+    "VU-QEMU-4", title="QMP stop/cont during guest I/O", family="qemu", level=MUST,
     tier=Tier.INTEROP,
     clause="vhost-user.rst (QEMU 11.1.3) Starting and stopping rings; Inflight I/O tracking",
-    source="hw/block/vhost-user-blk.c vhost_user_blk_set_status (vm state change: stop/start on one connection)",
-    requirement="After QEMU stops the device (GET_VRING_BASE) and starts it again on the same connection the guest's I/O completes with correct data.",
+    source="hw/block/vhost-user-blk.c vhost_user_blk_set_status (vm state change: stop/start on "
+        "one connection)",
+    requirement="After QEMU stops the device (GET_VRING_BASE) and starts it again on the same "
+        "connection the guest's I/O completes with correct data.",
 )
 def test_qemu_stop_cont_during_io(request: pytest.FixtureRequest,
                                   vhost_target: BackendTarget,
@@ -161,14 +151,11 @@ def test_qemu_stop_cont_during_io(request: pytest.FixtureRequest,
 
 
 @case(
-    "VU-QEMU-5",
-    title="QMP system_reset during guest I/O",
-    family="qemu",
-    level=MUST,
-    tier=Tier.INTEROP,
-    clause="vhost-user.rst (QEMU 11.1.3) Starting and stopping rings",
+    "VU-QEMU-5", title="QMP system_reset during guest I/O", family="qemu", level=MUST,
+    tier=Tier.INTEROP, clause="vhost-user.rst (QEMU 11.1.3) Starting and stopping rings",
     source="hw/block/vhost-user-blk.c vhost_user_blk_reset (a fresh in-flight region)",
-    requirement="After a system_reset during I/O the device starts again for the rebooted guest, whose I/O completes with correct data.",
+    requirement="After a system_reset during I/O the device starts again for the rebooted guest, "
+        "whose I/O completes with correct data.",
 )
 def test_qemu_system_reset(request: pytest.FixtureRequest, vhost_target: BackendTarget) -> None:
     """QMP ``system_reset`` while the guest does I/O: QEMU resets the device and the guest
@@ -186,16 +173,12 @@ def test_qemu_system_reset(request: pytest.FixtureRequest, vhost_target: Backend
 
 
 @case(
-    "VU-QEMU-6",
-    title="SIGKILL of the back-end during guest I/O, restart, QEMU reconnects",
-    family="qemu",
-    level=MUST,
-    tier=Tier.INTEROP,
+    "VU-QEMU-6", title="SIGKILL of the back-end during guest I/O, restart, QEMU reconnects",
+    family="qemu", level=MUST, tier=Tier.INTEROP,
     clause="vhost-user.rst (QEMU 11.1.3) Inflight I/O tracking",
     source="QEMU-TRACES.md (d); hw/block/vhost-user-blk.c vhost_user_blk_event (reconnect)",
-    requirement="A back-end restarted after SIGKILL with requests in flight completes the guest's I/O with correct data once QEMU (reconnect-ms) hands the in-flight region back.",
-    # shared-disk: what the killed instance wrote must survive the restart (a RAM disk's
-    # contents do not, and the guest's read-back would fail for that reason alone)
+    requirement="A back-end restarted after SIGKILL with requests in flight completes the guest's "
+        "I/O with correct data once QEMU (reconnect-ms) hands the in-flight region back.",
     needs=["command", "shared-disk"],
 )
 def test_qemu_backend_killed_and_restarted(request: pytest.FixtureRequest,
@@ -257,14 +240,13 @@ def test_qemu_backend_killed_and_restarted(request: pytest.FixtureRequest,
 
 
 @case(
-    "VU-QEMU-7",
-    title="Live migration between two instances under QEMU 11.1.3, requests in flight",
-    family="qemu",
-    level=MUST,
-    tier=Tier.INTEROP,
+    "VU-QEMU-7", title="Live migration between two instances under QEMU 11.1.3, requests in flight",
+    family="qemu", level=MUST, tier=Tier.INTEROP,
     clause="vhost-user.rst (QEMU 11.1.3) Migration; Inflight I/O tracking",
     source="QEMU-TRACES.md (e); hw/block/vhost-user-blk.c inflight-migration (protocol feature 20)",
-    requirement="A live migration with the switch-over during guest I/O completes and the guest's I/O completes with correct data on the destination instance, with inflight-migration on and off.",
+    requirement="A live migration with the switch-over during guest I/O completes and the guest's "
+        "I/O completes with correct data on the destination instance, with inflight-migration on "
+        "and off.",
     needs=["shared-disk"],
 )
 @pytest.mark.parametrize("inflight", ["on", "off"])
@@ -329,14 +311,12 @@ def test_qemu_live_migration(request: pytest.FixtureRequest, vhost_target: Backe
 
 
 @case(
-    "VU-QEMU-8",
-    title="Migration to a file with inflight-migration=on: the region in the stream",
-    family="qemu",
-    level=MUST,
-    tier=Tier.INTEROP,
+    "VU-QEMU-8", title="Migration to a file with inflight-migration=on: the region in the stream",
+    family="qemu", level=MUST, tier=Tier.INTEROP,
     clause="vhost-user.rst (QEMU 11.1.3) Inflight I/O tracking",
     source="hw/block/vhost-user-blk.c vmstate vhost-user-blk/inflight (QEMU 11.1.3)",
-    requirement="With inflight-migration=on, the in-flight region QEMU carries in the migration stream (the back-end's, after GET_VRING_BASE) passes the region format rules.",
+    requirement="With inflight-migration=on, the in-flight region QEMU carries in the migration "
+        "stream (the back-end's, after GET_VRING_BASE) passes the region format rules.",
     requires=[P.INFLIGHT_SHMFD, P.GET_VRING_BASE_INFLIGHT],
 )
 def test_qemu_migration_stream_region(request: pytest.FixtureRequest, vhost_target: BackendTarget,

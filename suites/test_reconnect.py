@@ -64,21 +64,13 @@ def _alive_and_serving(target: BackendTarget, make_session: SessionFactory, what
 
 
 @case(
-    "VU-RECON-1",
-    title="A new connection after the front-end leaves",
-    family="reconnect",
-    level=SHOULD,
-    tier=Tier.INTEROP,
-    clause=f"{RST} Communication",
-    source=(
-        "QEMU-TRACES.md (d) reconnect; hw/block/vhost-user-blk.c (reconnect on "
+    "VU-RECON-1", title="A new connection after the front-end leaves", family="reconnect",
+    level=SHOULD, tier=Tier.INTEROP, clause=f"{RST} Communication",
+    source="QEMU-TRACES.md (d) reconnect; hw/block/vhost-user-blk.c (reconnect on "
         "CHR_EVENT_CLOSED/OPENED): the spec says only “An optional reconnection mechanism can be "
-        "implemented.”"
-    ),
-    requirement=(
-        "After the front-end closes the socket, the back-end accepts a new connection and "
-        "reaches a working state."
-    ),
+        "implemented.”",
+    requirement="After the front-end closes the socket, the back-end accepts a new connection and "
+        "reaches a working state.",
     ambiguity="not stated; QEMU 11.1.3 reconnects (reconnect-ms) and relies on it",
 )
 def test_new_connection_after_the_front_end_leaves(
@@ -94,18 +86,12 @@ def test_new_connection_after_the_front_end_leaves(
 
 
 @case(
-    "VU-RECON-2",
-    title="Reconnect with SET_VRING_BASE = used idx",
-    family="reconnect",
-    level=SHOULD,
+    "VU-RECON-2", title="Reconnect with SET_VRING_BASE = used idx", family="reconnect", level=SHOULD,
     clause=f"{RST} Inflight I/O tracking",
     quote="\n".join((INFLIGHT_TRACKING_QUOTE, SET_INFLIGHT_FD_QUOTE, INFLIGHT_RESUBMIT_QUOTE)),
-    requirement=(
-        "After a crash, a new back-end given the old region and SET_VRING_BASE = used->idx "
-        "(QEMU's fallback) resubmits and completes what was pending."
-    ),
-    requires=[ProtocolFeature.INFLIGHT_SHMFD],
-    needs=["command"],
+    requirement="After a crash, a new back-end given the old region and SET_VRING_BASE = "
+        "used->idx (QEMU's fallback) resubmits and completes what was pending.",
+    requires=[ProtocolFeature.INFLIGHT_SHMFD], needs=["command"],
 )
 def test_reconnect_after_crash_resubmits_pending(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -147,20 +133,13 @@ def test_reconnect_after_crash_resubmits_pending(
 
 
 @case(
-    "VU-RECON-3",
-    title="QEMU 7.2 message order",
-    family="reconnect",
-    level=MUST,
-    tier=Tier.INTEROP,
+    "VU-RECON-3", title="QEMU 7.2 message order", family="reconnect", level=MUST, tier=Tier.INTEROP,
     clause=f"{RST} Ring states",
-    source=(
-        "QEMU-TRACES.md corrections and the qemu-7.2 profile (suites/profiles, "
-        'frontend/sequences.py SEQUENCES["qemu-7.2"]): the start and stop order QEMU 7.2 sends, '
-        "which the spec does not fix"
-    ),
-    requirement=(
-        "The start and stop sequences of QEMU 7.2 (profile qemu-7.2) work like those of 11.1."
-    ),
+    source="QEMU-TRACES.md corrections and the qemu-7.2 profile (suites/profiles, "
+        "frontend/sequences.py SEQUENCES[\"qemu-7.2\"]): the start and stop order QEMU 7.2 sends, "
+        "which the spec does not fix",
+    requirement="The start and stop sequences of QEMU 7.2 (profile qemu-7.2) work like those of "
+        "11.1.",
 )
 def test_qemu_7_2_message_order(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -178,16 +157,10 @@ def test_qemu_7_2_message_order(
 
 
 @case(
-    "VU-RECON-4",
-    title="Front-end vanishes mid-request",
-    family="reconnect",
-    level=MUST,
-    tier=Tier.ROBUSTNESS,
-    clause=f"{RST} Communication",
-    requirement=(
-        "Closing the socket with requests in flight leaves the back-end alive and able to serve "
-        "a new connection."
-    ),
+    "VU-RECON-4", title="Front-end vanishes mid-request", family="reconnect", level=MUST,
+    tier=Tier.ROBUSTNESS, clause=f"{RST} Communication",
+    requirement="Closing the socket with requests in flight leaves the back-end alive and able to "
+        "serve a new connection.",
 )
 def test_front_end_vanishes_mid_request(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -212,20 +185,13 @@ def test_front_end_vanishes_mid_request(
 
 
 @case(
-    "VU-RST-1",
-    title="RESET_OWNER is harmless",
-    family="reconnect",
-    level=SHOULD,
+    "VU-RST-1", title="RESET_OWNER is harmless", family="reconnect", level=SHOULD,
     clause=f"{RST} Front-end message types: RESET_OWNER",
-    quote=(
-        "It is recommended that back-ends either ignore this message, or use it to disable all "
-        "rings."
-    ),
-    requirement=(
-        "RESET_OWNER on a running ring is ignored (a request then made available completes "
-        "correctly) or disables all rings (it is not served); the back-end stays alive and "
-        "answers."
-    ),
+    quote="It is recommended that back-ends either ignore this message, or use it to disable all "
+        "rings.",
+    requirement="RESET_OWNER on a running ring is ignored (a request then made available "
+        "completes correctly) or disables all rings (it is not served); the back-end stays alive "
+        "and answers.",
 )
 def test_reset_owner_is_harmless(
     vhost_target: BackendTarget, make_session: SessionFactory

@@ -40,20 +40,13 @@ def reset_device(session: Session) -> None:
 
 
 @case(
-    "VU-RST-2",
-    title="RESET_DEVICE resets to the initial state",
-    family="reconnect",
-    level=MUST,
+    "VU-RST-2", title="RESET_DEVICE resets to the initial state", family="reconnect", level=MUST,
     clause=f"{RST} Front-end message types: RESET_DEVICE",
-    quote=(
-        "Ask the vhost user back-end to disable all rings and reset all internal device state to "
+    quote="Ask the vhost user back-end to disable all rings and reset all internal device state to "
         "the initial state, ready to be reinitialized.\n"
-        "The back-end retains ownership of the device throughout the reset operation."
-    ),
-    requirement=(
-        "With RESET_DEVICE negotiated, it disables all rings and resets device state while "
-        "keeping ownership."
-    ),
+        "The back-end retains ownership of the device throughout the reset operation.",
+    requirement="With RESET_DEVICE negotiated, it disables all rings and resets device state "
+        "while keeping ownership.",
     requires=[ProtocolFeature.RESET_DEVICE],
 )
 def test_reset_device_resets_to_the_initial_state(vhost_session: Session) -> None:
@@ -101,12 +94,9 @@ def test_reset_device_resets_to_the_initial_state(vhost_session: Session) -> Non
 
 
 @case(
-    "VU-RST-3",
-    title="GET_STATUS reads back what SET_STATUS wrote",
-    family="reconnect",
-    level=MUST,
+    "VU-RST-3", title="GET_STATUS reads back what SET_STATUS wrote", family="reconnect", level=MUST,
     clause="vhost-user.rst (QEMU 11.1.3) Front-end message types: VHOST_USER_GET_STATUS, "
-    "VHOST_USER_SET_STATUS",
+        "VHOST_USER_SET_STATUS",
     quote="When the VHOST_USER_PROTOCOL_F_STATUS protocol feature has been successfully "
     "negotiated, this message is submitted by the front-end to query the back-end for its "
     "device status as defined in the Virtio specification.\n"
@@ -114,12 +104,12 @@ def test_reset_device_resets_to_the_initial_state(vhost_session: Session) -> Non
     "negotiated, this message is submitted by the front-end to notify the back-end with "
     "updated device status as defined in the Virtio specification.",
     requirement="With STATUS negotiated, GET_STATUS after QEMU 11.1.3's start (SET_STATUS 0xF) "
-    "and after I/O returns 0xF: the status the front-end set, no bit lost or added; after "
-    "QEMU's stop, whose last message is SET_STATUS 0 (a reset, VIRTIO 1.3 2.4), it returns 0.",
+        "and after I/O returns 0xF: the status the front-end set, no bit lost or added; after "
+        "QEMU's stop, whose last message is SET_STATUS 0 (a reset, VIRTIO 1.3 2.4), it returns 0.",
     requires=[P.STATUS],
     ambiguity="SET_STATUS 0 is the virtio reset (VIRTIO 1.3 2.1: writing 0 to device status "
-    "resets the device; 2.4.1: the device reinitializes status to 0): the status read back "
-    "after it is 0",
+        "resets the device; 2.4.1: the device reinitializes status to 0): the status read back "
+        "after it is 0",
 )
 def test_get_status_reads_back(vhost_session: Session) -> None:
     """GET_STATUS after the start and after I/O equals the last SET_STATUS value."""

@@ -94,10 +94,7 @@ def _read_image(path: str, offset: int, length: int) -> bytes:
 
 
 @case(
-    "VU-RING-1",
-    title="Rings start stopped and disabled",
-    family="rings",
-    level=MUST,
+    "VU-RING-1", title="Rings start stopped and disabled", family="rings", level=MUST,
     clause=f"{RST} Ring states",
     quote="\n".join(
         (
@@ -105,10 +102,8 @@ def _read_image(path: str, offset: int, length: int) -> bytes:
             RING_STOPPED_QUOTE,
         )
     ),
-    requirement=(
-        "A request made available before SET_VRING_KICK is not processed, neither while the "
-        "ring is stopped and disabled nor after SET_VRING_ENABLE 1 (stopped and enabled)."
-    ),
+    requirement="A request made available before SET_VRING_KICK is not processed, neither while "
+        "the ring is stopped and disabled nor after SET_VRING_ENABLE 1 (stopped and enabled).",
 )
 def test_rings_start_stopped(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """A request made available before SET_VRING_KICK is not processed, before and after
@@ -126,16 +121,10 @@ def test_rings_start_stopped(vhost_target: BackendTarget, make_session: SessionF
 
 
 @case(
-    "VU-RING-2",
-    title="A stopped ring is not processed",
-    family="rings",
-    level=MUST,
-    clause=f"{RST} Ring states",
-    quote=RING_STOPPED_QUOTE,
-    requirement=(
-        "After GET_VRING_BASE, requests made available and kicked are not processed until the "
-        "ring is started again."
-    ),
+    "VU-RING-2", title="A stopped ring is not processed", family="rings", level=MUST,
+    clause=f"{RST} Ring states", quote=RING_STOPPED_QUOTE,
+    requirement="After GET_VRING_BASE, requests made available and kicked are not processed until "
+        "the ring is started again.",
 )
 def test_stopped_ring_is_not_processed(vhost_session: Session) -> None:
     """After GET_VRING_BASE, requests made available and kicked are not processed until the
@@ -156,20 +145,12 @@ def test_stopped_ring_is_not_processed(vhost_session: Session) -> None:
 
 
 @case(
-    "VU-RING-3",
-    title="Started but disabled rings have no side effects",
-    family="rings",
-    level=MUST,
-    clause=f"{RST} Ring states",
-    quote=RING_STARTED_DISABLED_QUOTE,
-    requirement=(
-        "A started ring disabled by SET_VRING_ENABLE 0 writes nothing a guest can see: no "
-        "guest memory, and (where we run it on a disk image) no disk write."
-    ),
-    ambiguity=(
-        "'processed without side effects' is written for net; for blk we require no used-ring "
-        "writes and no disk writes"
-    ),
+    "VU-RING-3", title="Started but disabled rings have no side effects", family="rings", level=MUST,
+    clause=f"{RST} Ring states", quote=RING_STARTED_DISABLED_QUOTE,
+    requirement="A started ring disabled by SET_VRING_ENABLE 0 writes nothing a guest can see: no "
+        "guest memory, and (where we run it on a disk image) no disk write.",
+    ambiguity="'processed without side effects' is written for net; for blk we require no "
+        "used-ring writes and no disk writes",
 )
 def test_started_disabled_ring_has_no_side_effects(
     vhost_target: BackendTarget, vhost_session: Session
@@ -204,20 +185,13 @@ def test_started_disabled_ring_has_no_side_effects(
 
 
 @case(
-    "VU-RING-4",
-    title="Without bit 30 rings are enabled at once",
-    family="rings",
-    level=MUST,
+    "VU-RING-4", title="Without bit 30 rings are enabled at once", family="rings", level=MUST,
     clause=f"{RST} Ring states",
-    quote=(
-        "In addition, upon receiving a VHOST_USER_SET_FEATURES message from the front-end "
+    quote="In addition, upon receiving a VHOST_USER_SET_FEATURES message from the front-end "
         "without VHOST_USER_F_PROTOCOL_FEATURES set, the back-end must enable all rings "
-        "immediately."
-    ),
-    requirement=(
-        "After SET_FEATURES without VHOST_USER_F_PROTOCOL_FEATURES the rings are enabled: I/O "
-        "works with no SET_VRING_ENABLE."
-    ),
+        "immediately.",
+    requirement="After SET_FEATURES without VHOST_USER_F_PROTOCOL_FEATURES the rings are enabled: "
+        "I/O works with no SET_VRING_ENABLE.",
 )
 def test_without_bit_30_rings_are_enabled(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -230,20 +204,13 @@ def test_without_bit_30_rings_are_enabled(
 
 
 @case(
-    "VU-RING-5",
-    title="A ring starts on SET_VRING_KICK",
-    family="rings",
-    level=SHOULD,
+    "VU-RING-5", title="A ring starts on SET_VRING_KICK", family="rings", level=SHOULD,
     clause=f"{RST} Ring states",
     quote="Back-ends SHOULD NOT rely on receiving a kick after VHOST_USER_SET_VRING_KICK.",
-    requirement=(
-        "A request already available when SET_VRING_KICK arrives is processed without an "
-        "injected kick."
-    ),
-    ambiguity=(
-        "older text started rings on the first kick; 11.1.3 starts them on SET_VRING_KICK and "
-        "says back-ends SHOULD NOT rely on the injected kick"
-    ),
+    requirement="A request already available when SET_VRING_KICK arrives is processed without an "
+        "injected kick.",
+    ambiguity="older text started rings on the first kick; 11.1.3 starts them on SET_VRING_KICK "
+        "and says back-ends SHOULD NOT rely on the injected kick",
 )
 def test_ring_starts_on_set_vring_kick(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -269,10 +236,7 @@ def test_ring_starts_on_set_vring_kick(
 
 
 @case(
-    "VU-RING-7",
-    title="A kick before SET_VRING_ENABLE is not lost",
-    family="rings",
-    level=MUST,
+    "VU-RING-7", title="A kick before SET_VRING_ENABLE is not lost", family="rings", level=MUST,
     clause=f"{RST} Ring states",
     quote="\n".join(
         (
@@ -281,10 +245,8 @@ def test_ring_starts_on_set_vring_kick(
             RING_STARTED_ENABLED_QUOTE,
         )
     ),
-    requirement=(
-        "A request kicked while the ring is started but never enabled is not served then, and "
-        "completes after SET_VRING_ENABLE 1 with no second kick."
-    ),
+    requirement="A request kicked while the ring is started but never enabled is not served then, "
+        "and completes after SET_VRING_ENABLE 1 with no second kick.",
 )
 def test_kick_before_enable_is_not_lost(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -308,16 +270,10 @@ def test_kick_before_enable_is_not_lost(
 
 
 @case(
-    "VU-RING-8",
-    title="used->idx is read at start, not latched early",
-    family="rings",
-    level=MUST,
-    clause=f"{RST} Ring states",
-    quote=SET_VRING_BASE_SPLIT_QUOTE,
-    requirement=(
-        "When the front-end zeroes used->idx after SET_VRING_ADDR and before the first kick, the "
-        "first completion lands in used slot 0."
-    ),
+    "VU-RING-8", title="used->idx is read at start, not latched early", family="rings", level=MUST,
+    clause=f"{RST} Ring states", quote=SET_VRING_BASE_SPLIT_QUOTE,
+    requirement="When the front-end zeroes used->idx after SET_VRING_ADDR and before the first "
+        "kick, the first completion lands in used slot 0.",
 )
 def test_used_idx_is_read_at_start(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -340,19 +296,12 @@ def test_used_idx_is_read_at_start(
 
 
 @case(
-    "VU-RING-9",
-    title="Packed ring I/O",
-    family="rings",
-    level=MUST,
+    "VU-RING-9", title="Packed ring I/O", family="rings", level=MUST,
     clause=f"{VIRTIO} 2.8.18 Packed Virtqueues: Scatter-Gather Support",
-    quote=(
-        "The device MUST use descriptors in a list chained by the VIRTQ_DESC_F_NEXT flag in the "
-        "same order that they were made available by the driver."
-    ),
-    requirement=(
-        "With RING_PACKED negotiated, reads and writes complete with the used flags and ids the "
-        "packed layout prescribes."
-    ),
+    quote="The device MUST use descriptors in a list chained by the VIRTQ_DESC_F_NEXT flag in the "
+        "same order that they were made available by the driver.",
+    requirement="With RING_PACKED negotiated, reads and writes complete with the used flags and "
+        "ids the packed layout prescribes.",
     requires=[VirtioFeature.RING_PACKED],
 )
 def test_packed_ring_io(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
@@ -373,24 +322,15 @@ def test_packed_ring_io(vhost_target: BackendTarget, make_session: SessionFactor
 
 
 @case(
-    "VU-RING-10",
-    title="EVENT_IDX notification suppression",
-    family="rings",
-    level=MUST,
-    clause=(
-        f"{VIRTIO} "
+    "VU-RING-10", title="EVENT_IDX notification suppression", family="rings", level=MUST,
+    clause=f"{VIRTIO} "
         "2.7.7.2 Split Virtqueues: Used Buffer Notification Suppression (VIRTIO_F_EVENT_IDX: a "
-        "notification when the used index reaches used_event)"
-    ),
-    quote=(
-        "If the idx field in the used ring (which determined where that descriptor index was "
+        "notification when the used index reaches used_event)",
+    quote="If the idx field in the used ring (which determined where that descriptor index was "
         "placed) was equal to used_event, the device MUST send a notification.\n"
-        "Otherwise the device SHOULD NOT send a notification."
-    ),
-    requirement=(
-        "With RING_EVENT_IDX negotiated, the back-end signals the call fd exactly when "
-        "used_event asks for it."
-    ),
+        "Otherwise the device SHOULD NOT send a notification.",
+    requirement="With RING_EVENT_IDX negotiated, the back-end signals the call fd exactly when "
+        "used_event asks for it.",
     requires=[VirtioFeature.RING_EVENT_IDX],
 )
 def test_event_idx_suppression(vhost_session: Session) -> None:
@@ -434,19 +374,12 @@ def _wait_used_in_memory(session: Session, idx: int) -> None:
 
 
 @case(
-    "VU-RING-11",
-    title="Indirect descriptors",
-    family="rings",
-    level=MUST,
+    "VU-RING-11", title="Indirect descriptors", family="rings", level=MUST,
     clause=f"{VIRTIO} 2.7.5.3.2 Split Virtqueues: Indirect Descriptors",
-    quote=(
-        "The device MUST handle the case of zero or more normal chained descriptors followed by "
-        "a single descriptor with flags&VIRTQ_DESC_F_INDIRECT."
-    ),
-    requirement=(
-        "With RING_INDIRECT_DESC negotiated, a request described by an indirect table completes "
-        "like a direct one."
-    ),
+    quote="The device MUST handle the case of zero or more normal chained descriptors followed by "
+        "a single descriptor with flags&VIRTQ_DESC_F_INDIRECT.",
+    requirement="With RING_INDIRECT_DESC negotiated, a request described by an indirect table "
+        "completes like a direct one.",
     requires=[VirtioFeature.RING_INDIRECT_DESC],
 )
 def test_indirect_descriptors(vhost_session: Session) -> None:
@@ -456,16 +389,11 @@ def test_indirect_descriptors(vhost_session: Session) -> None:
 
 
 @case(
-    "VU-RING-12",
-    title="NO_INTERRUPT honoured without EVENT_IDX",
-    family="rings",
-    level=SHOULD,
+    "VU-RING-12", title="NO_INTERRUPT honoured without EVENT_IDX", family="rings", level=SHOULD,
     clause=f"{VIRTIO} 2.7.7.2 Split Virtqueues: Used Buffer Notification Suppression",
     quote="If flags is 1, the device SHOULD NOT send a notification.",
-    requirement=(
-        "Without EVENT_IDX, avail->flags NO_INTERRUPT suppresses call signals (NOTIFY_ON_EMPTY "
-        "aside)."
-    ),
+    requirement="Without EVENT_IDX, avail->flags NO_INTERRUPT suppresses call signals "
+        "(NOTIFY_ON_EMPTY aside).",
 )
 def test_no_interrupt_without_event_idx(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -496,18 +424,13 @@ def test_no_interrupt_without_event_idx(
 
 
 @case(
-    "VU-RING-13",
-    title="used->flags is 0 or 1 (0 with EVENT_IDX)",
-    family="rings",
-    level=MUST,
-    clause=(
-        f"{VIRTIO} 2.7.10.2 Split Virtqueues: Available Buffer Notification Suppression: "
-        "Device Requirements"
-    ),
+    "VU-RING-13", title="used->flags is 0 or 1 (0 with EVENT_IDX)", family="rings", level=MUST,
+    clause=f"{VIRTIO} 2.7.10.2 Split Virtqueues: Available Buffer Notification Suppression: "
+        "Device Requirements",
     quote="The device MUST set flags to 0 or 1.\nThe device MUST set flags to 0.",
     requirement="On a split ring the device keeps used->flags at 0 or 1 without "
-    "VIRTIO_F_EVENT_IDX, and at 0 with it (the same section's second device requirement), "
-    "after the start and after I/O.",
+        "VIRTIO_F_EVENT_IDX, and at 0 with it (the same section's second device requirement), "
+        "after the start and after I/O.",
 )
 def test_used_flags_values(vhost_session: Session) -> None:
     """used->flags read after the start and after I/O."""
@@ -527,11 +450,8 @@ def test_used_flags_values(vhost_session: Session) -> None:
 
 
 @case(
-    "VU-RING-14",
-    title="The enable state of a stopped ring is kept for its start",
-    family="rings",
-    level=SHOULD,
-    clause=f"{RST} Ring states",
+    "VU-RING-14", title="The enable state of a stopped ring is kept for its start", family="rings",
+    level=SHOULD, clause=f"{RST} Ring states",
     quote="\n".join(
         (
             RING_STOPPED_QUOTE,
@@ -539,15 +459,11 @@ def test_used_flags_values(vhost_session: Session) -> None:
             "effect once the ring is started.",
         )
     ),
-    requirement=(
-        "SET_VRING_ENABLE sent while a ring is stopped takes effect when SET_VRING_KICK starts "
-        "it again: enabled then, the ring serves a request with no further SET_VRING_ENABLE; "
-        "disabled then, it serves nothing until SET_VRING_ENABLE 1."
-    ),
-    ambiguity=(
-        "the quoted must is the stopped-ring rule (VU-RING-1, VU-RING-2); this case judges the "
-        "sentence after it, a should"
-    ),
+    requirement="SET_VRING_ENABLE sent while a ring is stopped takes effect when SET_VRING_KICK "
+        "starts it again: enabled then, the ring serves a request with no further "
+        "SET_VRING_ENABLE; disabled then, it serves nothing until SET_VRING_ENABLE 1.",
+    ambiguity="the quoted must is the stopped-ring rule (VU-RING-1, VU-RING-2); this case judges "
+        "the sentence after it, a should",
 )
 def test_stopped_ring_keeps_its_enable_state(vhost_session: Session) -> None:
     """Enable 1 while stopped -> served after the restart; enable 0 while stopped -> not
@@ -590,16 +506,11 @@ def test_stopped_ring_keeps_its_enable_state(vhost_session: Session) -> None:
 
 
 @case(
-    "VU-RING-15",
-    title="Queue sizes 32 and 256",
-    family="rings",
-    level=MUST,
-    clause=f"{RST} Front-end message types: SET_VRING_NUM",
-    quote="Set the size of the queue.",
-    requirement=(
-        "With SET_VRING_NUM 32, and again with 256 (QEMU's queue-size property; 128 is its "
-        "default), more requests than the queue holds complete in turn, and a write reads back."
-    ),
+    "VU-RING-15", title="Queue sizes 32 and 256", family="rings", level=MUST,
+    clause=f"{RST} Front-end message types: SET_VRING_NUM", quote="Set the size of the queue.",
+    requirement="With SET_VRING_NUM 32, and again with 256 (QEMU's queue-size property; 128 is "
+        "its default), more requests than the queue holds complete in turn, and a write reads "
+        "back.",
 )
 def test_queue_sizes_32_and_256(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """A lap and a bit of reads, and a write read back, on a split ring of 32 and of 256."""
@@ -618,23 +529,15 @@ def test_queue_sizes_32_and_256(vhost_target: BackendTarget, make_session: Sessi
 
 
 @case(
-    "VU-RING-16",
-    title="SET_VRING_CALL on a running ring takes effect",
-    family="rings",
-    level=MUST,
+    "VU-RING-16", title="SET_VRING_CALL on a running ring takes effect", family="rings", level=MUST,
     clause=f"{RST} Ring states",
-    quote=(
-        "While processing the rings (whether they are enabled or not), the back-end must "
-        "support changing some configuration aspects on the fly."
-    ),
-    requirement=(
-        "A SET_VRING_CALL with a new eventfd on a started ring (as QEMU sends when it moves "
-        "the interrupt to an irqfd) is used for the next completion: the new fd is signalled."
-    ),
-    ambiguity=(
-        "'some configuration aspects' are not listed; the call fd is one QEMU 11.1.3 changes on "
-        "a running ring (vhost_virtqueue_mask), so a back-end must take it"
-    ),
+    quote="While processing the rings (whether they are enabled or not), the back-end must "
+        "support changing some configuration aspects on the fly.",
+    requirement="A SET_VRING_CALL with a new eventfd on a started ring (as QEMU sends when it "
+        "moves the interrupt to an irqfd) is used for the next completion: the new fd is "
+        "signalled.",
+    ambiguity="'some configuration aspects' are not listed; the call fd is one QEMU 11.1.3 "
+        "changes on a running ring (vhost_virtqueue_mask), so a back-end must take it",
 )
 def test_call_fd_swap_on_a_running_ring(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -673,27 +576,19 @@ def test_call_fd_swap_on_a_running_ring(
 
 
 @case(
-    "VU-RING-17",
-    title="Used lengths never exceed what the device could write",
-    family="rings",
+    "VU-RING-17", title="Used lengths never exceed what the device could write", family="rings",
     level=MUST,
     clause=f"{VIRTIO} 2.7.8.2 Split Virtqueues: The Virtqueue Used Ring (device requirements)",
-    quote=(
-        "The device MUST set len prior to updating the used idx.\n"
+    quote="The device MUST set len prior to updating the used idx.\n"
         "The device MUST write at least len bytes to descriptor, beginning at the first "
-        "device-writable buffer, prior to updating the used idx."
-    ),
-    requirement=(
-        "Over a full lap of reads (4097 device-writable bytes each) and then a full lap of "
-        "writes (1 device-writable byte: the status) in the same used slots, no used element "
-        "has a len above its chain's device-writable bytes."
-    ),
-    ambiguity=(
-        "the driver cannot see the order of two stores; a len left unset before used->idx "
-        "shows as the slot's stale len: the used elements are filled with len 0xffffffff "
-        "before the start (their content is the driver's until the device writes them), and "
-        "a lap of writes follows a lap of reads in the same slots"
-    ),
+        "device-writable buffer, prior to updating the used idx.",
+    requirement="Over a full lap of reads (4097 device-writable bytes each) and then a full lap "
+        "of writes (1 device-writable byte: the status) in the same used slots, no used element "
+        "has a len above its chain's device-writable bytes.",
+    ambiguity="the driver cannot see the order of two stores; a len left unset before used->idx "
+        "shows as the slot's stale len: the used elements are filled with len 0xffffffff before "
+        "the start (their content is the driver's until the device writes them), and a lap of "
+        "writes follows a lap of reads in the same slots",
 )
 def test_used_lengths(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """Used elements poisoned before the start; a lap of 8-sector reads, then a lap of
@@ -751,23 +646,16 @@ def _mixed_chain(session: Session, kind: str, sector: int, data: bytes, scratch:
 
 
 @case(
-    "VU-RING-18",
-    title="Direct descriptors followed by an indirect one",
-    family="rings",
-    level=MUST,
+    "VU-RING-18", title="Direct descriptors followed by an indirect one", family="rings", level=MUST,
     clause=f"{VIRTIO} 2.7.5.3.2 Split Virtqueues: Indirect Descriptors (device requirements)",
-    quote=(
-        "The device MUST ignore the write-only flag (flags&VIRTQ_DESC_F_WRITE) in the "
+    quote="The device MUST ignore the write-only flag (flags&VIRTQ_DESC_F_WRITE) in the "
         "descriptor that refers to an indirect table.\n"
         "The device MUST handle the case of zero or more normal chained descriptors followed "
-        "by a single descriptor with flags&VIRTQ_DESC_F_INDIRECT."
-    ),
-    requirement=(
-        "With RING_INDIRECT_DESC negotiated, a write and a read whose header is a direct "
+        "by a single descriptor with flags&VIRTQ_DESC_F_INDIRECT.",
+    requirement="With RING_INDIRECT_DESC negotiated, a write and a read whose header is a direct "
         "descriptor chained to an indirect table (data and status) complete OK and the read "
-        "returns the data written; also when the descriptor referring to the table has the "
-        "WRITE flag set."
-    ),
+        "returns the data written; also when the descriptor referring to the table has the WRITE "
+        "flag set.",
     requires=[VirtioFeature.RING_INDIRECT_DESC],
 )
 def test_direct_then_indirect_descriptors(
@@ -802,16 +690,11 @@ def test_direct_then_indirect_descriptors(
 
 
 @case(
-    "VU-RING-19",
-    title="EVENT_IDX: the lower bit of avail->flags is ignored",
-    family="rings",
-    level=MUST,
-    clause=f"{VIRTIO} 2.7.7.2 Split Virtqueues: Used Buffer Notification Suppression",
+    "VU-RING-19", title="EVENT_IDX: the lower bit of avail->flags is ignored", family="rings",
+    level=MUST, clause=f"{VIRTIO} 2.7.7.2 Split Virtqueues: Used Buffer Notification Suppression",
     quote="The device MUST ignore the lower bit of flags.",
-    requirement=(
-        "With RING_EVENT_IDX negotiated, avail->flags set to 1 (NO_INTERRUPT) does not suppress "
-        "the notification used_event asks for."
-    ),
+    requirement="With RING_EVENT_IDX negotiated, avail->flags set to 1 (NO_INTERRUPT) does not "
+        "suppress the notification used_event asks for.",
     requires=[VirtioFeature.RING_EVENT_IDX],
 )
 def test_event_idx_ignores_no_interrupt(vhost_session: Session) -> None:
@@ -860,21 +743,14 @@ def _direct_chain(session: Session, buffers: list[tuple[int, int, bool]], writab
 
 
 @case(
-    "VU-RING-20",
-    title="Any arrangement of descriptors",
-    family="rings",
-    level=MUST,
+    "VU-RING-20", title="Any arrangement of descriptors", family="rings", level=MUST,
     clause=f"{VIRTIO} 2.7.4.1 Message Framing (device requirements)",
     quote="The device MUST NOT make assumptions about the particular arrangement of descriptors.",
-    requirement=(
-        "A write whose 16-byte header is split over two descriptors (8 + 8), and a read whose "
-        "data and status byte share one device-writable descriptor, complete OK; the read "
-        "returns the data written."
-    ),
-    ambiguity=(
-        "VIRTIO_F_ANY_LAYOUT is implied by VIRTIO_F_VERSION_1, which every session negotiates; "
-        "the status is the last byte of the last device-writable buffer"
-    ),
+    requirement="A write whose 16-byte header is split over two descriptors (8 + 8), and a read "
+        "whose data and status byte share one device-writable descriptor, complete OK; the read "
+        "returns the data written.",
+    ambiguity="VIRTIO_F_ANY_LAYOUT is implied by VIRTIO_F_VERSION_1, which every session "
+        "negotiates; the status is the last byte of the last device-writable buffer",
 )
 def test_any_descriptor_arrangement(vhost_session: Session) -> None:
     """Header 8 + 8 (write), data + status in one buffer (read)."""

@@ -61,13 +61,12 @@ def _next_session(make_session: SessionFactory, target: BackendTarget) -> Sessio
 @case(
     "VU-SKIP-1",
     title="Bit 23 GET_VRING_BASE_SKIP_DRAIN is offered only with bits 20 and 12 (proposal)",
-    family="handshake", level=MUST, tier=Tier.INTEROP,
-    clause=f"{SECTION}; Protocol features",
+    family="handshake", level=MUST, tier=Tier.INTEROP, clause=f"{SECTION}; Protocol features",
     source=f"{QEMU_NEXT_SOURCE}: 'The VHOST_USER_PROTOCOL_F_GET_VRING_BASE_SKIP_DRAIN protocol "
     "feature must only be negotiated if both VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT and "
     "VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD are also negotiated'",
     requirement="A back-end offering bit 23 offers bits 20 and 12 too, and a qemu-next "
-    "front-end's negotiation of all three is accepted.",
+        "front-end's negotiation of all three is accepted.",
     requires=[P.GET_VRING_BASE_SKIP_DRAIN],
 )
 def test_skip_drain_comes_with_bits_20_and_12(
@@ -92,11 +91,10 @@ def test_skip_drain_comes_with_bits_20_and_12(
     source=f"{QEMU_NEXT_SOURCE}: 'the back-end must not wait for inflight I/O requests to "
     "complete before stopping the vring. Instead, the back-end must immediately suspend all "
     "in-flight I/O requests and record them as described in Inflight I/O tracking'",
-    requirement="With reads held on a 1 s disk, the SKIP_DRAIN reply comes before they "
-    "complete, the region marks exactly the outstanding heads, and nothing is written or "
-    "signalled after the reply.",
-    requires=SKIP_DRAIN_BITS,
-    needs=["slow-io"],
+    requirement="With reads held on a 1 s disk, the SKIP_DRAIN reply comes before they complete, "
+        "the region marks exactly the outstanding heads, and nothing is written or signalled "
+        "after the reply.",
+    requires=SKIP_DRAIN_BITS, needs=["slow-io"],
 )
 def test_skip_drain_suspends_and_records(
     vhost_target: BackendTarget, make_session: SessionFactory,
@@ -145,17 +143,16 @@ def test_skip_drain_suspends_and_records(
 
 
 @case(
-    "VU-SKIP-3",
-    title="GET_VRING_BASE_SKIP_DRAIN is answered like GET_VRING_BASE (proposal)",
+    "VU-SKIP-3", title="GET_VRING_BASE_SKIP_DRAIN is answered like GET_VRING_BASE (proposal)",
     family="stop-drain", level=MUST, tier=Tier.INTEROP,
     clause=f"{SECTION}; GET_VRING_BASE; Ring states",
     source=f"{QEMU_NEXT_SOURCE}: ':request payload: vring state description / :reply payload: "
     "vring descriptor index/indices'; 'Identical to VHOST_USER_GET_VRING_BASE except that the "
     "back-end must not wait for inflight I/O'; rings are 'stopped with "
     "VHOST_USER_GET_VRING_BASE or VHOST_USER_GET_VRING_BASE_SKIP_DRAIN'",
-    requirement="The reply carries id 45, the queue index and the next avail index; the ring "
-    "is stopped, asked again it says the same, and SET_VRING_BASE with it plus a kick resumes "
-    "I/O there.",
+    requirement="The reply carries id 45, the queue index and the next avail index; the ring is "
+        "stopped, asked again it says the same, and SET_VRING_BASE with it plus a kick resumes "
+        "I/O there.",
     requires=SKIP_DRAIN_BITS,
 )
 def test_skip_drain_is_answered_like_get_vring_base(
@@ -200,17 +197,15 @@ def test_skip_drain_is_answered_like_get_vring_base(
 @case(
     "VU-SKIP-4",
     title="An in-flight migration whose switch-over sends GET_VRING_BASE_SKIP_DRAIN (proposal)",
-    family="migration", level=MUST, tier=Tier.INTEROP,
-    clause=f"{SECTION}; Inflight I/O tracking",
+    family="migration", level=MUST, tier=Tier.INTEROP, clause=f"{SECTION}; Inflight I/O tracking",
     source=f"{QEMU_NEXT_SOURCE}; c2f4030c42da 'vhost-user-blk: use GET_VRING_BASE_SKIP_DRAIN "
     "when inflight-migration is on' (the switch-over's stop; p-b-o/qemu-ci hw/virtio/vhost.c "
     "1040dc581d92 do_vhost_virtqueue_stop sends it per queue); the destination resubmits the "
     "recorded requests as with bit 20 (QEMU 11.1.3 hw/block/vhost-user-blk.c inflight subsection)",
     requirement="With the qemu-next front-end, the source is stopped by GET_VRING_BASE_SKIP_DRAIN "
-    "(no GET_VRING_BASE) and every request held at the switch-over completes once, on the "
-    "destination or on the source before the reply.",
-    requires=SKIP_DRAIN_BITS,
-    needs=["slow-io"],
+        "(no GET_VRING_BASE) and every request held at the switch-over completes once, on the "
+        "destination or on the source before the reply.",
+    requires=SKIP_DRAIN_BITS, needs=["slow-io"],
 )
 def test_skip_drain_migration_completes_every_request_once(
     vhost_target: BackendTarget, vhost_target_factory: Callable[[str], BackendTarget],
@@ -235,14 +230,13 @@ def test_skip_drain_migration_completes_every_request_once(
 @case(
     "VU-SKIP-5",
     title="No disk write after a GET_VRING_BASE_SKIP_DRAIN reply (proposal, watched disk)",
-    family="suspended", level=MUST, tier=Tier.INTEROP,
-    clause=f"{SECTION}; Suspended device state",
+    family="suspended", level=MUST, tier=Tier.INTEROP, clause=f"{SECTION}; Suspended device state",
     source=f"{QEMU_NEXT_SOURCE}: 'the back-end must immediately suspend all in-flight I/O "
     "requests ... How to suspend an in-flight request depends on the implementation of the "
     "back-end, but it typically can be done by aborting or cancelling the underlying I/O "
     "request'; the destination resubmits what the source recorded (VU-DISK-2's reasoning)",
-    requirement="WRITEs held at a GET_VRING_BASE_SKIP_DRAIN stop do not reach the disk after "
-    "its reply (watched disk journal).",
+    requirement="WRITEs held at a GET_VRING_BASE_SKIP_DRAIN stop do not reach the disk after its "
+        "reply (watched disk journal).",
     requires=SKIP_DRAIN_BITS,
 )
 def test_no_disk_write_after_a_skip_drain_stop(

@@ -88,16 +88,11 @@ def _expect_base(seen: int, expected: int, what: str, *, split: bool = False) ->
 
 
 @case(
-    "VU-GVB-1",
-    title="GET_VRING_BASE returns the next avail index",
-    family="stop-drain",
-    level=MUST,
+    "VU-GVB-1", title="GET_VRING_BASE returns the next avail index", family="stop-drain", level=MUST,
     clause=f"{RST} Front-end message types: GET_VRING_BASE",
     quote="\n".join((GET_VRING_BASE_STOPS_QUOTE, GET_VRING_BASE_SPLIT_QUOTE)),
-    requirement=(
-        "After N requests were taken, GET_VRING_BASE returns N (split: 16 bits of num) and stops "
-        "the ring."
-    ),
+    requirement="After N requests were taken, GET_VRING_BASE returns N (split: 16 bits of num) "
+        "and stops the ring.",
 )
 def test_get_vring_base_returns_next_avail_index(vhost_session: Session) -> None:
     """After N requests were taken, GET_VRING_BASE returns N and stops the ring."""
@@ -109,16 +104,11 @@ def test_get_vring_base_returns_next_avail_index(vhost_session: Session) -> None
 
 
 @case(
-    "VU-GVB-7",
-    title="GET_VRING_BASE reply is 8 bytes",
-    family="stop-drain",
-    level=MUST,
+    "VU-GVB-7", title="GET_VRING_BASE reply is 8 bytes", family="stop-drain", level=MUST,
     clause=f"{RST} Front-end message types: GET_VRING_BASE",
     quote="\n".join((GET_VRING_BASE_STOPS_QUOTE, GET_VRING_BASE_SPLIT_QUOTE)),
-    requirement=(
-        "The GET_VRING_BASE reply has the request's id and exactly an 8-byte vring state payload "
-        "for the asked index."
-    ),
+    requirement="The GET_VRING_BASE reply has the request's id and exactly an 8-byte vring state "
+        "payload for the asked index.",
 )
 def test_get_vring_base_reply_is_8_bytes(vhost_session: Session, vhost_timeout: float) -> None:
     """The reply has the request's id and an 8-byte vring state for the asked index."""
@@ -144,10 +134,7 @@ def test_get_vring_base_reply_is_8_bytes(vhost_session: Session, vhost_timeout: 
 
 
 @case(
-    "VU-GVB-8",
-    title="A second GET_VRING_BASE and a restart agree",
-    family="stop-drain",
-    level=MUST,
+    "VU-GVB-8", title="A second GET_VRING_BASE and a restart agree", family="stop-drain", level=MUST,
     clause=f"{RST} Front-end message types: GET_VRING_BASE / SET_VRING_BASE",
     quote="\n".join(
         (
@@ -157,10 +144,8 @@ def test_get_vring_base_reply_is_8_bytes(vhost_session: Session, vhost_timeout: 
             GET_VRING_BASE_SPLIT_QUOTE,
         )
     ),
-    requirement=(
-        "A second GET_VRING_BASE returns the same index, and after SET_VRING_BASE with it and a "
-        "restart I/O resumes at that slot."
-    ),
+    requirement="A second GET_VRING_BASE returns the same index, and after SET_VRING_BASE with it "
+        "and a restart I/O resumes at that slot.",
 )
 def test_second_get_vring_base_and_restart_agree(vhost_session: Session) -> None:
     """A second GET_VRING_BASE returns the same index; SET_VRING_BASE with it resumes there."""
@@ -179,10 +164,7 @@ def test_second_get_vring_base_and_restart_agree(vhost_session: Session) -> None
 
 
 @case(
-    "VU-GVB-10",
-    title="Packed GET_VRING_BASE carries both indices",
-    family="stop-drain",
-    level=MUST,
+    "VU-GVB-10", title="Packed GET_VRING_BASE carries both indices", family="stop-drain", level=MUST,
     clause=f"{RST} Front-end message types: GET_VRING_BASE / SET_VRING_BASE (packed)",
     quote="\n".join(
         (
@@ -192,11 +174,9 @@ def test_second_get_vring_base_and_restart_agree(vhost_session: Session) -> None
             "available in memory.",
         )
     ),
-    requirement=(
-        "With RING_PACKED, GET_VRING_BASE returns the avail and used indices and both wrap "
-        "counters (different halves while requests are suspended with bit 20), and SET_VRING_BASE "
-        "with both, at a position after a wrap, restarts the ring there."
-    ),
+    requirement="With RING_PACKED, GET_VRING_BASE returns the avail and used indices and both "
+        "wrap counters (different halves while requests are suspended with bit 20), and "
+        "SET_VRING_BASE with both, at a position after a wrap, restarts the ring there.",
     requires=[VirtioFeature.RING_PACKED],
 )
 def test_packed_get_vring_base_carries_both_indices(
@@ -292,10 +272,7 @@ def _packed_suspended_base(vhost_target: BackendTarget, make_session: SessionFac
 
 
 @case(
-    "VU-GVB-11",
-    title="Stop order of QEMU 11.1.3",
-    family="stop-drain",
-    level=MUST,
+    "VU-GVB-11", title="Stop order of QEMU 11.1.3", family="stop-drain", level=MUST,
     clause=f"{RST} Ring states",
     quote="\n".join(
         (
@@ -303,10 +280,8 @@ def _packed_suspended_base(vhost_target: BackendTarget, make_session: SessionFac
             "Signal the back-end to enable or disable corresponding vring.",
         )
     ),
-    requirement=(
-        "SET_VRING_ENABLE 0 then GET_VRING_BASE num 0, as QEMU 11.1.3 stops a device, is "
-        "answered for every ring."
-    ),
+    requirement="SET_VRING_ENABLE 0 then GET_VRING_BASE num 0, as QEMU 11.1.3 stops a device, is "
+        "answered for every ring.",
 )
 def test_qemu_stop_order_is_answered_for_every_ring(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, make_session: SessionFactory
@@ -332,16 +307,10 @@ def test_qemu_stop_order_is_answered_for_every_ring(
 
 
 @case(
-    "VU-SVB-1",
-    title="SET_VRING_BASE sets only the next avail index",
-    family="rings",
-    level=MUST,
-    clause=f"{RST} Front-end message types: SET_VRING_BASE",
-    quote=SET_VRING_BASE_SPLIT_QUOTE,
-    requirement=(
-        "After SET_VRING_BASE n the back-end takes the next request from avail slot n and "
-        "continues used->idx from guest memory."
-    ),
+    "VU-SVB-1", title="SET_VRING_BASE sets only the next avail index", family="rings", level=MUST,
+    clause=f"{RST} Front-end message types: SET_VRING_BASE", quote=SET_VRING_BASE_SPLIT_QUOTE,
+    requirement="After SET_VRING_BASE n the back-end takes the next request from avail slot n and "
+        "continues used->idx from guest memory.",
 )
 def test_set_vring_base_sets_only_next_avail_index(vhost_session: Session) -> None:
     """After SET_VRING_BASE n the back-end takes slot n next and continues used->idx."""
@@ -384,16 +353,10 @@ def test_set_vring_base_sets_only_next_avail_index(vhost_session: Session) -> No
 
 
 @case(
-    "VU-GVB-3",
-    title="GET_VRING_BASE drains in-flight I/O",
-    family="stop-drain",
-    level=MUST,
-    clause=f"{RST} Front-end message types: GET_VRING_BASE",
-    quote=GET_VRING_BASE_DRAIN_QUOTE,
-    requirement=(
-        "Without bit 20 negotiated, the reply comes only after every request taken from the ring "
-        "has completed."
-    ),
+    "VU-GVB-3", title="GET_VRING_BASE drains in-flight I/O", family="stop-drain", level=MUST,
+    clause=f"{RST} Front-end message types: GET_VRING_BASE", quote=GET_VRING_BASE_DRAIN_QUOTE,
+    requirement="Without bit 20 negotiated, the reply comes only after every request taken from "
+        "the ring has completed.",
     needs=["slow-io"],
 )
 def test_get_vring_base_drains_in_flight_io(
@@ -431,19 +394,13 @@ def test_get_vring_base_drains_in_flight_io(
 
 
 @case(
-    "VU-GVB-4",
-    title="With bit 20 in-flight I/O may be suspended",
-    family="stop-drain",
-    level=MAY,
+    "VU-GVB-4", title="With bit 20 in-flight I/O may be suspended", family="stop-drain", level=MAY,
     clause=f"{RST} Front-end message types: GET_VRING_BASE; Inflight I/O tracking",
     quote=GET_VRING_BASE_INFLIGHT_QUOTE,
-    requirement=(
-        "With bit 20 negotiated, a back-end that replies before its requests complete marks "
-        "exactly those heads in flight in the region."
-    ),
+    requirement="With bit 20 negotiated, a back-end that replies before its requests complete "
+        "marks exactly those heads in flight in the region.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.GET_VRING_BASE_INFLIGHT],
-    needs=["slow-io"],
-    ambiguity=MAY_SUSPEND,
+    needs=["slow-io"], ambiguity=MAY_SUSPEND,
 )
 def test_bit_20_suspend_marks_exactly_the_outstanding_heads(
     vhost_target: BackendTarget, make_session: SessionFactory, vhost_measurements: dict[str, float],
@@ -470,16 +427,10 @@ def test_bit_20_suspend_marks_exactly_the_outstanding_heads(
 
 
 @case(
-    "VU-GVB-5",
-    title="Suspended device: no writes, no signals, still answers",
-    family="stop-drain",
-    level=MUST,
-    clause=f"{RST} Suspended device state",
-    quote=SUSPENDED_STATE_QUOTE,
-    requirement=(
-        "Once every ring is stopped, the back-end writes no guest memory, signals nothing, and "
-        "still answers front-end messages."
-    ),
+    "VU-GVB-5", title="Suspended device: no writes, no signals, still answers", family="stop-drain",
+    level=MUST, clause=f"{RST} Suspended device state", quote=SUSPENDED_STATE_QUOTE,
+    requirement="Once every ring is stopped, the back-end writes no guest memory, signals "
+        "nothing, and still answers front-end messages.",
 )
 def test_suspended_device_writes_nothing_and_answers(
     vhost_session: Session, vhost_timeout: float
@@ -520,16 +471,10 @@ def _still_answers(session: Session, base: int, timeout: float) -> None:
 
 
 @case(
-    "VU-SUSP-1",
-    title="No guest memory writes while suspended",
-    family="suspended",
-    level=MUST,
-    clause=f"{RST} Suspended device state",
-    quote=SUSPENDED_STATE_QUOTE,
-    requirement=(
-        "Guest memory snapshotted at the last GET_VRING_BASE reply is unchanged after the slow "
-        "disk's latency has passed."
-    ),
+    "VU-SUSP-1", title="No guest memory writes while suspended", family="suspended", level=MUST,
+    clause=f"{RST} Suspended device state", quote=SUSPENDED_STATE_QUOTE,
+    requirement="Guest memory snapshotted at the last GET_VRING_BASE reply is unchanged after the "
+        "slow disk's latency has passed.",
     needs=["slow-io"],
 )
 def test_no_guest_memory_writes_while_suspended(
@@ -568,12 +513,8 @@ def _whose(session: Session, gpa: int, requests: list[BlkRequest]) -> str:
 
 
 @case(
-    "VU-SUSP-2",
-    title="No call signals while suspended",
-    family="suspended",
-    level=MUST,
-    clause=f"{RST} Suspended device state",
-    quote=SUSPENDED_STATE_QUOTE,
+    "VU-SUSP-2", title="No call signals while suspended", family="suspended", level=MUST,
+    clause=f"{RST} Suspended device state", quote=SUSPENDED_STATE_QUOTE,
     requirement="No call eventfd is signalled after the last GET_VRING_BASE reply.",
     needs=["slow-io"],
 )
@@ -595,16 +536,11 @@ def test_no_call_signals_while_suspended(
 
 
 @case(
-    "VU-SUSP-3",
-    title="No back-end channel messages while suspended",
-    family="suspended",
-    level=MUST,
-    clause=f"{RST} Suspended device state",
-    quote=SUSPENDED_STATE_QUOTE,
-    requirement=(
-        "Nothing arrives on the back-end channel after the last GET_VRING_BASE reply, also when "
-        "the disk is resized (which makes a running back-end send BACKEND_CONFIG_CHANGE_MSG)."
-    ),
+    "VU-SUSP-3", title="No back-end channel messages while suspended", family="suspended",
+    level=MUST, clause=f"{RST} Suspended device state", quote=SUSPENDED_STATE_QUOTE,
+    requirement="Nothing arrives on the back-end channel after the last GET_VRING_BASE reply, "
+        "also when the disk is resized (which makes a running back-end send "
+        "BACKEND_CONFIG_CHANGE_MSG).",
     requires=[ProtocolFeature.BACKEND_REQ],
 )
 def test_no_backend_messages_while_suspended(
@@ -655,12 +591,8 @@ def test_no_backend_messages_while_suspended(
 
 
 @case(
-    "VU-SUSP-4",
-    title="Front-end messages answered while suspended",
-    family="suspended",
-    level=MUST,
-    clause=f"{RST} Suspended device state",
-    quote=SUSPENDED_STATE_QUOTE,
+    "VU-SUSP-4", title="Front-end messages answered while suspended", family="suspended", level=MUST,
+    clause=f"{RST} Suspended device state", quote=SUSPENDED_STATE_QUOTE,
     requirement="While suspended, GET_FEATURES, GET_CONFIG and GET_VRING_BASE are still answered.",
 )
 def test_messages_answered_while_suspended(vhost_session: Session, vhost_timeout: float) -> None:
@@ -671,19 +603,12 @@ def test_messages_answered_while_suspended(vhost_session: Session, vhost_timeout
 
 
 @case(
-    "VU-SUSP-5",
-    title="No late DMA after a no-drain stop",
-    family="suspended",
-    level=MUST,
-    clause=f"{RST} Suspended device state",
-    quote=SUSPENDED_STATE_QUOTE,
-    requirement=(
-        "With bit 20, data buffers of requests left in flight are not written after the "
-        "GET_VRING_BASE reply."
-    ),
+    "VU-SUSP-5", title="No late DMA after a no-drain stop", family="suspended", level=MUST,
+    clause=f"{RST} Suspended device state", quote=SUSPENDED_STATE_QUOTE,
+    requirement="With bit 20, data buffers of requests left in flight are not written after the "
+        "GET_VRING_BASE reply.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.GET_VRING_BASE_INFLIGHT],
-    needs=["slow-io"],
-    ambiguity=SUSPENDED_DMA,
+    needs=["slow-io"], ambiguity=SUSPENDED_DMA,
 )
 def test_no_late_dma_after_a_no_drain_stop(
     vhost_target: BackendTarget, make_session: SessionFactory
@@ -710,19 +635,12 @@ def test_no_late_dma_after_a_no_drain_stop(
 
 
 @case(
-    "VU-GVB-9",
-    title="Late completions after GET_VRING_BASE are silent",
-    family="stop-drain",
-    level=MUST,
-    clause=f"{RST} Suspended device state",
-    quote=SUSPENDED_STATE_QUOTE,
-    requirement=(
-        "Completions of I/O still running when the ring stopped write nothing and signal "
-        "nothing, even after the call fd was closed."
-    ),
+    "VU-GVB-9", title="Late completions after GET_VRING_BASE are silent", family="stop-drain",
+    level=MUST, clause=f"{RST} Suspended device state", quote=SUSPENDED_STATE_QUOTE,
+    requirement="Completions of I/O still running when the ring stopped write nothing and signal "
+        "nothing, even after the call fd was closed.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.GET_VRING_BASE_INFLIGHT],
-    needs=["slow-io"],
-    ambiguity=SUSPENDED_DMA,
+    needs=["slow-io"], ambiguity=SUSPENDED_DMA,
 )
 def test_late_completions_are_silent(
     vhost_target: BackendTarget, make_session: SessionFactory, vhost_timeout: float

@@ -53,13 +53,11 @@ from vhost_conformance.suites.watched import WatchedDisk
 
 
 @case(
-    "VU-DISK-1",
-    title="No disk write after a draining GET_VRING_BASE reply",
-    family="suspended", level=MUST, tier=Tier.CONFORMANCE,
-    clause=f"{RST} Front-end message types: GET_VRING_BASE",
+    "VU-DISK-1", title="No disk write after a draining GET_VRING_BASE reply", family="suspended",
+    level=MUST, tier=Tier.CONFORMANCE, clause=f"{RST} Front-end message types: GET_VRING_BASE",
     quote=GET_VRING_BASE_DRAIN_QUOTE,
     requirement="Without bit 20, every held WRITE reaches the disk before the GET_VRING_BASE "
-    "reply (watched disk journal); none after it.",
+        "reply (watched disk journal); none after it.",
 )
 def test_no_disk_write_after_a_draining_stop(
     vhost_target: BackendTarget, make_session: SessionFactory,
@@ -70,17 +68,16 @@ def test_no_disk_write_after_a_draining_stop(
 
 
 @case(
-    "VU-DISK-2",
-    title="No disk write after a suspending (bit 20) GET_VRING_BASE reply",
+    "VU-DISK-2", title="No disk write after a suspending (bit 20) GET_VRING_BASE reply",
     family="suspended", level=MUST, tier=Tier.INTEROP,
     clause=f"{RST} Front-end message types: GET_VRING_BASE; Suspended device state",
     source="QEMU 11.1.3 hw/block/vhost-user-blk.c (vhost-user-blk/inflight subsection): the "
-    "destination resubmits every request the source recorded in flight, so a suspended WRITE "
-    "the source still executes races the destination's newer writes to the same sectors "
-    "(SPEC-DIGEST.md 6.1-6.2: suspending 'typically can be done by aborting or cancelling "
-    "the underlying I/O request'; the series' discussion asked for cancellation)",
+        "destination resubmits every request the source recorded in flight, so a suspended WRITE "
+        "the source still executes races the destination's newer writes to the same sectors "
+        "(SPEC-DIGEST.md 6.1-6.2: suspending 'typically can be done by aborting or cancelling the "
+        "underlying I/O request'; the series' discussion asked for cancellation)",
     requirement="With bit 20, a WRITE suspended at the stop does not reach the disk after the "
-    "GET_VRING_BASE reply.",
+        "GET_VRING_BASE reply.",
     requires=[P.INFLIGHT_SHMFD, P.GET_VRING_BASE_INFLIGHT],
 )
 def test_no_disk_write_after_a_suspending_stop(
@@ -92,15 +89,13 @@ def test_no_disk_write_after_a_suspending_stop(
 
 
 @case(
-    "VU-DISK-3",
-    title="A completed FLUSH covers every write completed before it",
-    family="blk-io", level=MUST, tier=Tier.INTEROP,
-    clause="VIRTIO 1.3 5.2.6 Device Operation (VIRTIO_BLK_T_FLUSH)",
+    "VU-DISK-3", title="A completed FLUSH covers every write completed before it", family="blk-io",
+    level=MUST, tier=Tier.INTEROP, clause="VIRTIO 1.3 5.2.6 Device Operation (VIRTIO_BLK_T_FLUSH)",
     source="QEMU 11.1.3 hw/block/virtio-blk.c virtio_blk_handle_flush: the status is written "
-    "after blk_aio_flush completed (bdrv_co_flush: fdatasync of the image), the guest's "
-    "barrier for every write it saw completed before",
-    requirement="Writes completed before a FLUSH was submitted reached the disk, and a flush "
-    "of the disk happened after them, before the FLUSH completed (watched disk journal).",
+        "after blk_aio_flush completed (bdrv_co_flush: fdatasync of the image), the guest's "
+        "barrier for every write it saw completed before",
+    requirement="Writes completed before a FLUSH was submitted reached the disk, and a flush of "
+        "the disk happened after them, before the FLUSH completed (watched disk journal).",
 )
 def test_flush_covers_the_writes_completed_before_it(
     vhost_target: BackendTarget, make_session: SessionFactory,
@@ -150,14 +145,13 @@ def _judge_flush(disk: WatchedDisk, writes: list[BlkRequest], submitted: float, 
     family="migration", level=MUST, tier=Tier.INTEROP,
     clause=f"{RST} Front-end message types: GET_VRING_BASE; Inflight I/O tracking",
     source="QEMU 11.1.3 hw/block/vhost-user-blk.c (vhost-user-blk/inflight subsection): the "
-    "destination resubmits the WRITEs the source left in flight; the guest then owns the "
-    "sectors again, and a source execution landing after its newer WRITE loses that data "
-    "(SPEC-DIGEST.md 6.2)",
+        "destination resubmits the WRITEs the source left in flight; the guest then owns the "
+        "sectors again, and a source execution landing after its newer WRITE loses that data "
+        "(SPEC-DIGEST.md 6.2)",
     requirement="WRITEs held at a bit-20 stop, resubmitted on the destination, then newer WRITEs "
-    "to the same sectors completed there: the image ends with the newer data; how often each "
-    "held WRITE reached the disk is measured.",
-    requires=[P.INFLIGHT_SHMFD, P.GET_VRING_BASE_INFLIGHT],
-    needs=["shared-disk"],
+        "to the same sectors completed there: the image ends with the newer data; how often each "
+        "held WRITE reached the disk is measured.",
+    requires=[P.INFLIGHT_SHMFD, P.GET_VRING_BASE_INFLIGHT], needs=["shared-disk"],
 )
 def test_the_disk_ends_with_the_newer_write(
     vhost_target: BackendTarget, vhost_target_factory: Callable[[str], BackendTarget],
@@ -215,16 +209,14 @@ def test_the_disk_ends_with_the_newer_write(
 
 
 @case(
-    "VU-DISK-5",
-    title="Executions per held WRITE across a kill and reconnect (measured)",
-    family="reconnect", level=INFO, tier=Tier.INTEROP,
-    clause=f"{RST} Inflight I/O tracking",
+    "VU-DISK-5", title="Executions per held WRITE across a kill and reconnect (measured)",
+    family="reconnect", level=INFO, tier=Tier.INTEROP, clause=f"{RST} Inflight I/O tracking",
     source="QEMU 11.1.3 hw/block/vhost-user-blk.c vhost_user_blk_connect: after the back-end "
-    "died, the reconnect hands the kept in-flight region back and the back-end resubmits "
-    "what it marks (QEMU-TRACES (d))",
+        "died, the reconnect hands the kept in-flight region back and the back-end resubmits what "
+        "it marks (QEMU-TRACES (d))",
     requirement="SIGKILL of the back-end with WRITEs held on the watched disk, restart, QEMU's "
-    "reconnect: how often each held WRITE reached the disk (once, twice, never), and how many "
-    "completed for the guest.",
+        "reconnect: how often each held WRITE reached the disk (once, twice, never), and how many "
+        "completed for the guest.",
 )
 def test_executions_across_a_kill_and_reconnect(
     vhost_target: BackendTarget, make_session: SessionFactory,
@@ -259,18 +251,15 @@ STABLE_WRITES = 4
 
 
 @case(
-    "VU-DISK-6",
-    title="Stable writes: without a cache to flush, a completed WRITE is on the disk",
+    "VU-DISK-6", title="Stable writes: without a cache to flush, a completed WRITE is on the disk",
     family="blk-io", level=MUST, tier=Tier.CONFORMANCE,
     clause=f"{VIRTIO} 5.2.6.2 Block Device: Device Operation: Device Requirements",
-    quote=(
-        "If the device is backed by persistent storage, the device MUST ensure that stable "
-        "writes are committed to it, before reporting completion of the write (cases 1 and 2) "
-        "or the flush (case 3)."
-    ),
+    quote="If the device is backed by persistent storage, the device MUST ensure that stable "
+        "writes are committed to it, before reporting completion of the write (cases 1 and 2) or "
+        "the flush (case 3).",
     requirement="Case 1 (FLUSH offered, neither FLUSH nor CONFIG_WCE negotiated) and case 2 "
-    "(CONFIG_WCE negotiated, writeback 0 by SET_CONFIG): each WRITE reaches the disk and a "
-    "flush of the disk follows it before its completion is seen (watched disk journal).",
+        "(CONFIG_WCE negotiated, writeback 0 by SET_CONFIG): each WRITE reaches the disk and a "
+        "flush of the disk follows it before its completion is seen (watched disk journal).",
     ambiguity="the spec's cases: 1 \"neither VIRTIO_BLK_F_CONFIG_WCE nor VIRTIO_BLK_F_FLUSH "
     "feature were negotiated, but VIRTIO_BLK_F_FLUSH was offered by the device\"; 2 "
     "\"VIRTIO_BLK_F_CONFIG_WCE was negotiated and the writeback field in configuration space "
