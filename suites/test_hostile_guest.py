@@ -28,6 +28,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
@@ -701,16 +702,30 @@ LAYOUTS = pytest.mark.parametrize("layout", ["split", "packed"])
 SPLIT_ONLY = pytest.mark.parametrize("layout", ["split"])
 
 
-@case(
-    "VU-HOST-1", title="Descriptor loop", family="hostile-guest", level=MUST,
-    clause=f"{VIRTIO} Split Virtqueues: The Virtqueue Descriptor Table",
-    requirement="A descriptor chain that loops is refused (error status, device broken or "
-        "ignored), with no crash or hang.",
+def named_case(
+    case_id: str, name: str, title: str, clause: str, requirement: str, **record: Any
+) -> Callable[[str, Callable[[str], None]], None]:
+    """A MUST case of this family that is nothing but its named shapes: its test function
+    (called ``name``, documented by the requirement) runs them on each layout that has some
+    (packed too when ``case_id`` is in PACKED_SHAPES)."""
+
+    def run_shapes(layout: str, hostile_shapes: Callable[[str], None]) -> None:
+        hostile_shapes(layout)
+
+    run_shapes.__name__ = run_shapes.__qualname__ = name
+    run_shapes.__doc__ = requirement
+    layouts = LAYOUTS if case_id in PACKED_SHAPES else SPLIT_ONLY
+    meta = case(case_id, title=title, family="hostile-guest", level=MUST, clause=clause,
+                requirement=requirement, **record)
+    return meta(layouts(run_shapes))
+
+
+test_descriptor_loop = named_case(
+    "VU-HOST-1", "test_descriptor_loop",
+    "Descriptor loop", f"{VIRTIO} Split Virtqueues: The Virtqueue Descriptor Table",
+    "A descriptor chain that loops is refused (error status, device broken or ignored), with no "
+    "crash or hang.",
 )
-@SPLIT_ONLY
-def test_descriptor_loop(layout: str, hostile_shapes: Callable[[str], None]) -> None:
-    """A looping chain is refused (error, needs reset, close or ignore), no crash or hang."""
-    hostile_shapes(layout)
 
 
 @case(
@@ -735,118 +750,79 @@ def test_chain_longer_than_queue(
     hostile_shapes(layout)
 
 
-@case(
-    "VU-HOST-3", title="Indirect inside indirect", family="hostile-guest", level=MUST,
-    clause=f"{VIRTIO} Split Virtqueues: Indirect Descriptors",
-    requirement="An indirect table holding an INDIRECT descriptor is refused without a crash.",
+test_indirect_inside_indirect = named_case(
+    "VU-HOST-3", "test_indirect_inside_indirect",
+    "Indirect inside indirect", f"{VIRTIO} Split Virtqueues: Indirect Descriptors",
+    "An indirect table holding an INDIRECT descriptor is refused without a crash.",
     requires=[VirtioFeature.RING_INDIRECT_DESC],
 )
-@LAYOUTS
-def test_indirect_inside_indirect(layout: str, hostile_shapes: Callable[[str], None]) -> None:
-    """An INDIRECT descriptor inside an indirect table is refused without a crash."""
-    hostile_shapes(layout)
 
 
-@case(
-    "VU-HOST-4", title="next out of range", family="hostile-guest", level=MUST,
-    clause=f"{VIRTIO} Split Virtqueues",
-    requirement="A descriptor whose next index is beyond the table is refused without a crash.",
+test_next_out_of_range = named_case(
+    "VU-HOST-4", "test_next_out_of_range", "next out of range", f"{VIRTIO} Split Virtqueues",
+    "A descriptor whose next index is beyond the table is refused without a crash.",
 )
-@SPLIT_ONLY
-def test_next_out_of_range(layout: str, hostile_shapes: Callable[[str], None]) -> None:
-    """A next index beyond the table is refused without a crash."""
-    hostile_shapes(layout)
 
 
-@case(
-    "VU-HOST-5", title="Buffers outside guest memory", family="hostile-guest", level=MUST,
-    clause=f"{RST} Memory region description",
-    requirement="A buffer that crosses a region's end or lies at an unmapped GPA is refused; no "
-        "host memory is read or written.",
+test_buffers_outside_guest_memory = named_case(
+    "VU-HOST-5", "test_buffers_outside_guest_memory",
+    "Buffers outside guest memory", f"{RST} Memory region description",
+    "A buffer that crosses a region's end or lies at an unmapped GPA is refused; no host memory "
+    "is read or written.",
 )
-@LAYOUTS
-def test_buffers_outside_guest_memory(layout: str, hostile_shapes: Callable[[str], None]) -> None:
-    """Buffers crossing a region's end or at unmapped GPAs are refused."""
-    hostile_shapes(layout)
 
 
-@case(
-    "VU-HOST-6", title="avail->idx jumps past the queue size", family="hostile-guest", level=MUST,
-    clause=f"{VIRTIO} Split Virtqueues: The Virtqueue Available Ring",
-    requirement="An avail->idx more than queue size ahead of the last one is refused without a "
-        "crash or hang.",
+test_avail_idx_jump = named_case(
+    "VU-HOST-6", "test_avail_idx_jump",
+    "avail->idx jumps past the queue size",
+    f"{VIRTIO} Split Virtqueues: The Virtqueue Available Ring",
+    "An avail->idx more than queue size ahead of the last one is refused without a crash or hang.",
 )
-@SPLIT_ONLY
-def test_avail_idx_jump(layout: str, hostile_shapes: Callable[[str], None]) -> None:
-    """avail->idx more than queue size ahead is refused without crash or hang."""
-    hostile_shapes(layout)
 
 
-@case(
-    "VU-HOST-7", title="Wrong buffer directions", family="hostile-guest", level=MUST,
-    clause=f"{VIRTIO} Block Device: Device Operation",
-    requirement="A device-writable header or a device-readable status byte gets an error or is "
-        "ignored; nothing is written to the read-only buffer.",
+test_wrong_buffer_directions = named_case(
+    "VU-HOST-7", "test_wrong_buffer_directions",
+    "Wrong buffer directions", f"{VIRTIO} Block Device: Device Operation",
+    "A device-writable header or a device-readable status byte gets an error or is ignored; "
+    "nothing is written to the read-only buffer.",
 )
-@LAYOUTS
-def test_wrong_buffer_directions(layout: str, hostile_shapes: Callable[[str], None]) -> None:
-    """A writable header or a readable status: error or ignored; readable buffers untouched."""
-    hostile_shapes(layout)
 
 
-@case(
-    "VU-HOST-8", title="Head index beyond the queue", family="hostile-guest", level=MUST,
-    clause=f"{VIRTIO} Split Virtqueues: The Virtqueue Available Ring",
-    requirement="An avail entry naming a head at or beyond the queue size is refused without a "
-        "crash: on a split ring nothing is used for it (no used entry; ignoring it, needing a "
-        "reset or closing are refusals); a packed buffer id beyond the queue is a tag and may be "
-        "completed.",
+test_head_beyond_queue = named_case(
+    "VU-HOST-8", "test_head_beyond_queue",
+    "Head index beyond the queue", f"{VIRTIO} Split Virtqueues: The Virtqueue Available Ring",
+    "An avail entry naming a head at or beyond the queue size is refused without a crash: on a "
+    "split ring nothing is used for it (no used entry; ignoring it, needing a reset or closing "
+    "are refusals); a packed buffer id beyond the queue is a tag and may be completed.",
     ambiguity="VIRTIO 1.3 has no device sentence for an out-of-range head (the driver's side is "
         "2.7.5: the table holds queue size descriptors); serving one means reading a descriptor "
         "that does not exist or another head's chain, which is judged here as a wrong answer "
         "(robustness: reported, gates with --strict)",
 )
-@LAYOUTS
-def test_head_beyond_queue(layout: str, hostile_shapes: Callable[[str], None]) -> None:
-    """A head (split) or buffer id (packed) at or beyond the queue size: no crash."""
-    hostile_shapes(layout)
 
 
-@case(
-    "VU-HOST-9", title="Flood of submissions", family="hostile-guest", level=MUST,
-    clause=f"{VIRTIO} Split Virtqueues",
-    requirement="Making available and kicking far more requests than the queue holds, without "
-        "waiting, leaves the back-end alive and correct.",
+test_flood_of_submissions = named_case(
+    "VU-HOST-9", "test_flood_of_submissions", "Flood of submissions", f"{VIRTIO} Split Virtqueues",
+    "Making available and kicking far more requests than the queue holds, without waiting, leaves "
+    "the back-end alive and correct.",
 )
-@SPLIT_ONLY
-def test_flood_of_submissions(layout: str, hostile_shapes: Callable[[str], None]) -> None:
-    """A head made available again while in flight, and a kick storm: alive and correct."""
-    hostile_shapes(layout)
 
 
-@case(
-    "VU-HOST-10", title="Bad indirect table length", family="hostile-guest", level=MUST,
-    clause=f"{VIRTIO} Split Virtqueues: Indirect Descriptors",
-    requirement="An indirect descriptor whose len is 0 or not a multiple of 16, or that also has "
-        "NEXT, is refused without a crash or hang.",
+test_bad_indirect_length = named_case(
+    "VU-HOST-10", "test_bad_indirect_length",
+    "Bad indirect table length", f"{VIRTIO} Split Virtqueues: Indirect Descriptors",
+    "An indirect descriptor whose len is 0 or not a multiple of 16, or that also has NEXT, is "
+    "refused without a crash or hang.",
     requires=[VirtioFeature.RING_INDIRECT_DESC],
 )
-@LAYOUTS
-def test_bad_indirect_length(layout: str, hostile_shapes: Callable[[str], None]) -> None:
-    """An indirect table of length 0 or not a multiple of 16 is refused without a crash."""
-    hostile_shapes(layout)
 
 
-@case(
-    "VU-HOST-11", title="Zero-length buffers", family="hostile-guest", level=MUST,
-    clause=f"{VIRTIO} Block Device: Device Operation",
-    requirement="A zero-length header, data or status buffer gets an error status, a completion, "
-        "a stopped queue or a closed connection, never a crash or hang.",
+test_zero_length_buffers = named_case(
+    "VU-HOST-11", "test_zero_length_buffers",
+    "Zero-length buffers", f"{VIRTIO} Block Device: Device Operation",
+    "A zero-length header, data or status buffer gets an error status, a completion, a stopped "
+    "queue or a closed connection, never a crash or hang.",
 )
-@LAYOUTS
-def test_zero_length_buffers(layout: str, hostile_shapes: Callable[[str], None]) -> None:
-    """Zero-length header, data or status buffers: an error or a completion, no crash."""
-    hostile_shapes(layout)
 
 
 # --------------------------------------------------------------------------- property-based

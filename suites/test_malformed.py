@@ -261,6 +261,23 @@ def _run_variants(link: Link, variants: Sequence[tuple[str, bytes, int]]) -> lis
     return seen
 
 
+def variants_then_works(
+    case_id: str,
+    target: BackendTarget,
+    capabilities: Capabilities,
+    timeout: float,
+    variants: Sequence[tuple[str, bytes, int]],
+) -> None:
+    """The variants on one new connection (:func:`_run_variants`), then a new connection that
+    must work; prints what each variant got."""
+    link = Link(target, capabilities, timeout)
+    link.open()
+    seen = _run_variants(link, variants)
+    link.close()
+    works_afterwards(target, capabilities, timeout)
+    print(f"{case_id}: " + "; ".join(seen))
+
+
 def _send_one(link: Link, data: bytes, fds: Sequence[int]) -> str:
     """send_bad, then a moment for a back-end that closed to be seen dead if it is dying."""
     outcome = link.send_bad(data, fds)
@@ -293,10 +310,8 @@ def test_unknown_request_ids(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
     """Unknown request ids get an error or a closed connection, never a crash."""
-    link = Link(vhost_target, vhost_capabilities, vhost_timeout)
-    link.open()
-    seen = _run_variants(
-        link,
+    variants_then_works(
+        "VU-MAL-1", vhost_target, vhost_capabilities, vhost_timeout,
         [
             ("id 0", raw(0), 0),
             ("id 45 (GET_VRING_BASE_SKIP_DRAIN, bit 23 not agreed)", raw(45, bytes(8)), 0),
@@ -305,9 +320,6 @@ def test_unknown_request_ids(
             ("id 0xffffffff with an fd", raw(0xFFFF_FFFF), 1),
         ],
     )
-    link.close()
-    works_afterwards(vhost_target, vhost_capabilities, vhost_timeout)
-    print("VU-MAL-1: " + "; ".join(seen))
 
 
 def _wrong_sizes() -> list[tuple[str, bytes, int]]:
@@ -539,8 +551,6 @@ def test_missing_fds(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
     """Messages that must carry an fd, sent without: refused without a crash."""
-    link = Link(vhost_target, vhost_capabilities, vhost_timeout)
-    link.open()
     caps = vhost_capabilities
     variants = [
         ("SET_VRING_KICK without NOFD, no fd", raw(F.SET_VRING_KICK, U64(0).encode()), 0),
@@ -570,10 +580,7 @@ def test_missing_fds(
         variants.append(("SET_BACKEND_REQ_FD, no fd", raw(F.SET_BACKEND_REQ_FD), 0))
     if caps.offers(P.LOG_SHMFD):
         variants.append(("SET_LOG_BASE, no fd", raw(F.SET_LOG_BASE, bytes(16)), 0))
-    seen = _run_variants(link, variants)
-    link.close()
-    works_afterwards(vhost_target, vhost_capabilities, vhost_timeout)
-    print("VU-MAL-12: " + "; ".join(seen))
+    variants_then_works("VU-MAL-12", vhost_target, vhost_capabilities, vhost_timeout, variants)
 
 
 # --------------------------------------------------------------------------- rings and config
@@ -625,11 +632,9 @@ def test_vring_index_out_of_range(
 ) -> None:
     """SET_VRING_* and GET_VRING_BASE naming a queue that does not exist: no crash or hang."""
     bad = max(vhost_capabilities.queue_num or 1, 200)
-    link = Link(vhost_target, vhost_capabilities, vhost_timeout)
-    link.open()
     addr = VringAddr(bad, 0, 0x7F00_0000_0000, 0x7F00_0000_1000, 0x7F00_0000_2000, 0x1000)
-    seen = _run_variants(
-        link,
+    variants_then_works(
+        "VU-MAL-8", vhost_target, vhost_capabilities, vhost_timeout,
         [
             ("SET_VRING_NUM", raw(F.SET_VRING_NUM, VringState(bad, 128).encode()), 0),
             ("SET_VRING_BASE", raw(F.SET_VRING_BASE, VringState(bad, 0).encode()), 0),
@@ -650,9 +655,6 @@ def test_vring_index_out_of_range(
             ),
         ],
     )
-    link.close()
-    works_afterwards(vhost_target, vhost_capabilities, vhost_timeout)
-    print("VU-MAL-8: " + "; ".join(seen))
 
 
 @case(
@@ -694,10 +696,8 @@ def test_get_config_beyond_config_space(
     vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
     """GET_CONFIG past 256 bytes or past the config: a size-0 reply, a refusal or a close."""
-    link = Link(vhost_target, vhost_capabilities, vhost_timeout)
-    link.open()
-    seen = _run_variants(
-        link,
+    variants_then_works(
+        "VU-MAL-10", vhost_target, vhost_capabilities, vhost_timeout,
         [
             (
                 "offset 0 size 300",
@@ -717,9 +717,6 @@ def test_get_config_beyond_config_space(
             ),
         ],
     )
-    link.close()
-    works_afterwards(vhost_target, vhost_capabilities, vhost_timeout)
-    print("VU-MAL-10: " + "; ".join(seen))
 
 
 @case(
