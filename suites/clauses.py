@@ -3,6 +3,12 @@ used by more than one case (see docs/ARCHITECTURE.md "How a case declares its re
 
 from __future__ import annotations
 
+
+def quotes(*sentences: str) -> str:
+    """A case's quote made of several sentences of its clause, one per line."""
+    return "\n".join(sentences)
+
+
 #: Prefix of a clause in vhost-user.rst as QEMU 11.1.3 ships it.
 RST = "vhost-user.rst (QEMU 11.1.3)"
 #: Prefix of a clause in VIRTIO 1.3 (followed by the section number).

@@ -20,6 +20,7 @@ from vhost_conformance.suites.clauses import (
     RING_STARTED_ENABLED_QUOTE,
     RST,
     VIRTIO,
+    quotes,
 )
 from vhost_conformance.suites.drivers import (
     IoError,
@@ -386,7 +387,7 @@ def test_read_only_device_refuses_writes(
 @case(
     "VU-BLK-9", title="I/O on every queue", family="blk-io", level=MUST,
     clause=f"{RST} Multiple queue support",
-    quote="\n".join((RING_STARTED_ENABLED_QUOTE, MULTIQUEUE_GET_QUEUE_NUM_QUOTE)),
+    quote=quotes(RING_STARTED_ENABLED_QUOTE, MULTIQUEUE_GET_QUEUE_NUM_QUOTE),
     requirement="With several queues, requests on each queue complete on that queue.",
     requires=[ProtocolFeature.MQ, BlkFeature.MQ],
 )

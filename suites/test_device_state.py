@@ -257,8 +257,8 @@ def transfer_scenario(source: Session, open_destination: Callable[[], Session]) 
 
 
 @case(
-    "VU-DS-1", title="SET_DEVICE_STATE_FD: error or fd, not both", family="device-state", level=MUST,
-    clause=f"{RST} Front-end message types: SET_DEVICE_STATE_FD",
+    "VU-DS-1", title="SET_DEVICE_STATE_FD: error or fd, not both", family="device-state",
+    level=MUST, clause=f"{RST} Front-end message types: SET_DEVICE_STATE_FD",
     quote="The back-end must not both indicate an error and return a file descriptor.",
     requirement="The reply never reports an error and returns an fd at once, also when the "
         "request is refused (an undefined direction or phase); a returned fd is the one to use.",

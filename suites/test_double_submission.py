@@ -25,6 +25,7 @@ from vhost_conformance.suites.clauses import (
     INFLIGHT_USED_IDX_QUOTE,
     RST,
     SET_INFLIGHT_FD_QUOTE,
+    quotes,
 )
 from vhost_conformance.suites.drivers import (
     SessionFactory,
@@ -132,7 +133,7 @@ def test_exactly_once_across_inflight_migration(
 @case(
     "VU-DBL-3", title="Exactly once across a crash", family="double-submission", level=SHOULD,
     clause=f"{RST} Inflight I/O tracking",
-    quote="\n".join((INFLIGHT_TRACKING_QUOTE, SET_INFLIGHT_FD_QUOTE, INFLIGHT_USED_IDX_QUOTE)),
+    quote=quotes(INFLIGHT_TRACKING_QUOTE, SET_INFLIGHT_FD_QUOTE, INFLIGHT_USED_IDX_QUOTE),
     requirement="Killing the back-end with K requests outstanding, restarting and reconnecting "
         "completes each of them exactly once.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD], needs=["command", "slow-io"],
@@ -168,7 +169,7 @@ def test_exactly_once_across_a_crash(
 @case(
     "VU-DBL-4", title="Completed requests are not resubmitted", family="double-submission",
     level=SHOULD, clause=f"{RST} Inflight I/O tracking",
-    quote="\n".join((INFLIGHT_TRACKING_QUOTE, INFLIGHT_USED_IDX_QUOTE)),
+    quote=quotes(INFLIGHT_TRACKING_QUOTE, INFLIGHT_USED_IDX_QUOTE),
     requirement="A request already in the used ring on the source is not completed again on the "
         "destination or after a reconnect.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD],

@@ -39,6 +39,7 @@ from vhost_conformance.suites.clauses import (
     REPLY_ACK_SOLICITED_QUOTE,
     RST,
     VIRTIO,
+    quotes,
 )
 from vhost_conformance.suites.model import (
     MUST,
@@ -251,12 +252,10 @@ def test_integers_are_host_native(vhost_channel: Channel, vhost_timeout: float) 
     "VU-FEAT-1", title="Protocol features negotiable before SET_FEATURES", family="handshake",
     level=MUST,
     clause=f"{RST} Front-end message types: GET_PROTOCOL_FEATURES / SET_PROTOCOL_FEATURES",
-    quote="\n".join(
-        (
-            "Feature bit VHOST_USER_F_PROTOCOL_FEATURES signals back-end support for "
-            "VHOST_USER_GET_PROTOCOL_FEATURES and VHOST_USER_SET_PROTOCOL_FEATURES.",
-            GET_PROTOCOL_FEATURES_QUOTE,
-        )
+    quote=quotes(
+        "Feature bit VHOST_USER_F_PROTOCOL_FEATURES signals back-end support for "
+        "VHOST_USER_GET_PROTOCOL_FEATURES and VHOST_USER_SET_PROTOCOL_FEATURES.",
+        GET_PROTOCOL_FEATURES_QUOTE,
     ),
     requirement="A back-end offering bit 30 answers GET_PROTOCOL_FEATURES and accepts "
         "SET_PROTOCOL_FEATURES before any SET_FEATURES.",
@@ -495,12 +494,10 @@ def test_flush_offered_with_config_wce(vhost_channel: Channel, vhost_timeout: fl
 @case(
     "VU-ACK-1", title="REPLY_ACK: one u64 ack per NEED_REPLY request", family="handshake",
     level=MUST, clause=f"{RST} REPLY_ACK",
-    quote="\n".join(
-        (
-            REPLY_ACK_RESPOND_QUOTE,
-            REPLY_ACK_PAYLOAD_QUOTE,
-            "It does not need to be acknowledged by VHOST_USER_SET_FEATURES.",
-        )
+    quote=quotes(
+        REPLY_ACK_RESPOND_QUOTE,
+        REPLY_ACK_PAYLOAD_QUOTE,
+        "It does not need to be acknowledged by VHOST_USER_SET_FEATURES.",
     ),
     requirement="With REPLY_ACK negotiated, a request without a reply of its own sent with "
         "NEED_REPLY gets exactly one u64 reply, 0 on success; still after a SET_FEATURES without "
@@ -911,7 +908,8 @@ def test_config_padding_is_zero(
 
 @case(
     "VU-CFG-9", title="Writethrough when CONFIG_WCE comes without FLUSH", family="config",
-    level=MUST, clause=f"{VIRTIO} 5.2.5.2 Block Device: Device Initialization (device requirements)",
+    level=MUST,
+    clause=f"{VIRTIO} 5.2.5.2 Block Device: Device Initialization (device requirements)",
     quote="If VIRTIO_BLK_F_CONFIG_WCE is negotiated but VIRTIO_BLK_F_FLUSH is not, the device "
         "MUST initialize writeback to 0.",
     requirement="After SET_FEATURES with VIRTIO_BLK_F_CONFIG_WCE and without VIRTIO_BLK_F_FLUSH "
@@ -948,14 +946,12 @@ def test_writethrough_without_flush(
 @case(
     "VU-BACKEND-1", title="Exits on SIGTERM, does not daemonize", family="program", level=SHOULD,
     clause=f"{RST} Backend program conventions",
-    quote="\n".join(
-        (
-            BACKEND_CONVENTIONS_QUOTE,
-            "The back-end program must not daemonize itself, but it may be daemonized by the "
-            "management layer.",
-            "The back-end program must end (as quickly and cleanly as possible) when the SIGTERM "
-            "signal is received.",
-        )
+    quote=quotes(
+        BACKEND_CONVENTIONS_QUOTE,
+        "The back-end program must not daemonize itself, but it may be daemonized by the "
+        "management layer.",
+        "The back-end program must end (as quickly and cleanly as possible) when the SIGTERM "
+        "signal is received.",
     ),
     requirement="The back-end program stays in the foreground as the process we started and exits "
         "on SIGTERM.",
@@ -980,12 +976,10 @@ def test_exits_on_sigterm(vhost_target: BackendTarget) -> None:
 @case(
     "VU-BACKEND-2", title="--print-capabilities", family="program", level=SHOULD,
     clause=f"{RST} Backend program conventions",
-    quote="\n".join(
-        (
-            BACKEND_CONVENTIONS_QUOTE,
-            "Output to stdout the back-end capabilities in JSON format, and then exit "
-            "successfully.",
-        )
+    quote=quotes(
+        BACKEND_CONVENTIONS_QUOTE,
+        "Output to stdout the back-end capabilities in JSON format, and then exit "
+        "successfully.",
     ),
     requirement="The program prints its capabilities as JSON with type 'block' on "
         "--print-capabilities and exits 0.",

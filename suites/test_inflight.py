@@ -40,6 +40,7 @@ from vhost_conformance.suites.clauses import (
     INFLIGHT_USED_IDX_QUOTE,
     RST,
     SET_INFLIGHT_FD_QUOTE,
+    quotes,
 )
 from vhost_conformance.suites.drivers import (
     InflightTracker,
@@ -300,7 +301,7 @@ def _resubmission(vhost_target: BackendTarget, make_session: SessionFactory, n: 
 @case(
     "VU-INF-5", title="Resubmission in counter order", family="inflight", level=SHOULD,
     clause=f"{RST} Inflight I/O tracking",
-    quote="\n".join((INFLIGHT_TRACKING_QUOTE, INFLIGHT_USED_IDX_QUOTE, INFLIGHT_RESUBMIT_QUOTE)),
+    quote=quotes(INFLIGHT_TRACKING_QUOTE, INFLIGHT_USED_IDX_QUOTE, INFLIGHT_RESUBMIT_QUOTE),
     requirement="After a restart, entries marked in flight are resubmitted in increasing counter "
         "order, once the last batch is fixed up when used_idx differs from used->idx.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD], needs=["command"],
@@ -327,7 +328,7 @@ def test_resubmission_after_restart(
 @case(
     "VU-INF-8", title="Head 0 is resubmitted too", family="inflight", level=SHOULD,
     clause=f"{RST} Inflight I/O tracking",
-    quote="\n".join((INFLIGHT_TRACKING_QUOTE, INFLIGHT_RESUBMIT_QUOTE)),
+    quote=quotes(INFLIGHT_TRACKING_QUOTE, INFLIGHT_RESUBMIT_QUOTE),
     requirement="After a restart with head 0 in flight and used_idx 0, head 0 is resubmitted like "
         "any other.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD], needs=["command"],
@@ -438,11 +439,9 @@ def test_set_inflight_fd_twice(vhost_target: BackendTarget, make_session: Sessio
 @case(
     "VU-INF-11", title="Packed in-flight region", family="inflight", level=SHOULD,
     clause=f"{RST} Inflight I/O tracking (packed)",
-    quote="\n".join(
-        (
-            "For packed virtqueue, queue region can be implemented as:",
-            INFLIGHT_TRACKING_QUOTE,
-        )
+    quote=quotes(
+        "For packed virtqueue, queue region can be implemented as:",
+        INFLIGHT_TRACKING_QUOTE,
     ),
     requirement="With RING_PACKED, the packed region's free list, old_* fields and counters "
         "follow the rules, and a restart resubmits in counter order.",

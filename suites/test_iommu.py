@@ -19,13 +19,13 @@ from vhost_conformance.suites.target import BackendTarget
 
 
 @case(
-    "VU-IOMMU-1", title="No BACKEND_IOTLB_MSG without IOMMU_PLATFORM", family="memory", level=SHOULD,
-    clause=f"{RST} Back-end message types: VHOST_USER_BACKEND_IOTLB_MSG",
+    "VU-IOMMU-1", title="No BACKEND_IOTLB_MSG without IOMMU_PLATFORM", family="memory",
+    level=SHOULD, clause=f"{RST} Back-end message types: VHOST_USER_BACKEND_IOTLB_MSG",
+    requires=[ProtocolFeature.BACKEND_REQ],
     quote="This request should be send only when VIRTIO_F_IOMMU_PLATFORM feature has been "
         "successfully negotiated.",
     requirement="With the back-end channel set up and VIRTIO_F_IOMMU_PLATFORM not negotiated, I/O "
         "on a running ring and its stop bring no BACKEND_IOTLB_MSG.",
-    requires=[ProtocolFeature.BACKEND_REQ],
 )
 def test_no_iotlb_msg_without_iommu_platform(
     vhost_target: BackendTarget, make_session: SessionFactory

@@ -18,7 +18,7 @@ from vhost_conformance.frontend.blk import SECTOR_SIZE, BlkRequest
 from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.memory import LOG_PAGE_SIZE, DirtyLog
 from vhost_conformance.frontend.protocol import ProtocolFeature, VirtioFeature
-from vhost_conformance.suites.clauses import MIGRATION_LOG_QUOTE, RST
+from vhost_conformance.suites.clauses import MIGRATION_LOG_QUOTE, RST, quotes
 from vhost_conformance.suites.drivers import (
     SessionFactory,
     expect_status,
@@ -73,13 +73,11 @@ def _written_pages(session: Session, requests: list[BlkRequest]) -> dict[int, st
 @case(
     "VU-LOG-1", title="Dirty log of used-ring writes", family="migration", level=SHOULD,
     clause=f"{RST} Migration",
-    quote="\n".join(
-        (
-            "All the modifications to memory pointed by vring “descriptor” should be marked.",
-            "Modifications to “used” vring should be marked if VHOST_VRING_F_LOG is part of "
-            "ring’s flags.",
-            MIGRATION_LOG_QUOTE,
-        )
+    quote=quotes(
+        "All the modifications to memory pointed by vring “descriptor” should be marked.",
+        "Modifications to “used” vring should be marked if VHOST_VRING_F_LOG is part of "
+        "ring’s flags.",
+        MIGRATION_LOG_QUOTE,
     ),
     requirement="With LOG_ALL and a shared log, every used-ring write and data-buffer write sets "
         "its 4 KiB page's bit.",

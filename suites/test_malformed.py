@@ -47,7 +47,12 @@ from vhost_conformance.frontend.protocol import (
 )
 from vhost_conformance.frontend.sequences import agree_protocol
 from vhost_conformance.reports.model import Tier
-from vhost_conformance.suites.clauses import REPLY_ACK_RESPOND_QUOTE, REPLY_ACK_SOLICITED_QUOTE, RST
+from vhost_conformance.suites.clauses import (
+    REPLY_ACK_RESPOND_QUOTE,
+    REPLY_ACK_SOLICITED_QUOTE,
+    RST,
+    quotes,
+)
 from vhost_conformance.suites.drivers.hostile import (
     RAM_SIZE,
     BackendCrashed,
@@ -1008,7 +1013,7 @@ def _need_reply_session(
 @case(
     "VU-MAL-16", title="NEED_REPLY on every start-up message", family="malformed", level=MUST,
     tier=Tier.CONFORMANCE, clause=f"{RST} REPLY_ACK",
-    quote="\n".join((REPLY_ACK_RESPOND_QUOTE, REPLY_ACK_SOLICITED_QUOTE)),
+    quote=quotes(REPLY_ACK_RESPOND_QUOTE, REPLY_ACK_SOLICITED_QUOTE),
     requirement="With REPLY_ACK negotiated, NEED_REPLY on every message of QEMU's start-up "
         "sequence yields exactly one reply per message: its defined reply, or else one u64 ack.",
     requires=[ProtocolFeature.REPLY_ACK],

@@ -20,7 +20,7 @@ from vhost_conformance.frontend.protocol import (
     ProtocolFeature,
     SingleMemoryRegion,
 )
-from vhost_conformance.suites.clauses import ADD_MEM_REG_QUOTE, MEMORY_REGION_MAP_QUOTE, RST
+from vhost_conformance.suites.clauses import ADD_MEM_REG_QUOTE, MEMORY_REGION_MAP_QUOTE, RST, quotes
 from vhost_conformance.suites.drivers import (
     SessionFactory,
     do_io,
@@ -80,11 +80,9 @@ def _all_regions(session: Session, base_sector: int) -> None:
 @case(
     "VU-FD-2", title="SET_MEM_TABLE: one fd per region, up to 8", family="memory", level=MUST,
     clause=f"{RST} Front-end message types: SET_MEM_TABLE",
-    quote="\n".join(
-        (
-            "Sets the memory map regions on the back-end so it can translate the vring addresses.",
-            MEMORY_REGION_MAP_QUOTE,
-        )
+    quote=quotes(
+        "Sets the memory map regions on the back-end so it can translate the vring addresses.",
+        MEMORY_REGION_MAP_QUOTE,
     ),
     requirement="SET_MEM_TABLE with 1 to 8 regions and one fd each is accepted and the memory is "
         "used for I/O.",
@@ -106,11 +104,9 @@ def test_set_mem_table_up_to_8_regions(
 @case(
     "VU-MEM-4", title="Regions with mmap_offset, GPA != HVA, holes", family="memory", level=MUST,
     clause=f"{RST} Memory region description",
-    quote="\n".join(
-        (
-            "User addresses map to the vhost memory region containing that user address.",
-            MEMORY_REGION_MAP_QUOTE,
-        )
+    quote=quotes(
+        "User addresses map to the vhost memory region containing that user address.",
+        MEMORY_REGION_MAP_QUOTE,
     ),
     requirement="Data written at a GPA in a region with non-zero mmap_offset, a user address "
         "unlike its GPA and gaps between regions reads back right, with the regions sent by "
@@ -204,8 +200,9 @@ def test_memory_slots_beyond_8(
 def test_rem_mem_reg_of_a_region_in_use(
     vhost_target: BackendTarget, make_session: SessionFactory
 ) -> None:
-    """Removing a region a queued descriptor points into ends in an error or a safe
-    completion, never a crash."""
+    """A READ into region 1 queued on a stopped ring, REM_MEM_REG of region 1, then the ring
+    restarted and kicked: the back-end lives (an error status, a completion, or a close with a
+    working next connection)."""
     memory = make_session.memory(8 << 20, regions=2)
     session = make_session(vhost_target, memory=memory)
     do_io(session, 1)

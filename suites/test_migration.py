@@ -34,6 +34,7 @@ from vhost_conformance.suites.clauses import (
     MAY_SUSPEND,
     MIGRATION_LOG_QUOTE,
     RST,
+    quotes,
 )
 from vhost_conformance.suites.drivers import (
     SessionFactory,
@@ -88,7 +89,7 @@ def test_destination_resubmits_inflight_requests(
 @case(
     "VU-MIG-4", title="Source region equals the front-end's model", family="migration", level=MUST,
     clause=f"{RST} Inflight I/O tracking",
-    quote="\n".join((GET_VRING_BASE_DRAIN_QUOTE, GET_VRING_BASE_INFLIGHT_QUOTE)),
+    quote=quotes(GET_VRING_BASE_DRAIN_QUOTE, GET_VRING_BASE_INFLIGHT_QUOTE),
     requirement="After a no-drain GET_VRING_BASE, the region's bytes equal the front-end's model "
         "of what is in flight.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.GET_VRING_BASE_INFLIGHT],
@@ -144,8 +145,8 @@ def test_drained_migration_keeps_data(
 
 
 @case(
-    "VU-MIG-8", title="Stop latency and downtime, drain vs no-drain", family="migration", level=INFO,
-    tier=Tier.INTEROP, clause=f"{RST} Front-end message types: GET_VRING_BASE",
+    "VU-MIG-8", title="Stop latency and downtime, drain vs no-drain", family="migration",
+    level=INFO, tier=Tier.INTEROP, clause=f"{RST} Front-end message types: GET_VRING_BASE",
     source="QEMU-TRACES.md (b) and (e): the stop sequence and in-flight migration QEMU 11.1.3 "
         "runs (inflight-migration=on/off); measured, not judged",
     requirement="Measured, not judged: the GET_VRING_BASE round trip and the migration downtime "

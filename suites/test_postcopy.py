@@ -27,7 +27,7 @@ from vhost_conformance.frontend.protocol import (
     Message,
     ProtocolFeature,
 )
-from vhost_conformance.suites.clauses import RST
+from vhost_conformance.suites.clauses import RST, quotes
 from vhost_conformance.suites.drivers import SessionFactory
 from vhost_conformance.suites.drivers.postcopy import mappings_of, next_fault, process_tree, wake
 from vhost_conformance.suites.model import MUST, CaseFailed, CaseNonStrict, Unsupported, case
@@ -158,18 +158,16 @@ def test_postcopy_advise(vhost_target: BackendTarget, make_session: SessionFacto
     "VU-POSTCOPY-2", title="POSTCOPY_LISTEN: memory registered with the userfaultfd, not touched",
     family="migration", level=MUST,
     clause=f"{RST} Front-end message types: POSTCOPY_LISTEN; SET_MEM_TABLE; Migration",
-    quote="\n".join(
-        (
-            "The back-end must ensure that shared memory is registered with userfaultfd to "
-            "cause faulting of non-present pages.",
-            "When VHOST_USER_POSTCOPY_LISTEN has been received, SET_MEM_TABLE replies with the "
-            "bases of the memory mapped regions to the front-end.",
-            "The back-end must have mmap\u2019d the regions but not yet accessed them and should "
-            "not yet generate a userfault event.",
-            "In postcopy migration the back-end is started before all the memory has been "
-            "received from the source host, and care must be taken to avoid accessing pages "
-            "that have yet to be received.",
-        )
+    quote=quotes(
+        "The back-end must ensure that shared memory is registered with userfaultfd to "
+        "cause faulting of non-present pages.",
+        "When VHOST_USER_POSTCOPY_LISTEN has been received, SET_MEM_TABLE replies with the "
+        "bases of the memory mapped regions to the front-end.",
+        "The back-end must have mmap\u2019d the regions but not yet accessed them and should "
+        "not yet generate a userfault event.",
+        "In postcopy migration the back-end is started before all the memory has been "
+        "received from the source host, and care must be taken to avoid accessing pages "
+        "that have yet to be received.",
     ),
     requirement="After POSTCOPY_ADVISE and POSTCOPY_LISTEN, SET_MEM_TABLE is answered with the "
         "regions and the back-end's bases; once acked, each region's mapping in the back-end is "
@@ -217,12 +215,10 @@ def test_postcopy_listen_registers(
 @case(
     "VU-POSTCOPY-3", title="POSTCOPY_END: 0, the userfaultfd disabled", family="migration",
     level=MUST, clause=f"{RST} Front-end message types: POSTCOPY_END",
-    quote="\n".join(
-        (
-            "The front-end advises that postcopy migration has now completed.  The back-end must "
-            "disable the userfaultfd.",
-            "The value returned is an error indication; 0 is success.",
-        )
+    quote=quotes(
+        "The front-end advises that postcopy migration has now completed.  The back-end must "
+        "disable the userfaultfd.",
+        "The value returned is an error indication; 0 is success.",
     ),
     requirement="POSTCOPY_END after POSTCOPY_LISTEN is answered with u64 0, and once the "
         "front-end closed its copy of the userfaultfd no region of the back-end is registered any "

@@ -17,7 +17,12 @@ import subprocess
 from pathlib import Path
 
 from vhost_conformance.frontend.channel import BackendError
-from vhost_conformance.suites.clauses import ADVISORY_CONVENTIONS, BACKEND_CONVENTIONS_QUOTE, RST
+from vhost_conformance.suites.clauses import (
+    ADVISORY_CONVENTIONS,
+    BACKEND_CONVENTIONS_QUOTE,
+    RST,
+    quotes,
+)
 from vhost_conformance.suites.drivers.program import (
     PROGRAM_DEADLINE,
     connect,
@@ -48,12 +53,10 @@ def _serves(sock: socket.socket, what: str) -> None:
 @case(
     "VU-BACKEND-3", title="--socket-path=PATH", family="program", level=SHOULD,
     clause=f"{RST} Backend program conventions",
-    quote="\n".join(
-        (
-            BACKEND_CONVENTIONS_QUOTE,
-            MANDATORY_QUOTE,
-            "This option specify the location of the vhost-user Unix domain socket.",
-        )
+    quote=quotes(
+        BACKEND_CONVENTIONS_QUOTE,
+        MANDATORY_QUOTE,
+        "This option specify the location of the vhost-user Unix domain socket.",
     ),
     requirement="The program started with --socket-path=PATH (the option spelled as the spec "
         "spells it) listens on PATH and answers GET_FEATURES there.",
@@ -77,13 +80,11 @@ def test_socket_path_option(vhost_target: BackendTarget) -> None:
 @case(
     "VU-BACKEND-4", title="--fd=FDNUM", family="program", level=SHOULD,
     clause=f"{RST} Backend program conventions",
-    quote="\n".join(
-        (
-            BACKEND_CONVENTIONS_QUOTE,
-            MANDATORY_QUOTE,
-            "When this argument is given, the back-end program is started with the vhost-user "
-            "socket as file descriptor FDNUM.",
-        )
+    quote=quotes(
+        BACKEND_CONVENTIONS_QUOTE,
+        MANDATORY_QUOTE,
+        "When this argument is given, the back-end program is started with the vhost-user "
+        "socket as file descriptor FDNUM.",
     ),
     requirement="The program started with --fd=FDNUM and the vhost-user socket as that fd serves "
         "the vhost-user protocol on it (GET_FEATURES answered).",
@@ -130,13 +131,11 @@ def test_fd_option(vhost_target: BackendTarget) -> None:
 @case(
     "VU-BACKEND-5", title="Initialization failure: early exit with status != 0", family="program",
     level=SHOULD, clause=f"{RST} Backend program conventions",
-    quote="\n".join(
-        (
-            BACKEND_CONVENTIONS_QUOTE,
-            "If the back-end is not capable of enabling a requested feature on the host (such "
-            "as 3D acceleration with virgl), or the initialization failed, the back-end should "
-            "fail to start early and exit with a status != 0.",
-        )
+    quote=quotes(
+        BACKEND_CONVENTIONS_QUOTE,
+        "If the back-end is not capable of enabling a requested feature on the host (such "
+        "as 3D acceleration with virgl), or the initialization failed, the back-end should "
+        "fail to start early and exit with a status != 0.",
     ),
     requirement="The program started with a disk image that does not exist exits within 10 s with "
         "a status other than 0.",
@@ -169,14 +168,12 @@ def test_init_failure_exit_status(vhost_target: BackendTarget) -> None:
 @case(
     "VU-BACKEND-6", title="--print-capabilities with other options: no normal function",
     family="program", level=SHOULD, clause=f"{RST} Backend program conventions",
-    quote="\n".join(
-        (
-            BACKEND_CONVENTIONS_QUOTE,
-            "Output to stdout the back-end capabilities in JSON format, and then exit "
-            "successfully.",
-            "Other options and arguments should be ignored, and the back-end program should not "
-            "perform its normal function.",
-        )
+    quote=quotes(
+        BACKEND_CONVENTIONS_QUOTE,
+        "Output to stdout the back-end capabilities in JSON format, and then exit "
+        "successfully.",
+        "Other options and arguments should be ignored, and the back-end program should not "
+        "perform its normal function.",
     ),
     requirement="The program started with its normal options, --socket-path=PATH and "
         "--print-capabilities prints JSON, exits 0 within 10 s and never listens on PATH.",

@@ -24,6 +24,7 @@ from vhost_conformance.suites.clauses import (
     INFLIGHT_TRACKING_QUOTE,
     RST,
     SET_INFLIGHT_FD_QUOTE,
+    quotes,
 )
 from vhost_conformance.suites.drivers import (
     SessionFactory,
@@ -86,9 +87,9 @@ def test_new_connection_after_the_front_end_leaves(
 
 
 @case(
-    "VU-RECON-2", title="Reconnect with SET_VRING_BASE = used idx", family="reconnect", level=SHOULD,
-    clause=f"{RST} Inflight I/O tracking",
-    quote="\n".join((INFLIGHT_TRACKING_QUOTE, SET_INFLIGHT_FD_QUOTE, INFLIGHT_RESUBMIT_QUOTE)),
+    "VU-RECON-2", title="Reconnect with SET_VRING_BASE = used idx", family="reconnect",
+    level=SHOULD, clause=f"{RST} Inflight I/O tracking",
+    quote=quotes(INFLIGHT_TRACKING_QUOTE, SET_INFLIGHT_FD_QUOTE, INFLIGHT_RESUBMIT_QUOTE),
     requirement="After a crash, a new back-end given the old region and SET_VRING_BASE = "
         "used->idx (QEMU's fallback) resubmits and completes what was pending.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD], needs=["command"],

@@ -25,6 +25,7 @@ from vhost_conformance.suites.clauses import (
     RST,
     SET_VRING_BASE_SPLIT_QUOTE,
     VIRTIO,
+    quotes,
 )
 from vhost_conformance.suites.drivers import (
     SessionFactory,
@@ -96,12 +97,7 @@ def _read_image(path: str, offset: int, length: int) -> bytes:
 @case(
     "VU-RING-1", title="Rings start stopped and disabled", family="rings", level=MUST,
     clause=f"{RST} Ring states",
-    quote="\n".join(
-        (
-            "Each ring is initialized in a stopped and disabled state.",
-            RING_STOPPED_QUOTE,
-        )
-    ),
+    quote=quotes("Each ring is initialized in a stopped and disabled state.", RING_STOPPED_QUOTE),
     requirement="A request made available before SET_VRING_KICK is not processed, neither while "
         "the ring is stopped and disabled nor after SET_VRING_ENABLE 1 (stopped and enabled).",
 )
@@ -145,8 +141,8 @@ def test_stopped_ring_is_not_processed(vhost_session: Session) -> None:
 
 
 @case(
-    "VU-RING-3", title="Started but disabled rings have no side effects", family="rings", level=MUST,
-    clause=f"{RST} Ring states", quote=RING_STARTED_DISABLED_QUOTE,
+    "VU-RING-3", title="Started but disabled rings have no side effects", family="rings",
+    level=MUST, clause=f"{RST} Ring states", quote=RING_STARTED_DISABLED_QUOTE,
     requirement="A started ring disabled by SET_VRING_ENABLE 0 writes nothing a guest can see: no "
         "guest memory, and (where we run it on a disk image) no disk write.",
     ambiguity="'processed without side effects' is written for net; for blk we require no "
@@ -238,12 +234,10 @@ def test_ring_starts_on_set_vring_kick(
 @case(
     "VU-RING-7", title="A kick before SET_VRING_ENABLE is not lost", family="rings", level=MUST,
     clause=f"{RST} Ring states",
-    quote="\n".join(
-        (
-            "Each ring is initialized in a stopped and disabled state.",
-            RING_STARTED_DISABLED_QUOTE,
-            RING_STARTED_ENABLED_QUOTE,
-        )
+    quote=quotes(
+        "Each ring is initialized in a stopped and disabled state.",
+        RING_STARTED_DISABLED_QUOTE,
+        RING_STARTED_ENABLED_QUOTE,
     ),
     requirement="A request kicked while the ring is started but never enabled is not served then, "
         "and completes after SET_VRING_ENABLE 1 with no second kick.",
@@ -452,12 +446,10 @@ def test_used_flags_values(vhost_session: Session) -> None:
 @case(
     "VU-RING-14", title="The enable state of a stopped ring is kept for its start", family="rings",
     level=SHOULD, clause=f"{RST} Ring states",
-    quote="\n".join(
-        (
-            RING_STOPPED_QUOTE,
-            "The enabled/disabled state should still be tracked, though, so it can come into "
-            "effect once the ring is started.",
-        )
+    quote=quotes(
+        RING_STOPPED_QUOTE,
+        "The enabled/disabled state should still be tracked, though, so it can come into "
+        "effect once the ring is started.",
     ),
     requirement="SET_VRING_ENABLE sent while a ring is stopped takes effect when SET_VRING_KICK "
         "starts it again: enabled then, the ring serves a request with no further "
@@ -646,7 +638,8 @@ def _mixed_chain(session: Session, kind: str, sector: int, data: bytes, scratch:
 
 
 @case(
-    "VU-RING-18", title="Direct descriptors followed by an indirect one", family="rings", level=MUST,
+    "VU-RING-18", title="Direct descriptors followed by an indirect one", family="rings",
+    level=MUST,
     clause=f"{VIRTIO} 2.7.5.3.2 Split Virtqueues: Indirect Descriptors (device requirements)",
     quote="The device MUST ignore the write-only flag (flags&VIRTQ_DESC_F_WRITE) in the "
         "descriptor that refers to an indirect table.\n"

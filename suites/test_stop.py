@@ -37,6 +37,7 @@ from vhost_conformance.suites.clauses import (
     SET_VRING_BASE_SPLIT_QUOTE,
     SUSPENDED_DMA,
     SUSPENDED_STATE_QUOTE,
+    quotes,
 )
 from vhost_conformance.suites.drivers import (
     COMPLETES_AFTER_REPLY,
@@ -88,9 +89,9 @@ def _expect_base(seen: int, expected: int, what: str, *, split: bool = False) ->
 
 
 @case(
-    "VU-GVB-1", title="GET_VRING_BASE returns the next avail index", family="stop-drain", level=MUST,
-    clause=f"{RST} Front-end message types: GET_VRING_BASE",
-    quote="\n".join((GET_VRING_BASE_STOPS_QUOTE, GET_VRING_BASE_SPLIT_QUOTE)),
+    "VU-GVB-1", title="GET_VRING_BASE returns the next avail index", family="stop-drain",
+    level=MUST, clause=f"{RST} Front-end message types: GET_VRING_BASE",
+    quote=quotes(GET_VRING_BASE_STOPS_QUOTE, GET_VRING_BASE_SPLIT_QUOTE),
     requirement="After N requests were taken, GET_VRING_BASE returns N (split: 16 bits of num) "
         "and stops the ring.",
 )
@@ -106,7 +107,7 @@ def test_get_vring_base_returns_next_avail_index(vhost_session: Session) -> None
 @case(
     "VU-GVB-7", title="GET_VRING_BASE reply is 8 bytes", family="stop-drain", level=MUST,
     clause=f"{RST} Front-end message types: GET_VRING_BASE",
-    quote="\n".join((GET_VRING_BASE_STOPS_QUOTE, GET_VRING_BASE_SPLIT_QUOTE)),
+    quote=quotes(GET_VRING_BASE_STOPS_QUOTE, GET_VRING_BASE_SPLIT_QUOTE),
     requirement="The GET_VRING_BASE reply has the request's id and exactly an 8-byte vring state "
         "payload for the asked index.",
 )
@@ -134,15 +135,13 @@ def test_get_vring_base_reply_is_8_bytes(vhost_session: Session, vhost_timeout: 
 
 
 @case(
-    "VU-GVB-8", title="A second GET_VRING_BASE and a restart agree", family="stop-drain", level=MUST,
-    clause=f"{RST} Front-end message types: GET_VRING_BASE / SET_VRING_BASE",
-    quote="\n".join(
-        (
-            "Rings are started with VHOST_USER_SET_VRING_KICK (or VHOST_USER_VRING_KICK if "
-            "VHOST_USER_PROTOCOL_F_INBAND_NOTIFICATIONS is negotiated) and stopped with "
-            "VHOST_USER_GET_VRING_BASE.",
-            GET_VRING_BASE_SPLIT_QUOTE,
-        )
+    "VU-GVB-8", title="A second GET_VRING_BASE and a restart agree", family="stop-drain",
+    level=MUST, clause=f"{RST} Front-end message types: GET_VRING_BASE / SET_VRING_BASE",
+    quote=quotes(
+        "Rings are started with VHOST_USER_SET_VRING_KICK (or VHOST_USER_VRING_KICK if "
+        "VHOST_USER_PROTOCOL_F_INBAND_NOTIFICATIONS is negotiated) and stopped with "
+        "VHOST_USER_GET_VRING_BASE.",
+        GET_VRING_BASE_SPLIT_QUOTE,
     ),
     requirement="A second GET_VRING_BASE returns the same index, and after SET_VRING_BASE with it "
         "and a restart I/O resumes at that slot.",
@@ -164,15 +163,13 @@ def test_second_get_vring_base_and_restart_agree(vhost_session: Session) -> None
 
 
 @case(
-    "VU-GVB-10", title="Packed GET_VRING_BASE carries both indices", family="stop-drain", level=MUST,
-    clause=f"{RST} Front-end message types: GET_VRING_BASE / SET_VRING_BASE (packed)",
-    quote="\n".join(
-        (
-            "For a packed virtqueue, neither index is explicitly available to read from memory, "
-            "so both indices (as maintained by the device) are returned.",
-            "For a packed virtqueue, both indices are supplied, as they are not explicitly "
-            "available in memory.",
-        )
+    "VU-GVB-10", title="Packed GET_VRING_BASE carries both indices", family="stop-drain",
+    level=MUST, clause=f"{RST} Front-end message types: GET_VRING_BASE / SET_VRING_BASE (packed)",
+    quote=quotes(
+        "For a packed virtqueue, neither index is explicitly available to read from memory, "
+        "so both indices (as maintained by the device) are returned.",
+        "For a packed virtqueue, both indices are supplied, as they are not explicitly "
+        "available in memory.",
     ),
     requirement="With RING_PACKED, GET_VRING_BASE returns the avail and used indices and both "
         "wrap counters (different halves while requests are suspended with bit 20), and "
@@ -274,11 +271,9 @@ def _packed_suspended_base(vhost_target: BackendTarget, make_session: SessionFac
 @case(
     "VU-GVB-11", title="Stop order of QEMU 11.1.3", family="stop-drain", level=MUST,
     clause=f"{RST} Ring states",
-    quote="\n".join(
-        (
-            GET_VRING_BASE_STOPS_QUOTE,
-            "Signal the back-end to enable or disable corresponding vring.",
-        )
+    quote=quotes(
+        GET_VRING_BASE_STOPS_QUOTE,
+        "Signal the back-end to enable or disable corresponding vring.",
     ),
     requirement="SET_VRING_ENABLE 0 then GET_VRING_BASE num 0, as QEMU 11.1.3 stops a device, is "
         "answered for every ring.",
@@ -591,8 +586,8 @@ def test_no_backend_messages_while_suspended(
 
 
 @case(
-    "VU-SUSP-4", title="Front-end messages answered while suspended", family="suspended", level=MUST,
-    clause=f"{RST} Suspended device state", quote=SUSPENDED_STATE_QUOTE,
+    "VU-SUSP-4", title="Front-end messages answered while suspended", family="suspended",
+    level=MUST, clause=f"{RST} Suspended device state", quote=SUSPENDED_STATE_QUOTE,
     requirement="While suspended, GET_FEATURES, GET_CONFIG and GET_VRING_BASE are still answered.",
 )
 def test_messages_answered_while_suspended(vhost_session: Session, vhost_timeout: float) -> None:
