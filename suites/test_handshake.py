@@ -7,9 +7,7 @@ Clauses: vhost-user.rst as shipped with QEMU 11.1.3; VIRTIO 1.3 "Block Device".
 
 from __future__ import annotations
 
-import json
 import struct
-import subprocess
 
 from vhost_conformance.frontend.channel import BackendClosed, Channel
 from vhost_conformance.frontend.protocol import (
@@ -29,8 +27,6 @@ from vhost_conformance.frontend.protocol import (
 from vhost_conformance.frontend.sequences import GET_CONFIG_LEN, agree_protocol
 from vhost_conformance.reports.model import Tier
 from vhost_conformance.suites.clauses import (
-    ADVISORY_CONVENTIONS,
-    BACKEND_CONVENTIONS_QUOTE,
     GET_PROTOCOL_FEATURES_QUOTE,
     MULTIQUEUE_GET_QUEUE_NUM_QUOTE,
     QEMU_FLAGS,
@@ -937,90 +933,4 @@ def test_writethrough_without_flush(
             "config writeback after SET_FEATURES with CONFIG_WCE, without FLUSH",
             expected="0 (writethrough)",
             seen=writeback,
-        )
-
-
-# --------------------------------------------------------------------------- the program
-
-
-@case(
-    "VU-BACKEND-1", title="Exits on SIGTERM, does not daemonize", family="program", level=SHOULD,
-    clause=f"{RST} Backend program conventions",
-    quote=quotes(
-        BACKEND_CONVENTIONS_QUOTE,
-        "The back-end program must not daemonize itself, but it may be daemonized by the "
-        "management layer.",
-        "The back-end program must end (as quickly and cleanly as possible) when the SIGTERM "
-        "signal is received.",
-    ),
-    requirement="The back-end program stays in the foreground as the process we started and exits "
-        "on SIGTERM.",
-    needs=["command"], ambiguity=ADVISORY_CONVENTIONS,
-)
-def test_exits_on_sigterm(vhost_target: BackendTarget) -> None:
-    """The program stays in the foreground and exits on SIGTERM."""
-    import signal
-
-    assert isinstance(vhost_target, CommandTarget)
-    if not vhost_target.alive():
-        raise CaseNonStrict(
-            f"the process we started exited with status {vhost_target.exit_status()} while its "
-            "socket stayed: it daemonized"
-        )
-    vhost_target.send_signal(signal.SIGTERM)
-    status = vhost_target.wait_exit(5.0)
-    if status is None:
-        raise CaseNonStrict("the back-end did not exit within 5 s of SIGTERM")
-
-
-@case(
-    "VU-BACKEND-2", title="--print-capabilities", family="program", level=SHOULD,
-    clause=f"{RST} Backend program conventions",
-    quote=quotes(
-        BACKEND_CONVENTIONS_QUOTE,
-        "Output to stdout the back-end capabilities in JSON format, and then exit "
-        "successfully.",
-    ),
-    requirement="The program prints its capabilities as JSON with type 'block' on "
-        "--print-capabilities and exits 0.",
-    needs=["command"], ambiguity=ADVISORY_CONVENTIONS,
-)
-def test_print_capabilities(vhost_target: BackendTarget) -> None:
-    """--print-capabilities prints JSON with the device's type (the profile's device_type
-    when it names one) on stdout and exits 0."""
-    assert isinstance(vhost_target, CommandTarget)
-    argv = vhost_target.print_capabilities_argv()
-    assert argv is not None
-    try:
-        done = subprocess.run(
-            argv, capture_output=True, timeout=10, check=False, cwd=vhost_target.workdir
-        )
-    except subprocess.TimeoutExpired:
-        raise CaseNonStrict(f"{' '.join(argv)} did not exit within 10 s") from None
-    except OSError as exc:
-        raise CaseNonStrict(f"cannot run {' '.join(argv)}: {exc}") from None
-    if done.returncode != 0:
-        raise CaseNonStrict(
-            f"{' '.join(argv)} exited with status {done.returncode}: {done.stderr[-300:]!r}"
-        )
-    try:
-        capabilities = json.loads(done.stdout)
-    except ValueError:
-        raise CaseNonStrict(
-            f"--print-capabilities output on stdout is not JSON: {done.stdout[:200]!r} "
-            f"(stderr: {done.stderr[:200]!r})"
-        ) from None
-    kind = vhost_target.profile.device_type
-    seen = capabilities.get("type") if isinstance(capabilities, dict) else None
-    if kind is None:
-        # the run takes its device type from this output (suites.device_type): any type name
-        if not isinstance(seen, str) or not seen:
-            raise CaseNonStrict(
-                f'--print-capabilities: expected {{"type": "<device type>", ...}}, seen '
-                f"{capabilities!r:.200}"
-            )
-    elif seen != kind:
-        raise CaseNonStrict(
-            f'--print-capabilities: expected {{"type": "{kind}", ...}} (the profile\'s '
-            f"device_type), seen {capabilities!r:.200}"
         )
