@@ -29,7 +29,8 @@ from vhost_conformance.frontend.protocol import (
 )
 from vhost_conformance.suites.clauses import RST, quotes
 from vhost_conformance.suites.drivers import SessionFactory
-from vhost_conformance.suites.drivers.postcopy import mappings_of, next_fault, process_tree, wake
+from vhost_conformance.suites.drivers.postcopy import mappings_of, next_fault, wake
+from vhost_conformance.suites.drivers.procfs import process_tree
 from vhost_conformance.suites.model import MUST, CaseFailed, CaseNonStrict, Unsupported, case
 from vhost_conformance.suites.target import BackendTarget
 

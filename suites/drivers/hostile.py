@@ -23,6 +23,7 @@ from vhost_conformance.frontend.virtqueue import (
     SplitVirtqueue,
 )
 from vhost_conformance.reports.model import Verdict
+from vhost_conformance.suites.drivers.procfs import process_tree_fds
 from vhost_conformance.suites.drivers.settings import env_number
 from vhost_conformance.suites.model import (
     CaseFailed,
@@ -104,43 +105,6 @@ class BackendCrashed(CaseOutcome):
 
 
 # --------------------------------------------------------------------------- back-end health
-
-
-def process_tree_fds(pid: int) -> int | None:
-    """Open fds of ``pid`` and all its descendants (a wrapper script runs the real back-end
-    as a child: count them all); None when /proc cannot tell."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return None
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        # the comm field may contain spaces: the parent pid follows the last ')'
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) >= 2 and fields[1].isdigit():
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    total = 0
-    todo = [pid]
-    seen: set[int] = set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        try:
-            total += len(os.listdir(f"/proc/{p}/fd"))
-        except OSError:
-            if p == pid:
-                return None
-        todo.extend(children.get(p, []))
-    return total
 
 
 def backend_fds(target: BackendTarget) -> int | None:

@@ -16,31 +16,6 @@ import time
 _VMA = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (from /proc/*/stat)."""
-    children: dict[int, list[int]] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read().decode(errors="replace")
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[-1].split()
-            if len(fields) >= 2 and fields[1].isdigit():
-                children.setdefault(int(fields[1]), []).append(int(entry))
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        if p not in out:
-            out.append(p)
-            todo.extend(children.get(p, []))
-    return out
-
-
 def vma_flags(pids: list[int], start: int) -> str | None:
     """The VmFlags of the mapping that starts at ``start`` in one of ``pids``, None if none."""
     for p in pids:
