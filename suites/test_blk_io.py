@@ -7,6 +7,8 @@ session started as QEMU 11.1.3 starts vhost-user-blk (``vhost_session``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from vhost_conformance.frontend.blk import (
     SECTOR_SIZE,
     BlkConfig,
@@ -59,6 +61,22 @@ def _one(session: Session, request_type: int, **raw: object) -> tuple[int, int, 
     finally:
         blk.model = model
     return done.status, done.len, done.data
+
+
+def _each_unsupp(
+    session: Session, what: str, requests: Sequence[tuple[str, int, dict[str, object]]]
+) -> None:
+    """Each (name, request type, :func:`_one` keywords) must complete with
+    VIRTIO_BLK_S_UNSUPP (CaseFailed naming those that did not); then the device must still
+    serve I/O."""
+    wrong = []
+    for name, rtype, raw in requests:
+        status, _, _ = _one(session, rtype, **raw)
+        if status != BlkStatus.UNSUPP:
+            wrong.append(f"{name}: {status}")
+    if wrong:
+        raise CaseFailed(what, expected="VIRTIO_BLK_S_UNSUPP (2) for each", seen="; ".join(wrong))
+    do_io(session, 1)
 
 
 @case(
@@ -145,20 +163,15 @@ def test_zone_requests_are_unsupp(vhost_session: Session) -> None:
     if vhost_session.negotiated.acked_features >> BlkFeature.ZONED & 1:
         raise CaseFailed("ZONED acked by the session", expected="not acked (as QEMU)",
                          seen="acked")
-    wrong: list[str] = []
+    requests: list[tuple[str, int, dict[str, object]]] = []
     for rtype, name in ZONE_TYPES.items():
         raw: dict[str, object] = {"sector": 0}
         if rtype == 15:
             raw["out_data"] = pattern(15, SECTOR_SIZE)
         elif rtype == 16:
             raw["in_len"] = 4096
-        status, _, _ = _one(vhost_session, rtype, **raw)
-        if status != BlkStatus.UNSUPP:
-            wrong.append(f"{name} ({rtype}): {status}")
-    if wrong:
-        raise CaseFailed("status of zone requests without ZONED",
-                         expected="VIRTIO_BLK_S_UNSUPP (2) for each", seen="; ".join(wrong))
-    do_io(vhost_session, 1)
+        requests.append((f"{name} ({rtype})", rtype, raw))
+    _each_unsupp(vhost_session, "status of zone requests without ZONED", requests)
 
 
 @case(
@@ -329,17 +342,13 @@ def test_unknown_segment_flags_are_unsupp(vhost_session: Session) -> None:
         shapes.append((BlkRequestType.WRITE_ZEROES, 2, "WRITE_ZEROES, unknown flag bit 1"))
     if not shapes:
         raise Unsupported([BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES])
-    wrong = []
+    requests: list[tuple[str, int, dict[str, object]]] = []
     for rtype, flags, what in shapes:
         segment = (6144).to_bytes(8, "little") + (8).to_bytes(4, "little") + flags.to_bytes(
             4, "little")
-        status, _, _ = _one(vhost_session, rtype, out_data=segment)
-        if status != BlkStatus.UNSUPP:
-            wrong.append(f"{what}: {status}")
-    if wrong:
-        raise CaseFailed("status of discard/write-zeroes segments with flags they may not carry",
-                         expected="VIRTIO_BLK_S_UNSUPP (2) for each", seen="; ".join(wrong))
-    do_io(vhost_session, 1)
+        requests.append((what, rtype, {"out_data": segment}))
+    _each_unsupp(vhost_session,
+                 "status of discard/write-zeroes segments with flags they may not carry", requests)
 
 
 @case(

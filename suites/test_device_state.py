@@ -40,7 +40,7 @@ from vhost_conformance.frontend.protocol import (
     ProtocolFeature,
 )
 from vhost_conformance.suites.clauses import RST
-from vhost_conformance.suites.drivers import SessionFactory
+from vhost_conformance.suites.drivers import MakeTarget, SessionFactory
 from vhost_conformance.suites.drivers.migration import destination_target
 from vhost_conformance.suites.model import MUST, CaseFailed, case
 from vhost_conformance.suites.target import BackendTarget
@@ -338,10 +338,8 @@ def set_device_state_fd_after_stop(session: Session) -> Transfer:
         "answer)",
 )
 def test_state_transfer_is_a_pipe_checked_after(
-    vhost_target: BackendTarget,
-    vhost_target_factory: Callable[[str], BackendTarget],
-    make_session: SessionFactory,
-    vhost_measurements: dict[str, float],
+    vhost_target: BackendTarget, vhost_target_factory: MakeTarget, make_session: SessionFactory,
+    vhost_measurements: dict[str, float]
 ) -> None:
     """The source writes its state until EOF and CHECK_DEVICE_STATE answers 0; a second
     instance reads that state until EOF, CHECK_DEVICE_STATE answers 0, and it starts at the

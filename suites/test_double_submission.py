@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from vhost_conformance.frontend.accounting import AccountingFinding, Ledger
 from vhost_conformance.frontend.migration import harvest_all, reconnect, stop_like_qemu
@@ -28,6 +28,7 @@ from vhost_conformance.suites.clauses import (
     quotes,
 )
 from vhost_conformance.suites.drivers import (
+    MakeTarget,
     SessionFactory,
     require_command,
     slow_disk,
@@ -116,10 +117,8 @@ def test_no_double_completion_across_stop_and_restart(
     needs=["slow-io"],
 )
 def test_exactly_once_across_inflight_migration(
-    vhost_target: BackendTarget,
-    vhost_target_factory: Callable[[str], BackendTarget],
-    make_session: SessionFactory,
-    vhost_measurements: dict[str, float],
+    vhost_target: BackendTarget, vhost_target_factory: MakeTarget, make_session: SessionFactory,
+    vhost_measurements: dict[str, float]
 ) -> None:
     """With bit 20, writes and reads held on the slow disk complete exactly once over source
     and destination, never on both (a used-ring or status write by the source after its reply
@@ -175,10 +174,8 @@ def test_exactly_once_across_a_crash(
     requires=[ProtocolFeature.INFLIGHT_SHMFD],
 )
 def test_completed_requests_are_not_resubmitted(
-    vhost_target: BackendTarget,
-    vhost_target_factory: Callable[[str], BackendTarget],
-    make_session: SessionFactory,
-    vhost_measurements: dict[str, float],
+    vhost_target: BackendTarget, vhost_target_factory: MakeTarget, make_session: SessionFactory,
+    vhost_measurements: dict[str, float]
 ) -> None:
     """Requests the source completed into the used ring (not yet seen by the driver) are not
     completed again by the destination after a migration; nor after a reconnect when the

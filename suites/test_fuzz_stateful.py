@@ -47,7 +47,7 @@ from vhost_conformance.frontend.protocol import (
     VringState,
 )
 from vhost_conformance.suites.clauses import RST
-from vhost_conformance.suites.drivers import capacity_of, pattern, wait_all
+from vhost_conformance.suites.drivers import MakeTarget, capacity_of, pattern, wait_all
 from vhost_conformance.suites.drivers.hostile import (
     DYING_GRACE,
     RAM_SIZE,
@@ -608,11 +608,8 @@ def run_machine(
         "hangs the back-end.",
 )
 def test_fuzzed_message_sequences(
-    vhost_target: BackendTarget,
-    vhost_capabilities: Capabilities,
-    vhost_timeout: float,
-    vhost_measurements: dict[str, float],
-    vhost_target_factory: Callable[[str], BackendTarget],
+    vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float,
+    vhost_measurements: dict[str, float], vhost_target_factory: MakeTarget
 ) -> None:
     """Message sequences in odd orders (and slightly invalid ones), with stops, restarts,
     reconnects and I/O: no crash, no hang, every completed read matches the model."""

@@ -785,10 +785,8 @@ def test_read_only_config_not_written(
     requires=[ProtocolFeature.CONFIG], needs=["command"],
 )
 def test_capacity_matches_disk(
-    vhost_channel: Channel,
-    vhost_target: BackendTarget,
-    vhost_capabilities: Capabilities,
-    vhost_timeout: float,
+    vhost_channel: Channel, vhost_target: BackendTarget, vhost_capabilities: Capabilities,
+    vhost_timeout: float
 ) -> None:
     """The config's capacity is the disk size in 512-byte sectors."""
     if not isinstance(vhost_target, CommandTarget):

@@ -965,10 +965,8 @@ def fuzz_descriptor_chains(rig: Rig, examples: int, layouts: Sequence[str]) -> i
         "hang the back-end.",
 )
 def test_fuzzed_descriptor_chains(
-    vhost_target: BackendTarget,
-    vhost_capabilities: Capabilities,
-    vhost_timeout: float,
-    vhost_measurements: dict[str, float],
+    vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float,
+    vhost_measurements: dict[str, float]
 ) -> None:
     """Arbitrary chains (loops, lengths, flags, addresses, heads, avail jumps; split and packed
     where offered) never crash or hang the back-end, never make it write a device-readable

@@ -38,6 +38,7 @@ from vhost_conformance.suites.clauses import RST
 from vhost_conformance.suites.drivers import (
     GUEST_MEMORY,
     InflightTracker,
+    MakeTarget,
     close_session,
     open_session,
     pattern,
@@ -338,11 +339,8 @@ def fuzz_inflight_bounds(target: BackendTarget, timeout: float, layouts: Sequenc
     requires=[ProtocolFeature.INFLIGHT_SHMFD],
 )
 def test_inflight_counters_stay_in_bounds(
-    vhost_target: BackendTarget,
-    vhost_capabilities: Capabilities,
-    vhost_timeout: float,
-    vhost_measurements: dict[str, float],
-    vhost_target_factory: Callable[[str], BackendTarget],
+    vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float,
+    vhost_measurements: dict[str, float], vhost_target_factory: MakeTarget
 ) -> None:
     """Random batches of reads and writes, the region copied at random moments: marks only
     on outstanding heads, counters stable while in flight and increasing in avail order,

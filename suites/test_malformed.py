@@ -498,10 +498,8 @@ def _require_pid(target: BackendTarget) -> int:
     needs=["command"], leak=True,
 )
 def test_surplus_fds_are_not_leaked(
-    vhost_target: BackendTarget,
-    vhost_capabilities: Capabilities,
-    vhost_timeout: float,
-    vhost_measurements: dict[str, float],
+    vhost_target: BackendTarget, vhost_capabilities: Capabilities, vhost_timeout: float,
+    vhost_measurements: dict[str, float]
 ) -> None:
     """1,000 messages carrying fds they should not: the open fd count stays bounded."""
     _require_pid(vhost_target)

@@ -159,9 +159,7 @@ def test_add_mem_reg_as_qemu_sends_it(
         "regions are accepted and usable.",
     requires=[ProtocolFeature.CONFIGURE_MEM_SLOTS],
 )
-def test_memory_slots_beyond_8(
-    vhost_target: BackendTarget, make_session: SessionFactory
-) -> None:
+def test_memory_slots_beyond_8(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """8 regions by SET_MEM_TABLE, a 9th by ADD_MEM_REG, then up to GET_MAX_MEM_SLOTS."""
     memory = make_session.memory(16 << 20, regions=8)
     session = make_session(vhost_target, memory=memory, start=False)

@@ -37,6 +37,7 @@ from vhost_conformance.suites.clauses import (
     quotes,
 )
 from vhost_conformance.suites.drivers import (
+    MakeTarget,
     SessionFactory,
     do_io,
 )
@@ -68,10 +69,8 @@ P = ProtocolFeature
     needs=["slow-io"],
 )
 def test_destination_resubmits_inflight_requests(
-    vhost_target: BackendTarget,
-    vhost_target_factory: Callable[[str], BackendTarget],
-    make_session: SessionFactory,
-    vhost_measurements: dict[str, float],
+    vhost_target: BackendTarget, vhost_target_factory: MakeTarget, make_session: SessionFactory,
+    vhost_measurements: dict[str, float]
 ) -> None:
     """A destination given the migrated region (SET_INFLIGHT_FD) and the migrated
     SET_VRING_BASE completes every suspended request, once."""
@@ -96,9 +95,7 @@ def test_destination_resubmits_inflight_requests(
     needs=["slow-io"], ambiguity=MAY_SUSPEND,
 )
 def test_source_region_equals_model(
-    vhost_target: BackendTarget,
-    vhost_target_factory: Callable[[str], BackendTarget],
-    make_session: SessionFactory,
+    vhost_target: BackendTarget, vhost_target_factory: MakeTarget, make_session: SessionFactory
 ) -> None:
     """After a GET_VRING_BASE that did not drain, the region marks exactly the requests still
     outstanding (a back-end that drained has nothing outstanding and passes)."""
@@ -118,9 +115,7 @@ def test_source_region_equals_model(
     needs=["shared-disk"],
 )
 def test_drained_migration_keeps_data(
-    vhost_target: BackendTarget,
-    vhost_target_factory: Callable[[str], BackendTarget],
-    make_session: SessionFactory,
+    vhost_target: BackendTarget, vhost_target_factory: MakeTarget, make_session: SessionFactory
 ) -> None:
     """Data written through the source (completed, and in flight at the drained stop) reads
     back through the destination on the same disk."""
@@ -155,11 +150,8 @@ def test_drained_migration_keeps_data(
     needs=["slow-io"],
 )
 def test_stop_latency_and_downtime_drain_vs_no_drain(
-    vhost_target: BackendTarget,
-    vhost_target_factory: Callable[[str], BackendTarget],
-    make_session: SessionFactory,
-    vhost_measurements: dict[str, float],
-    vhost_measure: Callable[..., None],
+    vhost_target: BackendTarget, vhost_target_factory: MakeTarget, make_session: SessionFactory,
+    vhost_measurements: dict[str, float], vhost_measure: Callable[..., None]
 ) -> None:
     """Measures the GET_VRING_BASE round trip and the downtime (stop, transfer, start) of a
     migration with requests held on the slow disk, draining and (with bit 20) suspending.

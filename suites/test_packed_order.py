@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 import time
 
-from vhost_conformance.frontend.blk import BlkRequest
+from vhost_conformance.frontend.blk import BlkDriver, BlkRequest
 from vhost_conformance.frontend.channel import BackendHang
 from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.protocol import VirtioFeature
@@ -40,16 +40,18 @@ _AVAIL = 1 << 7
 _USED = 1 << 15
 
 
-def _packed_session(target: BackendTarget, make_session: SessionFactory) -> Session:
+def _packed_session(
+    target: BackendTarget, make_session: SessionFactory
+) -> tuple[Session, PackedVirtqueue, BlkDriver]:
     """A packed-ring session whose first read completed (VU-RING-9 owns a packed ring that
-    serves nothing: a hang here follows from it)."""
+    serves nothing: a hang here follows from it), with queue 0's ring and blk driver."""
     session = make_session(target, packed=True)
     try:
         do_io(session, 1, kinds=("read",), sector=120)
     except BackendHang as exc:
         raise CaseHang(f"the first packed-ring request did not complete: {exc}",
                        behaviour="no-io-on-packed-ring") from None
-    return session
+    return session, _ring(session), session.queues[0].blk
 
 
 def _ring(session: Session) -> PackedVirtqueue:
@@ -106,9 +108,7 @@ def _untaken(session: Session, vq: PackedVirtqueue, slot: int, before: bytes,
 )
 def test_packed_ring_order(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """A later available chain behind a chain whose head is not available is not taken."""
-    s = _packed_session(vhost_target, make_session)
-    vq = _ring(s)
-    blk = s.queues[0].blk
+    s, vq, blk = _packed_session(vhost_target, make_session)
     first = vq.next_avail_idx
     held = blk.read(8, 1, indirect=False)
     later = blk.read(16, 1, indirect=False)
@@ -192,12 +192,9 @@ def test_packed_used_in_completion_order(vhost_target: BackendTarget,
         "and entry untouched for 0.2 s); made available, each completes OK.",
     requires=[VirtioFeature.RING_PACKED],
 )
-def test_packed_stale_avail_bit(vhost_target: BackendTarget,
-                                make_session: SessionFactory) -> None:
+def test_packed_stale_avail_bit(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """Wrong-wrap and stale AVAIL/USED pairs at the next entry, in both laps."""
-    s = _packed_session(vhost_target, make_session)
-    vq = _ring(s)
-    blk = s.queues[0].blk
+    s, vq, blk = _packed_session(vhost_target, make_session)
 
     def probe(bits: int, name: str) -> None:
         slot, wrap = vq.next_avail_idx, vq.avail_wrap_counter
@@ -239,9 +236,7 @@ def test_packed_stale_avail_bit(vhost_target: BackendTarget,
 def test_packed_used_descriptor_unchanged(vhost_target: BackendTarget,
                                           make_session: SessionFactory) -> None:
     """Snapshots of used descriptors at the flip, compared after every later completion."""
-    s = _packed_session(vhost_target, make_session)
-    vq = _ring(s)
-    blk = s.queues[0].blk
+    s, vq, blk = _packed_session(vhost_target, make_session)
     seen: dict[int, bytes] = {}
     requests: list[BlkRequest] = []
 

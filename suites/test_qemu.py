@@ -30,6 +30,7 @@ from vhost_conformance.frontend.vmstate import (
 )
 from vhost_conformance.peers.qemu import QMPFailure
 from vhost_conformance.reports.model import Tier
+from vhost_conformance.suites.drivers import MakeTarget
 from vhost_conformance.suites.drivers.migration import destination_target
 from vhost_conformance.suites.drivers.qemu import (
     check_fidelity,
@@ -57,7 +58,7 @@ from vhost_conformance.suites.target import BackendTarget, Capabilities, Command
         "QEMU powers off cleanly, and every reply QEMU receives passes the reply validator.",
 )
 def test_qemu_split_io(request: pytest.FixtureRequest, vhost_target: BackendTarget,
-                       vhost_target_factory: Callable[[str], BackendTarget],
+                       vhost_target_factory: MakeTarget,
                        vhost_measurements: dict[str, float]) -> None:  # fmt: skip
     """QEMU 11.1.3 boots the guest on a split ring: 16 blocks written, read back with O_DIRECT
     and compared; QEMU powers off cleanly (GET_VRING_BASE at the stop)."""
@@ -128,7 +129,7 @@ def test_qemu_two_queues(request: pytest.FixtureRequest, vhost_target: BackendTa
 )
 def test_qemu_stop_cont_during_io(request: pytest.FixtureRequest,
                                   vhost_target: BackendTarget,
-                                  vhost_target_factory: Callable[[str], BackendTarget],
+                                  vhost_target_factory: MakeTarget,
                                   vhost_measurements: dict[str, float]) -> None:  # fmt: skip
     """QMP ``stop`` while the guest loops over write/read-back rounds, then ``cont``: QEMU
     stops the device (GET_VRING_BASE) and starts it again on the same connection (with
@@ -183,7 +184,7 @@ def test_qemu_system_reset(request: pytest.FixtureRequest, vhost_target: Backend
 )
 def test_qemu_backend_killed_and_restarted(request: pytest.FixtureRequest,
                                            vhost_target: BackendTarget,
-                                           vhost_target_factory: Callable[[str], BackendTarget],
+                                           vhost_target_factory: MakeTarget,
                                            vhost_measurements: dict[str, float]) -> None:  # fmt: skip
     """SIGKILL of the back-end while the guest does I/O, then a restart on the same disk: QEMU
     (``reconnect-ms=500``) reconnects, hands the in-flight region back, and the guest's rounds
@@ -251,7 +252,7 @@ def test_qemu_backend_killed_and_restarted(request: pytest.FixtureRequest,
 )
 @pytest.mark.parametrize("inflight", ["on", "off"])
 def test_qemu_live_migration(request: pytest.FixtureRequest, vhost_target: BackendTarget,
-                             vhost_target_factory: Callable[[str], BackendTarget],
+                             vhost_target_factory: MakeTarget,
                              vhost_capabilities: Capabilities,
                              vhost_measurements: dict[str, float],
                              vhost_measure: Callable[..., None], inflight: str) -> None:  # fmt: skip

@@ -142,9 +142,7 @@ def test_reconnect_after_crash_resubmits_pending(
     requirement="The start and stop sequences of QEMU 7.2 (profile qemu-7.2) work like those of "
         "11.1.",
 )
-def test_qemu_7_2_message_order(
-    vhost_target: BackendTarget, make_session: SessionFactory
-) -> None:
+def test_qemu_7_2_message_order(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """The start and stop sequences of QEMU 7.2 (no injected kick, no STATUS messages) carry
     I/O, a stop and a restart at the returned base like those of 11.1."""
     # a front-end that sends no GET_STATUS/SET_STATUS does not negotiate STATUS either (a
@@ -194,9 +192,7 @@ def test_front_end_vanishes_mid_request(
         "completes correctly) or disables all rings (it is not served); the back-end stays alive "
         "and answers.",
 )
-def test_reset_owner_is_harmless(
-    vhost_target: BackendTarget, make_session: SessionFactory
-) -> None:
+def test_reset_owner_is_harmless(vhost_target: BackendTarget, make_session: SessionFactory) -> None:
     """RESET_OWNER on a started device is ignored or disables the rings: a read made
     available after it is served correctly or not at all; the back-end stays alive, still
     answers GET_FEATURES, and serves a new connection."""

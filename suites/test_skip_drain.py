@@ -21,6 +21,7 @@ from vhost_conformance.frontend.protocol import FrontendRequest, ProtocolFeature
 from vhost_conformance.reports.model import Tier
 from vhost_conformance.suites.drivers import (
     InflightTracker,
+    MakeTarget,
     SessionFactory,
     do_io,
     fail_on_findings,
@@ -70,8 +71,7 @@ def _next_session(make_session: SessionFactory, target: BackendTarget) -> Sessio
     requires=[P.GET_VRING_BASE_SKIP_DRAIN],
 )
 def test_skip_drain_comes_with_bits_20_and_12(
-    vhost_target: BackendTarget, vhost_capabilities: Capabilities,
-    make_session: SessionFactory,
+    vhost_target: BackendTarget, vhost_capabilities: Capabilities, make_session: SessionFactory
 ) -> None:
     """Bit 23 without its prerequisites could never be negotiated; with them, it is."""
     missing = vhost_capabilities.missing([P.INFLIGHT_SHMFD, P.GET_VRING_BASE_INFLIGHT])
@@ -208,7 +208,7 @@ def test_skip_drain_is_answered_like_get_vring_base(
     requires=SKIP_DRAIN_BITS, needs=["slow-io"],
 )
 def test_skip_drain_migration_completes_every_request_once(
-    vhost_target: BackendTarget, vhost_target_factory: Callable[[str], BackendTarget],
+    vhost_target: BackendTarget, vhost_target_factory: MakeTarget,
     make_session: SessionFactory, vhost_measurements: dict[str, float],
 ) -> None:
     """VU-MIG-3 with the qemu-next switch-over: reads held on the slow disk, message 45 at
@@ -240,8 +240,7 @@ def test_skip_drain_migration_completes_every_request_once(
     requires=SKIP_DRAIN_BITS,
 )
 def test_no_disk_write_after_a_skip_drain_stop(
-    vhost_target: BackendTarget, make_session: SessionFactory,
-    vhost_measurements: dict[str, float],
+    vhost_target: BackendTarget, make_session: SessionFactory, vhost_measurements: dict[str, float]
 ) -> None:
     """VU-DISK-2 with message 45: whatever the back-end suspended must not land later."""
     late_writes(vhost_target, make_session, vhost_measurements, bit20=True, skip_drain=True)

@@ -23,6 +23,7 @@ from vhost_conformance.reports.model import Tier
 from vhost_conformance.suites.catalogue import RST
 from vhost_conformance.suites.clauses import GET_VRING_BASE_DRAIN_QUOTE, VIRTIO
 from vhost_conformance.suites.drivers import (
+    MakeTarget,
     SessionFactory,
     expect_status,
     pattern,
@@ -60,8 +61,7 @@ from vhost_conformance.suites.watched import WatchedDisk
         "reply (watched disk journal); none after it.",
 )
 def test_no_disk_write_after_a_draining_stop(
-    vhost_target: BackendTarget, make_session: SessionFactory,
-    vhost_measurements: dict[str, float],
+    vhost_target: BackendTarget, make_session: SessionFactory, vhost_measurements: dict[str, float]
 ) -> None:
     """The drain: a write completed before the reply is on the disk before it."""
     late_writes(vhost_target, make_session, vhost_measurements, bit20=False)
@@ -81,8 +81,7 @@ def test_no_disk_write_after_a_draining_stop(
     requires=[P.INFLIGHT_SHMFD, P.GET_VRING_BASE_INFLIGHT],
 )
 def test_no_disk_write_after_a_suspending_stop(
-    vhost_target: BackendTarget, make_session: SessionFactory,
-    vhost_measurements: dict[str, float],
+    vhost_target: BackendTarget, make_session: SessionFactory, vhost_measurements: dict[str, float]
 ) -> None:
     """Bit 20: whatever the back-end suspended must not land on the disk later."""
     late_writes(vhost_target, make_session, vhost_measurements, bit20=True)
@@ -154,7 +153,7 @@ def _judge_flush(disk: WatchedDisk, writes: list[BlkRequest], submitted: float, 
     requires=[P.INFLIGHT_SHMFD, P.GET_VRING_BASE_INFLIGHT], needs=["shared-disk"],
 )
 def test_the_disk_ends_with_the_newer_write(
-    vhost_target: BackendTarget, vhost_target_factory: Callable[[str], BackendTarget],
+    vhost_target: BackendTarget, vhost_target_factory: MakeTarget,
     make_session: SessionFactory, vhost_measurements: dict[str, float],
 ) -> None:
     """Hold 2 WRITEs, migrate with bit 20, let the destination finish them, write newer data to
@@ -219,8 +218,7 @@ def test_the_disk_ends_with_the_newer_write(
         "completed for the guest.",
 )
 def test_executions_across_a_kill_and_reconnect(
-    vhost_target: BackendTarget, make_session: SessionFactory,
-    vhost_measurements: dict[str, float],
+    vhost_target: BackendTarget, make_session: SessionFactory, vhost_measurements: dict[str, float]
 ) -> None:
     """Measured, never judged (VU-RECON-2 judges the completions): a WRITE the filesystem was
     still holding when the process died still lands once (the kernel had it); one the back-end

@@ -79,6 +79,7 @@ __all__ = [
     "SESSION_MARKER",
     "InflightTracker",
     "IoError",
+    "MakeTarget",
     "SessionFactory",
     "Stopped",
     "call_count",
@@ -209,6 +210,11 @@ def close_session(session: Session, *, stop: bool = True) -> None:
         session.timeout = old
     with contextlib.suppress(Exception):
         session.close()
+
+
+#: What the ``vhost_target_factory`` fixture gives a case: ``make(label)`` -> another started
+#: back-end of the case (a migration destination, a restarted back-end).
+MakeTarget = Callable[[str], BackendTarget]
 
 
 class SessionFactory:
