@@ -56,7 +56,6 @@ from vhost_conformance.suites.drivers.hostile import (
     backend_fds,
     examples_setting,
     run_seed,
-    shrink_seconds,
     unreplayable,
 )
 from vhost_conformance.suites.model import (
@@ -523,7 +522,7 @@ def _bound_machine(rig: Rig) -> type[MessageMachine]:
     machine: type[MessageMachine] = type("BoundMessageMachine", (MessageMachine,), {})
     machine.rig = rig
     machine.model = None
-    machine.budget = ShrinkBudget(shrink_seconds())
+    machine.budget = ShrinkBudget()
     machine.counts = {}
     machine.first_failure = None
     machine.first_calls = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from vhost_conformance.frontend.channel import BackendClosed, Channel
 from vhost_conformance.frontend.protocol import (
     REPLY_FLAGS,
@@ -114,6 +115,16 @@ def bits_of(*features: ProtocolFeature) -> int:
 
 
 ALL_PROTOCOL = (1 << (max(ProtocolFeature) + 1)) - 1
+
+
+@pytest.fixture
+def agreed(
+    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+) -> Channel:
+    """``vhost_channel`` after QEMU's feature negotiation with every protocol feature it
+    knows wanted (GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES: negotiate)."""
+    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
+    return vhost_channel
 
 
 def config_size(capabilities: Capabilities) -> int:
@@ -501,27 +512,26 @@ def test_flush_offered_with_config_wce(vhost_channel: Channel, vhost_timeout: fl
     requires=[ProtocolFeature.REPLY_ACK],
 )
 def test_need_reply_gets_one_ack(
-    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+    agreed: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
     """NEED_REPLY on requests without a reply of their own: exactly one u64 ack, 0."""
-    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
     for request, payload in ((R.SET_OWNER, None), (R.SET_VRING_NUM, VringState(0, 128))):
-        reply = ask(vhost_channel, request, payload, timeout=vhost_timeout, need_reply=True)
+        reply = ask(agreed, request, payload, timeout=vhost_timeout, need_reply=True)
         expect_reply_to(reply, request, size=8)
         status = U64.decode(reply.payload).value
         if status != 0:
             raise CaseFailed(f"{request.name} ack status", expected=0, seen=status)
     # exactly one: the next message must answer the next request
-    reply = ask(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+    reply = ask(agreed, R.GET_FEATURES, timeout=vhost_timeout)
     expect_reply_to(reply, R.GET_FEATURES, size=8)
     # vhost-user.rst GET_PROTOCOL_FEATURES: "It does not need to be acknowledged by
     # VHOST_USER_SET_FEATURES." REPLY_ACK stays negotiated after a SET_FEATURES without bit 30.
     features = vhost_capabilities.features & ~(
         (1 << VirtioFeature.PROTOCOL_FEATURES) | (1 << VirtioFeature.LOG_ALL)
     )
-    vhost_channel.send(R.SET_FEATURES, U64(features))
-    vhost_channel.send(R.SET_VRING_NUM, VringState(0, 128), need_reply=True)
-    reply = ask(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+    agreed.send(R.SET_FEATURES, U64(features))
+    agreed.send(R.SET_VRING_NUM, VringState(0, 128), need_reply=True)
+    reply = ask(agreed, R.GET_FEATURES, timeout=vhost_timeout)
     if reply.request != R.SET_VRING_NUM:
         raise CaseFailed(
             "SET_VRING_NUM with NEED_REPLY after SET_FEATURES without bit 30",
@@ -529,7 +539,7 @@ def test_need_reply_gets_one_ack(
             seen=f"no ack: the next message answers {reply.request}",
         )
     expect_reply_to(reply, R.SET_VRING_NUM, size=8)
-    expect_reply_to(vhost_channel.recv(vhost_timeout, awaiting="GET_FEATURES"), R.GET_FEATURES,
+    expect_reply_to(agreed.recv(vhost_timeout, awaiting="GET_FEATURES"), R.GET_FEATURES,
                     size=8)
 
 
@@ -541,14 +551,13 @@ def test_need_reply_gets_one_ack(
     requires=[ProtocolFeature.REPLY_ACK],
 )
 def test_need_reply_does_not_change_defined_replies(
-    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+    agreed: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
     """NEED_REPLY on GET_FEATURES / GET_PROTOCOL_FEATURES: the defined reply, once."""
-    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
     for request in (R.GET_FEATURES, R.GET_PROTOCOL_FEATURES):
-        reply = ask(vhost_channel, request, timeout=vhost_timeout, need_reply=True)
+        reply = ask(agreed, request, timeout=vhost_timeout, need_reply=True)
         expect_reply_to(reply, request, size=8)
-    features = ask(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
+    features = ask(agreed, R.GET_FEATURES, timeout=vhost_timeout)
     expect_reply_to(features, R.GET_FEATURES, size=8)
     if U64.decode(features.payload).value != vhost_capabilities.features:
         raise CaseFailed(
@@ -599,15 +608,14 @@ def test_no_ack_without_reply_ack(
     requires=[ProtocolFeature.REPLY_ACK],
 )
 def test_rejected_request_is_acked_non_zero(
-    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+    agreed: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
     """SET_VRING_NUM for a queue the back-end does not have, NEED_REPLY: a non-zero ack."""
-    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
     queues = vhost_capabilities.queue_num or 1
     bogus = max(queues, 200)
     try:
         reply = ask(
-            vhost_channel,
+            agreed,
             R.SET_VRING_NUM,
             VringState(bogus, 128),
             timeout=vhost_timeout,
@@ -628,15 +636,14 @@ def test_rejected_request_is_acked_non_zero(
     requires=[ProtocolFeature.MQ],
 )
 def test_get_queue_num(
-    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+    agreed: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
     """GET_QUEUE_NUM >= 1, and the config's num_queues does not exceed it."""
-    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
-    queue_num = ask_u64(vhost_channel, R.GET_QUEUE_NUM, timeout=vhost_timeout)
+    queue_num = ask_u64(agreed, R.GET_QUEUE_NUM, timeout=vhost_timeout)
     if queue_num < 1:
         raise CaseFailed("GET_QUEUE_NUM", expected=">= 1", seen=queue_num)
     if vhost_capabilities.offers(P.CONFIG) and vhost_capabilities.offers(BlkFeature.MQ):
-        config = get_config(vhost_channel, 0, 36, timeout=vhost_timeout)
+        config = get_config(agreed, 0, 36, timeout=vhost_timeout)
         (num_queues,) = struct.unpack_from("<H", config.data, 34)
         if not 1 <= num_queues <= queue_num:
             raise CaseFailed(
@@ -683,15 +690,14 @@ def test_mq_offered(vhost_capabilities: Capabilities) -> None:
         "the offset (VU-CFG-6)",
 )
 def test_get_config_reply_size(
-    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+    agreed: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
     """GET_CONFIG is answered with the request's offset and size and exactly size bytes; one
     larger than the config space gets a size-0 reply."""
-    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
     for size in (config_size(vhost_capabilities), 8):
-        get_config(vhost_channel, 0, size, timeout=vhost_timeout)
+        get_config(agreed, 0, size, timeout=vhost_timeout)
     try:
-        reply = ask(vhost_channel, R.GET_CONFIG, Config.request(0, 200), timeout=vhost_timeout)
+        reply = ask(agreed, R.GET_CONFIG, Config.request(0, 200), timeout=vhost_timeout)
     except BackendClosed:
         return  # a refusal by closing (vhost-user.rst "Communication")
     expect_reply_to(reply, R.GET_CONFIG)
@@ -716,14 +722,13 @@ def test_get_config_reply_size(
         "that ignores it is non-strict",
 )
 def test_get_config_honours_the_offset(
-    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+    agreed: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
     """A GET_CONFIG at an offset returns the bytes found there in a read from offset 0."""
-    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
     size = config_size(vhost_capabilities)
-    whole = get_config(vhost_channel, 0, size, timeout=vhost_timeout).data
+    whole = get_config(agreed, 0, size, timeout=vhost_timeout).data
     for offset, part_size in ((20, 4), (size - 4, 4)):
-        part = get_config(vhost_channel, offset, part_size, timeout=vhost_timeout).data
+        part = get_config(agreed, offset, part_size, timeout=vhost_timeout).data
         if part != whole[offset : offset + part_size]:
             raise CaseNonStrict(
                 f"GET_CONFIG(offset {offset}, size {part_size}) returned {part.hex()}, the config "
@@ -750,23 +755,20 @@ def _capacity(channel: Channel, timeout: float) -> int:
         "GET_CONFIG still shows the old value.",
     requires=[ProtocolFeature.CONFIG],
 )
-def test_read_only_config_not_written(
-    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
-) -> None:
+def test_read_only_config_not_written(agreed: Channel, vhost_timeout: float) -> None:
     """SET_CONFIG of capacity with flags 0 leaves capacity as it was."""
-    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
     # after SET_OWNER, as QEMU sends SET_CONFIG: a back-end refusing every request before
     # SET_OWNER would otherwise pass without judging the read-only rule
-    vhost_channel.send(R.SET_OWNER)
-    before = _capacity(vhost_channel, vhost_timeout)
+    agreed.send(R.SET_OWNER)
+    before = _capacity(agreed, vhost_timeout)
     write = Config(0, 8, 0, struct.pack("<Q", before + 8))
-    acked = has(vhost_channel.protocol_features, P.REPLY_ACK)
+    acked = has(agreed.protocol_features, P.REPLY_ACK)
     try:
-        vhost_channel.send(R.SET_CONFIG, write, need_reply=acked)
+        agreed.send(R.SET_CONFIG, write, need_reply=acked)
         if acked:
-            reply = vhost_channel.recv(vhost_timeout, awaiting="SET_CONFIG")
+            reply = agreed.recv(vhost_timeout, awaiting="SET_CONFIG")
             expect_reply_to(reply, R.SET_CONFIG, size=8)
-        after = _capacity(vhost_channel, vhost_timeout)
+        after = _capacity(agreed, vhost_timeout)
     except BackendClosed:
         return  # refusing by closing the connection is allowed (vhost-user.rst "Communication")
     if after != before:
@@ -810,24 +812,23 @@ def test_capacity_matches_disk(
     requires=[ProtocolFeature.CONFIG, BlkFeature.CONFIG_WCE],
 )
 def test_writeback_cache_toggle(
-    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+    agreed: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
     """SET_CONFIG of wce (offset 32, 1 byte, flags 0) as QEMU sends it reads back."""
-    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
-    vhost_channel.send(R.SET_OWNER)
+    agreed.send(R.SET_OWNER)
     features = vhost_capabilities.features & ~(1 << VirtioFeature.LOG_ALL)
-    vhost_channel.send(R.SET_FEATURES, U64(features))
+    agreed.send(R.SET_FEATURES, U64(features))
     # QEMU reads the config from offset 0 and writes wce alone (SPEC-DIGEST section 8)
-    before = get_config(vhost_channel, 0, 33, timeout=vhost_timeout).data[32]
+    before = get_config(agreed, 0, 33, timeout=vhost_timeout).data[32]
     wanted = 0 if before else 1
-    acked = has(vhost_channel.protocol_features, P.REPLY_ACK)
-    vhost_channel.send(R.SET_CONFIG, Config(32, 1, 0, bytes([wanted])), need_reply=acked)
+    acked = has(agreed.protocol_features, P.REPLY_ACK)
+    agreed.send(R.SET_CONFIG, Config(32, 1, 0, bytes([wanted])), need_reply=acked)
     if acked:
-        reply = vhost_channel.recv(vhost_timeout, awaiting="SET_CONFIG")
+        reply = agreed.recv(vhost_timeout, awaiting="SET_CONFIG")
         expect_reply_to(reply, R.SET_CONFIG, size=8)
         if U64.decode(reply.payload).value != 0:
             raise CaseFailed("SET_CONFIG wce ack", expected=0, seen=U64.decode(reply.payload).value)
-    after = get_config(vhost_channel, 0, 33, timeout=vhost_timeout).data[32]
+    after = get_config(agreed, 0, 33, timeout=vhost_timeout).data[32]
     if after != wanted:
         raise CaseFailed("wce after SET_CONFIG", expected=wanted, seen=after)
 
@@ -844,11 +845,10 @@ def test_writeback_cache_toggle(
     requires=[ProtocolFeature.CONFIG],
 )
 def test_config_fields_of_offered_features(
-    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+    agreed: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
     """Fields gated by offered blk features hold usable values."""
-    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
-    data = get_config(vhost_channel, 0, config_size(vhost_capabilities), timeout=vhost_timeout).data
+    data = get_config(agreed, 0, config_size(vhost_capabilities), timeout=vhost_timeout).data
     # VIRTIO 1.3 "Block Device: Device configuration layout" (offsets: SPEC-DIGEST section 8)
     checks = [
         (BlkFeature.SEG_MAX, "seg_max", 12, "<I"),
@@ -881,13 +881,12 @@ def test_config_fields_of_offered_features(
         "judged",
 )
 def test_config_padding_is_zero(
-    vhost_channel: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
+    agreed: Channel, vhost_capabilities: Capabilities, vhost_timeout: float
 ) -> None:
     """unused0 (33) and unused1 (57..59) of the virtio-blk config read 0."""
-    negotiate(vhost_channel, vhost_capabilities, ALL_PROTOCOL, timeout=vhost_timeout)
-    data = get_config(vhost_channel, 0, config_size(vhost_capabilities), timeout=vhost_timeout).data
+    data = get_config(agreed, 0, config_size(vhost_capabilities), timeout=vhost_timeout).data
     padding = {"unused0": data[33:34]}
-    reply = ask(vhost_channel, R.GET_CONFIG, Config.request(0, 60), timeout=vhost_timeout)
+    reply = ask(agreed, R.GET_CONFIG, Config.request(0, 60), timeout=vhost_timeout)
     expect_reply_to(reply, R.GET_CONFIG)
     if len(reply.payload) >= Config.HEAD_SIZE + 60:
         padding["unused1"] = Config.decode(reply.payload).data[57:60]

@@ -69,7 +69,6 @@ from vhost_conformance.suites.drivers.hostile import (
     died,
     examples_setting,
     run_seed,
-    shrink_seconds,
     unreplayable,
 )
 from vhost_conformance.suites.drivers.procfs import process_tree_fds
@@ -914,7 +913,7 @@ def shapes(draw: st.DrawFn, packed: bool) -> Shape:
 def fuzz_descriptor_chains(rig: Rig, examples: int, layouts: Sequence[str]) -> int:
     """Run ``examples`` hypothesis examples of hostile chains against ``rig``; returns how many
     ran. Failures propagate (the minimal example is printed by hypothesis)."""
-    budget = ShrinkBudget(shrink_seconds())
+    budget = ShrinkBudget()
     ran = 0
     first: tuple[Exception, str] | None = None
 

@@ -48,7 +48,6 @@ from vhost_conformance.suites.drivers.hostile import (
     ShrinkBudget,
     examples_setting,
     run_seed,
-    shrink_seconds,
     unreplayable,
 )
 from vhost_conformance.suites.model import (
@@ -267,7 +266,7 @@ def fuzz_inflight_bounds(target: BackendTarget, timeout: float, layouts: Sequenc
     seen in flight. The first failure is reported as hypothesis shrank it (or as it ran,
     when it cannot be replayed), once replayed on ``fresh()`` (a fresh back-end instance):
     ``flaky`` with the example and seed when it does not reproduce there."""
-    budget = ShrinkBudget(shrink_seconds())  # $VHOST_CONFORMANCE_SHRINK_SECONDS
+    budget = ShrinkBudget()  # $VHOST_CONFORMANCE_SHRINK_SECONDS
     ran = 0
     seen = 0
     first: tuple[Exception, str] | None = None

@@ -308,8 +308,9 @@ class ShrinkBudget:
     """Stop spending time once a failure was seen and ``seconds`` passed: later examples pass
     untried, so hypothesis reports the smallest failure found so far."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    def __init__(self, seconds: float | None = None) -> None:
+        """``seconds`` defaults to the setting (:func:`shrink_seconds`)."""
+        self.seconds = shrink_seconds() if seconds is None else seconds
         self.first_failure: float | None = None
 
     def exhausted(self) -> bool:
