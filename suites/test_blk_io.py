@@ -133,11 +133,8 @@ def test_unknown_type_is_unsupp(vhost_session: Session) -> None:
     """A request of a type the device does not implement completes with UNSUPP."""
     status, _, _ = _one(vhost_session, UNKNOWN_TYPE, in_len=SECTOR_SIZE)
     if status != BlkStatus.UNSUPP:
-        raise CaseFailed(
-            f"status of request type {UNKNOWN_TYPE:#x}",
-            expected="VIRTIO_BLK_S_UNSUPP (2)",
-            seen=status,
-        )
+        raise CaseFailed(f"status of request type {UNKNOWN_TYPE:#x}",
+                         expected="VIRTIO_BLK_S_UNSUPP (2)", seen=status)
     # the device still works afterwards
     do_io(vhost_session, 1)
 
@@ -161,8 +158,7 @@ ZONE_TYPES = {15: "ZONE_APPEND", 16: "ZONE_REPORT", 18: "ZONE_OPEN", 20: "ZONE_C
 def test_zone_requests_are_unsupp(vhost_session: Session) -> None:
     """ZONE_APPEND, ZONE_REPORT, ZONE_OPEN/CLOSE/FINISH/RESET/RESET_ALL: UNSUPP each."""
     if vhost_session.negotiated.acked_features >> BlkFeature.ZONED & 1:
-        raise CaseFailed("ZONED acked by the session", expected="not acked (as QEMU)",
-                         seen="acked")
+        raise CaseFailed("ZONED acked by the session", expected="not acked (as QEMU)", seen="acked")
     requests: list[tuple[str, int, dict[str, object]]] = []
     for rtype, name in ZONE_TYPES.items():
         raw: dict[str, object] = {"sector": 0}
@@ -195,20 +191,14 @@ def test_io_beyond_capacity_fails(vhost_session: Session) -> None:
     for sector, what in ((capacity, "at the capacity"), (capacity - 4, "straddling the end")):
         status, _, _ = _one(vhost_session, BlkRequestType.IN, sector=sector, in_len=8 * SECTOR_SIZE)
         if status != BlkStatus.IOERR:
-            raise CaseFailed(
-                f"status of a read {what} (sector {sector}, capacity {capacity})",
-                expected="VIRTIO_BLK_S_IOERR (1)",
-                seen=status,
-            )
+            raise CaseFailed(f"status of a read {what} (sector {sector}, capacity {capacity})",
+                             expected="VIRTIO_BLK_S_IOERR (1)", seen=status)
         status, _, _ = _one(
             vhost_session, BlkRequestType.OUT, sector=sector, out_data=b"\xee" * (8 * SECTOR_SIZE)
         )
         if status != BlkStatus.IOERR:
-            raise CaseFailed(
-                f"status of a write {what} (sector {sector}, capacity {capacity})",
-                expected="VIRTIO_BLK_S_IOERR (1)",
-                seen=status,
-            )
+            raise CaseFailed(f"status of a write {what} (sector {sector}, capacity {capacity})",
+                             expected="VIRTIO_BLK_S_IOERR (1)", seen=status)
     # "touches nothing": the last sectors in range still hold what was written there
     read = vhost_session.queues[0].blk.read(last, 8)
     vhost_session.submit(0)
@@ -313,11 +303,8 @@ def test_write_zeroes(vhost_session: Session) -> None:
         expect_status([done], what=f"read after write-zeroes ({flag})")
         data = done.data or b""
         if data[4 * SECTOR_SIZE : 12 * SECTOR_SIZE] != bytes(8 * SECTOR_SIZE):
-            raise CaseFailed(
-                f"sectors {base + 4}..{base + 11} after WRITE_ZEROES ({flag})",
-                expected="zeroes",
-                seen="other bytes",
-            )
+            raise CaseFailed(f"sectors {base + 4}..{base + 11} after WRITE_ZEROES ({flag})",
+                             expected="zeroes", seen="other bytes")
 
 
 @case(
@@ -369,11 +356,8 @@ def test_read_only_device_refuses_writes(
     restart_variant(vhost_target, read_only=True)
     session = make_session(vhost_target)
     if not session.negotiated.features >> BlkFeature.RO & 1:
-        raise CaseFailed(
-            "GET_FEATURES of a read-only device",
-            expected="VIRTIO_BLK_F_RO set",
-            seen=f"{session.negotiated.features:#x}",
-        )
+        raise CaseFailed("GET_FEATURES of a read-only device", expected="VIRTIO_BLK_F_RO set",
+                         seen=f"{session.negotiated.features:#x}")
     blk = session.queues[0].blk
     before = blk.read(16, 8)
     session.submit(0)
@@ -381,11 +365,8 @@ def test_read_only_device_refuses_writes(
     expect_status([old], what="read on a read-only device")
     status, _, _ = _one(session, BlkRequestType.OUT, sector=16, out_data=b"\x5a" * 4096)
     if status != BlkStatus.IOERR:
-        raise CaseFailed(
-            "status of a write to a read-only device",
-            expected="VIRTIO_BLK_S_IOERR (1)",
-            seen=status,
-        )
+        raise CaseFailed("status of a write to a read-only device",
+                         expected="VIRTIO_BLK_S_IOERR (1)", seen=status)
     after = blk.read(16, 8)
     session.submit(0)
     (new,) = wait_all(session, [after])
@@ -418,6 +399,5 @@ def test_io_on_every_queue(
         write_read_verify(session, 9000 + 64 * index, pattern(30 + index, 2048), queue=index)
         stray = session.queues[index].vq.violations
         if stray:
-            raise CaseFailed(
-                f"used ring of queue {index}", expected="only its own heads", seen=str(stray[0])
-            )
+            raise CaseFailed(f"used ring of queue {index}", expected="only its own heads",
+                             seen=str(stray[0]))

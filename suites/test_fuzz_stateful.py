@@ -631,9 +631,6 @@ def test_fuzzed_message_sequences(
         vhost_measurements[name] = float(value)
     after = backend_fds(vhost_target)
     if before is not None and after is not None and after > before + 16:
-        raise CaseFailed(
-            f"the back-end's open fds grew over {examples} sequences (a leak)",
-            expected=f"<= {before + 16}",
-            seen=after,
-        )
+        raise CaseFailed(f"the back-end's open fds grew over {examples} sequences (a leak)",
+                         expected=f"<= {before + 16}", seen=after)
     print(f"VU-FUZZ-1: {examples} sequences: {counts}")

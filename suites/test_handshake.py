@@ -20,6 +20,7 @@ from vhost_conformance.frontend.protocol import (
     Config,
     FrontendRequest,
     Message,
+    Payload,
     ProtocolFeature,
     VirtioFeature,
     VringState,
@@ -81,17 +82,11 @@ def ask_u64(channel: Channel, request: FrontendRequest, *, timeout: float) -> in
 def expect_reply_to(reply: Message, request: FrontendRequest, *, size: int | None = None) -> None:
     """The reply answers ``request`` (same id) with ``size`` payload bytes."""
     if reply.request != request:
-        raise CaseFailed(
-            f"reply to {request.name} carries another request id",
-            expected=f"{int(request)} ({request.name})",
-            seen=reply.request,
-        )
+        raise CaseFailed(f"reply to {request.name} carries another request id",
+                         expected=f"{int(request)} ({request.name})", seen=reply.request)
     if size is not None and len(reply.payload) != size:
-        raise CaseFailed(
-            f"{request.name} reply payload size",
-            expected=f"{size} bytes",
-            seen=f"{len(reply.payload)} bytes",
-        )
+        raise CaseFailed(f"{request.name} reply payload size", expected=f"{size} bytes",
+                         seen=f"{len(reply.payload)} bytes")
 
 
 def negotiate(channel: Channel, capabilities: Capabilities, wanted: int, *, timeout: float) -> int:
@@ -104,6 +99,21 @@ def negotiate(channel: Channel, capabilities: Capabilities, wanted: int, *, time
     channel.send(R.SET_PROTOCOL_FEATURES, U64(chosen))
     channel.protocol_features = chosen
     return chosen
+
+
+def acked_before_features(
+    channel: Channel, request: FrontendRequest, payload: Payload | None, timeout: float, what: str,
+    expected: str,
+) -> None:
+    """``request`` sent with NEED_REPLY, then GET_FEATURES: the first reply must be the
+    request's u64 ack (else CaseFailed ``what``/``expected``), the second GET_FEATURES'."""
+    channel.send(request, payload, need_reply=True)
+    reply = ask(channel, R.GET_FEATURES, timeout=timeout)
+    if reply.request != request:
+        raise CaseFailed(what, expected=expected,
+                         seen=f"no ack: the next message answers {reply.request}")
+    expect_reply_to(reply, request, size=8)
+    expect_reply_to(channel.recv(timeout, awaiting="GET_FEATURES"), R.GET_FEATURES, size=8)
 
 
 def bits_of(*features: ProtocolFeature) -> int:
@@ -140,11 +150,8 @@ def get_config(channel: Channel, offset: int, size: int, *, timeout: float) -> C
     expect_reply_to(reply, R.GET_CONFIG, size=Config.HEAD_SIZE + size)
     config = Config.decode(reply.payload)
     if (config.offset, config.size) != (offset, size):
-        raise CaseFailed(
-            "GET_CONFIG reply header",
-            expected=f"offset {offset} size {size}",
-            seen=f"offset {config.offset} size {config.size}",
-        )
+        raise CaseFailed("GET_CONFIG reply header", expected=f"offset {offset} size {size}",
+                         seen=f"offset {config.offset} size {config.size}")
     return config
 
 
@@ -162,11 +169,8 @@ def test_replies_carry_version_1(vhost_channel: Channel, vhost_timeout: float) -
     for request in (R.GET_FEATURES, R.GET_FEATURES):
         reply = ask(vhost_channel, request, timeout=vhost_timeout)
         if reply.flags & VERSION_MASK != VERSION:
-            raise CaseFailed(
-                f"{request.name} reply version bits",
-                expected=VERSION,
-                seen=reply.flags & VERSION_MASK,
-            )
+            raise CaseFailed(f"{request.name} reply version bits", expected=VERSION,
+                             seen=reply.flags & VERSION_MASK)
 
 
 @case(
@@ -278,18 +282,11 @@ def test_protocol_features_before_set_features(
         # the connection is still served after SET_PROTOCOL_FEATURES
         ask_u64(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
         return
-    vhost_channel.send(R.SET_OWNER, need_reply=True)
-    reply = ask(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
-    if reply.request != R.SET_OWNER:
-        raise CaseFailed(
-            "SET_OWNER with NEED_REPLY after SET_PROTOCOL_FEATURES (REPLY_ACK) before any "
-            "SET_FEATURES",
-            expected="a u64 ack (the protocol features set are in force)",
-            seen=f"no ack: the next message answers {reply.request}",
-        )
-    expect_reply_to(reply, R.SET_OWNER, size=8)
-    expect_reply_to(vhost_channel.recv(vhost_timeout, awaiting="GET_FEATURES"), R.GET_FEATURES,
-                    size=8)
+    acked_before_features(
+        vhost_channel, R.SET_OWNER, None, vhost_timeout,
+        "SET_OWNER with NEED_REPLY after SET_PROTOCOL_FEATURES (REPLY_ACK) before any "
+        "SET_FEATURES", "a u64 ack (the protocol features set are in force)",
+    )
 
 
 @case(
@@ -334,11 +331,9 @@ def test_bit_20_only_with_bit_12(
     if not vhost_capabilities.offers(P.GET_VRING_BASE_INFLIGHT):
         return
     if not vhost_capabilities.offers(P.INFLIGHT_SHMFD):
-        raise CaseFailed(
-            "protocol features offered",
-            expected="bit 12 (INFLIGHT_SHMFD) with bit 20",
-            seen=f"{vhost_capabilities.protocol_features:#x} (bit 20 without bit 12)",
-        )
+        raise CaseFailed("protocol features offered",
+                         expected="bit 12 (INFLIGHT_SHMFD) with bit 20",
+                         seen=f"{vhost_capabilities.protocol_features:#x} (bit 20 without bit 12)")
     if not vhost_capabilities.offers(P.REPLY_ACK):
         return  # no way to see a refusal short of a close; the offer was judged
     ask_u64(vhost_channel, R.GET_FEATURES, timeout=vhost_timeout)
@@ -360,11 +355,8 @@ def test_bit_20_only_with_bit_12(
         seen = "acked 0 (accepted)"
     else:
         seen = "no ack and the connection goes on (accepted)"
-    raise CaseFailed(
-        f"SET_PROTOCOL_FEATURES {wrong:#x} (bit 20 without bit 12, NEED_REPLY)",
-        expected="a non-zero ack or a close",
-        seen=seen,
-    )
+    raise CaseFailed(f"SET_PROTOCOL_FEATURES {wrong:#x} (bit 20 without bit 12, NEED_REPLY)",
+                     expected="a non-zero ack or a close", seen=seen)
 
 
 @case(
@@ -382,11 +374,8 @@ def test_bit_20_only_with_bit_12(
 def test_blk_backend_offers_config(vhost_capabilities: Capabilities) -> None:
     """A vhost-user-blk back-end offers protocol feature CONFIG (QEMU refuses it otherwise)."""
     if not vhost_capabilities.offers(P.CONFIG):
-        raise CaseFailed(
-            "protocol features offered",
-            expected="CONFIG (bit 9)",
-            seen=f"{vhost_capabilities.protocol_features:#x}",
-        )
+        raise CaseFailed("protocol features offered", expected="CONFIG (bit 9)",
+                         seen=f"{vhost_capabilities.protocol_features:#x}")
 
 
 @case(
@@ -407,11 +396,9 @@ def test_iommu_platform_comes_with_backend_req_and_reply_ack(
     """IOMMU_PLATFORM offered: BACKEND_REQ and REPLY_ACK offered too."""
     missing = vhost_capabilities.missing([P.BACKEND_REQ, P.REPLY_ACK])
     if missing:
-        raise CaseFailed(
-            "protocol features offered with IOMMU_PLATFORM",
-            expected="BACKEND_REQ and REPLY_ACK",
-            seen=f"missing {', '.join(f.name for f in missing)}",
-        )
+        raise CaseFailed("protocol features offered with IOMMU_PLATFORM",
+                         expected="BACKEND_REQ and REPLY_ACK",
+                         seen=f"missing {', '.join(f.name for f in missing)}")
 
 
 @case(
@@ -530,17 +517,11 @@ def test_need_reply_gets_one_ack(
         (1 << VirtioFeature.PROTOCOL_FEATURES) | (1 << VirtioFeature.LOG_ALL)
     )
     agreed.send(R.SET_FEATURES, U64(features))
-    agreed.send(R.SET_VRING_NUM, VringState(0, 128), need_reply=True)
-    reply = ask(agreed, R.GET_FEATURES, timeout=vhost_timeout)
-    if reply.request != R.SET_VRING_NUM:
-        raise CaseFailed(
-            "SET_VRING_NUM with NEED_REPLY after SET_FEATURES without bit 30",
-            expected="a u64 ack (REPLY_ACK still negotiated)",
-            seen=f"no ack: the next message answers {reply.request}",
-        )
-    expect_reply_to(reply, R.SET_VRING_NUM, size=8)
-    expect_reply_to(agreed.recv(vhost_timeout, awaiting="GET_FEATURES"), R.GET_FEATURES,
-                    size=8)
+    acked_before_features(
+        agreed, R.SET_VRING_NUM, VringState(0, 128), vhost_timeout,
+        "SET_VRING_NUM with NEED_REPLY after SET_FEATURES without bit 30",
+        "a u64 ack (REPLY_ACK still negotiated)",
+    )
 
 
 @case(
@@ -560,11 +541,9 @@ def test_need_reply_does_not_change_defined_replies(
     features = ask(agreed, R.GET_FEATURES, timeout=vhost_timeout)
     expect_reply_to(features, R.GET_FEATURES, size=8)
     if U64.decode(features.payload).value != vhost_capabilities.features:
-        raise CaseFailed(
-            "GET_FEATURES after NEED_REPLY requests (an extra reply came first?)",
-            expected=f"{vhost_capabilities.features:#x}",
-            seen=f"{U64.decode(features.payload).value:#x}",
-        )
+        raise CaseFailed("GET_FEATURES after NEED_REPLY requests (an extra reply came first?)",
+                         expected=f"{vhost_capabilities.features:#x}",
+                         seen=f"{U64.decode(features.payload).value:#x}")
 
 
 @case(
@@ -646,9 +625,8 @@ def test_get_queue_num(
         config = get_config(agreed, 0, 36, timeout=vhost_timeout)
         (num_queues,) = struct.unpack_from("<H", config.data, 34)
         if not 1 <= num_queues <= queue_num:
-            raise CaseFailed(
-                "config num_queues vs GET_QUEUE_NUM", expected=f"1..{queue_num}", seen=num_queues
-            )
+            raise CaseFailed("config num_queues vs GET_QUEUE_NUM", expected=f"1..{queue_num}",
+                             seen=num_queues)
 
 
 @case(
@@ -772,9 +750,8 @@ def test_read_only_config_not_written(agreed: Channel, vhost_timeout: float) -> 
     except BackendClosed:
         return  # refusing by closing the connection is allowed (vhost-user.rst "Communication")
     if after != before:
-        raise CaseFailed(
-            "capacity after SET_CONFIG of a read-only field", expected=before, seen=after
-        )
+        raise CaseFailed("capacity after SET_CONFIG of a read-only field", expected=before,
+                         seen=after)
 
 
 @case(
@@ -862,9 +839,8 @@ def test_config_fields_of_offered_features(
         if vhost_capabilities.offers(feature) and offset + 4 <= len(data):
             (value,) = struct.unpack_from(fmt, data, offset)
             if value == 0:
-                raise CaseFailed(
-                    f"config {name} with {feature.name} offered", expected="> 0", seen=0
-                )
+                raise CaseFailed(f"config {name} with {feature.name} offered", expected="> 0",
+                                 seen=0)
             if name == "blk_size" and (value < 512 or value & (value - 1)):
                 raise CaseFailed("config blk_size", expected="a power of 2 >= 512", seen=value)
 
@@ -892,11 +868,8 @@ def test_config_padding_is_zero(
         padding["unused1"] = Config.decode(reply.payload).data[57:60]
     wrong = {name: raw.hex() for name, raw in padding.items() if any(raw)}
     if wrong:
-        raise CaseFailed(
-            "virtio-blk config padding",
-            expected="0 in " + " and ".join(padding),
-            seen=", ".join(f"{name} {value}" for name, value in wrong.items()),
-        )
+        raise CaseFailed("virtio-blk config padding", expected="0 in " + " and ".join(padding),
+                         seen=", ".join(f"{name} {value}" for name, value in wrong.items()))
 
 
 @case(
@@ -926,8 +899,5 @@ def test_writethrough_without_flush(
         vhost_channel.send(R.SET_STATUS, U64(0x0B))  # ACKNOWLEDGE | DRIVER | FEATURES_OK
     writeback = get_config(vhost_channel, 0, 33, timeout=vhost_timeout).data[32]
     if writeback != 0:
-        raise CaseFailed(
-            "config writeback after SET_FEATURES with CONFIG_WCE, without FLUSH",
-            expected="0 (writethrough)",
-            seen=writeback,
-        )
+        raise CaseFailed("config writeback after SET_FEATURES with CONFIG_WCE, without FLUSH",
+                         expected="0 (writethrough)", seen=writeback)

@@ -1005,11 +1005,8 @@ def test_fuzzed_descriptor_chains(
         vhost_measurements["fds.before"] = float(fds_before)
         vhost_measurements["fds.after"] = float(fds_after)
         if fds_after > fds_before + 16:
-            raise CaseFailed(
-                f"the back-end's open fds grew over {ran} hostile examples (a leak)",
-                expected=f"<= {fds_before + 16}",
-                seen=fds_after,
-            )
+            raise CaseFailed(f"the back-end's open fds grew over {ran} hostile examples (a leak)",
+                             expected=f"<= {fds_before + 16}", seen=fds_after)
     print(f"VU-FUZZ-2: {ran} examples ({', '.join(layouts)}): {rig.outcomes}")
 
 

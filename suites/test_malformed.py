@@ -198,11 +198,8 @@ def fds_bounded(target: BackendTarget, before: int | None, what: str) -> None:
         return
     after = backend_fds(target)
     if after is not None and after > before + FD_SLACK:
-        raise CaseFailed(
-            f"back-end open fds after {what}",
-            expected=f"<= {before + FD_SLACK}",
-            seen=f"{after} (from {before})",
-        )
+        raise CaseFailed(f"back-end open fds after {what}", expected=f"<= {before + FD_SLACK}",
+                         seen=f"{after} (from {before})")
 
 
 def _read_any(sock: socket.socket, deadline: float, timeout: float) -> tuple[int, int]:
@@ -242,11 +239,8 @@ def _read_any(sock: socket.socket, deadline: float, timeout: float) -> tuple[int
 
     request, flags, size = struct.unpack("<III", exact(12))
     if size > 1 << 16:
-        raise CaseFailed(
-            "a reply header after bad input",
-            expected="a payload size <= 2056",
-            seen=f"{size} bytes (request {request}, flags {flags:#x})",
-        )
+        raise CaseFailed("a reply header after bad input", expected="a payload size <= 2056",
+                         seen=f"{size} bytes (request {request}, flags {flags:#x})")
     if size:
         exact(size)
     return request, flags
@@ -869,11 +863,8 @@ def test_set_inflight_fd_twice(
         fds_bounded(vhost_target, before, "21 SET_INFLIGHT_FD")
         maps_after = _maps_named(vhost_target, "vc-inflight-dst")
         if maps_before is not None and maps_after is not None and maps_after > maps_before + 2:
-            raise CaseFailed(
-                "in-flight mappings kept by the back-end after 21 SET_INFLIGHT_FD",
-                expected=f"<= {maps_before + 2}",
-                seen=maps_after,
-            )
+            raise CaseFailed("in-flight mappings kept by the back-end after 21 SET_INFLIGHT_FD",
+                             expected=f"<= {maps_before + 2}", seen=maps_after)
         loser = regions[1].read()
         session.inflight = regions[0]
         session.start(inflight=regions[0])
@@ -881,11 +872,8 @@ def test_set_inflight_fd_twice(
         used = session.queues[0].vq.used_idx_in_memory()
         (region_used,) = struct.unpack_from("<H", regions[0].read(), 14)
         if region_used != used:
-            raise CaseFailed(
-                "used_idx in the last region given by SET_INFLIGHT_FD",
-                expected=used,
-                seen=region_used,
-            )
+            raise CaseFailed("used_idx in the last region given by SET_INFLIGHT_FD", expected=used,
+                             seen=region_used)
         if regions[1].read() != loser:
             raise CaseFailed(
                 "an earlier SET_INFLIGHT_FD region was written after the last one replaced it",
@@ -996,11 +984,8 @@ def _need_reply_session(
         with contextlib.suppress(BlockingIOError):
             extra = channel.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             if extra:
-                raise CaseFailed(
-                    "bytes the back-end sent that answer no request",
-                    expected="none",
-                    seen="more after the last reply",
-                )
+                raise CaseFailed("bytes the back-end sent that answer no request", expected="none",
+                                 seen="more after the last reply")
     except BaseException:
         session.close()
         memory.close()

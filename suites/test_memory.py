@@ -165,8 +165,7 @@ def test_memory_slots_beyond_8(vhost_target: BackendTarget, make_session: Sessio
     session = make_session(vhost_target, memory=memory, start=False)
     slots = session.negotiated.max_mem_slots or 0
     if slots < 9:
-        raise CaseFailed("GET_MAX_MEM_SLOTS with CONFIGURE_MEM_SLOTS", expected=">= 9",
-                         seen=slots)
+        raise CaseFailed("GET_MAX_MEM_SLOTS with CONFIGURE_MEM_SLOTS", expected=">= 9", seen=slots)
     session.set_features(session.driver_features())
     session.call(F.SET_MEM_TABLE, MemoryTable(tuple(memory.memory_regions())),
                  fds=memory.fds(), need_reply=session.reply_ack)

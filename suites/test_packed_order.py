@@ -83,8 +83,7 @@ def _untaken(session: Session, vq: PackedVirtqueue, slot: int, before: bytes,
         status = _status(session, request)
         if status != 0xFF:
             raise CaseFailed(f"status byte of buffer id {request.head} {what}",
-                             expected="untouched (0xff)", seen=f"{status:#x}",
-                             behaviour=behaviour)
+                             expected="untouched (0xff)", seen=f"{status:#x}", behaviour=behaviour)
     now = vq.ring_bytes(slot)
     if now != before:
         raise CaseFailed(f"ring entry {slot} {what}", expected=f"as the driver wrote it "

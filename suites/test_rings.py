@@ -75,8 +75,7 @@ def _untouched(session: Session, request: BlkRequest, when: str,
     if request.status_gpa is not None and session.memory.read(request.status_gpa, 1) != b"\xff":
         raise CaseFailed(f"status byte of a request made available {when}",
                          expected="untouched (0xff)",
-                         seen=session.memory.read(request.status_gpa, 1).hex(),
-                         behaviour=behaviour)
+                         seen=session.memory.read(request.status_gpa, 1).hex(), behaviour=behaviour)
 
 
 def _disk_image(target: BackendTarget) -> str | None:

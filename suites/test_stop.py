@@ -119,15 +119,11 @@ def test_get_vring_base_reply_is_8_bytes(vhost_session: Session, vhost_timeout: 
     reply = channel.recv(vhost_timeout, awaiting="GET_VRING_BASE", close_surplus_fds=True)
     vhost_session.mark_stopped()
     if reply.request != F.GET_VRING_BASE:
-        raise CaseFailed(
-            "GET_VRING_BASE reply request id", expected=int(F.GET_VRING_BASE), seen=reply.request
-        )
+        raise CaseFailed("GET_VRING_BASE reply request id", expected=int(F.GET_VRING_BASE),
+                         seen=reply.request)
     if len(reply.payload) != VringState.SIZE:
-        raise CaseFailed(
-            "GET_VRING_BASE reply payload size",
-            expected="8 bytes",
-            seen=f"{len(reply.payload)} bytes",
-        )
+        raise CaseFailed("GET_VRING_BASE reply payload size", expected="8 bytes",
+                         seen=f"{len(reply.payload)} bytes")
     state = VringState.decode(reply.payload)
     if state.index != 0:
         raise CaseFailed("GET_VRING_BASE reply index", expected=0, seen=state.index)
@@ -157,9 +153,8 @@ def test_second_get_vring_base_and_restart_agree(vhost_session: Session) -> None
     done = do_io(vhost_session, 1, kinds=("read",), sector=4000)
     used = vhost_session.queues[0].vq.used_idx_in_memory()
     if used != (first + len(done)) & 0xFFFF:
-        raise CaseFailed(
-            "used->idx after a restart at the returned base", expected=first + len(done), seen=used
-        )
+        raise CaseFailed("used->idx after a restart at the returned base",
+                         expected=first + len(done), seen=used)
 
 
 @case(
@@ -381,11 +376,8 @@ def test_get_vring_base_drains_in_flight_io(
                 behaviour=COMPLETES_AFTER_REPLY,
             )
         if popped == 0:
-            raise CaseFailed(
-                "GET_VRING_BASE num with requests published and kicked",
-                expected=f"1..{HELD} (the back-end took them)",
-                seen=0,
-            )
+            raise CaseFailed("GET_VRING_BASE num with requests published and kicked",
+                             expected=f"1..{HELD} (the back-end took them)", seen=0)
 
 
 @case(
@@ -523,11 +515,8 @@ def test_no_call_signals_while_suspended(
         time.sleep(LATENCY_MS * HELD / 1000 + 0.1)
         signals = session.drain_call(0)
         if signals:
-            raise CaseFailed(
-                "call eventfd after the last GET_VRING_BASE reply",
-                expected="not signalled",
-                seen=f"signalled ({signals})",
-            )
+            raise CaseFailed("call eventfd after the last GET_VRING_BASE reply",
+                             expected="not signalled", seen=f"signalled ({signals})")
 
 
 @case(
@@ -622,11 +611,9 @@ def test_no_late_dma_after_a_no_drain_stop(
             if any(b <= g < b + bn or g <= b < g + n for b, bn in buffers)
         ]
         if hit:
-            raise CaseFailed(
-                "data buffers of requests left in flight by the stop",
-                expected="not written after the GET_VRING_BASE reply",
-                seen=f"written at GPA {hit[0][0]:#x} ({hit[0][1]} bytes)",
-            )
+            raise CaseFailed("data buffers of requests left in flight by the stop",
+                             expected="not written after the GET_VRING_BASE reply",
+                             seen=f"written at GPA {hit[0][0]:#x} ({hit[0][1]} bytes)")
 
 
 @case(
@@ -659,20 +646,13 @@ def test_late_completions_are_silent(
         finally:
             os.close(old)
         if late_calls:
-            raise CaseFailed(
-                "old call eventfd after the GET_VRING_BASE reply",
-                expected="not signalled",
-                seen=f"signalled ({late_calls})",
-            )
+            raise CaseFailed("old call eventfd after the GET_VRING_BASE reply",
+                             expected="not signalled", seen=f"signalled ({late_calls})")
         changed = session.memory.diff(stopped.snapshot)
         if changed:
-            raise CaseFailed(
-                "guest memory after late completions",
-                expected="unchanged",
-                seen=f"written at GPA {changed[0][0]:#x} ({changed[0][1]} bytes)",
-            )
+            raise CaseFailed("guest memory after late completions", expected="unchanged",
+                             seen=f"written at GPA {changed[0][0]:#x} ({changed[0][1]} bytes)")
         if session.drain_call(0):
-            raise CaseFailed(
-                "call eventfd after late completions", expected="not signalled", seen="signalled"
-            )
+            raise CaseFailed("call eventfd after late completions", expected="not signalled",
+                             seen="signalled")
         _still_answers(session, stopped.bases[0], vhost_timeout)
