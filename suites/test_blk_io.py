@@ -225,9 +225,8 @@ def test_get_id(vhost_session: Session) -> None:
     vhost_session.submit(0)
     (done,) = wait_all(vhost_session, [request])
     if done.status not in (BlkStatus.OK, BlkStatus.UNSUPP):
-        raise CaseNonStrict(
-            f"GET_ID with the 20-byte buffer status: expected OK or UNSUPP, seen {done.status}"
-        )
+        raise CaseNonStrict(f"GET_ID with the 20-byte buffer: status {done.status}, expected OK "
+                            "or UNSUPP")
 
 
 @case(

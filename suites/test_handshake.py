@@ -488,11 +488,8 @@ def test_flush_offered_with_config_wce(vhost_channel: Channel, vhost_timeout: fl
 @case(
     "VU-ACK-1", title="REPLY_ACK: one u64 ack per NEED_REPLY request", family="handshake",
     level=MUST, clause=f"{RST} REPLY_ACK",
-    quote=quotes(
-        REPLY_ACK_RESPOND_QUOTE,
-        REPLY_ACK_PAYLOAD_QUOTE,
-        "It does not need to be acknowledged by VHOST_USER_SET_FEATURES.",
-    ),
+    quote=quotes(REPLY_ACK_RESPOND_QUOTE, REPLY_ACK_PAYLOAD_QUOTE,
+                 "It does not need to be acknowledged by VHOST_USER_SET_FEATURES."),
     requirement="With REPLY_ACK negotiated, a request without a reply of its own sent with "
         "NEED_REPLY gets exactly one u64 reply, 0 on success; still after a SET_FEATURES without "
         "bit 30 (protocol features do not need to be acknowledged by SET_FEATURES).",
@@ -641,9 +638,8 @@ def test_get_queue_num(
 def test_mq_offered(vhost_capabilities: Capabilities) -> None:
     """GET_PROTOCOL_FEATURES has MQ (bit 0)."""
     if not vhost_capabilities.offers(P.MQ):
-        raise CaseNonStrict(
-            f"protocol feature MQ (bit 0) not offered: {vhost_capabilities.protocol_features:#x}"
-        )
+        offered = vhost_capabilities.protocol_features
+        raise CaseNonStrict(f"protocol feature MQ (bit 0) not offered: {offered:#x}")
 
 
 # --------------------------------------------------------------------------- config space

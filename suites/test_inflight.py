@@ -439,10 +439,8 @@ def test_set_inflight_fd_twice(vhost_target: BackendTarget, make_session: Sessio
 @case(
     "VU-INF-11", title="Packed in-flight region", family="inflight", level=SHOULD,
     clause=f"{RST} Inflight I/O tracking (packed)",
-    quote=quotes(
-        "For packed virtqueue, queue region can be implemented as:",
-        INFLIGHT_TRACKING_QUOTE,
-    ),
+    quote=quotes("For packed virtqueue, queue region can be implemented as:",
+                 INFLIGHT_TRACKING_QUOTE),
     requirement="With RING_PACKED, the packed region's free list, old_* fields and counters "
         "follow the rules, and a restart resubmits in counter order.",
     requires=[ProtocolFeature.INFLIGHT_SHMFD, VirtioFeature.RING_PACKED],

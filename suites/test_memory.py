@@ -104,10 +104,8 @@ def test_set_mem_table_up_to_8_regions(
 @case(
     "VU-MEM-4", title="Regions with mmap_offset, GPA != HVA, holes", family="memory", level=MUST,
     clause=f"{RST} Memory region description",
-    quote=quotes(
-        "User addresses map to the vhost memory region containing that user address.",
-        MEMORY_REGION_MAP_QUOTE,
-    ),
+    quote=quotes("User addresses map to the vhost memory region containing that user address.",
+                 MEMORY_REGION_MAP_QUOTE),
     requirement="Data written at a GPA in a region with non-zero mmap_offset, a user address "
         "unlike its GPA and gaps between regions reads back right, with the regions sent by "
         "ADD_MEM_REG (where CONFIGURE_MEM_SLOTS is offered) and by SET_MEM_TABLE.",

@@ -233,11 +233,8 @@ def test_ring_starts_on_set_vring_kick(
 @case(
     "VU-RING-7", title="A kick before SET_VRING_ENABLE is not lost", family="rings", level=MUST,
     clause=f"{RST} Ring states",
-    quote=quotes(
-        "Each ring is initialized in a stopped and disabled state.",
-        RING_STARTED_DISABLED_QUOTE,
-        RING_STARTED_ENABLED_QUOTE,
-    ),
+    quote=quotes("Each ring is initialized in a stopped and disabled state.",
+                 RING_STARTED_DISABLED_QUOTE, RING_STARTED_ENABLED_QUOTE),
     requirement="A request kicked while the ring is started but never enabled is not served then, "
         "and completes after SET_VRING_ENABLE 1 with no second kick.",
 )

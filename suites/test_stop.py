@@ -266,10 +266,8 @@ def _packed_suspended_base(vhost_target: BackendTarget, make_session: SessionFac
 @case(
     "VU-GVB-11", title="Stop order of QEMU 11.1.3", family="stop-drain", level=MUST,
     clause=f"{RST} Ring states",
-    quote=quotes(
-        GET_VRING_BASE_STOPS_QUOTE,
-        "Signal the back-end to enable or disable corresponding vring.",
-    ),
+    quote=quotes(GET_VRING_BASE_STOPS_QUOTE,
+                 "Signal the back-end to enable or disable corresponding vring."),
     requirement="SET_VRING_ENABLE 0 then GET_VRING_BASE num 0, as QEMU 11.1.3 stops a device, is "
         "answered for every ring.",
 )
