@@ -24,8 +24,9 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Protocol
 
 from vhost_conformance.backend import blk, device_state
@@ -238,6 +239,87 @@ class Request:
         return (self.deadline, self.seq) < (other.deadline, other.seq)
 
 
+class RingPhase(Enum):
+    """Where a ring is in its life (vhost-user.rst "Ring states": stopped / started; a
+    GET_VRING_BASE waiting for the drain; the driver broke it). Enabled / disabled is
+    orthogonal to these and kept apart (:attr:`VirtQueue.enabled`).
+
+    A broken ring stays broken through a stop (GET_STATUS keeps DEVICE_NEEDS_RESET) until
+    SET_VRING_KICK starts it again, so the broken phases come in the three flavours."""
+
+    STOPPED = "stopped"
+    STARTED = "started"
+    #: a GET_VRING_BASE waiting for the ring's requests to complete
+    DRAINING = "draining"
+    #: started and broken: nothing more is taken or completed
+    BROKEN = "broken"
+    #: broken while a GET_VRING_BASE waits: answered at the next flush
+    BROKEN_DRAINING = "broken-draining"
+    #: stopped after (or broken while stopped: serve-stopped-ring, complete-after-suspend)
+    BROKEN_STOPPED = "broken-stopped"
+
+    @property
+    def started(self) -> bool:
+        """Started by SET_VRING_KICK and not stopped since (draining and broken included)."""
+        return self not in (RingPhase.STOPPED, RingPhase.BROKEN_STOPPED)
+
+    @property
+    def draining(self) -> bool:
+        """A GET_VRING_BASE waits for the reply."""
+        return self in (RingPhase.DRAINING, RingPhase.BROKEN_DRAINING)
+
+    @property
+    def broken(self) -> bool:
+        """The driver broke the ring (the device needs reset)."""
+        return self in (RingPhase.BROKEN, RingPhase.BROKEN_DRAINING, RingPhase.BROKEN_STOPPED)
+
+
+class RingEvent(Enum):
+    """What moves a ring from one :class:`RingPhase` to another."""
+
+    #: SET_VRING_KICK (or process-on-enable's SET_VRING_ENABLE 1) on a stopped ring
+    START = "start"
+    #: GET_VRING_BASE with requests in flight that it waits for
+    DRAIN = "drain"
+    #: the GET_VRING_BASE reply is sent: the ring stopped
+    STOP = "stop"
+    #: the driver broke the ring (bad ring, bad chain, in-flight recovery failed, ...)
+    BREAK = "break"
+    #: the connection ended
+    CLOSE = "close"
+
+
+_P = RingPhase
+_E = RingEvent
+#: Every legal (phase, event) -> next phase; any other pair is an internal error.
+RING_TRANSITIONS: Mapping[tuple[RingPhase, RingEvent], RingPhase] = {
+    (_P.STOPPED, _E.START): _P.STARTED,
+    (_P.BROKEN_STOPPED, _E.START): _P.STARTED,
+    (_P.STARTED, _E.DRAIN): _P.DRAINING,
+    (_P.BROKEN, _E.DRAIN): _P.BROKEN_DRAINING,
+    (_P.STARTED, _E.STOP): _P.STOPPED,
+    (_P.DRAINING, _E.STOP): _P.STOPPED,
+    (_P.BROKEN, _E.STOP): _P.BROKEN_STOPPED,
+    (_P.BROKEN_DRAINING, _E.STOP): _P.BROKEN_STOPPED,
+    (_P.STOPPED, _E.BREAK): _P.BROKEN_STOPPED,
+    (_P.STARTED, _E.BREAK): _P.BROKEN,
+    (_P.DRAINING, _E.BREAK): _P.BROKEN_DRAINING,
+    (_P.BROKEN, _E.BREAK): _P.BROKEN,
+    (_P.BROKEN_DRAINING, _E.BREAK): _P.BROKEN_DRAINING,
+    (_P.BROKEN_STOPPED, _E.BREAK): _P.BROKEN_STOPPED,
+    (_P.STOPPED, _E.CLOSE): _P.STOPPED,
+    (_P.STARTED, _E.CLOSE): _P.STOPPED,
+    (_P.DRAINING, _E.CLOSE): _P.STOPPED,
+    (_P.BROKEN, _E.CLOSE): _P.BROKEN_STOPPED,
+    (_P.BROKEN_DRAINING, _E.CLOSE): _P.BROKEN_STOPPED,
+    (_P.BROKEN_STOPPED, _E.CLOSE): _P.BROKEN_STOPPED,
+}
+
+
+class RingTransitionError(RuntimeError):
+    """A (phase, event) pair not in :data:`RING_TRANSITIONS`: a bug of the back-end."""
+
+
 @dataclass(eq=False, slots=True)
 class VirtQueue:
     """The device side of one virtqueue and its vhost-user state."""
@@ -256,9 +338,11 @@ class VirtQueue:
     #: split: free-running 16-bit used->idx shadow; packed: ring index + wrap counter.
     used_idx: int = 0
     used_wrap: bool = True
-    started: bool = False
+    phase: RingPhase = RingPhase.STOPPED
+    #: SET_VRING_ENABLE's (orthogonal to the phase)
     enabled: bool = False
-    broken: str | None = None
+    #: why the ring is broken (the last _break's reason; None outside the broken phases)
+    broken_reason: str | None = None
     kick_fd: int = -1
     call_fd: int = -1
     err_fd: int = -1
@@ -268,8 +352,6 @@ class VirtQueue:
     pending: dict[int, Request] = field(default_factory=dict)
     done: list[Request] = field(default_factory=list)
     resubmit: list[Request] = field(default_factory=list)
-    #: a GET_VRING_BASE waiting for the drain to finish
-    stop_pending: bool = False
     #: the request the stop answers (GET_VRING_BASE, or the proposal's SKIP_DRAIN)
     stop_request: int = FrontendRequest.GET_VRING_BASE
     kicked: bool = False
@@ -287,7 +369,28 @@ class VirtQueue:
     @property
     def runnable(self) -> bool:
         """Started, enabled, not broken, not stopping: may take new requests."""
-        return self.started and self.enabled and self.broken is None and not self.stop_pending
+        return self.phase is RingPhase.STARTED and self.enabled
+
+    @property
+    def started(self) -> bool:
+        """The phase is a started one (read-only: :meth:`apply` moves the phase)."""
+        return self.phase.started
+
+    def apply(self, event: RingEvent, reason: str | None = None) -> RingPhase:
+        """Move to the phase :data:`RING_TRANSITIONS` gives for ``event`` (BREAK records
+        ``reason``; a phase that is not broken forgets it). Returns the new phase."""
+        new = RING_TRANSITIONS.get((self.phase, event))
+        if new is None:
+            raise RingTransitionError(
+                f"vring {self.index}: no ring transition for event {event.name} in phase "
+                f"{self.phase.name}"
+            )
+        self.phase = new
+        if event is RingEvent.BREAK:
+            self.broken_reason = reason
+        elif not new.broken:
+            self.broken_reason = None
+        return new
 
 
 class Device:
@@ -675,7 +778,7 @@ class Device:
         status = self.status
         if self.faults.on("status-not-kept"):
             status &= ~0x4  # DRIVER_OK lost
-        if any(q.broken for q in self.queues):
+        if any(q.phase.broken for q in self.queues):
             status |= STATUS_DEVICE_NEEDS_RESET
         self._reply(msg.request, U64(status).encode())
 
@@ -1197,7 +1300,7 @@ class Device:
         q = self._queue(payload.index)
         if payload.num != 0:
             log.warning("%s(%d) with reserved num %d (must be 0)", what, q.index, payload.num)
-        if q.stop_pending:
+        if q.phase.draining:
             raise RequestError(f"{what}({q.index}) while one is already draining")
         q.stop_request = msg.request
         if not q.started:
@@ -1242,8 +1345,8 @@ class Device:
             log.info(
                 "GET_VRING_BASE(%d): draining %d in-flight request(s)", q.index, len(q.pending)
             )
-            q.stop_pending = True
-            if q.broken is not None:
+            q.apply(RingEvent.DRAIN)
+            if q.phase.broken:
                 self.flush()  # a broken ring completes nothing more: answered at once
 
     def _stop_reply_id(self, q: VirtQueue) -> int:
@@ -1255,9 +1358,8 @@ class Device:
 
     def _stop(self, q: VirtQueue) -> None:
         log.info("vring %d stopped at avail index %#x", q.index, self._base_of(q))
-        q.started = False
+        q.apply(RingEvent.STOP)
         q.stops += 1
-        q.stop_pending = False
         q.polled = False
         q.resubmit.clear()
         self._all_stopped = self.suspended
@@ -1373,11 +1475,10 @@ class Device:
     def _start(self, q: VirtQueue) -> None:
         """SET_VRING_KICK starts the ring (vhost-user.rst "Ring states"): read used->idx,
         run the in-flight recovery ("When reconnecting") and queue the resubmissions."""
-        q.started = True
+        q.apply(RingEvent.START)
         q.serve_stopped = False
         self._all_stopped = False
         self.ever_started = True
-        q.broken = None
         q.pending.clear()
         q.done.clear()
         q.resubmit.clear()
@@ -1402,7 +1503,7 @@ class Device:
                     self._recover_split(q, q.ring, q.inflight)
             elif isinstance(q.ring, PackedRing) and isinstance(q.inflight, PackedInflight):
                 self._recover_packed(q, q.ring, q.inflight)
-            if earlier and q.broken is None:
+            if earlier and not q.phase.broken:
                 _signal(q.call_fd)
         except (InflightError, RingError, GuestMemoryError) as exc:
             self._break(q, f"in-flight recovery: {exc}")
@@ -1481,9 +1582,9 @@ class Device:
     def _break(self, q: VirtQueue, reason: str) -> None:
         """The driver broke the ring: stop processing it (device needs reset), log it,
         signal the error eventfd. In-flight requests stay as they are."""
-        if q.broken is None:
+        if not q.phase.broken:
             log.error("vring %d needs reset: %s", q.index, reason)
-        q.broken = reason
+        q.apply(RingEvent.BREAK, reason)
         if q.err_fd >= 0:
             _signal(q.err_fd)
 
@@ -1638,7 +1739,7 @@ class Device:
             q.counter += 1
             self.faults.reach("after-pop")
             self._submit(self._new_request(q, chain, head), now)
-        if self.faults.on("packed-out-of-ring-order") and q.broken is None:
+        if self.faults.on("packed-out-of-ring-order") and not q.phase.broken:
             self._pop_ahead(q, ring, now)
 
     def _pop_ahead(self, q: VirtQueue, ring: PackedRing, now: float) -> None:
@@ -1922,7 +2023,7 @@ class Device:
         """Complete every executed request as one batch per queue; send the GET_VRING_BASE
         replies whose drain finished."""
         for q in self.queues:
-            if q.done and q.ring is not None and q.broken is None:
+            if q.done and q.ring is not None and not q.phase.broken:
                 batch, q.done = q.done, []
                 if isinstance(q.ring, SplitRing):
                     self._complete_split(q, q.ring, batch)
@@ -1934,9 +2035,9 @@ class Device:
                 for r in batch:
                     q.pending.pop(r.seq, None)
             early = self.faults.on("early-drain-reply") and len(q.pending) == 1
-            if q.stop_pending and (not q.pending or early):
+            if q.phase.draining and (not q.pending or early):
                 self._stop(q)
-            elif q.stop_pending and q.broken is not None:
+            elif q.phase is RingPhase.BROKEN_DRAINING:
                 # A broken ring never completes what it holds: answer anyway.
                 self._cancel_pending(q)
                 self._stop(q)
@@ -1949,7 +2050,7 @@ class Device:
         for q in self.queues:
             if q.polled:
                 q.kicked = True  # polling mode: look at the avail ring every turn
-            serve = q.runnable or (q.serve_stopped and q.broken is None)
+            serve = q.runnable or (q.serve_stopped and not q.phase.broken)
             if not serve or not q.kicked or q.ring is None:
                 if q.started and not q.enabled and self.faults.on("kick-lost-while-disabled"):
                     q.kicked = False  # dropped, not kept for SET_VRING_ENABLE 1
@@ -1979,7 +2080,7 @@ class Device:
             self.disk.write_from(due[1], [memoryview(due[2])])
         while self._timers and self._timers[0].deadline <= now:
             req = heapq.heappop(self._timers)
-            if not req.cancelled and req.queue.broken is None:
+            if not req.cancelled and not req.queue.phase.broken:
                 self._execute(req)
         self.flush()
 
@@ -2066,7 +2167,7 @@ class Device:
         for q in self.queues:
             self._cancel_pending(q)
             self._close_queue_fds(q)
-            q.started = False
+            q.apply(RingEvent.CLOSE)
             q.ring = None
         self._timers.clear()
         self._drop_inflight()
@@ -2113,11 +2214,15 @@ def _signal(fd: int) -> None:
 
 __all__ = [
     "FLAG_NEED_REPLY",
+    "RING_TRANSITIONS",
     "BackendOptions",
     "ConnectionFatal",
     "Device",
     "FdWatcher",
     "Request",
     "RequestError",
+    "RingEvent",
+    "RingPhase",
+    "RingTransitionError",
     "VirtQueue",
 ]
