@@ -27,7 +27,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from types import NoneType
+from typing import Generic, Protocol, TypeVar
 
 from vhost_conformance.backend import blk, device_state
 from vhost_conformance.backend.disk import Disk
@@ -585,7 +586,7 @@ class Device:
                 )
             if not self.owner and request not in _BEFORE_OWNER:
                 raise RequestError(f"{name} before SET_OWNER")
-            handler = getattr(self, f"_on_{name.lower()}", None)
+            handler = HANDLERS.get(request)
             if handler is None:
                 raise RequestError(f"{name} is not supported by this back-end")
             try:
@@ -594,7 +595,7 @@ class Device:
                 if self.faults.on("trust-payload-size"):
                     self.faults.die("trust-payload-size", str(exc))
                 raise RequestError(str(exc)) from None
-            handler(msg, payload, fds)
+            handler.run(self, request, msg, payload, fds)
         except RequestError as exc:
             if self._acks(msg):
                 log.error("%s failed: %s (REPLY_ACK 1)", name, exc)
@@ -649,7 +650,7 @@ class Device:
 
     # -- features and ownership
 
-    def _on_get_features(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_get_features(self, msg: Message, payload: None, fds: list[int]) -> None:
         if self.faults.on("mute-while-suspended") and self._all_stopped:
             log.warning("misbehaving: GET_FEATURES while suspended left unanswered")
             return
@@ -672,8 +673,7 @@ class Device:
         return not has(self.features, BlkFeature.FLUSH) and not self.faults.on(
             "writeback-without-flush")
 
-    def _on_set_features(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, U64)
+    def _on_set_features(self, msg: Message, payload: U64, fds: list[int]) -> None:
         value = payload.value
         extra = value & ~self.offered_features
         if extra:
@@ -701,11 +701,10 @@ class Device:
                 q.enabled = True
                 q.kicked = True
 
-    def _on_get_protocol_features(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_get_protocol_features(self, msg: Message, payload: None, fds: list[int]) -> None:
         self._reply(msg.request, U64(self.offered_protocol).encode())
 
-    def _on_set_protocol_features(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, U64)
+    def _on_set_protocol_features(self, msg: Message, payload: U64, fds: list[int]) -> None:
         value = payload.value
         extra = value & ~self.offered_protocol
         if extra:
@@ -735,12 +734,12 @@ class Device:
             )
         self.protocol_features = value
 
-    def _on_set_owner(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_set_owner(self, msg: Message, payload: None, fds: list[int]) -> None:
         if self.owner:
             log.warning("SET_OWNER again on the same connection (ignored)")
         self.owner = True
 
-    def _on_reset_owner(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_reset_owner(self, msg: Message, payload: None, fds: list[int]) -> None:
         # Deprecated; vhost-user.rst: ignore it or treat it as "disable all rings".
         if self.faults.on("reset-owner-closes"):
             raise ConnectionFatal("RESET_OWNER (misbehaving: closing)")
@@ -749,7 +748,7 @@ class Device:
             return
         self._reset_rings()
 
-    def _on_reset_device(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_reset_device(self, msg: Message, payload: None, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.RESET_DEVICE):
             raise RequestError("RESET_DEVICE without RESET_DEVICE negotiated")
         if self.faults.on("reset-device-keeps-rings"):
@@ -764,15 +763,15 @@ class Device:
             self._close_queue_fds(q)
         self.queues = [VirtQueue(i) for i in range(len(self.queues))]
 
-    def _on_get_queue_num(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_get_queue_num(self, msg: Message, payload: None, fds: list[int]) -> None:
         reply_id = R.GET_FEATURES if self.faults.on("queue-num-reply-id") else msg.request
         fewer = 1 if self.faults.on("queue-num-understated") else 0
         self._reply(reply_id, U64(len(self.queues) - fewer).encode())
 
-    def _on_get_max_mem_slots(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_get_max_mem_slots(self, msg: Message, payload: None, fds: list[int]) -> None:
         self._reply(msg.request, U64(self.options.max_mem_slots).encode())
 
-    def _on_get_status(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_get_status(self, msg: Message, payload: None, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.STATUS):
             raise RequestError("GET_STATUS without STATUS negotiated")
         status = self.status
@@ -782,8 +781,7 @@ class Device:
             status |= STATUS_DEVICE_NEEDS_RESET
         self._reply(msg.request, U64(status).encode())
 
-    def _on_set_status(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, U64)
+    def _on_set_status(self, msg: Message, payload: U64, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.STATUS):
             raise RequestError("SET_STATUS without STATUS negotiated")
         if payload.value > 0xFF:
@@ -792,7 +790,7 @@ class Device:
             return
         self.status = payload.value
 
-    def _on_set_backend_req_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_set_backend_req_fd(self, msg: Message, payload: None, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.BACKEND_REQ):
             raise RequestError("SET_BACKEND_REQ_FD without BACKEND_REQ negotiated")
         if self.backend_fd >= 0:
@@ -815,8 +813,7 @@ class Device:
             struct.pack_into("<H", data, 34, len(self.queues) + 1)
         return bytes(data)
 
-    def _on_get_config(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, Config)
+    def _on_get_config(self, msg: Message, payload: Config, fds: list[int]) -> None:
         beyond = payload.offset + payload.size > blk.CONFIG_SIZE
         if beyond and self.faults.on("trust-config-range"):
             self.faults.die("trust-config-range", f"GET_CONFIG {payload.offset}+{payload.size}")
@@ -849,8 +846,7 @@ class Device:
             return
         self._reply(msg.request, Config(payload.offset, payload.size, payload.flags, data).encode())
 
-    def _on_set_config(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, Config)
+    def _on_set_config(self, msg: Message, payload: Config, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.CONFIG):
             raise RequestError("SET_CONFIG without CONFIG negotiated")
         end = payload.offset + payload.size
@@ -884,8 +880,7 @@ class Device:
             if q.started:
                 self._build_ring(q)
 
-    def _on_set_mem_table(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, MemoryTable)
+    def _on_set_mem_table(self, msg: Message, payload: MemoryTable, fds: list[int]) -> None:
         if self.faults.on("set-mem-table-refused"):
             raise RequestError("SET_MEM_TABLE: --misbehave set-mem-table-refused")
         self.memory.clear()
@@ -918,8 +913,7 @@ class Device:
             self._reply(msg.request, MemoryTable(bases).encode())
             self.postcopy.ack_pending = True
 
-    def _on_add_mem_reg(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, SingleMemoryRegion)
+    def _on_add_mem_reg(self, msg: Message, payload: SingleMemoryRegion, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
             raise RequestError("ADD_MEM_REG without CONFIGURE_MEM_SLOTS negotiated")
         if self.postcopy.listening:
@@ -940,8 +934,7 @@ class Device:
             raise RequestError(f"ADD_MEM_REG: {exc}") from None
         self._refresh_rings()
 
-    def _on_rem_mem_reg(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, SingleMemoryRegion)
+    def _on_rem_mem_reg(self, msg: Message, payload: SingleMemoryRegion, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
             raise RequestError("REM_MEM_REG without CONFIGURE_MEM_SLOTS negotiated")
         r = payload.region
@@ -966,7 +959,7 @@ class Device:
 
     # -- postcopy (vhost-user.rst "Migration": postcopy; POSTCOPY_ADVISE/LISTEN/END)
 
-    def _on_postcopy_advise(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_postcopy_advise(self, msg: Message, payload: None, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.PAGEFAULT):
             raise RequestError("POSTCOPY_ADVISE without PAGEFAULT negotiated")
         if self.faults.on("advise-no-userfaultfd"):
@@ -979,7 +972,7 @@ class Device:
                 raise RequestError(f"POSTCOPY_ADVISE: {exc}") from None
         self._reply(msg.request, b"", fds=[os.dup(self.postcopy.ufd)])
 
-    def _on_postcopy_listen(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_postcopy_listen(self, msg: Message, payload: None, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.PAGEFAULT):
             raise RequestError("POSTCOPY_LISTEN without PAGEFAULT negotiated")
         if self.postcopy.ufd < 0:
@@ -1014,7 +1007,7 @@ class Device:
                 raise RequestError(f"postcopy: {exc}") from None
             self.postcopy.ranges.append(span)
 
-    def _on_postcopy_end(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_postcopy_end(self, msg: Message, payload: None, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.PAGEFAULT):
             raise RequestError("POSTCOPY_END without PAGEFAULT negotiated")
         self.postcopy.listening = False
@@ -1031,8 +1024,7 @@ class Device:
             _close(self.postcopy.ufd)
             self.postcopy.ufd = -1
 
-    def _on_set_log_base(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, LogBase)
+    def _on_set_log_base(self, msg: Message, payload: LogBase, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.LOG_SHMFD):
             raise RequestError("SET_LOG_BASE without LOG_SHMFD negotiated")
         try:
@@ -1049,12 +1041,13 @@ class Device:
 
     # -- back-end state (DEVICE_STATE)
 
-    def _on_set_device_state_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_set_device_state_fd(
+        self, msg: Message, payload: DeviceStateTransfer, fds: list[int]
+    ) -> None:
         """vhost-user.rst SET_DEVICE_STATE_FD: direction 0 save / 1 load, phase 0 "stopped"
         (every ring stopped). We always use the front-end's channel (reply bit 8: no fd);
         an error is reported with bit 8 set and no fd ("must not both indicate an error and
         return a file descriptor")."""
-        assert isinstance(payload, DeviceStateTransfer)
         if not self._has_protocol(ProtocolFeature.DEVICE_STATE):
             raise RequestError("SET_DEVICE_STATE_FD without DEVICE_STATE negotiated")
         nofd = 1 << 8
@@ -1094,7 +1087,7 @@ class Device:
         self._state_result = 1  # until CHECK_DEVICE_STATE has read and applied it
         self._reply(msg.request, U64(nofd).encode())
 
-    def _on_check_device_state(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_check_device_state(self, msg: Message, payload: None, fds: list[int]) -> None:
         """CHECK_DEVICE_STATE: 0 once the last transfer was written (save) or read to its end
         and applied (load), 1 otherwise."""
         if not self._has_protocol(ProtocolFeature.DEVICE_STATE):
@@ -1114,14 +1107,13 @@ class Device:
             result = 0
         self._reply(msg.request, U64(result).encode())
 
-    def _on_set_log_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_set_log_fd(self, msg: Message, payload: None, fds: list[int]) -> None:
         # Accepted for completeness; this back-end never signals it (the fd is closed).
         pass
 
     # -- in-flight region
 
-    def _on_get_inflight_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, Inflight)
+    def _on_get_inflight_fd(self, msg: Message, payload: Inflight, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
             raise ConnectionFatal("GET_INFLIGHT_FD without INFLIGHT_SHMFD negotiated")
         if not 1 <= payload.num_queues <= 0xFFFF or not 1 <= payload.queue_size <= MAX_QUEUE_SIZE:
@@ -1149,8 +1141,7 @@ class Device:
         reply = Inflight(told, 0, payload.num_queues, payload.queue_size)
         self._reply(msg.request, reply.encode(), [fd])
 
-    def _on_set_inflight_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, Inflight)
+    def _on_set_inflight_fd(self, msg: Message, payload: Inflight, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
             raise RequestError("SET_INFLIGHT_FD without INFLIGHT_SHMFD negotiated")
         if payload.num_queues == 0 or payload.queue_size == 0:
@@ -1216,8 +1207,7 @@ class Device:
 
     # -- vrings
 
-    def _on_set_vring_num(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, VringState)
+    def _on_set_vring_num(self, msg: Message, payload: VringState, fds: list[int]) -> None:
         q = self._queue(payload.index)
         num = payload.num
         if q.started:
@@ -1227,8 +1217,7 @@ class Device:
             raise RequestError(f"SET_VRING_NUM: size {num} invalid (split: power of 2 <= 32768)")
         q.num = 128 if self.faults.on("queue-size-128") else num
 
-    def _on_set_vring_addr(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, VringAddr)
+    def _on_set_vring_addr(self, msg: Message, payload: VringAddr, fds: list[int]) -> None:
         q = self._queue(payload.index)
         if payload.flags & ~VRING_F_LOG:
             raise RequestError(f"SET_VRING_ADDR: unknown flags {payload.flags:#x}")
@@ -1249,8 +1238,7 @@ class Device:
             # QEMU re-sends the address with F_LOG on a running ring to start logging.
             self._build_ring(q)
 
-    def _on_set_vring_base(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, VringState)
+    def _on_set_vring_base(self, msg: Message, payload: VringState, fds: list[int]) -> None:
         q = self._queue(payload.index)
         if q.started:
             raise RequestError(f"SET_VRING_BASE on started vring {q.index}")
@@ -1276,15 +1264,16 @@ class Device:
             return packed_base(q.last_avail_idx, q.avail_wrap, q.used_idx, q.used_wrap)
         return q.last_avail_idx & 0xFFFF
 
-    def _on_get_vring_base(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_get_vring_base(self, msg: Message, payload: VringState, fds: list[int]) -> None:
         # With bit 23 agreed the front-end follows the proposal, where GET_VRING_BASE always
         # drains and only message 45 suspends; with bit 20 alone, 11.1.3's "may suspend".
         self._get_vring_base(msg, payload, suspend=self._has_protocol(
             ProtocolFeature.GET_VRING_BASE_INFLIGHT) and not self._has_protocol(
             ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN))
 
-    def _on_get_vring_base_skip_drain(self, msg: Message, payload: object,
-                                      fds: list[int]) -> None:
+    def _on_get_vring_base_skip_drain(
+        self, msg: Message, payload: VringState, fds: list[int]
+    ) -> None:
         # The proposal (p-b-o/qemu-ci vhost-user.rst b82b5c8c547f): "requires the
         # VHOST_USER_PROTOCOL_F_GET_VRING_BASE_SKIP_DRAIN protocol feature to be negotiated";
         # "the back-end must immediately suspend all in-flight I/O requests and record them".
@@ -1292,10 +1281,9 @@ class Device:
             raise RequestError("GET_VRING_BASE_SKIP_DRAIN without bit 23 negotiated")
         self._get_vring_base(msg, payload, suspend=not self.faults.on("skip-drain-drains"))
 
-    def _get_vring_base(self, msg: Message, payload: object, *, suspend: bool) -> None:
+    def _get_vring_base(self, msg: Message, payload: VringState, *, suspend: bool) -> None:
         """GET_VRING_BASE and the proposal's GET_VRING_BASE_SKIP_DRAIN: stop the ring,
         draining it unless ``suspend`` (requests then stay in flight in the region)."""
-        assert isinstance(payload, VringState)
         what = FrontendRequest(msg.request).name
         q = self._queue(payload.index)
         if payload.num != 0:
@@ -1325,14 +1313,14 @@ class Device:
                 # the server that does not really cancel: the held WRITE's data still goes to
                 # the disk after the reply (guest memory is only read)
                 for req in q.pending.values():
-                    payload = blk.write_payload(self.memory, req.chain.readable)
-                    if payload is not None:
-                        self._late_writes.append((self.clock() + 0.1, *payload))
+                    write = blk.write_payload(self.memory, req.chain.readable)
+                    if write is not None:
+                        self._late_writes.append((self.clock() + 0.1, *write))
             if q.pending and self.faults.on("write-at-close"):
                 for req in q.pending.values():
-                    payload = blk.write_payload(self.memory, req.chain.readable)
-                    if payload is not None:
-                        self._close_writes.append(payload)
+                    write = blk.write_payload(self.memory, req.chain.readable)
+                    if write is not None:
+                        self._close_writes.append(write)
             if q.pending and self.faults.on("complete-after-suspend"):
                 late = q.pending.pop(max(q.pending))
             self._cancel_pending(q)
@@ -1382,14 +1370,13 @@ class Device:
             # (a copy: the front-end may replace the call fd meanwhile, as QEMU does)
             self._late_calls.append((self.clock() + 0.2, os.dup(q.call_fd)))
 
-    def _vring_fd(self, payload: object, fds: list[int], what: str) -> tuple[VirtQueue, int]:
-        assert isinstance(payload, U64)
+    def _vring_fd(self, payload: U64, fds: list[int], what: str) -> tuple[VirtQueue, int]:
         if payload.value & ~0x1FF:
             raise RequestError(f"{what}: u64 {payload.value:#x} has bits beyond 0-8")
         q = self._queue(payload.vring_index)
         return q, (-1 if payload.nofd else fds.pop())
 
-    def _on_set_vring_kick(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_set_vring_kick(self, msg: Message, payload: U64, fds: list[int]) -> None:
         q, fd = self._vring_fd(payload, fds, "SET_VRING_KICK")
         # NOFD (bit 8): "polling should be used instead of waiting for the kick": the avail
         # ring is looked at every POLL_INTERVAL seconds while the ring runs.
@@ -1407,7 +1394,7 @@ class Device:
         if not q.started and not (q.stops and self.faults.on("restart-kick-ignored")):
             self._start(q)
 
-    def _on_set_vring_call(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_set_vring_call(self, msg: Message, payload: U64, fds: list[int]) -> None:
         q, fd = self._vring_fd(payload, fds, "SET_VRING_CALL")
         if fd < 0 and self.faults.on("ignore-nofd"):
             return  # keeps signalling the call fd the front-end replaced
@@ -1418,14 +1405,13 @@ class Device:
             _close(q.call_fd)
         q.call_fd = fd
 
-    def _on_set_vring_err(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_set_vring_err(self, msg: Message, payload: U64, fds: list[int]) -> None:
         q, fd = self._vring_fd(payload, fds, "SET_VRING_ERR")
         if q.err_fd >= 0:
             _close(q.err_fd)
         q.err_fd = fd
 
-    def _on_set_vring_enable(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, VringState)
+    def _on_set_vring_enable(self, msg: Message, payload: VringState, fds: list[int]) -> None:
         q = self._queue(payload.index)
         if payload.num not in (0, 1):
             raise RequestError(f"SET_VRING_ENABLE({q.index}, {payload.num}): num must be 0 or 1")
@@ -2192,6 +2178,85 @@ class Device:
         self.outbox.clear()
 
 
+P = TypeVar("P")
+
+
+@dataclass(frozen=True, slots=True)
+class Handler(Generic[P]):
+    """How one request is handled: the payload type ``msg.decoded()`` gives for it, and the
+    method that takes that payload."""
+
+    payload: type[P]
+    method: Callable[[Device, Message, P, list[int]], None]
+
+    def run(
+        self, device: Device, request: FrontendRequest, msg: Message, payload: object,
+        fds: list[int]
+    ) -> None:
+        """Check the decoded payload against :attr:`payload` once, then call the method."""
+        if not isinstance(payload, self.payload):
+            raise RequestError(
+                f"{request.name}: payload decoded as {type(payload).__name__}, the handler "
+                f"takes {self.payload.__name__}"
+            )
+        self.method(device, msg, payload, fds)
+
+
+class AnyHandler(Protocol):
+    """A :class:`Handler` of any payload type (what the dispatch table holds)."""
+
+    @property
+    def payload(self) -> type:
+        """The payload type the handler takes."""
+
+    def run(
+        self, device: Device, request: FrontendRequest, msg: Message, payload: object,
+        fds: list[int]
+    ) -> None:
+        """Check the payload's type and handle the request."""
+
+
+#: The requests this back-end handles (any other is answered "not supported"), each with the
+#: payload type it takes (frontend/protocol.py REQUEST_PAYLOAD; NoneType: empty payload).
+HANDLERS: Mapping[FrontendRequest, AnyHandler] = {
+    R.GET_FEATURES: Handler(NoneType, Device._on_get_features),
+    R.SET_FEATURES: Handler(U64, Device._on_set_features),
+    R.GET_PROTOCOL_FEATURES: Handler(NoneType, Device._on_get_protocol_features),
+    R.SET_PROTOCOL_FEATURES: Handler(U64, Device._on_set_protocol_features),
+    R.SET_OWNER: Handler(NoneType, Device._on_set_owner),
+    R.RESET_OWNER: Handler(NoneType, Device._on_reset_owner),
+    R.RESET_DEVICE: Handler(NoneType, Device._on_reset_device),
+    R.GET_QUEUE_NUM: Handler(NoneType, Device._on_get_queue_num),
+    R.GET_MAX_MEM_SLOTS: Handler(NoneType, Device._on_get_max_mem_slots),
+    R.GET_STATUS: Handler(NoneType, Device._on_get_status),
+    R.SET_STATUS: Handler(U64, Device._on_set_status),
+    R.SET_BACKEND_REQ_FD: Handler(NoneType, Device._on_set_backend_req_fd),
+    R.GET_CONFIG: Handler(Config, Device._on_get_config),
+    R.SET_CONFIG: Handler(Config, Device._on_set_config),
+    R.SET_MEM_TABLE: Handler(MemoryTable, Device._on_set_mem_table),
+    R.ADD_MEM_REG: Handler(SingleMemoryRegion, Device._on_add_mem_reg),
+    R.REM_MEM_REG: Handler(SingleMemoryRegion, Device._on_rem_mem_reg),
+    R.POSTCOPY_ADVISE: Handler(NoneType, Device._on_postcopy_advise),
+    R.POSTCOPY_LISTEN: Handler(NoneType, Device._on_postcopy_listen),
+    R.POSTCOPY_END: Handler(NoneType, Device._on_postcopy_end),
+    R.SET_LOG_BASE: Handler(LogBase, Device._on_set_log_base),
+    R.SET_DEVICE_STATE_FD: Handler(DeviceStateTransfer, Device._on_set_device_state_fd),
+    R.CHECK_DEVICE_STATE: Handler(NoneType, Device._on_check_device_state),
+    R.SET_LOG_FD: Handler(NoneType, Device._on_set_log_fd),
+    R.GET_INFLIGHT_FD: Handler(Inflight, Device._on_get_inflight_fd),
+    R.SET_INFLIGHT_FD: Handler(Inflight, Device._on_set_inflight_fd),
+    R.SET_VRING_NUM: Handler(VringState, Device._on_set_vring_num),
+    R.SET_VRING_ADDR: Handler(VringAddr, Device._on_set_vring_addr),
+    R.SET_VRING_BASE: Handler(VringState, Device._on_set_vring_base),
+    R.GET_VRING_BASE: Handler(VringState, Device._on_get_vring_base),
+    R.GET_VRING_BASE_SKIP_DRAIN: Handler(VringState, Device._on_get_vring_base_skip_drain),
+    R.SET_VRING_KICK: Handler(U64, Device._on_set_vring_kick),
+    R.SET_VRING_CALL: Handler(U64, Device._on_set_vring_call),
+    R.SET_VRING_ERR: Handler(U64, Device._on_set_vring_err),
+    R.SET_VRING_ENABLE: Handler(VringState, Device._on_set_vring_enable),
+}
+
+
 def _close(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
@@ -2214,11 +2279,14 @@ def _signal(fd: int) -> None:
 
 __all__ = [
     "FLAG_NEED_REPLY",
+    "HANDLERS",
     "RING_TRANSITIONS",
+    "AnyHandler",
     "BackendOptions",
     "ConnectionFatal",
     "Device",
     "FdWatcher",
+    "Handler",
     "Request",
     "RequestError",
     "RingEvent",
