@@ -24,9 +24,11 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from enum import Enum
+from types import NoneType
+from typing import Generic, Protocol, TypeVar
 
 from vhost_conformance.backend import blk, device_state
 from vhost_conformance.backend.disk import Disk
@@ -238,6 +240,87 @@ class Request:
         return (self.deadline, self.seq) < (other.deadline, other.seq)
 
 
+class RingPhase(Enum):
+    """Where a ring is in its life (vhost-user.rst "Ring states": stopped / started; a
+    GET_VRING_BASE waiting for the drain; the driver broke it). Enabled / disabled is
+    orthogonal to these and kept apart (:attr:`VirtQueue.enabled`).
+
+    A broken ring stays broken through a stop (GET_STATUS keeps DEVICE_NEEDS_RESET) until
+    SET_VRING_KICK starts it again, so the broken phases come in the three flavours."""
+
+    STOPPED = "stopped"
+    STARTED = "started"
+    #: a GET_VRING_BASE waiting for the ring's requests to complete
+    DRAINING = "draining"
+    #: started and broken: nothing more is taken or completed
+    BROKEN = "broken"
+    #: broken while a GET_VRING_BASE waits: answered at the next flush
+    BROKEN_DRAINING = "broken-draining"
+    #: stopped after (or broken while stopped: serve-stopped-ring, complete-after-suspend)
+    BROKEN_STOPPED = "broken-stopped"
+
+    @property
+    def started(self) -> bool:
+        """Started by SET_VRING_KICK and not stopped since (draining and broken included)."""
+        return self not in (RingPhase.STOPPED, RingPhase.BROKEN_STOPPED)
+
+    @property
+    def draining(self) -> bool:
+        """A GET_VRING_BASE waits for the reply."""
+        return self in (RingPhase.DRAINING, RingPhase.BROKEN_DRAINING)
+
+    @property
+    def broken(self) -> bool:
+        """The driver broke the ring (the device needs reset)."""
+        return self in (RingPhase.BROKEN, RingPhase.BROKEN_DRAINING, RingPhase.BROKEN_STOPPED)
+
+
+class RingEvent(Enum):
+    """What moves a ring from one :class:`RingPhase` to another."""
+
+    #: SET_VRING_KICK (or process-on-enable's SET_VRING_ENABLE 1) on a stopped ring
+    START = "start"
+    #: GET_VRING_BASE with requests in flight that it waits for
+    DRAIN = "drain"
+    #: the GET_VRING_BASE reply is sent: the ring stopped
+    STOP = "stop"
+    #: the driver broke the ring (bad ring, bad chain, in-flight recovery failed, ...)
+    BREAK = "break"
+    #: the connection ended
+    CLOSE = "close"
+
+
+_P = RingPhase
+_E = RingEvent
+#: Every legal (phase, event) -> next phase; any other pair is an internal error.
+RING_TRANSITIONS: Mapping[tuple[RingPhase, RingEvent], RingPhase] = {
+    (_P.STOPPED, _E.START): _P.STARTED,
+    (_P.BROKEN_STOPPED, _E.START): _P.STARTED,
+    (_P.STARTED, _E.DRAIN): _P.DRAINING,
+    (_P.BROKEN, _E.DRAIN): _P.BROKEN_DRAINING,
+    (_P.STARTED, _E.STOP): _P.STOPPED,
+    (_P.DRAINING, _E.STOP): _P.STOPPED,
+    (_P.BROKEN, _E.STOP): _P.BROKEN_STOPPED,
+    (_P.BROKEN_DRAINING, _E.STOP): _P.BROKEN_STOPPED,
+    (_P.STOPPED, _E.BREAK): _P.BROKEN_STOPPED,
+    (_P.STARTED, _E.BREAK): _P.BROKEN,
+    (_P.DRAINING, _E.BREAK): _P.BROKEN_DRAINING,
+    (_P.BROKEN, _E.BREAK): _P.BROKEN,
+    (_P.BROKEN_DRAINING, _E.BREAK): _P.BROKEN_DRAINING,
+    (_P.BROKEN_STOPPED, _E.BREAK): _P.BROKEN_STOPPED,
+    (_P.STOPPED, _E.CLOSE): _P.STOPPED,
+    (_P.STARTED, _E.CLOSE): _P.STOPPED,
+    (_P.DRAINING, _E.CLOSE): _P.STOPPED,
+    (_P.BROKEN, _E.CLOSE): _P.BROKEN_STOPPED,
+    (_P.BROKEN_DRAINING, _E.CLOSE): _P.BROKEN_STOPPED,
+    (_P.BROKEN_STOPPED, _E.CLOSE): _P.BROKEN_STOPPED,
+}
+
+
+class RingTransitionError(RuntimeError):
+    """A (phase, event) pair not in :data:`RING_TRANSITIONS`: a bug of the back-end."""
+
+
 @dataclass(eq=False, slots=True)
 class VirtQueue:
     """The device side of one virtqueue and its vhost-user state."""
@@ -256,9 +339,11 @@ class VirtQueue:
     #: split: free-running 16-bit used->idx shadow; packed: ring index + wrap counter.
     used_idx: int = 0
     used_wrap: bool = True
-    started: bool = False
+    phase: RingPhase = RingPhase.STOPPED
+    #: SET_VRING_ENABLE's (orthogonal to the phase)
     enabled: bool = False
-    broken: str | None = None
+    #: why the ring is broken (the last _break's reason; None outside the broken phases)
+    broken_reason: str | None = None
     kick_fd: int = -1
     call_fd: int = -1
     err_fd: int = -1
@@ -268,8 +353,6 @@ class VirtQueue:
     pending: dict[int, Request] = field(default_factory=dict)
     done: list[Request] = field(default_factory=list)
     resubmit: list[Request] = field(default_factory=list)
-    #: a GET_VRING_BASE waiting for the drain to finish
-    stop_pending: bool = False
     #: the request the stop answers (GET_VRING_BASE, or the proposal's SKIP_DRAIN)
     stop_request: int = FrontendRequest.GET_VRING_BASE
     kicked: bool = False
@@ -287,7 +370,28 @@ class VirtQueue:
     @property
     def runnable(self) -> bool:
         """Started, enabled, not broken, not stopping: may take new requests."""
-        return self.started and self.enabled and self.broken is None and not self.stop_pending
+        return self.phase is RingPhase.STARTED and self.enabled
+
+    @property
+    def started(self) -> bool:
+        """The phase is a started one (read-only: :meth:`apply` moves the phase)."""
+        return self.phase.started
+
+    def apply(self, event: RingEvent, reason: str | None = None) -> RingPhase:
+        """Move to the phase :data:`RING_TRANSITIONS` gives for ``event`` (BREAK records
+        ``reason``; a phase that is not broken forgets it). Returns the new phase."""
+        new = RING_TRANSITIONS.get((self.phase, event))
+        if new is None:
+            raise RingTransitionError(
+                f"vring {self.index}: no ring transition for event {event.name} in phase "
+                f"{self.phase.name}"
+            )
+        self.phase = new
+        if event is RingEvent.BREAK:
+            self.broken_reason = reason
+        elif not new.broken:
+            self.broken_reason = None
+        return new
 
 
 class Device:
@@ -482,7 +586,7 @@ class Device:
                 )
             if not self.owner and request not in _BEFORE_OWNER:
                 raise RequestError(f"{name} before SET_OWNER")
-            handler = getattr(self, f"_on_{name.lower()}", None)
+            handler = HANDLERS.get(request)
             if handler is None:
                 raise RequestError(f"{name} is not supported by this back-end")
             try:
@@ -491,7 +595,7 @@ class Device:
                 if self.faults.on("trust-payload-size"):
                     self.faults.die("trust-payload-size", str(exc))
                 raise RequestError(str(exc)) from None
-            handler(msg, payload, fds)
+            handler.run(self, request, msg, payload, fds)
         except RequestError as exc:
             if self._acks(msg):
                 log.error("%s failed: %s (REPLY_ACK 1)", name, exc)
@@ -546,7 +650,7 @@ class Device:
 
     # -- features and ownership
 
-    def _on_get_features(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_get_features(self, msg: Message, payload: None, fds: list[int]) -> None:
         if self.faults.on("mute-while-suspended") and self._all_stopped:
             log.warning("misbehaving: GET_FEATURES while suspended left unanswered")
             return
@@ -569,8 +673,7 @@ class Device:
         return not has(self.features, BlkFeature.FLUSH) and not self.faults.on(
             "writeback-without-flush")
 
-    def _on_set_features(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, U64)
+    def _on_set_features(self, msg: Message, payload: U64, fds: list[int]) -> None:
         value = payload.value
         extra = value & ~self.offered_features
         if extra:
@@ -598,11 +701,10 @@ class Device:
                 q.enabled = True
                 q.kicked = True
 
-    def _on_get_protocol_features(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_get_protocol_features(self, msg: Message, payload: None, fds: list[int]) -> None:
         self._reply(msg.request, U64(self.offered_protocol).encode())
 
-    def _on_set_protocol_features(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, U64)
+    def _on_set_protocol_features(self, msg: Message, payload: U64, fds: list[int]) -> None:
         value = payload.value
         extra = value & ~self.offered_protocol
         if extra:
@@ -632,12 +734,12 @@ class Device:
             )
         self.protocol_features = value
 
-    def _on_set_owner(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_set_owner(self, msg: Message, payload: None, fds: list[int]) -> None:
         if self.owner:
             log.warning("SET_OWNER again on the same connection (ignored)")
         self.owner = True
 
-    def _on_reset_owner(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_reset_owner(self, msg: Message, payload: None, fds: list[int]) -> None:
         # Deprecated; vhost-user.rst: ignore it or treat it as "disable all rings".
         if self.faults.on("reset-owner-closes"):
             raise ConnectionFatal("RESET_OWNER (misbehaving: closing)")
@@ -646,7 +748,7 @@ class Device:
             return
         self._reset_rings()
 
-    def _on_reset_device(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_reset_device(self, msg: Message, payload: None, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.RESET_DEVICE):
             raise RequestError("RESET_DEVICE without RESET_DEVICE negotiated")
         if self.faults.on("reset-device-keeps-rings"):
@@ -661,26 +763,25 @@ class Device:
             self._close_queue_fds(q)
         self.queues = [VirtQueue(i) for i in range(len(self.queues))]
 
-    def _on_get_queue_num(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_get_queue_num(self, msg: Message, payload: None, fds: list[int]) -> None:
         reply_id = R.GET_FEATURES if self.faults.on("queue-num-reply-id") else msg.request
         fewer = 1 if self.faults.on("queue-num-understated") else 0
         self._reply(reply_id, U64(len(self.queues) - fewer).encode())
 
-    def _on_get_max_mem_slots(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_get_max_mem_slots(self, msg: Message, payload: None, fds: list[int]) -> None:
         self._reply(msg.request, U64(self.options.max_mem_slots).encode())
 
-    def _on_get_status(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_get_status(self, msg: Message, payload: None, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.STATUS):
             raise RequestError("GET_STATUS without STATUS negotiated")
         status = self.status
         if self.faults.on("status-not-kept"):
             status &= ~0x4  # DRIVER_OK lost
-        if any(q.broken for q in self.queues):
+        if any(q.phase.broken for q in self.queues):
             status |= STATUS_DEVICE_NEEDS_RESET
         self._reply(msg.request, U64(status).encode())
 
-    def _on_set_status(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, U64)
+    def _on_set_status(self, msg: Message, payload: U64, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.STATUS):
             raise RequestError("SET_STATUS without STATUS negotiated")
         if payload.value > 0xFF:
@@ -689,7 +790,7 @@ class Device:
             return
         self.status = payload.value
 
-    def _on_set_backend_req_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_set_backend_req_fd(self, msg: Message, payload: None, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.BACKEND_REQ):
             raise RequestError("SET_BACKEND_REQ_FD without BACKEND_REQ negotiated")
         if self.backend_fd >= 0:
@@ -712,8 +813,7 @@ class Device:
             struct.pack_into("<H", data, 34, len(self.queues) + 1)
         return bytes(data)
 
-    def _on_get_config(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, Config)
+    def _on_get_config(self, msg: Message, payload: Config, fds: list[int]) -> None:
         beyond = payload.offset + payload.size > blk.CONFIG_SIZE
         if beyond and self.faults.on("trust-config-range"):
             self.faults.die("trust-config-range", f"GET_CONFIG {payload.offset}+{payload.size}")
@@ -746,8 +846,7 @@ class Device:
             return
         self._reply(msg.request, Config(payload.offset, payload.size, payload.flags, data).encode())
 
-    def _on_set_config(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, Config)
+    def _on_set_config(self, msg: Message, payload: Config, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.CONFIG):
             raise RequestError("SET_CONFIG without CONFIG negotiated")
         end = payload.offset + payload.size
@@ -781,8 +880,7 @@ class Device:
             if q.started:
                 self._build_ring(q)
 
-    def _on_set_mem_table(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, MemoryTable)
+    def _on_set_mem_table(self, msg: Message, payload: MemoryTable, fds: list[int]) -> None:
         if self.faults.on("set-mem-table-refused"):
             raise RequestError("SET_MEM_TABLE: --misbehave set-mem-table-refused")
         self.memory.clear()
@@ -815,8 +913,7 @@ class Device:
             self._reply(msg.request, MemoryTable(bases).encode())
             self.postcopy.ack_pending = True
 
-    def _on_add_mem_reg(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, SingleMemoryRegion)
+    def _on_add_mem_reg(self, msg: Message, payload: SingleMemoryRegion, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
             raise RequestError("ADD_MEM_REG without CONFIGURE_MEM_SLOTS negotiated")
         if self.postcopy.listening:
@@ -837,8 +934,7 @@ class Device:
             raise RequestError(f"ADD_MEM_REG: {exc}") from None
         self._refresh_rings()
 
-    def _on_rem_mem_reg(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, SingleMemoryRegion)
+    def _on_rem_mem_reg(self, msg: Message, payload: SingleMemoryRegion, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
             raise RequestError("REM_MEM_REG without CONFIGURE_MEM_SLOTS negotiated")
         r = payload.region
@@ -863,7 +959,7 @@ class Device:
 
     # -- postcopy (vhost-user.rst "Migration": postcopy; POSTCOPY_ADVISE/LISTEN/END)
 
-    def _on_postcopy_advise(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_postcopy_advise(self, msg: Message, payload: None, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.PAGEFAULT):
             raise RequestError("POSTCOPY_ADVISE without PAGEFAULT negotiated")
         if self.faults.on("advise-no-userfaultfd"):
@@ -876,7 +972,7 @@ class Device:
                 raise RequestError(f"POSTCOPY_ADVISE: {exc}") from None
         self._reply(msg.request, b"", fds=[os.dup(self.postcopy.ufd)])
 
-    def _on_postcopy_listen(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_postcopy_listen(self, msg: Message, payload: None, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.PAGEFAULT):
             raise RequestError("POSTCOPY_LISTEN without PAGEFAULT negotiated")
         if self.postcopy.ufd < 0:
@@ -911,7 +1007,7 @@ class Device:
                 raise RequestError(f"postcopy: {exc}") from None
             self.postcopy.ranges.append(span)
 
-    def _on_postcopy_end(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_postcopy_end(self, msg: Message, payload: None, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.PAGEFAULT):
             raise RequestError("POSTCOPY_END without PAGEFAULT negotiated")
         self.postcopy.listening = False
@@ -928,8 +1024,7 @@ class Device:
             _close(self.postcopy.ufd)
             self.postcopy.ufd = -1
 
-    def _on_set_log_base(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, LogBase)
+    def _on_set_log_base(self, msg: Message, payload: LogBase, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.LOG_SHMFD):
             raise RequestError("SET_LOG_BASE without LOG_SHMFD negotiated")
         try:
@@ -946,12 +1041,13 @@ class Device:
 
     # -- back-end state (DEVICE_STATE)
 
-    def _on_set_device_state_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_set_device_state_fd(
+        self, msg: Message, payload: DeviceStateTransfer, fds: list[int]
+    ) -> None:
         """vhost-user.rst SET_DEVICE_STATE_FD: direction 0 save / 1 load, phase 0 "stopped"
         (every ring stopped). We always use the front-end's channel (reply bit 8: no fd);
         an error is reported with bit 8 set and no fd ("must not both indicate an error and
         return a file descriptor")."""
-        assert isinstance(payload, DeviceStateTransfer)
         if not self._has_protocol(ProtocolFeature.DEVICE_STATE):
             raise RequestError("SET_DEVICE_STATE_FD without DEVICE_STATE negotiated")
         nofd = 1 << 8
@@ -991,7 +1087,7 @@ class Device:
         self._state_result = 1  # until CHECK_DEVICE_STATE has read and applied it
         self._reply(msg.request, U64(nofd).encode())
 
-    def _on_check_device_state(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_check_device_state(self, msg: Message, payload: None, fds: list[int]) -> None:
         """CHECK_DEVICE_STATE: 0 once the last transfer was written (save) or read to its end
         and applied (load), 1 otherwise."""
         if not self._has_protocol(ProtocolFeature.DEVICE_STATE):
@@ -1011,14 +1107,13 @@ class Device:
             result = 0
         self._reply(msg.request, U64(result).encode())
 
-    def _on_set_log_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_set_log_fd(self, msg: Message, payload: None, fds: list[int]) -> None:
         # Accepted for completeness; this back-end never signals it (the fd is closed).
         pass
 
     # -- in-flight region
 
-    def _on_get_inflight_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, Inflight)
+    def _on_get_inflight_fd(self, msg: Message, payload: Inflight, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
             raise ConnectionFatal("GET_INFLIGHT_FD without INFLIGHT_SHMFD negotiated")
         if not 1 <= payload.num_queues <= 0xFFFF or not 1 <= payload.queue_size <= MAX_QUEUE_SIZE:
@@ -1046,8 +1141,7 @@ class Device:
         reply = Inflight(told, 0, payload.num_queues, payload.queue_size)
         self._reply(msg.request, reply.encode(), [fd])
 
-    def _on_set_inflight_fd(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, Inflight)
+    def _on_set_inflight_fd(self, msg: Message, payload: Inflight, fds: list[int]) -> None:
         if not self._has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
             raise RequestError("SET_INFLIGHT_FD without INFLIGHT_SHMFD negotiated")
         if payload.num_queues == 0 or payload.queue_size == 0:
@@ -1113,8 +1207,7 @@ class Device:
 
     # -- vrings
 
-    def _on_set_vring_num(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, VringState)
+    def _on_set_vring_num(self, msg: Message, payload: VringState, fds: list[int]) -> None:
         q = self._queue(payload.index)
         num = payload.num
         if q.started:
@@ -1124,8 +1217,7 @@ class Device:
             raise RequestError(f"SET_VRING_NUM: size {num} invalid (split: power of 2 <= 32768)")
         q.num = 128 if self.faults.on("queue-size-128") else num
 
-    def _on_set_vring_addr(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, VringAddr)
+    def _on_set_vring_addr(self, msg: Message, payload: VringAddr, fds: list[int]) -> None:
         q = self._queue(payload.index)
         if payload.flags & ~VRING_F_LOG:
             raise RequestError(f"SET_VRING_ADDR: unknown flags {payload.flags:#x}")
@@ -1146,8 +1238,7 @@ class Device:
             # QEMU re-sends the address with F_LOG on a running ring to start logging.
             self._build_ring(q)
 
-    def _on_set_vring_base(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, VringState)
+    def _on_set_vring_base(self, msg: Message, payload: VringState, fds: list[int]) -> None:
         q = self._queue(payload.index)
         if q.started:
             raise RequestError(f"SET_VRING_BASE on started vring {q.index}")
@@ -1173,15 +1264,16 @@ class Device:
             return packed_base(q.last_avail_idx, q.avail_wrap, q.used_idx, q.used_wrap)
         return q.last_avail_idx & 0xFFFF
 
-    def _on_get_vring_base(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_get_vring_base(self, msg: Message, payload: VringState, fds: list[int]) -> None:
         # With bit 23 agreed the front-end follows the proposal, where GET_VRING_BASE always
         # drains and only message 45 suspends; with bit 20 alone, 11.1.3's "may suspend".
         self._get_vring_base(msg, payload, suspend=self._has_protocol(
             ProtocolFeature.GET_VRING_BASE_INFLIGHT) and not self._has_protocol(
             ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN))
 
-    def _on_get_vring_base_skip_drain(self, msg: Message, payload: object,
-                                      fds: list[int]) -> None:
+    def _on_get_vring_base_skip_drain(
+        self, msg: Message, payload: VringState, fds: list[int]
+    ) -> None:
         # The proposal (p-b-o/qemu-ci vhost-user.rst b82b5c8c547f): "requires the
         # VHOST_USER_PROTOCOL_F_GET_VRING_BASE_SKIP_DRAIN protocol feature to be negotiated";
         # "the back-end must immediately suspend all in-flight I/O requests and record them".
@@ -1189,15 +1281,14 @@ class Device:
             raise RequestError("GET_VRING_BASE_SKIP_DRAIN without bit 23 negotiated")
         self._get_vring_base(msg, payload, suspend=not self.faults.on("skip-drain-drains"))
 
-    def _get_vring_base(self, msg: Message, payload: object, *, suspend: bool) -> None:
+    def _get_vring_base(self, msg: Message, payload: VringState, *, suspend: bool) -> None:
         """GET_VRING_BASE and the proposal's GET_VRING_BASE_SKIP_DRAIN: stop the ring,
         draining it unless ``suspend`` (requests then stay in flight in the region)."""
-        assert isinstance(payload, VringState)
         what = FrontendRequest(msg.request).name
         q = self._queue(payload.index)
         if payload.num != 0:
             log.warning("%s(%d) with reserved num %d (must be 0)", what, q.index, payload.num)
-        if q.stop_pending:
+        if q.phase.draining:
             raise RequestError(f"{what}({q.index}) while one is already draining")
         q.stop_request = msg.request
         if not q.started:
@@ -1222,14 +1313,14 @@ class Device:
                 # the server that does not really cancel: the held WRITE's data still goes to
                 # the disk after the reply (guest memory is only read)
                 for req in q.pending.values():
-                    payload = blk.write_payload(self.memory, req.chain.readable)
-                    if payload is not None:
-                        self._late_writes.append((self.clock() + 0.1, *payload))
+                    write = blk.write_payload(self.memory, req.chain.readable)
+                    if write is not None:
+                        self._late_writes.append((self.clock() + 0.1, *write))
             if q.pending and self.faults.on("write-at-close"):
                 for req in q.pending.values():
-                    payload = blk.write_payload(self.memory, req.chain.readable)
-                    if payload is not None:
-                        self._close_writes.append(payload)
+                    write = blk.write_payload(self.memory, req.chain.readable)
+                    if write is not None:
+                        self._close_writes.append(write)
             if q.pending and self.faults.on("complete-after-suspend"):
                 late = q.pending.pop(max(q.pending))
             self._cancel_pending(q)
@@ -1242,8 +1333,8 @@ class Device:
             log.info(
                 "GET_VRING_BASE(%d): draining %d in-flight request(s)", q.index, len(q.pending)
             )
-            q.stop_pending = True
-            if q.broken is not None:
+            q.apply(RingEvent.DRAIN)
+            if q.phase.broken:
                 self.flush()  # a broken ring completes nothing more: answered at once
 
     def _stop_reply_id(self, q: VirtQueue) -> int:
@@ -1255,9 +1346,8 @@ class Device:
 
     def _stop(self, q: VirtQueue) -> None:
         log.info("vring %d stopped at avail index %#x", q.index, self._base_of(q))
-        q.started = False
+        q.apply(RingEvent.STOP)
         q.stops += 1
-        q.stop_pending = False
         q.polled = False
         q.resubmit.clear()
         self._all_stopped = self.suspended
@@ -1280,14 +1370,13 @@ class Device:
             # (a copy: the front-end may replace the call fd meanwhile, as QEMU does)
             self._late_calls.append((self.clock() + 0.2, os.dup(q.call_fd)))
 
-    def _vring_fd(self, payload: object, fds: list[int], what: str) -> tuple[VirtQueue, int]:
-        assert isinstance(payload, U64)
+    def _vring_fd(self, payload: U64, fds: list[int], what: str) -> tuple[VirtQueue, int]:
         if payload.value & ~0x1FF:
             raise RequestError(f"{what}: u64 {payload.value:#x} has bits beyond 0-8")
         q = self._queue(payload.vring_index)
         return q, (-1 if payload.nofd else fds.pop())
 
-    def _on_set_vring_kick(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_set_vring_kick(self, msg: Message, payload: U64, fds: list[int]) -> None:
         q, fd = self._vring_fd(payload, fds, "SET_VRING_KICK")
         # NOFD (bit 8): "polling should be used instead of waiting for the kick": the avail
         # ring is looked at every POLL_INTERVAL seconds while the ring runs.
@@ -1305,7 +1394,7 @@ class Device:
         if not q.started and not (q.stops and self.faults.on("restart-kick-ignored")):
             self._start(q)
 
-    def _on_set_vring_call(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_set_vring_call(self, msg: Message, payload: U64, fds: list[int]) -> None:
         q, fd = self._vring_fd(payload, fds, "SET_VRING_CALL")
         if fd < 0 and self.faults.on("ignore-nofd"):
             return  # keeps signalling the call fd the front-end replaced
@@ -1316,14 +1405,13 @@ class Device:
             _close(q.call_fd)
         q.call_fd = fd
 
-    def _on_set_vring_err(self, msg: Message, payload: object, fds: list[int]) -> None:
+    def _on_set_vring_err(self, msg: Message, payload: U64, fds: list[int]) -> None:
         q, fd = self._vring_fd(payload, fds, "SET_VRING_ERR")
         if q.err_fd >= 0:
             _close(q.err_fd)
         q.err_fd = fd
 
-    def _on_set_vring_enable(self, msg: Message, payload: object, fds: list[int]) -> None:
-        assert isinstance(payload, VringState)
+    def _on_set_vring_enable(self, msg: Message, payload: VringState, fds: list[int]) -> None:
         q = self._queue(payload.index)
         if payload.num not in (0, 1):
             raise RequestError(f"SET_VRING_ENABLE({q.index}, {payload.num}): num must be 0 or 1")
@@ -1373,11 +1461,10 @@ class Device:
     def _start(self, q: VirtQueue) -> None:
         """SET_VRING_KICK starts the ring (vhost-user.rst "Ring states"): read used->idx,
         run the in-flight recovery ("When reconnecting") and queue the resubmissions."""
-        q.started = True
+        q.apply(RingEvent.START)
         q.serve_stopped = False
         self._all_stopped = False
         self.ever_started = True
-        q.broken = None
         q.pending.clear()
         q.done.clear()
         q.resubmit.clear()
@@ -1402,7 +1489,7 @@ class Device:
                     self._recover_split(q, q.ring, q.inflight)
             elif isinstance(q.ring, PackedRing) and isinstance(q.inflight, PackedInflight):
                 self._recover_packed(q, q.ring, q.inflight)
-            if earlier and q.broken is None:
+            if earlier and not q.phase.broken:
                 _signal(q.call_fd)
         except (InflightError, RingError, GuestMemoryError) as exc:
             self._break(q, f"in-flight recovery: {exc}")
@@ -1481,9 +1568,9 @@ class Device:
     def _break(self, q: VirtQueue, reason: str) -> None:
         """The driver broke the ring: stop processing it (device needs reset), log it,
         signal the error eventfd. In-flight requests stay as they are."""
-        if q.broken is None:
+        if not q.phase.broken:
             log.error("vring %d needs reset: %s", q.index, reason)
-        q.broken = reason
+        q.apply(RingEvent.BREAK, reason)
         if q.err_fd >= 0:
             _signal(q.err_fd)
 
@@ -1638,7 +1725,7 @@ class Device:
             q.counter += 1
             self.faults.reach("after-pop")
             self._submit(self._new_request(q, chain, head), now)
-        if self.faults.on("packed-out-of-ring-order") and q.broken is None:
+        if self.faults.on("packed-out-of-ring-order") and not q.phase.broken:
             self._pop_ahead(q, ring, now)
 
     def _pop_ahead(self, q: VirtQueue, ring: PackedRing, now: float) -> None:
@@ -1922,7 +2009,7 @@ class Device:
         """Complete every executed request as one batch per queue; send the GET_VRING_BASE
         replies whose drain finished."""
         for q in self.queues:
-            if q.done and q.ring is not None and q.broken is None:
+            if q.done and q.ring is not None and not q.phase.broken:
                 batch, q.done = q.done, []
                 if isinstance(q.ring, SplitRing):
                     self._complete_split(q, q.ring, batch)
@@ -1934,9 +2021,9 @@ class Device:
                 for r in batch:
                     q.pending.pop(r.seq, None)
             early = self.faults.on("early-drain-reply") and len(q.pending) == 1
-            if q.stop_pending and (not q.pending or early):
+            if q.phase.draining and (not q.pending or early):
                 self._stop(q)
-            elif q.stop_pending and q.broken is not None:
+            elif q.phase is RingPhase.BROKEN_DRAINING:
                 # A broken ring never completes what it holds: answer anyway.
                 self._cancel_pending(q)
                 self._stop(q)
@@ -1949,7 +2036,7 @@ class Device:
         for q in self.queues:
             if q.polled:
                 q.kicked = True  # polling mode: look at the avail ring every turn
-            serve = q.runnable or (q.serve_stopped and q.broken is None)
+            serve = q.runnable or (q.serve_stopped and not q.phase.broken)
             if not serve or not q.kicked or q.ring is None:
                 if q.started and not q.enabled and self.faults.on("kick-lost-while-disabled"):
                     q.kicked = False  # dropped, not kept for SET_VRING_ENABLE 1
@@ -1979,7 +2066,7 @@ class Device:
             self.disk.write_from(due[1], [memoryview(due[2])])
         while self._timers and self._timers[0].deadline <= now:
             req = heapq.heappop(self._timers)
-            if not req.cancelled and req.queue.broken is None:
+            if not req.cancelled and not req.queue.phase.broken:
                 self._execute(req)
         self.flush()
 
@@ -2066,7 +2153,7 @@ class Device:
         for q in self.queues:
             self._cancel_pending(q)
             self._close_queue_fds(q)
-            q.started = False
+            q.apply(RingEvent.CLOSE)
             q.ring = None
         self._timers.clear()
         self._drop_inflight()
@@ -2091,6 +2178,85 @@ class Device:
         self.outbox.clear()
 
 
+P = TypeVar("P")
+
+
+@dataclass(frozen=True, slots=True)
+class Handler(Generic[P]):
+    """How one request is handled: the payload type ``msg.decoded()`` gives for it, and the
+    method that takes that payload."""
+
+    payload: type[P]
+    method: Callable[[Device, Message, P, list[int]], None]
+
+    def run(
+        self, device: Device, request: FrontendRequest, msg: Message, payload: object,
+        fds: list[int]
+    ) -> None:
+        """Check the decoded payload against :attr:`payload` once, then call the method."""
+        if not isinstance(payload, self.payload):
+            raise RequestError(
+                f"{request.name}: payload decoded as {type(payload).__name__}, the handler "
+                f"takes {self.payload.__name__}"
+            )
+        self.method(device, msg, payload, fds)
+
+
+class AnyHandler(Protocol):
+    """A :class:`Handler` of any payload type (what the dispatch table holds)."""
+
+    @property
+    def payload(self) -> type:
+        """The payload type the handler takes."""
+
+    def run(
+        self, device: Device, request: FrontendRequest, msg: Message, payload: object,
+        fds: list[int]
+    ) -> None:
+        """Check the payload's type and handle the request."""
+
+
+#: The requests this back-end handles (any other is answered "not supported"), each with the
+#: payload type it takes (frontend/protocol.py REQUEST_PAYLOAD; NoneType: empty payload).
+HANDLERS: Mapping[FrontendRequest, AnyHandler] = {
+    R.GET_FEATURES: Handler(NoneType, Device._on_get_features),
+    R.SET_FEATURES: Handler(U64, Device._on_set_features),
+    R.GET_PROTOCOL_FEATURES: Handler(NoneType, Device._on_get_protocol_features),
+    R.SET_PROTOCOL_FEATURES: Handler(U64, Device._on_set_protocol_features),
+    R.SET_OWNER: Handler(NoneType, Device._on_set_owner),
+    R.RESET_OWNER: Handler(NoneType, Device._on_reset_owner),
+    R.RESET_DEVICE: Handler(NoneType, Device._on_reset_device),
+    R.GET_QUEUE_NUM: Handler(NoneType, Device._on_get_queue_num),
+    R.GET_MAX_MEM_SLOTS: Handler(NoneType, Device._on_get_max_mem_slots),
+    R.GET_STATUS: Handler(NoneType, Device._on_get_status),
+    R.SET_STATUS: Handler(U64, Device._on_set_status),
+    R.SET_BACKEND_REQ_FD: Handler(NoneType, Device._on_set_backend_req_fd),
+    R.GET_CONFIG: Handler(Config, Device._on_get_config),
+    R.SET_CONFIG: Handler(Config, Device._on_set_config),
+    R.SET_MEM_TABLE: Handler(MemoryTable, Device._on_set_mem_table),
+    R.ADD_MEM_REG: Handler(SingleMemoryRegion, Device._on_add_mem_reg),
+    R.REM_MEM_REG: Handler(SingleMemoryRegion, Device._on_rem_mem_reg),
+    R.POSTCOPY_ADVISE: Handler(NoneType, Device._on_postcopy_advise),
+    R.POSTCOPY_LISTEN: Handler(NoneType, Device._on_postcopy_listen),
+    R.POSTCOPY_END: Handler(NoneType, Device._on_postcopy_end),
+    R.SET_LOG_BASE: Handler(LogBase, Device._on_set_log_base),
+    R.SET_DEVICE_STATE_FD: Handler(DeviceStateTransfer, Device._on_set_device_state_fd),
+    R.CHECK_DEVICE_STATE: Handler(NoneType, Device._on_check_device_state),
+    R.SET_LOG_FD: Handler(NoneType, Device._on_set_log_fd),
+    R.GET_INFLIGHT_FD: Handler(Inflight, Device._on_get_inflight_fd),
+    R.SET_INFLIGHT_FD: Handler(Inflight, Device._on_set_inflight_fd),
+    R.SET_VRING_NUM: Handler(VringState, Device._on_set_vring_num),
+    R.SET_VRING_ADDR: Handler(VringAddr, Device._on_set_vring_addr),
+    R.SET_VRING_BASE: Handler(VringState, Device._on_set_vring_base),
+    R.GET_VRING_BASE: Handler(VringState, Device._on_get_vring_base),
+    R.GET_VRING_BASE_SKIP_DRAIN: Handler(VringState, Device._on_get_vring_base_skip_drain),
+    R.SET_VRING_KICK: Handler(U64, Device._on_set_vring_kick),
+    R.SET_VRING_CALL: Handler(U64, Device._on_set_vring_call),
+    R.SET_VRING_ERR: Handler(U64, Device._on_set_vring_err),
+    R.SET_VRING_ENABLE: Handler(VringState, Device._on_set_vring_enable),
+}
+
+
 def _close(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
@@ -2113,11 +2279,18 @@ def _signal(fd: int) -> None:
 
 __all__ = [
     "FLAG_NEED_REPLY",
+    "HANDLERS",
+    "RING_TRANSITIONS",
+    "AnyHandler",
     "BackendOptions",
     "ConnectionFatal",
     "Device",
     "FdWatcher",
+    "Handler",
     "Request",
     "RequestError",
+    "RingEvent",
+    "RingPhase",
+    "RingTransitionError",
     "VirtQueue",
 ]
