@@ -21,7 +21,6 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from vhost_conformance.backend.device import BackendOptions
 from vhost_conformance.backend.disk import Disk, DiskError, parse_size
 from vhost_conformance.backend.faults import (
     CRASH_POINTS,
@@ -30,6 +29,7 @@ from vhost_conformance.backend.faults import (
     parse_crash_at,
     parse_misbehave,
 )
+from vhost_conformance.backend.options import BackendOptions
 from vhost_conformance.backend.server import Server
 
 CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}

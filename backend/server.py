@@ -19,9 +19,11 @@ import signal
 import socket
 import time
 
-from vhost_conformance.backend.device import BackendOptions, ConnectionFatal, Device
+from vhost_conformance.backend.core import ConnectionFatal
+from vhost_conformance.backend.device import Device
 from vhost_conformance.backend.disk import Disk
 from vhost_conformance.backend.faults import Faults
+from vhost_conformance.backend.options import BackendOptions
 from vhost_conformance.frontend.protocol import (
     MAX_PAYLOAD_SIZE,
     Header,

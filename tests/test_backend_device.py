@@ -9,8 +9,10 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-from vhost_conformance.backend.device import BackendOptions, ConnectionFatal, Device
+from vhost_conformance.backend.core import ConnectionFatal
+from vhost_conformance.backend.device import Device
 from vhost_conformance.backend.disk import Disk
+from vhost_conformance.backend.options import BackendOptions
 from vhost_conformance.frontend.memory import DirtyLog, GuestMemory
 from vhost_conformance.frontend.protocol import (
     FLAG_NEED_REPLY,

@@ -5,12 +5,8 @@ from __future__ import annotations
 from types import NoneType
 
 import pytest
-from vhost_conformance.backend.device import (
-    HANDLERS,
-    Device,
-    Handler,
-    RequestError,
-)
+from vhost_conformance.backend.core import RequestError
+from vhost_conformance.backend.device import HANDLERS, Device, Handler
 from vhost_conformance.frontend.protocol import (
     REQUEST_PAYLOAD,
     U64,

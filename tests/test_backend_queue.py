@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from vhost_conformance.backend.device import (
+from vhost_conformance.backend.queue import (
     RING_TRANSITIONS,
     RingEvent,
     RingPhase,
