@@ -4,6 +4,7 @@ CLI).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from vhost_conformance.frontend.protocol import (
@@ -15,6 +16,14 @@ from vhost_conformance.frontend.protocol import (
 
 def _bit(n: int) -> int:
     return 1 << int(n)
+
+
+def _mask(bits: Iterable[int]) -> int:
+    """The bit mask of ``bits``."""
+    value = 0
+    for b in bits:
+        value |= _bit(b)
+    return value
 
 
 #: Memory slots we offer (GET_MAX_MEM_SLOTS), as QEMU's libvhost-user.
@@ -58,10 +67,7 @@ class BackendOptions:
             bits.append(VirtioFeature.RING_PACKED)
         if self.read_only:
             bits.append(BlkFeature.RO)
-        value = 0
-        for b in bits:
-            value |= _bit(b)
-        return value
+        return _mask(bits)
 
     def protocol_features(self) -> int:
         """The protocol feature bits offered by GET_PROTOCOL_FEATURES."""
@@ -83,7 +89,4 @@ class BackendOptions:
             bits.append(P.GET_VRING_BASE_INFLIGHT)
             if self.skip_drain:
                 bits.append(P.GET_VRING_BASE_SKIP_DRAIN)
-        value = 0
-        for b in bits:
-            value |= _bit(b)
-        return value
+        return _mask(bits)

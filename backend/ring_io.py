@@ -91,28 +91,9 @@ class RingIo(DeviceCore):
                 raise RingError(f"vring {q.index} started without SET_VRING_NUM/SET_VRING_ADDR")
             indirect = self._has_feature(VirtioFeature.RING_INDIRECT_DESC)
             event_idx = self._has_feature(VirtioFeature.RING_EVENT_IDX)
-            if self.packed:
-                q.ring = PackedRing(
-                    self.memory,
-                    q.num,
-                    q.desc_uva,
-                    q.avail_uva,
-                    q.used_uva,
-                    indirect=indirect,
-                    event_idx=event_idx,
-                    faults=self.faults,
-                )
-            else:
-                q.ring = SplitRing(
-                    self.memory,
-                    q.num,
-                    q.desc_uva,
-                    q.avail_uva,
-                    q.used_uva,
-                    indirect=indirect,
-                    event_idx=event_idx,
-                    faults=self.faults,
-                )
+            layout = PackedRing if self.packed else SplitRing
+            q.ring = layout(self.memory, q.num, q.desc_uva, q.avail_uva, q.used_uva,
+                            indirect=indirect, event_idx=event_idx, faults=self.faults)
         except RingError as exc:
             q.ring = None
             self._break(q, str(exc))
