@@ -475,9 +475,11 @@ class Session:
         return self.run_stop(skip_drain=skip_drain)
 
     def run_stop(self, *, begin: str | None = None, until: str | None = None,
-                 without: Sequence[str] = (), skip_drain: bool = False) -> list[int]:
+                 without: Sequence[str] = (), skip_drain: bool = False,
+                 round_trips: list[float] | None = None) -> list[int]:
         """Run the profile's stop sequence or part of it; returns the GET_VRING_BASE ``num``
-        of each queue it asked. The session is no longer started afterwards."""
+        of each queue it asked (``round_trips`` gets each GET_VRING_BASE's round trip). The
+        session is no longer started afterwards."""
         seq = self.sequences[1]
         steps = seq.select(begin=begin, until=until, without=without)
         if not self.started and begin is None:
@@ -487,6 +489,8 @@ class Session:
         run = Run(skip_drain=skip_drain)
         seq.run(self, run, steps)
         self.started = False
+        if round_trips is not None:
+            round_trips.extend(run.round_trips)
         return run.bases
 
     def mark_stopped(self) -> None:

@@ -50,11 +50,7 @@ from vhost_conformance.frontend.errors import MisuseError
 from vhost_conformance.frontend.inflight import InflightLayoutError, InflightRegion, parse_region
 from vhost_conformance.frontend.memory import GuestMemory, MemorySnapshot
 from vhost_conformance.frontend.protocol import (
-    U64,
-    FrontendRequest,
     ProtocolFeature,
-    VirtioFeature,
-    has,
 )
 from vhost_conformance.frontend.vmstate import (
     InflightState,
@@ -124,29 +120,20 @@ def stop_like_qemu(session: Session, *, on_last_reply: Callable[[], None] | None
     if not session.started:
         raise MigrationError("stop_like_qemu() on a session that is not started")
     t0 = time.monotonic()
-    if has(session.negotiated.acked_features, VirtioFeature.PROTOCOL_FEATURES):
-        for q in session.queues:
-            session.set_vring_enable(q.index, False)
-    bases: list[int] = []
-    rtts: list[float] = []
+    session.run_stop(begin="SET_VRING_ENABLE 0", until="SET_VRING_ENABLE 0")
     if before_get_vring_base is not None:
         before_get_vring_base()
     # qemu-next (a proposal): the switch-over with inflight-migration on sends message 45
     # where bit 23 was agreed (vhost-user-blk c2f4030c42da), and only that may suspend
     skip = session.inflight_migration and session.skip_drain_agreed
-    for q in session.queues:
-        t = time.monotonic()
-        if skip:
-            bases.append(session.get_vring_base_skip_drain(q.index))
-        else:
-            bases.append(session.get_vring_base(q.index))
-        rtts.append(time.monotonic() - t)
+    rtts: list[float] = []
+    bases = session.run_stop(begin="GET_VRING_BASE", until="GET_VRING_BASE", skip_drain=skip,
+                             round_trips=rtts)
     replied_at = time.monotonic()
     if on_last_reply is not None:
         on_last_reply()
-    if session.profile.use_status and session.has_protocol(ProtocolFeature.STATUS):
-        session.call(FrontendRequest.SET_STATUS, U64(0))
-        session.negotiated.status = 0
+    if "SET_STATUS 0" in session.sequences[1].names:
+        session.run_stop(begin="SET_STATUS 0")
     session.mark_stopped()
     suspend_allowed = (skip if session.profile.skip_drain
                        else session.has_protocol(ProtocolFeature.GET_VRING_BASE_INFLIGHT))

@@ -28,6 +28,7 @@ sends GET_VRING_BASE, which in that text always drains. docs/SPEC-NOTES.md "qemu
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -108,6 +109,8 @@ class Run:
     bases: list[int] = field(default_factory=list)
     #: stop without drain (QEMU: a migration's switch-over with inflight-migration on)
     skip_drain: bool = False
+    #: each GET_VRING_BASE round trip, in seconds (what a switch-over waits for)
+    round_trips: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,10 +243,12 @@ def _disable(session: Session, _run: Run, _q: Queue | None) -> None:
 
 def _get_vring_base(session: Session, run: Run, q: Queue | None) -> None:
     assert q is not None
+    sent = time.monotonic()
     if run.skip_drain and session.skip_drain_agreed:
         run.bases.append(session.get_vring_base_skip_drain(q.index))
     else:
         run.bases.append(session.get_vring_base(q.index))
+    run.round_trips.append(time.monotonic() - sent)
 
 
 def _reset_status(session: Session, _run: Run, _q: Queue | None) -> None:

@@ -786,31 +786,29 @@ class InflightTracker:
 
     def reap(self, queue: int = 0) -> list[BlkCompletion]:
         """Consume what the used ring holds now, record it, return the completions."""
-        q = self.session.queues[queue]
-        used = q.vq.reap()
+        return self._record(queue, self.session.queues[queue].vq.reap())
+
+    def _record(self, queue: int, used: list[tuple[object, int]]) -> list[BlkCompletion]:
         for token, _ in used:
             if isinstance(token, BlkRequest):
                 self.model.complete(queue, token.head)
-        done = q.blk.complete(used)
+        done = self.session.queues[queue].blk.complete(used)
         self.completions += done
         return done
 
     def wait(self, queue: int, count: int, *, timeout: float | None = None) -> list[BlkCompletion]:
-        """Reap until ``count`` more completions arrived on ``queue`` (BackendHang if not)."""
+        """Reap until ``count`` more completions arrived on ``queue`` (BackendHang if not):
+        the session's one wait for used entries (``Session.wait_used``), each batch recorded."""
         limit = self.session.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         got: list[BlkCompletion] = []
-        while len(got) < count:
-            got += self.reap(queue)
-            if len(got) >= count:
-                break
-            if time.monotonic() >= deadline:
-                raise BackendHang(
-                    f"{count - len(got)} of {count} requests not completed",
-                    request_name="virtio-blk I/O",
-                    timeout=limit,
-                )
-            time.sleep(0.005)
+        while len(got) < count and time.monotonic() < deadline:
+            # entries of tokens not the driver's complete nothing: wait on for the rest
+            self.session.wait_used(queue, count - len(got), timeout=deadline - time.monotonic(),
+                                   on_used=lambda used: got.extend(self._record(queue, used)))
+        if len(got) < count:
+            raise BackendHang(f"{count - len(got)} of {count} requests not completed",
+                              request_name="virtio-blk I/O", timeout=limit)
         return got
 
     def region(self) -> ParsedRegion:
