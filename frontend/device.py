@@ -625,6 +625,27 @@ class Session:
                 )
         return [done[r.tag] for r in requests]
 
+    def wait_token(self, index: int, token: object, *, what: str,
+                   timeout: float | None = None) -> int:
+        """Wait until the buffer added with ``token`` (a chain built by hand, not a driver
+        request) is used on queue ``index``; returns its used ``len``. Completions of the
+        queue's driver reaped meanwhile are kept for whoever waits for them
+        (``BlkDriver.unclaimed``). Raises ``BackendHang`` naming ``what`` at the deadline."""
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        blk = self.queues[index].blk
+        while True:
+            left = deadline - time.monotonic()
+            used = self.wait_used(index, 1, timeout=max(0.0, left))
+            for completion in blk.complete(used):
+                blk.unclaimed[completion.tag] = completion
+            for t, length in used:
+                if t is token:
+                    return length
+            if left <= 0:
+                raise BackendHang(f"{what} not completed", request_name="virtio-blk I/O",
+                                  timeout=limit)
+
     def reap_batch(self, index: int, at_least: int, *, timeout: float | None = None
                    ) -> list[tuple[object, int]]:
         """Every used entry of queue ``index`` once at least ``at_least`` arrived (or the

@@ -582,11 +582,9 @@ def test_used_lengths(vhost_target: BackendTarget, make_session: SessionFactory)
     """Used elements poisoned before the start; a lap of 8-sector reads, then a lap of
     writes: no used len beyond the writable bytes."""
     s = make_session(vhost_target, start=False)
-    vq = s.queues[0].vq
-    if vq.packed:
-        raise Unsupported("a split ring", "the case reads split used elements")
+    vq = split_ring(s, why="the case reads split used elements")
     size = s.queue_size
-    used_gpa: int = vq.used_gpa  # type: ignore[attr-defined]
+    used_gpa = vq.used_gpa
     s.memory.write(used_gpa + 4, (b"\0\0\0\0" + b"\xff" * 4) * size)
     s.start()
     for kind in ("read", "write"):
@@ -608,7 +606,7 @@ def _mixed_chain(session: Session, kind: str, sector: int, data: bytes, scratch:
     """One ``read``/``write`` of ``len(data)`` bytes laid out as a direct header descriptor
     chained (NEXT) to one descriptor referring to an indirect table (data, status), its flags
     ``indirect_flags``; waited for. Returns (status byte, the data buffer after it)."""
-    vq = session.queues[0].vq
+    vq = split_ring(session, why="the case builds split descriptor chains")
     header, table, buf, status = scratch, scratch + 64, scratch + 4096, scratch + 32
     session.memory.write(header, struct.pack("<IIQ", 1 if kind == "write" else 0, 0, sector))
     session.memory.write(status, b"\xff")
@@ -616,20 +614,15 @@ def _mixed_chain(session: Session, kind: str, sector: int, data: bytes, scratch:
     data_flags = _NEXT | (0 if kind == "write" else _WRITE)
     session.memory.write(table, struct.pack("<QIHH", buf, len(data), data_flags, 1)
                          + struct.pack("<QIHH", status, 1, _WRITE, 0))
-    first, second = vq.take_descriptors(2)  # type: ignore[attr-defined]
-    vq.write_desc(first, header, 16, _NEXT, second)  # type: ignore[attr-defined]
-    vq.write_desc(second, table, 32, indirect_flags, 0)  # type: ignore[attr-defined]
+    first, second = vq.take_descriptors(2)
+    vq.write_desc(first, header, 16, _NEXT, second)
+    vq.write_desc(second, table, 32, indirect_flags, 0)
     token = object()
-    vq.push_avail(first, token, chain=[first, second],  # type: ignore[attr-defined]
+    vq.push_avail(first, token, chain=[first, second],
                   writable=1 if kind == "write" else len(data) + 1)
     vq.publish()
     session.kick(0)
-    deadline = time.monotonic() + session.timeout
-    while not any(t is token for t, _ in vq.reap()):
-        if time.monotonic() > deadline:
-            raise BackendHang(f"a {kind} laid out as direct + indirect descriptors",
-                              request_name="virtio-blk I/O", timeout=session.timeout)
-        time.sleep(0.002)
+    session.wait_token(0, token, what=f"a {kind} laid out as direct + indirect descriptors")
     return session.memory.read(status, 1)[0], session.memory.read(buf, len(data))
 
 
@@ -712,23 +705,18 @@ def test_event_idx_ignores_no_interrupt(vhost_session: Session) -> None:
 def _direct_chain(session: Session, buffers: list[tuple[int, int, bool]], writable: int) -> None:
     """Make one chain of direct descriptors ``(gpa, len, device-writable)`` available, kick,
     and wait until it is used."""
-    vq = session.queues[0].vq
-    heads = vq.take_descriptors(len(buffers))  # type: ignore[attr-defined]
+    vq = split_ring(session, why="the case builds split descriptor chains")
+    heads = vq.take_descriptors(len(buffers))
     for k, (gpa, length, write) in enumerate(buffers):
         last = k == len(buffers) - 1
         flags = (0 if last else _NEXT) | (_WRITE if write else 0)
         nxt = 0 if last else heads[k + 1]
-        vq.write_desc(heads[k], gpa, length, flags, nxt)  # type: ignore[attr-defined]
+        vq.write_desc(heads[k], gpa, length, flags, nxt)
     token = object()
-    vq.push_avail(heads[0], token, chain=heads, writable=writable)  # type: ignore[attr-defined]
+    vq.push_avail(heads[0], token, chain=heads, writable=writable)
     vq.publish()
     session.kick(0)
-    deadline = time.monotonic() + session.timeout
-    while not any(t is token for t, _ in vq.reap()):
-        if time.monotonic() > deadline:
-            raise BackendHang("a request in an unusual descriptor arrangement",
-                              request_name="virtio-blk I/O", timeout=session.timeout)
-        time.sleep(0.002)
+    session.wait_token(0, token, what="a request in an unusual descriptor arrangement")
 
 
 @case(

@@ -16,12 +16,19 @@ import json
 import pathlib
 import random
 import signal
+import struct
 import time
 from typing import Any
 
 import pytest
 from vhost_conformance.frontend.blk import SECTOR_SIZE, ModelDisk
-from vhost_conformance.frontend.channel import Channel, TraceEntry, WireTrace, describe_payload
+from vhost_conformance.frontend.channel import (
+    BackendHang,
+    Channel,
+    TraceEntry,
+    WireTrace,
+    describe_payload,
+)
 from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.memory import GuestMemory
 from vhost_conformance.frontend.protocol import Message, ProtocolFeature, has
@@ -371,6 +378,36 @@ def test_reap_batch_collects_at_least_the_batch(tmp_path: pathlib.Path, packed: 
             assert s.reap_batch(0, 1, timeout=0.2) == []
             assert 0.15 < time.monotonic() - t0 < 2.0
             assert s.stop() == [q.vq.vring_base() if packed else 24]
+        finally:
+            s.close()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_wait_token_keeps_the_drivers_completions(tmp_path: pathlib.Path, packed: bool) -> None:
+    """wait_token returns the used len of a hand-added buffer; a driver request completed
+    meanwhile is kept for wait_requests; a buffer never made available is a BackendHang."""
+    disk = create_raw_image(tmp_path / "disk.img", 1 << 20)
+    with reference_backend(tmp_path / "ref.sock", disk), GuestMemory.simple(4 << 20) as memory:
+        s = Session(Channel.connect(tmp_path / "ref.sock", timeout=TIMEOUT), memory,
+                    packed=packed, timeout=TIMEOUT)
+        try:
+            s.connect()
+            s.start()
+            q = s.queues[0]
+            request = q.blk.read(0, 1)
+            scratch = memory.alloc(4096, 4096)
+            memory.write(scratch, struct.pack("<IIQ", 0, 0, 8))  # VIRTIO_BLK_T_IN, sector 8
+            token = object()
+            q.vq.add([(scratch, 16)], [(scratch + 512, 512), (scratch + 16, 1)], token)
+            s.submit(0)
+            assert s.wait_token(0, token, what="the hand-built read") == 513
+            [done] = s.wait_requests([request], timeout=TIMEOUT)
+            assert done.status == 0 and done.data == bytes(512)
+            q.vq.add([(scratch, 16)], [(scratch + 512, 512), (scratch + 16, 1)], object())
+            t0 = time.monotonic()
+            with pytest.raises(BackendHang, match="the unpublished read not completed"):
+                s.wait_token(0, object(), what="the unpublished read", timeout=0.2)
+            assert 0.15 < time.monotonic() - t0 < 2.0
         finally:
             s.close()
 

@@ -445,12 +445,14 @@ def pattern(seed: int, size: int) -> bytes:
     return bytes(out[:size])
 
 
-def split_ring(session: Session, queue: int = 0) -> SplitVirtqueue:
+def split_ring(session: Session, queue: int = 0, *,
+               why: str = "the case reads fields only a split ring has") -> SplitVirtqueue:
     """Queue ``queue``'s ring, for a case that reads split-only fields of it (used ring GPA,
-    avail_event, used->flags, the published avail->idx): Unsupported on a packed ring."""
+    avail_event, used->flags, the published avail->idx) or builds split chains by hand:
+    Unsupported (``why``) on a packed ring."""
     vq = session.queues[queue].vq
     if not isinstance(vq, SplitVirtqueue):
-        raise Unsupported("a split ring", "the case reads fields only a split ring has")
+        raise Unsupported("a split ring", why)
     return vq
 
 
@@ -686,18 +688,7 @@ def io_at(session: Session, kind: str, sector: int, data_gpa: int, length: int, 
     else:
         vq.add([header], [data, status], token, indirect=False)
     session.submit(queue)
-    limit = session.timeout if timeout is None else timeout
-    deadline = time.monotonic() + limit
-    while True:
-        used = vq.reap()
-        if any(t is token for t, _ in used):
-            break
-        # completions of the queue's own driver that arrived meanwhile go back to it
-        session.queues[queue].blk.complete(used)
-        if time.monotonic() > deadline:
-            raise BackendHang(f"{kind} at GPA {data_gpa:#x} not completed",
-                              request_name="virtio-blk I/O", timeout=limit)
-        time.sleep(0.002)
+    session.wait_token(queue, token, what=f"{kind} at GPA {data_gpa:#x}", timeout=timeout)
     return session.memory.read(scratch_gpa + 16, 1)[0]
 
 
