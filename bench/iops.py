@@ -133,7 +133,7 @@ def python_frontend_iops(socket: pathlib.Path, *, seconds: float, depth: int,
             elapsed = time.perf_counter() - start
             cpu = time.process_time() - cpu0
             # let the rest complete so the stop is clean
-            s.wait_used(0, len(vq.in_flight), timeout=5.0, on_used=blk.complete)  # type: ignore[arg-type]
+            s.wait_used(0, len(vq.in_flight), timeout=5.0, on_used=blk.complete)
             s.stop()
         finally:
             s.close()

@@ -17,8 +17,9 @@ import itertools
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, Generic, cast
 
+from typing_extensions import TypeVar
 from vhost_conformance.frontend.blk_fast import SLOT_DATA_MAX, FastPath
 from vhost_conformance.frontend.memory import GuestMemory
 from vhost_conformance.frontend.virtqueue import (
@@ -35,7 +36,6 @@ __all__ = [
     "BlkRequest",
     "BlkRequestType",
     "BlkStatus",
-    "BlkView",
     "Mismatch",
     "ModelDisk",
 ]
@@ -386,15 +386,24 @@ class BlkRequest:
         return sum(n for _, n in self.data_bufs)
 
 
+#: what a completion's ``data`` is: a copy (``bytes``, what cases see) or a view of the guest
+#: buffer (``memoryview``, :meth:`BlkDriver.complete_views`, for bulk paths)
+DataT = TypeVar("DataT", bytes, memoryview, default=bytes)
+
+
 @dataclass(frozen=True, slots=True)
-class BlkCompletion:
+class BlkCompletion(Generic[DataT]):
     """A used request: the status byte, the data read back (device-writable requests), the
-    device's used ``len``, and read mismatches against the model."""
+    device's used ``len``, and read mismatches against the model. The one shape of a
+    completion; ``BlkCompletion`` (``data`` a copy) unless made by
+    :meth:`BlkDriver.complete_views`: ``BlkCompletion[memoryview]``, whose data view stays valid
+    until the request's slot carries another request (copy what must outlive that) and is
+    released when the guest memory closes."""
 
     request: BlkRequest
     status: int
     len: int
-    data: bytes | None
+    data: DataT | None
     mismatches: tuple[Mismatch, ...] = ()
 
     @property
@@ -408,33 +417,10 @@ class BlkCompletion:
         return self.status == BlkStatus.OK and not self.mismatches
 
 
-# the slot descriptors of BlkCompletion's fields (complete() fills new instances with them)
+# the slot descriptors of BlkCompletion's fields (_complete fills new instances with them)
 _COMPLETION_SETTERS = tuple(
     getattr(BlkCompletion, name).__set__
     for name in ("request", "status", "len", "data", "mismatches"))
-
-
-class BlkView(NamedTuple):
-    """A used request as :meth:`BlkDriver.complete_views` hands it out: like
-    :class:`BlkCompletion` but ``data`` is a view of the guest buffer, not a copy. The view
-    stays valid until the request's slot carries another request (copy what must outlive
-    that) and is released when the guest memory closes."""
-
-    request: BlkRequest
-    status: int
-    len: int
-    data: memoryview | None
-    mismatches: tuple[Mismatch, ...] = ()
-
-    @property
-    def tag(self) -> int:
-        """The request's tag."""
-        return self.request.tag
-
-    @property
-    def ok(self) -> bool:
-        """Status OK and no mismatch."""
-        return self.status == BlkStatus.OK and not self.mismatches
 
 
 class _Chunk:
@@ -712,31 +698,26 @@ class BlkDriver:
         copy), reads checked against the model (mismatches recorded, never raised), writes
         settled in the model when OK. Tokens that are not this driver's requests are
         ignored. :meth:`complete_views` does the same without copying the data."""
-        out: list[BlkCompletion] = []
-        append = out.append
-        new = object.__new__
-        s_request, s_status, s_len, s_data, s_mismatches = _COMPLETION_SETTERS
-        for r, status, length, data, mismatches in self.complete_views(used_entries):
-            # what the frozen dataclass's __init__ does, at half the cost (no __post_init__)
-            c = new(BlkCompletion)
-            s_request(c, r)
-            s_status(c, status)
-            s_len(c, length)
-            s_data(c, None if data is None else bytes(data))
-            s_mismatches(c, mismatches)
-            append(c)
-        return out
+        return cast("list[BlkCompletion]", self._complete(used_entries, copy=True))
 
-    def complete_views(self, used_entries: Iterable[tuple[object, int]]) -> list[BlkView]:
+    def complete_views(self, used_entries: Iterable[tuple[object, int]]
+                       ) -> list[BlkCompletion[memoryview]]:
         """Like :meth:`complete`, but the data read back is a view of the guest buffer (valid
-        until the request slot is reused, see :class:`BlkView`): no copy, for bulk paths."""
-        out: list[BlkView] = []
+        until the request slot is reused, see :class:`BlkCompletion`): no copy, for bulk
+        paths."""
+        return cast("list[BlkCompletion[memoryview]]", self._complete(used_entries, copy=False))
+
+    def _complete(self, used_entries: Iterable[tuple[object, int]], *, copy: bool
+                  ) -> list[BlkCompletion[bytes]] | list[BlkCompletion[memoryview]]:
+        """The one completion loop: data copied to ``bytes`` or left a view."""
+        out: list[BlkCompletion[Any]] = []
         append = out.append
         model = self.model
         outstanding_pop = self.outstanding.pop
         slots_view = self._slots_view
         take_fast = self._fast.take
-        new_view = tuple.__new__
+        new = object.__new__
+        s_request, s_status, s_len, s_data, s_mismatches = _COMPLETION_SETTERS
         for token, length in used_entries:
             if type(token) is not BlkRequest and not isinstance(token, BlkRequest):
                 continue
@@ -748,25 +729,36 @@ class BlkDriver:
             if not fast:
                 data = self._data_view(request)
                 self._release(request)
-            if model is None:
-                append(new_view(BlkView, (request, status, length, data, ())))
-                continue
             mismatches: tuple[Mismatch, ...] = ()
-            kind = request.type
-            if kind == BlkRequestType.IN:
-                if status == BlkStatus.OK and data:
-                    found = model.check(request.sector, data, tag=request.tag)
-                    if found:
-                        mismatches = tuple(found)
-                        self.mismatches.extend(found)
-            elif kind == BlkRequestType.OUT:
-                model.resolve(request.tag, True if status == BlkStatus.OK else None)
-            elif kind == BlkRequestType.WRITE_ZEROES:
-                for i in range(len(request.out_data) // _SEGMENT.size):
-                    model.resolve(_sub_tag(request.tag, i),
-                                  True if status == BlkStatus.OK else None)
-            append(BlkView(request, status, length, data, mismatches))
+            if model is not None:
+                mismatches = self._settle(model, request, status, data)
+            # what the frozen dataclass's __init__ does, at half the cost (no __post_init__)
+            c = new(BlkCompletion)
+            s_request(c, request)
+            s_status(c, status)
+            s_len(c, length)
+            s_data(c, bytes(data) if copy and data is not None else data)
+            s_mismatches(c, mismatches)
+            append(c)
         return out
+
+    def _settle(self, model: ModelDisk, request: BlkRequest, status: int,
+                data: memoryview | None) -> tuple[Mismatch, ...]:
+        """A completed request against the model: a read checked (mismatches recorded), a
+        write or write-zeroes resolved (kept when OK)."""
+        kind = request.type
+        if kind == BlkRequestType.IN:
+            if status == BlkStatus.OK and data:
+                found = model.check(request.sector, data, tag=request.tag)
+                if found:
+                    self.mismatches.extend(found)
+                    return tuple(found)
+        elif kind == BlkRequestType.OUT:
+            model.resolve(request.tag, True if status == BlkStatus.OK else None)
+        elif kind == BlkRequestType.WRITE_ZEROES:
+            for i in range(len(request.out_data) // _SEGMENT.size):
+                model.resolve(_sub_tag(request.tag, i), True if status == BlkStatus.OK else None)
+        return ()
 
     def _data_view(self, request: BlkRequest) -> memoryview | None:
         """The device-writable data of a request built by the general path."""

@@ -263,14 +263,9 @@ class MigrationResult:
 
 def harvest_all(session: Session, ledger: Ledger | None) -> int:
     """Reap every queue once and record the completions; returns how many completed."""
-    n = 0
-    for q in session.queues:
-        done = q.blk.complete(q.vq.reap())
-        n += len(done)
-        if ledger is not None:
-            ledger.complete(done)
-            ledger.absorb_violations(q.vq)
-    return n
+    if ledger is None:
+        return sum(len(q.blk.complete(q.vq.reap())) for q in session.queues)
+    return sum(len(ledger.harvest(q.vq, q.blk.complete)) for q in session.queues)
 
 
 def _check_region_at_stop(session: Session, region: InflightRegion,

@@ -19,7 +19,6 @@ from vhost_conformance.frontend.blk import (
     BlkDriver,
     BlkRequestType,
     BlkStatus,
-    BlkView,
     ModelDisk,
     _Arena,
 )
@@ -691,7 +690,7 @@ def test_read_many_and_complete_views(memory: GuestMemory, kind: str, indirect: 
         views = driver.complete_views(driver.vq.reap())
         assert sorted(v.tag for v in views) == sorted(r.tag for r in requests)
         for v in views:
-            assert isinstance(v, BlkView) and isinstance(v.data, memoryview)
+            assert isinstance(v, BlkCompletion) and isinstance(v.data, memoryview)
             assert v.status == BlkStatus.OK and v.len == 8 * 512 + 1
             seen = bytes(v.data)
             want = image[v.request.sector * 512 : (v.request.sector + 8) * 512]

@@ -7,11 +7,11 @@ import contextlib
 import enum
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from vhost_conformance.frontend.blk import SECTOR_SIZE, BlkRequest, BlkStatus
+from vhost_conformance.frontend.blk import SECTOR_SIZE, BlkStatus
 from vhost_conformance.frontend.channel import BackendClosed, BackendHang, Channel
 from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.memory import GuestMemory
@@ -163,48 +163,20 @@ class Guest:
         blk = self.session.queues[0].blk
         write = blk.write(sector, data)
         self.session.submit(0)
-        done = wait_requests(self.session, [write], timeout)
-        if done[write.tag] != BlkStatus.OK:
+        [done] = self.session.wait_requests([write], timeout=timeout)
+        if done.status != BlkStatus.OK:
             raise CaseFailed(
-                "a well-formed write after the hostile chain", expected="OK", seen=done[write.tag]
+                "a well-formed write after the hostile chain", expected="OK", seen=done.status
             )
         read = blk.read(sector, 8)
         self.session.submit(0)
-        completions = wait_requests(self.session, [read], timeout, keep=True)
-        if (
-            completions[read.tag] != BlkStatus.OK
-            or self.memory.read(read.in_data_bufs[0][0], len(data)) != data
-        ):
+        [back] = self.session.wait_requests([read], timeout=timeout)
+        if back.status != BlkStatus.OK or back.data != data:
             raise CaseFailed(
                 "a well-formed read-back after the hostile chain",
                 expected="status OK and the data written",
-                seen=f"status {completions[read.tag]}",
+                seen=f"status {back.status}",
             )
-
-
-def wait_requests(
-    session: Session, requests: Sequence[BlkRequest], timeout: float, *, keep: bool = False
-) -> dict[int, int]:
-    """Wait until ``requests`` (queue 0) are used; tag -> status byte. BackendHang otherwise.
-    Used entries of other tokens (hostile chains) are dropped. With ``keep`` the data
-    buffers are not released (the caller reads them first)."""
-    q = session.queues[0]
-    wanted = {r.tag: r for r in requests}
-    status: dict[int, int] = {}
-    deadline = time.monotonic() + timeout
-    while len(status) < len(wanted):
-        for token, _length in session.wait_used(0, 1, timeout=min(0.05, timeout)):
-            if isinstance(token, BlkRequest) and token.tag in wanted:
-                status[token.tag] = q.blk._slots_view[32 * token.slot + 16]
-                if not keep:
-                    q.blk.complete([(token, _length)])
-        if len(status) < len(wanted) and time.monotonic() >= deadline:
-            raise BackendHang(
-                f"{len(wanted) - len(status)} well-formed request(s) not completed",
-                request_name="virtio-blk I/O",
-                timeout=timeout,
-            )
-    return status
 
 
 class Rig:
