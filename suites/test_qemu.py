@@ -13,6 +13,7 @@ scenario (an ``error`` if QEMU did not do what the scenario needs), not of the b
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import time
 from collections.abc import Callable
@@ -269,11 +270,11 @@ def test_qemu_live_migration(request: pytest.FixtureRequest, vhost_target: Backe
     with contextlib.ExitStack() as stack:
         slow = stack.enter_context(slow_same_disk(vhost_target, switchover_latency_ms()))
         destination = destination_target(vhost_target, vhost_target_factory)
-        loop = {"mode": "loop", "iters": 3 if slow else 40, "blocks": 2, "memory_mb": 96,
-                "inflight_migration": on}  # fmt: skip
-        src = stack.enter_context(qemu_run(request, vhost_target, name="src", **loop))  # type: ignore[arg-type]
-        dst = stack.enter_context(qemu_run(request, destination, name="dst",
-                                           incoming="defer", **loop))  # type: ignore[arg-type]  # fmt: skip
+        memory_mb = 96
+        guest = functools.partial(qemu_run, request, mode="loop", iters=3 if slow else 40,
+                                  blocks=2, memory_mb=memory_mb, inflight_migration=on)
+        src = stack.enter_context(guest(vhost_target, name="src"))
+        dst = stack.enter_context(guest(destination, name="dst", incoming="defer"))
         wait_iteration(src, 1)
         vhost_measurements["slow_disk"] = float(slow)
         uri = f"unix:{src.workdir}/mig.sock"
@@ -303,7 +304,7 @@ def test_qemu_live_migration(request: pytest.FixtureRequest, vhost_target: Backe
         src.check_replies()
         # fidelity: the emulated migration's source against QEMU's (complete at switch-over)
         mine_src, mine_dst = emulated_migration(vhost_target_factory, inflight=on,
-                                                memory_mb=loop["memory_mb"])  # type: ignore[arg-type]  # fmt: skip
+                                                memory_mb=memory_mb)  # fmt: skip
         compare_traces(mine_src, settled_trace(src, len(mine_src)), "migration_source",
                        vhost_measurements)  # fmt: skip
         dst.expect_pass()
