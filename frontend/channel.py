@@ -56,6 +56,7 @@ from vhost_conformance.frontend.protocol import (
     ShmemConfig,
     VirtioFeature,
     VringAddr,
+    device_feature_names,
     encode_reply,
     expected_fd_count,
     expects_ack,
@@ -108,9 +109,12 @@ _FEATURE_ENUMS: dict[int, tuple[Any, ...]] = {
 _FEATURE_GETS = (FrontendRequest.GET_FEATURES, FrontendRequest.GET_PROTOCOL_FEATURES)
 
 
-def describe_payload(message: Message, channel: ChannelName) -> dict[str, object] | None:
+def describe_payload(message: Message, channel: ChannelName, device_type: str | None = None
+                     ) -> dict[str, object] | None:
     """The decoded payload as a JSON-able dict (None for an empty payload); payloads that do
-    not decode give ``{"error": ..., "hex": ...}``."""
+    not decode give ``{"error": ..., "hex": ...}``. A feature word gets ``names``: virtio
+    feature bits named by ``device_type``'s table too when it is known (``block``, ``net``,
+    ``fs``), else only the transport bits (device bits stay ``bit<N>``)."""
     try:
         decoded = message.decoded(channel=channel)
     except MalformedMessage as exc:
@@ -126,7 +130,11 @@ def describe_payload(message: Message, channel: ChannelName) -> dict[str, object
         and message.request in _FEATURE_ENUMS
         and (not message.is_reply or message.request in _FEATURE_GETS)
     ):
-        out["names"] = feature_names(decoded.value, *_FEATURE_ENUMS[message.request])
+        enums = _FEATURE_ENUMS[message.request]
+        if device_type is not None and enums == (VirtioFeature,):
+            out["names"] = device_feature_names(decoded.value, device_type)
+        else:
+            out["names"] = feature_names(decoded.value, *enums)
     return out
 
 
@@ -164,10 +172,13 @@ class TraceEntry:
 class WireTrace:
     """Thread-safe, append-only record of every message on the channels it is given to."""
 
-    def __init__(self) -> None:
+    def __init__(self, device_type: str | None = None) -> None:
         self._lock = threading.Lock()
         self._entries: list[TraceEntry] = []
         self.start = time.monotonic()
+        #: the device type whose feature table names the virtio bits of the feature words
+        #: recorded from now on (None: transport bits only; the session sets its own)
+        self.device_type = device_type
 
     def record(
         self,
@@ -188,7 +199,7 @@ class WireTrace:
             flags=message.flags,
             size=len(message.payload),
             nfds=len(message.fds) if nfds is None else nfds,
-            payload=describe_payload(message, channel),
+            payload=describe_payload(message, channel, self.device_type),
             note=note,
         )
         with self._lock:

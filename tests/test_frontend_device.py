@@ -107,7 +107,7 @@ def qemu_trace_lines(path: pathlib.Path = QEMU_TRACE) -> list[str]:
         flags = int(entry["flags"], 16)
         message = Message(int(entry["req"]), flags, bytes.fromhex(entry["hex"]))
         assert len(message.payload) == entry["size"], entry
-        payload = describe_payload(message, "main")
+        payload = describe_payload(message, "main", "block")  # QEMU's vhost-user-blk
         lines.append(normalise(entry["dir"], entry["name"], flags, entry["size"],
                                entry["nfds"], payload, regions))
     return lines

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from vhost_conformance.frontend.channel import Channel
+from vhost_conformance.frontend.channel import Channel, WireTrace
 from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.memory import GuestMemory
 from vhost_conformance.frontend.protocol import (
@@ -237,7 +237,7 @@ def test_reference_session_through_the_proxy(paths: tuple[pathlib.Path, pathlib.
     proxy_path, be_path = paths
     with (
         running_backend(be_path, "--ram-disk", "8M"),
-        RecordingProxy(proxy_path, be_path) as proxy,
+        RecordingProxy(proxy_path, be_path, trace=WireTrace("block")) as proxy,
         GuestMemory.simple(32 * MiB, regions=1) as memory,
     ):
         session = Session(Channel.connect(proxy_path, timeout=5.0), memory, queue_size=16)

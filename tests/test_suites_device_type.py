@@ -7,12 +7,14 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
+import struct
 import subprocess
 import sys
 
 import pytest
 from test_suites_fakebackend import fake_command
-from vhost_conformance.frontend.protocol import device_feature_names
+from vhost_conformance.frontend.channel import WireTrace
+from vhost_conformance.frontend.protocol import FrontendRequest, Message, device_feature_names
 from vhost_conformance.suites.device_type import DEFAULT_DEVICE_TYPE, from_print_capabilities
 from vhost_conformance.suites.target import (
     CommandTarget,
@@ -91,6 +93,27 @@ def test_feature_names_per_device_type() -> None:
     assert device_feature_names(value, "net") == ["CTRL_GUEST_OFFLOADS", "VERSION_1"]
     assert device_feature_names(1, "fs") == ["NOTIFICATION"]
     assert device_feature_names(value, "gpu") == ["bit2", "VERSION_1"]
+
+
+@pytest.mark.parametrize(("device_type", "names"), [
+    ("block", ["SEG_MAX", "VERSION_1"]),
+    ("net", ["CTRL_GUEST_OFFLOADS", "VERSION_1"]),
+    (None, ["bit2", "VERSION_1"]),
+])
+def test_wire_trace_names_feature_bits_by_device_type(device_type: str | None,
+                                                      names: list[str]) -> None:
+    """A trace names a feature word's device bits by its device type's table (a session
+    sets its own); without one only the transport bits are named."""
+    value = struct.pack("<Q", 1 << 2 | 1 << 32)
+    trace = WireTrace(device_type)
+    trace.record("be->fe", "main", Message(FrontendRequest.GET_FEATURES, 0x5, value))
+    trace.record("fe->be", "main", Message(FrontendRequest.SET_FEATURES, 0x1, value))
+    trace.record("fe->be", "main", Message(FrontendRequest.SET_PROTOCOL_FEATURES, 0x1,
+                                           struct.pack("<Q", 1 << 0)))
+    first, second, protocol = trace.entries()
+    assert first.payload is not None and first.payload["names"] == names
+    assert second.payload is not None and second.payload["names"] == names
+    assert protocol.payload is not None and protocol.payload["names"] == ["MQ"]
 
 
 def test_cli_probe_of_a_net_profile_asks_no_config(tmp_path: pathlib.Path) -> None:

@@ -198,7 +198,9 @@ def qemu_run(
     socket_path = backend_socket(target)
     # short: a Unix socket path must stay under 108 bytes
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="vcq-"))
-    proxy = RecordingProxy(workdir / "p.sock", socket_path, connect_timeout=10.0)
+    # QEMU drives the back-end as a vhost-user-blk device: its feature bits named as blk's
+    proxy = RecordingProxy(workdir / "p.sock", socket_path, trace=WireTrace("block"),
+                           connect_timeout=10.0)
     register_trace(request, proxy.trace)
     guest: QemuGuest | None = None
     try:
