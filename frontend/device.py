@@ -222,7 +222,8 @@ class Session:
         #: the virtio-blk bits a Linux guest acks; another type acks no device bit (its bit
         #: numbers mean other features: VIRTIO 1.3 5.1.3, 5.11.3)
         self.device_type = device_type
-        channel.trace.device_type = device_type
+        if channel.trace.device_type is None:  # a case's traces already carry the probed type
+            channel.trace.device_type = device_type
         self.negotiated = Negotiated()
         self.queues: list[Queue] = []
         self.inflight: InflightHandle | None = None

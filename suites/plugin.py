@@ -64,7 +64,7 @@ from types import FrameType
 from typing import Any
 
 import pytest
-from vhost_conformance.frontend.channel import observe_traces
+from vhost_conformance.frontend.channel import WireTrace, observe_traces
 from vhost_conformance.frontend.protocol import ProtocolFeature
 from vhost_conformance.reports.model import (
     CaseResult,
@@ -316,9 +316,17 @@ class VhostRun:
         if meta is None:
             return
         state = item.stash[CASE] = CaseState(meta)
-        # every channel the case's fixtures and body open registers its wire trace
-        observe_traces(state.add_trace)
-        self._check_device_type(meta)
+        # every channel the case's fixtures and body open registers its wire trace, whose
+        # feature words are named by the back-end's device type once it is known
+        kind: list[str] = []
+
+        def observe(trace: WireTrace) -> None:
+            if trace.device_type is None and kind:
+                trace.device_type = kind[0]
+            state.add_trace(trace)
+
+        observe_traces(observe)
+        kind.append(self._check_device_type(meta))
         self._check_needs(meta)
         if meta.requires:
             missing = meta.missing(self.factory().capabilities())
@@ -331,7 +339,8 @@ class VhostRun:
                     "(--vhost-set-mem-table)",
                 )
 
-    def _check_device_type(self, meta: Case) -> None:
+    def _check_device_type(self, meta: Case) -> str:
+        """The back-end's device type name; Unsupported for a case that needs a blk device."""
         kind = self.factory().device_type().name if self.profile is not None else "block"
         if kind != "block" and meta.id in BLK_REQUEST_CASES:
             raise Unsupported(
@@ -345,6 +354,7 @@ class VhostRun:
                 "(requests or its config space): only the control-plane families "
                 f"({', '.join(sorted(CONTROL_PLANE_FAMILIES))}) run on other device types",
             )
+        return kind
 
     def _check_needs(self, meta: Case) -> None:
         profile = self.profile

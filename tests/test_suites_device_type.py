@@ -131,3 +131,28 @@ def test_cli_probe_of_a_net_profile_asks_no_config(tmp_path: pathlib.Path) -> No
     out = json.loads(proc.stdout)
     assert out["device_type"] == "net" and "config" not in out
     assert "SEG_MAX" not in out["feature_names"] and "CTRL_GUEST_OFFLOADS" in out["feature_names"]
+
+
+def test_case_traces_name_feature_bits_by_the_probed_type(tmp_path: pathlib.Path) -> None:
+    """A case's wire trace (here VU-ACK-3's, failing on a knob) names the virtio bits of a
+    feature word by the back-end's device type: the reference back-end declared net has its
+    bit 2 named CTRL_GUEST_OFFLOADS, not SEG_MAX."""
+    profile = tmp_path / "as-net.toml"
+    profile.write_text(
+        'name = "as-net"\n'
+        'command = "{python} -m vhost_conformance.backend --socket-path {socket} --disk {disk}'
+        ' --misbehave ack-without-reply-ack"\n'
+        'device_type = "net"\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "vhost_conformance.cli", "run", "--backend", str(profile),
+         "--case", "VU-ACK-3", "--report", str(tmp_path / "r"), "-n", "0"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr
+    [case] = json.loads((tmp_path / "r" / "report.json").read_text())["cases"]
+    assert case["verdict"] in ("fail", "non-strict") and case["trace"], case
+    entries = case["trace"] if isinstance(case["trace"], list) else case["trace"]["entries"]
+    words = [e["payload"]["names"] for e in entries
+             if e["name"] == "GET_FEATURES" and e["direction"] == "be->fe" and e["payload"]]
+    assert words and all("CTRL_GUEST_OFFLOADS" in w and "SEG_MAX" not in w for w in words), words
