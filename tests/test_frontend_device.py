@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import pathlib
@@ -18,6 +19,7 @@ import random
 import signal
 import struct
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -348,6 +350,22 @@ def test_bit20_negotiation(tmp_path: pathlib.Path, offer: bool) -> None:
     assert_same_sequence(lines[True], lines[False], "inflight-migration=off")
 
 
+@contextlib.contextmanager
+def started_reference_session(tmp_path: pathlib.Path, packed: bool
+                              ) -> Iterator[tuple[Session, GuestMemory]]:
+    """A started session on the reference back-end with a 1 MiB disk; closed on exit."""
+    disk = create_raw_image(tmp_path / "disk.img", 1 << 20)
+    with reference_backend(tmp_path / "ref.sock", disk), GuestMemory.simple(4 << 20) as memory:
+        s = Session(Channel.connect(tmp_path / "ref.sock", timeout=TIMEOUT), memory,
+                    packed=packed, timeout=TIMEOUT)
+        try:
+            s.connect()
+            s.start()
+            yield s, memory
+        finally:
+            s.close()
+
+
 # ------------------------------------------------------------------------------------------
 # Batched reaping (the data path of bench/iops.py)
 
@@ -356,60 +374,44 @@ def test_bit20_negotiation(tmp_path: pathlib.Path, offer: bool) -> None:
 def test_reap_batch_collects_at_least_the_batch(tmp_path: pathlib.Path, packed: bool) -> None:
     """reap_batch waits for the asked number of completions (EVENT_IDX used_event moved
     ahead on split rings), returns all of them, and returns what there is at the deadline."""
-    disk = create_raw_image(tmp_path / "disk.img", 1 << 20)
-    with reference_backend(tmp_path / "ref.sock", disk), GuestMemory.simple(4 << 20) as memory:
-        s = Session(Channel.connect(tmp_path / "ref.sock", timeout=TIMEOUT), memory,
-                    packed=packed, timeout=TIMEOUT)
-        try:
-            s.connect()
-            s.start()
-            q = s.queues[0]
-            for i in range(24):
-                q.blk.read(8 * i, 8)
-            s.submit(0)
-            got: list[tuple[object, int]] = []
-            while len(got) < 24:
-                more = s.reap_batch(0, min(12, 24 - len(got)), timeout=TIMEOUT)
-                assert more, f"nothing within {TIMEOUT} s after {len(got)} of 24"
-                got += more
-            assert len(got) == 24
-            assert [c.status for c in q.blk.complete(got)] == [0] * 24
-            t0 = time.monotonic()
-            assert s.reap_batch(0, 1, timeout=0.2) == []
-            assert 0.15 < time.monotonic() - t0 < 2.0
-            assert s.stop() == [q.vq.vring_base() if packed else 24]
-        finally:
-            s.close()
+    with started_reference_session(tmp_path, packed) as (s, _memory):
+        q = s.queues[0]
+        for i in range(24):
+            q.blk.read(8 * i, 8)
+        s.submit(0)
+        got: list[tuple[object, int]] = []
+        while len(got) < 24:
+            more = s.reap_batch(0, min(12, 24 - len(got)), timeout=TIMEOUT)
+            assert more, f"nothing within {TIMEOUT} s after {len(got)} of 24"
+            got += more
+        assert len(got) == 24
+        assert [c.status for c in q.blk.complete(got)] == [0] * 24
+        t0 = time.monotonic()
+        assert s.reap_batch(0, 1, timeout=0.2) == []
+        assert 0.15 < time.monotonic() - t0 < 2.0
+        assert s.stop() == [q.vq.vring_base() if packed else 24]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_wait_token_keeps_the_drivers_completions(tmp_path: pathlib.Path, packed: bool) -> None:
     """wait_token returns the used len of a hand-added buffer; a driver request completed
     meanwhile is kept for wait_requests; a buffer never made available is a BackendHang."""
-    disk = create_raw_image(tmp_path / "disk.img", 1 << 20)
-    with reference_backend(tmp_path / "ref.sock", disk), GuestMemory.simple(4 << 20) as memory:
-        s = Session(Channel.connect(tmp_path / "ref.sock", timeout=TIMEOUT), memory,
-                    packed=packed, timeout=TIMEOUT)
-        try:
-            s.connect()
-            s.start()
-            q = s.queues[0]
-            request = q.blk.read(0, 1)
-            scratch = memory.alloc(4096, 4096)
-            memory.write(scratch, struct.pack("<IIQ", 0, 0, 8))  # VIRTIO_BLK_T_IN, sector 8
-            token = object()
-            q.vq.add([(scratch, 16)], [(scratch + 512, 512), (scratch + 16, 1)], token)
-            s.submit(0)
-            assert s.wait_token(0, token, what="the hand-built read") == 513
-            [done] = s.wait_requests([request], timeout=TIMEOUT)
-            assert done.status == 0 and done.data == bytes(512)
-            q.vq.add([(scratch, 16)], [(scratch + 512, 512), (scratch + 16, 1)], object())
-            t0 = time.monotonic()
-            with pytest.raises(BackendHang, match="the unpublished read not completed"):
-                s.wait_token(0, object(), what="the unpublished read", timeout=0.2)
-            assert 0.15 < time.monotonic() - t0 < 2.0
-        finally:
-            s.close()
+    with started_reference_session(tmp_path, packed) as (s, memory):
+        q = s.queues[0]
+        request = q.blk.read(0, 1)
+        scratch = memory.alloc(4096, 4096)
+        memory.write(scratch, struct.pack("<IIQ", 0, 0, 8))  # VIRTIO_BLK_T_IN, sector 8
+        token = object()
+        q.vq.add([(scratch, 16)], [(scratch + 512, 512), (scratch + 16, 1)], token)
+        s.submit(0)
+        assert s.wait_token(0, token, what="the hand-built read") == 513
+        [done] = s.wait_requests([request], timeout=TIMEOUT)
+        assert done.status == 0 and done.data == bytes(512)
+        q.vq.add([(scratch, 16)], [(scratch + 512, 512), (scratch + 16, 1)], object())
+        t0 = time.monotonic()
+        with pytest.raises(BackendHang, match="the unpublished read not completed"):
+            s.wait_token(0, object(), what="the unpublished read", timeout=0.2)
+        assert 0.15 < time.monotonic() - t0 < 2.0
 
 
 def test_qemu_next_stop_sends_skip_drain_only_where_agreed(tmp_path: pathlib.Path) -> None:
