@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 from vhost_conformance.frontend.blk import BlkCompletion, BlkDriver, BlkRequest, ModelDisk
 from vhost_conformance.frontend.channel import BackendChannel, Channel
-from vhost_conformance.frontend.errors import BackendHang, MisuseError
+from vhost_conformance.frontend.errors import BackendHang
+from vhost_conformance.frontend.errors import SessionError as SessionError
 from vhost_conformance.frontend.memory import GuestMemory
 from vhost_conformance.frontend.protocol import (
     U64,
@@ -47,7 +48,6 @@ from vhost_conformance.frontend.sequences import (
     STATUS_FEATURES_OK,
     Run,
     Steps,
-    agree_protocol,
 )
 from vhost_conformance.frontend.sequences import (
     QEMU_PROTOCOL_MASK as QEMU_PROTOCOL_MASK,
@@ -109,10 +109,6 @@ PROFILES: dict[str, Profile] = {
     "qemu-next": Profile("qemu-next", inject_kick=True, use_status=True,
                          config_len=GET_CONFIG_LEN, skip_drain=True, proposal=QEMU_NEXT_SOURCE),
 }
-
-
-class SessionError(MisuseError):
-    """Misuse of the session API (a bug in the caller, not in the back-end)."""
 
 
 @dataclass
@@ -266,47 +262,29 @@ class Session:
             ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN)
 
     # ------------------------------------------------------------------ connect
-    def connect(self, *, realize: bool = True) -> Negotiated:
-        """vhost_dev_init: the init messages (SPEC-DIGEST 4.1; QEMU-TRACES (a), (d)).
+    def connect(self, *, realize: bool = True, begin: str | None = None,
+                until: str | None = None, without: Sequence[str] = ()) -> Negotiated:
+        """vhost_dev_init and the realize's GET_CONFIG: the profile's connect sequence
+        (``frontend.sequences.CONNECT``) or part of it (``begin``/``until``/``without`` step
+        names, as for the start).
 
         ``realize=False`` is a reconnect: QEMU then does not send GET_CONFIG.
         """
-        n = self.negotiated
-        n.features = self._u64(F.GET_FEATURES)
-        if has(n.features, VirtioFeature.PROTOCOL_FEATURES):
-            offered = self._u64(F.GET_PROTOCOL_FEATURES)
-            n.protocol_features_offered = offered
-            agreed = agree_protocol(offered, inflight_migration=self.inflight_migration,
-                                    skip_drain=self.profile.skip_drain)
-            self.call(F.SET_PROTOCOL_FEATURES, U64(agreed))
-            n.protocol_features = agreed
-            self.channel.protocol_features = agreed
-            if has(agreed, ProtocolFeature.MQ):
-                n.queue_num = self._u64(F.GET_QUEUE_NUM)
-                if n.queue_num < self.num_queues:
-                    raise SessionError(
-                        f"back-end offers {n.queue_num} queues, the session wants {self.num_queues}"
-                    )
-            if has(agreed, ProtocolFeature.CONFIGURE_MEM_SLOTS):
-                n.max_mem_slots = self._u64(F.GET_MAX_MEM_SLOTS)
-            if has(agreed, ProtocolFeature.BACKEND_REQ):
-                self.backend_channel = BackendChannel(trace=self.channel.trace)
-                self.call(F.SET_BACKEND_REQ_FD, fds=[self.backend_channel.peer_fd()],
-                          need_reply=self.reply_ack)
-        self.call(F.SET_OWNER)
-        n.features = self._u64(F.GET_FEATURES)
-        if not self.queues:
-            self._make_queues()
-        for q in self.queues:
-            self.call(F.SET_VRING_CALL, U64(q.index), fds=[q.call_fd], need_reply=self.reply_ack)
-            self.call(F.SET_VRING_ERR, U64(q.index), fds=[q.err_fd], need_reply=self.reply_ack)
-        if realize and self.has_protocol(ProtocolFeature.CONFIG):
-            reply = self.call(F.GET_CONFIG, Config.request(0, self.profile.config_len))
-            assert reply is not None
-            n.config = Config.decode(reply.payload).data
-        return n
+        seq = SEQUENCES[self.profile.name].connect
+        seq.run(self, Run(realize=realize), seq.select(begin=begin, until=until,
+                                                       without=without))
+        return self.negotiated
 
-    def _make_queues(self) -> None:
+    def open_backend_channel(self) -> None:
+        """SET_BACKEND_REQ_FD: make the back-end channel and hand the back-end its end."""
+        self.backend_channel = BackendChannel(trace=self.channel.trace)
+        self.call(F.SET_BACKEND_REQ_FD, fds=[self.backend_channel.peer_fd()],
+                  need_reply=self.reply_ack)
+
+    def make_queues(self) -> None:
+        """The session's queues (rings, drivers, eventfds), once: a reconnect keeps them."""
+        if self.queues:
+            return
         for i in range(self.num_queues):
             vq: Virtqueue
             if self.packed:

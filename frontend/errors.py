@@ -23,6 +23,10 @@ class MisuseError(Exception):
     back-end's fault."""
 
 
+class SessionError(MisuseError):
+    """Misuse of the session API (a bug in the caller, not in the back-end)."""
+
+
 class ProtocolError(Exception):
     """Base of every error about what was (or would be) on the wire."""
 

@@ -33,8 +33,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from vhost_conformance.frontend.errors import SessionError
 from vhost_conformance.frontend.protocol import (
     U64,
+    Config,
     FrontendRequest,
     ProtocolFeature,
     VirtioFeature,
@@ -111,6 +113,8 @@ class Run:
     skip_drain: bool = False
     #: each GET_VRING_BASE round trip, in seconds (what a switch-over waits for)
     round_trips: list[float] = field(default_factory=list)
+    #: the connect of a device being realized (False: a reconnect, which sends no GET_CONFIG)
+    realize: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +166,74 @@ class Steps:
                 for step in steps[i:j]:
                     step.action(session, run, q)
             i = j
+
+
+# ----------------------------------------------------------------------- connect steps
+# vhost_dev_init: the init messages (SPEC-DIGEST 4.1; QEMU-TRACES (a), (d)). The protocol
+# steps run only when the first GET_FEATURES offered bit 30, each of the later ones only when
+# its protocol feature was agreed.
+def _get_features(session: Session, _run: Run, _q: Queue | None) -> None:
+    session.negotiated.features = session._u64(F.GET_FEATURES)
+
+
+def _offers_protocol(session: Session) -> bool:
+    return has(session.negotiated.features, VirtioFeature.PROTOCOL_FEATURES)
+
+
+def _get_protocol_features(session: Session, _run: Run, _q: Queue | None) -> None:
+    if _offers_protocol(session):
+        session.negotiated.protocol_features_offered = session._u64(F.GET_PROTOCOL_FEATURES)
+
+
+def _set_protocol_features(session: Session, _run: Run, _q: Queue | None) -> None:
+    if not _offers_protocol(session):
+        return
+    n = session.negotiated
+    agreed = agree_protocol(n.protocol_features_offered,
+                            inflight_migration=session.inflight_migration,
+                            skip_drain=session.profile.skip_drain)
+    session.call(F.SET_PROTOCOL_FEATURES, U64(agreed))
+    n.protocol_features = agreed
+    session.channel.protocol_features = agreed
+
+
+def _get_queue_num(session: Session, _run: Run, _q: Queue | None) -> None:
+    if _offers_protocol(session) and session.has_protocol(ProtocolFeature.MQ):
+        n = session.negotiated
+        n.queue_num = session._u64(F.GET_QUEUE_NUM)
+        if n.queue_num < session.num_queues:
+            raise SessionError(
+                f"back-end offers {n.queue_num} queues, the session wants {session.num_queues}")
+
+
+def _get_max_mem_slots(session: Session, _run: Run, _q: Queue | None) -> None:
+    if _offers_protocol(session) and session.has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
+        session.negotiated.max_mem_slots = session._u64(F.GET_MAX_MEM_SLOTS)
+
+
+def _backend_req_fd(session: Session, _run: Run, _q: Queue | None) -> None:
+    if _offers_protocol(session) and session.has_protocol(ProtocolFeature.BACKEND_REQ):
+        session.open_backend_channel()
+
+
+def _set_owner(session: Session, _run: Run, _q: Queue | None) -> None:
+    session.call(F.SET_OWNER)
+
+
+def _make_queues(session: Session, _run: Run, _q: Queue | None) -> None:
+    session.make_queues()
+
+
+def _vring_err(session: Session, _run: Run, q: Queue | None) -> None:
+    assert q is not None
+    session.call(F.SET_VRING_ERR, U64(q.index), fds=[q.err_fd], need_reply=session.reply_ack)
+
+
+def _get_config(session: Session, run: Run, _q: Queue | None) -> None:
+    if run.realize and session.has_protocol(ProtocolFeature.CONFIG):
+        reply = session.call(F.GET_CONFIG, Config.request(0, session.profile.config_len))
+        assert reply is not None
+        session.negotiated.config = Config.decode(reply.payload).data
 
 
 # ----------------------------------------------------------------------- start steps
@@ -257,12 +329,31 @@ def _reset_status(session: Session, _run: Run, _q: Queue | None) -> None:
         session.negotiated.status = 0
 
 
+#: QEMU's connect (vhost_dev_init, then the device's realize asking its config), the same for
+#: every profile; "queues" sends nothing (it makes the session's queues and their eventfds).
+CONNECT = Steps("connect", (
+    Step("GET_FEATURES", _get_features),
+    Step("GET_PROTOCOL_FEATURES", _get_protocol_features),
+    Step("SET_PROTOCOL_FEATURES", _set_protocol_features),
+    Step("GET_QUEUE_NUM", _get_queue_num),
+    Step("GET_MAX_MEM_SLOTS", _get_max_mem_slots),
+    Step("SET_BACKEND_REQ_FD", _backend_req_fd),
+    Step("SET_OWNER", _set_owner),
+    Step("GET_FEATURES again", _get_features),
+    Step("queues", _make_queues),
+    Step("SET_VRING_CALL", _vring_call, per_queue=True),
+    Step("SET_VRING_ERR", _vring_err, per_queue=True),
+    Step("GET_CONFIG", _get_config),
+))
+
+
 @dataclass(frozen=True, slots=True)
 class ProfileSequences:
     """The sequences of one front-end profile."""
 
     start: Steps
     stop: Steps
+    connect: Steps = CONNECT
 
 
 def _sequences(*, status: bool, inject_kick: bool) -> ProfileSequences:

@@ -34,6 +34,7 @@ from vhost_conformance.frontend.channel import (
 from vhost_conformance.frontend.device import Session
 from vhost_conformance.frontend.memory import GuestMemory
 from vhost_conformance.frontend.protocol import Message, ProtocolFeature, has
+from vhost_conformance.frontend.sequences import GET_CONFIG_LEN
 from vhost_conformance.peers.qsd import FileDisk, create_raw_image, start_qsd
 
 from tests.test_frontend_peers_io import TIMEOUT, need, reference_backend
@@ -412,6 +413,37 @@ def test_wait_token_keeps_the_drivers_completions(tmp_path: pathlib.Path, packed
         with pytest.raises(BackendHang, match="the unpublished read not completed"):
             s.wait_token(0, object(), what="the unpublished read", timeout=0.2)
         assert 0.15 < time.monotonic() - t0 < 2.0
+
+
+def test_connect_in_parts_sends_what_the_whole_sends(tmp_path: pathlib.Path) -> None:
+    """connect(until=...) then connect(begin=...) sends the messages one connect() sends, in
+    the same order, and the session starts and does I/O after it."""
+    disk = create_raw_image(tmp_path / "disk.img", 1 << 20)
+    sent: dict[str, list[str]] = {}
+    with reference_backend(tmp_path / "ref.sock", disk):
+        for how in ("whole", "parts"):
+            with GuestMemory.simple(4 << 20) as memory:
+                channel = Channel.connect(tmp_path / "ref.sock", timeout=TIMEOUT)
+                s = Session(channel, memory, timeout=TIMEOUT)
+                try:
+                    if how == "whole":
+                        s.connect()
+                    else:
+                        s.connect(until="SET_OWNER")
+                        assert not s.queues and not s.negotiated.config
+                        s.connect(begin="GET_FEATURES again")
+                    sent[how] = [e.name for e in channel.trace.entries()
+                                 if e.direction == "fe->be"]
+                    assert len(s.negotiated.config) == GET_CONFIG_LEN
+                    s.start()
+                    request = s.queues[0].blk.read(0, 1)
+                    s.submit(0)
+                    [done] = s.wait_requests([request], timeout=TIMEOUT)
+                    assert done.status == 0
+                finally:
+                    s.close()
+    assert sent["parts"] == sent["whole"]
+    assert sent["whole"][:3] == ["GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES"]
 
 
 def test_qemu_next_stop_sends_skip_drain_only_where_agreed(tmp_path: pathlib.Path) -> None:

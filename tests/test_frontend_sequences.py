@@ -79,3 +79,16 @@ def test_qemu_next_tracks_the_skip_drain_proposal() -> None:
     without_12 = full & ~(1 << P.INFLIGHT_SHMFD)
     assert not agree_protocol(without_12, skip_drain=True) & bit23
     assert not agree_protocol(full, skip_drain=True, wanted=full & ~(1 << 20)) & bit23
+
+
+def test_connect_is_one_sequence_for_every_profile() -> None:
+    """QEMU's connect (vhost_dev_init, then GET_CONFIG at realize) as named steps, the same
+    for every profile; SET_OWNER after the protocol negotiation, the rings' call and error
+    eventfds before GET_CONFIG (QEMU-TRACES (a))."""
+    names = SEQUENCES["qemu-11.1"].connect.names
+    assert {s.connect.names for s in SEQUENCES.values()} == {names}
+    assert names[0] == "GET_FEATURES" and names[-1] == "GET_CONFIG"
+    assert names.index("SET_PROTOCOL_FEATURES") < names.index("SET_OWNER") < names.index(
+        "GET_FEATURES again") < names.index("SET_VRING_CALL") < names.index("SET_VRING_ERR")
+    assert [s.name for s in SEQUENCES["qemu-7.2"].connect.select(until="SET_OWNER")][-1] == (
+        "SET_OWNER")
