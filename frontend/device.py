@@ -17,7 +17,7 @@ import mmap
 import os
 import select
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from vhost_conformance.frontend.blk import BlkCompletion, BlkDriver, BlkRequest, ModelDisk
@@ -456,9 +456,11 @@ class Session:
 
     def run_stop(self, *, begin: str | None = None, until: str | None = None,
                  without: Sequence[str] = (), skip_drain: bool = False,
-                 round_trips: list[float] | None = None) -> list[int]:
+                 round_trips: list[float] | None = None,
+                 after: Mapping[str, Callable[[], object]] | None = None) -> list[int]:
         """Run the profile's stop sequence or part of it; returns the GET_VRING_BASE ``num``
-        of each queue it asked (``round_trips`` gets each GET_VRING_BASE's round trip). The
+        of each queue it asked (``round_trips`` gets each GET_VRING_BASE's round trip;
+        ``after``: step name -> what runs once the step is done, as ``Steps.run``). The
         session is no longer started afterwards."""
         seq = self.sequences[1]
         steps = seq.select(begin=begin, until=until, without=without)
@@ -467,7 +469,7 @@ class Session:
         if skip_drain and not self.profile.skip_drain:
             raise SessionError(f"profile {self.profile.name} has no GET_VRING_BASE_SKIP_DRAIN")
         run = Run(skip_drain=skip_drain)
-        seq.run(self, run, steps)
+        seq.run(self, run, steps, after)
         self.started = False
         if round_trips is not None:
             round_trips.extend(run.round_trips)

@@ -120,20 +120,23 @@ def stop_like_qemu(session: Session, *, on_last_reply: Callable[[], None] | None
     if not session.started:
         raise MigrationError("stop_like_qemu() on a session that is not started")
     t0 = time.monotonic()
-    session.run_stop(begin="SET_VRING_ENABLE 0", until="SET_VRING_ENABLE 0")
-    if before_get_vring_base is not None:
-        before_get_vring_base()
     # qemu-next (a proposal): the switch-over with inflight-migration on sends message 45
     # where bit 23 was agreed (vhost-user-blk c2f4030c42da), and only that may suspend
     skip = session.inflight_migration and session.skip_drain_agreed
     rtts: list[float] = []
-    bases = session.run_stop(begin="GET_VRING_BASE", until="GET_VRING_BASE", skip_drain=skip,
-                             round_trips=rtts)
-    replied_at = time.monotonic()
-    if on_last_reply is not None:
-        on_last_reply()
-    if "SET_STATUS 0" in session.sequences[1].names:
-        session.run_stop(begin="SET_STATUS 0")
+    replied: list[float] = []
+
+    def last_reply() -> None:
+        replied.append(time.monotonic())
+        if on_last_reply is not None:
+            on_last_reply()
+
+    hooks: dict[str, Callable[[], object]] = {"GET_VRING_BASE": last_reply}
+    if before_get_vring_base is not None:
+        hooks["SET_VRING_ENABLE 0"] = before_get_vring_base
+    bases = session.run_stop(begin="SET_VRING_ENABLE 0", skip_drain=skip, round_trips=rtts,
+                             after=hooks)
+    replied_at = replied[0]
     session.mark_stopped()
     suspend_allowed = (skip if session.profile.skip_drain
                        else session.has_protocol(ProtocolFeature.GET_VRING_BASE_INFLIGHT))

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -150,21 +150,31 @@ class Steps:
         hi = names.index(until) + 1 if until is not None else len(names)
         return tuple(s for s in self.steps[lo:hi] if s.name not in without)
 
-    def run(self, session: Session, run: Run, steps: Sequence[Step]) -> None:
+    def run(self, session: Session, run: Run, steps: Sequence[Step],
+            after: Mapping[str, Callable[[], object]] | None = None) -> None:
         """Run ``steps`` (from :meth:`select`) in order; consecutive per-queue steps run
-        queue by queue."""
+        queue by queue. ``after``: step name -> what runs once that step is done (for a
+        per-queue step: done for every queue); a name the sequence lacks is a ValueError
+        unless a profile may leave the step out."""
+        hooks = dict(after or {})
+        for name in hooks:
+            if name not in self.names and name not in OPTIONAL_STEPS:
+                raise ValueError(f"{self.name} has no step {name!r}; steps: {', '.join(self.names)}")
         i = 0
         while i < len(steps):
-            if not steps[i].per_queue:
+            j = i + 1
+            if steps[i].per_queue:
+                while j < len(steps) and steps[j].per_queue:
+                    j += 1
+                for q in session.queues:
+                    for step in steps[i:j]:
+                        step.action(session, run, q)
+            else:
                 steps[i].action(session, run, None)
-                i += 1
-                continue
-            j = i
-            while j < len(steps) and steps[j].per_queue:
-                j += 1
-            for q in session.queues:
-                for step in steps[i:j]:
-                    step.action(session, run, q)
+            for step in steps[i:j]:
+                hook = hooks.get(step.name)
+                if hook is not None:
+                    hook()
             i = j
 
 

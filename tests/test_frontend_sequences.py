@@ -92,3 +92,28 @@ def test_connect_is_one_sequence_for_every_profile() -> None:
         "GET_FEATURES again") < names.index("SET_VRING_CALL") < names.index("SET_VRING_ERR")
     assert [s.name for s in SEQUENCES["qemu-7.2"].connect.select(until="SET_OWNER")][-1] == (
         "SET_OWNER")
+
+
+def test_after_hooks_run_once_a_step_is_done_for_every_queue() -> None:
+    """Steps.run's ``after``: a per-queue step's hook runs once, after its last queue; a
+    hook on a step the sequence lacks is refused unless a profile may leave it out."""
+    from types import SimpleNamespace
+
+    from vhost_conformance.frontend.sequences import Run, Step, Steps
+
+    log: list[str] = []
+
+    def record(name: str) -> Step:
+        per_queue = name.startswith("per")
+        return Step(name, lambda _s, _r, q: log.append(f"{name}{'' if q is None else q}"),
+                    per_queue=per_queue)
+
+    seq = Steps("test", (record("first"), record("per-a"), record("per-b"), record("last")))
+    session = SimpleNamespace(queues=[0, 1])
+    seq.run(session, Run(), seq.steps,  # type: ignore[arg-type]
+            {"first": lambda: log.append("after first"), "per-a": lambda: log.append("after a"),
+             "SET_STATUS 0": lambda: log.append("never")})
+    assert log == ["first", "after first", "per-a0", "per-b0", "per-a1", "per-b1", "after a",
+                   "last"]
+    with pytest.raises(ValueError, match="no step 'lats'"):
+        seq.run(session, Run(), seq.steps, {"lats": lambda: None})  # type: ignore[arg-type]

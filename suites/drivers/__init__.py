@@ -742,21 +742,29 @@ def stop_now(session: Session, requests: Sequence[BlkRequest] = (), *,
     SET_STATUS 0. ``at_reply`` runs first thing after the last reply (before the snapshot,
     which takes a while for a large guest memory). ``skip_drain``: the ``qemu-next`` stop
     with GET_VRING_BASE_SKIP_DRAIN."""
-    session.run_stop(begin="SET_VRING_ENABLE 0", until="SET_VRING_ENABLE 0")
-    before = [q.vq.used_idx_in_memory() for q in session.queues]
-    started = time.monotonic()
-    bases = session.run_stop(begin="GET_VRING_BASE", until="GET_VRING_BASE",
-                             skip_drain=skip_drain)
-    elapsed = time.monotonic() - started
-    if at_reply is not None:
-        at_reply()
-    used = [q.vq.used_idx_in_memory() for q in session.queues]
-    snapshot = session.memory.snapshot()
-    for q in session.queues:
-        session.drain_call(q.index)
-    if "SET_STATUS 0" in session.sequences[1].names:
-        session.run_stop(begin="SET_STATUS 0")
-    return Stopped(bases, elapsed, used, snapshot, list(requests), before)
+    before: list[int] = []
+    used: list[int] = []
+    snapshot: list[MemorySnapshot] = []
+    clock: list[float] = []
+
+    def disabled() -> None:
+        before.extend(q.vq.used_idx_in_memory() for q in session.queues)
+        clock.append(time.monotonic())
+
+    def replied() -> None:
+        clock.append(time.monotonic())
+        if at_reply is not None:
+            at_reply()
+        used.extend(q.vq.used_idx_in_memory() for q in session.queues)
+        snapshot.append(session.memory.snapshot())
+        for q in session.queues:
+            session.drain_call(q.index)
+
+    # begin named: a stop may follow a start made by hand (partial_start, kick_and_enable)
+    bases = session.run_stop(begin="SET_VRING_ENABLE 0", skip_drain=skip_drain,
+                             after={"SET_VRING_ENABLE 0": disabled, "GET_VRING_BASE": replied})
+    elapsed = clock[1] - clock[0]
+    return Stopped(bases, elapsed, used, snapshot[0], list(requests), before)
 
 
 class InflightTracker:
